@@ -1,0 +1,128 @@
+"""Type stubs for the native engine, `spendgate._core` (Rust, built by maturin from rust/src/python.rs).
+
+The engine holds the budgets in lock-free counters and persists every change to LMDB through one group-commit writer
+thread. A call that changes state returns at once with a durability `ticket`; the change is acknowledged to a client
+only once `durable_ticket() >= ticket`. Wait with `wait_durable` (blocking, releases the GIL) or, from asyncio, watch
+`notify_fd()` (see spendgate.server.durability).
+"""
+
+from typing import Final
+
+# Limits, in the units their names end with. Crossing one gives EngineError("invalid_argument" or
+# "resource_exhausted"), never a crash or a wrong number.
+MAX_ID_BYTES: Final[int]
+"""Longest customer_id, stripe_customer_id or idempotency_key, in UTF-8 bytes."""
+MAX_AMOUNT_UNITS: Final[int]
+"""Largest amount or limit (2**53)."""
+MAX_TTL_MS_CEILING: Final[int]
+"""The largest max_ttl_ms an Engine accepts."""
+
+# DenyReason numbers, the same as spendgate.v1.DenyReason.
+DENY_NONE: Final[int]
+DENY_INSUFFICIENT_BUDGET: Final[int]
+DENY_TOO_MANY_HOLDS: Final[int]
+
+# HoldState numbers, the same as spendgate.v1.HoldState.
+HOLD_ACTIVE: Final[int]
+HOLD_COMMITTED: Final[int]
+HOLD_RELEASED: Final[int]
+HOLD_EXPIRED: Final[int]
+
+class EngineError(Exception):
+    """Every engine failure. `kind` picks the gRPC status; `message` says what was wrong and how to fix it.
+
+    kind is one of: "invalid_argument", "not_found", "already_exists", "failed_precondition", "resource_exhausted",
+    "unavailable", "internal". args == (kind, message).
+    """
+
+    kind: str
+    message: str
+
+class ReserveOutcome:
+    granted: bool
+    reservation_id: str
+    remaining: int
+    reason: int
+    expires_at_ms: int
+    replayed: bool
+    amount: int
+    ticket: int
+    """Durability ticket; 0 when nothing needs waiting for (a denial)."""
+
+class CommitOutcome:
+    charged: int
+    remaining: int
+    over_reserved: bool
+    excess: int
+    replayed: bool
+    hold_expired: bool
+    ticket: int
+
+class ReleaseOutcome:
+    released: bool
+    remaining: int
+    state: int
+    replayed: bool
+    ticket: int
+
+class BalanceView:
+    customer_id: str
+    limit: int
+    spent: int
+    reserved: int
+    remaining: int
+    active_holds: int
+    stripe_customer_id: str
+    overdraft: int
+
+class SetBudgetOutcome:
+    balance: BalanceView
+    created: bool
+    ticket: int
+
+class Engine:
+    """One LMDB environment under `data_dir`, opened by one Engine per process.
+
+    durability: "fsync" (default; survives power loss) or "relaxed" (no fsync; survives kill -9, not power loss).
+    """
+
+    def __init__(
+        self,
+        data_dir: str,
+        *,
+        map_size_mb: int = 1024,
+        durability: str = "fsync",
+        default_ttl_ms: int = 60_000,
+        max_ttl_ms: int = 3_600_000,
+        max_holds_per_budget: int = 10_000,
+        max_active_holds: int = 1_000_000,
+        max_budgets: int = 1_000_000,
+        write_queue_capacity: int = 65_536,
+        reap_interval_ms: int = 100,
+        resolved_retention_ms: int = 7 * 86_400_000,
+    ) -> None: ...
+    def reserve(self, customer_id: str, amount: int, idempotency_key: str = "", ttl_ms: int = 0) -> ReserveOutcome: ...
+    def commit(self, reservation_id: str, amount: int) -> CommitOutcome: ...
+    def release(self, reservation_id: str) -> ReleaseOutcome: ...
+    def balance(self, customer_id: str) -> BalanceView: ...
+    def list_budgets(self, prefix: str = "", limit: int = 100) -> list[BalanceView]:
+        """Budgets whose customer_id starts with prefix, in customer_id order; at most `limit` (<= 10_000)."""
+    def set_budget(self, customer_id: str, limit: int, stripe_customer_id: str = "") -> SetBudgetOutcome: ...
+    def durable_ticket(self) -> int:
+        """The highest ticket whose change is durable in LMDB."""
+    def wait_durable(self, ticket: int, timeout_ms: int = 30_000) -> None:
+        """Block (without the GIL) until `ticket` is durable. Raises EngineError("unavailable") if the writer
+        failed or the engine closed first, and EngineError("unavailable") on timeout."""
+    def notify_fd(self) -> int:
+        """A non-blocking file descriptor that becomes readable when durable_ticket() advances or the engine fails.
+        Drain it with os.read; then read durable_ticket() and failure()."""
+    def failure(self) -> str | None:
+        """Why the writer stopped, or None while it is healthy. After a failure every call raises
+        EngineError("unavailable"): restart the process; LMDB still holds every acknowledged change."""
+    def reap_expired(self) -> int:
+        """Expire due holds now (the engine also does this itself every reap_interval_ms). Returns how many."""
+    def stats(self) -> dict[str, int]:
+        """Counters for metrics: budgets, active_holds, queue_depth, durable_ticket, map_size_bytes,
+        map_used_bytes, expired_total, batches_total, ops_total."""
+    def close(self) -> None:
+        """Write everything queued, make it durable, stop the threads. Idempotent."""
