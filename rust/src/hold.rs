@@ -1,0 +1,107 @@
+//! Holds in memory: one slot per hold that is active, or resolved but not yet durable.
+
+use std::sync::Arc;
+
+use crate::budget::Budget;
+use crate::error::EngineError;
+use crate::limits::{RESERVATION_ID_LEN, RESERVATION_ID_PREFIX};
+
+/// Numbers match spendgate.v1.DenyReason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub enum DenyReason {
+    None = 0,
+    InsufficientBudget = 1,
+    TooManyHolds = 2,
+}
+
+/// Numbers match spendgate.v1.HoldState.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub enum HoldState {
+    Active = 1,
+    Committed = 2,
+    Released = 3,
+    Expired = 4,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    Committed { amount: i64, excess: i64, late: bool },
+    Released,
+    Expired,
+}
+
+impl Resolution {
+    pub fn state(self) -> HoldState {
+        match self {
+            Resolution::Committed { .. } => HoldState::Committed,
+            Resolution::Released => HoldState::Released,
+            Resolution::Expired => HoldState::Expired,
+        }
+    }
+}
+
+pub struct HoldSlot {
+    pub budget: Arc<Budget>,
+    /// Units held; 0 for a slot that only claims an already expired hold for a late commit.
+    pub amount: i64,
+    pub expires_ms: i64,
+    /// The composite idempotency key (customer NUL key), if the Reserve had one.
+    pub idem_key: Option<Box<str>>,
+    /// `None` while active; set by the one call that resolves the hold.
+    pub resolution: Option<Resolution>,
+    /// Ticket of the last op about this hold; the writer drops the slot once that ticket is durable.
+    pub ticket: u64,
+}
+
+pub fn format_reservation_id(hold_id: u64) -> String {
+    format!("{RESERVATION_ID_PREFIX}{hold_id:016x}")
+}
+
+pub fn parse_reservation_id(reservation_id: &str) -> Result<u64, EngineError> {
+    let malformed = || {
+        EngineError::invalid(format!(
+            "reservation_id {:?} is malformed: pass the reservation_id that Reserve returned (rsv_ and 16 hex digits)",
+            truncate_for_message(reservation_id)
+        ))
+    };
+    if reservation_id.len() != RESERVATION_ID_LEN || !reservation_id.starts_with(RESERVATION_ID_PREFIX) {
+        return Err(malformed());
+    }
+    let digits = &reservation_id[RESERVATION_ID_PREFIX.len()..];
+    if !digits.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return Err(malformed());
+    }
+    u64::from_str_radix(digits, 16).map_err(|_| malformed())
+}
+
+/// Echo at most 64 characters of bad input back in an error message.
+pub fn truncate_for_message(text: &str) -> String {
+    const MAX_ECHO_CHARS: usize = 64;
+    if text.chars().count() <= MAX_ECHO_CHARS {
+        return text.to_string();
+    }
+    let head: String = text.chars().take(MAX_ECHO_CHARS).collect();
+    format!("{head}…")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reservation_ids_round_trip() {
+        for id in [0u64, 1, 0xdead_beef, u64::MAX] {
+            assert_eq!(parse_reservation_id(&format_reservation_id(id)).unwrap(), id);
+        }
+    }
+
+    #[test]
+    fn malformed_reservation_ids_are_invalid_argument() {
+        for bad in ["", "rsv_", "rsv_123", "rsv_00000000000000zz", "xyz_0000000000000001", "rsv_0000000000000001x"] {
+            let err = parse_reservation_id(bad).unwrap_err();
+            assert_eq!(err.kind, crate::ErrorKind::InvalidArgument, "{bad}");
+        }
+    }
+}

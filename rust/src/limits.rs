@@ -1,0 +1,36 @@
+//! Every bound in one place. Crossing one gives a clear `EngineError`, never a crash or a silently wrong number.
+
+/// Longest customer_id, stripe_customer_id or idempotency_key, in UTF-8 bytes. LMDB keys are at most 511 bytes; a
+/// composite idempotency key (customer, NUL, key) must fit.
+pub const MAX_ID_BYTES: usize = 128;
+
+/// Largest amount or limit. 2^53 keeps every value exact in a JSON double, and sums of a few thousand of them far
+/// from i64 overflow; all arithmetic on counters is checked anyway.
+pub const MAX_AMOUNT_UNITS: i64 = 1 << 53;
+
+/// Largest value `max_ttl_ms` may be configured to: 7 days.
+pub const MAX_TTL_MS_CEILING: u64 = 7 * 86_400_000;
+
+/// Ops applied in one LMDB write transaction. Bounds the time one fsync covers and the memory a batch holds.
+pub const MAX_BATCH_OPS: usize = 4096;
+
+/// Most budgets one `list_budgets` call returns.
+pub const MAX_LIST_BUDGETS: usize = 10_000;
+
+/// Resolved holds (and their idempotency keys) pruned per write transaction, so pruning never stalls commits.
+pub const MAX_PRUNE_PER_TXN: usize = 2_000;
+
+/// Smallest and largest LMDB map, in MiB.
+pub const MIN_MAP_SIZE_MB: u64 = 8;
+pub const MAX_MAP_SIZE_MB: u64 = 1 << 20;
+
+/// Reserve and budget creation are refused once the LMDB map is this full (percent), leaving the rest for commits and
+/// releases of holds that already exist, so that nothing already granted is ever stranded.
+pub const MAP_HIGH_WATER_PERCENT: u64 = 90;
+
+/// LMDB sub-databases: meta, budgets, holds, idempotency, ledger, outbox (+ room for the settlement issue).
+pub const MAX_DBS: u32 = 16;
+
+/// The reservation id is `rsv_` followed by 16 lowercase hex digits.
+pub const RESERVATION_ID_PREFIX: &str = "rsv_";
+pub const RESERVATION_ID_LEN: usize = 4 + 16;

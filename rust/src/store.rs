@@ -1,0 +1,145 @@
+//! The LMDB environment and its schema (through heed). One `Store` per process; only the writer thread writes.
+
+use std::path::Path;
+
+use heed::byteorder::BigEndian;
+use heed::types::{SerdeJson, Str, U64};
+use heed::{Database, Env, EnvFlags, EnvOpenOptions, RoTxn, RwTxn, WithoutTls};
+
+use crate::error::EngineError;
+use crate::limits::{MAX_DBS, MAX_MAP_SIZE_MB, MIN_MAP_SIZE_MB};
+use crate::records::{BudgetRecord, HoldRecord, HoldStatus, LedgerEntry, OutboxEntry, SCHEMA_VERSION};
+
+pub type Key64 = U64<BigEndian>;
+
+const META_SCHEMA_VERSION: &str = "schema_version";
+const META_NEXT_HOLD_ID: &str = "next_hold_id";
+
+#[derive(Clone)]
+pub struct Store {
+    pub env: Env<WithoutTls>,
+    pub meta: Database<Str, SerdeJson<u64>>,
+    pub budgets: Database<Str, SerdeJson<BudgetRecord>>,
+    pub holds: Database<Key64, SerdeJson<HoldRecord>>,
+    pub idempotency: Database<Str, Key64>,
+    pub ledger: Database<Key64, SerdeJson<LedgerEntry>>,
+    pub outbox: Database<Key64, SerdeJson<OutboxEntry>>,
+    page_size_bytes: u64,
+}
+
+/// Everything the engine needs to rebuild its counters after a start.
+pub struct Recovered {
+    pub budgets: Vec<(String, BudgetRecord)>,
+    pub active_holds: Vec<(u64, HoldRecord)>,
+    pub next_hold_id: u64,
+    pub next_ledger_seq: u64,
+}
+
+impl Store {
+    /// `relaxed`: no fsync per transaction. Survives kill -9 (the OS has the pages), not power loss.
+    pub fn open(dir: &Path, map_size_mb: u64, relaxed: bool) -> Result<Store, EngineError> {
+        if !(MIN_MAP_SIZE_MB..=MAX_MAP_SIZE_MB).contains(&map_size_mb) {
+            return Err(EngineError::invalid(format!(
+                "map_size_mb is {map_size_mb}; it must be in {MIN_MAP_SIZE_MB}..={MAX_MAP_SIZE_MB}"
+            )));
+        }
+        std::fs::create_dir_all(dir).map_err(|err| {
+            EngineError::invalid(format!("cannot create data dir {}: {err}; pass a writable --data-dir", dir.display()))
+        })?;
+        let mut options = EnvOpenOptions::new().read_txn_without_tls();
+        options.map_size(usize::try_from(map_size_mb * 1024 * 1024).expect("map size fits in usize"));
+        options.max_dbs(MAX_DBS);
+        if relaxed {
+            // SAFETY: NO_SYNC only drops the fsync; the pages still reach the OS with each commit.
+            unsafe { options.flags(EnvFlags::NO_SYNC) };
+        }
+        // SAFETY: one Store per process owns this environment (the engine checks a lock file), and nothing else in
+        // this process opens it.
+        let env = unsafe { options.open(dir) }.map_err(|err| match err {
+            heed::Error::Io(io) => EngineError::invalid(format!("cannot open LMDB in {}: {io}", dir.display())),
+            other => EngineError::from(other),
+        })?;
+        let mut wtxn = env.write_txn()?;
+        let meta = env.create_database(&mut wtxn, Some("meta"))?;
+        let budgets = env.create_database(&mut wtxn, Some("budgets"))?;
+        let holds = env.create_database(&mut wtxn, Some("holds"))?;
+        let idempotency = env.create_database(&mut wtxn, Some("idempotency"))?;
+        let ledger = env.create_database(&mut wtxn, Some("ledger"))?;
+        let outbox = env.create_database(&mut wtxn, Some("outbox"))?;
+        let page_size_bytes = u64::from(budgets.stat(&wtxn)?.page_size);
+        let store = Store { env: env.clone(), meta, budgets, holds, idempotency, ledger, outbox, page_size_bytes };
+        store.check_schema(&mut wtxn)?;
+        wtxn.commit()?;
+        Ok(store)
+    }
+
+    fn check_schema(&self, wtxn: &mut RwTxn) -> Result<(), EngineError> {
+        match self.meta.get(wtxn, META_SCHEMA_VERSION)? {
+            None => self.meta.put(wtxn, META_SCHEMA_VERSION, &u64::from(SCHEMA_VERSION))?,
+            Some(found) if found == u64::from(SCHEMA_VERSION) => {}
+            Some(found) => {
+                return Err(EngineError::precondition(format!(
+                    "the data dir has schema version {found}, this build reads {SCHEMA_VERSION}; \
+                     use a spendgate release that matches the data"
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    pub fn read_txn(&self) -> Result<RoTxn<'_, WithoutTls>, EngineError> {
+        Ok(self.env.read_txn()?)
+    }
+
+    pub fn recover(&self) -> Result<Recovered, EngineError> {
+        let rtxn = self.read_txn()?;
+        let mut budgets = Vec::new();
+        for item in self.budgets.iter(&rtxn)? {
+            let (customer_id, record) = item?;
+            budgets.push((customer_id.to_string(), record));
+        }
+        let mut active_holds = Vec::new();
+        let mut max_hold_id = None;
+        for item in self.holds.iter(&rtxn)? {
+            let (hold_id, record) = item?;
+            max_hold_id = Some(hold_id);
+            if record.status == HoldStatus::Active {
+                active_holds.push((hold_id, record));
+            }
+        }
+        let stored_next = self.meta.get(&rtxn, META_NEXT_HOLD_ID)?.unwrap_or(1);
+        let next_hold_id = stored_next.max(max_hold_id.map_or(1, |id| id + 1));
+        let next_ledger_seq = self.ledger.last(&rtxn)?.map_or(1, |(seq, _)| seq + 1);
+        Ok(Recovered { budgets, active_holds, next_hold_id, next_ledger_seq })
+    }
+
+    pub fn get_hold(&self, hold_id: u64) -> Result<Option<HoldRecord>, EngineError> {
+        let rtxn = self.read_txn()?;
+        Ok(self.holds.get(&rtxn, &hold_id)?)
+    }
+
+    pub fn get_idempotency(&self, composite_key: &str) -> Result<Option<u64>, EngineError> {
+        let rtxn = self.read_txn()?;
+        Ok(self.idempotency.get(&rtxn, composite_key)?)
+    }
+
+    pub fn put_next_hold_id(&self, wtxn: &mut RwTxn, next_hold_id: u64) -> Result<(), EngineError> {
+        let stored = self.meta.get(wtxn, META_NEXT_HOLD_ID)?.unwrap_or(1);
+        if next_hold_id > stored {
+            self.meta.put(wtxn, META_NEXT_HOLD_ID, &next_hold_id)?;
+        }
+        Ok(())
+    }
+
+    /// (map size, bytes up to the highest page in use), both in bytes.
+    pub fn map_usage_bytes(&self) -> (u64, u64) {
+        let info = self.env.info();
+        let used = (info.last_page_number as u64 + 1) * self.page_size_bytes;
+        (info.map_size as u64, used)
+    }
+}
+
+/// The composite key of an idempotency entry: keys are per customer.
+pub fn idempotency_key(customer_id: &str, key: &str) -> String {
+    format!("{customer_id}\0{key}")
+}
