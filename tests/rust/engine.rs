@@ -1,0 +1,335 @@
+//! The engine's contract, one rule per test. Runs without Python: `cargo test`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use spendgate::clock::ManualClock;
+use spendgate::{DenyReason, Engine, EngineConfig, ErrorKind, HoldState};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    clock: Arc<ManualClock>,
+    engine: Option<Engine>,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        Self::with_config(|_| {})
+    }
+
+    fn with_config(tweak: impl Fn(&mut EngineConfig)) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+        let mut config = EngineConfig::new(&path);
+        config.map_size_mb = 64;
+        config.reap_interval_ms = 10_000; // tests reap by hand
+        tweak(&mut config);
+        let engine = Engine::open_with_clock(config, clock.clone()).unwrap();
+        Fixture { _dir: dir, path, clock, engine: Some(engine) }
+    }
+
+    fn engine(&self) -> &Engine {
+        self.engine.as_ref().unwrap()
+    }
+
+    fn reopen(&mut self) {
+        self.engine.take().unwrap().close();
+        let mut config = EngineConfig::new(&self.path);
+        config.map_size_mb = 64;
+        config.reap_interval_ms = 10_000;
+        self.engine = Some(Engine::open_with_clock(config, self.clock.clone()).unwrap());
+    }
+
+    fn budget(&self, customer: &str, limit: i64) {
+        let outcome = self.engine().set_budget(customer, limit, "").unwrap();
+        self.engine().wait_durable(outcome.ticket, WAIT).unwrap();
+    }
+
+    fn reserve(&self, customer: &str, amount: i64) -> String {
+        let outcome = self.engine().reserve(customer, amount, "", 0).unwrap();
+        assert!(outcome.granted, "{outcome:?}");
+        self.engine().wait_durable(outcome.ticket, WAIT).unwrap();
+        outcome.reservation_id
+    }
+}
+
+#[test]
+fn a_reserve_that_fits_is_granted_and_one_that_does_not_is_denied() {
+    let f = Fixture::new();
+    f.budget("cus", 100);
+    let granted = f.engine().reserve("cus", 60, "", 0).unwrap();
+    assert!(granted.granted);
+    assert_eq!(granted.remaining, 40);
+    let denied = f.engine().reserve("cus", 41, "", 0).unwrap();
+    assert!(!denied.granted);
+    assert_eq!(denied.reason, DenyReason::InsufficientBudget);
+    assert_eq!(denied.remaining, 40);
+    assert_eq!(denied.ticket, 0, "a denial writes nothing");
+    let balance = f.engine().balance("cus").unwrap();
+    assert_eq!((balance.limit, balance.spent, balance.reserved, balance.remaining), (100, 0, 60, 40));
+}
+
+#[test]
+fn commit_posts_the_actual_amount_and_frees_the_rest_of_the_hold() {
+    let f = Fixture::new();
+    f.budget("cus", 100);
+    let id = f.reserve("cus", 60);
+    let outcome = f.engine().commit(&id, 25).unwrap();
+    assert_eq!((outcome.charged, outcome.remaining, outcome.over_reserved, outcome.excess), (25, 75, false, 0));
+    let balance = f.engine().balance("cus").unwrap();
+    assert_eq!((balance.spent, balance.reserved, balance.remaining, balance.active_holds), (25, 0, 75, 0));
+}
+
+#[test]
+fn a_commit_over_the_hold_is_recorded_in_full_and_flagged() {
+    let f = Fixture::new();
+    f.budget("cus", 100);
+    let id = f.reserve("cus", 90);
+    let outcome = f.engine().commit(&id, 130).unwrap();
+    assert!(outcome.over_reserved);
+    assert_eq!((outcome.charged, outcome.excess, outcome.remaining), (130, 30, 0));
+    let balance = f.engine().balance("cus").unwrap();
+    assert_eq!((balance.spent, balance.overdraft, balance.remaining), (130, 30, 0));
+    assert!(!f.engine().reserve("cus", 1, "", 0).unwrap().granted);
+}
+
+#[test]
+fn release_voids_the_hold_and_repeats_are_idempotent() {
+    let f = Fixture::new();
+    f.budget("cus", 100);
+    let id = f.reserve("cus", 70);
+    let first = f.engine().release(&id).unwrap();
+    assert!(first.released && !first.replayed);
+    assert_eq!(first.remaining, 100);
+    let again = f.engine().release(&id).unwrap();
+    assert!(again.released && again.replayed);
+    assert_eq!(again.state, HoldState::Released);
+    let err = f.engine().commit(&id, 5).unwrap_err();
+    assert_eq!(err.kind, ErrorKind::FailedPrecondition, "{err}");
+}
+
+#[test]
+fn commit_is_idempotent_per_reservation_and_final() {
+    let f = Fixture::new();
+    f.budget("cus", 100);
+    let id = f.reserve("cus", 50);
+    let first = f.engine().commit(&id, 40).unwrap();
+    f.engine().wait_durable(first.ticket, WAIT).unwrap();
+    let again = f.engine().commit(&id, 40).unwrap();
+    assert!(again.replayed);
+    assert_eq!(again.charged, 40);
+    assert_eq!(f.engine().balance("cus").unwrap().spent, 40, "a replay charges nothing more");
+    assert_eq!(f.engine().commit(&id, 41).unwrap_err().kind, ErrorKind::FailedPrecondition);
+    assert_eq!(f.engine().release(&id).unwrap_err().kind, ErrorKind::FailedPrecondition);
+}
+
+#[test]
+fn replays_still_answer_after_a_restart() {
+    let mut f = Fixture::new();
+    f.budget("cus", 100);
+    let committed = f.reserve("cus", 50);
+    let released = f.reserve("cus", 10);
+    let keyed = f.engine().reserve("cus", 5, "req-1", 0).unwrap();
+    f.engine().wait_durable(f.engine().commit(&committed, 30).unwrap().ticket, WAIT).unwrap();
+    f.engine().wait_durable(f.engine().release(&released).unwrap().ticket, WAIT).unwrap();
+    f.reopen();
+    assert!(f.engine().commit(&committed, 30).unwrap().replayed);
+    assert!(f.engine().release(&released).unwrap().replayed);
+    let retry = f.engine().reserve("cus", 5, "req-1", 0).unwrap();
+    assert!(retry.replayed);
+    assert_eq!(retry.reservation_id, keyed.reservation_id);
+    let balance = f.engine().balance("cus").unwrap();
+    assert_eq!((balance.spent, balance.reserved, balance.active_holds), (30, 5, 1));
+}
+
+#[test]
+fn an_idempotency_key_returns_the_same_reservation_and_rejects_another_amount() {
+    let f = Fixture::new();
+    f.budget("cus", 100);
+    let first = f.engine().reserve("cus", 30, "req-1", 0).unwrap();
+    let retry = f.engine().reserve("cus", 30, "req-1", 0).unwrap();
+    assert_eq!(first.reservation_id, retry.reservation_id);
+    assert!(retry.replayed && !first.replayed);
+    assert_eq!(f.engine().balance("cus").unwrap().reserved, 30, "no second hold");
+    let err = f.engine().reserve("cus", 31, "req-1", 0).unwrap_err();
+    assert_eq!(err.kind, ErrorKind::AlreadyExists);
+    assert!(err.message.contains("30 units"), "{err}");
+    // Keys are per customer.
+    f.budget("other", 100);
+    let other = f.engine().reserve("other", 31, "req-1", 0).unwrap();
+    assert!(other.granted && !other.replayed);
+    // After the hold is committed and gone from memory, the key still answers.
+    f.engine().wait_durable(f.engine().commit(&first.reservation_id, 30).unwrap().ticket, WAIT).unwrap();
+    let late_retry = f.engine().reserve("cus", 30, "req-1", 0).unwrap();
+    assert_eq!(late_retry.reservation_id, first.reservation_id);
+    assert_eq!(f.engine().balance("cus").unwrap().spent, 30);
+}
+
+#[test]
+fn expired_holds_are_reclaimed_and_a_late_commit_is_still_billed() {
+    let f = Fixture::new();
+    f.budget("cus", 100);
+    let id = f.engine().reserve("cus", 80, "", 1_000).unwrap().reservation_id;
+    f.clock.advance_ms(999);
+    assert_eq!(f.engine().reap_expired(), 0);
+    f.clock.advance_ms(1);
+    assert_eq!(f.engine().reap_expired(), 1);
+    assert_eq!(f.engine().balance("cus").unwrap().remaining, 100);
+    let release = f.engine().release(&id).unwrap();
+    assert!(!release.released);
+    assert_eq!(release.state, HoldState::Expired);
+    let late = f.engine().commit(&id, 120).unwrap();
+    assert!(late.hold_expired);
+    assert_eq!((late.charged, late.excess), (120, 20));
+    f.engine().wait_durable(late.ticket, WAIT).unwrap();
+    assert!(f.engine().commit(&id, 120).unwrap().replayed);
+    let balance = f.engine().balance("cus").unwrap();
+    assert_eq!((balance.spent, balance.reserved, balance.overdraft), (120, 0, 20));
+    f.engine().check_invariants().unwrap();
+}
+
+#[test]
+fn holds_that_expired_while_the_engine_was_down_are_reclaimed_on_start() {
+    let mut f = Fixture::new();
+    f.budget("cus", 100);
+    f.engine().reserve("cus", 80, "", 1_000).unwrap();
+    let kept = f.engine().reserve("cus", 10, "", 60_000).unwrap();
+    f.engine().wait_durable(kept.ticket, WAIT).unwrap();
+    f.engine.take().unwrap().close();
+    f.clock.advance_ms(5_000);
+    let mut config = EngineConfig::new(&f.path);
+    config.map_size_mb = 64;
+    config.reap_interval_ms = 1; // the reaper runs at start
+    f.engine = Some(Engine::open_with_clock(config, f.clock.clone()).unwrap());
+    let deadline = std::time::Instant::now() + WAIT;
+    while f.engine().balance("cus").unwrap().reserved != 10 {
+        assert!(std::time::Instant::now() < deadline, "expired hold was not reclaimed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(f.engine().balance("cus").unwrap().active_holds, 1);
+}
+
+#[test]
+fn bad_input_is_rejected_with_a_clear_message_and_changes_nothing() {
+    let f = Fixture::new();
+    f.budget("cus", 100);
+    let id = f.reserve("cus", 10);
+    let before = f.engine().balance("cus").unwrap();
+    let long = "x".repeat(129);
+    let cases: Vec<(&str, Result<(), spendgate::EngineError>)> = vec![
+        ("negative amount", f.engine().reserve("cus", -5, "", 0).map(drop)),
+        ("zero amount", f.engine().reserve("cus", 0, "", 0).map(drop)),
+        ("huge amount", f.engine().reserve("cus", (1 << 53) + 1, "", 0).map(drop)),
+        ("empty customer", f.engine().reserve("", 5, "", 0).map(drop)),
+        ("long customer", f.engine().reserve(&long, 5, "", 0).map(drop)),
+        ("long key", f.engine().reserve("cus", 5, &long, 0).map(drop)),
+        ("ttl over max", f.engine().reserve("cus", 5, "", 3_600_001).map(drop)),
+        ("negative commit", f.engine().commit(&id, -1).map(drop)),
+        ("malformed id", f.engine().commit("nope", 1).map(drop)),
+        ("negative limit", f.engine().set_budget("cus", -1, "").map(drop)),
+        ("long stripe id", f.engine().set_budget("cus", 5, &long).map(drop)),
+    ];
+    for (case, result) in cases {
+        let err = result.expect_err(case);
+        assert_eq!(err.kind, ErrorKind::InvalidArgument, "{case}: {err}");
+        assert!(err.message.len() > 20, "{case}: message says what is wrong: {err}");
+    }
+    let unknown = f.engine().commit("rsv_00000000000000ff", 1).unwrap_err();
+    assert_eq!(unknown.kind, ErrorKind::NotFound);
+    let no_budget = f.engine().reserve("nobody", 1, "", 0).unwrap_err();
+    assert_eq!(no_budget.kind, ErrorKind::NotFound);
+    assert!(no_budget.message.contains("SetBudget"), "{no_budget}");
+    assert_eq!(f.engine().balance("cus").unwrap(), before);
+}
+
+#[test]
+fn the_number_of_open_holds_per_budget_is_bounded() {
+    let f = Fixture::with_config(|c| c.max_holds_per_budget = 3);
+    f.budget("cus", 100);
+    for _ in 0..3 {
+        f.reserve("cus", 1);
+    }
+    let denied = f.engine().reserve("cus", 1, "", 0).unwrap();
+    assert_eq!(denied.reason, DenyReason::TooManyHolds);
+    assert_eq!(f.engine().balance("cus").unwrap().reserved, 3);
+}
+
+#[test]
+fn raising_a_limit_absorbs_an_overdraft_and_lowering_denies_until_freed() {
+    let f = Fixture::new();
+    f.budget("cus", 100);
+    let id = f.reserve("cus", 100);
+    f.engine().commit(&id, 150).unwrap();
+    f.budget("cus", 200);
+    assert_eq!(f.engine().balance("cus").unwrap().remaining, 50);
+    let hold = f.reserve("cus", 50);
+    f.budget("cus", 150);
+    assert_eq!(f.engine().balance("cus").unwrap().remaining, 0);
+    assert!(!f.engine().reserve("cus", 1, "", 0).unwrap().granted);
+    f.engine().release(&hold).unwrap();
+    assert_eq!(f.engine().balance("cus").unwrap().remaining, 0, "150 spent of 150");
+    f.engine().check_invariants().unwrap();
+}
+
+#[test]
+fn a_data_dir_is_owned_by_one_engine_at_a_time() {
+    let f = Fixture::new();
+    let err = Engine::open(EngineConfig::new(&f.path)).err().expect("second open must fail");
+    assert_eq!(err.kind, ErrorKind::FailedPrecondition);
+    assert!(err.message.contains("in use"), "{err}");
+}
+
+#[test]
+fn a_full_map_refuses_new_reservations_but_lets_existing_holds_commit() {
+    let f = Fixture::with_config(|c| {
+        c.map_size_mb = 8;
+        c.max_holds_per_budget = 1_000_000;
+        c.relaxed = true; // tens of thousands of single-op transactions; fsync would only slow the test
+    });
+    f.budget("cus", 1 << 50);
+    let mut ids = Vec::new();
+    let err = loop {
+        match f.engine().reserve("cus", 1, "", 0) {
+            Ok(o) => {
+                assert!(o.granted, "{o:?}");
+                f.engine().wait_durable(o.ticket, WAIT).unwrap();
+                ids.push(o.reservation_id);
+            }
+            Err(err) => break err,
+        }
+        assert!(ids.len() < 200_000, "the map never filled");
+    };
+    assert_eq!(err.kind, ErrorKind::ResourceExhausted);
+    assert!(err.message.contains("map_size_mb"), "{err}");
+    for id in ids.iter().rev().take(500) {
+        let o = f.engine().commit(id, 1).unwrap();
+        f.engine().wait_durable(o.ticket, WAIT).unwrap();
+    }
+    assert!(f.engine().failure().is_none());
+    f.engine().check_invariants().unwrap();
+}
+
+#[test]
+fn counters_after_a_restart_equal_what_lmdb_holds() {
+    let mut f = Fixture::new();
+    f.budget("a", 1_000);
+    f.budget("b", 500);
+    let a1 = f.reserve("a", 300);
+    let _a2 = f.reserve("a", 200);
+    let b1 = f.reserve("b", 400);
+    f.engine().commit(&a1, 250).unwrap();
+    f.engine().commit(&b1, 450).unwrap();
+    let before: Vec<_> = ["a", "b"].iter().map(|c| f.engine().balance(c).unwrap()).collect();
+    f.reopen();
+    let after: Vec<_> = ["a", "b"].iter().map(|c| f.engine().balance(c).unwrap()).collect();
+    assert_eq!(before, after);
+    for (customer, record) in f.engine().stored_budgets().unwrap() {
+        let view = f.engine().balance(&customer).unwrap();
+        assert_eq!((record.limit, record.spent, record.held, record.overdraft), (view.limit, view.spent, view.reserved, view.overdraft));
+    }
+    f.engine().check_invariants().unwrap();
+}
