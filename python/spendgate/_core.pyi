@@ -37,6 +37,7 @@ class EngineError(Exception):
 
     kind: str
     message: str
+    def __init__(self, kind: str, message: str) -> None: ...
 
 class ReserveOutcome:
     granted: bool
@@ -46,6 +47,8 @@ class ReserveOutcome:
     expires_at_ms: int
     replayed: bool
     amount: int
+    state: int
+    """HoldState number: ACTIVE for a new hold; for a replay, what became of the hold since; 0 when denied."""
     ticket: int
     """Durability ticket; 0 when nothing needs waiting for (a denial)."""
 
@@ -124,5 +127,10 @@ class Engine:
     def stats(self) -> dict[str, int]:
         """Counters for metrics: budgets, active_holds, queue_depth, durable_ticket, map_size_bytes,
         map_used_bytes, expired_total, batches_total, ops_total."""
+    def check_invariants(self) -> None:
+        """Verify the in-memory books (held equals the sum of open holds; available == limit - spent - held;
+        spent + held <= limit + overdraft). Raises EngineError("internal") naming the first broken one."""
     def close(self) -> None:
-        """Write everything queued, make it durable, stop the threads. Idempotent."""
+        """Write everything queued, make it durable, stop the threads, close LMDB and release the data dir (so it
+        can be reopened, in this process or another). Every later call raises EngineError("unavailable").
+        Idempotent."""

@@ -102,6 +102,9 @@ pub struct ReserveOutcome {
     pub expires_at_ms: i64,
     pub replayed: bool,
     pub amount: i64,
+    /// The hold's state now: Active for a fresh grant; for a replay, whatever became of the hold since. None when
+    /// denied.
+    pub state: Option<HoldState>,
     /// Durability ticket; 0 when nothing needs waiting for.
     pub ticket: u64,
 }
@@ -162,7 +165,8 @@ pub struct EngineStats {
 pub struct Shared {
     config: EngineConfig,
     clock: Arc<dyn Clock>,
-    store: Store,
+    /// `None` once closed, so that the LMDB environment really closes and the data dir can be reopened.
+    store: std::sync::RwLock<Option<Store>>,
     budgets: DashMap<Box<str>, Arc<Budget>>,
     holds: DashMap<u64, HoldSlot>,
     /// Composite idempotency key -> hold id, for holds still in memory. LMDB answers for the rest.
@@ -194,8 +198,8 @@ pub struct Engine {
     writer: Mutex<Option<JoinHandle<()>>>,
     reaper: Mutex<Option<JoinHandle<()>>>,
     notify_rx: UnixStream,
-    /// Held for the engine's lifetime: one process owns the environment.
-    _lock_file: File,
+    /// Held until close: one process owns the environment.
+    lock_file: Mutex<Option<File>>,
 }
 
 impl Engine {
@@ -215,7 +219,7 @@ impl Engine {
         let (map_size_bytes, map_used_bytes) = store.map_usage_bytes();
         let shared = Arc::new(Shared {
             clock,
-            store: store.clone(),
+            store: std::sync::RwLock::new(Some(store.clone())),
             budgets: DashMap::new(),
             holds: DashMap::new(),
             idempotency: DashMap::new(),
@@ -258,7 +262,7 @@ impl Engine {
             writer: Mutex::new(Some(writer)),
             reaper: Mutex::new(Some(reaper)),
             notify_rx,
-            _lock_file: lock_file,
+            lock_file: Mutex::new(Some(lock_file)),
         })
     }
 
@@ -352,6 +356,10 @@ impl Engine {
         if let Some(writer) = self.writer.lock().expect("writer lock").take() {
             let _ = writer.join();
         }
+        // The writer's copy of the environment went with its thread; dropping ours closes LMDB, and only then may
+        // another Engine (in this process or another) take the data dir.
+        self.shared.store.write().expect("store lock").take();
+        self.lock_file.lock().expect("lock file lock").take();
     }
 
     /// Verify the books: every budget's `held` equals the sum of its active holds, and the counters add up.
@@ -362,7 +370,7 @@ impl Engine {
 
     /// The counters LMDB holds now, for comparing memory with disk.
     pub fn stored_budgets(&self) -> Result<Vec<(String, BudgetRecord)>, EngineError> {
-        Ok(self.shared.store.recover()?.budgets)
+        Ok(self.shared.with_store(|store| store.recover())?.budgets)
     }
 }
 
@@ -431,6 +439,7 @@ fn denied(reason: DenyReason, remaining: i64, amount: i64) -> ReserveOutcome {
         expires_at_ms: 0,
         replayed: false,
         amount,
+        state: None,
         ticket: 0,
     }
 }
@@ -504,6 +513,13 @@ impl Shared {
         })
     }
 
+    fn with_store<T>(&self, read: impl FnOnce(&Store) -> Result<T, EngineError>) -> Result<T, EngineError> {
+        match self.store.read().expect("store lock").as_ref() {
+            Some(store) => read(store),
+            None => Err(EngineError::unavailable("the engine is closed; retry against a running sidecar")),
+        }
+    }
+
     fn check_open(&self) -> Result<(), EngineError> {
         if self.failed.load(SeqCst) {
             let why = self.failure.lock().expect("failure lock").clone().unwrap_or_default();
@@ -565,7 +581,7 @@ impl Shared {
             }
             Entry::Vacant(entry) => {
                 // Under the shard lock, so no concurrent retry can slip a second hold in between.
-                if let Some(hold_id) = self.store.get_idempotency(entry.key())? {
+                if let Some(hold_id) = self.with_store(|store| store.get_idempotency(entry.key()))? {
                     drop(entry);
                     return self.replay_reserve(hold_id, amount, key);
                 }
@@ -655,6 +671,7 @@ impl Shared {
             expires_at_ms: expires_ms,
             replayed: false,
             amount,
+            state: Some(HoldState::Active),
             ticket,
         })
     }
@@ -680,14 +697,18 @@ impl Shared {
     }
 
     fn replay_reserve(&self, hold_id: u64, amount: i64, key: &str) -> Result<ReserveOutcome, EngineError> {
-        let (original, expires_ms, remaining, ticket) = match self.holds.get(&hold_id) {
-            Some(slot) => (slot.amount, slot.expires_ms, slot.budget.remaining(), slot.ticket),
+        let (original, expires_ms, remaining, state, ticket) = match self.holds.get(&hold_id) {
+            Some(slot) => {
+                let state = slot.resolution.map_or(HoldState::Active, Resolution::state);
+                (slot.amount, slot.expires_ms, slot.budget.remaining(), state, slot.ticket)
+            }
             None => {
-                let record = self.store.get_hold(hold_id)?.ok_or_else(|| {
+                let record = self.with_store(|store| store.get_hold(hold_id))?.ok_or_else(|| {
                     EngineError::internal(format!("idempotency key {key:?} points at hold {hold_id}, which is gone"))
                 })?;
                 let remaining = self.budget(&record.customer_id)?.remaining();
-                (record.amount, record.expires_ms, remaining, 0)
+                let state = stored_resolution(&record)?.state();
+                (record.amount, record.expires_ms, remaining, state, 0)
             }
         };
         if original != amount {
@@ -708,6 +729,7 @@ impl Shared {
             expires_at_ms: expires_ms,
             replayed: true,
             amount,
+            state: Some(state),
             ticket,
         })
     }
@@ -749,7 +771,7 @@ impl Shared {
     }
 
     fn stored_hold(&self, reservation_id: &str, hold_id: u64) -> Result<HoldRecord, EngineError> {
-        self.store.get_hold(hold_id)?.ok_or_else(|| {
+        self.with_store(|store| store.get_hold(hold_id))?.ok_or_else(|| {
             EngineError::not_found(format!(
                 "no reservation {reservation_id}: it never existed here, or it was resolved more than \
                  resolved_retention_ms ago"

@@ -65,6 +65,8 @@ pub struct PyReserveOutcome {
     expires_at_ms: i64,
     replayed: bool,
     amount: i64,
+    /// spendgate.v1.HoldState number; 0 when denied.
+    state: i32,
     ticket: u64,
 }
 
@@ -225,6 +227,7 @@ impl PyEngine {
             expires_at_ms: o.expires_at_ms,
             replayed: o.replayed,
             amount: o.amount,
+            state: o.state.map_or(0, |state| state as i32),
             ticket: o.ticket,
         })
     }

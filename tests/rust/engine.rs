@@ -333,3 +333,27 @@ fn counters_after_a_restart_equal_what_lmdb_holds() {
     }
     f.engine().check_invariants().unwrap();
 }
+
+#[test]
+fn close_releases_the_data_dir_so_the_same_process_can_reopen_it() {
+    let f = Fixture::new();
+    f.budget("cus", 100);
+    f.engine().close();
+    let err = f.engine().reserve("cus", 1, "", 0).unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Unavailable, "{err}");
+    let reopened = Engine::open(EngineConfig::new(&f.path)).unwrap();
+    assert_eq!(reopened.balance("cus").unwrap().limit, 100);
+}
+
+#[test]
+fn a_replayed_reserve_says_what_became_of_the_hold() {
+    let f = Fixture::new();
+    f.budget("cus", 100);
+    let first = f.engine().reserve("cus", 10, "req", 0).unwrap();
+    assert_eq!(first.state, Some(HoldState::Active));
+    f.engine().wait_durable(f.engine().commit(&first.reservation_id, 7).unwrap().ticket, WAIT).unwrap();
+    let replay = f.engine().reserve("cus", 10, "req", 0).unwrap();
+    assert_eq!((replay.replayed, replay.state), (true, Some(HoldState::Committed)));
+    let denied = f.engine().reserve("cus", 1_000, "", 0).unwrap();
+    assert_eq!(denied.state, None);
+}
