@@ -1,0 +1,172 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DenyReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DENY_REASON_UNSPECIFIED: _ClassVar[DenyReason]
+    DENY_REASON_INSUFFICIENT_BUDGET: _ClassVar[DenyReason]
+    DENY_REASON_TOO_MANY_HOLDS: _ClassVar[DenyReason]
+
+class HoldState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    HOLD_STATE_UNSPECIFIED: _ClassVar[HoldState]
+    HOLD_STATE_ACTIVE: _ClassVar[HoldState]
+    HOLD_STATE_COMMITTED: _ClassVar[HoldState]
+    HOLD_STATE_RELEASED: _ClassVar[HoldState]
+    HOLD_STATE_EXPIRED: _ClassVar[HoldState]
+DENY_REASON_UNSPECIFIED: DenyReason
+DENY_REASON_INSUFFICIENT_BUDGET: DenyReason
+DENY_REASON_TOO_MANY_HOLDS: DenyReason
+HOLD_STATE_UNSPECIFIED: HoldState
+HOLD_STATE_ACTIVE: HoldState
+HOLD_STATE_COMMITTED: HoldState
+HOLD_STATE_RELEASED: HoldState
+HOLD_STATE_EXPIRED: HoldState
+
+class ReserveRequest(_message.Message):
+    __slots__ = ("customer_id", "amount", "idempotency_key", "ttl_ms")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    amount: int
+    idempotency_key: str
+    ttl_ms: int
+    def __init__(self, customer_id: _Optional[str] = ..., amount: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., ttl_ms: _Optional[int] = ...) -> None: ...
+
+class ReserveResponse(_message.Message):
+    __slots__ = ("granted", "reservation_id", "remaining", "reason", "expires_at_ms", "replayed", "amount", "message", "state")
+    GRANTED_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    granted: bool
+    reservation_id: str
+    remaining: int
+    reason: DenyReason
+    expires_at_ms: int
+    replayed: bool
+    amount: int
+    message: str
+    state: HoldState
+    def __init__(self, granted: _Optional[bool] = ..., reservation_id: _Optional[str] = ..., remaining: _Optional[int] = ..., reason: _Optional[_Union[DenyReason, str]] = ..., expires_at_ms: _Optional[int] = ..., replayed: _Optional[bool] = ..., amount: _Optional[int] = ..., message: _Optional[str] = ..., state: _Optional[_Union[HoldState, str]] = ...) -> None: ...
+
+class CommitRequest(_message.Message):
+    __slots__ = ("reservation_id", "amount")
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: str
+    amount: int
+    def __init__(self, reservation_id: _Optional[str] = ..., amount: _Optional[int] = ...) -> None: ...
+
+class CommitResponse(_message.Message):
+    __slots__ = ("charged", "remaining", "over_reserved", "excess", "replayed", "hold_expired")
+    CHARGED_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    OVER_RESERVED_FIELD_NUMBER: _ClassVar[int]
+    EXCESS_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    HOLD_EXPIRED_FIELD_NUMBER: _ClassVar[int]
+    charged: int
+    remaining: int
+    over_reserved: bool
+    excess: int
+    replayed: bool
+    hold_expired: bool
+    def __init__(self, charged: _Optional[int] = ..., remaining: _Optional[int] = ..., over_reserved: _Optional[bool] = ..., excess: _Optional[int] = ..., replayed: _Optional[bool] = ..., hold_expired: _Optional[bool] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("reservation_id",)
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: str
+    def __init__(self, reservation_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseResponse(_message.Message):
+    __slots__ = ("released", "remaining", "state", "replayed")
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    released: bool
+    remaining: int
+    state: HoldState
+    replayed: bool
+    def __init__(self, released: _Optional[bool] = ..., remaining: _Optional[int] = ..., state: _Optional[_Union[HoldState, str]] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class GetBalanceRequest(_message.Message):
+    __slots__ = ("customer_id",)
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    def __init__(self, customer_id: _Optional[str] = ...) -> None: ...
+
+class Balance(_message.Message):
+    __slots__ = ("customer_id", "limit", "spent", "reserved", "remaining", "active_holds", "stripe_customer_id", "overdraft")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    SPENT_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_HOLDS_FIELD_NUMBER: _ClassVar[int]
+    STRIPE_CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    OVERDRAFT_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    limit: int
+    spent: int
+    reserved: int
+    remaining: int
+    active_holds: int
+    stripe_customer_id: str
+    overdraft: int
+    def __init__(self, customer_id: _Optional[str] = ..., limit: _Optional[int] = ..., spent: _Optional[int] = ..., reserved: _Optional[int] = ..., remaining: _Optional[int] = ..., active_holds: _Optional[int] = ..., stripe_customer_id: _Optional[str] = ..., overdraft: _Optional[int] = ...) -> None: ...
+
+class SetBudgetRequest(_message.Message):
+    __slots__ = ("customer_id", "limit", "stripe_customer_id")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    STRIPE_CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    limit: int
+    stripe_customer_id: str
+    def __init__(self, customer_id: _Optional[str] = ..., limit: _Optional[int] = ..., stripe_customer_id: _Optional[str] = ...) -> None: ...
+
+class SetBudgetResponse(_message.Message):
+    __slots__ = ("balance", "created")
+    BALANCE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    balance: Balance
+    created: bool
+    def __init__(self, balance: _Optional[_Union[Balance, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class ListBudgetsRequest(_message.Message):
+    __slots__ = ("prefix", "limit")
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    prefix: str
+    limit: int
+    def __init__(self, prefix: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListBudgetsResponse(_message.Message):
+    __slots__ = ("budgets",)
+    BUDGETS_FIELD_NUMBER: _ClassVar[int]
+    budgets: _containers.RepeatedCompositeFieldContainer[Balance]
+    def __init__(self, budgets: _Optional[_Iterable[_Union[Balance, _Mapping]]] = ...) -> None: ...
+
+class PingRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PingResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

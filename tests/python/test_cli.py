@@ -1,0 +1,256 @@
+"""The `spendgate` command: help, setting errors, and `budget set/show` against a real sidecar process."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import spendgate
+from spendgate import cli, config
+
+# The folder holding the spendgate package under test, first on the children's PYTHONPATH so that they run this code.
+PACKAGE_ROOT = Path(spendgate.__file__).resolve().parents[1]
+# Guards against a hang, not timing assertions: a healthy start or drain takes well under a second.
+START_GUARD_S = 60.0
+STOP_GUARD_S = 60.0
+LISTENING = re.compile(r"listening on (\S+?),")
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(config.ENV_PREFIX)}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env.update(extra)
+    return env
+
+
+def spendgate_cli(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "spendgate", *args],
+        env=dict(env) if env is not None else child_env(),
+        capture_output=True,
+        text=True,
+        timeout=START_GUARD_S,
+    )
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    address: str
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_server(tmp_path: Path, *flags: str) -> Server:
+    """`spendgate serve` on 127.0.0.1 port 0 (the kernel picks a free port); its address is read from its log."""
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "spendgate", "serve", "--listen", "127.0.0.1:0",
+             "--data-dir", str(tmp_path / "data"), *flags],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=child_env(),
+        )  # fmt: skip
+    deadline = time.monotonic() + START_GUARD_S
+    while True:
+        match = LISTENING.search(log_path.read_text(errors="replace"))
+        if match:
+            return Server(process, log_path, match.group(1))
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop(process)
+            raise AssertionError(f"spendgate serve did not start:\n{log_path.read_text(errors='replace')}")
+        time.sleep(0.02)
+
+
+def stop(process: subprocess.Popen[bytes]) -> int:
+    """SIGTERM, then SIGKILL if it does not drain: whatever happens, the process is gone afterwards."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(STOP_GUARD_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    running = start_server(tmp_path)
+    try:
+        yield running
+    finally:
+        stop(running.process)
+
+
+# -- help and bad settings ----------------------------------------------------------------------------------------------
+
+
+def test_help_lists_every_command() -> None:
+    result = spendgate_cli("--help")
+    assert result.returncode == 0
+    for command in ("spendgate serve", "spendgate budget set", "spendgate budget show"):
+        assert command in result.stdout
+
+
+def test_serve_help_has_a_flag_for_every_setting() -> None:
+    result = spendgate_cli("serve", "--help")
+    assert result.returncode == 0
+    for name in config.FIELDS:
+        assert config.flag(name) in result.stdout, name
+
+
+def test_budget_help_lists_set_and_show() -> None:
+    result = spendgate_cli("budget", "--help")
+    assert result.returncode == 0
+    assert "set" in result.stdout and "show" in result.stdout
+
+
+def test_bad_flag_value_exits_2_naming_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["serve", "--map-size-mb", "lots"])
+    assert caught.value.code == 2
+    assert "--map-size-mb: expected an integer, got 'lots'" in capsys.readouterr().err
+
+
+def test_unknown_spendgate_env_var_exits_2_naming_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SPENDGATE_LISTN", "127.0.0.1:1")
+    # `budget show` loads the settings as `serve` does, and cannot hang serving if the check ever lets this through.
+    assert cli.main(["budget", "show", "cus_a", "--target", "127.0.0.1:1"]) == 2
+    assert "SPENDGATE_LISTN: unknown setting" in capsys.readouterr().err
+
+
+def test_bad_config_file_exits_2_naming_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("map_size_mb = -5\n")
+    assert cli.main(["budget", "show", "cus_a", "--target", "127.0.0.1:1", "--config", str(path)]) == 2
+    assert f"config file {path} line 1" in capsys.readouterr().err
+
+
+def test_an_engine_setting_the_engine_refuses_exits_1_with_its_message(tmp_path: Path) -> None:
+    result = spendgate_cli(
+        "serve", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data"), "--max-ttl-ms", str(2**62)
+    )
+    assert result.returncode == 1
+    assert "cannot open the engine" in result.stderr and "max_ttl_ms" in result.stderr
+
+
+# -- budget set / show against a running sidecar -----------------------------------------------------------------------
+
+
+def test_budget_set_creates_then_updates_and_show_prints_the_counters(server: Server) -> None:
+    created = spendgate_cli("budget", "set", "cus_acme", "--limit", "5000", "--target", server.address)
+    assert created.returncode == 0, created.stderr
+    assert "created budget cus_acme" in created.stdout
+
+    updated = spendgate_cli(
+        "budget", "set", "cus_acme", "--limit", "7000", "--stripe-customer-id", "cus_Stripe1", "--target", server.address
+    )
+    assert updated.returncode == 0, updated.stderr
+    assert "updated budget cus_acme" in updated.stdout
+
+    shown = spendgate_cli("budget", "show", "cus_acme", "--target", server.address)
+    assert shown.returncode == 0, shown.stderr
+    rows = dict(line.split(None, 1) for line in shown.stdout.strip().splitlines())
+    assert rows["customer_id"].strip() == "cus_acme"
+    assert rows["stripe_customer_id"].strip() == "cus_Stripe1"
+    assert rows["limit"].strip() == "7000"
+    assert rows["remaining"].strip() == "7000"
+    assert rows["spent"].strip() == rows["reserved"].strip() == "0"
+
+
+def test_budget_list_prints_a_table_of_budgets(server: Server) -> None:
+    for customer_id, limit in (("team-b", "20"), ("team-a", "10"), ("solo", "5")):
+        assert spendgate_cli("budget", "set", customer_id, "--limit", limit, "--target", server.address).returncode == 0
+    listed = spendgate_cli("budget", "list", "--prefix", "team-", "--target", server.address)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.strip().splitlines()
+    assert lines[0].split() == ["customer_id", "limit", "spent", "reserved", "remaining", "active_holds"]
+    assert [line.split()[:2] for line in lines[1:]] == [["team-a", "10"], ["team-b", "20"]]
+
+
+def test_budget_commands_dial_the_listen_setting_when_no_target_is_given(server: Server) -> None:
+    env = child_env(SPENDGATE_LISTEN=server.address)
+    assert spendgate_cli("budget", "set", "cus_env", "--limit", "10", env=env).returncode == 0
+    shown = spendgate_cli("budget", "show", "cus_env", env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert "cus_env" in shown.stdout
+
+
+def test_budget_show_of_an_unknown_customer_prints_the_server_message_and_fails(server: Server) -> None:
+    result = spendgate_cli("budget", "show", "cus_nobody", "--target", server.address)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert "NOT_FOUND" in result.stderr and "cus_nobody" in result.stderr
+
+
+def test_budget_set_with_a_bad_limit_prints_the_server_message_and_fails(server: Server) -> None:
+    result = spendgate_cli("budget", "set", "cus_acme", "--limit", "-1", "--target", server.address)
+    assert result.returncode == 1
+    assert "INVALID_ARGUMENT" in result.stderr
+
+
+def test_budget_show_without_a_sidecar_says_it_cannot_reach_it() -> None:
+    with socket.socket() as sock:  # a loopback port that nothing listens on: bound, never listening
+        sock.bind(("127.0.0.1", 0))
+        target = f"127.0.0.1:{sock.getsockname()[1]}"
+        result = spendgate_cli("budget", "show", "cus_acme", "--target", target)
+    assert result.returncode == 1
+    assert f"cannot reach a spendgate sidecar at {target}" in result.stderr
+
+
+# -- serve lifecycle ---------------------------------------------------------------------------------------------------
+
+
+def test_serve_logs_where_it_listens_and_its_data_dir(server: Server) -> None:
+    log = server.log()
+    assert f"listening on {server.address}" in log
+    assert "data_dir" in log and "data" in log
+
+
+def test_sigterm_drains_closes_the_engine_and_exits_0(tmp_path: Path) -> None:
+    running = start_server(tmp_path)
+    try:
+        assert spendgate_cli("budget", "set", "cus_a", "--limit", "10", "--target", running.address).returncode == 0
+    finally:
+        code = stop(running.process)
+    assert code == 0, running.log()
+    assert "SIGTERM" in running.log() and "stopped" in running.log()
+
+
+def test_sigint_exits_0_too(tmp_path: Path) -> None:
+    running = start_server(tmp_path)
+    try:
+        running.process.send_signal(signal.SIGINT)
+        code = running.process.wait(STOP_GUARD_S)
+    finally:
+        stop(running.process)
+    assert code == 0, running.log()
+
+
+def test_a_budget_set_before_a_restart_is_there_after_it(tmp_path: Path) -> None:
+    first = start_server(tmp_path)
+    try:
+        assert spendgate_cli("budget", "set", "cus_a", "--limit", "42", "--target", first.address).returncode == 0
+    finally:
+        stop(first.process)
+    second = start_server(tmp_path)
+    try:
+        shown = spendgate_cli("budget", "show", "cus_a", "--target", second.address)
+    finally:
+        stop(second.process)
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r"limit\s+42\b", shown.stdout)

@@ -1,0 +1,218 @@
+"""Settings: precedence flags > SPENDGATE_* env > TOML file > defaults, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from spendgate import config
+from spendgate.config import ConfigError, Settings, load_settings
+
+CORE_STUB = Path(config.__file__).with_name("_core.pyi")
+
+
+def write_toml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "spendgate.toml"
+    path.write_text(text)
+    return path
+
+
+def engine_stub_defaults() -> dict[str, object]:
+    """The keyword defaults of Engine.__init__ in _core.pyi, the native API's declared contract."""
+    tree = ast.parse(CORE_STUB.read_text())
+    engine = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Engine")
+    init = next(n for n in engine.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+    # Constant arithmetic such as 7 * 86_400_000 is allowed in a stub, so evaluate it (no names, no builtins).
+    return {
+        arg.arg: eval(ast.unparse(default), {"__builtins__": {}})  # noqa: S307
+        for arg, default in zip(init.args.kwonlyargs, init.args.kw_defaults, strict=True)
+        if default is not None
+    }
+
+
+# -- defaults ---------------------------------------------------------------------------------------------------------
+
+
+def test_engine_settings_have_the_names_and_defaults_of_the_engine() -> None:
+    defaults = engine_stub_defaults()
+    assert list(defaults) == list(config.ENGINE_SETTINGS)
+    for name, default in defaults.items():
+        assert config.FIELDS[name].default == default, name
+
+
+def test_defaults_apply_when_no_source_sets_a_value() -> None:
+    settings = load_settings(env={})
+    assert settings == Settings()
+    assert settings.listen == "127.0.0.1:50051"
+    assert settings.data_dir == "./spendgate-data"
+    assert settings.reflection is True
+
+
+def test_engine_kwargs_hold_every_engine_setting_and_nothing_else() -> None:
+    kwargs = Settings(map_size_mb=7).engine_kwargs()
+    assert set(kwargs) == set(config.ENGINE_SETTINGS)
+    assert kwargs["map_size_mb"] == 7
+    assert "data_dir" not in kwargs  # the engine's positional argument
+
+
+# -- precedence -------------------------------------------------------------------------------------------------------
+
+
+def test_config_file_overrides_defaults(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, 'data_dir = "/var/lib/spendgate"\nmap_size_mb = 64\nreflection = false\n')
+    settings = load_settings(env={}, config_file=path)
+    assert settings.data_dir == "/var/lib/spendgate"
+    assert settings.map_size_mb == 64
+    assert settings.reflection is False
+    assert settings.listen == Settings().listen
+
+
+def test_env_var_overrides_config_file(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, "map_size_mb = 64\nmax_budgets = 5\n")
+    settings = load_settings(env={"SPENDGATE_MAP_SIZE_MB": "128"}, config_file=path)
+    assert settings.map_size_mb == 128
+    assert settings.max_budgets == 5
+
+
+def test_flag_overrides_env_var() -> None:
+    settings = load_settings(flags={"durability": "relaxed"}, env={"SPENDGATE_DURABILITY": "fsync"})
+    assert settings.durability == "relaxed"
+
+
+def test_flag_given_as_none_is_not_given() -> None:
+    settings = load_settings(flags={"durability": None}, env={"SPENDGATE_DURABILITY": "relaxed"})
+    assert settings.durability == "relaxed"
+
+
+def test_config_file_is_found_through_spendgate_config(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, "max_ttl_ms = 1000\n")
+    settings = load_settings(env={"SPENDGATE_CONFIG": str(path)})
+    assert settings.max_ttl_ms == 1000
+
+
+def test_config_flag_wins_over_spendgate_config(tmp_path: Path) -> None:
+    chosen = write_toml(tmp_path, "max_ttl_ms = 1000\n")
+    ignored = tmp_path / "ignored.toml"
+    ignored.write_text("max_ttl_ms = 2000\n")
+    settings = load_settings(env={"SPENDGATE_CONFIG": str(ignored)}, config_file=chosen)
+    assert settings.max_ttl_ms == 1000
+
+
+# -- values from text -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "expected"), [("true", True), ("0", False), ("No", False), (" on ", True)])
+def test_env_var_booleans_accept_the_usual_words(text: str, expected: bool) -> None:
+    assert load_settings(env={"SPENDGATE_REFLECTION": text}).reflection is expected
+
+
+def test_env_var_integers_accept_underscores() -> None:
+    assert load_settings(env={"SPENDGATE_MAX_BUDGETS": "1_000"}).max_budgets == 1000
+
+
+def test_other_environment_variables_are_ignored() -> None:
+    assert load_settings(env={"HOME": "/root", "SPENDGATEWAY": "x"}) == Settings()
+
+
+# -- errors -----------------------------------------------------------------------------------------------------------
+
+
+def test_unknown_key_in_config_file_names_the_key_the_file_and_the_line(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, 'listen = "127.0.0.1:1"\n\ndatadir = "/tmp/x"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env={}, config_file=path)
+    message = str(caught.value)
+    assert "'datadir'" in message
+    assert str(path) in message
+    assert "line 3" in message
+    assert "data_dir" in message  # the known settings are listed, so the typo is easy to spot
+
+
+def test_table_in_config_file_is_an_unknown_key(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, "[server]\nlisten = 'x'\n")
+    with pytest.raises(ConfigError, match=r"line 1: unknown setting 'server'"):
+        load_settings(env={}, config_file=path)
+
+
+def test_wrong_type_in_config_file_names_the_key_and_line(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, 'map_size_mb = "64"\n')
+    with pytest.raises(ConfigError, match=r"line 1: setting 'map_size_mb': expected an integer, got str '64'"):
+        load_settings(env={}, config_file=path)
+
+
+def test_boolean_in_config_file_is_not_an_integer(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, "max_budgets = true\n")
+    with pytest.raises(ConfigError, match="'max_budgets': expected an integer, got bool"):
+        load_settings(env={}, config_file=path)
+
+
+def test_invalid_toml_names_the_file_and_the_position(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, "listen = \n")
+    with pytest.raises(ConfigError, match=r"not valid TOML: .*line 1"):
+        load_settings(env={}, config_file=path)
+
+
+def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read it"):
+        load_settings(env={}, config_file=tmp_path / "absent.toml")
+
+
+def test_unknown_spendgate_env_var_is_an_error_naming_it() -> None:
+    with pytest.raises(ConfigError, match=r"environment variable SPENDGATE_DATADIR: unknown setting.*SPENDGATE_DATA_DIR"):
+        load_settings(env={"SPENDGATE_DATADIR": "/tmp/x"})
+
+
+def test_bad_env_value_names_the_variable_and_the_value() -> None:
+    with pytest.raises(ConfigError, match=r"environment variable SPENDGATE_MAP_SIZE_MB: expected an integer, got '1GB'"):
+        load_settings(env={"SPENDGATE_MAP_SIZE_MB": "1GB"})
+
+
+def test_bad_env_boolean_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="SPENDGATE_REFLECTION: expected a boolean"):
+        load_settings(env={"SPENDGATE_REFLECTION": "maybe"})
+
+
+def test_bad_choice_lists_the_choices(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, 'durability = "sometimes"\n')
+    with pytest.raises(ConfigError, match="expected one of fsync, relaxed, got 'sometimes'"):
+        load_settings(env={}, config_file=path)
+
+
+def test_negative_integer_is_rejected() -> None:
+    with pytest.raises(ConfigError, match=r"SPENDGATE_DEFAULT_TTL_MS: expected an integer >= 0, got -1"):
+        load_settings(env={"SPENDGATE_DEFAULT_TTL_MS": "-1"})
+
+
+def test_zero_is_rejected_where_a_setting_needs_at_least_one() -> None:
+    with pytest.raises(ConfigError, match=r"SPENDGATE_MAX_CONCURRENT_RPCS: expected an integer >= 1, got 0"):
+        load_settings(env={"SPENDGATE_MAX_CONCURRENT_RPCS": "0"})
+
+
+def test_settings_constructed_directly_are_validated_too() -> None:
+    with pytest.raises(ConfigError, match="setting 'log_level': expected one of"):
+        Settings(log_level="loud")
+
+
+def test_settings_are_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Settings().listen = "0.0.0.0:1"  # type: ignore[misc]
+
+
+# -- documentation ----------------------------------------------------------------------------------------------------
+
+
+def test_every_setting_has_a_one_line_doc() -> None:
+    for name in config.FIELDS:
+        assert config.doc(name).strip(), name
+        assert "\n" not in config.doc(name), name
+
+
+def test_settings_table_has_a_row_per_setting() -> None:
+    table = config.settings_table_markdown().splitlines()
+    assert len(table) == 2 + len(config.FIELDS)
+    for name, row in zip(config.FIELDS, table[2:], strict=True):
+        assert row.startswith(f"| `{name}` | `{config.flag(name)}`")
+        assert f"`{config.env_var(name)}`" in row
