@@ -1,0 +1,562 @@
+"""The app-facing spendgate client, in a blocking (`Client`) and an asyncio (`AsyncClient`) flavour.
+
+    from spendgate.client import Client, BudgetExceeded
+
+    client = Client("127.0.0.1:50051")
+    try:
+        with client.reserve("cus_123", amount=500) as hold:   # Reserve; a denial raises BudgetExceeded here
+            usage = call_the_llm()
+            hold.commit(usage)                               # Commit the actual amount
+    except BudgetExceeded as denied:
+        ...                                                  # denied.reason, denied.remaining, denied.message
+
+How a `with client.reserve(...)` block ends the hold:
+- `hold.commit(actual)` or `hold.release()` inside the block: the hold is settled; leaving the block does nothing more.
+- An exception escapes the block before either: the hold is released, then the exception propagates.
+- The block ends normally without either: the FULL reserved amount is committed. This is deliberate: usage is never
+  silently dropped, so forgetting to commit overcharges by at most the hold instead of undercharging.
+
+Retries: UNAVAILABLE is retried, with exponential backoff and full jitter, up to `RetryPolicy.max_attempts` attempts
+- on Reserve only when it carries an idempotency key, so a retry replays the first reservation instead of holding
+  twice. Reserve without a key gets a fresh uuid4 key, so every Reserve is retried safely. Pass your own key (stable
+  across your own retries, e.g. the request id) to make the replay cover your retries too.
+- on Commit and Release always: the server makes them idempotent per reservation.
+Nothing else is retried. Every attempt has its own deadline of `timeout_s`.
+
+Errors: every gRPC error becomes a `SpendgateError` subclass (`InvalidArgument`, `NotFound`, `AlreadyExists`, ...,
+see `error_from_rpc`) carrying the server's status code and message. A denial is not an error on the wire (it is an
+OK reply with granted=false); `reserve` turns it into `BudgetExceeded`, `reserve_raw` returns it as is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final, TypeVar
+
+import grpc
+import grpc.aio
+
+from spendgate.v1 import spendgate_pb2 as pb
+from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "AlreadyExists",
+    "AsyncClient",
+    "AsyncHold",
+    "BudgetExceeded",
+    "Client",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "Hold",
+    "Internal",
+    "InvalidArgument",
+    "NotFound",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "RetryPolicy",
+    "SpendgateError",
+    "Unauthenticated",
+    "Unavailable",
+    "error_from_rpc",
+]
+
+_log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S: Final[float] = 5.0
+"""Deadline of each attempt of each call, unless the client or the call says otherwise."""
+
+# A sidecar is local: after it restarts, reconnect within about a second instead of gRPC's default backoff (which
+# grows to 120 s) so that the client's own bounded retries can reach the new process.
+_CHANNEL_OPTIONS: Final[tuple[tuple[str, int], ...]] = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+)
+
+_T = TypeVar("_T")
+_Metadata = tuple[tuple[str, str], ...]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Errors
+
+
+class SpendgateError(Exception):
+    """Base of every error this client raises. `code` is the gRPC status (None for `BudgetExceeded`, which is an OK
+    reply); `message` is the server's explanation, meant to say what was wrong and how to fix it."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+    def __str__(self) -> str:
+        return self.message if self.code is None else f"{self.code.name}: {self.message}"
+
+
+class InvalidArgument(SpendgateError):
+    """The request was malformed (an amount out of range, an empty or too long id, ...)."""
+
+
+class NotFound(SpendgateError):
+    """No such budget or reservation."""
+
+
+class AlreadyExists(SpendgateError):
+    """The idempotency key was already used with a different amount."""
+
+
+class FailedPrecondition(SpendgateError):
+    """The request conflicts with the current state (e.g. committing a released hold)."""
+
+
+class ResourceExhausted(SpendgateError):
+    """A server-wide limit was reached (too many holds or budgets, a full write queue)."""
+
+
+class PermissionDenied(SpendgateError):
+    """The token may not call this method (e.g. an app token calling Admin)."""
+
+
+class Unauthenticated(SpendgateError):
+    """No token, or an unknown one, where the server requires tokens."""
+
+
+class Unavailable(SpendgateError):
+    """The server could not be reached, or is shutting down or failed, even after the retries allowed."""
+
+
+class DeadlineExceeded(SpendgateError):
+    """The server did not answer within `timeout_s`. The call may or may not have taken effect."""
+
+
+class Internal(SpendgateError):
+    """A bug or corruption on the server side."""
+
+
+_ERROR_BY_CODE: Final[dict[grpc.StatusCode, type[SpendgateError]]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.INTERNAL: Internal,
+}
+
+
+def _status_of(err: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
+    # Errors raised by real calls (sync and aio) are also grpc.Call objects with code() and details(); a bare
+    # RpcError (only raised by hand, e.g. in an interceptor) has neither, so read it as UNKNOWN with its str().
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = err.details() if hasattr(err, "details") else None
+    return code, details or str(err) or code.name
+
+
+def error_from_rpc(err: grpc.RpcError) -> SpendgateError:
+    """The one mapping from a gRPC error to the `SpendgateError` subclass for its status code."""
+    code, message = _status_of(err)
+    return _ERROR_BY_CODE.get(code, SpendgateError)(message, code)
+
+
+class BudgetExceeded(SpendgateError):
+    """Reserve was denied: the hold does not fit the budget (or the budget has too many open holds).
+
+    `reason` is a `spendgate.v1.DenyReason` value; `remaining` the units still available; `message` the server's
+    explanation."""
+
+    def __init__(self, customer_id: str, amount: int, response: pb.ReserveResponse) -> None:
+        assert not response.granted, "BudgetExceeded is only for denials"
+        self.customer_id = customer_id
+        self.amount = amount
+        self.reason: int = response.reason
+        self.remaining: int = response.remaining
+        reason_name = pb.DenyReason.Name(response.reason) if response.reason in pb.DenyReason.values() else "UNKNOWN"
+        self.reason_name: str = reason_name
+        text = response.message or f"{customer_id}: {amount} units denied ({reason_name}, {response.remaining} left)"
+        super().__init__(text, None)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Retries
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How UNAVAILABLE is retried: at most `max_attempts` attempts in all, waiting a random time in
+    [0, min(max_backoff_s, initial_backoff_s * 2**(attempt-1))] after each failed attempt (full jitter, so clients
+    that failed together do not retry together)."""
+
+    max_attempts: int = 4
+    initial_backoff_s: float = 0.05
+    max_backoff_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        assert self.max_attempts >= 1, "max_attempts counts the first attempt, so it is at least 1"
+        assert 0 <= self.initial_backoff_s <= self.max_backoff_s
+
+    def should_retry(self, err: grpc.RpcError, *, retryable_call: bool, attempt: int) -> bool:
+        code, _ = _status_of(err)
+        return retryable_call and code == grpc.StatusCode.UNAVAILABLE and attempt < self.max_attempts
+
+    def backoff_s(self, attempt: int) -> float:
+        """The wait after failed attempt number `attempt` (1-based)."""
+        return random.uniform(0.0, min(self.max_backoff_s, self.initial_backoff_s * 2 ** (attempt - 1)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What the sync and async clients share: channel set-up, request building, reply checking.
+
+
+def _metadata(token: str | None) -> _Metadata:
+    # Plain metadata rather than call credentials: gRPC only sends call credentials over TLS, and a sidecar is often
+    # reached in plaintext over loopback.
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def _channel_options(options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    return [*_CHANNEL_OPTIONS, *options]
+
+
+def _reserve_request(customer_id: str, amount: int, idempotency_key: str | None, ttl_ms: int) -> pb.ReserveRequest:
+    # An auto key makes every Reserve safe to retry: a lost reply is replayed, never held twice.
+    key = idempotency_key if idempotency_key else str(uuid.uuid4())
+    return pb.ReserveRequest(customer_id=customer_id, amount=amount, idempotency_key=key, ttl_ms=ttl_ms)
+
+
+def _set_budget_request(customer_id: str, limit: int, stripe_customer_id: str | None) -> pb.SetBudgetRequest:
+    return pb.SetBudgetRequest(customer_id=customer_id, limit=limit, stripe_customer_id=stripe_customer_id or "")
+
+
+def _check_granted(customer_id: str, amount: int, response: pb.ReserveResponse) -> pb.ReserveResponse:
+    """Raise BudgetExceeded on a denial; otherwise check what the contract promises about a grant."""
+    if not response.granted:
+        raise BudgetExceeded(customer_id, amount, response)
+    assert response.reservation_id, "a granted Reserve must carry a reservation_id"
+    assert response.amount == amount, "a granted Reserve holds exactly the requested amount"
+    return response
+
+
+class _HoldBase:
+    """A granted reservation. `settling` turns true once commit or release was attempted: from then on, leaving the
+    `with` block must not release (a commit that failed on our side may still have reached the server)."""
+
+    def __init__(self, customer_id: str, response: pb.ReserveResponse) -> None:
+        self.customer_id = customer_id
+        self.reservation_id: str = response.reservation_id
+        self.amount: int = response.amount
+        self.remaining: int = response.remaining
+        self.expires_at_ms: int = response.expires_at_ms
+        self.replayed: bool = response.replayed
+        self.settling = False
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(customer_id={self.customer_id!r}, reservation_id={self.reservation_id!r}, "
+                f"amount={self.amount}, replayed={self.replayed}, settling={self.settling})")
+
+
+def _log_release_failure(hold: _HoldBase, err: SpendgateError) -> None:
+    # The caller's exception matters more than this one: log, and let the server's TTL expire the hold.
+    _log.warning("spendgate: could not release %s after an exception (%s); it expires at %d ms",
+                 hold.reservation_id, err, hold.expires_at_ms)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Blocking client
+
+
+class Hold(_HoldBase):
+    """A granted reservation from `Client.reserve`. Use it as a context manager (see the module doc) or settle it
+    yourself with `commit` or `release`."""
+
+    def __init__(self, client: Client, customer_id: str, response: pb.ReserveResponse) -> None:
+        super().__init__(customer_id, response)
+        self._client = client
+
+    def commit(self, amount: int, *, timeout_s: float | None = None) -> pb.CommitResponse:
+        """Record `amount` actual units (may exceed the hold: it is recorded in full and flagged)."""
+        self.settling = True
+        return self._client.commit(self.reservation_id, amount, timeout_s=timeout_s)
+
+    def release(self, *, timeout_s: float | None = None) -> pb.ReleaseResponse:
+        """Void the hold: nothing is charged."""
+        self.settling = True
+        return self._client.release(self.reservation_id, timeout_s=timeout_s)
+
+    def __enter__(self) -> Hold:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self.settling:
+            return
+        if exc is None:
+            self.commit(self.amount)  # never drop usage: an unsettled clean exit charges the whole hold
+            return
+        try:
+            self.release()
+        except SpendgateError as err:
+            _log_release_failure(self, err)
+
+
+class Client:
+    """Blocking spendgate client. Thread-safe (one gRPC channel, shared). Close it, or use it as a context manager.
+
+    `channel`: use this channel instead of dialling `target` (the caller keeps ownership: `close` leaves it open).
+    `token`: sent as `authorization: Bearer <token>` where the server requires tokens.
+    `credentials`: TLS channel credentials; plaintext when None.
+    """
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        channel: grpc.Channel | None = None,
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        retry: RetryPolicy = RetryPolicy(),
+    ) -> None:
+        assert (target is None) != (channel is None), "pass exactly one of target and channel"
+        assert timeout_s > 0
+        self._owns_channel = channel is None
+        if channel is None:
+            assert target is not None
+            opts = _channel_options(options)
+            channel = (grpc.secure_channel(target, credentials, opts) if credentials
+                       else grpc.insecure_channel(target, opts))
+        self._channel = channel
+        self._budget = pb_grpc.BudgetStub(channel)
+        self._admin = pb_grpc.AdminStub(channel)
+        self._metadata = _metadata(token)
+        self._timeout_s = timeout_s
+        self._retry = retry
+
+    def _call(self, rpc: Callable[..., Any], request: Any, *, retryable: bool, timeout_s: float | None) -> Any:
+        attempt = 1
+        while True:
+            try:
+                return rpc(request, timeout=self._timeout_s if timeout_s is None else timeout_s, metadata=self._metadata)
+            except grpc.RpcError as err:
+                if not self._retry.should_retry(err, retryable_call=retryable, attempt=attempt):
+                    raise error_from_rpc(err) from err
+            time.sleep(self._retry.backoff_s(attempt))
+            attempt += 1
+
+    def reserve_raw(self, customer_id: str, amount: int, *, idempotency_key: str | None = None, ttl_ms: int = 0,
+                    timeout_s: float | None = None) -> pb.ReserveResponse:
+        """Reserve, returning the reply as is: a denial is `granted=False`, not an exception."""
+        request = _reserve_request(customer_id, amount, idempotency_key, ttl_ms)
+        response: pb.ReserveResponse = self._call(self._budget.Reserve, request,
+                                                  retryable=bool(request.idempotency_key), timeout_s=timeout_s)
+        return response
+
+    def reserve(self, customer_id: str, amount: int, *, idempotency_key: str | None = None, ttl_ms: int = 0,
+                timeout_s: float | None = None) -> Hold:
+        """Hold `amount` units, or raise `BudgetExceeded`. The hold is a context manager (see the module doc)."""
+        response = self.reserve_raw(customer_id, amount, idempotency_key=idempotency_key, ttl_ms=ttl_ms,
+                                    timeout_s=timeout_s)
+        return Hold(self, customer_id, _check_granted(customer_id, amount, response))
+
+    def commit(self, reservation_id: str, amount: int, *, timeout_s: float | None = None) -> pb.CommitResponse:
+        request = pb.CommitRequest(reservation_id=reservation_id, amount=amount)
+        response: pb.CommitResponse = self._call(self._budget.Commit, request, retryable=True, timeout_s=timeout_s)
+        return response
+
+    def release(self, reservation_id: str, *, timeout_s: float | None = None) -> pb.ReleaseResponse:
+        request = pb.ReleaseRequest(reservation_id=reservation_id)
+        response: pb.ReleaseResponse = self._call(self._budget.Release, request, retryable=True, timeout_s=timeout_s)
+        return response
+
+    def balance(self, customer_id: str, *, timeout_s: float | None = None) -> pb.Balance:
+        request = pb.GetBalanceRequest(customer_id=customer_id)
+        response: pb.Balance = self._call(self._budget.GetBalance, request, retryable=False, timeout_s=timeout_s)
+        return response
+
+    def set_budget(self, customer_id: str, limit: int, stripe_customer_id: str | None = None, *,
+                   timeout_s: float | None = None) -> pb.SetBudgetResponse:
+        """Create the budget or change its limit (Admin; needs an admin token where tokens are configured)."""
+        request = _set_budget_request(customer_id, limit, stripe_customer_id)
+        response: pb.SetBudgetResponse = self._call(self._admin.SetBudget, request, retryable=False,
+                                                    timeout_s=timeout_s)
+        return response
+
+    def ping(self, *, timeout_s: float | None = None) -> None:
+        self._call(self._budget.Ping, pb.PingRequest(), retryable=False, timeout_s=timeout_s)
+
+    def close(self) -> None:
+        """Close the channel if this client opened it. Idempotent."""
+        if self._owns_channel:
+            self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# asyncio client
+
+
+class AsyncHold(_HoldBase):
+    """A granted reservation from `AsyncClient.reserve`; the async twin of `Hold`."""
+
+    def __init__(self, client: AsyncClient, customer_id: str, response: pb.ReserveResponse) -> None:
+        super().__init__(customer_id, response)
+        self._client = client
+
+    async def commit(self, amount: int, *, timeout_s: float | None = None) -> pb.CommitResponse:
+        self.settling = True
+        return await self._client.commit(self.reservation_id, amount, timeout_s=timeout_s)
+
+    async def release(self, *, timeout_s: float | None = None) -> pb.ReleaseResponse:
+        self.settling = True
+        return await self._client.release(self.reservation_id, timeout_s=timeout_s)
+
+    async def _finish(self, exc: BaseException | None) -> None:
+        if self.settling:
+            return
+        if exc is None:
+            await self.commit(self.amount)  # never drop usage: an unsettled clean exit charges the whole hold
+            return
+        try:
+            await self.release()
+        except SpendgateError as err:
+            _log_release_failure(self, err)
+
+
+class _AsyncReservation:
+    """What `AsyncClient.reserve` returns: `async with` reserves on entry (a denial raises before the body runs) and
+    ends the hold on exit as `Hold` does."""
+
+    def __init__(self, reserve: Callable[[], Awaitable[AsyncHold]]) -> None:
+        self._reserve = reserve
+        self._hold: AsyncHold | None = None
+
+    async def __aenter__(self) -> AsyncHold:
+        assert self._hold is None, "a reservation context can be entered once"
+        self._hold = await self._reserve()
+        return self._hold
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        assert self._hold is not None
+        await self._hold._finish(exc)
+
+
+class AsyncClient:
+    """asyncio spendgate client; same arguments and behaviour as `Client`. Create it inside the event loop that uses
+    it. Close it with `await close()`, or use `async with`."""
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        channel: grpc.aio.Channel | None = None,
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        retry: RetryPolicy = RetryPolicy(),
+    ) -> None:
+        assert (target is None) != (channel is None), "pass exactly one of target and channel"
+        assert timeout_s > 0
+        self._owns_channel = channel is None
+        if channel is None:
+            assert target is not None
+            opts = _channel_options(options)
+            channel = (grpc.aio.secure_channel(target, credentials, opts) if credentials
+                       else grpc.aio.insecure_channel(target, opts))
+        self._channel = channel
+        self._budget = pb_grpc.BudgetStub(channel)
+        self._admin = pb_grpc.AdminStub(channel)
+        self._metadata = _metadata(token)
+        self._timeout_s = timeout_s
+        self._retry = retry
+
+    async def _call(self, rpc: Callable[..., Any], request: Any, *, retryable: bool,
+                    timeout_s: float | None) -> Any:
+        attempt = 1
+        while True:
+            try:
+                return await rpc(request, timeout=self._timeout_s if timeout_s is None else timeout_s, metadata=self._metadata)
+            except grpc.RpcError as err:  # grpc.aio.AioRpcError is a grpc.RpcError
+                if not self._retry.should_retry(err, retryable_call=retryable, attempt=attempt):
+                    raise error_from_rpc(err) from err
+            await asyncio.sleep(self._retry.backoff_s(attempt))
+            attempt += 1
+
+    async def reserve_raw(self, customer_id: str, amount: int, *, idempotency_key: str | None = None,
+                          ttl_ms: int = 0, timeout_s: float | None = None) -> pb.ReserveResponse:
+        """Reserve, returning the reply as is: a denial is `granted=False`, not an exception."""
+        request = _reserve_request(customer_id, amount, idempotency_key, ttl_ms)
+        response: pb.ReserveResponse = await self._call(self._budget.Reserve, request,
+                                                        retryable=bool(request.idempotency_key),
+                                                        timeout_s=timeout_s)
+        return response
+
+    def reserve(self, customer_id: str, amount: int, *, idempotency_key: str | None = None, ttl_ms: int = 0,
+                timeout_s: float | None = None) -> _AsyncReservation:
+        """`async with client.reserve(...) as hold:` holds `amount` units or raises `BudgetExceeded` on entry."""
+        async def acquire() -> AsyncHold:
+            response = await self.reserve_raw(customer_id, amount, idempotency_key=idempotency_key, ttl_ms=ttl_ms,
+                                              timeout_s=timeout_s)
+            return AsyncHold(self, customer_id, _check_granted(customer_id, amount, response))
+
+        return _AsyncReservation(acquire)
+
+    async def commit(self, reservation_id: str, amount: int, *, timeout_s: float | None = None) -> pb.CommitResponse:
+        request = pb.CommitRequest(reservation_id=reservation_id, amount=amount)
+        response: pb.CommitResponse = await self._call(self._budget.Commit, request, retryable=True,
+                                                       timeout_s=timeout_s)
+        return response
+
+    async def release(self, reservation_id: str, *, timeout_s: float | None = None) -> pb.ReleaseResponse:
+        request = pb.ReleaseRequest(reservation_id=reservation_id)
+        response: pb.ReleaseResponse = await self._call(self._budget.Release, request, retryable=True,
+                                                        timeout_s=timeout_s)
+        return response
+
+    async def balance(self, customer_id: str, *, timeout_s: float | None = None) -> pb.Balance:
+        request = pb.GetBalanceRequest(customer_id=customer_id)
+        response: pb.Balance = await self._call(self._budget.GetBalance, request, retryable=False,
+                                                timeout_s=timeout_s)
+        return response
+
+    async def set_budget(self, customer_id: str, limit: int, stripe_customer_id: str | None = None, *,
+                         timeout_s: float | None = None) -> pb.SetBudgetResponse:
+        """Create the budget or change its limit (Admin; needs an admin token where tokens are configured)."""
+        request = _set_budget_request(customer_id, limit, stripe_customer_id)
+        response: pb.SetBudgetResponse = await self._call(self._admin.SetBudget, request, retryable=False,
+                                                          timeout_s=timeout_s)
+        return response
+
+    async def ping(self, *, timeout_s: float | None = None) -> None:
+        await self._call(self._budget.Ping, pb.PingRequest(), retryable=False, timeout_s=timeout_s)
+
+    async def close(self) -> None:
+        """Close the channel if this client opened it. Idempotent."""
+        if self._owns_channel:
+            await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
