@@ -6,7 +6,7 @@ only once `durable_ticket() >= ticket`. Wait with `wait_durable` (blocking, rele
 `notify_fd()` (see spendgate.server.durability).
 """
 
-from typing import Final
+from typing import Final, TypedDict
 
 # Limits, in the units their names end with. Crossing one gives EngineError("invalid_argument" or
 # "resource_exhausted"), never a crash or a wrong number.
@@ -21,6 +21,7 @@ MAX_TTL_MS_CEILING: Final[int]
 DENY_NONE: Final[int]
 DENY_INSUFFICIENT_BUDGET: Final[int]
 DENY_TOO_MANY_HOLDS: Final[int]
+DENY_FROZEN: Final[int]
 
 # HoldState numbers, the same as spendgate.v1.HoldState.
 HOLD_ACTIVE: Final[int]
@@ -77,11 +78,34 @@ class BalanceView:
     active_holds: int
     stripe_customer_id: str
     overdraft: int
+    frozen: bool
 
 class SetBudgetOutcome:
     balance: BalanceView
     created: bool
     ticket: int
+
+class OutboxEntry(TypedDict):
+    seq: int
+    identifier: str
+    customer_id: str
+    stripe_customer_id: str
+    amount: int
+    ts_ms: int
+    sent_as: str | None
+    first_attempt_ms: int | None
+    attempts: int
+
+class DeadLetterEntry(OutboxEntry):
+    reason: str
+    dead_ms: int
+    requeues: int
+
+class OutboxStats(TypedDict):
+    depth: int
+    oldest_ts_ms: int | None
+    dead_letters: int
+    max_entries: int
 
 class Engine:
     """One LMDB environment under `data_dir`, opened by one Engine per process.
@@ -103,6 +127,7 @@ class Engine:
         write_queue_capacity: int = 65_536,
         reap_interval_ms: int = 100,
         resolved_retention_ms: int = 7 * 86_400_000,
+        max_outbox_entries: int = 10_000_000,
     ) -> None: ...
     def reserve(self, customer_id: str, amount: int, idempotency_key: str = "", ttl_ms: int = 0) -> ReserveOutcome: ...
     def commit(self, reservation_id: str, amount: int) -> CommitOutcome: ...
@@ -111,6 +136,22 @@ class Engine:
     def list_budgets(self, prefix: str = "", limit: int = 100) -> list[BalanceView]:
         """Budgets whose customer_id starts with prefix, in customer_id order; at most `limit` (<= 10_000)."""
     def set_budget(self, customer_id: str, limit: int, stripe_customer_id: str = "") -> SetBudgetOutcome: ...
+    def set_frozen(self, customer_id: str, frozen: bool) -> SetBudgetOutcome:
+        """Freeze (every Reserve denied with DENY_FROZEN) or unfreeze. Existing holds still commit."""
+    # -- settlement: the outbox that Commit writes in the same transaction as the ledger entry --------------------
+    def outbox_pending(self, limit: int = 1000) -> list[OutboxEntry]:
+        """The oldest `limit` (1..=10_000) durable outbox entries, in ledger order."""
+    def outbox_claim(self, seqs: list[int], identifier: str) -> int:
+        """Fix the meter-event identifier of these entries before the first send (an entry keeps its first claim,
+        so a resend repeats the same event). Returns a ticket: wait for it before sending."""
+    def outbox_ack(self, seqs: list[int]) -> int:
+        """Stripe accepted these: remove them and mark their ledger entries settled. Idempotent. Returns a ticket."""
+    def outbox_dead_letter(self, seqs: list[int], reason: str) -> int:
+        """Stripe refused these for good: move them to the dead letters with `reason` (1..=1024 bytes)."""
+    def dead_letters(self, limit: int = 1000) -> list[DeadLetterEntry]: ...
+    def dead_letter_requeue(self, seq: int) -> int:
+        """Back to the outbox under a fresh identifier (`<identifier>-requeue<n>`). NOT_FOUND if no such letter."""
+    def outbox_stats(self) -> OutboxStats: ...
     def durable_ticket(self) -> int:
         """The highest ticket whose change is durable in LMDB."""
     def wait_durable(self, ticket: int, timeout_ms: int = 30_000) -> None:
@@ -126,7 +167,7 @@ class Engine:
         """Expire due holds now (the engine also does this itself every reap_interval_ms). Returns how many."""
     def stats(self) -> dict[str, int]:
         """Counters for metrics: budgets, active_holds, queue_depth, durable_ticket, map_size_bytes,
-        map_used_bytes, expired_total, batches_total, ops_total."""
+        map_used_bytes, expired_total, batches_total, ops_total, outbox_depth."""
     def check_invariants(self) -> None:
         """Verify the in-memory books (held equals the sum of open holds; available == limit - spent - held;
         spent + held <= limit + overdraft). Raises EngineError("internal") naming the first broken one."""

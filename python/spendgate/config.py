@@ -71,6 +71,11 @@ class Settings:
     resolved_retention_ms: int = _setting(
         7 * 86_400_000, "How long ended holds are kept so that retried calls replay instead of failing."
     )
+    max_outbox_entries: int = _setting(
+        10_000_000,
+        "Committed usages waiting for settlement to Stripe; at the bound new Reserves fail (commits still go in).",
+        minimum=1,
+    )
     # The gRPC server, again.
     max_message_bytes: int = _setting(4 * 1024 * 1024, "Largest gRPC message received or sent.", minimum=1)
     max_concurrent_rpcs: int = _setting(10_000, "RPCs in flight at once; more get RESOURCE_EXHAUSTED.", minimum=1)
@@ -102,6 +107,7 @@ ENGINE_SETTINGS: Final[tuple[str, ...]] = (
     "write_queue_capacity",
     "reap_interval_ms",
     "resolved_retention_ms",
+    "max_outbox_entries",
 )
 
 FIELDS: Final[Mapping[str, dataclasses.Field[Any]]] = {f.name: f for f in dataclasses.fields(Settings)}

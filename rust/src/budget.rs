@@ -7,7 +7,7 @@
 //! So a reader that loads `spent` then `held` never sees `spent + held` above `limit + overdraft` when it is not.
 //! `available` goes below zero only through a commit larger than its hold (recorded in `overdraft`) or a lowered limit.
 
-use std::sync::atomic::{AtomicI64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::SeqCst};
 use std::sync::Mutex;
 
 use crate::records::BudgetRecord;
@@ -20,6 +20,7 @@ pub struct Budget {
     available: AtomicI64,
     overdraft: AtomicI64,
     active_holds: AtomicI64,
+    frozen: AtomicBool,
     /// Serializes SetBudget on this budget (an admin call, never on the Reserve path) and guards the Stripe id.
     pub admin: Mutex<BudgetAdmin>,
 }
@@ -49,6 +50,7 @@ impl Budget {
             available: AtomicI64::new(available),
             overdraft: AtomicI64::new(record.overdraft),
             active_holds: AtomicI64::new(active_holds),
+            frozen: AtomicBool::new(record.frozen),
             admin: Mutex::new(BudgetAdmin { stripe_customer_id: record.stripe_customer_id.clone() }),
         }
     }
@@ -153,6 +155,14 @@ impl Budget {
         self.available.fetch_add(new_limit - old_limit, SeqCst);
     }
 
+    pub fn frozen(&self) -> bool {
+        self.frozen.load(SeqCst)
+    }
+
+    pub fn set_frozen(&self, frozen: bool) {
+        self.frozen.store(frozen, SeqCst);
+    }
+
     pub fn limit(&self) -> i64 {
         self.limit.load(SeqCst)
     }
@@ -175,6 +185,7 @@ mod tests {
             stripe_customer_id: "cus".into(),
             created_ms: 0,
             updated_ms: 0,
+            frozen: false,
         };
         Budget::from_record("c", &record, 0)
     }

@@ -19,7 +19,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::error::EngineError;
 use crate::hold::{format_reservation_id, parse_reservation_id, truncate_for_message, DenyReason, HoldSlot, HoldState, Resolution};
 use crate::limits::*;
-use crate::records::{BudgetRecord, HoldRecord, HoldStatus};
+use crate::records::{BudgetRecord, DeadLetter, HoldRecord, HoldStatus, OutboxEntry};
 use crate::store::{idempotency_key, Store};
 use crate::writer::{Op, Ticketed, Writer};
 
@@ -40,6 +40,9 @@ pub struct EngineConfig {
     /// How long a resolved hold (and its idempotency key) stays answerable for idempotent retries.
     pub resolved_retention_ms: u64,
     pub prune_interval_ms: u64,
+    /// Committed usage waiting for settlement. At the bound new reservations are refused (commits of existing holds
+    /// still go in), so an outage at Stripe can never fill the disk unnoticed.
+    pub max_outbox_entries: u64,
 }
 
 impl EngineConfig {
@@ -57,6 +60,7 @@ impl EngineConfig {
             reap_interval_ms: 100,
             resolved_retention_ms: 7 * 86_400_000,
             prune_interval_ms: 60_000,
+            max_outbox_entries: 10_000_000,
         }
     }
 
@@ -71,6 +75,7 @@ impl EngineConfig {
             ("reap_interval_ms", self.reap_interval_ms),
             ("resolved_retention_ms", self.resolved_retention_ms),
             ("prune_interval_ms", self.prune_interval_ms),
+            ("max_outbox_entries", self.max_outbox_entries),
         ];
         for (name, value) in positive {
             if value == 0 || value > i64::MAX as u64 {
@@ -139,6 +144,7 @@ pub struct BalanceView {
     pub active_holds: i64,
     pub stripe_customer_id: String,
     pub overdraft: i64,
+    pub frozen: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,6 +165,15 @@ pub struct EngineStats {
     pub expired_total: u64,
     pub batches_total: u64,
     pub ops_total: u64,
+    pub outbox_depth: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxStats {
+    pub depth: u64,
+    pub oldest_ts_ms: Option<i64>,
+    pub dead_letters: u64,
+    pub max_entries: u64,
 }
 
 /// State shared by the calling threads, the writer and the reaper.
@@ -191,6 +206,7 @@ pub struct Shared {
     expired_total: AtomicU64,
     batches_total: AtomicU64,
     ops_total: AtomicU64,
+    outbox_depth: AtomicU64,
 }
 
 pub struct Engine {
@@ -243,6 +259,7 @@ impl Engine {
             expired_total: AtomicU64::new(0),
             batches_total: AtomicU64::new(0),
             ops_total: AtomicU64::new(0),
+            outbox_depth: AtomicU64::new(recovered.outbox_depth),
             config,
         });
         shared.rebuild(recovered.budgets, recovered.active_holds)?;
@@ -302,6 +319,74 @@ impl Engine {
         self.shared.set_budget(customer_id, limit, stripe_customer_id)
     }
 
+    /// Freeze (deny every Reserve) or unfreeze a budget. Commits of existing holds still post.
+    pub fn set_frozen(&self, customer_id: &str, frozen: bool) -> Result<SetBudgetOutcome, EngineError> {
+        validate_id("customer_id", customer_id)?;
+        let budget = self.shared.budget(customer_id)?;
+        let now_ms = self.shared.clock.now_ms();
+        let ticket = self.shared.submit(Op::Freeze { customer_id: customer_id.to_string(), frozen, now_ms })?;
+        budget.set_frozen(frozen);
+        Ok(SetBudgetOutcome { balance: budget.view(), created: false, ticket })
+    }
+
+    /// The oldest `limit` committed usages not yet accepted by Stripe, in ledger order (durable ones only).
+    pub fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxEntry>, EngineError> {
+        check_batch("limit", limit)?;
+        self.shared.with_store(|store| store.outbox_head(limit))
+    }
+
+    /// Fix, durably and before the first send, the identifier under which these entries go to Stripe. An entry that
+    /// already has one keeps it, so a resend after a crash repeats exactly the same event.
+    pub fn outbox_claim(&self, seqs: &[u64], identifier: &str) -> Result<u64, EngineError> {
+        check_batch("seqs", seqs.len())?;
+        validate_id("identifier", identifier)?;
+        let now_ms = self.shared.clock.now_ms();
+        self.shared.submit(Op::OutboxClaim { seqs: seqs.to_vec(), identifier: identifier.to_string(), now_ms })
+    }
+
+    /// Stripe accepted these entries: drop them from the outbox and mark their ledger entries settled.
+    pub fn outbox_ack(&self, seqs: &[u64]) -> Result<u64, EngineError> {
+        check_batch("seqs", seqs.len())?;
+        let now_ms = self.shared.clock.now_ms();
+        self.shared.submit(Op::OutboxAck { seqs: seqs.to_vec(), now_ms })
+    }
+
+    /// Stripe refused these for good: move them to the dead letters with the reason.
+    pub fn outbox_dead_letter(&self, seqs: &[u64], reason: &str) -> Result<u64, EngineError> {
+        check_batch("seqs", seqs.len())?;
+        if reason.is_empty() || reason.len() > MAX_REASON_BYTES {
+            return Err(EngineError::invalid(format!(
+                "reason is {} bytes; give a reason of 1..={MAX_REASON_BYTES} bytes",
+                reason.len()
+            )));
+        }
+        let now_ms = self.shared.clock.now_ms();
+        self.shared.submit(Op::OutboxDeadLetter { seqs: seqs.to_vec(), reason: reason.to_string(), now_ms })
+    }
+
+    pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, EngineError> {
+        check_batch("limit", limit)?;
+        self.shared.with_store(|store| store.dead_letter_head(limit))
+    }
+
+    /// Put a dead letter back in the outbox under a fresh identifier (Stripe keeps the identifiers it refused).
+    pub fn dead_letter_requeue(&self, seq: u64) -> Result<u64, EngineError> {
+        let known = self.shared.with_store(|store| {
+            let rtxn = store.read_txn()?;
+            Ok(store.dead_letters.get(&rtxn, &seq)?.is_some())
+        })?;
+        if !known {
+            return Err(EngineError::not_found(format!("no dead letter with seq {seq}; list them with dead_letters()")));
+        }
+        let now_ms = self.shared.clock.now_ms();
+        self.shared.submit(Op::DeadLetterRequeue { seq, now_ms })
+    }
+
+    pub fn outbox_stats(&self) -> Result<OutboxStats, EngineError> {
+        let (depth, oldest_ts_ms, dead_letters) = self.shared.with_store(|store| store.outbox_stats())?;
+        Ok(OutboxStats { depth, oldest_ts_ms, dead_letters, max_entries: self.shared.config.max_outbox_entries })
+    }
+
     pub fn durable_ticket(&self) -> u64 {
         self.shared.durable_ticket.load(SeqCst)
     }
@@ -336,6 +421,7 @@ impl Engine {
             expired_total: s.expired_total.load(SeqCst),
             batches_total: s.batches_total.load(SeqCst),
             ops_total: s.ops_total.load(SeqCst),
+            outbox_depth: s.outbox_depth.load(SeqCst),
         }
     }
 
@@ -401,6 +487,13 @@ fn lock_data_dir(dir: &std::path::Path) -> Result<File, EngineError> {
     }
 }
 
+fn check_batch(field: &str, count: usize) -> Result<(), EngineError> {
+    if count == 0 || count > MAX_OUTBOX_BATCH {
+        return Err(EngineError::invalid(format!("{field} has {count} items; pass 1..={MAX_OUTBOX_BATCH}")));
+    }
+    Ok(())
+}
+
 fn validate_id(field: &str, value: &str) -> Result<(), EngineError> {
     if value.is_empty() {
         return Err(EngineError::invalid(format!("{field} is empty; pass a non-empty id of at most {MAX_ID_BYTES} bytes")));
@@ -457,6 +550,7 @@ impl Budget {
             active_holds: counters.active_holds,
             stripe_customer_id,
             overdraft: counters.overdraft,
+            frozen: self.frozen(),
         }
     }
 }
@@ -616,6 +710,16 @@ impl Shared {
     ) -> Result<ReserveOutcome, EngineError> {
         if self.map_full.load(SeqCst) {
             return Err(self.map_full_error());
+        }
+        if self.outbox_depth.load(SeqCst) >= self.config.max_outbox_entries {
+            return Err(EngineError::exhausted(format!(
+                "{} committed usages are waiting for settlement to Stripe (max_outbox_entries): new reservations are \
+                 refused until the settler catches up; check Stripe connectivity and the dead letters",
+                self.config.max_outbox_entries
+            )));
+        }
+        if budget.frozen() {
+            return Ok(denied(DenyReason::Frozen, budget.remaining(), amount));
         }
         if !budget.try_open_hold(self.config.max_holds_per_budget as i64) {
             return Ok(denied(DenyReason::TooManyHolds, budget.remaining(), amount));
@@ -986,6 +1090,7 @@ impl Shared {
             stripe_customer_id: stripe.clone().unwrap_or_else(|| customer_id.to_string()),
             created_ms: now_ms,
             updated_ms: now_ms,
+            frozen: false,
         };
         let budget = Arc::new(Budget::from_record(customer_id, &record, 0));
         // The ticket comes before the budget is visible, so every op on it is serialized after its creation.
@@ -1037,6 +1142,24 @@ impl Shared {
                 self.idempotency.remove_if(key.as_ref(), |_, id| *id == hold_id);
             }
         }
+    }
+
+    pub(crate) fn outbox_grew(&self, entries: u64) {
+        self.outbox_depth.fetch_add(entries, SeqCst);
+    }
+
+    pub(crate) fn outbox_shrank(&self, entries: u64) {
+        let before = self.outbox_depth.fetch_sub(entries, SeqCst);
+        assert!(before >= entries, "outbox depth went negative");
+    }
+
+    /// Enqueue an op that frees or takes no capacity, and return its ticket.
+    fn submit(&self, op: Op) -> Result<u64, EngineError> {
+        self.check_open()?;
+        self.acquire_queue_slot()?;
+        let ticket = self.take_ticket();
+        self.send(ticket, op);
+        Ok(ticket)
     }
 
     pub(crate) fn fail(&self, why: String) {

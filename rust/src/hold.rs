@@ -13,6 +13,8 @@ pub enum DenyReason {
     None = 0,
     InsufficientBudget = 1,
     TooManyHolds = 2,
+    /// The budget is frozen (by an operator, a breaker, or a Stripe subscription event).
+    Frozen = 3,
 }
 
 /// Numbers match spendgate.v1.HoldState.

@@ -34,3 +34,9 @@ pub const MAX_DBS: u32 = 16;
 /// The reservation id is `rsv_` followed by 16 lowercase hex digits.
 pub const RESERVATION_ID_PREFIX: &str = "rsv_";
 pub const RESERVATION_ID_LEN: usize = 4 + 16;
+
+/// Most outbox entries (or dead letters) one call returns.
+pub const MAX_OUTBOX_BATCH: usize = 10_000;
+
+/// Longest reason kept with a dead letter, in bytes.
+pub const MAX_REASON_BYTES: usize = 1_024;

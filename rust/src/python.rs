@@ -11,6 +11,7 @@ use pyo3::types::PyDict;
 use crate::engine::{BalanceView, Engine, EngineConfig};
 use crate::error::EngineError;
 use crate::limits::{MAX_AMOUNT_UNITS, MAX_ID_BYTES, MAX_TTL_MS_CEILING};
+use crate::records::OutboxEntry;
 
 /// Every engine failure: `kind` picks the gRPC status, `message` says what was wrong and how to fix it.
 #[pyclass(extends = PyException, module = "spendgate._core", name = "EngineError", subclass)]
@@ -130,6 +131,7 @@ pub struct PyBalanceView {
     active_holds: i64,
     stripe_customer_id: String,
     overdraft: i64,
+    frozen: bool,
 }
 
 #[pymethods]
@@ -153,6 +155,7 @@ impl From<BalanceView> for PyBalanceView {
             active_holds: v.active_holds,
             stripe_customer_id: v.stripe_customer_id,
             overdraft: v.overdraft,
+            frozen: v.frozen,
         }
     }
 }
@@ -175,7 +178,8 @@ impl PyEngine {
     #[pyo3(signature = (
         data_dir, *, map_size_mb = 1024, durability = "fsync", default_ttl_ms = 60_000, max_ttl_ms = 3_600_000,
         max_holds_per_budget = 10_000, max_active_holds = 1_000_000, max_budgets = 1_000_000,
-        write_queue_capacity = 65_536, reap_interval_ms = 100, resolved_retention_ms = 604_800_000
+        write_queue_capacity = 65_536, reap_interval_ms = 100, resolved_retention_ms = 604_800_000,
+        max_outbox_entries = 10_000_000
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -191,6 +195,7 @@ impl PyEngine {
         write_queue_capacity: u64,
         reap_interval_ms: u64,
         resolved_retention_ms: u64,
+        max_outbox_entries: u64,
     ) -> PyResult<Self> {
         let relaxed = match durability {
             "fsync" => false,
@@ -212,6 +217,7 @@ impl PyEngine {
         config.write_queue_capacity = write_queue_capacity;
         config.reap_interval_ms = reap_interval_ms;
         config.resolved_retention_ms = resolved_retention_ms;
+        config.max_outbox_entries = max_outbox_entries;
         let inner = py.detach(|| Engine::open(config)).map_err(to_py_err)?;
         Ok(PyEngine { inner })
     }
@@ -272,6 +278,58 @@ impl PyEngine {
         Ok(PySetBudgetOutcome { balance: Py::new(py, PyBalanceView::from(o.balance))?, created: o.created, ticket: o.ticket })
     }
 
+    fn set_frozen(&self, py: Python<'_>, customer_id: &str, frozen: bool) -> PyResult<PySetBudgetOutcome> {
+        let o = self.inner.set_frozen(customer_id, frozen).map_err(to_py_err)?;
+        Ok(PySetBudgetOutcome { balance: Py::new(py, PyBalanceView::from(o.balance))?, created: false, ticket: o.ticket })
+    }
+
+    #[pyo3(signature = (limit = 1000))]
+    fn outbox_pending<'py>(&self, py: Python<'py>, limit: usize) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let entries = self.inner.outbox_pending(limit).map_err(to_py_err)?;
+        entries.iter().map(|entry| outbox_dict(py, entry)).collect()
+    }
+
+    fn outbox_claim(&self, seqs: Vec<u64>, identifier: &str) -> PyResult<u64> {
+        self.inner.outbox_claim(&seqs, identifier).map_err(to_py_err)
+    }
+
+    fn outbox_ack(&self, seqs: Vec<u64>) -> PyResult<u64> {
+        self.inner.outbox_ack(&seqs).map_err(to_py_err)
+    }
+
+    fn outbox_dead_letter(&self, seqs: Vec<u64>, reason: &str) -> PyResult<u64> {
+        self.inner.outbox_dead_letter(&seqs, reason).map_err(to_py_err)
+    }
+
+    #[pyo3(signature = (limit = 1000))]
+    fn dead_letters<'py>(&self, py: Python<'py>, limit: usize) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let letters = self.inner.dead_letters(limit).map_err(to_py_err)?;
+        letters
+            .iter()
+            .map(|letter| {
+                let dict = outbox_dict(py, &letter.entry)?;
+                dict.set_item("reason", &letter.reason)?;
+                dict.set_item("dead_ms", letter.dead_ms)?;
+                dict.set_item("requeues", letter.requeues)?;
+                Ok(dict)
+            })
+            .collect()
+    }
+
+    fn dead_letter_requeue(&self, seq: u64) -> PyResult<u64> {
+        self.inner.dead_letter_requeue(seq).map_err(to_py_err)
+    }
+
+    fn outbox_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let stats = self.inner.outbox_stats().map_err(to_py_err)?;
+        let dict = PyDict::new(py);
+        dict.set_item("depth", stats.depth)?;
+        dict.set_item("oldest_ts_ms", stats.oldest_ts_ms)?;
+        dict.set_item("dead_letters", stats.dead_letters)?;
+        dict.set_item("max_entries", stats.max_entries)?;
+        Ok(dict)
+    }
+
     fn durable_ticket(&self) -> u64 {
         self.inner.durable_ticket()
     }
@@ -308,6 +366,7 @@ impl PyEngine {
         dict.set_item("expired_total", s.expired_total)?;
         dict.set_item("batches_total", s.batches_total)?;
         dict.set_item("ops_total", s.ops_total)?;
+        dict.set_item("outbox_depth", s.outbox_depth)?;
         Ok(dict)
     }
 
@@ -319,6 +378,20 @@ impl PyEngine {
     fn close(&self, py: Python<'_>) {
         py.detach(|| self.inner.close());
     }
+}
+
+fn outbox_dict<'py>(py: Python<'py>, entry: &OutboxEntry) -> PyResult<Bound<'py, PyDict>> {
+    let dict = PyDict::new(py);
+    dict.set_item("seq", entry.seq)?;
+    dict.set_item("identifier", &entry.identifier)?;
+    dict.set_item("customer_id", &entry.customer_id)?;
+    dict.set_item("stripe_customer_id", &entry.stripe_customer_id)?;
+    dict.set_item("amount", entry.amount)?;
+    dict.set_item("ts_ms", entry.ts_ms)?;
+    dict.set_item("sent_as", entry.sent_as.as_deref())?;
+    dict.set_item("first_attempt_ms", entry.first_attempt_ms)?;
+    dict.set_item("attempts", entry.attempts)?;
+    Ok(dict)
 }
 
 #[pymodule]
@@ -336,6 +409,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DENY_NONE", 0)?;
     m.add("DENY_INSUFFICIENT_BUDGET", 1)?;
     m.add("DENY_TOO_MANY_HOLDS", 2)?;
+    m.add("DENY_FROZEN", 3)?;
     m.add("HOLD_ACTIVE", 1)?;
     m.add("HOLD_COMMITTED", 2)?;
     m.add("HOLD_RELEASED", 3)?;

@@ -17,6 +17,9 @@ pub struct BudgetRecord {
     pub stripe_customer_id: String,
     pub created_ms: i64,
     pub updated_ms: i64,
+    /// A frozen budget denies every Reserve (commits of existing holds still post).
+    #[serde(default)]
+    pub frozen: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,6 +64,9 @@ pub struct LedgerEntry {
     pub reserved: i64,
     pub excess: i64,
     pub ts_ms: i64,
+    /// When Stripe accepted it (set when its outbox entry is acknowledged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settled_ms: Option<i64>,
 }
 
 /// What the settler must deliver to Stripe; removed once Stripe has accepted it. Written in the same transaction as
@@ -75,4 +81,24 @@ pub struct OutboxEntry {
     pub amount: i64,
     /// The event's timestamp, fixed at commit time and never recomputed at send time.
     pub ts_ms: i64,
+    /// The identifier of the meter event this entry was first sent in (its own, or a pre-aggregated event's).
+    /// Fixed durably before the first send, so a resend after a crash repeats exactly the same event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_as: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_attempt_ms: Option<i64>,
+    #[serde(default)]
+    pub attempts: u32,
+}
+
+/// An outbox entry that Stripe refused for good (unknown customer, archived meter, older than Stripe accepts ...).
+/// Kept with the reason until an operator requeues it; never blocks other entries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub entry: OutboxEntry,
+    pub reason: String,
+    pub dead_ms: i64,
+    /// How often it was requeued before (a requeued entry gets a fresh identifier: Stripe keeps refused ones).
+    #[serde(default)]
+    pub requeues: u32,
 }

@@ -8,7 +8,7 @@ use heed::{Database, Env, EnvFlags, EnvOpenOptions, RoTxn, RwTxn, WithoutTls};
 
 use crate::error::EngineError;
 use crate::limits::{MAX_DBS, MAX_MAP_SIZE_MB, MIN_MAP_SIZE_MB};
-use crate::records::{BudgetRecord, HoldRecord, HoldStatus, LedgerEntry, OutboxEntry, SCHEMA_VERSION};
+use crate::records::{BudgetRecord, DeadLetter, HoldRecord, HoldStatus, LedgerEntry, OutboxEntry, SCHEMA_VERSION};
 
 pub type Key64 = U64<BigEndian>;
 
@@ -24,6 +24,7 @@ pub struct Store {
     pub idempotency: Database<Str, Key64>,
     pub ledger: Database<Key64, SerdeJson<LedgerEntry>>,
     pub outbox: Database<Key64, SerdeJson<OutboxEntry>>,
+    pub dead_letters: Database<Key64, SerdeJson<DeadLetter>>,
     page_size_bytes: u64,
 }
 
@@ -33,6 +34,7 @@ pub struct Recovered {
     pub active_holds: Vec<(u64, HoldRecord)>,
     pub next_hold_id: u64,
     pub next_ledger_seq: u64,
+    pub outbox_depth: u64,
 }
 
 impl Store {
@@ -66,8 +68,10 @@ impl Store {
         let idempotency = env.create_database(&mut wtxn, Some("idempotency"))?;
         let ledger = env.create_database(&mut wtxn, Some("ledger"))?;
         let outbox = env.create_database(&mut wtxn, Some("outbox"))?;
+        let dead_letters = env.create_database(&mut wtxn, Some("dead_letters"))?;
         let page_size_bytes = u64::from(budgets.stat(&wtxn)?.page_size);
-        let store = Store { env: env.clone(), meta, budgets, holds, idempotency, ledger, outbox, page_size_bytes };
+        let store =
+            Store { env: env.clone(), meta, budgets, holds, idempotency, ledger, outbox, dead_letters, page_size_bytes };
         store.check_schema(&mut wtxn)?;
         wtxn.commit()?;
         Ok(store)
@@ -110,7 +114,8 @@ impl Store {
         let stored_next = self.meta.get(&rtxn, META_NEXT_HOLD_ID)?.unwrap_or(1);
         let next_hold_id = stored_next.max(max_hold_id.map_or(1, |id| id + 1));
         let next_ledger_seq = self.ledger.last(&rtxn)?.map_or(1, |(seq, _)| seq + 1);
-        Ok(Recovered { budgets, active_holds, next_hold_id, next_ledger_seq })
+        let outbox_depth = self.outbox.len(&rtxn)?;
+        Ok(Recovered { budgets, active_holds, next_hold_id, next_ledger_seq, outbox_depth })
     }
 
     pub fn get_hold(&self, hold_id: u64) -> Result<Option<HoldRecord>, EngineError> {
@@ -121,6 +126,32 @@ impl Store {
     pub fn get_idempotency(&self, composite_key: &str) -> Result<Option<u64>, EngineError> {
         let rtxn = self.read_txn()?;
         Ok(self.idempotency.get(&rtxn, composite_key)?)
+    }
+
+    /// The first `limit` outbox entries in ledger order.
+    pub fn outbox_head(&self, limit: usize) -> Result<Vec<OutboxEntry>, EngineError> {
+        let rtxn = self.read_txn()?;
+        let mut entries = Vec::with_capacity(limit.min(1024));
+        for item in self.outbox.iter(&rtxn)?.take(limit) {
+            entries.push(item?.1);
+        }
+        Ok(entries)
+    }
+
+    pub fn dead_letter_head(&self, limit: usize) -> Result<Vec<DeadLetter>, EngineError> {
+        let rtxn = self.read_txn()?;
+        let mut letters = Vec::new();
+        for item in self.dead_letters.iter(&rtxn)?.take(limit) {
+            letters.push(item?.1);
+        }
+        Ok(letters)
+    }
+
+    /// (outbox entries, timestamp of the oldest, dead letters).
+    pub fn outbox_stats(&self) -> Result<(u64, Option<i64>, u64), EngineError> {
+        let rtxn = self.read_txn()?;
+        let oldest = self.outbox.first(&rtxn)?.map(|(_, entry)| entry.ts_ms);
+        Ok((self.outbox.len(&rtxn)?, oldest, self.dead_letters.len(&rtxn)?))
     }
 
     pub fn put_next_hold_id(&self, wtxn: &mut RwTxn, next_hold_id: u64) -> Result<(), EngineError> {

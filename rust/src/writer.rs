@@ -13,7 +13,7 @@ use crate::engine::Shared;
 use crate::error::EngineError;
 use crate::hold::format_reservation_id;
 use crate::limits::{MAX_BATCH_OPS, MAX_PRUNE_PER_TXN};
-use crate::records::{BudgetRecord, HoldRecord, HoldStatus, LedgerEntry, OutboxEntry};
+use crate::records::{BudgetRecord, DeadLetter, HoldRecord, HoldStatus, LedgerEntry, OutboxEntry};
 use crate::store::{idempotency_key, Store};
 
 /// How long the writer sleeps for new ops before it looks at housekeeping again.
@@ -28,6 +28,13 @@ pub enum Op {
     Expire { hold_id: u64, now_ms: i64 },
     /// Delete holds resolved before `before_ms`, with their idempotency keys.
     Prune { before_ms: i64 },
+    Freeze { customer_id: String, frozen: bool, now_ms: i64 },
+    /// Fix the identifier these outbox entries are sent under, before the first send.
+    OutboxClaim { seqs: Vec<u64>, identifier: String, now_ms: i64 },
+    /// Stripe accepted these: drop them from the outbox, mark their ledger entries settled.
+    OutboxAck { seqs: Vec<u64>, now_ms: i64 },
+    OutboxDeadLetter { seqs: Vec<u64>, reason: String, now_ms: i64 },
+    DeadLetterRequeue { seq: u64, now_ms: i64 },
     /// Stop after everything before it is durable.
     Shutdown,
 }
@@ -141,6 +148,16 @@ impl Writer {
             Op::Release { hold_id, now_ms } => self.apply_void(wtxn, *hold_id, HoldStatus::Released, *now_ms),
             Op::Expire { hold_id, now_ms } => self.apply_void(wtxn, *hold_id, HoldStatus::Expired, *now_ms),
             Op::Prune { before_ms } => self.apply_prune(wtxn, *before_ms),
+            Op::Freeze { customer_id, frozen, now_ms } => {
+                let mut budget = self.budget(wtxn, customer_id)?;
+                budget.frozen = *frozen;
+                budget.updated_ms = *now_ms;
+                Ok(self.store.budgets.put(wtxn, customer_id, &budget)?)
+            }
+            Op::OutboxClaim { seqs, identifier, now_ms } => self.apply_claim(wtxn, seqs, identifier, *now_ms),
+            Op::OutboxAck { seqs, now_ms } => self.apply_ack(wtxn, seqs, *now_ms),
+            Op::OutboxDeadLetter { seqs, reason, now_ms } => self.apply_dead_letter(wtxn, seqs, reason, *now_ms),
+            Op::DeadLetterRequeue { seq, now_ms } => self.apply_requeue(wtxn, *seq, *now_ms),
             Op::Shutdown => Ok(()),
         }
     }
@@ -173,6 +190,7 @@ impl Writer {
             stripe_customer_id: customer_id.to_string(),
             created_ms: now_ms,
             updated_ms: now_ms,
+            frozen: false,
         });
         record.limit = limit;
         record.updated_ms = now_ms;
@@ -235,6 +253,7 @@ impl Writer {
             reserved,
             excess,
             ts_ms: now_ms,
+            settled_ms: None,
         };
         self.store.ledger.put(wtxn, &seq, &entry)?;
         let outbox = OutboxEntry {
@@ -244,8 +263,12 @@ impl Writer {
             stripe_customer_id: entry.stripe_customer_id,
             amount,
             ts_ms: now_ms,
+            sent_as: None,
+            first_attempt_ms: None,
+            attempts: 0,
         };
         self.store.outbox.put(wtxn, &seq, &outbox)?;
+        self.shared.outbox_grew(1);
 
         hold.status = HoldStatus::Committed;
         hold.committed_amount = Some(amount);
@@ -303,6 +326,62 @@ impl Writer {
                 }
             }
         }
+        Ok(())
+    }
+}
+
+impl Writer {
+    fn apply_claim(&self, wtxn: &mut RwTxn, seqs: &[u64], identifier: &str, now_ms: i64) -> Result<(), EngineError> {
+        for seq in seqs {
+            // Gone means acknowledged or dead-lettered meanwhile: nothing left to claim.
+            let Some(mut entry) = self.store.outbox.get(wtxn, seq)? else { continue };
+            entry.sent_as.get_or_insert_with(|| identifier.to_string());
+            entry.first_attempt_ms.get_or_insert(now_ms);
+            entry.attempts = entry.attempts.saturating_add(1);
+            self.store.outbox.put(wtxn, seq, &entry)?;
+        }
+        Ok(())
+    }
+
+    fn apply_ack(&self, wtxn: &mut RwTxn, seqs: &[u64], now_ms: i64) -> Result<(), EngineError> {
+        for seq in seqs {
+            if !self.store.outbox.delete(wtxn, seq)? {
+                continue; // acknowledged twice: the second is a no-op
+            }
+            self.shared.outbox_shrank(1);
+            if let Some(mut entry) = self.store.ledger.get(wtxn, seq)? {
+                entry.settled_ms = Some(now_ms);
+                self.store.ledger.put(wtxn, seq, &entry)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_dead_letter(&self, wtxn: &mut RwTxn, seqs: &[u64], reason: &str, now_ms: i64) -> Result<(), EngineError> {
+        for seq in seqs {
+            let Some(entry) = self.store.outbox.get(wtxn, seq)? else { continue };
+            let requeues = self.store.dead_letters.get(wtxn, seq)?.map_or(0, |old| old.requeues);
+            let letter = DeadLetter { entry, reason: reason.to_string(), dead_ms: now_ms, requeues };
+            self.store.dead_letters.put(wtxn, seq, &letter)?;
+            self.store.outbox.delete(wtxn, seq)?;
+            self.shared.outbox_shrank(1);
+        }
+        Ok(())
+    }
+
+    fn apply_requeue(&self, wtxn: &mut RwTxn, seq: u64, _now_ms: i64) -> Result<(), EngineError> {
+        let Some(mut letter) = self.store.dead_letters.get(wtxn, &seq)? else { return Ok(()) };
+        letter.requeues += 1;
+        let mut entry = letter.entry.clone();
+        // Stripe keeps the identifier of an event it refused: a resend needs a new one.
+        let base = entry.identifier.rsplit_once("-requeue").map_or(entry.identifier.as_str(), |(base, _)| base);
+        entry.identifier = format!("{base}-requeue{}", letter.requeues);
+        entry.sent_as = None;
+        entry.first_attempt_ms = None;
+        entry.attempts = 0;
+        self.store.outbox.put(wtxn, &seq, &entry)?;
+        self.store.dead_letters.delete(wtxn, &seq)?;
+        self.shared.outbox_grew(1);
         Ok(())
     }
 }

@@ -32,6 +32,12 @@ class AdminServicer(pb_grpc.AdminServicer):
         return pb.SetBudgetResponse(balance=balance_message(outcome.balance), created=outcome.created)
 
     @grpc_errors
+    async def FreezeBudget(self, request: pb.FreezeBudgetRequest, context: Context) -> pb.SetBudgetResponse:
+        outcome = self._engine.set_frozen(request.customer_id, request.frozen)
+        await self._waiter.wait(outcome.ticket)
+        return pb.SetBudgetResponse(balance=balance_message(outcome.balance), created=False)
+
+    @grpc_errors
     async def ListBudgets(self, request: pb.ListBudgetsRequest, context: Context) -> pb.ListBudgetsResponse:
         views = self._engine.list_budgets(request.prefix, request.limit or DEFAULT_LIST_LIMIT)
         return pb.ListBudgetsResponse(budgets=[balance_message(view) for view in views])

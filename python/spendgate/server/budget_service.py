@@ -20,6 +20,7 @@ from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 assert _core.DENY_NONE == pb.DENY_REASON_UNSPECIFIED
 assert _core.DENY_INSUFFICIENT_BUDGET == pb.DENY_REASON_INSUFFICIENT_BUDGET
 assert _core.DENY_TOO_MANY_HOLDS == pb.DENY_REASON_TOO_MANY_HOLDS
+assert _core.DENY_FROZEN == pb.DENY_REASON_FROZEN
 assert _core.HOLD_ACTIVE == pb.HOLD_STATE_ACTIVE
 assert _core.HOLD_COMMITTED == pb.HOLD_STATE_COMMITTED
 assert _core.HOLD_RELEASED == pb.HOLD_STATE_RELEASED
@@ -93,6 +94,7 @@ def balance_message(view: _core.BalanceView) -> pb.Balance:
         active_holds=view.active_holds,
         stripe_customer_id=view.stripe_customer_id,
         overdraft=view.overdraft,
+        frozen=view.frozen,
     )
 
 
@@ -111,4 +113,6 @@ def deny_message(request: pb.ReserveRequest, outcome: _core.ReserveOutcome) -> s
             f"budget {request.customer_id!r} has the most open holds allowed (max_holds_per_budget): commit or release"
             " some first"
         )
+    if outcome.reason == _core.DENY_FROZEN:
+        return f"budget {request.customer_id!r} is frozen: unfreeze it with Admin.FreezeBudget (frozen=false)"
     raise AssertionError(f"a denial without a known reason: {outcome.reason}")

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cspendgate/v1/spendgate.proto\x12\x0cspendgate.v1\"^\n\x0eReserveRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x0e\n\x06ttl_ms\x18\x04 \x01(\x04\"\xe9\x01\n\x0fReserveResponse\x12\x0f\n\x07granted\x18\x01 \x01(\x08\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12\x11\n\tremaining\x18\x03 \x01(\x03\x12(\n\x06reason\x18\x04 \x01(\x0e\x32\x18.spendgate.v1.DenyReason\x12\x15\n\rexpires_at_ms\x18\x05 \x01(\x03\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x12\x0e\n\x06\x61mount\x18\x07 \x01(\x03\x12\x0f\n\x07message\x18\x08 \x01(\t\x12&\n\x05state\x18\t \x01(\x0e\x32\x17.spendgate.v1.HoldState\"7\n\rCommitRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\"\x83\x01\n\x0e\x43ommitResponse\x12\x0f\n\x07\x63harged\x18\x01 \x01(\x03\x12\x11\n\tremaining\x18\x02 \x01(\x03\x12\x15\n\rover_reserved\x18\x03 \x01(\x08\x12\x0e\n\x06\x65xcess\x18\x04 \x01(\x03\x12\x10\n\x08replayed\x18\x05 \x01(\x08\x12\x14\n\x0chold_expired\x18\x06 \x01(\x08\"(\n\x0eReleaseRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\"p\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x12\x11\n\tremaining\x18\x02 \x01(\x03\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.spendgate.v1.HoldState\x12\x10\n\x08replayed\x18\x04 \x01(\x08\"(\n\x11GetBalanceRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\"\xa6\x01\n\x07\x42\x61lance\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x03\x12\r\n\x05spent\x18\x03 \x01(\x03\x12\x10\n\x08reserved\x18\x04 \x01(\x03\x12\x11\n\tremaining\x18\x05 \x01(\x03\x12\x14\n\x0c\x61\x63tive_holds\x18\x06 \x01(\x03\x12\x1a\n\x12stripe_customer_id\x18\x07 \x01(\t\x12\x11\n\toverdraft\x18\x08 \x01(\x03\"R\n\x10SetBudgetRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x03\x12\x1a\n\x12stripe_customer_id\x18\x03 \x01(\t\"L\n\x11SetBudgetResponse\x12&\n\x07\x62\x61lance\x18\x01 \x01(\x0b\x32\x15.spendgate.v1.Balance\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"3\n\x12ListBudgetsRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"=\n\x13ListBudgetsResponse\x12&\n\x07\x62udgets\x18\x01 \x03(\x0b\x32\x15.spendgate.v1.Balance\"\r\n\x0bPingRequest\"\x0e\n\x0cPingResponse*n\n\nDenyReason\x12\x1b\n\x17\x44\x45NY_REASON_UNSPECIFIED\x10\x00\x12#\n\x1f\x44\x45NY_REASON_INSUFFICIENT_BUDGET\x10\x01\x12\x1e\n\x1a\x44\x45NY_REASON_TOO_MANY_HOLDS\x10\x02*\x89\x01\n\tHoldState\x12\x1a\n\x16HOLD_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11HOLD_STATE_ACTIVE\x10\x01\x12\x18\n\x14HOLD_STATE_COMMITTED\x10\x02\x12\x17\n\x13HOLD_STATE_RELEASED\x10\x03\x12\x16\n\x12HOLD_STATE_EXPIRED\x10\x04\x32\xe2\x02\n\x06\x42udget\x12\x46\n\x07Reserve\x12\x1c.spendgate.v1.ReserveRequest\x1a\x1d.spendgate.v1.ReserveResponse\x12\x43\n\x06\x43ommit\x12\x1b.spendgate.v1.CommitRequest\x1a\x1c.spendgate.v1.CommitResponse\x12\x46\n\x07Release\x12\x1c.spendgate.v1.ReleaseRequest\x1a\x1d.spendgate.v1.ReleaseResponse\x12\x44\n\nGetBalance\x12\x1f.spendgate.v1.GetBalanceRequest\x1a\x15.spendgate.v1.Balance\x12=\n\x04Ping\x12\x19.spendgate.v1.PingRequest\x1a\x1a.spendgate.v1.PingResponse2\xa9\x01\n\x05\x41\x64min\x12L\n\tSetBudget\x12\x1e.spendgate.v1.SetBudgetRequest\x1a\x1f.spendgate.v1.SetBudgetResponse\x12R\n\x0bListBudgets\x12 .spendgate.v1.ListBudgetsRequest\x1a!.spendgate.v1.ListBudgetsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cspendgate/v1/spendgate.proto\x12\x0cspendgate.v1\"^\n\x0eReserveRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x0e\n\x06ttl_ms\x18\x04 \x01(\x04\"\xe9\x01\n\x0fReserveResponse\x12\x0f\n\x07granted\x18\x01 \x01(\x08\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12\x11\n\tremaining\x18\x03 \x01(\x03\x12(\n\x06reason\x18\x04 \x01(\x0e\x32\x18.spendgate.v1.DenyReason\x12\x15\n\rexpires_at_ms\x18\x05 \x01(\x03\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x12\x0e\n\x06\x61mount\x18\x07 \x01(\x03\x12\x0f\n\x07message\x18\x08 \x01(\t\x12&\n\x05state\x18\t \x01(\x0e\x32\x17.spendgate.v1.HoldState\"7\n\rCommitRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\"\x83\x01\n\x0e\x43ommitResponse\x12\x0f\n\x07\x63harged\x18\x01 \x01(\x03\x12\x11\n\tremaining\x18\x02 \x01(\x03\x12\x15\n\rover_reserved\x18\x03 \x01(\x08\x12\x0e\n\x06\x65xcess\x18\x04 \x01(\x03\x12\x10\n\x08replayed\x18\x05 \x01(\x08\x12\x14\n\x0chold_expired\x18\x06 \x01(\x08\"(\n\x0eReleaseRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\"p\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x12\x11\n\tremaining\x18\x02 \x01(\x03\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.spendgate.v1.HoldState\x12\x10\n\x08replayed\x18\x04 \x01(\x08\"(\n\x11GetBalanceRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\"\xb6\x01\n\x07\x42\x61lance\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x03\x12\r\n\x05spent\x18\x03 \x01(\x03\x12\x10\n\x08reserved\x18\x04 \x01(\x03\x12\x11\n\tremaining\x18\x05 \x01(\x03\x12\x14\n\x0c\x61\x63tive_holds\x18\x06 \x01(\x03\x12\x1a\n\x12stripe_customer_id\x18\x07 \x01(\t\x12\x11\n\toverdraft\x18\x08 \x01(\x03\x12\x0e\n\x06\x66rozen\x18\t \x01(\x08\"R\n\x10SetBudgetRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x03\x12\x1a\n\x12stripe_customer_id\x18\x03 \x01(\t\"L\n\x11SetBudgetResponse\x12&\n\x07\x62\x61lance\x18\x01 \x01(\x0b\x32\x15.spendgate.v1.Balance\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\":\n\x13\x46reezeBudgetRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66rozen\x18\x02 \x01(\x08\"3\n\x12ListBudgetsRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"=\n\x13ListBudgetsResponse\x12&\n\x07\x62udgets\x18\x01 \x03(\x0b\x32\x15.spendgate.v1.Balance\"\r\n\x0bPingRequest\"\x0e\n\x0cPingResponse*\x86\x01\n\nDenyReason\x12\x1b\n\x17\x44\x45NY_REASON_UNSPECIFIED\x10\x00\x12#\n\x1f\x44\x45NY_REASON_INSUFFICIENT_BUDGET\x10\x01\x12\x1e\n\x1a\x44\x45NY_REASON_TOO_MANY_HOLDS\x10\x02\x12\x16\n\x12\x44\x45NY_REASON_FROZEN\x10\x03*\x89\x01\n\tHoldState\x12\x1a\n\x16HOLD_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11HOLD_STATE_ACTIVE\x10\x01\x12\x18\n\x14HOLD_STATE_COMMITTED\x10\x02\x12\x17\n\x13HOLD_STATE_RELEASED\x10\x03\x12\x16\n\x12HOLD_STATE_EXPIRED\x10\x04\x32\xe2\x02\n\x06\x42udget\x12\x46\n\x07Reserve\x12\x1c.spendgate.v1.ReserveRequest\x1a\x1d.spendgate.v1.ReserveResponse\x12\x43\n\x06\x43ommit\x12\x1b.spendgate.v1.CommitRequest\x1a\x1c.spendgate.v1.CommitResponse\x12\x46\n\x07Release\x12\x1c.spendgate.v1.ReleaseRequest\x1a\x1d.spendgate.v1.ReleaseResponse\x12\x44\n\nGetBalance\x12\x1f.spendgate.v1.GetBalanceRequest\x1a\x15.spendgate.v1.Balance\x12=\n\x04Ping\x12\x19.spendgate.v1.PingRequest\x1a\x1a.spendgate.v1.PingResponse2\xfd\x01\n\x05\x41\x64min\x12L\n\tSetBudget\x12\x1e.spendgate.v1.SetBudgetRequest\x1a\x1f.spendgate.v1.SetBudgetResponse\x12R\n\x0bListBudgets\x12 .spendgate.v1.ListBudgetsRequest\x1a!.spendgate.v1.ListBudgetsResponse\x12R\n\x0c\x46reezeBudget\x12!.spendgate.v1.FreezeBudgetRequest\x1a\x1f.spendgate.v1.SetBudgetResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'spendgate.v1.spendgate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DENYREASON']._serialized_start=1245
-  _globals['_DENYREASON']._serialized_end=1355
-  _globals['_HOLDSTATE']._serialized_start=1358
-  _globals['_HOLDSTATE']._serialized_end=1495
+  _globals['_DENYREASON']._serialized_start=1322
+  _globals['_DENYREASON']._serialized_end=1456
+  _globals['_HOLDSTATE']._serialized_start=1459
+  _globals['_HOLDSTATE']._serialized_end=1596
   _globals['_RESERVEREQUEST']._serialized_start=46
   _globals['_RESERVEREQUEST']._serialized_end=140
   _globals['_RESERVERESPONSE']._serialized_start=143
@@ -50,21 +50,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETBALANCEREQUEST']._serialized_start=725
   _globals['_GETBALANCEREQUEST']._serialized_end=765
   _globals['_BALANCE']._serialized_start=768
-  _globals['_BALANCE']._serialized_end=934
-  _globals['_SETBUDGETREQUEST']._serialized_start=936
-  _globals['_SETBUDGETREQUEST']._serialized_end=1018
-  _globals['_SETBUDGETRESPONSE']._serialized_start=1020
-  _globals['_SETBUDGETRESPONSE']._serialized_end=1096
-  _globals['_LISTBUDGETSREQUEST']._serialized_start=1098
-  _globals['_LISTBUDGETSREQUEST']._serialized_end=1149
-  _globals['_LISTBUDGETSRESPONSE']._serialized_start=1151
-  _globals['_LISTBUDGETSRESPONSE']._serialized_end=1212
-  _globals['_PINGREQUEST']._serialized_start=1214
-  _globals['_PINGREQUEST']._serialized_end=1227
-  _globals['_PINGRESPONSE']._serialized_start=1229
-  _globals['_PINGRESPONSE']._serialized_end=1243
-  _globals['_BUDGET']._serialized_start=1498
-  _globals['_BUDGET']._serialized_end=1852
-  _globals['_ADMIN']._serialized_start=1855
-  _globals['_ADMIN']._serialized_end=2024
+  _globals['_BALANCE']._serialized_end=950
+  _globals['_SETBUDGETREQUEST']._serialized_start=952
+  _globals['_SETBUDGETREQUEST']._serialized_end=1034
+  _globals['_SETBUDGETRESPONSE']._serialized_start=1036
+  _globals['_SETBUDGETRESPONSE']._serialized_end=1112
+  _globals['_FREEZEBUDGETREQUEST']._serialized_start=1114
+  _globals['_FREEZEBUDGETREQUEST']._serialized_end=1172
+  _globals['_LISTBUDGETSREQUEST']._serialized_start=1174
+  _globals['_LISTBUDGETSREQUEST']._serialized_end=1225
+  _globals['_LISTBUDGETSRESPONSE']._serialized_start=1227
+  _globals['_LISTBUDGETSRESPONSE']._serialized_end=1288
+  _globals['_PINGREQUEST']._serialized_start=1290
+  _globals['_PINGREQUEST']._serialized_end=1303
+  _globals['_PINGRESPONSE']._serialized_start=1305
+  _globals['_PINGRESPONSE']._serialized_end=1319
+  _globals['_BUDGET']._serialized_start=1599
+  _globals['_BUDGET']._serialized_end=1953
+  _globals['_ADMIN']._serialized_start=1956
+  _globals['_ADMIN']._serialized_end=2209
 # @@protoc_insertion_point(module_scope)

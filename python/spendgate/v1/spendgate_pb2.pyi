@@ -12,6 +12,7 @@ class DenyReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DENY_REASON_UNSPECIFIED: _ClassVar[DenyReason]
     DENY_REASON_INSUFFICIENT_BUDGET: _ClassVar[DenyReason]
     DENY_REASON_TOO_MANY_HOLDS: _ClassVar[DenyReason]
+    DENY_REASON_FROZEN: _ClassVar[DenyReason]
 
 class HoldState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -23,6 +24,7 @@ class HoldState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 DENY_REASON_UNSPECIFIED: DenyReason
 DENY_REASON_INSUFFICIENT_BUDGET: DenyReason
 DENY_REASON_TOO_MANY_HOLDS: DenyReason
+DENY_REASON_FROZEN: DenyReason
 HOLD_STATE_UNSPECIFIED: HoldState
 HOLD_STATE_ACTIVE: HoldState
 HOLD_STATE_COMMITTED: HoldState
@@ -112,7 +114,7 @@ class GetBalanceRequest(_message.Message):
     def __init__(self, customer_id: _Optional[str] = ...) -> None: ...
 
 class Balance(_message.Message):
-    __slots__ = ("customer_id", "limit", "spent", "reserved", "remaining", "active_holds", "stripe_customer_id", "overdraft")
+    __slots__ = ("customer_id", "limit", "spent", "reserved", "remaining", "active_holds", "stripe_customer_id", "overdraft", "frozen")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     SPENT_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +123,7 @@ class Balance(_message.Message):
     ACTIVE_HOLDS_FIELD_NUMBER: _ClassVar[int]
     STRIPE_CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     OVERDRAFT_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     limit: int
     spent: int
@@ -129,7 +132,8 @@ class Balance(_message.Message):
     active_holds: int
     stripe_customer_id: str
     overdraft: int
-    def __init__(self, customer_id: _Optional[str] = ..., limit: _Optional[int] = ..., spent: _Optional[int] = ..., reserved: _Optional[int] = ..., remaining: _Optional[int] = ..., active_holds: _Optional[int] = ..., stripe_customer_id: _Optional[str] = ..., overdraft: _Optional[int] = ...) -> None: ...
+    frozen: bool
+    def __init__(self, customer_id: _Optional[str] = ..., limit: _Optional[int] = ..., spent: _Optional[int] = ..., reserved: _Optional[int] = ..., remaining: _Optional[int] = ..., active_holds: _Optional[int] = ..., stripe_customer_id: _Optional[str] = ..., overdraft: _Optional[int] = ..., frozen: _Optional[bool] = ...) -> None: ...
 
 class SetBudgetRequest(_message.Message):
     __slots__ = ("customer_id", "limit", "stripe_customer_id")
@@ -148,6 +152,14 @@ class SetBudgetResponse(_message.Message):
     balance: Balance
     created: bool
     def __init__(self, balance: _Optional[_Union[Balance, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class FreezeBudgetRequest(_message.Message):
+    __slots__ = ("customer_id", "frozen")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    frozen: bool
+    def __init__(self, customer_id: _Optional[str] = ..., frozen: _Optional[bool] = ...) -> None: ...
 
 class ListBudgetsRequest(_message.Message):
     __slots__ = ("prefix", "limit")

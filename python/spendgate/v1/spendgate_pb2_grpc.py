@@ -297,6 +297,11 @@ class AdminStub:
                 request_serializer=spendgate_dot_v1_dot_spendgate__pb2.ListBudgetsRequest.SerializeToString,
                 response_deserializer=spendgate_dot_v1_dot_spendgate__pb2.ListBudgetsResponse.FromString,
                 _registered_method=True)
+        self.FreezeBudget = channel.unary_unary(
+                '/spendgate.v1.Admin/FreezeBudget',
+                request_serializer=spendgate_dot_v1_dot_spendgate__pb2.FreezeBudgetRequest.SerializeToString,
+                response_deserializer=spendgate_dot_v1_dot_spendgate__pb2.SetBudgetResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -318,6 +323,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FreezeBudget(self, request, context):
+        """Freeze a budget (every Reserve is denied with DENY_REASON_FROZEN) or unfreeze it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -330,6 +342,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListBudgets,
                     request_deserializer=spendgate_dot_v1_dot_spendgate__pb2.ListBudgetsRequest.FromString,
                     response_serializer=spendgate_dot_v1_dot_spendgate__pb2.ListBudgetsResponse.SerializeToString,
+            ),
+            'FreezeBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.FreezeBudget,
+                    request_deserializer=spendgate_dot_v1_dot_spendgate__pb2.FreezeBudgetRequest.FromString,
+                    response_serializer=spendgate_dot_v1_dot_spendgate__pb2.SetBudgetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -387,6 +404,33 @@ class Admin:
             '/spendgate.v1.Admin/ListBudgets',
             spendgate_dot_v1_dot_spendgate__pb2.ListBudgetsRequest.SerializeToString,
             spendgate_dot_v1_dot_spendgate__pb2.ListBudgetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FreezeBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spendgate.v1.Admin/FreezeBudget',
+            spendgate_dot_v1_dot_spendgate__pb2.FreezeBudgetRequest.SerializeToString,
+            spendgate_dot_v1_dot_spendgate__pb2.SetBudgetResponse.FromString,
             options,
             channel_credentials,
             insecure,

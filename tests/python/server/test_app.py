@@ -128,6 +128,24 @@ def test_a_replay_after_the_hold_ended_says_how_it_ended(tmp_path: Path) -> None
     with_sidecar(settings_for(tmp_path), body)
 
 
+def test_a_frozen_budget_denies_with_a_reason_until_unfrozen(tmp_path: Path) -> None:
+    async def body(_: Sidecar, channel: grpc.aio.Channel) -> None:
+        await create_budget(channel, "cus_a", 100)
+        admin, budget = pb_grpc.AdminStub(channel), pb_grpc.BudgetStub(channel)
+        frozen = await admin.FreezeBudget(pb.FreezeBudgetRequest(customer_id="cus_a", frozen=True))
+        assert frozen.balance.frozen
+        denied = await budget.Reserve(pb.ReserveRequest(customer_id="cus_a", amount=1))
+        assert (denied.granted, denied.reason) == (False, pb.DENY_REASON_FROZEN)
+        assert "frozen" in denied.message
+        await admin.FreezeBudget(pb.FreezeBudgetRequest(customer_id="cus_a", frozen=False))
+        assert (await budget.Reserve(pb.ReserveRequest(customer_id="cus_a", amount=1))).granted
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await admin.FreezeBudget(pb.FreezeBudgetRequest(customer_id="cus_nobody", frozen=True))
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+    with_sidecar(settings_for(tmp_path), body)
+
+
 def test_list_budgets_returns_them_in_id_order_filtered_by_prefix(tmp_path: Path) -> None:
     async def body(_: Sidecar, channel: grpc.aio.Channel) -> None:
         for customer_id in ("team-b", "team-a", "solo"):
