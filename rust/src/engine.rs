@@ -546,7 +546,9 @@ impl Budget {
             limit: counters.limit,
             spent: counters.spent,
             reserved: counters.held,
-            remaining: counters.available.max(0),
+            // From the same snapshot as spent and reserved, so that a reply always adds up. (The admission counter
+            // itself may differ for the instant a change is half applied by another thread.)
+            remaining: (counters.limit - counters.spent - counters.held).max(0),
             active_holds: counters.active_holds,
             stripe_customer_id,
             overdraft: counters.overdraft,
