@@ -77,16 +77,9 @@ impl Budget {
     /// Take `amount` from `available` if it fits whole. The admission decision.
     pub fn try_take(&self, amount: i64) -> bool {
         debug_assert!(amount > 0);
-        let mut current = self.available.load(SeqCst);
-        loop {
-            if current < amount {
-                return false;
-            }
-            match self.available.compare_exchange_weak(current, current - amount, SeqCst, SeqCst) {
-                Ok(_) => return true,
-                Err(seen) => current = seen,
-            }
-        }
+        self.available
+            .fetch_update(SeqCst, SeqCst, |available| (available >= amount).then(|| available - amount))
+            .is_ok()
     }
 
     /// Undo a `try_take` whose op could not be enqueued. Nothing was persisted, so nothing else changes.
@@ -101,16 +94,7 @@ impl Budget {
 
     /// Count one more open hold if fewer than `max` are open.
     pub fn try_open_hold(&self, max: i64) -> bool {
-        let mut current = self.active_holds.load(SeqCst);
-        loop {
-            if current >= max {
-                return false;
-            }
-            match self.active_holds.compare_exchange_weak(current, current + 1, SeqCst, SeqCst) {
-                Ok(_) => return true,
-                Err(seen) => current = seen,
-            }
-        }
+        self.active_holds.fetch_update(SeqCst, SeqCst, |open| (open < max).then_some(open + 1)).is_ok()
     }
 
     pub fn close_hold(&self) {

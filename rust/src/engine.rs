@@ -17,7 +17,9 @@ use dashmap::DashMap;
 use crate::budget::Budget;
 use crate::clock::{Clock, SystemClock};
 use crate::error::EngineError;
-use crate::hold::{format_reservation_id, parse_reservation_id, truncate_for_message, DenyReason, HoldSlot, HoldState, Resolution};
+use crate::hold::{
+    format_reservation_id, parse_reservation_id, truncate_for_message, DenyReason, HoldSlot, HoldState, Resolution,
+};
 use crate::limits::*;
 use crate::records::{BudgetRecord, DeadLetter, HoldRecord, HoldStatus, OutboxEntry};
 use crate::store::{idempotency_key, Store};
@@ -229,7 +231,8 @@ impl Engine {
         let store = Store::open(&config.data_dir, config.map_size_mb, config.relaxed)?;
         let recovered = store.recover()?;
         let (tx, rx) = crossbeam_channel::unbounded();
-        let (notify_tx, notify_rx) = UnixStream::pair().map_err(|err| EngineError::internal(format!("socketpair: {err}")))?;
+        let (notify_tx, notify_rx) =
+            UnixStream::pair().map_err(|err| EngineError::internal(format!("socketpair: {err}")))?;
         notify_tx.set_nonblocking(true).map_err(|err| EngineError::internal(format!("notify pipe: {err}")))?;
         notify_rx.set_nonblocking(true).map_err(|err| EngineError::internal(format!("notify pipe: {err}")))?;
         let (map_size_bytes, map_used_bytes) = store.map_usage_bytes();
@@ -283,7 +286,13 @@ impl Engine {
         })
     }
 
-    pub fn reserve(&self, customer_id: &str, amount: i64, key: &str, ttl_ms: u64) -> Result<ReserveOutcome, EngineError> {
+    pub fn reserve(
+        &self,
+        customer_id: &str,
+        amount: i64,
+        key: &str,
+        ttl_ms: u64,
+    ) -> Result<ReserveOutcome, EngineError> {
         self.shared.reserve(customer_id, amount, key, ttl_ms)
     }
 
@@ -315,7 +324,12 @@ impl Engine {
         Ok(found.into_iter().take(limit).map(|budget| budget.view()).collect())
     }
 
-    pub fn set_budget(&self, customer_id: &str, limit: i64, stripe_customer_id: &str) -> Result<SetBudgetOutcome, EngineError> {
+    pub fn set_budget(
+        &self,
+        customer_id: &str,
+        limit: i64,
+        stripe_customer_id: &str,
+    ) -> Result<SetBudgetOutcome, EngineError> {
         self.shared.set_budget(customer_id, limit, stripe_customer_id)
     }
 
@@ -376,7 +390,9 @@ impl Engine {
             Ok(store.dead_letters.get(&rtxn, &seq)?.is_some())
         })?;
         if !known {
-            return Err(EngineError::not_found(format!("no dead letter with seq {seq}; list them with dead_letters()")));
+            return Err(EngineError::not_found(format!(
+                "no dead letter with seq {seq}; list them with dead_letters()"
+            )));
         }
         let now_ms = self.shared.clock.now_ms();
         self.shared.submit(Op::DeadLetterRequeue { seq, now_ms })
@@ -496,7 +512,9 @@ fn check_batch(field: &str, count: usize) -> Result<(), EngineError> {
 
 fn validate_id(field: &str, value: &str) -> Result<(), EngineError> {
     if value.is_empty() {
-        return Err(EngineError::invalid(format!("{field} is empty; pass a non-empty id of at most {MAX_ID_BYTES} bytes")));
+        return Err(EngineError::invalid(format!(
+            "{field} is empty; pass a non-empty id of at most {MAX_ID_BYTES} bytes"
+        )));
     }
     if value.len() > MAX_ID_BYTES {
         return Err(EngineError::invalid(format!(
@@ -632,19 +650,12 @@ impl Shared {
     /// Claim room in the write queue. Call before taking a ticket, so that every ticket taken is sent.
     fn acquire_queue_slot(&self) -> Result<(), EngineError> {
         let capacity = self.config.write_queue_capacity;
-        let mut depth = self.queue_depth.load(SeqCst);
-        loop {
-            if depth >= capacity {
-                return Err(EngineError::exhausted(format!(
-                    "the write queue is full ({capacity} ops waiting for the disk, write_queue_capacity); \
-                     retry with backoff"
-                )));
-            }
-            match self.queue_depth.compare_exchange_weak(depth, depth + 1, SeqCst, SeqCst) {
-                Ok(_) => return Ok(()),
-                Err(seen) => depth = seen,
-            }
-        }
+        let claimed = self.queue_depth.fetch_update(SeqCst, SeqCst, |depth| (depth < capacity).then_some(depth + 1));
+        claimed.map(drop).map_err(|_| {
+            EngineError::exhausted(format!(
+                "the write queue is full ({capacity} ops waiting for the disk, write_queue_capacity); retry with backoff"
+            ))
+        })
     }
 
     fn take_ticket(&self) -> u64 {
@@ -784,16 +795,7 @@ impl Shared {
 
     fn try_open_global_hold(&self) -> bool {
         let max = self.config.max_active_holds;
-        let mut current = self.active_holds.load(SeqCst);
-        loop {
-            if current >= max {
-                return false;
-            }
-            match self.active_holds.compare_exchange_weak(current, current + 1, SeqCst, SeqCst) {
-                Ok(_) => return true,
-                Err(seen) => current = seen,
-            }
-        }
+        self.active_holds.fetch_update(SeqCst, SeqCst, |open| (open < max).then_some(open + 1)).is_ok()
     }
 
     fn close_hold(&self, budget: &Budget) {
@@ -850,7 +852,14 @@ impl Shared {
                 match slot.resolution {
                     None => self.commit_active(slot, hold_id, amount),
                     Some(Resolution::Expired) => self.commit_late(slot, hold_id, amount),
-                    Some(resolution) => replay_commit(reservation_id, resolution, slot.amount, amount, slot.budget.remaining(), slot.ticket),
+                    Some(resolution) => replay_commit(
+                        reservation_id,
+                        resolution,
+                        slot.amount,
+                        amount,
+                        slot.budget.remaining(),
+                        slot.ticket,
+                    ),
                 }
             }
             Entry::Vacant(entry) => {
@@ -870,7 +879,14 @@ impl Shared {
                         entry.insert(slot);
                         Ok(outcome)
                     }
-                    _ => replay_commit(reservation_id, stored_resolution(&record)?, record.amount, amount, budget.remaining(), 0),
+                    _ => replay_commit(
+                        reservation_id,
+                        stored_resolution(&record)?,
+                        record.amount,
+                        amount,
+                        budget.remaining(),
+                        0,
+                    ),
                 }
             }
         }
@@ -948,7 +964,9 @@ impl Shared {
                 let slot = entry.get_mut();
                 match slot.resolution {
                     None => self.release_active(slot, hold_id),
-                    Some(resolution) => replay_release(reservation_id, resolution, slot.budget.remaining(), slot.ticket),
+                    Some(resolution) => {
+                        replay_release(reservation_id, resolution, slot.budget.remaining(), slot.ticket)
+                    }
                 }
             }
             Entry::Vacant(_) => {
@@ -1025,7 +1043,12 @@ impl Shared {
         }
     }
 
-    fn set_budget(&self, customer_id: &str, limit: i64, stripe_customer_id: &str) -> Result<SetBudgetOutcome, EngineError> {
+    fn set_budget(
+        &self,
+        customer_id: &str,
+        limit: i64,
+        stripe_customer_id: &str,
+    ) -> Result<SetBudgetOutcome, EngineError> {
         self.check_open()?;
         validate_id("customer_id", customer_id)?;
         validate_amount("limit", limit, 0)?;
@@ -1044,7 +1067,12 @@ impl Shared {
         }
     }
 
-    fn update_budget(&self, budget: &Arc<Budget>, limit: i64, stripe: Option<String>) -> Result<SetBudgetOutcome, EngineError> {
+    fn update_budget(
+        &self,
+        budget: &Arc<Budget>,
+        limit: i64,
+        stripe: Option<String>,
+    ) -> Result<SetBudgetOutcome, EngineError> {
         let mut admin = budget.admin.lock().expect("budget admin lock");
         self.acquire_queue_slot()?;
         let op = Op::SetBudget {
@@ -1071,7 +1099,12 @@ impl Shared {
         Ok(SetBudgetOutcome { balance: budget.view(), created: false, ticket })
     }
 
-    fn create_budget(&self, customer_id: &str, limit: i64, stripe: Option<String>) -> Result<Option<SetBudgetOutcome>, EngineError> {
+    fn create_budget(
+        &self,
+        customer_id: &str,
+        limit: i64,
+        stripe: Option<String>,
+    ) -> Result<Option<SetBudgetOutcome>, EngineError> {
         if self.map_full.load(SeqCst) {
             return Err(self.map_full_error());
         }
@@ -1097,7 +1130,15 @@ impl Shared {
         let budget = Arc::new(Budget::from_record(customer_id, &record, 0));
         // The ticket comes before the budget is visible, so every op on it is serialized after its creation.
         let ticket = self.take_ticket();
-        self.send(ticket, Op::SetBudget { customer_id: customer_id.to_string(), limit, stripe_customer_id: Some(record.stripe_customer_id.clone()), now_ms });
+        self.send(
+            ticket,
+            Op::SetBudget {
+                customer_id: customer_id.to_string(),
+                limit,
+                stripe_customer_id: Some(record.stripe_customer_id.clone()),
+                now_ms,
+            },
+        );
         entry.insert(budget.clone());
         self.budget_count.fetch_add(1, SeqCst);
         Ok(Some(SetBudgetOutcome { balance: budget.view(), created: true, ticket }))
@@ -1219,7 +1260,12 @@ impl Shared {
             let c = entry.value().counters();
             let (sum, count) = held.get(entry.key().as_ref()).copied().unwrap_or_default();
             if c.held != sum || c.active_holds != count {
-                return Err(format!("{}: held {} / {} holds, but open holds sum to {sum} / {count}", entry.key(), c.held, c.active_holds));
+                return Err(format!(
+                    "{}: held {} / {} holds, but open holds sum to {sum} / {count}",
+                    entry.key(),
+                    c.held,
+                    c.active_holds
+                ));
             }
             if c.available != c.limit - c.spent - c.held {
                 return Err(format!("{}: available {} != limit - spent - held ({c:?})", entry.key(), c.available));
@@ -1274,10 +1320,19 @@ fn replay_commit(
     }
 }
 
-fn replay_release(reservation_id: &str, resolution: Resolution, remaining: i64, ticket: u64) -> Result<ReleaseOutcome, EngineError> {
+fn replay_release(
+    reservation_id: &str,
+    resolution: Resolution,
+    remaining: i64,
+    ticket: u64,
+) -> Result<ReleaseOutcome, EngineError> {
     match resolution {
-        Resolution::Released => Ok(ReleaseOutcome { released: true, remaining, state: HoldState::Released, replayed: true, ticket }),
-        Resolution::Expired => Ok(ReleaseOutcome { released: false, remaining, state: HoldState::Expired, replayed: false, ticket }),
+        Resolution::Released => {
+            Ok(ReleaseOutcome { released: true, remaining, state: HoldState::Released, replayed: true, ticket })
+        }
+        Resolution::Expired => {
+            Ok(ReleaseOutcome { released: false, remaining, state: HoldState::Expired, replayed: false, ticket })
+        }
         Resolution::Committed { amount, .. } => Err(EngineError::precondition(format!(
             "reservation {reservation_id} was already committed with {amount} units; a committed reservation cannot \
              be released"

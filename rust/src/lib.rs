@@ -28,7 +28,8 @@ pub mod writer;
 mod python;
 
 pub use engine::{
-    BalanceView, CommitOutcome, Engine, EngineConfig, EngineStats, OutboxStats, ReleaseOutcome, ReserveOutcome, SetBudgetOutcome,
+    BalanceView, CommitOutcome, Engine, EngineConfig, EngineStats, OutboxStats, ReleaseOutcome, ReserveOutcome,
+    SetBudgetOutcome,
 };
 pub use error::{EngineError, ErrorKind};
 pub use hold::{DenyReason, HoldState};

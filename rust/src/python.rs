@@ -116,7 +116,11 @@ impl PyReleaseOutcome {
     fn __repr__(&self) -> String {
         format!(
             "ReleaseOutcome(released={}, remaining={}, state={}, replayed={}, ticket={})",
-            py_bool(self.released), self.remaining, self.state, py_bool(self.replayed), self.ticket
+            py_bool(self.released),
+            self.remaining,
+            self.state,
+            py_bool(self.replayed),
+            self.ticket
         )
     }
 }
@@ -223,7 +227,13 @@ impl PyEngine {
     }
 
     #[pyo3(signature = (customer_id, amount, idempotency_key = "", ttl_ms = 0))]
-    fn reserve(&self, customer_id: &str, amount: i64, idempotency_key: &str, ttl_ms: u64) -> PyResult<PyReserveOutcome> {
+    fn reserve(
+        &self,
+        customer_id: &str,
+        amount: i64,
+        idempotency_key: &str,
+        ttl_ms: u64,
+    ) -> PyResult<PyReserveOutcome> {
         let o = self.inner.reserve(customer_id, amount, idempotency_key, ttl_ms).map_err(to_py_err)?;
         Ok(PyReserveOutcome {
             granted: o.granted,
@@ -273,14 +283,28 @@ impl PyEngine {
     }
 
     #[pyo3(signature = (customer_id, limit, stripe_customer_id = ""))]
-    fn set_budget(&self, py: Python<'_>, customer_id: &str, limit: i64, stripe_customer_id: &str) -> PyResult<PySetBudgetOutcome> {
+    fn set_budget(
+        &self,
+        py: Python<'_>,
+        customer_id: &str,
+        limit: i64,
+        stripe_customer_id: &str,
+    ) -> PyResult<PySetBudgetOutcome> {
         let o = self.inner.set_budget(customer_id, limit, stripe_customer_id).map_err(to_py_err)?;
-        Ok(PySetBudgetOutcome { balance: Py::new(py, PyBalanceView::from(o.balance))?, created: o.created, ticket: o.ticket })
+        Ok(PySetBudgetOutcome {
+            balance: Py::new(py, PyBalanceView::from(o.balance))?,
+            created: o.created,
+            ticket: o.ticket,
+        })
     }
 
     fn set_frozen(&self, py: Python<'_>, customer_id: &str, frozen: bool) -> PyResult<PySetBudgetOutcome> {
         let o = self.inner.set_frozen(customer_id, frozen).map_err(to_py_err)?;
-        Ok(PySetBudgetOutcome { balance: Py::new(py, PyBalanceView::from(o.balance))?, created: false, ticket: o.ticket })
+        Ok(PySetBudgetOutcome {
+            balance: Py::new(py, PyBalanceView::from(o.balance))?,
+            created: false,
+            ticket: o.ticket,
+        })
     }
 
     #[pyo3(signature = (limit = 1000))]

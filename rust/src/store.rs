@@ -70,8 +70,17 @@ impl Store {
         let outbox = env.create_database(&mut wtxn, Some("outbox"))?;
         let dead_letters = env.create_database(&mut wtxn, Some("dead_letters"))?;
         let page_size_bytes = u64::from(budgets.stat(&wtxn)?.page_size);
-        let store =
-            Store { env: env.clone(), meta, budgets, holds, idempotency, ledger, outbox, dead_letters, page_size_bytes };
+        let store = Store {
+            env: env.clone(),
+            meta,
+            budgets,
+            holds,
+            idempotency,
+            ledger,
+            outbox,
+            dead_letters,
+            page_size_bytes,
+        };
         store.check_schema(&mut wtxn)?;
         wtxn.commit()?;
         Ok(store)

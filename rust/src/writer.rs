@@ -21,20 +21,60 @@ const IDLE_WAIT_MS: u64 = 50;
 
 #[derive(Debug, Clone)]
 pub enum Op {
-    SetBudget { customer_id: String, limit: i64, stripe_customer_id: Option<String>, now_ms: i64 },
-    Reserve { hold_id: u64, record: HoldRecord },
-    Commit { hold_id: u64, amount: i64, excess: i64, late: bool, now_ms: i64 },
-    Release { hold_id: u64, now_ms: i64 },
-    Expire { hold_id: u64, now_ms: i64 },
+    SetBudget {
+        customer_id: String,
+        limit: i64,
+        stripe_customer_id: Option<String>,
+        now_ms: i64,
+    },
+    Reserve {
+        hold_id: u64,
+        record: HoldRecord,
+    },
+    Commit {
+        hold_id: u64,
+        amount: i64,
+        excess: i64,
+        late: bool,
+        now_ms: i64,
+    },
+    Release {
+        hold_id: u64,
+        now_ms: i64,
+    },
+    Expire {
+        hold_id: u64,
+        now_ms: i64,
+    },
     /// Delete holds resolved before `before_ms`, with their idempotency keys.
-    Prune { before_ms: i64 },
-    Freeze { customer_id: String, frozen: bool, now_ms: i64 },
+    Prune {
+        before_ms: i64,
+    },
+    Freeze {
+        customer_id: String,
+        frozen: bool,
+        now_ms: i64,
+    },
     /// Fix the identifier these outbox entries are sent under, before the first send.
-    OutboxClaim { seqs: Vec<u64>, identifier: String, now_ms: i64 },
+    OutboxClaim {
+        seqs: Vec<u64>,
+        identifier: String,
+        now_ms: i64,
+    },
     /// Stripe accepted these: drop them from the outbox, mark their ledger entries settled.
-    OutboxAck { seqs: Vec<u64>, now_ms: i64 },
-    OutboxDeadLetter { seqs: Vec<u64>, reason: String, now_ms: i64 },
-    DeadLetterRequeue { seq: u64, now_ms: i64 },
+    OutboxAck {
+        seqs: Vec<u64>,
+        now_ms: i64,
+    },
+    OutboxDeadLetter {
+        seqs: Vec<u64>,
+        reason: String,
+        now_ms: i64,
+    },
+    DeadLetterRequeue {
+        seq: u64,
+        now_ms: i64,
+    },
     /// Stop after everything before it is durable.
     Shutdown,
 }

@@ -329,7 +329,10 @@ fn counters_after_a_restart_equal_what_lmdb_holds() {
     assert_eq!(before, after);
     for (customer, record) in f.engine().stored_budgets().unwrap() {
         let view = f.engine().balance(&customer).unwrap();
-        assert_eq!((record.limit, record.spent, record.held, record.overdraft), (view.limit, view.spent, view.reserved, view.overdraft));
+        assert_eq!(
+            (record.limit, record.spent, record.held, record.overdraft),
+            (view.limit, view.spent, view.reserved, view.overdraft)
+        );
     }
     f.engine().check_invariants().unwrap();
 }

@@ -35,7 +35,10 @@ fn every_commit_lands_in_the_outbox_with_a_stable_identifier_and_its_timestamp()
     let pending = engine.outbox_pending(10).unwrap();
     assert_eq!(pending.len(), 1);
     let entry = &pending[0];
-    assert_eq!((entry.amount, entry.customer_id.as_str(), entry.stripe_customer_id.as_str()), (42, "cus", "cus_Stripe"));
+    assert_eq!(
+        (entry.amount, entry.customer_id.as_str(), entry.stripe_customer_id.as_str()),
+        (42, "cus", "cus_Stripe")
+    );
     assert_eq!(entry.identifier, format!("sg-{id}"));
     assert!(entry.ts_ms > 1_600_000_000_000);
     assert_eq!((entry.sent_as.as_deref(), entry.attempts), (None, 0));
@@ -86,7 +89,9 @@ fn dead_letters_keep_the_reason_and_a_requeue_gets_a_fresh_identifier() {
     setup(&engine);
     commit(&engine, "cus", 9);
     let entry = engine.outbox_pending(1).unwrap().remove(0);
-    engine.wait_durable(engine.outbox_dead_letter(&[entry.seq], "No such customer: 'cus_Stripe'").unwrap(), WAIT).unwrap();
+    engine
+        .wait_durable(engine.outbox_dead_letter(&[entry.seq], "No such customer: 'cus_Stripe'").unwrap(), WAIT)
+        .unwrap();
     assert!(engine.outbox_pending(10).unwrap().is_empty());
     let letters = engine.dead_letters(10).unwrap();
     assert_eq!(letters.len(), 1);
