@@ -152,6 +152,9 @@ class Engine:
     def dead_letter_requeue(self, seq: int) -> int:
         """Back to the outbox under a fresh identifier (`<identifier>-requeue<n>`). NOT_FOUND if no such letter."""
     def outbox_stats(self) -> OutboxStats: ...
+    def backup(self, dest_dir: str) -> int:
+        """Write a consistent, compacted copy of the environment to dest_dir/data.mdb while serving (dest_dir must be
+        new or empty; GIL released). Returns its size in bytes. Restore: use a copy of dest_dir as --data-dir."""
     def durable_ticket(self) -> int:
         """The highest ticket whose change is durable in LMDB."""
     def wait_durable(self, ticket: int, timeout_ms: int = 30_000) -> None:

@@ -354,6 +354,11 @@ impl PyEngine {
         Ok(dict)
     }
 
+    /// A consistent, compacted copy of the environment in `dest_dir` (new or empty), taken while serving.
+    fn backup(&self, py: Python<'_>, dest_dir: PathBuf) -> PyResult<u64> {
+        py.detach(|| self.inner.backup(&dest_dir)).map_err(to_py_err)
+    }
+
     fn durable_ticket(&self) -> u64 {
         self.inner.durable_ticket()
     }

@@ -360,3 +360,31 @@ fn a_replayed_reserve_says_what_became_of_the_hold() {
     let denied = f.engine().reserve("cus", 1_000, "", 0).unwrap();
     assert_eq!(denied.state, None);
 }
+
+#[test]
+fn a_backup_taken_under_load_opens_to_consistent_books() {
+    let f = Fixture::with_config(|c| c.relaxed = true);
+    f.budget("cus", 1_000_000);
+    let engine = f.engine();
+    let backup_dir = f.path.join("backup");
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for _ in 0..2_000 {
+                let r = engine.reserve("cus", 3, "", 0).unwrap();
+                engine.commit(&r.reservation_id, 2).unwrap();
+            }
+        });
+        scope.spawn(|| {
+            std::thread::sleep(Duration::from_millis(5));
+            assert!(engine.backup(&backup_dir).unwrap() > 0);
+        });
+    });
+    let restored = Engine::open(EngineConfig::new(&backup_dir)).unwrap();
+    restored.check_invariants().unwrap();
+    let b = restored.balance("cus").unwrap();
+    assert_eq!(b.spent % 2, 0, "whole commits only: {b:?}");
+    assert!(b.spent <= 4_000);
+    assert_eq!(restored.outbox_stats().unwrap().depth as i64, b.spent / 2, "one outbox entry per commit");
+    let again = engine.backup(&backup_dir).unwrap_err();
+    assert_eq!(again.kind, ErrorKind::InvalidArgument, "{again}");
+}
