@@ -4,6 +4,10 @@
     spendgate budget set CUSTOMER --limit N [--stripe-customer-id ID]            create a budget or change its limit
     spendgate budget show CUSTOMER                                               print a budget's counters
     spendgate budget list [--prefix P] [--limit N]                               list budgets, one a line
+    spendgate settle [FLAGS] [--follow]                  drain the outbox to Stripe while the sidecar is stopped
+    spendgate settle status                              settlement status of a running sidecar
+    spendgate deadletter list | requeue SEQ... | requeue --all     dead letters of a running sidecar
+    spendgate reconcile [--period YYYY-MM | --start DATE [--end DATE]] [--fix ...]   the ledger against Stripe
 
 Only argparse and spendgate.config are imported up front; grpc, the engine and the generated code are imported inside
 the commands, so that `--help` stays fast.
@@ -31,6 +35,11 @@ commands:
   spendgate budget set CUSTOMER --limit N         create a budget or change its limit
   spendgate budget show CUSTOMER                  print a budget's counters
   spendgate budget list [--prefix P]              list budgets, one a line
+  spendgate settle [FLAGS] [--follow]             drain the outbox to Stripe (only while no sidecar runs)
+  spendgate settle status                         settlement to Stripe of a running sidecar
+  spendgate deadletter list                       usages Stripe refused, with the reason
+  spendgate deadletter requeue SEQ...             send them again after fixing the cause (or --all)
+  spendgate reconcile [--period YYYY-MM]          compare the ledger with Stripe's meter totals (exit 3: they differ)
 
 Settings come from flags > SPENDGATE_<NAME> environment variables > the TOML file of --config or SPENDGATE_CONFIG
 > defaults. `spendgate serve --help` lists them all.
@@ -99,6 +108,77 @@ def build_parser() -> argparse.ArgumentParser:
     budget_list.add_argument("--prefix", default="", help="only customer ids that start with this")
     budget_list.add_argument("--limit", type=int, default=100, metavar="N", help="at most N budgets (<= 10000)")
     budget_list.set_defaults(run=run_budget_list)
+
+    settle = commands.add_parser(
+        "settle",
+        parents=[config_parent],
+        help="drain the outbox to Stripe without the sidecar; `settle status` asks a running one",
+    )
+    settle.description = (
+        "Send the committed usage waiting in the outbox of --data-dir to Stripe, then exit (with --follow: keep "
+        "going until SIGTERM or SIGINT). For when the sidecar is not running: a running sidecar settles by itself, "
+        "and owns the data dir. Needs STRIPE_API_KEY."
+    )
+    for name in config.FIELDS:
+        _add_setting_flag(settle, name)
+    settle.add_argument("--follow", action="store_true", help="keep settling new usage until SIGTERM or SIGINT")
+    settle.set_defaults(run=run_settle)
+    settle_commands = settle.add_subparsers(dest="settle_command", metavar="COMMAND")
+    settle_status = settle_commands.add_parser(
+        "status", parents=[target_parent], help="settlement status of a running sidecar"
+    )
+    settle_status.set_defaults(run=run_settle_status)
+
+    deadletter = commands.add_parser("deadletter", help="usages Stripe refused for good, on a running sidecar")
+    deadletter_commands = deadletter.add_subparsers(dest="deadletter_command", metavar="COMMAND", required=True)
+    deadletter_list = deadletter_commands.add_parser(
+        "list", parents=[target_parent], help="list dead letters, oldest first, with the reason"
+    )
+    deadletter_list.add_argument("--limit", type=int, default=100, metavar="N", help="at most N (<= 10000)")
+    deadletter_list.set_defaults(run=run_deadletter_list)
+    deadletter_requeue = deadletter_commands.add_parser(
+        "requeue",
+        parents=[target_parent],
+        help="send dead letters again, under fresh identifiers, after fixing the cause",
+    )
+    deadletter_requeue.add_argument("seqs", type=int, nargs="*", metavar="SEQ", help="the seq of a dead letter")
+    deadletter_requeue.add_argument("--all", action="store_true", help="requeue every dead letter")
+    deadletter_requeue.set_defaults(run=run_deadletter_requeue)
+
+    reconcile = commands.add_parser(
+        "reconcile", parents=[config_parent], help="compare the ledger's totals with Stripe's meter event summaries"
+    )
+    reconcile.description = (
+        "Sum the units committed per Stripe customer in a period from the ledger of --data-dir (read-only; the "
+        "sidecar may be running) and compare them with Stripe's meter event summaries. Exit 0: every customer within "
+        "the tolerance; 3: a customer differs by more; 1: could not reconcile. Needs STRIPE_API_KEY."
+    )
+    for name in ("data_dir", "stripe_api_key", "stripe_api_base", "settle_event_name"):
+        _add_setting_flag(reconcile, name)
+    period = reconcile.add_mutually_exclusive_group()
+    period.add_argument("--period", metavar="YYYY-MM", help="a calendar month in UTC (default: the current one)")
+    period.add_argument("--start", metavar="DATE", help="ISO date or date-time, inclusive (UTC unless it says)")
+    reconcile.add_argument("--end", metavar="DATE", help="ISO date or date-time, exclusive (default: now)")
+    reconcile.add_argument(
+        "--tolerance-percent", type=float, default=1.0, metavar="P",
+        help="a customer mismatches when Stripe and the settled ledger differ by more than P%% (default 1)",
+    )  # fmt: skip
+    reconcile.add_argument(
+        "--customer", action="append", default=[], metavar="CUS", help="only this Stripe customer (repeatable)"
+    )
+    reconcile.add_argument(
+        "--fix", action="store_true",
+        help="offer to cancel the meter events given with --cancel (within Stripe's 24 h window) where Stripe is over",
+    )  # fmt: skip
+    reconcile.add_argument(
+        "--cancel", action="append", default=[], metavar="IDENTIFIER",
+        help="with --fix: a meter event identifier to cancel (repeatable)",
+    )  # fmt: skip
+    reconcile.add_argument(
+        "--cancel-file", action="append", default=[], metavar="FILE", help="with --fix: identifiers, one a line"
+    )
+    reconcile.add_argument("--yes", action="store_true", help="with --fix: do not ask for confirmation")
+    reconcile.set_defaults(run=run_reconcile)
     return parser
 
 
@@ -109,7 +189,8 @@ def _add_setting_flag(parser: argparse.ArgumentParser, name: str) -> None:
         parser.add_argument(config.flag(name), dest=name, action=argparse.BooleanOptionalAction, help=help_text)
         return
     metavar = "N" if isinstance(default, int) else "|".join(config.FIELDS[name].metadata["choices"]) or "TEXT"
-    metavar = {"listen": "HOST:PORT", "data_dir": "DIR"}.get(name, metavar)
+    metavar = "JSON" if isinstance(default, tuple) else metavar
+    metavar = {"listen": "HOST:PORT", "data_dir": "DIR", "webhook_listen": "HOST:PORT"}.get(name, metavar)
     parser.add_argument(config.flag(name), dest=name, type=_setting_type(name), metavar=metavar, help=help_text)
 
 
@@ -138,9 +219,17 @@ def run_serve(args: argparse.Namespace, settings: config.Settings) -> int:
     from spendgate import _core
     from spendgate.server import app
 
+    from spendgate.settle import SettlementConfigError
+
     app.configure_logging(settings.log_level)
     try:
         return asyncio.run(app.serve(settings))
+    except (SettlementConfigError, config.ConfigError) as error:  # e.g. webhook_listen without a secret
+        print(f"{PROG}: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as error:  # the webhook port cannot be bound
+        print(f"{PROG}: cannot serve webhooks on {settings.webhook_listen}: {error}", file=sys.stderr)
+        return EXIT_ERROR
     except _core.EngineError as error:  # e.g. a bad engine setting or a data dir another process holds
         print(f"{PROG}: cannot open the engine on {settings.data_dir}: {error.kind}: {error.message}", file=sys.stderr)
         return EXIT_ERROR
@@ -186,6 +275,154 @@ def run_budget_list(args: argparse.Namespace, settings: config.Settings) -> int:
         return EXIT_ERROR
     print(format_budget_list(reply.budgets))
     return EXIT_OK
+
+
+def run_settle(args: argparse.Namespace, settings: config.Settings) -> int:
+    import asyncio
+
+    from spendgate import _core
+    from spendgate.server import app
+    from spendgate.settle import SettlementConfigError
+    from spendgate.settle.service import settle_standalone
+
+    if not settings.stripe_api_key:
+        print(f"{PROG}: STRIPE_API_KEY is not set: there is nothing to settle with", file=sys.stderr)
+        return EXIT_USAGE
+    app.configure_logging(settings.log_level)
+    try:
+        engine = _core.Engine(settings.data_dir, **settings.engine_kwargs())
+    except _core.EngineError as error:
+        if error.kind == "failed_precondition":  # the lock file: a sidecar (or another settle) owns the data dir
+            print(
+                f"{PROG}: {settings.data_dir} is in use by another spendgate process, most likely the running sidecar: "
+                "it settles by itself (see `spendgate settle status`); run `spendgate settle` only while it is stopped",
+                file=sys.stderr,
+            )
+        else:
+            print(f"{PROG}: cannot open the engine on {settings.data_dir}: {error.kind}: {error.message}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        return asyncio.run(settle_standalone(engine, settings, follow=args.follow))
+    except SettlementConfigError as error:
+        print(f"{PROG}: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        engine.close()
+
+
+def run_reconcile(args: argparse.Namespace, settings: config.Settings) -> int:
+    from spendgate.settle import reconcile
+
+    if (args.cancel or args.cancel_file) and not args.fix:
+        print(f"{PROG}: reconcile: --cancel and --cancel-file go with --fix", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        cancel = [*args.cancel, *reconcile.read_identifiers(args.cancel_file)]
+    except OSError as error:
+        print(f"{PROG}: reconcile: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    options = reconcile.Options(
+        period=args.period, start=args.start, end=args.end, tolerance_percent=args.tolerance_percent,
+        customers=tuple(args.customer), fix=args.fix, cancel=tuple(cancel), yes=args.yes,
+    )  # fmt: skip
+    return reconcile.run(settings, options)
+
+
+def run_settle_status(args: argparse.Namespace, settings: config.Settings) -> int:
+    from spendgate.v1 import spendgate_pb2 as pb
+    from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
+
+    request = pb.GetSettlementStatusRequest()
+    reply = _call(
+        args, settings, lambda channel: pb_grpc.AdminStub(channel).GetSettlementStatus(request, timeout=RPC_TIMEOUT_S)
+    )
+    if reply is None:
+        return EXIT_ERROR
+    print(format_settlement_status(reply))
+    return EXIT_OK
+
+
+def run_deadletter_list(args: argparse.Namespace, settings: config.Settings) -> int:
+    from spendgate.v1 import spendgate_pb2 as pb
+    from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
+
+    request = pb.ListDeadLettersRequest(limit=args.limit)
+    reply = _call(
+        args, settings, lambda channel: pb_grpc.AdminStub(channel).ListDeadLetters(request, timeout=RPC_TIMEOUT_S)
+    )
+    if reply is None:
+        return EXIT_ERROR
+    print(format_dead_letters(reply.dead_letters))
+    return EXIT_OK
+
+
+def run_deadletter_requeue(args: argparse.Namespace, settings: config.Settings) -> int:
+    from spendgate.v1 import spendgate_pb2 as pb
+    from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
+
+    if bool(args.seqs) == bool(args.all):
+        print(f"{PROG}: deadletter requeue: give SEQ... or --all (not both)", file=sys.stderr)
+        return EXIT_USAGE
+
+    def requeue(channel: Any) -> list[int] | None:
+        stub = pb_grpc.AdminStub(channel)
+        seqs = list(args.seqs)
+        if args.all:
+            listed = stub.ListDeadLetters(pb.ListDeadLettersRequest(limit=10_000), timeout=RPC_TIMEOUT_S)
+            seqs = [letter.seq for letter in listed.dead_letters]
+        for seq in seqs:
+            stub.RequeueDeadLetter(pb.RequeueDeadLetterRequest(seq=seq), timeout=RPC_TIMEOUT_S)
+            print(f"requeued seq {seq}: it goes to Stripe again under a fresh identifier")
+        return seqs
+
+    done = _call(args, settings, requeue)
+    if done is None:
+        return EXIT_ERROR
+    if not done:
+        print("no dead letters")
+    return EXIT_OK
+
+
+def format_settlement_status(status: Any) -> str:
+    """Settlement as a two-column table; times as ages."""
+    import time
+
+    now_ms = time.time_ns() // 1_000_000
+
+    def ago(ms: int) -> str:
+        return "never" if ms == 0 else f"{(now_ms - ms) / 1000:.1f} s ago"
+
+    rows = [
+        ("enabled", "yes" if status.enabled else "NO (no STRIPE_API_KEY: usage accumulates in the outbox)"),
+        ("transport", status.transport or "-"),
+        ("event_name", status.event_name or "-"),
+        ("aggregate_window_ms", str(status.aggregate_window_ms) if status.aggregate_window_ms else "off"),
+        ("outbox_depth", f"{status.outbox_depth} of {status.max_outbox_entries}"),
+        ("oldest_age_ms", str(status.oldest_age_ms)),
+        ("dead_letters", str(status.dead_letters)),
+        ("last_success", ago(status.last_success_ms)),
+        ("last_error", f"{status.last_error} ({ago(status.last_error_ms)})" if status.last_error else "none"),
+        ("failing_since", ago(status.failing_since_ms) if status.failing_since_ms else "not failing"),
+        ("delivered", f"{status.delivered_events} events, {status.delivered_entries} entries since start"),
+        ("dead_lettered", f"{status.dead_lettered_entries} entries since start"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+
+
+DEAD_LETTER_COLUMNS: Final[tuple[str, ...]] = ("seq", "customer_id", "stripe_customer_id", "amount", "attempts")
+
+
+def format_dead_letters(letters: Sequence[Any]) -> str:
+    """One block per dead letter: its ids and amount on one line, the reason on the next."""
+    if not letters:
+        return "no dead letters"
+    lines = []
+    for letter in letters:
+        fields = " ".join(f"{column}={getattr(letter, column)}" for column in DEAD_LETTER_COLUMNS)
+        lines.append(f"{fields} identifier={letter.sent_as or letter.identifier}")
+        lines.append(f"    reason: {letter.reason}")
+    return "\n".join(lines)
 
 
 LIST_COLUMNS: Final[tuple[str, ...]] = ("customer_id", "limit", "spent", "reserved", "remaining", "active_holds")

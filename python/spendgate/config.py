@@ -13,6 +13,7 @@ Light on purpose (stdlib only): the CLI imports it for `--help`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import tomllib
@@ -29,6 +30,10 @@ OTHER_ENV_VARS: Final[frozenset[str]] = frozenset({CONFIG_ENV_VAR})
 
 DURABILITY_CHOICES: Final[tuple[str, ...]] = ("fsync", "relaxed")
 LOG_LEVEL_CHOICES: Final[tuple[str, ...]] = ("debug", "info", "warning", "error")
+PAYMENT_FAILED_ACTIONS: Final[tuple[str, ...]] = ("flag", "freeze")
+SETTLE_TRANSPORTS: Final[tuple[str, ...]] = ("v1", "v2")
+# A mapping setting (webhook_plan_limits), held as sorted (key, value) pairs so that Settings stays frozen and hashable.
+PlanLimits = tuple[tuple[str, int], ...]
 _BOOL_WORDS: Final[Mapping[str, bool]] = {
     "true": True, "1": True, "yes": True, "on": True,
     "false": False, "0": False, "no": False, "off": False,
@@ -39,10 +44,25 @@ class ConfigError(ValueError):
     """A setting is unknown or has a bad value. The message names the setting and where the value came from."""
 
 
-def _setting(default: Any, doc: str, *, choices: tuple[str, ...] = (), minimum: int = 0) -> Any:
-    """A dataclass field with its one-line doc, its allowed choices (for str) and its minimum (for int)."""
+def _setting(
+    default: Any,
+    doc: str,
+    *,
+    choices: tuple[str, ...] = (),
+    minimum: int = 0,
+    env: str | None = None,
+    optional: bool = False,
+    secret: bool = False,
+) -> Any:
+    """A dataclass field with its one-line doc, its allowed choices (for str) and its minimum (for int).
+
+    env: the environment variable, when it is not SPENDGATE_<NAME> (Stripe's own names: STRIPE_API_KEY, ...).
+    optional: a str setting that may be empty (empty means off or not set).
+    secret: never shown (not in repr, not as a default in the table); prefer the environment variable over the flag.
+    """
     assert doc and "\n" not in doc, "a setting's doc is one line"
-    return field(default=default, metadata={"doc": doc, "choices": choices, "minimum": minimum})
+    metadata = {"doc": doc, "choices": choices, "minimum": minimum, "env": env, "optional": optional, "secret": secret}
+    return field(default=default, repr=not secret, metadata=metadata)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +102,70 @@ class Settings:
     shutdown_grace_ms: int = _setting(5_000, "On SIGTERM or SIGINT, how long in-flight RPCs may take to finish.")
     reflection: bool = _setting(True, "Serve gRPC server reflection (for grpcurl and similar tools).")
     log_level: str = _setting("info", "Log level: debug, info, warning or error.", choices=LOG_LEVEL_CHOICES)
+    # Stripe, shared by the settler, `spendgate reconcile` and the webhook handlers. Stripe's own variable names.
+    stripe_api_key: str = _setting(
+        "",
+        "Stripe secret or restricted (`rk_`) key; prefer the environment variable. Empty: nothing is sent to Stripe.",
+        env="STRIPE_API_KEY",
+        optional=True,
+        secret=True,
+    )
+    stripe_api_base: str = _setting(
+        "",
+        "When set, every Stripe base address (`api` and `meter_events`) points here (fakes and tests).",
+        env="STRIPE_API_BASE",
+        optional=True,
+    )
+    settle_event_name: str = _setting("spendgate_usage", "Event name of the Stripe meter that committed units go to.")
+    # The settler (spendgate.settle): how the outbox drains to Stripe Billing Meters.
+    settle_transport: str = _setting(
+        "v1",
+        "Stripe API for meter events: `v1` (one event a request) or `v2` (the meter event stream, <= 100 a request).",
+        choices=SETTLE_TRANSPORTS,
+    )
+    settle_batch_size: int = _setting(
+        100, "Events per v2 stream request (1..=100); a round reads batch size x concurrency entries.", minimum=1
+    )
+    settle_concurrency: int = _setting(4, "Stripe calls in flight at once (the settler's threads).", minimum=1)
+    settle_interval_ms: int = _setting(500, "How often the settler looks at an empty outbox.", minimum=1)
+    settle_aggregate_window_ms: int = _setting(
+        0, "Pre-aggregation: one event per Stripe customer per window of this length; 0: one event per commit."
+    )
+    settle_max_attempts: int = _setting(
+        5, "Tries of one Stripe call (429, 5xx, connection errors) before it waits for a later round.", minimum=1
+    )
+    settle_backoff_base_ms: int = _setting(100, "First retry delay (exponential backoff, full jitter).", minimum=1)
+    settle_backoff_max_ms: int = _setting(
+        30_000, "Longest retry delay, also between rounds while Stripe keeps failing.", minimum=1
+    )
+    settle_request_timeout_ms: int = _setting(30_000, "Timeout of one HTTP request to Stripe.", minimum=1)
+    # Stripe webhooks: an HTTP server in the same process, on its own port.
+    webhook_listen: str = _setting(
+        "",
+        "HOST:PORT to serve Stripe webhooks on (POST /stripe/webhook); a bare PORT binds 127.0.0.1; empty: off.",
+        optional=True,
+    )
+    webhook_secret: str = _setting(
+        "",
+        "Signing secret of the webhook endpoint (`whsec_...`); several comma-separated; required with webhook_listen.",
+        env="STRIPE_WEBHOOK_SECRET",
+        optional=True,
+        secret=True,
+    )
+    webhook_plan_limits: PlanLimits = _setting(
+        (), "Budget limit per Stripe plan, by price id or lookup_key: a TOML table, or a JSON object in env and flag."
+    )
+    webhook_payment_failed_action: str = _setting(
+        "flag",
+        "On invoice.payment_failed: `freeze` the budget (its invoice.paid unfreezes it) or `flag` it (log and count).",
+        choices=PAYMENT_FAILED_ACTIONS,
+    )
 
     def __post_init__(self) -> None:
         # Every way in (load_settings, the CLI, tests) ends here: a Settings that exists is valid.
+        for spec in dataclasses.fields(self):
+            if isinstance(spec.default, tuple):  # a table setting may be given as a mapping
+                object.__setattr__(self, spec.name, _pairs(getattr(self, spec.name)))
         for spec in dataclasses.fields(self):
             problem = _problem(spec, getattr(self, spec.name))
             if problem is not None:
@@ -115,7 +196,8 @@ assert set(ENGINE_SETTINGS) <= set(FIELDS)
 
 
 def env_var(name: str) -> str:
-    return ENV_PREFIX + name.upper()
+    custom: str | None = FIELDS[name].metadata["env"] if name in FIELDS else None
+    return custom or ENV_PREFIX + name.upper()
 
 
 def flag(name: str) -> str:
@@ -138,13 +220,28 @@ def _problem(spec: dataclasses.Field[Any], value: object) -> str | None:
     minimum: int = spec.metadata["minimum"]
     if kind is int and value < minimum:  # type: ignore[operator]
         return f"expected an integer >= {minimum}, got {value!r}"
-    if kind is str and not value:
+    if kind is str and not value and not spec.metadata["optional"]:
         return "expected a non-empty string"
+    if kind is tuple:
+        assert isinstance(value, tuple)
+        for pair in value:
+            if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str) and pair[0]):
+                return f"expected pairs of a non-empty key and a value, got {pair!r}"
+            if type(pair[1]) is not int or pair[1] < 0:
+                return f"expected an integer >= 0 for {pair[0]!r}, got {pair[1]!r}"
     return None
 
 
 def _type_word(kind: type) -> str:
-    return {str: "a string", int: "an integer", bool: "a boolean"}[kind]
+    return {str: "a string", int: "an integer", bool: "a boolean", tuple: "a table"}[kind]
+
+
+def _pairs(value: object) -> object:
+    """A table setting's value as sorted (key, value) pairs; anything that is not a mapping is returned unchanged, for
+    _problem to reject."""
+    if isinstance(value, Mapping):
+        return tuple(sorted(value.items()))
+    return value
 
 
 def _kind(name: str) -> type:
@@ -167,6 +264,14 @@ def parse_text(name: str, text: str) -> Any:
             value = int(text.strip(), 10)  # also accepts 1_000_000
         except ValueError:
             raise ValueError(f"expected an integer, got {text!r}") from None
+    elif kind is tuple:
+        try:
+            document = json.loads(text) if text.strip() else {}
+        except json.JSONDecodeError as error:
+            raise ValueError(f"expected a JSON object such as {{\"price_pro\": 5000000}}, got {text!r}: {error}") from None
+        if not isinstance(document, dict):
+            raise ValueError(f"expected a JSON object such as {{\"price_pro\": 5000000}}, got {text!r}")
+        value = _pairs(document)
     else:
         value = text
     problem = _problem(FIELDS[name], value)
@@ -197,11 +302,12 @@ def load_settings(
 
 
 def read_env(env: Mapping[str, str]) -> dict[str, Any]:
-    """The settings given as SPENDGATE_<NAME> variables. Any other SPENDGATE_* variable is an error."""
+    """The settings given as SPENDGATE_<NAME> variables (and the few with Stripe's own names, such as STRIPE_API_KEY).
+    Any other SPENDGATE_* variable is an error."""
     by_var = {env_var(name): name for name in FIELDS}
     values: dict[str, Any] = {}
     for var in sorted(env):
-        if not var.startswith(ENV_PREFIX) or var in OTHER_ENV_VARS:
+        if var in OTHER_ENV_VARS or not (var.startswith(ENV_PREFIX) or var in by_var):
             continue
         name = by_var.get(var)
         if name is None:
@@ -229,6 +335,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
         where = f"config file {path}{_line_of(text, key)}"
         if key not in FIELDS:
             raise ConfigError(f"{where}: unknown setting {key!r}; known settings: {', '.join(FIELDS)}")
+        if _kind(key) is tuple:
+            value = _pairs(value)
         problem = _problem(FIELDS[key], value)
         if problem is not None:
             raise ConfigError(f"{where}: setting {key!r}: {problem}")
@@ -252,6 +360,10 @@ def settings_table_markdown() -> str:
     for name, spec in FIELDS.items():
         default = spec.default
         shown = str(default).lower() if isinstance(default, bool) else f"{default:_}" if isinstance(default, int) else default
+        if isinstance(default, tuple):
+            shown = json.dumps(dict(default))
+        elif default == "":
+            shown = '""'
         flags = f"`{flag(name)}`, `--no-{flag(name)[2:]}`" if isinstance(default, bool) else f"`{flag(name)}`"
         rows.append(f"| `{name}` | {flags} | `{env_var(name)}` | `{shown}` | {doc(name)} |")
     return "\n".join(rows) + "\n"

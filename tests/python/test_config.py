@@ -216,3 +216,56 @@ def test_settings_table_has_a_row_per_setting() -> None:
     for name, row in zip(config.FIELDS, table[2:], strict=True):
         assert row.startswith(f"| `{name}` | `{config.flag(name)}`")
         assert f"`{config.env_var(name)}`" in row
+
+
+# -- Stripe and webhook settings: Stripe's own variable names, a table setting, secrets ----------------------------------
+
+
+def test_stripe_settings_come_from_stripes_own_variable_names() -> None:
+    settings = load_settings(env={"STRIPE_API_KEY": "rk_test_abc", "STRIPE_API_BASE": "http://127.0.0.1:1",
+                                  "STRIPE_WEBHOOK_SECRET": "whsec_1"})
+    assert (settings.stripe_api_key, settings.stripe_api_base, settings.webhook_secret) == (
+        "rk_test_abc", "http://127.0.0.1:1", "whsec_1")
+    assert config.env_var("webhook_secret") == "STRIPE_WEBHOOK_SECRET"
+    with pytest.raises(ConfigError, match="SPENDGATE_WEBHOOK_SECRET: unknown setting"):
+        load_settings(env={"SPENDGATE_WEBHOOK_SECRET": "whsec_1"})
+
+
+def test_secrets_stay_out_of_repr_and_optional_strings_may_be_empty() -> None:
+    settings = Settings(stripe_api_key="sk_test_secret", webhook_secret="whsec_secret")
+    assert "secret" not in repr(settings)
+    assert Settings().webhook_listen == "" and Settings().stripe_api_key == ""
+    with pytest.raises(ConfigError, match="'listen': expected a non-empty string"):
+        Settings(listen="")
+
+
+def test_plan_limits_from_a_toml_table_a_json_variable_or_a_mapping(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, '[webhook_plan_limits]\nprice_basic = 1_000\n"pro monthly" = 50_000\n')
+    from_file = load_settings(env={}, config_file=path).webhook_plan_limits
+    assert dict(from_file) == {"price_basic": 1000, "pro monthly": 50000}
+    from_env = load_settings(env={"SPENDGATE_WEBHOOK_PLAN_LIMITS": '{"price_basic": 1000, "pro monthly": 50000}'})
+    assert from_env.webhook_plan_limits == from_file
+    assert Settings(webhook_plan_limits={"b": 2, "a": 1}).webhook_plan_limits == (("a", 1), ("b", 2))
+    assert hash(Settings(webhook_plan_limits={"a": 1}))  # still frozen and hashable
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("[1]", "expected a JSON object"), ("{bad", "expected a JSON object"), ('{"a": -1}', "integer >= 0 for 'a'"),
+     ('{"a": "5"}', "integer >= 0 for 'a'"), ('{"a": true}', "integer >= 0 for 'a'")],
+)
+def test_bad_plan_limits_name_the_problem(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"SPENDGATE_WEBHOOK_PLAN_LIMITS: .*{message}"):
+        load_settings(env={"SPENDGATE_WEBHOOK_PLAN_LIMITS": text})
+
+
+def test_a_plan_limit_table_with_a_bad_value_names_the_line(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, 'listen = "127.0.0.1:1"\n[webhook_plan_limits]\nprice_basic = 1.5\n')
+    with pytest.raises(ConfigError, match=r"line 2: setting 'webhook_plan_limits': expected an integer >= 0"):
+        load_settings(env={}, config_file=path)
+
+
+def test_payment_failed_action_is_a_choice() -> None:
+    assert Settings().webhook_payment_failed_action == "flag"
+    with pytest.raises(ConfigError, match="expected one of flag, freeze"):
+        load_settings(env={"SPENDGATE_WEBHOOK_PAYMENT_FAILED_ACTION": "panic"})

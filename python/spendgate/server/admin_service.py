@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Final, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 import grpc.aio
 
@@ -13,6 +13,9 @@ from spendgate.server.status import grpc_errors
 from spendgate.v1 import spendgate_pb2 as pb
 from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 
+if TYPE_CHECKING:
+    from spendgate.settle import SettlementService
+
 # Quoted: grpc.aio.ServicerContext is generic only in the type stubs.
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
@@ -21,9 +24,12 @@ DEFAULT_LIST_LIMIT: Final[int] = 100
 
 
 class AdminServicer(pb_grpc.AdminServicer):
-    def __init__(self, engine: _core.Engine, waiter: DurabilityWaiter) -> None:
+    def __init__(
+        self, engine: _core.Engine, waiter: DurabilityWaiter, settlement: SettlementService | None = None
+    ) -> None:
         self._engine = engine
         self._waiter = waiter
+        self._settlement = settlement
 
     @grpc_errors
     async def SetBudget(self, request: pb.SetBudgetRequest, context: Context) -> pb.SetBudgetResponse:
@@ -41,3 +47,48 @@ class AdminServicer(pb_grpc.AdminServicer):
     async def ListBudgets(self, request: pb.ListBudgetsRequest, context: Context) -> pb.ListBudgetsResponse:
         views = self._engine.list_budgets(request.prefix, request.limit or DEFAULT_LIST_LIMIT)
         return pb.ListBudgetsResponse(budgets=[balance_message(view) for view in views])
+
+    @grpc_errors
+    async def ListDeadLetters(
+        self, request: pb.ListDeadLettersRequest, context: Context
+    ) -> pb.ListDeadLettersResponse:
+        letters = self._engine.dead_letters(request.limit or DEFAULT_LIST_LIMIT)
+        return pb.ListDeadLettersResponse(dead_letters=[dead_letter_message(letter) for letter in letters])
+
+    @grpc_errors
+    async def RequeueDeadLetter(
+        self, request: pb.RequeueDeadLetterRequest, context: Context
+    ) -> pb.RequeueDeadLetterResponse:
+        await self._waiter.wait(self._engine.dead_letter_requeue(request.seq))
+        return pb.RequeueDeadLetterResponse(seq=request.seq)
+
+    @grpc_errors
+    async def GetSettlementStatus(
+        self, request: pb.GetSettlementStatusRequest, context: Context
+    ) -> pb.SettlementStatus:
+        if self._settlement is not None:
+            return pb.SettlementStatus(**self._settlement.snapshot())
+        stats = self._engine.outbox_stats()  # a server built without settlement (tests): report it off
+        return pb.SettlementStatus(
+            enabled=False,
+            outbox_depth=stats["depth"],
+            max_outbox_entries=stats["max_entries"],
+            dead_letters=stats["dead_letters"],
+        )
+
+
+def dead_letter_message(letter: _core.DeadLetterEntry) -> pb.DeadLetter:
+    return pb.DeadLetter(
+        seq=letter["seq"],
+        identifier=letter["identifier"],
+        sent_as=letter["sent_as"] or "",
+        customer_id=letter["customer_id"],
+        stripe_customer_id=letter["stripe_customer_id"],
+        amount=letter["amount"],
+        ts_ms=letter["ts_ms"],
+        first_attempt_ms=letter["first_attempt_ms"] or 0,
+        attempts=letter["attempts"],
+        reason=letter["reason"],
+        dead_ms=letter["dead_ms"],
+        requeues=letter["requeues"],
+    )

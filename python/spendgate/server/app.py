@@ -13,7 +13,7 @@ import asyncio
 import logging
 import signal
 import sys
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import grpc
 import grpc.aio
@@ -26,8 +26,13 @@ from spendgate.config import Settings
 from spendgate.server.admin_service import AdminServicer
 from spendgate.server.budget_service import BudgetServicer
 from spendgate.server.durability import DurabilityWaiter
+from spendgate.server.http import HttpServer, new_http_app
+from spendgate.settle import SettlementService
 from spendgate.v1 import spendgate_pb2 as pb
 from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from spendgate.webhooks import WebhookReceiver
 
 log = logging.getLogger("spendgate")
 
@@ -49,7 +54,11 @@ class Sidecar:
         self._waiter: DurabilityWaiter | None = None
         self._health: grpc_health.aio.HealthServicer | None = None
         self._server: grpc.aio.Server | None = None
+        self._http: HttpServer | None = None  # Stripe webhooks (webhook_listen), on their own port
+        self.webhooks: WebhookReceiver | None = None
         self._health_tasks: set[asyncio.Task[None]] = set()
+        self._settlement: SettlementService | None = None
+        self._settle_task: asyncio.Task[None] | None = None
         self._stopped = False
 
     async def start(self) -> None:
@@ -58,14 +67,18 @@ class Sidecar:
         self._engine = _core.Engine(settings.data_dir, **settings.engine_kwargs())
         try:
             self._waiter = DurabilityWaiter(self._engine, on_failure=self._on_engine_failure)
+            self._settlement = SettlementService(self._engine, settings, self._waiter.wait)
             self._health = grpc_health.aio.HealthServicer()
             self._server = self._build_server(self._engine, self._waiter, self._health)
             port = self._server.add_insecure_port(settings.listen)
             self.address = bound_address(settings.listen, port)
+            if settings.webhook_listen:
+                await self._start_webhooks(self._engine, self._waiter)
             if self._engine.failure() is None:
                 for service in HEALTH_SERVICES:
                     await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
             await self._server.start()
+            self._start_settlement()
         except BaseException:
             await self.stop()
             raise
@@ -82,6 +95,9 @@ class Sidecar:
             await self._health.enter_graceful_shutdown()  # NOT_SERVING first, so that balancers look elsewhere
         if self._server is not None:
             await self._server.stop(self.settings.shutdown_grace_ms / 1000)
+        if self._http is not None:
+            await self._http.stop()  # lets in-flight webhooks finish (they wait for the engine) within the grace
+        await self._stop_settlement()  # after the drain; before the engine closes
         if self._waiter is not None:
             self._waiter.close()  # before the engine: the engine closes the fd the waiter watches
         if self._engine is not None:
@@ -90,6 +106,18 @@ class Sidecar:
         # Drop our references to the engine: it releases the data dir's lock only when freed, not on close(). (grpc
         # keeps the servicers in reference cycles, so a reopen in this process also needs a gc pass, for now.)
         self._server = self._waiter = self._engine = None
+        self._http = self.webhooks = None
+
+    async def _start_webhooks(self, engine: _core.Engine, waiter: DurabilityWaiter) -> None:
+        from spendgate.webhooks import WEBHOOK_PATH, add_webhook_routes, build_receiver  # noqa: PLC0415 - aiohttp
+
+        settings = self.settings
+        self.webhooks = build_receiver(settings, engine, waiter.wait)
+        app = new_http_app()
+        add_webhook_routes(app, self.webhooks)
+        self._http = HttpServer(app, settings.webhook_listen, shutdown_grace_s=settings.shutdown_grace_ms / 1000)
+        await self._http.start()
+        log.info("spendgate webhooks listening on %s%s", self._http.url, WEBHOOK_PATH)
 
     def _build_server(
         self, engine: _core.Engine, waiter: DurabilityWaiter, health: grpc_health.aio.HealthServicer
@@ -106,12 +134,30 @@ class Sidecar:
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
         pb_grpc.add_BudgetServicer_to_server(BudgetServicer(engine, waiter), server)
-        pb_grpc.add_AdminServicer_to_server(AdminServicer(engine, waiter), server)
+        pb_grpc.add_AdminServicer_to_server(AdminServicer(engine, waiter, self._settlement), server)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         if settings.reflection:
             names = (BUDGET_SERVICE, ADMIN_SERVICE, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME)
             reflection.enable_server_reflection(names, server)
         return server
+
+    def _start_settlement(self) -> None:
+        """The settler as a background task (or, without STRIPE_API_KEY, only the outbox alarm)."""
+        assert self._settlement is not None
+        self._settlement.log_start()
+        self._settle_task = asyncio.get_running_loop().create_task(self._settlement.run(), name="spendgate-settle")
+        self._settle_task.add_done_callback(_log_settle_exit)
+
+    async def _stop_settlement(self) -> None:
+        """Cancel the settler. A Stripe call in flight is abandoned safely: its event's identifier was claimed durably
+        before the send, so the next start resends exactly the same event and Stripe drops the duplicate."""
+        task, self._settle_task = self._settle_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+        if self._settlement is not None:
+            self._settlement.close()
+            self._settlement = None
 
     def _on_engine_failure(self, failure: str) -> None:
         # The writer failing is final (the engine refuses every later call): NOT_SERVING for good, so that the
@@ -121,6 +167,13 @@ class Sidecar:
             task = asyncio.get_running_loop().create_task(self._health.enter_graceful_shutdown())
             self._health_tasks.add(task)  # the loop keeps only weak references to tasks
             task.add_done_callback(self._health_tasks.discard)
+
+
+def _log_settle_exit(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.critical(
+            "the settler stopped on an unexpected error; outbox entries wait until a restart", exc_info=task.exception()
+        )
 
 
 def bound_address(listen: str, port: int) -> str:

@@ -73,6 +73,9 @@ def _kill(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
+STRIPE_ENV_PREFIX: Final[str] = "STRIPE_"
+
+
 class Sidecar:
     """One spendgate server process on `data_dir`, listening on 127.0.0.1 at a port fixed for this object's life."""
 
@@ -193,7 +196,12 @@ class Sidecar:
                 *self._extra_args]
 
     def _child_env(self) -> dict[str, str]:
-        env = dict(os.environ if self._env is None else self._env)
+        # A developer's real Stripe credentials must never reach a test sidecar: without an explicit env, the child
+        # inherits this process's environment minus every STRIPE_* variable (pass them in `env` on purpose).
+        if self._env is None:
+            env = {name: value for name, value in os.environ.items() if not name.startswith(STRIPE_ENV_PREFIX)}
+        else:
+            env = dict(self._env)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
         env.setdefault("PYTHONUNBUFFERED", "1")  # so the log has everything up to a kill -9
         return env

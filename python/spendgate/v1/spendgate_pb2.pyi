@@ -182,3 +182,93 @@ class PingRequest(_message.Message):
 class PingResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ListDeadLettersRequest(_message.Message):
+    __slots__ = ("limit",)
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    def __init__(self, limit: _Optional[int] = ...) -> None: ...
+
+class DeadLetter(_message.Message):
+    __slots__ = ("seq", "identifier", "sent_as", "customer_id", "stripe_customer_id", "amount", "ts_ms", "first_attempt_ms", "attempts", "reason", "dead_ms", "requeues")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    IDENTIFIER_FIELD_NUMBER: _ClassVar[int]
+    SENT_AS_FIELD_NUMBER: _ClassVar[int]
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    STRIPE_CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    TS_MS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_ATTEMPT_MS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DEAD_MS_FIELD_NUMBER: _ClassVar[int]
+    REQUEUES_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    identifier: str
+    sent_as: str
+    customer_id: str
+    stripe_customer_id: str
+    amount: int
+    ts_ms: int
+    first_attempt_ms: int
+    attempts: int
+    reason: str
+    dead_ms: int
+    requeues: int
+    def __init__(self, seq: _Optional[int] = ..., identifier: _Optional[str] = ..., sent_as: _Optional[str] = ..., customer_id: _Optional[str] = ..., stripe_customer_id: _Optional[str] = ..., amount: _Optional[int] = ..., ts_ms: _Optional[int] = ..., first_attempt_ms: _Optional[int] = ..., attempts: _Optional[int] = ..., reason: _Optional[str] = ..., dead_ms: _Optional[int] = ..., requeues: _Optional[int] = ...) -> None: ...
+
+class ListDeadLettersResponse(_message.Message):
+    __slots__ = ("dead_letters",)
+    DEAD_LETTERS_FIELD_NUMBER: _ClassVar[int]
+    dead_letters: _containers.RepeatedCompositeFieldContainer[DeadLetter]
+    def __init__(self, dead_letters: _Optional[_Iterable[_Union[DeadLetter, _Mapping]]] = ...) -> None: ...
+
+class RequeueDeadLetterRequest(_message.Message):
+    __slots__ = ("seq",)
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    def __init__(self, seq: _Optional[int] = ...) -> None: ...
+
+class RequeueDeadLetterResponse(_message.Message):
+    __slots__ = ("seq",)
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    def __init__(self, seq: _Optional[int] = ...) -> None: ...
+
+class GetSettlementStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SettlementStatus(_message.Message):
+    __slots__ = ("enabled", "transport", "event_name", "aggregate_window_ms", "outbox_depth", "max_outbox_entries", "oldest_age_ms", "dead_letters", "last_success_ms", "last_error", "last_error_ms", "delivered_events", "delivered_entries", "dead_lettered_entries", "failing_since_ms")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    EVENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATE_WINDOW_MS_FIELD_NUMBER: _ClassVar[int]
+    OUTBOX_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_OUTBOX_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_AGE_MS_FIELD_NUMBER: _ClassVar[int]
+    DEAD_LETTERS_FIELD_NUMBER: _ClassVar[int]
+    LAST_SUCCESS_MS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_MS_FIELD_NUMBER: _ClassVar[int]
+    DELIVERED_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    DELIVERED_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    DEAD_LETTERED_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    FAILING_SINCE_MS_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    transport: str
+    event_name: str
+    aggregate_window_ms: int
+    outbox_depth: int
+    max_outbox_entries: int
+    oldest_age_ms: int
+    dead_letters: int
+    last_success_ms: int
+    last_error: str
+    last_error_ms: int
+    delivered_events: int
+    delivered_entries: int
+    dead_lettered_entries: int
+    failing_since_ms: int
+    def __init__(self, enabled: _Optional[bool] = ..., transport: _Optional[str] = ..., event_name: _Optional[str] = ..., aggregate_window_ms: _Optional[int] = ..., outbox_depth: _Optional[int] = ..., max_outbox_entries: _Optional[int] = ..., oldest_age_ms: _Optional[int] = ..., dead_letters: _Optional[int] = ..., last_success_ms: _Optional[int] = ..., last_error: _Optional[str] = ..., last_error_ms: _Optional[int] = ..., delivered_events: _Optional[int] = ..., delivered_entries: _Optional[int] = ..., dead_lettered_entries: _Optional[int] = ..., failing_since_ms: _Optional[int] = ...) -> None: ...

@@ -302,6 +302,21 @@ class AdminStub:
                 request_serializer=spendgate_dot_v1_dot_spendgate__pb2.FreezeBudgetRequest.SerializeToString,
                 response_deserializer=spendgate_dot_v1_dot_spendgate__pb2.SetBudgetResponse.FromString,
                 _registered_method=True)
+        self.ListDeadLetters = channel.unary_unary(
+                '/spendgate.v1.Admin/ListDeadLetters',
+                request_serializer=spendgate_dot_v1_dot_spendgate__pb2.ListDeadLettersRequest.SerializeToString,
+                response_deserializer=spendgate_dot_v1_dot_spendgate__pb2.ListDeadLettersResponse.FromString,
+                _registered_method=True)
+        self.RequeueDeadLetter = channel.unary_unary(
+                '/spendgate.v1.Admin/RequeueDeadLetter',
+                request_serializer=spendgate_dot_v1_dot_spendgate__pb2.RequeueDeadLetterRequest.SerializeToString,
+                response_deserializer=spendgate_dot_v1_dot_spendgate__pb2.RequeueDeadLetterResponse.FromString,
+                _registered_method=True)
+        self.GetSettlementStatus = channel.unary_unary(
+                '/spendgate.v1.Admin/GetSettlementStatus',
+                request_serializer=spendgate_dot_v1_dot_spendgate__pb2.GetSettlementStatusRequest.SerializeToString,
+                response_deserializer=spendgate_dot_v1_dot_spendgate__pb2.SettlementStatus.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -330,6 +345,29 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDeadLetters(self, request, context):
+        """Settlement to Stripe: the committed usages Stripe refused for good (or that must not be resent blindly), oldest
+        first, each with the reason. They never block other events.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RequeueDeadLetter(self, request, context):
+        """Put a dead letter back in the outbox (after fixing its cause). It is sent under a fresh identifier, because Stripe
+        keeps the identifiers it refused. NOT_FOUND if there is no dead letter with that seq.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSettlementStatus(self, request, context):
+        """Settlement to Stripe: on or off, the outbox's depth and age, dead letters, the last success and the last error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -347,6 +385,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.FreezeBudget,
                     request_deserializer=spendgate_dot_v1_dot_spendgate__pb2.FreezeBudgetRequest.FromString,
                     response_serializer=spendgate_dot_v1_dot_spendgate__pb2.SetBudgetResponse.SerializeToString,
+            ),
+            'ListDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeadLetters,
+                    request_deserializer=spendgate_dot_v1_dot_spendgate__pb2.ListDeadLettersRequest.FromString,
+                    response_serializer=spendgate_dot_v1_dot_spendgate__pb2.ListDeadLettersResponse.SerializeToString,
+            ),
+            'RequeueDeadLetter': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequeueDeadLetter,
+                    request_deserializer=spendgate_dot_v1_dot_spendgate__pb2.RequeueDeadLetterRequest.FromString,
+                    response_serializer=spendgate_dot_v1_dot_spendgate__pb2.RequeueDeadLetterResponse.SerializeToString,
+            ),
+            'GetSettlementStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSettlementStatus,
+                    request_deserializer=spendgate_dot_v1_dot_spendgate__pb2.GetSettlementStatusRequest.FromString,
+                    response_serializer=spendgate_dot_v1_dot_spendgate__pb2.SettlementStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -431,6 +484,87 @@ class Admin:
             '/spendgate.v1.Admin/FreezeBudget',
             spendgate_dot_v1_dot_spendgate__pb2.FreezeBudgetRequest.SerializeToString,
             spendgate_dot_v1_dot_spendgate__pb2.SetBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spendgate.v1.Admin/ListDeadLetters',
+            spendgate_dot_v1_dot_spendgate__pb2.ListDeadLettersRequest.SerializeToString,
+            spendgate_dot_v1_dot_spendgate__pb2.ListDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequeueDeadLetter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spendgate.v1.Admin/RequeueDeadLetter',
+            spendgate_dot_v1_dot_spendgate__pb2.RequeueDeadLetterRequest.SerializeToString,
+            spendgate_dot_v1_dot_spendgate__pb2.RequeueDeadLetterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSettlementStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spendgate.v1.Admin/GetSettlementStatus',
+            spendgate_dot_v1_dot_spendgate__pb2.GetSettlementStatusRequest.SerializeToString,
+            spendgate_dot_v1_dot_spendgate__pb2.SettlementStatus.FromString,
             options,
             channel_credentials,
             insecure,

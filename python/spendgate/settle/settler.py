@@ -1,0 +1,430 @@
+"""The settler: drains the outbox to Stripe Billing Meters, exactly once.
+
+One round:
+1. `outbox_pending(batch)`: the oldest durable entries (each is a committed usage; Commit wrote it in the same LMDB
+   transaction as the ledger entry).
+2. Events: an entry already claimed (`sent_as` set) is rebuilt exactly as first sent (aggregate.claimed_events); the
+   others become one event each, or one per Stripe customer per closed window with pre-aggregation.
+3. Rules that need no network (rules.py: 24-hour resend safety, the 35-day / 5-minute timestamp window, the value's
+   digits, a missing customer id) and checks of what Stripe validates only asynchronously (preflight.py): a failed one
+   sends the event to the dead letters with the reason.
+4. Claim: `outbox_claim(seqs, identifier)` fixes the event's identifier on its entries, and the settler waits until
+   that is durable BEFORE the first send. A crash after a send therefore always resends the same event (identifier,
+   value, timestamp), which Stripe drops as a duplicate.
+5. Send, from a small pool of threads (the SDK blocks), retrying 429 / 5xx / connection errors with exponential backoff
+   and full jitter, honouring Stripe-Should-Retry (errors.py).
+6. Acknowledge (`outbox_ack`) only what Stripe accepted, or answered as a duplicate; dead-letter what it refused for
+   good. One bad event never holds back the others: each event (v1) or batch (v2, bisected on a refusal) stands alone.
+
+Between rounds: at once while there is work; `settle_interval_ms` when the outbox is empty; while Stripe fails, rounds
+back off (full jitter up to `settle_backoff_max_ms`) and send a single probe call until one succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final, Protocol
+
+from spendgate import _core
+from spendgate.settle import rules
+from spendgate.settle.aggregate import MeterEvent, claimed_events, fresh_events
+from spendgate.settle.errors import Classified, Verdict, classify, truncate_reason
+from spendgate.settle.monitor import OutboxMonitor
+from spendgate.settle.pool import DaemonThreadPool
+from spendgate.settle.preflight import Preflight
+
+log = logging.getLogger("spendgate.settle")
+
+# The engine takes at most this many seqs per call (outbox_pending, outbox_ack, ...).
+MAX_ENGINE_BATCH: Final[int] = 10_000
+
+
+class Transport(Protocol):
+    name: str
+    event_name: str
+    max_events_per_call: int
+    validates_meter: bool
+
+    def send(self, events: Sequence[MeterEvent]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SettleOptions:
+    """The settle_* settings (see spendgate.config), checked for what the settler needs."""
+
+    transport: str = "v1"
+    event_name: str = "spendgate_usage"
+    batch_size: int = 100
+    concurrency: int = 4
+    interval_ms: int = 500
+    aggregate_window_ms: int = 0
+    max_attempts: int = 5
+    backoff_base_ms: int = 100
+    backoff_max_ms: int = 30_000
+    request_timeout_ms: int = 30_000
+
+    def __post_init__(self) -> None:
+        if self.transport not in ("v1", "v2"):
+            raise ValueError(f"settle_transport: expected v1 or v2, got {self.transport!r}")
+        if not 1 <= self.batch_size <= 100:
+            raise ValueError(
+                f"settle_batch_size: expected 1..=100 (Stripe's v2 stream takes at most 100 events per request), "
+                f"got {self.batch_size}"
+            )
+        if len(self.event_name) > 100:
+            raise ValueError(f"settle_event_name: Stripe allows at most 100 characters, got {len(self.event_name)}")
+        if self.concurrency < 1 or self.max_attempts < 1 or self.interval_ms < 1:
+            raise ValueError("settle_concurrency, settle_max_attempts and settle_interval_ms must be >= 1")
+        if self.backoff_max_ms < self.backoff_base_ms:
+            raise ValueError(
+                f"settle_backoff_max_ms ({self.backoff_max_ms}) must be >= settle_backoff_base_ms "
+                f"({self.backoff_base_ms})"
+            )
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> SettleOptions:
+        """From spendgate.config.Settings (duck-typed: config stays free of settle imports)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{name: getattr(settings, f"settle_{name}") for name in names})
+
+    @property
+    def fetch_limit(self) -> int:
+        """Entries read per round: enough for `concurrency` calls of `batch_size` events."""
+        return min(MAX_ENGINE_BATCH, self.batch_size * self.concurrency)
+
+
+@dataclasses.dataclass
+class SettlementStatus:
+    """What GetSettlementStatus and `spendgate settle status` show (besides the engine's outbox stats)."""
+
+    enabled: bool
+    transport: str
+    event_name: str
+    aggregate_window_ms: int = 0
+    last_success_ms: int = 0
+    last_error: str = ""
+    last_error_ms: int = 0
+    delivered_events: int = 0
+    delivered_entries: int = 0
+    dead_lettered_entries: int = 0
+    failing_since_ms: int = 0
+
+
+@dataclasses.dataclass(slots=True)
+class RoundResult:
+    fetched: int = 0
+    delivered: int = 0  # events
+    dead: int = 0  # events
+    skipped: int = 0  # zero-value events acknowledged without a call
+    failed: int = 0  # events left for a later round
+    waiting: int = 0  # entries in aggregation windows not yet closed, or backing off
+    retry_in_s: float | None = None  # the earliest time a backing-off event may go again
+
+    @property
+    def progressed(self) -> bool:
+        return self.delivered + self.dead + self.skipped > 0
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Settler:
+    def __init__(
+        self,
+        engine: _core.Engine,
+        transport: Transport,
+        options: SettleOptions,
+        *,
+        wait_durable: Callable[[int], Awaitable[None]],
+        preflight: Preflight | None = None,
+        status: SettlementStatus | None = None,
+        monitor: OutboxMonitor | None = None,
+        clock_ms: Callable[[], int] = wall_ms,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._engine = engine
+        self._transport = transport
+        self.options = options
+        self._wait_durable = wait_durable
+        self._preflight = preflight
+        self.status = status or SettlementStatus(True, transport.name, transport.event_name, options.aggregate_window_ms)
+        self._monitor = monitor or OutboxMonitor(settling=True)
+        self._clock_ms = clock_ms
+        self._rng = rng or random.Random()
+        self._pool = DaemonThreadPool(options.concurrency)
+        self._stalls = 0  # rounds in a row that made no progress because calls failed
+        self._failures: dict[str, tuple[int, float]] = {}  # identifier -> (failed rounds, not before: loop time)
+        self._closed = False
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+
+    async def run(self, *, until_empty: bool = False) -> None:
+        """Settle until cancelled (or, with until_empty, until the outbox is empty). Engine errors are logged and
+        retried; a failed engine (the writer stopped for good) ends the loop."""
+        while True:
+            try:
+                result = await self.run_once()
+            except _core.EngineError as error:
+                if self._engine.failure() is not None or error.kind == "unavailable":
+                    log.error("settlement stops: the engine is unavailable: %s", error.message)
+                    return
+                log.error("settlement round failed in the engine: %s: %s; retrying", error.kind, error.message)
+                result = RoundResult(failed=1)
+            if until_empty and result.fetched == 0:
+                return
+            await asyncio.sleep(self._delay_after(result))
+
+    def _delay_after(self, result: RoundResult) -> float:
+        if result.progressed:
+            return 0.0
+        if result.failed:
+            return self._backoff_s(self._stalls)
+        idle = self.options.interval_ms / 1000
+        if result.retry_in_s is not None:
+            return max(0.01, min(idle, result.retry_in_s))
+        return idle
+
+    async def run_once(self) -> RoundResult:
+        """One round (see the module docstring)."""
+        stats = self._engine.outbox_stats()
+        self._monitor.check(stats)
+        entries = self._engine.outbox_pending(self.options.fetch_limit)
+        result = RoundResult(fetched=len(entries))
+        if not entries:
+            self._failures.clear()
+            return result
+        now_ms = self._clock_ms()
+        events = claimed_events(entries) + fresh_events(entries, self.options.aggregate_window_ms, now_ms)
+        result.waiting = len(entries) - sum(e.size for e in events)
+        self._forget_failures_except(events)
+
+        dead: list[tuple[MeterEvent, str]] = []
+        zero: list[MeterEvent] = []
+        ready: list[MeterEvent] = []
+        loop_now = asyncio.get_running_loop().time()
+        for event in events:
+            reason = self._local_problem(event, now_ms)
+            if reason is not None:
+                dead.append((event, reason))
+            elif event.value == 0:
+                zero.append(event)  # nothing to bill: acknowledged without a call
+            elif self._failures.get(event.identifier, (0, 0.0))[1] > loop_now:
+                result.waiting += event.size
+                wait_s = self._failures[event.identifier][1] - loop_now
+                result.retry_in_s = wait_s if result.retry_in_s is None else min(result.retry_in_s, wait_s)
+            else:
+                ready.append(event)
+
+        ready, checked_dead, failed = await self._run_preflight(ready)
+        dead += checked_dead
+        outcomes: list[tuple[MeterEvent, Classified | None]] = [(e, c) for e, c in failed]
+        not_sent: list[MeterEvent] = []
+        if ready:
+            await self._claim(ready)
+            sent, not_sent = await self._send_all(ready)
+            outcomes += sent
+
+        delivered = [e for e, c in outcomes if c is None or c.verdict is Verdict.DELIVERED]
+        dead += [(e, c.reason) for e, c in outcomes if c is not None and c.verdict is Verdict.PERMANENT]
+        retry = [(e, c) for e, c in outcomes if c is not None and c.verdict not in (Verdict.DELIVERED, Verdict.PERMANENT)]
+        await self._settle(delivered + zero, dead)
+
+        result.delivered, result.skipped, result.dead = len(delivered), len(zero), len(dead)
+        result.failed = len(retry) + len(not_sent)
+        self._record(result, delivered, dead, retry)
+        return result
+
+    # -- the steps ------------------------------------------------------------------------------------------------
+
+    def _local_problem(self, event: MeterEvent, now_ms: int) -> str | None:
+        return (
+            rules.resend_too_late(event.first_attempt_ms, now_ms)
+            or rules.customer_missing(event.stripe_customer_id, event.customer_ids)
+            or rules.timestamp_out_of_window(event.ts_ms, now_ms)
+            or rules.value_refused(event.value)
+        )
+
+    async def _run_preflight(
+        self, events: list[MeterEvent]
+    ) -> tuple[list[MeterEvent], list[tuple[MeterEvent, str]], list[tuple[MeterEvent, Classified]]]:
+        """(events that may go, events to dead-letter with the reason, events whose check failed for now)."""
+        preflight = self._preflight
+        if preflight is None or not events:
+            return events, [], []
+        if not preflight.meter_known():
+            problem, failure = await self._call(preflight.meter_problem)
+            if failure is not None:
+                return [], [], [(e, failure) for e in events]
+            if problem is not None:
+                return [], [(e, problem) for e in events], []
+        customers = sorted({e.stripe_customer_id for e in events if not preflight.customer_known(e.stripe_customer_id)})
+        answers = await asyncio.gather(*(self._call(preflight.customer_problem, c) for c in customers))
+        by_customer = dict(zip(customers, answers, strict=True))
+        ok, dead, failed = [], [], []
+        for event in events:
+            problem, failure = by_customer.get(event.stripe_customer_id, (None, None))
+            if failure is not None and failure.verdict is Verdict.PERMANENT:
+                dead.append((event, f"Stripe refused to look up customer {event.stripe_customer_id!r}: {failure.reason}"))
+            elif failure is not None:
+                failed.append((event, failure))
+            elif problem is not None:
+                dead.append((event, problem))
+            else:
+                ok.append(event)
+        return ok, dead, failed
+
+    async def _claim(self, events: list[MeterEvent]) -> None:
+        """Fix each event's identifier on its entries; wait until the first claims are durable before any send."""
+        first_claims = 0
+        for event in events:
+            ticket = self._engine.outbox_claim(list(event.seqs), event.identifier)  # a resend: counts the attempt
+            if not event.claimed:
+                first_claims = max(first_claims, ticket)
+        await self._wait_durable(first_claims)
+
+    async def _send_all(
+        self, events: list[MeterEvent]
+    ) -> tuple[list[tuple[MeterEvent, Classified | None]], list[MeterEvent]]:
+        """(each sent event with its failure or None, events not sent because the probe failed)."""
+        per_call = self._transport.max_events_per_call
+        calls = [events[i : i + per_call] for i in range(0, len(events), per_call)]
+        outcomes: list[tuple[MeterEvent, Classified | None]] = []
+        if self._stalls > 0:
+            # Stripe failed last round: one probe call first, the rest only if it goes through.
+            probe = await self._deliver(calls[0])
+            outcomes += probe
+            if any(c is not None and c.verdict not in (Verdict.DELIVERED, Verdict.PERMANENT) for _, c in probe):
+                return outcomes, [e for call in calls[1:] for e in call]
+            calls = calls[1:]
+        for group in await asyncio.gather(*(self._deliver(call) for call in calls)):
+            outcomes += group
+        return outcomes, []
+
+    async def _deliver(self, events: Sequence[MeterEvent]) -> list[tuple[MeterEvent, Classified | None]]:
+        """Send one call's events, with retries; on a refusal of several events, bisect to find the refused one."""
+        _, failure = await self._call(self._transport.send, events)
+        if failure is None or failure.verdict is Verdict.DELIVERED:
+            return [(e, None) for e in events]
+        if failure.verdict is Verdict.PERMANENT and len(events) > 1:
+            middle = len(events) // 2
+            halves = await asyncio.gather(self._deliver(events[:middle]), self._deliver(events[middle:]))
+            return halves[0] + halves[1]
+        return [(e, failure) for e in events]
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> tuple[Any, Classified | None]:
+        """fn(*args) in the thread pool, retried on RETRY (and on SESSION_EXPIRED) up to settle_max_attempts."""
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await loop.run_in_executor(self._pool, fn, *args), None
+            except Exception as error:  # noqa: BLE001 - every failure is classified; CancelledError passes
+                failure = classify(error)
+                if failure.verdict is Verdict.RETRY_LATER and not _is_stripe_error(error):
+                    log.error("unexpected error while talking to Stripe", exc_info=error)
+                retriable = failure.verdict in (Verdict.RETRY, Verdict.SESSION_EXPIRED)
+                if not retriable or attempt >= self.options.max_attempts:
+                    return None, failure
+                await asyncio.sleep(self._backoff_s(attempt))
+
+    async def _settle(self, delivered: list[MeterEvent], dead: list[tuple[MeterEvent, str]]) -> None:
+        tickets = [0]
+        seqs = [seq for event in delivered for seq in event.seqs]
+        for i in range(0, len(seqs), MAX_ENGINE_BATCH):
+            tickets.append(self._engine.outbox_ack(seqs[i : i + MAX_ENGINE_BATCH]))
+        for event, reason in dead:
+            if event.claimed and "spendgate reconcile" not in reason:
+                # A resend refused now may have been recorded the first time (say, before the meter was archived): a
+                # requeue, under a fresh identifier, would then count it twice.
+                reason += (
+                    f". It was sent before ({event.identifier}), so Stripe may have it already: check `spendgate "
+                    "reconcile` before requeueing"
+                )
+            reason = truncate_reason(reason)
+            log.warning(
+                "dead letter: %d outbox entr%s (seq %s, identifier %s, customer %s, stripe customer %s, value %d): %s",
+                event.size, "y" if event.size == 1 else "ies", _seqs_text(event.seqs), event.identifier,
+                ",".join(event.customer_ids), event.stripe_customer_id or "-", event.value, reason,
+            )
+            tickets.append(self._engine.outbox_dead_letter(list(event.seqs), reason))
+        # Waiting here keeps the next round from reading (and resending) entries whose ack is still being written.
+        await self._wait_durable(max(tickets))
+
+    # -- bookkeeping ----------------------------------------------------------------------------------------------
+
+    def _record(self, result: RoundResult, delivered: list[MeterEvent], dead: list[tuple[MeterEvent, str]],
+                retry: list[tuple[MeterEvent, Classified]]) -> None:
+        status, now_ms = self.status, self._clock_ms()
+        loop_now = asyncio.get_running_loop().time()
+        for event in delivered:
+            self._failures.pop(event.identifier, None)
+        for event, _ in dead:
+            self._failures.pop(event.identifier, None)
+        for event, _ in retry:
+            count = self._failures.get(event.identifier, (0, 0.0))[0] + 1
+            self._failures[event.identifier] = (count, loop_now + self._backoff_s(count))
+        if delivered:
+            status.last_success_ms = now_ms
+            status.delivered_events += len(delivered)
+            status.delivered_entries += sum(e.size for e in delivered)
+        status.dead_lettered_entries += sum(e.size for e, _ in dead)
+        if retry:
+            status.last_error, status.last_error_ms = retry[0][1].reason, now_ms
+        if result.failed and not result.progressed:
+            if self._stalls == 0:
+                status.failing_since_ms = now_ms
+                log.warning(
+                    "settlement to Stripe is failing: %s; %d+ entries wait in the outbox (nothing is lost); retrying "
+                    "with backoff up to %d ms",
+                    status.last_error, result.fetched, self.options.backoff_max_ms,
+                )
+            self._stalls += 1
+        elif result.progressed:
+            if self._stalls > 0:
+                log.warning(
+                    "settlement to Stripe recovered after %d failed rounds (%.1f s)",
+                    self._stalls, (now_ms - status.failing_since_ms) / 1000,
+                )
+                status.failing_since_ms = 0
+            self._stalls = 0
+        log.debug("settle round: %s", result)
+
+    def _forget_failures_except(self, events: list[MeterEvent]) -> None:
+        """Drop the failure memory of events no longer in the outbox's head (the memory stays as small as a round)."""
+        if self._failures:
+            keep = {e.identifier for e in events}
+            for identifier in [i for i in self._failures if i not in keep]:
+                del self._failures[identifier]
+
+    def _backoff_s(self, attempt: int) -> float:
+        """Exponential backoff with full jitter: uniform in [0, min(max, base * 2^(attempt-1))]."""
+        ceiling = min(self.options.backoff_max_ms, self.options.backoff_base_ms * 2 ** min(max(attempt - 1, 0), 30))
+        return self._rng.uniform(0, ceiling) / 1000
+
+    def close(self) -> None:
+        """Stop the worker threads without waiting for a call in flight (abandoning it is safe: see pool.py)."""
+        if not self._closed:
+            self._closed = True
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._transport.close()
+
+
+def _is_stripe_error(error: BaseException) -> bool:
+    import stripe  # noqa: PLC0415
+
+    return isinstance(error, stripe.StripeError)
+
+
+def _seqs_text(seqs: Sequence[int]) -> str:
+    if len(seqs) <= 5:
+        return ",".join(map(str, seqs))
+    return f"{seqs[0]},{seqs[1]},...,{seqs[-1]} ({len(seqs)})"

@@ -1,0 +1,580 @@
+"""What each Stripe event does to the budgets. The HTTP side (spendgate.webhooks.server) verifies the signature first;
+everything here runs only for an authentic event.
+
+| event | action |
+| --- | --- |
+| `customer.subscription.created` / `.updated` | limit = `webhook_plan_limits[price id or lookup_key of the first item]`, on the customer's budget (created, with customer_id = the Stripe customer id, if there is none). An active or trialing subscription also unfreezes a budget that `.deleted` froze. |
+| `customer.subscription.deleted` | freeze the customer's budgets. |
+| `invoice.payment_failed` | `webhook_payment_failed_action`: `flag` (log and count) or `freeze` (remembering the invoice). |
+| `invoice.paid` | unfreeze a budget that `invoice.payment_failed` froze, once every invoice that froze it is paid. |
+| `v1.billing.meter.error_report_triggered`, `v1.billing.meter.no_meter_found` (thin events) | log, count per error code, link the sample identifiers to dead letters and ledger reservations. |
+
+Webhooks never unfreeze a budget they did not freeze: one already frozen (an operator's Admin.FreezeBudget) is left
+frozen, and a limit is never set on a budget named like the Stripe customer that bills another one.
+
+Budget periods do not exist in the engine yet: aligning a budget's period with the subscription's, and rolling it over
+on `invoice.paid`, belong to the policy issue. Those events log what they would align, and nothing more.
+
+Idempotency. Every action is idempotent given the state below, and the ids of processed events are kept (the newest
+MAX_PROCESSED_EVENTS), so a replayed event (same id) changes nothing. That state (processed ids, the invoices that froze
+a budget, the subscriptions whose deletion froze one) is written to `<data_dir>/webhook-state.json` after the engine
+change is durable and before Stripe gets its 200, so it survives a restart; a crash in between makes Stripe resend the
+event, and the resend finds the change already made.
+
+Budgets are found by their stripe_customer_id through Engine.list_budgets, which returns at most LIST_LIMIT budgets:
+past that, only a budget whose customer_id is the Stripe customer id is found, and no budget is created for a customer
+that might exist beyond the limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+from spendgate import _core
+
+log = logging.getLogger("spendgate.webhooks")
+
+# Ids of processed events kept for replay detection; also the bound on remembered paid invoices.
+MAX_PROCESSED_EVENTS: Final[int] = 10_000
+# Meter error reports kept in memory for operators (the metrics and operator page of the next issue).
+MAX_RECENT_ERROR_REPORTS: Final[int] = 100
+# The most budgets Engine.list_budgets returns in one call.
+LIST_LIMIT: Final[int] = 10_000
+STATE_FILE_NAME: Final[str] = "webhook-state.json"
+STATE_VERSION: Final[int] = 1
+
+SUBSCRIPTION_CHANGED: Final[frozenset[str]] = frozenset({"customer.subscription.created", "customer.subscription.updated"})
+SUBSCRIPTION_DELETED: Final[str] = "customer.subscription.deleted"
+INVOICE_PAID: Final[str] = "invoice.paid"
+INVOICE_PAYMENT_FAILED: Final[str] = "invoice.payment_failed"
+# Thin (v2) events about meter events Stripe refused after accepting them (stripe/events/_v1_billing_meter_*).
+METER_ERROR_EVENTS: Final[frozenset[str]] = frozenset(
+    {"v1.billing.meter.error_report_triggered", "v1.billing.meter.no_meter_found"}
+)
+# Subscription statuses in which the customer is paying (https://docs.stripe.com/api/subscriptions/object#subscription_object-status).
+PAYING_STATUSES: Final[frozenset[str]] = frozenset({"active", "trialing"})
+# Engine errors worth a retry by Stripe (answered 503); any other is logged, counted and answered 200.
+TRANSIENT_KINDS: Final[frozenset[str]] = frozenset({"unavailable", "resource_exhausted", "internal"})
+# A spendgate meter event identifier: `sg-<reservation id>`, maybe `-requeue<n>` or the settler's `-agg...` suffix.
+_IDENTIFIER_RE: Final = re.compile(r"^sg-(?P<reservation_id>rsv_[0-9A-Za-z]+)")
+
+
+class TransientError(Exception):
+    """The event could not be handled now; Stripe should resend it (HTTP 503)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status: int
+    action: str
+
+
+@dataclass
+class WebhookStats:
+    """Counters for the metrics (events by type and outcome, meter errors by code), and the latest error reports."""
+
+    counts: collections.Counter[str] = field(default_factory=collections.Counter)
+    recent_error_reports: collections.deque[dict[str, Any]] = field(
+        default_factory=lambda: collections.deque(maxlen=MAX_RECENT_ERROR_REPORTS)
+    )
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.counts[key] += n
+
+
+class WebhookState:
+    """What the handlers remember across events and restarts (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.processed: collections.OrderedDict[str, None] = collections.OrderedDict()
+        # budget customer_id -> ids of the unpaid invoices whose payment failure froze it
+        self.payment_failed: dict[str, list[str]] = {}
+        # invoices known paid (so that a late payment_failed for a paid invoice does not freeze)
+        self.paid_invoices: collections.OrderedDict[str, None] = collections.OrderedDict()
+        # budget customer_id -> the subscription whose deletion froze it
+        self.frozen_by_deletion: dict[str, str] = {}
+
+    @staticmethod
+    def _remember(ids: collections.OrderedDict[str, None], item: str) -> None:
+        ids[item] = None
+        ids.move_to_end(item)
+        while len(ids) > MAX_PROCESSED_EVENTS:
+            ids.popitem(last=False)
+
+    def mark_processed(self, event_id: str) -> None:
+        self._remember(self.processed, event_id)
+
+    def mark_paid(self, invoice_id: str) -> None:
+        self._remember(self.paid_invoices, invoice_id)
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "version": STATE_VERSION, "processed": list(self.processed), "payment_failed": self.payment_failed,
+            "paid_invoices": list(self.paid_invoices), "frozen_by_deletion": self.frozen_by_deletion,
+        }, separators=(",", ":"))  # fmt: skip
+
+    @classmethod
+    def load(cls, path: Path) -> WebhookState:
+        state = cls()
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return state
+        except (OSError, ValueError) as error:
+            raise ValueError(f"cannot read the webhook state {path}: {error}; move it away to start afresh") from None
+        if not isinstance(document, dict) or document.get("version") != STATE_VERSION:
+            raise ValueError(f"{path} is not a webhook state of version {STATE_VERSION}; move it away to start afresh")
+        for event_id in document.get("processed", []):
+            state.mark_processed(str(event_id))
+        for invoice_id in document.get("paid_invoices", []):
+            state.mark_paid(str(invoice_id))
+        state.payment_failed = {str(k): [str(i) for i in v] for k, v in document.get("payment_failed", {}).items()}
+        state.frozen_by_deletion = {str(k): str(v) for k, v in document.get("frozen_by_deletion", {}).items()}
+        return state
+
+    def save(self, path: Path) -> None:
+        """Write atomically and durably: a temporary file, fsync, rename, fsync the directory."""
+        text = self.to_json()
+        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as file:
+                file.write(text)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+class WebhookHandlers:
+    """The actions, one event at a time (an asyncio lock serialises them: webhooks are few, and order matters)."""
+
+    def __init__(
+        self,
+        engine: _core.Engine,
+        wait_durable: Callable[[int], Awaitable[None]],
+        *,
+        plan_limits: Mapping[str, int],
+        payment_failed_action: str,
+        state_path: Path,
+        fetch_event: Callable[[str], Mapping[str, Any]] | None = None,
+    ) -> None:
+        """fetch_event(id): the full v2 event behind a thin notification (a blocking Stripe call, run in a thread);
+        None when no STRIPE_API_KEY is set (then meter error reports are logged without their details)."""
+        assert payment_failed_action in ("flag", "freeze"), payment_failed_action
+        self._engine = engine
+        self._wait_durable = wait_durable
+        self._plan_limits = dict(plan_limits)
+        self._payment_failed_action = payment_failed_action
+        self._state_path = state_path
+        self._fetch_event = fetch_event
+        self._state = WebhookState.load(state_path)
+        self._lock = asyncio.Lock()
+        self.stats = WebhookStats()
+
+    # -- entry points ------------------------------------------------------------------------------------------------
+
+    async def handle_event(self, event: Mapping[str, Any]) -> Outcome:
+        """A verified snapshot event (`object: "event"`)."""
+        return await self._handle(event, self._dispatch_snapshot)
+
+    async def handle_thin(self, notification: Mapping[str, Any]) -> Outcome:
+        """A verified thin event notification (`object: "v2.core.event"`)."""
+        return await self._handle(notification, self._dispatch_thin)
+
+    async def _handle(self, event: Mapping[str, Any],
+                      dispatch: Callable[[str, str, Mapping[str, Any]], Awaitable[Outcome | None]]) -> Outcome:
+        event_id, event_type = str(event.get("id") or ""), str(event.get("type") or "")
+        if not event_id or not event_type:
+            return Outcome(400, "an event needs an id and a type")
+        async with self._lock:
+            if event_id in self._state.processed:
+                self.stats.count("replayed")
+                log.info("webhook %s (%s): already processed; nothing to do", event_id, event_type)
+                return Outcome(200, "replay: already processed")
+            try:
+                outcome = await dispatch(event_id, event_type, event)
+            except _core.EngineError as error:  # not worth a resend (TransientError is): say so, and answer 200
+                self.stats.count("failed")
+                log.error("webhook %s (%s) failed: %s: %s", event_id, event_type, error.kind, error.message)
+                return Outcome(200, f"failed: {error.kind}: {error.message}")
+            if outcome is None:  # a type we do not act on: acknowledged, not remembered
+                self.stats.count(f"ignored.{event_type}")
+                return Outcome(200, f"ignored: spendgate does not act on {event_type}")
+            self._state.mark_processed(event_id)
+            try:
+                await asyncio.to_thread(self._state.save, self._state_path)
+            except OSError as error:
+                del self._state.processed[event_id]  # so that Stripe's resend runs the (idempotent) actions again
+                raise TransientError(f"cannot save {self._state_path}: {error}") from None
+            self.stats.count(f"handled.{event_type}")
+            return outcome
+
+    async def _dispatch_snapshot(self, event_id: str, event_type: str, event: Mapping[str, Any]) -> Outcome | None:
+        data = event.get("data")
+        obj = data.get("object") if isinstance(data, Mapping) else None
+        if not isinstance(obj, Mapping):
+            return Outcome(400, f"{event_type} without data.object") if _acts_on(event_type) else None
+        customer = _id_of(obj.get("customer"))
+        if _acts_on(event_type) and not customer:
+            self.stats.count("no_customer")
+            log.warning("webhook %s (%s): no customer on the %s; nothing to do", event_id, event_type, obj.get("object"))
+            return Outcome(200, "no customer: nothing to do")
+        if event_type in SUBSCRIPTION_CHANGED:
+            return await self._subscription_changed(event_id, event_type, obj, customer)
+        if event_type == SUBSCRIPTION_DELETED:
+            return await self._subscription_deleted(event_id, obj, customer)
+        if event_type == INVOICE_PAYMENT_FAILED:
+            return await self._payment_failed(event_id, obj, customer)
+        if event_type == INVOICE_PAID:
+            return await self._invoice_paid(event_id, obj, customer)
+        return None
+
+    async def _dispatch_thin(self, event_id: str, event_type: str, note: Mapping[str, Any]) -> Outcome | None:
+        if event_type in METER_ERROR_EVENTS:
+            return await self._meter_error_report(event_id, event_type, note)
+        return None
+
+    # -- subscriptions -----------------------------------------------------------------------------------------------
+
+    async def _subscription_changed(self, event_id: str, event_type: str, sub: Mapping[str, Any],
+                                    customer: str) -> Outcome:
+        item = _first_item(sub)
+        price = _mapping(item.get("price"))
+        keys = [key for key in (price.get("id"), price.get("lookup_key")) if isinstance(key, str) and key]
+        status = str(sub.get("status") or "")
+        start = item.get("current_period_start", sub.get("current_period_start"))
+        end = item.get("current_period_end", sub.get("current_period_end"))
+        # TODO(policy issue): align the budget's period with [start, end) once the engine has budget periods.
+        log.info(
+            "webhook %s: subscription %s of %s is %s, plan %s, current period %s .. %s (budget periods are not "
+            "aligned yet: that waits for budget periods)", event_id, sub.get("id"), customer, status or "?",
+            " / ".join(keys) or "?", _when(start), _when(end),
+        )  # fmt: skip
+        actions: list[str] = []
+        budgets, complete = self._budgets_of(customer)
+        limit = next((self._plan_limits[key] for key in keys if key in self._plan_limits), None)
+        if limit is None:
+            self.stats.count("plan_unmapped")
+            log.warning(
+                "webhook %s: plan %s of %s is not in webhook_plan_limits; its budget limit is unchanged",
+                event_id, " / ".join(keys) or "(none)", customer,
+            )  # fmt: skip
+            actions.append(f"plan {' / '.join(keys) or '(none)'} not in webhook_plan_limits: limit unchanged")
+        else:
+            target = _pick_budget(budgets, customer)
+            if target is None and budgets:
+                self.stats.count("customer_ambiguous")
+                names = ", ".join(b.customer_id for b in budgets)
+                log.error(
+                    "webhook %s: Stripe customer %s is billed for several budgets (%s) and none has that id; set "
+                    "their limits with `spendgate budget set`", event_id, customer, names,
+                )  # fmt: skip
+                actions.append(f"several budgets bill {customer} ({names}): limit unchanged")
+            elif target is None and not complete:
+                self.stats.count("customer_unresolved")
+                log.error(
+                    "webhook %s: no budget with stripe_customer_id %s among the first %d budgets, and more exist; not "
+                    "creating one (it may exist further on): set it with `spendgate budget set`",
+                    event_id, customer, LIST_LIMIT,
+                )  # fmt: skip
+                actions.append(f"no budget found for {customer} among the first {LIST_LIMIT}: nothing created")
+            elif target is None and self._bills_someone_else(customer):
+                self.stats.count("customer_conflict")
+                log.error(
+                    "webhook %s: budget %s exists but bills another Stripe customer; not changing it (set its "
+                    "stripe_customer_id, or the limit, with `spendgate budget set`)", event_id, customer,
+                )  # fmt: skip
+                actions.append(f"budget {customer} bills another Stripe customer: limit unchanged")
+            else:
+                budget_id = target.customer_id if target is not None else customer
+                outcome = await self._engine_call(
+                    self._engine.set_budget, budget_id, limit, "" if target is not None else customer
+                )
+                verb = "created" if outcome.created else "set"
+                log.info("webhook %s: %s budget %s limit %d (plan %s)", event_id, verb, budget_id, limit,
+                         " / ".join(keys))
+                actions.append(f"{verb} budget {budget_id} limit {limit}")
+                if outcome.created:
+                    budgets = [outcome.balance]
+        if status in PAYING_STATUSES:
+            for budget in budgets:
+                if budget.customer_id in self._state.frozen_by_deletion:
+                    await self._set_frozen(budget.customer_id, False)
+                    del self._state.frozen_by_deletion[budget.customer_id]
+                    log.info("webhook %s: unfroze budget %s: %s is %s again", event_id, budget.customer_id,
+                             customer, status)
+                    actions.append(f"unfroze {budget.customer_id}")
+        return Outcome(200, "; ".join(actions))
+
+    async def _subscription_deleted(self, event_id: str, sub: Mapping[str, Any], customer: str) -> Outcome:
+        budgets, _ = self._budgets_of(customer)
+        if not budgets:
+            log.info("webhook %s: subscription %s of %s deleted; no budget bills that customer", event_id,
+                     sub.get("id"), customer)
+            return Outcome(200, f"no budget bills {customer}")
+        for budget in budgets:
+            if self._frozen_by_someone_else(budget):
+                log.info("webhook %s: budget %s was already frozen (not by a webhook); a new subscription will not "
+                         "unfreeze it", event_id, budget.customer_id)
+                continue
+            await self._set_frozen(budget.customer_id, True)
+            self._state.frozen_by_deletion[budget.customer_id] = str(sub.get("id") or "")
+            # Deletion is now why it is frozen: paying an old invoice must not unfreeze it.
+            self._state.payment_failed.pop(budget.customer_id, None)
+        names = ", ".join(b.customer_id for b in budgets)
+        log.warning("webhook %s: subscription %s of %s deleted: froze budget %s", event_id, sub.get("id"), customer,
+                    names)
+        return Outcome(200, f"froze {names}")
+
+    # -- invoices ----------------------------------------------------------------------------------------------------
+
+    async def _payment_failed(self, event_id: str, invoice: Mapping[str, Any], customer: str) -> Outcome:
+        invoice_id = str(invoice.get("id") or "")
+        self.stats.count("payment_failed")
+        if self._payment_failed_action == "flag":
+            log.warning(
+                "webhook %s: payment of invoice %s by %s failed (attempt %s, %s %s due); flagged only "
+                "(webhook_payment_failed_action = flag)", event_id, invoice_id, customer,
+                invoice.get("attempt_count", "?"), invoice.get("amount_due", "?"), invoice.get("currency", ""),
+            )  # fmt: skip
+            return Outcome(200, f"flagged: payment of {invoice_id} failed")
+        if invoice_id in self._state.paid_invoices:
+            log.info("webhook %s: invoice %s failed earlier but is paid since; not freezing", event_id, invoice_id)
+            return Outcome(200, f"{invoice_id} is already paid: not frozen")
+        budgets, _ = self._budgets_of(customer)
+        if not budgets:
+            log.warning("webhook %s: payment of invoice %s by %s failed; no budget bills that customer", event_id,
+                        invoice_id, customer)
+            return Outcome(200, f"no budget bills {customer}")
+        for budget in budgets:
+            if self._frozen_by_someone_else(budget):
+                log.info("webhook %s: budget %s was already frozen (not by a webhook); invoice.paid will not unfreeze "
+                         "it", event_id, budget.customer_id)
+                continue
+            await self._set_frozen(budget.customer_id, True)
+            failed = self._state.payment_failed.setdefault(budget.customer_id, [])
+            if invoice_id not in failed:
+                failed.append(invoice_id)
+        names = ", ".join(b.customer_id for b in budgets)
+        log.warning("webhook %s: payment of invoice %s by %s failed: froze budget %s until it is paid", event_id,
+                    invoice_id, customer, names)
+        return Outcome(200, f"froze {names}")
+
+    async def _invoice_paid(self, event_id: str, invoice: Mapping[str, Any], customer: str) -> Outcome:
+        invoice_id = str(invoice.get("id") or "")
+        # TODO(policy issue): roll the budget's period over here once the engine has budget periods.
+        log.info("webhook %s: invoice %s of %s paid (period %s .. %s; no period roll-over yet: that waits for budget "
+                 "periods)", event_id, invoice_id, customer, _when(invoice.get("period_start")),
+                 _when(invoice.get("period_end")))
+        self._state.mark_paid(invoice_id)
+        actions: list[str] = []
+        for budget_id, failed in list(self._state.payment_failed.items()):
+            if invoice_id not in failed:
+                continue
+            failed.remove(invoice_id)
+            if failed:
+                log.warning("webhook %s: budget %s stays frozen: invoice %s still unpaid", event_id, budget_id,
+                            ", ".join(failed))
+                actions.append(f"{budget_id} stays frozen ({', '.join(failed)} unpaid)")
+                continue
+            del self._state.payment_failed[budget_id]
+            if budget_id in self._state.frozen_by_deletion:
+                actions.append(f"{budget_id} stays frozen (subscription deleted)")
+                continue
+            await self._set_frozen(budget_id, False)
+            log.info("webhook %s: invoice %s paid: unfroze budget %s", event_id, invoice_id, budget_id)
+            actions.append(f"unfroze {budget_id}")
+        return Outcome(200, "; ".join(actions) or f"{invoice_id} paid: nothing to unfreeze")
+
+    # -- meter errors ------------------------------------------------------------------------------------------------
+
+    async def _meter_error_report(self, event_id: str, event_type: str, note: Mapping[str, Any]) -> Outcome:
+        related = _mapping(note.get("related_object"))
+        meter = str(related.get("id") or "?")
+        self.stats.count("meter_error_reports")
+        details: Mapping[str, Any] | None = None
+        if self._fetch_event is not None:
+            details = await self._fetch(event_id)
+        if details is None:
+            log.error(
+                "Stripe meter error report %s (%s) for meter %s%s", event_id, event_type, meter,
+                "" if self._fetch_event else ": set STRIPE_API_KEY to fetch which events Stripe refused",
+            )  # fmt: skip
+            self.stats.recent_error_reports.append({"event_id": event_id, "type": event_type, "meter": meter})
+            return Outcome(200, "meter error report logged (no details)")
+        data = _mapping(details.get("data"))
+        reason = _mapping(data.get("reason"))
+        letters = self._dead_letters_by_identifier()
+        codes: dict[str, int] = {}
+        samples: list[dict[str, Any]] = []
+        for error_type in reason.get("error_types") or ():
+            code = str(error_type.get("code") or "unknown")
+            count = int(error_type.get("error_count") or 0)
+            codes[code] = codes.get(code, 0) + count
+            self.stats.count(f"meter_errors.{code}", count)
+            for sample in error_type.get("sample_errors") or ():
+                request = _mapping(sample.get("request"))
+                identifier = str(request.get("identifier") or "")
+                samples.append(_link(identifier, code, str(sample.get("error_message") or ""), letters))
+        total = int(reason.get("error_count") or sum(codes.values()))
+        report = {"event_id": event_id, "type": event_type, "meter": meter, "error_count": total, "codes": codes,
+                  "samples": samples, "window": [data.get("validation_start"), data.get("validation_end")]}
+        self.stats.recent_error_reports.append(report)
+        log.error(
+            "Stripe refused %d meter event(s) on meter %s between %s and %s (report %s): %s. Samples: %s",
+            total, meter, data.get("validation_start"), data.get("validation_end"), event_id,
+            ", ".join(f"{code} x{count}" for code, count in codes.items()) or "no codes",
+            "; ".join(_describe(sample) for sample in samples) or "none",
+        )  # fmt: skip
+        return Outcome(200, f"meter error report: {total} refused events")
+
+    async def _fetch(self, event_id: str) -> Mapping[str, Any] | None:
+        import stripe  # noqa: PLC0415 - only here and for verification
+
+        assert self._fetch_event is not None
+        try:
+            return await asyncio.to_thread(self._fetch_event, event_id)
+        except (stripe.APIConnectionError, stripe.RateLimitError) as error:
+            raise TransientError(f"cannot fetch event {event_id} from Stripe now: {error}") from None
+        except stripe.StripeError as error:
+            if (error.http_status or 0) >= 500:
+                raise TransientError(f"cannot fetch event {event_id} from Stripe now: {error}") from None
+            log.warning("cannot fetch meter error report %s from Stripe: %s", event_id, error)
+            return None
+
+    def _dead_letters_by_identifier(self) -> dict[str, _core.DeadLetterEntry]:
+        by_identifier: dict[str, _core.DeadLetterEntry] = {}
+        for letter in self._engine.dead_letters(LIST_LIMIT):
+            by_identifier[letter["identifier"]] = letter
+            if letter.get("sent_as"):
+                by_identifier[str(letter["sent_as"])] = letter
+        return by_identifier
+
+    # -- the engine --------------------------------------------------------------------------------------------------
+
+    def _budgets_of(self, stripe_customer: str) -> tuple[list[_core.BalanceView], bool]:
+        """The budgets billed to this Stripe customer, and whether every budget was searched."""
+        views = self._engine.list_budgets("", LIST_LIMIT)
+        complete = len(views) < LIST_LIMIT
+        matches = [view for view in views if view.stripe_customer_id == stripe_customer]
+        if not matches and not complete:
+            try:
+                view = self._engine.balance(stripe_customer)
+            except _core.EngineError:
+                view = None
+            if view is not None and view.stripe_customer_id == stripe_customer:
+                matches = [view]
+        return matches, complete
+
+    def _bills_someone_else(self, customer_id: str) -> bool:
+        """A budget named like this Stripe customer exists and bills another one (set_budget would re-point it)."""
+        try:
+            return self._engine.balance(customer_id).stripe_customer_id != customer_id
+        except _core.EngineError as error:
+            if error.kind == "not_found":
+                return False
+            raise
+
+    def _frozen_by_someone_else(self, budget: _core.BalanceView) -> bool:
+        """Frozen, but not by a webhook (an operator's Admin.FreezeBudget): webhooks must never unfreeze it."""
+        ours = budget.customer_id in self._state.payment_failed or budget.customer_id in self._state.frozen_by_deletion
+        return budget.frozen and not ours
+
+    async def _set_frozen(self, customer_id: str, frozen: bool) -> None:
+        await self._engine_call(self._engine.set_frozen, customer_id, frozen)
+
+    async def _engine_call(self, method: Callable[..., _core.SetBudgetOutcome], *args: Any) -> _core.SetBudgetOutcome:
+        try:
+            outcome = method(*args)
+            await self._wait_durable(outcome.ticket)
+        except _core.EngineError as error:
+            if error.kind in TRANSIENT_KINDS:
+                raise TransientError(f"{error.kind}: {error.message}") from None
+            raise
+        return outcome
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    """A JSON object from an event, or an empty one where the event has something else (or nothing)."""
+    return value if isinstance(value, Mapping) else {}
+
+
+def _acts_on(event_type: str) -> bool:
+    return event_type in SUBSCRIPTION_CHANGED or event_type in (
+        SUBSCRIPTION_DELETED, INVOICE_PAID, INVOICE_PAYMENT_FAILED
+    )
+
+
+def _id_of(value: Any) -> str:
+    """An object reference: an id, or an expanded object with an id."""
+    if isinstance(value, Mapping):
+        value = value.get("id")
+    return value if isinstance(value, str) else ""
+
+
+def _first_item(sub: Mapping[str, Any]) -> Mapping[str, Any]:
+    items = sub.get("items")
+    data = items.get("data") if isinstance(items, Mapping) else None
+    if isinstance(data, list) and data and isinstance(data[0], Mapping):
+        return data[0]
+    return {}
+
+
+def _pick_budget(budgets: list[_core.BalanceView], customer: str) -> _core.BalanceView | None:
+    """The one budget a plan limit applies to: the only one, or the one whose id is the Stripe customer id."""
+    if len(budgets) == 1:
+        return budgets[0]
+    return next((budget for budget in budgets if budget.customer_id == customer), None)
+
+
+def _when(ts: Any) -> str:
+    if isinstance(ts, int):
+        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return "?"
+
+
+def _link(identifier: str, code: str, message: str, letters: Mapping[str, Any]) -> dict[str, Any]:
+    """One sample error, with the dead letter and the reservation it belongs to where the identifier tells."""
+    sample: dict[str, Any] = {"identifier": identifier, "code": code, "message": message}
+    letter = letters.get(identifier)
+    if letter is not None:
+        sample["dead_letter_seq"] = letter["seq"]
+        sample["customer_id"] = letter["customer_id"]
+    match = _IDENTIFIER_RE.match(identifier)
+    if match:
+        sample["reservation_id"] = match["reservation_id"]
+    return sample
+
+
+def _describe(sample: Mapping[str, Any]) -> str:
+    where = []
+    if "dead_letter_seq" in sample:
+        where.append(f"dead letter seq {sample['dead_letter_seq']} of {sample['customer_id']}")
+    if "reservation_id" in sample:
+        if "dead_letter_seq" not in sample:
+            where.append(f"the event of reservation {sample['reservation_id']}: Stripe accepted it, then refused it, so "
+                         "it is not on the invoice (reconcile shows it as UNDER)")
+        else:
+            where.append(f"reservation {sample['reservation_id']}")
+    elif "dead_letter_seq" not in sample:
+        where.append("not a spendgate identifier")
+    return f"{sample['identifier'] or '?'} ({sample['code']}: {sample['message']}; {', '.join(where)})"
+

@@ -1,0 +1,106 @@
+"""Commit load against a sidecar that may be killed with kill -9 at any moment, with exact bookkeeping.
+
+Each thread reserves, then commits. A Commit whose reply does not come (the sidecar died) is retried with the same
+reservation id until it is acknowledged (Commit is idempotent per reservation), so when the load has stopped,
+`acked` is exactly what the sidecar has committed: the ledger, by customer.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Sequence
+from typing import Final
+
+import grpc
+
+from spendgate.v1 import spendgate_pb2 as pb
+from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
+
+RPC_TIMEOUT_S: Final[float] = 5.0
+LONG_TTL_MS: Final[int] = 600_000
+RETRY_PAUSE_S: Final[float] = 0.05
+# The codes a dying or restarting sidecar produces; anything else is a bug and fails the test.
+TRANSIENT: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                              grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN})
+CHANNEL_OPTIONS: Final = (
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 250),
+)
+
+
+def stubs(target: str) -> tuple[grpc.Channel, pb_grpc.BudgetStub, pb_grpc.AdminStub]:
+    channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+    return channel, pb_grpc.BudgetStub(channel), pb_grpc.AdminStub(channel)
+
+
+def call_until_ok(fn, request, deadline_s: float = 60.0):  # type: ignore[no-untyped-def]
+    """fn(request), retried through a restart until it answers (bounded by deadline_s)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            return fn(request, timeout=RPC_TIMEOUT_S, wait_for_ready=True)
+        except grpc.RpcError as error:
+            if error.code() not in TRANSIENT or time.monotonic() > deadline:
+                raise
+            time.sleep(RETRY_PAUSE_S)
+
+
+class CommitLoad:
+    def __init__(self, target: str, customers: Sequence[str], *, threads: int = 4, pause_s: float = 0.01,
+                 seed: int = 0) -> None:
+        self.target = target
+        self.customers = list(customers)
+        self.acked: dict[str, int] = {c: 0 for c in customers}
+        self.commits = 0
+        self.errors: list[BaseException] = []
+        self._pause_s = pause_s
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(seed * 1000 + i,), name=f"load-{i}", daemon=True)
+                         for i in range(threads)]
+
+    def start(self) -> CommitLoad:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Stop and wait: every thread finishes (acknowledges) the commit it is in."""
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout_s)
+            assert not thread.is_alive(), f"{thread.name} did not finish its commit within {timeout_s} s"
+        if self.errors:
+            raise AssertionError(f"the load saw unexpected errors: {self.errors[:3]}")
+
+    def _run(self, seed: int) -> None:
+        rng = random.Random(seed)
+        channel, budget, _ = stubs(self.target)
+        try:
+            while not self._stop.is_set():
+                customer = rng.choice(self.customers)
+                amount = rng.randint(1, 50)
+                try:
+                    reply = budget.Reserve(pb.ReserveRequest(customer_id=customer, amount=amount, ttl_ms=LONG_TTL_MS),
+                                           timeout=RPC_TIMEOUT_S)
+                except grpc.RpcError as error:
+                    if error.code() not in TRANSIENT:
+                        raise
+                    time.sleep(RETRY_PAUSE_S)  # the reservation may or may not exist: never committed, never billed
+                    continue
+                if not reply.granted:
+                    continue
+                actual = rng.randint(0, amount)
+                call_until_ok(budget.Commit, pb.CommitRequest(reservation_id=reply.reservation_id, amount=actual))
+                with self._lock:
+                    self.acked[customer] += actual
+                    self.commits += 1
+                time.sleep(self._pause_s)
+        except BaseException as error:  # noqa: BLE001 - reported by stop()
+            self.errors.append(error)
+        finally:
+            channel.close()

@@ -1,0 +1,304 @@
+"""Stripe webhooks through a real sidecar process with its webhook port on: signatures, each event's action (checked
+over gRPC), replays, a restart. Events are signed and posted by the fake Stripe's webhook helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from spendgate.client import Client
+from spendgate.testing import Sidecar
+from spendgate.testing.fake_stripe import (
+    DEFAULT_API_KEY,
+    FakeStripe,
+    WebhookDelivery,
+    build_event,
+    invoice_object,
+    sign_payload,
+    subscription_object,
+)
+from spendgate.v1 import spendgate_pb2 as pb
+
+if TYPE_CHECKING:
+    from tests.conftest import SidecarFactory
+
+SECRET = "whsec_test_spendgate"
+OTHER_SECRET = "whsec_test_thin_destination"
+PLAN_LIMITS = {"price_basic": 1_000, "pro_monthly": 50_000}  # a price id, and a lookup_key
+WEBHOOKS_LISTENING = re.compile(r"webhooks listening on (http://\S+)")
+LOG_GUARD_S = 30.0  # a guard against a hang, not a timing assertion
+
+
+@dataclass
+class WebhookSidecar:
+    sidecar: Sidecar
+    url: str
+    client: Client
+    fake: FakeStripe
+
+    def send(self, event_type: str, data_object: dict[str, Any] | None = None, *, customer: str = "cus_fake",
+             secret: str = SECRET) -> WebhookDelivery:
+        return self.fake.send_webhook(self.url, event_type, data_object, secret, customer=customer)
+
+    def replay(self, delivery: WebhookDelivery) -> WebhookDelivery:
+        """Stripe resending the same event (same id), freshly signed."""
+        return self.fake.send_event(self.url, delivery.event, SECRET)
+
+    def balance(self, customer: str) -> pb.Balance:
+        return self.client.balance(customer)
+
+    def reserve_denied_frozen(self, customer: str) -> bool:
+        reply = self.client.reserve_raw(customer, 1)
+        if reply.granted:
+            self.client.release(reply.reservation_id)
+            return False
+        return reply.reason == pb.DENY_REASON_FROZEN
+
+    def log(self) -> str:
+        return self.sidecar.log_tail(400)
+
+
+def sidecar_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SPENDGATE_", "STRIPE_"))}
+    env["STRIPE_WEBHOOK_SECRET"] = f"{SECRET}, {OTHER_SECRET}"
+    env.update(extra)
+    return env
+
+
+def webhook_url(sidecar: Sidecar) -> str:
+    deadline = time.monotonic() + LOG_GUARD_S
+    while True:
+        latest_start = sidecar.log_tail(400).rsplit("--- sidecar start #", 1)[-1]  # the log is kept across restarts
+        match = WEBHOOKS_LISTENING.search(latest_start)
+        if match:
+            return match.group(1)
+        assert time.monotonic() < deadline, sidecar.log_tail()
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeStripe]:
+    with FakeStripe(same_host=True, customers=["cus_known"]) as running:
+        yield running
+
+
+@pytest.fixture
+def start(sidecar_factory: SidecarFactory, fake: FakeStripe) -> Iterator[Callable[..., WebhookSidecar]]:
+    clients: list[Client] = []
+
+    def start_sidecar(*flags: str, env: dict[str, str] | None = None, name: str = "hooks") -> WebhookSidecar:
+        args = ["--webhook-listen", "127.0.0.1:0", "--webhook-plan-limits", json.dumps(PLAN_LIMITS), *flags]
+        sidecar = sidecar_factory(name, extra_args=args, env=env or sidecar_env())
+        client = Client(sidecar.target)
+        clients.append(client)
+        return WebhookSidecar(sidecar, webhook_url(sidecar), client, fake)
+
+    yield start_sidecar
+    for client in clients:
+        client.close()
+
+
+def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(url, data=body, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=LOG_GUARD_S) as response:  # noqa: S310 - loopback
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+# -- signatures -------------------------------------------------------------------------------------------------------
+
+
+def test_a_bad_or_missing_signature_is_400_and_changes_nothing(start: Callable[..., WebhookSidecar]) -> None:
+    hooks = start("--webhook-payment-failed-action", "freeze")
+    hooks.client.set_budget("cus_sig", 500)
+    deleted = build_event("customer.subscription.deleted", customer="cus_sig")
+    created = build_event("customer.subscription.created", subscription_object("cus_new", price_id="price_basic"))
+    payload = json.dumps(deleted)
+
+    wrong_secret = hooks.fake.send_event(hooks.url, deleted, "whsec_not_ours")
+    tampered = post(hooks.url, payload.replace("cus_sig", "cus_other").encode(),
+                    {"Stripe-Signature": sign_payload(payload, SECRET), "Content-Type": "application/json"})
+    missing = post(hooks.url, payload.encode(), {"Content-Type": "application/json"})
+    too_old = hooks.fake.send_event(hooks.url, created, SECRET, timestamp=int(time.time()) - 3600)
+    not_json = post(hooks.url, b"hello", {"Stripe-Signature": sign_payload("hello", SECRET)})
+
+    assert wrong_secret.status == 400 and b"signature" in wrong_secret.body
+    assert tampered[0] == 400 and missing == (400, {"error": "no Stripe-Signature header"})
+    assert too_old.status == 400 and not_json[0] == 400
+    balance = hooks.balance("cus_sig")
+    assert (balance.frozen, balance.limit) == (False, 500)
+    with pytest.raises(Exception, match="NOT_FOUND|not found"):
+        hooks.balance("cus_new")  # the refused subscription.created made no budget
+    # The same events, signed right, do act (so the refusals above were about the signatures).
+    assert hooks.fake.send_event(hooks.url, deleted, SECRET).status == 200
+    assert hooks.balance("cus_sig").frozen
+
+
+def test_every_configured_secret_verifies(start: Callable[..., WebhookSidecar]) -> None:
+    hooks = start()
+    hooks.client.set_budget("cus_two", 10)
+    delivery = hooks.send("customer.subscription.deleted", customer="cus_two", secret=OTHER_SECRET)
+    assert delivery.status == 200
+    assert hooks.balance("cus_two").frozen
+
+
+# -- subscriptions ----------------------------------------------------------------------------------------------------
+
+
+def test_a_subscription_sets_the_plan_limit_creating_the_budget_if_needed(start: Callable[..., WebhookSidecar]) -> None:
+    hooks = start()
+    created = hooks.send("customer.subscription.created", subscription_object("cus_plan", price_id="price_basic"))
+    assert created.status == 200, created.body
+    balance = hooks.balance("cus_plan")  # created with customer_id = the Stripe customer id
+    assert (balance.limit, balance.stripe_customer_id, balance.frozen) == (1_000, "cus_plan", False)
+
+    # An upgrade: the plan is found by the price's lookup_key.
+    upgraded = subscription_object("cus_plan", price_id="price_9f8e7d")
+    upgraded["items"]["data"][0]["price"]["lookup_key"] = "pro_monthly"
+    assert hooks.send("customer.subscription.updated", upgraded).status == 200
+    assert hooks.balance("cus_plan").limit == 50_000
+
+    # A plan the map does not know leaves the limit alone (and says so).
+    unknown = hooks.send("customer.subscription.updated", subscription_object("cus_plan", price_id="price_unknown"))
+    assert unknown.status == 200 and b"not in webhook_plan_limits" in unknown.body
+    assert hooks.balance("cus_plan").limit == 50_000
+    assert "budget periods are not aligned yet" in hooks.log()
+
+
+def test_a_subscription_finds_the_budget_billed_to_that_customer(start: Callable[..., WebhookSidecar]) -> None:
+    hooks = start()
+    hooks.client.set_budget("acct-7", 10, stripe_customer_id="cus_billed")
+    assert hooks.send("customer.subscription.created",
+                      subscription_object("cus_billed", price_id="price_basic")).status == 200
+    assert hooks.balance("acct-7").limit == 1_000
+    with pytest.raises(Exception, match="NOT_FOUND|not found"):
+        hooks.balance("cus_billed")  # no second budget for the same Stripe customer
+
+
+def test_a_deleted_subscription_freezes_and_a_new_one_unfreezes(start: Callable[..., WebhookSidecar]) -> None:
+    hooks = start()
+    hooks.client.set_budget("cus_churn", 1_000)
+    deleted = hooks.send("customer.subscription.deleted", customer="cus_churn")
+    assert deleted.status == 200 and hooks.balance("cus_churn").frozen
+    assert hooks.reserve_denied_frozen("cus_churn")
+    assert hooks.replay(deleted).status == 200 and hooks.balance("cus_churn").frozen
+
+    back = hooks.send("customer.subscription.created", subscription_object("cus_churn", price_id="price_basic"))
+    assert back.status == 200
+    assert not hooks.balance("cus_churn").frozen and not hooks.reserve_denied_frozen("cus_churn")
+
+
+# -- invoices ---------------------------------------------------------------------------------------------------------
+
+
+def test_payment_failed_is_only_flagged_by_default(start: Callable[..., WebhookSidecar]) -> None:
+    hooks = start()
+    hooks.client.set_budget("cus_late", 1_000)
+    failed = hooks.send("invoice.payment_failed", invoice_object("cus_late", status="open", amount_due=900))
+    assert failed.status == 200 and b"flagged" in failed.body
+    assert not hooks.balance("cus_late").frozen
+    assert "flagged only" in hooks.log()
+
+
+def test_payment_failed_freezes_and_paid_unfreezes_and_replays_change_nothing(
+    start: Callable[..., WebhookSidecar],
+) -> None:
+    hooks = start("--webhook-payment-failed-action", "freeze")
+    hooks.client.set_budget("cus_pay", 1_000)
+
+    failed_a = hooks.send("invoice.payment_failed", invoice_object("cus_pay", status="open", invoice_id="in_a"))
+    assert failed_a.status == 200 and hooks.balance("cus_pay").frozen
+    paid_a = hooks.send("invoice.paid", invoice_object("cus_pay", invoice_id="in_a"))
+    assert paid_a.status == 200 and not hooks.balance("cus_pay").frozen
+
+    failed_b = hooks.send("invoice.payment_failed", invoice_object("cus_pay", status="open", invoice_id="in_b"))
+    assert failed_b.status == 200 and hooks.balance("cus_pay").frozen
+    # Stripe resends the old invoice.paid: it must not unfreeze what the newer failure froze.
+    replayed = hooks.replay(paid_a)
+    assert replayed.status == 200 and b"already processed" in replayed.body
+    assert hooks.balance("cus_pay").frozen and hooks.reserve_denied_frozen("cus_pay")
+
+    # Also after a restart: processed events are remembered on disk.
+    hooks.sidecar.restart()
+    hooks.url = webhook_url(hooks.sidecar)  # port 0: a new port after the restart
+    assert hooks.replay(paid_a).status == 200
+    assert hooks.replay(failed_a).status == 200
+    assert hooks.balance("cus_pay").frozen
+
+    paid_b = hooks.send("invoice.paid", invoice_object("cus_pay", invoice_id="in_b"))
+    assert paid_b.status == 200 and not hooks.balance("cus_pay").frozen
+
+
+def test_an_invoice_paid_does_not_unfreeze_a_deleted_subscription(start: Callable[..., WebhookSidecar]) -> None:
+    hooks = start("--webhook-payment-failed-action", "freeze")
+    hooks.client.set_budget("cus_gone", 1_000)
+    assert hooks.send("invoice.payment_failed",
+                      invoice_object("cus_gone", status="open", invoice_id="in_g")).status == 200
+    assert hooks.send("customer.subscription.deleted", customer="cus_gone").status == 200
+    assert hooks.send("invoice.paid", invoice_object("cus_gone", invoice_id="in_g")).status == 200
+    assert hooks.balance("cus_gone").frozen
+
+
+# -- other events -----------------------------------------------------------------------------------------------------
+
+
+def test_other_event_types_are_acknowledged_and_ignored(start: Callable[..., WebhookSidecar]) -> None:
+    hooks = start()
+    delivery = hooks.send("customer.created", {"id": "cus_x", "object": "customer"})
+    assert delivery.status == 200 and b"ignored" in delivery.body
+
+
+def test_a_meter_error_report_is_logged_with_its_samples(start: Callable[..., WebhookSidecar],
+                                                         fake: FakeStripe) -> None:
+    env = sidecar_env(STRIPE_API_KEY=DEFAULT_API_KEY, STRIPE_API_BASE=fake.url)
+    hooks = start(env=env)
+    fake.client().v1.billing.meter_events.create({
+        "event_name": "spendgate_usage", "identifier": "sg-rsv_00000000000000aa",
+        "payload": {"stripe_customer_id": "cus_unknown_to_stripe", "value": "5"},
+    })  # fmt: skip
+    thin = fake.error_report_event()
+    delivery = fake.send_event(hooks.url, thin, OTHER_SECRET)
+    assert delivery.status == 200, delivery.body
+    assert json.loads(delivery.body)["action"] == "meter error report: 1 refused events"
+    log = hooks.log()
+    assert "Stripe refused 1 meter event(s)" in log and "meter_event_customer_not_found x1" in log
+    assert "the event of reservation rsv_00000000000000aa" in log
+    assert fake.send_event(hooks.url, thin, OTHER_SECRET).body.find(b"already processed") > 0
+
+
+def test_a_meter_error_report_without_a_stripe_key_is_still_logged(start: Callable[..., WebhookSidecar],
+                                                                   fake: FakeStripe) -> None:
+    hooks = start()
+    fake.client().v1.billing.meter_events.create({
+        "event_name": "spendgate_usage", "identifier": "x-1", "payload": {"value": "5"},
+    })  # fmt: skip
+    delivery = fake.send_event(hooks.url, fake.error_report_event(), SECRET)
+    assert delivery.status == 200
+    assert "set STRIPE_API_KEY to fetch which events Stripe refused" in hooks.log()
+
+
+# -- configuration ----------------------------------------------------------------------------------------------------
+
+
+def test_webhooks_without_a_secret_refuse_to_start(sidecar_factory: SidecarFactory) -> None:
+    env = {k: v for k, v in sidecar_env().items() if k != "STRIPE_WEBHOOK_SECRET"}
+    sidecar = sidecar_factory("nosecret", start=False, extra_args=["--webhook-listen", "127.0.0.1:0"], env=env)
+    with pytest.raises(Exception, match="exited with code 2"):
+        sidecar.start()
+    assert "set STRIPE_WEBHOOK_SECRET" in sidecar.log_tail()
+
+
+def test_webhooks_are_off_by_default(sidecar_factory: SidecarFactory) -> None:
+    sidecar = sidecar_factory("plain", env=sidecar_env())
+    assert "webhooks listening" not in sidecar.log_tail()
