@@ -83,3 +83,57 @@ def process_cpu_seconds(pid: int) -> float | None:
         return None
     # After the ")" that closes comm: fields[0] is state (field 3), so utime (14) and stime (15) are [11] and [12].
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fsync_probe(directory: str | None = None, count: int = 200) -> dict[str, float]:
+    """Write 4 KiB and fsync it, `count` times, in a temp file where the bench's data dirs live: what one durable
+    write costs on this disk (every durable Reserve waits for at least one; LMDB's commit does two)."""
+    import tempfile  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    samples = []
+    block = b"\0" * 4096
+    with tempfile.NamedTemporaryFile(dir=directory, prefix="spendgate-fsync-probe-") as f:
+        fd = f.fileno()
+        for _ in range(count):
+            t0 = time.perf_counter_ns()
+            os.pwrite(fd, block, 0)
+            os.fsync(fd)
+            samples.append(time.perf_counter_ns() - t0)
+    samples.sort()
+    return {"count": count, "p50_us": samples[len(samples) // 2] / 1e3,
+            "p99_us": samples[min(len(samples) - 1, int(len(samples) * 0.99))] / 1e3}
+
+
+def machine_cpu_seconds() -> dict[str, float] | None:
+    """CPU time of the whole machine so far (all CPUs added up), from /proc/stat: `busy` (user, nice, system) and
+    `steal` (taken by the hypervisor). Compared with the bench's own processes over a window, it shows
+    how much other work shared the machine with a measurement. `irq` (irq + softirq) is apart."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    except (OSError, ValueError, IndexError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    tick = os.sysconf("SC_CLK_TCK")
+    # Interrupt time is left out: it is mostly the bench's own loopback traffic and disk completions, which the
+    # kernel accounts to no process.
+    return {"busy": (user + nice + system) / tick, "irq": (irq + softirq) / tick, "steal": steal / tick}
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process descended from it (e.g. a postmaster and its backends), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out

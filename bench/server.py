@@ -22,6 +22,9 @@ from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 HUGE_LIMIT_UNITS = 2**53
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 @dataclass(frozen=True)
 class RunningServer:
     target: str
@@ -62,6 +65,39 @@ def _plain_subprocess(data_dir: Path, extra_args: Sequence[str]) -> Iterator[Run
         wait_serving(target, timeout_s=30, proc=proc)
         yield RunningServer(target, proc.pid, "subprocess", str(log_path))
     finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextlib.contextmanager
+def baseline(backend: str, log_path: Path, *, dsn: str | None = None, redis_url: str | None = None,
+             pool_size: int | None = None) -> Iterator[RunningServer]:
+    """`python -m bench.baselines.server --backend BACKEND` on a free loopback port, stopped (SIGTERM) on exit."""
+    from bench import services  # noqa: PLC0415
+
+    target = f"127.0.0.1:{services.free_port()}"
+    argv = [sys.executable, "-m", "bench.baselines.server", "--backend", backend, "--listen", target]
+    if dsn:
+        argv += ["--dsn", dsn]
+    if redis_url:
+        argv += ["--redis-url", redis_url]
+    if pool_size:
+        argv += ["--pool-size", str(pool_size)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), PYTHONUNBUFFERED="1")
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                cwd=REPO)
+    services.track(proc)
+    try:
+        wait_serving(target, timeout_s=60, proc=proc)
+        yield RunningServer(target, proc.pid, f"bench.baselines.server --backend {backend}", str(log_path))
+    finally:
+        services.untrack(proc)
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:

@@ -39,3 +39,13 @@ def summarize_ns(samples_ns: Sequence[int], window_s: float) -> dict[str, Any]:
 def pkey(p: float) -> str:
     """The summary key of a percentile: 99.9 -> "p99_9_us"."""
     return _key(p) + "_us"
+
+
+def sample_for_cdf(samples_ns: Sequence[int], points: int = 2000) -> list[float]:
+    """At most `points` latencies in µs, evenly spaced in rank over the sorted samples (for CDF plots), always
+    including the minimum and the maximum."""
+    data = sorted(samples_ns)
+    n = len(data)
+    if n <= points:
+        return [round(x / 1e3, 1) for x in data]
+    return [round(data[min(n - 1, round(i * (n - 1) / (points - 1)))] / 1e3, 1) for i in range(points)]

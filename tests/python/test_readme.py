@@ -25,5 +25,6 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
 
 
 def test_the_readme_install_command_is_the_one_ci_uses() -> None:
-    assert "python3 -m pip install -e '.[test]'" in README
+    assert "python3 -m pip install -e '.[test]' && bash bench/setup.sh && python3 -m spendgate serve" in README
     assert "python3 -m pip install --quiet -e '.[test]'" in CI_RUN
+    assert "bash bench/setup.sh" in CI_RUN.splitlines()
