@@ -197,6 +197,9 @@ def render(result: dict[str, Any], plots: list[str] | None = None) -> str:
         lines += ["Latency CDF: closed loop, every recorded request, in the client. Throughput: closed loop; Ping is "
                   "the same server's empty RPC; × marks are h2load against the same spendgate server.", ""]
     lines += _profile_section(result)
+    from bench import settle_throughput  # noqa: PLC0415  (bench/ is a package run from the repo root)
+
+    lines += settle_throughput.render(result.get("settlement", []))
     checks = result.get("checks", {})
     if checks:
         lines += ["## Checks (correctness, never speed)", ""]

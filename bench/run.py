@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="send a unique idempotency_key with every Reserve to spendgate (as spendgate.client does)")
     ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                     help="extra argument for `spendgate serve` (repeat for each), e.g. --server-arg=--some-flag")
-    for part in ("rust", "binding", "grpc", "h2load", "relaxed", "baselines", "profile"):
+    for part in ("rust", "binding", "grpc", "h2load", "relaxed", "baselines", "settlement", "profile"):
         ap.add_argument(f"--skip-{part}", action="store_true", help=f"skip the {part} section")
     ap.add_argument("--no-setup", action="store_true", help="never run bench/setup.sh; skip what is missing")
     ap.add_argument("--from-json", type=Path, default=None, metavar="FILE",
@@ -316,7 +316,8 @@ def write_outputs(args: argparse.Namespace, result: dict[str, Any]) -> list[Path
     from bench import report  # noqa: PLC0415
 
     plots: list[Path] = []
-    if importlib.util.find_spec("matplotlib") is not None:
+    # The plots show the gRPC rows; a run that skipped them has nothing to plot.
+    if importlib.util.find_spec("matplotlib") is not None and result.get("grpc"):
         from bench import plots as plotting  # noqa: PLC0415
 
         plots = plotting.render_all(result, args.results.parent)
@@ -360,6 +361,11 @@ def main(argv: list[str] | None = None) -> int:
         run_spendgate(args, result, missing)
         if not args.skip_relaxed and shutil.which("h2load"):
             run_relaxed(args, result)
+    if not args.skip_settlement:
+        from bench import settle_throughput  # noqa: PLC0415
+
+        log("4. settlement throughput to the fake Stripe")
+        result["settlement"] = settle_throughput.run(args.quick, log=log)
     if not args.skip_baselines:
         if any(m in missing for m in ("postgresql", "redis-server", "asyncpg", "redis")):
             log("3. baselines skipped: Postgres/Redis or their clients are missing (bash bench/setup.sh)")
