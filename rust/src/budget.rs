@@ -5,12 +5,21 @@
 //! - taking capacity: `available` first, then `held`/`spent`;
 //! - freeing capacity: `held`/`spent` first, then `available`.
 //! So a reader that loads `spent` then `held` never sees `spent + held` above `limit + overdraft` when it is not.
-//! `available` goes below zero only through a commit larger than its hold (recorded in `overdraft`) or a lowered limit.
+//! `available` goes below zero only through a commit larger than its hold (recorded in `overdraft`), a lowered limit,
+//! or a grant past the limit in soft mode.
+//!
+//! `limit` here is the *effective* limit, the one admission counts against: the configured limit, capped at the
+//! included quota while the block-overage kill switch is on. `spent` and `overdraft` are the current period's.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::SeqCst};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
-use crate::records::BudgetRecord;
+use crate::breaker::UsageRing;
+use crate::period::PeriodRule;
+use crate::records::{BudgetRecord, EnforcementMode};
+
+/// `breaker_multiplier` when the budget has no multiplier of its own.
+const NO_OVERRIDE: u64 = u64::MAX;
 
 pub struct Budget {
     pub customer_id: Box<str>,
@@ -21,12 +30,54 @@ pub struct Budget {
     overdraft: AtomicI64,
     active_holds: AtomicI64,
     frozen: AtomicBool,
-    /// Serializes SetBudget on this budget (an admin call, never on the Reserve path) and guards the Stripe id.
+    soft_mode: AtomicBool,
+    block_overage: AtomicBool,
+    configured_limit: AtomicI64,
+    soft_limit: AtomicI64,
+    /// This budget's breaker multiplier; NO_OVERRIDE: the server's.
+    breaker_multiplier: AtomicU64,
+    soft_alerted: AtomicBool,
+    limit_alerted: AtomicBool,
+    period_start_ms: AtomicI64,
+    period_end_ms: AtomicI64,
+    /// This period the limit was cut below what was already spent and held (so spent + held > limit is no breach).
+    limit_cut: AtomicBool,
+    /// The org budget this one belongs to. Set once: each hold records the parent it was reserved under.
+    pub parent: OnceLock<Arc<Budget>>,
+    /// Budgets whose parent this is (an org cannot itself join an org).
+    pub members: AtomicU64,
+    /// Commits hold it shared and a period roll-over exclusively, so that every commit counts in exactly the period
+    /// its ticket orders it into (the writer attributes it the same way). Reserve never takes it.
+    pub period_gate: RwLock<()>,
+    /// Serializes the admin calls on this budget (never on the Reserve path) and holds what they change.
     pub admin: Mutex<BudgetAdmin>,
+    /// Recent usage, for the circuit breaker (touched by commits only).
+    pub ring: Mutex<UsageRing>,
 }
 
+/// The budget's settings that only admin calls change.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BudgetAdmin {
     pub stripe_customer_id: String,
+    pub limit: i64,
+    pub included: i64,
+    pub soft_limit: i64,
+    pub mode: EnforcementMode,
+    pub block_overage: bool,
+    pub period: PeriodRule,
+    pub frozen_reason: String,
+    pub breaker_multiplier: Option<u64>,
+    pub created_ms: i64,
+}
+
+impl BudgetAdmin {
+    pub fn effective_limit(&self) -> i64 {
+        if self.block_overage {
+            self.limit.min(self.included)
+        } else {
+            self.limit
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,19 +90,52 @@ pub struct Counters {
     pub active_holds: i64,
 }
 
+/// Why admission failed on one budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Insufficient,
+    OverageBlocked,
+}
+
 impl Budget {
     pub fn from_record(customer_id: &str, record: &BudgetRecord, active_holds: i64) -> Budget {
-        let available = record.limit - record.spent - record.held;
+        let limit = record.effective_limit();
+        let available = limit - record.spent - record.held;
         Budget {
             customer_id: customer_id.into(),
-            limit: AtomicI64::new(record.limit),
+            limit: AtomicI64::new(limit),
             spent: AtomicI64::new(record.spent),
             held: AtomicI64::new(record.held),
             available: AtomicI64::new(available),
             overdraft: AtomicI64::new(record.overdraft),
             active_holds: AtomicI64::new(active_holds),
             frozen: AtomicBool::new(record.frozen),
-            admin: Mutex::new(BudgetAdmin { stripe_customer_id: record.stripe_customer_id.clone() }),
+            soft_mode: AtomicBool::new(record.mode == EnforcementMode::Soft),
+            block_overage: AtomicBool::new(record.block_overage),
+            configured_limit: AtomicI64::new(record.limit),
+            soft_limit: AtomicI64::new(record.soft_limit),
+            breaker_multiplier: AtomicU64::new(record.breaker_multiplier.unwrap_or(NO_OVERRIDE)),
+            soft_alerted: AtomicBool::new(record.soft_alerted),
+            limit_alerted: AtomicBool::new(record.limit_alerted),
+            period_start_ms: AtomicI64::new(record.period_start_ms),
+            period_end_ms: AtomicI64::new(record.period_end_ms),
+            limit_cut: AtomicBool::new(available < 0),
+            parent: OnceLock::new(),
+            members: AtomicU64::new(0),
+            period_gate: RwLock::new(()),
+            admin: Mutex::new(BudgetAdmin {
+                stripe_customer_id: record.stripe_customer_id.clone(),
+                limit: record.limit,
+                included: record.included,
+                soft_limit: record.soft_limit,
+                mode: record.mode,
+                block_overage: record.block_overage,
+                period: record.period,
+                frozen_reason: record.frozen_reason.clone(),
+                breaker_multiplier: record.breaker_multiplier,
+                created_ms: record.created_ms,
+            }),
+            ring: Mutex::new(record.ring.clone()),
         }
     }
 
@@ -82,12 +166,35 @@ impl Budget {
             .is_ok()
     }
 
-    /// Undo a `try_take` whose op could not be enqueued. Nothing was persisted, so nothing else changes.
+    /// Admission under this budget's policy: Ok(false) taken within the limit, Ok(true) taken past it (soft mode),
+    /// Err when refused. The kill switch refuses in either mode.
+    pub fn admit(&self, amount: i64) -> Result<bool, Refusal> {
+        if self.try_take(amount) {
+            return Ok(false);
+        }
+        let blocking = self.block_overage.load(SeqCst);
+        if self.soft_mode.load(SeqCst) && !blocking {
+            self.available.fetch_sub(amount, SeqCst);
+            return Ok(true);
+        }
+        if !blocking {
+            return Err(Refusal::Insufficient);
+        }
+        // Blocked: would the amount have fitted under the configured limit, without the kill switch?
+        let headroom = self.configured_limit.load(SeqCst) - self.limit.load(SeqCst) + self.available.load(SeqCst);
+        if self.soft_mode.load(SeqCst) || headroom >= amount {
+            Err(Refusal::OverageBlocked)
+        } else {
+            Err(Refusal::Insufficient)
+        }
+    }
+
+    /// Undo an `admit` whose op could not be enqueued (or whose other level refused). Nothing was persisted.
     pub fn untake(&self, amount: i64) {
         self.available.fetch_add(amount, SeqCst);
     }
 
-    /// After `try_take`: the hold now counts in `held`.
+    /// After `admit`: the hold now counts in `held`.
     pub fn add_hold(&self, amount: i64) {
         self.held.fetch_add(amount, SeqCst);
     }
@@ -95,6 +202,11 @@ impl Budget {
     /// Count one more open hold if fewer than `max` are open.
     pub fn try_open_hold(&self, max: i64) -> bool {
         self.active_holds.fetch_update(SeqCst, SeqCst, |open| (open < max).then_some(open + 1)).is_ok()
+    }
+
+    /// Count one more open hold without a bound: an org counts its members' holds, bounded per member.
+    pub fn open_hold(&self) {
+        self.active_holds.fetch_add(1, SeqCst);
     }
 
     pub fn close_hold(&self) {
@@ -133,10 +245,89 @@ impl Budget {
         excess
     }
 
-    /// Change the limit. Raising frees capacity (call after the op has its ticket); lowering takes it (before).
+    /// Change the effective limit. Raising frees capacity (call after the op has its ticket); lowering takes it
+    /// (before).
     pub fn shift_limit(&self, new_limit: i64) {
         let old_limit = self.limit.swap(new_limit, SeqCst);
-        self.available.fetch_add(new_limit - old_limit, SeqCst);
+        let before = self.available.fetch_add(new_limit - old_limit, SeqCst);
+        if new_limit < old_limit && before + new_limit - old_limit < 0 {
+            self.limit_cut.store(true, SeqCst);
+        }
+    }
+
+    pub fn limit_was_cut(&self) -> bool {
+        self.limit_cut.load(SeqCst)
+    }
+
+    /// Publish the admin settings that the hot paths read from atomics. Call with the admin lock held.
+    pub fn publish_policy(&self, admin: &BudgetAdmin) {
+        self.configured_limit.store(admin.limit, SeqCst);
+        self.block_overage.store(admin.block_overage, SeqCst);
+        self.soft_mode.store(admin.mode == EnforcementMode::Soft, SeqCst);
+        self.soft_limit.store(admin.soft_limit, SeqCst);
+        self.breaker_multiplier.store(admin.breaker_multiplier.unwrap_or(NO_OVERRIDE), SeqCst);
+    }
+
+    /// The breaker multiplier for this budget: its own, or `server_default`.
+    pub fn breaker_multiplier(&self, server_default: u64) -> u64 {
+        match self.breaker_multiplier.load(SeqCst) {
+            NO_OVERRIDE => server_default,
+            own => own,
+        }
+    }
+
+    /// Start a new period: spent and overdraft start again from zero, holds carry over. Frees capacity (call after
+    /// the op has its ticket), with the period gate held exclusively. Returns (spent, overdraft) of the closed period.
+    pub fn start_period(&self, start_ms: i64, end_ms: i64) -> (i64, i64) {
+        let spent = self.spent.swap(0, SeqCst);
+        let overdraft = self.overdraft.swap(0, SeqCst);
+        self.available.fetch_add(spent, SeqCst);
+        self.limit_cut.store(false, SeqCst);
+        self.period_start_ms.store(start_ms, SeqCst);
+        self.period_end_ms.store(end_ms, SeqCst);
+        self.soft_alerted.store(false, SeqCst);
+        self.limit_alerted.store(false, SeqCst);
+        (spent, overdraft)
+    }
+
+    pub fn set_period_end(&self, end_ms: i64) {
+        self.period_end_ms.store(end_ms, SeqCst);
+    }
+
+    pub fn period(&self) -> (i64, i64) {
+        (self.period_start_ms.load(SeqCst), self.period_end_ms.load(SeqCst))
+    }
+
+    /// True the first time this period that spent reached the soft limit (one alert per crossing).
+    pub fn soft_limit_crossed(&self) -> bool {
+        let soft_limit = self.soft_limit.load(SeqCst);
+        soft_limit > 0 && self.spent.load(SeqCst) >= soft_limit && !self.soft_alerted.swap(true, SeqCst)
+    }
+
+    /// Re-arm the soft-limit alert when the threshold moved above what is spent. Admin lock held.
+    pub fn rearm_soft_limit(&self) {
+        let soft_limit = self.soft_limit.load(SeqCst);
+        if soft_limit == 0 || self.spent.load(SeqCst) < soft_limit {
+            self.soft_alerted.store(false, SeqCst);
+        }
+    }
+
+    /// True the first time this period that the limit stopped a Reserve (or was passed in soft mode).
+    pub fn limit_reached(&self) -> bool {
+        !self.limit_alerted.swap(true, SeqCst)
+    }
+
+    /// Re-arm the limit alert (the limit was raised). Admin lock held.
+    pub fn rearm_limit(&self) {
+        self.limit_alerted.store(false, SeqCst);
+    }
+
+    pub fn soft_alerted(&self) -> bool {
+        self.soft_alerted.load(SeqCst)
+    }
+
+    pub fn limit_alerted(&self) -> bool {
+        self.limit_alerted.load(SeqCst)
     }
 
     pub fn frozen(&self) -> bool {
@@ -145,6 +336,10 @@ impl Budget {
 
     pub fn set_frozen(&self, frozen: bool) {
         self.frozen.store(frozen, SeqCst);
+    }
+
+    pub fn soft_mode(&self) -> bool {
+        self.soft_mode.load(SeqCst)
     }
 
     pub fn limit(&self) -> i64 {
@@ -159,9 +354,10 @@ impl Budget {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::period::NEVER_MS;
 
-    fn budget(limit: i64) -> Budget {
-        let record = BudgetRecord {
+    pub fn record(limit: i64) -> BudgetRecord {
+        BudgetRecord {
             limit,
             spent: 0,
             held: 0,
@@ -170,8 +366,24 @@ mod tests {
             created_ms: 0,
             updated_ms: 0,
             frozen: false,
-        };
-        Budget::from_record("c", &record, 0)
+            frozen_reason: String::new(),
+            included: 0,
+            soft_limit: 0,
+            mode: EnforcementMode::Hard,
+            block_overage: false,
+            parent: None,
+            period: PeriodRule::Lifetime,
+            period_start_ms: 0,
+            period_end_ms: NEVER_MS,
+            soft_alerted: false,
+            limit_alerted: false,
+            breaker_multiplier: None,
+            ring: UsageRing::default(),
+        }
+    }
+
+    fn budget(limit: i64) -> Budget {
+        Budget::from_record("c", &record(limit), 0)
     }
 
     fn assert_identity(b: &Budget) {
@@ -216,6 +428,53 @@ mod tests {
         // A raise absorbs the deficit first.
         b.shift_limit(20);
         assert_eq!(b.remaining(), 7);
+        assert_identity(&b);
+    }
+
+    #[test]
+    fn soft_mode_grants_past_the_limit_and_says_so() {
+        let mut r = record(10);
+        r.mode = EnforcementMode::Soft;
+        let b = Budget::from_record("c", &r, 0);
+        assert_eq!(b.admit(8), Ok(false));
+        b.add_hold(8);
+        assert_eq!(b.admit(8), Ok(true));
+        b.add_hold(8);
+        assert_eq!(b.counters().available, -6);
+        assert_identity(&b);
+    }
+
+    #[test]
+    fn the_kill_switch_refuses_overage_in_either_mode() {
+        for mode in [EnforcementMode::Hard, EnforcementMode::Soft] {
+            let mut r = record(100);
+            r.included = 30;
+            r.block_overage = true;
+            r.mode = mode;
+            let b = Budget::from_record("c", &r, 0);
+            assert_eq!(b.counters().limit, 30);
+            assert_eq!(b.admit(30), Ok(false));
+            b.add_hold(30);
+            assert_eq!(b.admit(1), Err(Refusal::OverageBlocked), "{mode:?}");
+            if mode == EnforcementMode::Hard {
+                // 71 would not fit under the limit of 100 either: that is plain insufficiency.
+                assert_eq!(b.admit(71), Err(Refusal::Insufficient));
+            }
+        }
+    }
+
+    #[test]
+    fn a_new_period_frees_what_was_spent_and_keeps_the_holds() {
+        let b = budget(10);
+        assert!(b.try_take(4));
+        b.add_hold(4);
+        assert!(b.try_take(5));
+        b.add_hold(5);
+        b.post(5, 5);
+        assert_eq!(b.start_period(100, 200), (5, 0));
+        let c = b.counters();
+        assert_eq!((c.spent, c.held, c.available), (0, 4, 6));
+        assert_eq!(b.period(), (100, 200));
         assert_identity(&b);
     }
 }

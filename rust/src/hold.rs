@@ -5,6 +5,7 @@ use std::sync::Arc;
 use crate::budget::Budget;
 use crate::error::EngineError;
 use crate::limits::{RESERVATION_ID_LEN, RESERVATION_ID_PREFIX};
+use crate::records::Dimensions;
 
 /// Numbers match spendgate.v1.DenyReason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -13,8 +14,12 @@ pub enum DenyReason {
     None = 0,
     InsufficientBudget = 1,
     TooManyHolds = 2,
-    /// The budget is frozen (by an operator, a breaker, or a Stripe subscription event).
+    /// The budget (or its org) is frozen (by an operator, the circuit breaker, or a Stripe subscription event).
     Frozen = 3,
+    /// It would fit under the limit, but past the included quota while the block-overage kill switch is on.
+    OverageBlocked = 4,
+    /// The model is not in the price table and no fallback price is set (decided by the server's pricing).
+    UnknownModel = 5,
 }
 
 /// Numbers match spendgate.v1.HoldState.
@@ -44,8 +49,32 @@ impl Resolution {
     }
 }
 
+/// What a hold carries besides its amount, when the Reserve gave it (most holds carry nothing, so it is boxed).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HoldExtras {
+    pub model: String,
+    pub dimensions: Dimensions,
+    pub fingerprint: String,
+}
+
+impl HoldExtras {
+    pub fn boxed(model: &str, dimensions: &Dimensions, fingerprint: &str) -> Option<Box<HoldExtras>> {
+        let empty = model.is_empty() && dimensions.is_empty() && fingerprint.is_empty();
+        (!empty).then(|| {
+            Box::new(HoldExtras {
+                model: model.to_string(),
+                dimensions: dimensions.clone(),
+                fingerprint: fingerprint.to_string(),
+            })
+        })
+    }
+}
+
 pub struct HoldSlot {
     pub budget: Arc<Budget>,
+    /// The org budget that holds the amount too (fixed at Reserve).
+    pub parent: Option<Arc<Budget>>,
+    pub extras: Option<Box<HoldExtras>>,
     /// Units held; 0 for a slot that only claims an already expired hold for a late commit.
     pub amount: i64,
     pub expires_ms: i64,

@@ -14,22 +14,26 @@
 //! ticket before the capacity becomes visible to other threads; an op that *takes* capacity takes its ticket after
 //! it won the compare-and-swap. So any op that used freed capacity is serialized after the op that freed it.
 
+pub mod alerts;
+pub mod breaker;
 pub mod budget;
 pub mod clock;
 pub mod engine;
 pub mod error;
 pub mod hold;
 pub mod limits;
+pub mod period;
 pub mod records;
 pub mod store;
+pub mod usage;
 pub mod writer;
 
 #[cfg(feature = "python")]
 mod python;
 
 pub use engine::{
-    BalanceView, CommitOutcome, Engine, EngineConfig, EngineStats, OutboxStats, ReleaseOutcome, ReserveOutcome,
-    SetBudgetOutcome,
+    BalanceView, BudgetUpdate, CommitArgs, CommitOutcome, Engine, EngineConfig, EngineStats, OutboxStats,
+    ReleaseOutcome, ReserveArgs, ReserveOutcome, SetBudgetOutcome, UsageView,
 };
 pub use error::{EngineError, ErrorKind};
 pub use hold::{DenyReason, HoldState};

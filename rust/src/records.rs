@@ -1,18 +1,50 @@
 //! What LMDB stores, as JSON values (readable by `spendgate inspect` through the Python `lmdb` package).
-//! Keys: budgets by customer_id (UTF-8); holds, ledger and outbox by u64 big-endian; idempotency by
-//! `customer_id NUL key`. Changing a field here is a schema change: bump `SCHEMA_VERSION`.
+//! Keys: budgets by customer_id (UTF-8); holds, ledger, outbox, dead letters and alerts by u64 big-endian;
+//! idempotency by `customer_id NUL key`; periods and usage by `customer_id NUL period start` (see store.rs).
+//! Changing a field here is a schema change: bump `SCHEMA_VERSION`. Fields added later carry `#[serde(default)]`, so
+//! that an older data dir still reads.
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-pub const SCHEMA_VERSION: u32 = 1;
+use crate::breaker::UsageRing;
+use crate::period::{PeriodRule, NEVER_MS};
+
+/// 1: budgets without policy. 2: periods, policy, hierarchy, usage views, alerts (a version 1 dir is upgraded in
+/// place: its budgets keep their lifetime period).
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// Free-form labels on a call (feature, member, action ...): the usage views break spend down by them.
+pub type Dimensions = BTreeMap<String, String>;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnforcementMode {
+    /// Deny what does not fit under the limit.
+    #[default]
+    Hard,
+    /// Grant it anyway and flag the call as over the limit: for products that must never break mid-conversation.
+    Soft,
+}
+
+fn lifetime() -> PeriodRule {
+    PeriodRule::Lifetime
+}
+
+fn never() -> i64 {
+    NEVER_MS
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BudgetRecord {
+    /// The configured limit of a period (the hard cap, overage included).
     pub limit: i64,
+    /// Committed in the current period.
     pub spent: i64,
-    /// Sum of the amounts of this budget's active holds.
+    /// Sum of the amounts of the active holds on this budget (and, for an org, on its members).
     pub held: i64,
-    /// Units committed past the limit (over-reserved commits that did not fit). Flagged, never dropped.
+    /// Units committed past the limit in the current period. Flagged, never dropped.
     pub overdraft: i64,
     pub stripe_customer_id: String,
     pub created_ms: i64,
@@ -20,6 +52,65 @@ pub struct BudgetRecord {
     /// A frozen budget denies every Reserve (commits of existing holds still post).
     #[serde(default)]
     pub frozen: bool,
+    /// Who froze it and why ("" when not frozen).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub frozen_reason: String,
+    /// The plan's included quota per period; usage past it is overage.
+    #[serde(default)]
+    pub included: i64,
+    /// Warn (one alert per period) once spent reaches this; 0: no soft limit.
+    #[serde(default)]
+    pub soft_limit: i64,
+    #[serde(default)]
+    pub mode: EnforcementMode,
+    /// The kill switch: deny anything past the included quota.
+    #[serde(default)]
+    pub block_overage: bool,
+    /// The org budget this one is a member of: a Reserve must fit both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    #[serde(default = "lifetime")]
+    pub period: PeriodRule,
+    #[serde(default)]
+    pub period_start_ms: i64,
+    #[serde(default = "never")]
+    pub period_end_ms: i64,
+    /// This period's soft-limit and limit alerts were raised (each once per period).
+    #[serde(default)]
+    pub soft_alerted: bool,
+    #[serde(default)]
+    pub limit_alerted: bool,
+    /// Per-budget breaker multiplier; None: the server's breaker_multiplier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub breaker_multiplier: Option<u64>,
+    /// Recent usage, for the breaker.
+    #[serde(default, skip_serializing_if = "UsageRing::is_empty")]
+    pub ring: UsageRing,
+}
+
+impl BudgetRecord {
+    /// The limit Reserve admits against: the kill switch caps it at the included quota.
+    pub fn effective_limit(&self) -> i64 {
+        if self.block_overage {
+            self.limit.min(self.included)
+        } else {
+            self.limit
+        }
+    }
+}
+
+/// A closed period of a budget, kept when the budget rolls over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeriodRecord {
+    pub customer_id: String,
+    pub start_ms: i64,
+    pub end_ms: i64,
+    /// When it was closed (its end, or earlier when a Stripe event started the next one).
+    pub closed_ms: i64,
+    pub limit: i64,
+    pub included: i64,
+    pub spent: i64,
+    pub overdraft: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +141,38 @@ pub struct HoldRecord {
     pub late: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolved_ms: Option<i64>,
+    /// The org budget that holds the amount too, fixed at Reserve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// The model the Reserve priced, if any: a Commit without usage falls back to it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub model: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub dimensions: Dimensions,
+    /// What an idempotent retry must repeat, when not the amount alone (an estimate: model and token counts).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub fingerprint: String,
+}
+
+/// One priced part of a call: tokens of one type and the units they cost.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsagePart {
+    pub token_type: String,
+    pub tokens: i64,
+    pub units: i64,
+}
+
+/// The token usage behind a committed amount, when the call was priced from tokens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageDetail {
+    pub model: String,
+    pub parts: Vec<UsagePart>,
+    /// An app-level cache hit: no LLM call, nothing charged.
+    #[serde(default)]
+    pub cache_hit: bool,
+    /// Priced at the fallback price (the model was not in the price table).
+    #[serde(default)]
+    pub fallback: bool,
 }
 
 /// One committed usage. Kept: it is the billing record that settlement and reconciliation read.
@@ -67,6 +190,15 @@ pub struct LedgerEntry {
     /// When Stripe accepted it (set when its outbox entry is acknowledged).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub settled_ms: Option<i64>,
+    /// The start of the budget period the amount counted in.
+    #[serde(default)]
+    pub period_start_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageDetail>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub dimensions: Dimensions,
 }
 
 /// What the settler must deliver to Stripe; removed once Stripe has accepted it. Written in the same transaction as
@@ -89,6 +221,9 @@ pub struct OutboxEntry {
     pub first_attempt_ms: Option<i64>,
     #[serde(default)]
     pub attempts: u32,
+    /// Token usage: settled as Stripe LLM token-billing events (one per token type) instead of one units event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageDetail>,
 }
 
 /// An outbox entry that Stripe refused for good (unknown customer, archived meter, older than Stripe accepts ...).
@@ -101,4 +236,58 @@ pub struct DeadLetter {
     /// How often it was requeued before (a requeued entry gets a fresh identifier: Stripe keeps refused ones).
     #[serde(default)]
     pub requeues: u32,
+}
+
+/// Tokens and units of one (model, token type) in a period.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenTotals {
+    pub tokens: i64,
+    pub units: i64,
+}
+
+/// A budget's usage in one period, kept up to date by the writer in the same transaction as each ledger entry, so
+/// that GetUsage adds up to the ledger exactly and reads a few records instead of scanning it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    pub customer_id: String,
+    pub period_start_ms: i64,
+    pub units: i64,
+    pub commits: u64,
+    /// Units per UTC day (days since 1970-01-01).
+    #[serde(default)]
+    pub days: BTreeMap<i64, i64>,
+    /// model -> token type -> totals. Calls in plain units have no model and appear only in the totals.
+    #[serde(default)]
+    pub models: BTreeMap<String, BTreeMap<String, TokenTotals>>,
+    /// dimension key -> value -> units. Past MAX_TRACKED_VALUES values of one key, the rest go to OTHER_VALUE.
+    #[serde(default)]
+    pub dimensions: BTreeMap<String, BTreeMap<String, i64>>,
+}
+
+/// Something an app or an operator should hear about: a soft limit crossed, a limit hit, a breaker trip ...
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlertRecord {
+    pub seq: u64,
+    pub kind: String,
+    pub customer_id: String,
+    pub ts_ms: i64,
+    pub message: String,
+    /// The figures behind it (spent, limit, threshold ...), by name.
+    #[serde(default)]
+    pub values: BTreeMap<String, i64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_1_budget_reads_with_a_lifetime_period_and_no_policy() {
+        let v1 = r#"{"limit":100,"spent":5,"held":0,"overdraft":0,"stripe_customer_id":"cus","created_ms":1,
+                     "updated_ms":2,"frozen":false}"#;
+        let record: BudgetRecord = serde_json::from_str(v1).unwrap();
+        assert_eq!((record.period, record.period_end_ms), (PeriodRule::Lifetime, NEVER_MS));
+        assert_eq!((record.mode, record.included, record.parent.clone()), (EnforcementMode::Hard, 0, None));
+        assert_eq!(record.effective_limit(), 100);
+    }
 }

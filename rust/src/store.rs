@@ -8,12 +8,19 @@ use heed::{Database, Env, EnvFlags, EnvOpenOptions, RoTxn, RwTxn, WithoutTls};
 
 use crate::error::EngineError;
 use crate::limits::{MAX_DBS, MAX_MAP_SIZE_MB, MIN_MAP_SIZE_MB};
-use crate::records::{BudgetRecord, DeadLetter, HoldRecord, HoldStatus, LedgerEntry, OutboxEntry, SCHEMA_VERSION};
+use crate::records::{
+    AlertRecord, BudgetRecord, DeadLetter, HoldRecord, HoldStatus, LedgerEntry, OutboxEntry, PeriodRecord, UsageRecord,
+    SCHEMA_VERSION,
+};
 
 pub type Key64 = U64<BigEndian>;
 
 const META_SCHEMA_VERSION: &str = "schema_version";
 const META_NEXT_HOLD_ID: &str = "next_hold_id";
+/// The highest alert sequence number the alert webhook delivered.
+pub const META_ALERT_CURSOR: &str = "alert_webhook_cursor";
+/// Schema versions this build reads (older ones are upgraded in place on open).
+const READABLE_SCHEMA_VERSIONS: [u64; 2] = [1, 2];
 
 #[derive(Clone)]
 pub struct Store {
@@ -25,6 +32,11 @@ pub struct Store {
     pub ledger: Database<Key64, SerdeJson<LedgerEntry>>,
     pub outbox: Database<Key64, SerdeJson<OutboxEntry>>,
     pub dead_letters: Database<Key64, SerdeJson<DeadLetter>>,
+    /// Closed periods, by `period_key(customer, start)`.
+    pub periods: Database<Str, SerdeJson<PeriodRecord>>,
+    /// Usage per budget and period, by `period_key(customer, start)`.
+    pub usage: Database<Str, SerdeJson<UsageRecord>>,
+    pub alerts: Database<Key64, SerdeJson<AlertRecord>>,
     page_size_bytes: u64,
 }
 
@@ -35,6 +47,7 @@ pub struct Recovered {
     pub next_hold_id: u64,
     pub next_ledger_seq: u64,
     pub outbox_depth: u64,
+    pub next_alert_seq: u64,
 }
 
 impl Store {
@@ -69,6 +82,9 @@ impl Store {
         let ledger = env.create_database(&mut wtxn, Some("ledger"))?;
         let outbox = env.create_database(&mut wtxn, Some("outbox"))?;
         let dead_letters = env.create_database(&mut wtxn, Some("dead_letters"))?;
+        let periods = env.create_database(&mut wtxn, Some("periods"))?;
+        let usage = env.create_database(&mut wtxn, Some("usage"))?;
+        let alerts = env.create_database(&mut wtxn, Some("alerts"))?;
         let page_size_bytes = u64::from(budgets.stat(&wtxn)?.page_size);
         let store = Store {
             env: env.clone(),
@@ -79,6 +95,9 @@ impl Store {
             ledger,
             outbox,
             dead_letters,
+            periods,
+            usage,
+            alerts,
             page_size_bytes,
         };
         store.check_schema(&mut wtxn)?;
@@ -88,8 +107,9 @@ impl Store {
 
     fn check_schema(&self, wtxn: &mut RwTxn) -> Result<(), EngineError> {
         match self.meta.get(wtxn, META_SCHEMA_VERSION)? {
-            None => self.meta.put(wtxn, META_SCHEMA_VERSION, &u64::from(SCHEMA_VERSION))?,
-            Some(found) if found == u64::from(SCHEMA_VERSION) => {}
+            // Version 1 reads as 2: its records lack only fields that default (a lifetime period, no policy).
+            None | Some(1) => self.meta.put(wtxn, META_SCHEMA_VERSION, &u64::from(SCHEMA_VERSION))?,
+            Some(found) if READABLE_SCHEMA_VERSIONS.contains(&found) => {}
             Some(found) => {
                 return Err(EngineError::precondition(format!(
                     "the data dir has schema version {found}, this build reads {SCHEMA_VERSION}; \
@@ -124,7 +144,8 @@ impl Store {
         let next_hold_id = stored_next.max(max_hold_id.map_or(1, |id| id + 1));
         let next_ledger_seq = self.ledger.last(&rtxn)?.map_or(1, |(seq, _)| seq + 1);
         let outbox_depth = self.outbox.len(&rtxn)?;
-        Ok(Recovered { budgets, active_holds, next_hold_id, next_ledger_seq, outbox_depth })
+        let next_alert_seq = self.alerts.last(&rtxn)?.map_or(1, |(seq, _)| seq + 1);
+        Ok(Recovered { budgets, active_holds, next_hold_id, next_ledger_seq, outbox_depth, next_alert_seq })
     }
 
     pub fn get_hold(&self, hold_id: u64) -> Result<Option<HoldRecord>, EngineError> {
@@ -163,6 +184,37 @@ impl Store {
         Ok((self.outbox.len(&rtxn)?, oldest, self.dead_letters.len(&rtxn)?))
     }
 
+    pub fn get_usage(&self, customer_id: &str, start_ms: i64) -> Result<Option<UsageRecord>, EngineError> {
+        let rtxn = self.read_txn()?;
+        Ok(self.usage.get(&rtxn, &period_key(customer_id, start_ms))?)
+    }
+
+    /// A budget's closed periods, newest first, at most `limit`.
+    pub fn closed_periods(&self, customer_id: &str, limit: usize) -> Result<Vec<PeriodRecord>, EngineError> {
+        let rtxn = self.read_txn()?;
+        let prefix = format!("{customer_id}\0");
+        let mut found = Vec::new();
+        for item in self.periods.rev_prefix_iter(&rtxn, &prefix)?.take(limit) {
+            found.push(item?.1);
+        }
+        Ok(found)
+    }
+
+    /// Alerts with a sequence number above `after_seq`, oldest first, at most `limit`.
+    pub fn alerts_after(&self, after_seq: u64, limit: usize) -> Result<Vec<AlertRecord>, EngineError> {
+        let rtxn = self.read_txn()?;
+        let mut found = Vec::new();
+        for item in self.alerts.range(&rtxn, &(after_seq.saturating_add(1)..))?.take(limit) {
+            found.push(item?.1);
+        }
+        Ok(found)
+    }
+
+    pub fn alert_cursor(&self) -> Result<u64, EngineError> {
+        let rtxn = self.read_txn()?;
+        Ok(self.meta.get(&rtxn, META_ALERT_CURSOR)?.unwrap_or(0))
+    }
+
     pub fn put_next_hold_id(&self, wtxn: &mut RwTxn, next_hold_id: u64) -> Result<(), EngineError> {
         let stored = self.meta.get(wtxn, META_NEXT_HOLD_ID)?.unwrap_or(1);
         if next_hold_id > stored {
@@ -177,6 +229,12 @@ impl Store {
         let used = (info.last_page_number as u64 + 1) * self.page_size_bytes;
         (info.map_size as u64, used)
     }
+}
+
+/// The key of a budget's period (closed periods, usage): ids sort by customer, then by start.
+pub fn period_key(customer_id: &str, start_ms: i64) -> String {
+    debug_assert!(start_ms >= 0);
+    format!("{customer_id}\0{start_ms:020}")
 }
 
 /// The composite key of an idempotency entry: keys are per customer.

@@ -1,7 +1,11 @@
 //! The one writer thread: applies ops to LMDB strictly in ticket order, many per transaction (group commit), and
 //! publishes the highest durable ticket after each commit.
+//!
+//! Within one transaction, budget and usage records are read once, changed in memory by every op of the batch, and
+//! written once before the commit (`BatchCache`): a batch of a thousand commits on one hot budget serializes its
+//! record once, not a thousand times.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,35 +13,57 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use heed::RwTxn;
 
+use crate::alerts::{AlertKind, PendingAlert, MAX_ALERTS_KEPT};
+use crate::breaker::UsageRing;
 use crate::engine::Shared;
 use crate::error::EngineError;
 use crate::hold::format_reservation_id;
 use crate::limits::{MAX_BATCH_OPS, MAX_PRUNE_PER_TXN};
-use crate::records::{BudgetRecord, DeadLetter, HoldRecord, HoldStatus, LedgerEntry, OutboxEntry};
-use crate::store::{idempotency_key, Store};
+use crate::period::PeriodRule;
+use crate::records::{
+    AlertRecord, BudgetRecord, DeadLetter, Dimensions, EnforcementMode, HoldRecord, HoldStatus, LedgerEntry,
+    OutboxEntry, PeriodRecord, UsageDetail, UsageRecord,
+};
+use crate::store::{idempotency_key, period_key, Store, META_ALERT_CURSOR};
+use crate::usage::MEMBER_DIMENSION;
 
 /// How long the writer sleeps for new ops before it looks at housekeeping again.
 const IDLE_WAIT_MS: u64 = 50;
+/// Alerts pruned per op past MAX_ALERTS_KEPT, so pruning never stalls a batch.
+const MAX_ALERT_PRUNE_PER_OP: usize = 64;
+
+/// A budget's settings as an admin call left them: the writer copies them into the record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyState {
+    pub limit: i64,
+    pub stripe_customer_id: String,
+    pub included: i64,
+    pub soft_limit: i64,
+    pub mode: EnforcementMode,
+    pub block_overage: bool,
+    pub parent: Option<String>,
+    pub period: PeriodRule,
+    pub period_start_ms: i64,
+    pub period_end_ms: i64,
+    pub breaker_multiplier: Option<u64>,
+    /// Re-arm this period's soft-limit or limit alert (the threshold moved above what is spent).
+    pub rearm_soft_alert: bool,
+    pub rearm_limit_alert: bool,
+}
 
 #[derive(Debug, Clone)]
 pub enum Op {
-    SetBudget {
+    /// Create a budget or change its settings (never its counters, never its period start: see Roll).
+    SetPolicy {
         customer_id: String,
-        limit: i64,
-        stripe_customer_id: Option<String>,
+        policy: Box<PolicyState>,
         now_ms: i64,
     },
     Reserve {
         hold_id: u64,
-        record: HoldRecord,
+        record: Box<HoldRecord>,
     },
-    Commit {
-        hold_id: u64,
-        amount: i64,
-        excess: i64,
-        late: bool,
-        now_ms: i64,
-    },
+    Commit(Box<CommitOp>),
     Release {
         hold_id: u64,
         now_ms: i64,
@@ -53,7 +79,20 @@ pub enum Op {
     Freeze {
         customer_id: String,
         frozen: bool,
+        reason: String,
         now_ms: i64,
+    },
+    /// Close the budget's current period (kept in `periods`) and start [start_ms, end_ms) with nothing spent.
+    Roll {
+        customer_id: String,
+        start_ms: i64,
+        end_ms: i64,
+        now_ms: i64,
+    },
+    Alert(Box<PendingAlert>),
+    /// The alert webhook delivered every alert up to `seq`.
+    AlertCursor {
+        seq: u64,
     },
     /// Fix the identifier these outbox entries are sent under, before the first send.
     OutboxClaim {
@@ -79,9 +118,32 @@ pub enum Op {
     Shutdown,
 }
 
+#[derive(Debug, Clone)]
+pub struct CommitOp {
+    pub hold_id: u64,
+    pub amount: i64,
+    pub excess: i64,
+    pub parent_excess: i64,
+    pub late: bool,
+    pub now_ms: i64,
+    /// The periods the engine counted the amount in, checked against LMDB's.
+    pub period_start_ms: i64,
+    pub parent_period_start_ms: i64,
+    pub usage: Option<UsageDetail>,
+    /// The Reserve's dimensions merged with the Commit's.
+    pub dimensions: Dimensions,
+}
+
 pub struct Ticketed {
     pub ticket: u64,
     pub op: Op,
+}
+
+/// Records read and changed by this transaction's ops, written once before it commits.
+#[derive(Default)]
+struct BatchCache {
+    budgets: HashMap<String, BudgetRecord>,
+    usage: HashMap<String, UsageRecord>,
 }
 
 pub struct Writer {
@@ -92,13 +154,31 @@ pub struct Writer {
     pending: BTreeMap<u64, Op>,
     next_ticket: u64,
     next_ledger_seq: u64,
+    next_alert_seq: u64,
     prune_cursor: u64,
+    cache: BatchCache,
 }
 
 impl Writer {
-    pub fn new(shared: Arc<Shared>, store: Store, rx: Receiver<Ticketed>, next_ledger_seq: u64) -> Writer {
+    pub fn new(
+        shared: Arc<Shared>,
+        store: Store,
+        rx: Receiver<Ticketed>,
+        next_ledger_seq: u64,
+        next_alert_seq: u64,
+    ) -> Writer {
         let next_ticket = shared.durable_ticket.load(SeqCst) + 1;
-        Writer { shared, store, rx, pending: BTreeMap::new(), next_ticket, next_ledger_seq, prune_cursor: 0 }
+        Writer {
+            shared,
+            store,
+            rx,
+            pending: BTreeMap::new(),
+            next_ticket,
+            next_ledger_seq,
+            next_alert_seq,
+            prune_cursor: 0,
+            cache: BatchCache::default(),
+        }
     }
 
     pub fn run(mut self) {
@@ -132,8 +212,9 @@ impl Writer {
             shutdown |= matches!(op, Op::Shutdown);
             self.apply(&mut wtxn, op)?;
         }
+        self.flush(&mut wtxn)?;
         wtxn.commit()?;
-        self.shared.publish_durable(last_ticket, batch.len(), self.store.map_usage_bytes());
+        self.shared.publish_durable(last_ticket, batch.len(), self.store.map_usage_bytes(), self.next_alert_seq - 1);
         for (ticket, op) in &batch {
             self.shared.forget_resolved(*ticket, op);
         }
@@ -178,21 +259,29 @@ impl Writer {
 
     fn apply(&mut self, wtxn: &mut RwTxn, op: &Op) -> Result<(), EngineError> {
         match op {
-            Op::SetBudget { customer_id, limit, stripe_customer_id, now_ms } => {
-                self.apply_set_budget(wtxn, customer_id, *limit, stripe_customer_id.as_deref(), *now_ms)
-            }
+            Op::SetPolicy { customer_id, policy, now_ms } => self.apply_set_policy(wtxn, customer_id, policy, *now_ms),
             Op::Reserve { hold_id, record } => self.apply_reserve(wtxn, *hold_id, record),
-            Op::Commit { hold_id, amount, excess, late, now_ms } => {
-                self.apply_commit(wtxn, *hold_id, *amount, *excess, *late, *now_ms)
-            }
+            Op::Commit(commit) => self.apply_commit(wtxn, commit),
             Op::Release { hold_id, now_ms } => self.apply_void(wtxn, *hold_id, HoldStatus::Released, *now_ms),
             Op::Expire { hold_id, now_ms } => self.apply_void(wtxn, *hold_id, HoldStatus::Expired, *now_ms),
             Op::Prune { before_ms } => self.apply_prune(wtxn, *before_ms),
-            Op::Freeze { customer_id, frozen, now_ms } => {
-                let mut budget = self.budget(wtxn, customer_id)?;
+            Op::Freeze { customer_id, frozen, reason, now_ms } => {
+                let budget = self.budget_mut(wtxn, customer_id)?;
                 budget.frozen = *frozen;
+                budget.frozen_reason = if *frozen { reason.clone() } else { String::new() };
+                if !*frozen {
+                    budget.ring.fine.clear(); // the spike that froze it is forgiven (as in memory)
+                }
                 budget.updated_ms = *now_ms;
-                Ok(self.store.budgets.put(wtxn, customer_id, &budget)?)
+                Ok(())
+            }
+            Op::Roll { customer_id, start_ms, end_ms, now_ms } => {
+                self.apply_roll(wtxn, customer_id, *start_ms, *end_ms, *now_ms)
+            }
+            Op::Alert(alert) => self.apply_alert(wtxn, alert),
+            Op::AlertCursor { seq } => {
+                let stored = self.store.meta.get(wtxn, META_ALERT_CURSOR)?.unwrap_or(0);
+                Ok(self.store.meta.put(wtxn, META_ALERT_CURSOR, &stored.max(*seq))?)
             }
             Op::OutboxClaim { seqs, identifier, now_ms } => self.apply_claim(wtxn, seqs, identifier, *now_ms),
             Op::OutboxAck { seqs, now_ms } => self.apply_ack(wtxn, seqs, *now_ms),
@@ -202,10 +291,41 @@ impl Writer {
         }
     }
 
-    fn budget(&self, wtxn: &RwTxn, customer_id: &str) -> Result<BudgetRecord, EngineError> {
-        self.store.budgets.get(wtxn, customer_id)?.ok_or_else(|| {
-            EngineError::internal(format!("invariant: an op names budget {customer_id:?}, which LMDB does not hold"))
-        })
+    /// The budget's record as this transaction has it so far.
+    fn budget_mut(&mut self, wtxn: &RwTxn, customer_id: &str) -> Result<&mut BudgetRecord, EngineError> {
+        if !self.cache.budgets.contains_key(customer_id) {
+            let record = self.store.budgets.get(wtxn, customer_id)?.ok_or_else(|| {
+                EngineError::internal(format!(
+                    "invariant: an op names budget {customer_id:?}, which LMDB does not hold"
+                ))
+            })?;
+            self.cache.budgets.insert(customer_id.to_string(), record);
+        }
+        Ok(self.cache.budgets.get_mut(customer_id).expect("just cached"))
+    }
+
+    fn usage_mut(&mut self, wtxn: &RwTxn, customer_id: &str, start_ms: i64) -> Result<&mut UsageRecord, EngineError> {
+        let key = period_key(customer_id, start_ms);
+        if !self.cache.usage.contains_key(&key) {
+            let record = self.store.usage.get(wtxn, &key)?.unwrap_or_else(|| UsageRecord {
+                customer_id: customer_id.to_string(),
+                period_start_ms: start_ms,
+                ..UsageRecord::default()
+            });
+            self.cache.usage.insert(key.clone(), record);
+        }
+        Ok(self.cache.usage.get_mut(&key).expect("just cached"))
+    }
+
+    fn flush(&mut self, wtxn: &mut RwTxn) -> Result<(), EngineError> {
+        for (customer_id, record) in self.cache.budgets.drain() {
+            assert!(record.held >= 0, "held went negative in LMDB for {customer_id}");
+            self.store.budgets.put(wtxn, &customer_id, &record)?;
+        }
+        for (key, record) in self.cache.usage.drain() {
+            self.store.usage.put(wtxn, &key, &record)?;
+        }
+        Ok(())
     }
 
     fn hold(&self, wtxn: &RwTxn, hold_id: u64) -> Result<HoldRecord, EngineError> {
@@ -214,38 +334,70 @@ impl Writer {
         })
     }
 
-    fn apply_set_budget(
-        &self,
-        wtxn: &mut RwTxn,
+    fn apply_set_policy(
+        &mut self,
+        wtxn: &RwTxn,
         customer_id: &str,
-        limit: i64,
-        stripe_customer_id: Option<&str>,
+        policy: &PolicyState,
         now_ms: i64,
     ) -> Result<(), EngineError> {
-        let mut record = self.store.budgets.get(wtxn, customer_id)?.unwrap_or_else(|| BudgetRecord {
-            limit,
-            spent: 0,
-            held: 0,
-            overdraft: 0,
-            stripe_customer_id: customer_id.to_string(),
-            created_ms: now_ms,
-            updated_ms: now_ms,
-            frozen: false,
-        });
-        record.limit = limit;
-        record.updated_ms = now_ms;
-        if let Some(stripe_customer_id) = stripe_customer_id {
-            record.stripe_customer_id = stripe_customer_id.to_string();
+        let known =
+            self.cache.budgets.contains_key(customer_id) || self.store.budgets.get(wtxn, customer_id)?.is_some();
+        if !known {
+            let record = BudgetRecord {
+                limit: policy.limit,
+                spent: 0,
+                held: 0,
+                overdraft: 0,
+                stripe_customer_id: policy.stripe_customer_id.clone(),
+                created_ms: now_ms,
+                updated_ms: now_ms,
+                frozen: false,
+                frozen_reason: String::new(),
+                included: 0,
+                soft_limit: 0,
+                mode: EnforcementMode::Hard,
+                block_overage: false,
+                parent: None,
+                period: policy.period,
+                period_start_ms: policy.period_start_ms,
+                period_end_ms: policy.period_end_ms,
+                soft_alerted: false,
+                limit_alerted: false,
+                breaker_multiplier: None,
+                ring: UsageRing::default(),
+            };
+            self.cache.budgets.insert(customer_id.to_string(), record);
         }
-        self.store.budgets.put(wtxn, customer_id, &record)?;
+        let record = self.budget_mut(wtxn, customer_id)?;
+        if record.period_start_ms != policy.period_start_ms {
+            return Err(EngineError::internal(format!(
+                "invariant: a policy change moved the period start of {customer_id:?} ({} -> {}) without a Roll",
+                record.period_start_ms, policy.period_start_ms
+            )));
+        }
+        record.limit = policy.limit;
+        record.stripe_customer_id = policy.stripe_customer_id.clone();
+        record.included = policy.included;
+        record.soft_limit = policy.soft_limit;
+        record.mode = policy.mode;
+        record.block_overage = policy.block_overage;
+        record.parent = policy.parent.clone();
+        record.period = policy.period;
+        record.period_end_ms = policy.period_end_ms;
+        record.breaker_multiplier = policy.breaker_multiplier;
+        record.soft_alerted &= !policy.rearm_soft_alert;
+        record.limit_alerted &= !policy.rearm_limit_alert;
+        record.updated_ms = now_ms;
         Ok(())
     }
 
-    fn apply_reserve(&self, wtxn: &mut RwTxn, hold_id: u64, record: &HoldRecord) -> Result<(), EngineError> {
+    fn apply_reserve(&mut self, wtxn: &mut RwTxn, hold_id: u64, record: &HoldRecord) -> Result<(), EngineError> {
         assert_eq!(record.status, HoldStatus::Active);
-        let mut budget = self.budget(wtxn, &record.customer_id)?;
-        budget.held = checked(budget.held.checked_add(record.amount), "held")?;
-        self.store.budgets.put(wtxn, &record.customer_id, &budget)?;
+        for customer_id in std::iter::once(&record.customer_id).chain(record.parent.as_ref()) {
+            let budget = self.budget_mut(wtxn, customer_id)?;
+            budget.held = checked(budget.held.checked_add(record.amount), "held")?;
+        }
         if self.store.holds.get(wtxn, &hold_id)?.is_some() {
             return Err(EngineError::internal(format!("invariant: hold {hold_id} was reserved twice")));
         }
@@ -256,44 +408,99 @@ impl Writer {
         self.store.put_next_hold_id(wtxn, hold_id + 1)
     }
 
-    fn apply_commit(
+    /// Post a commit on one level (the member, or its org). Returns the stripe customer id of that level.
+    fn post(
         &mut self,
-        wtxn: &mut RwTxn,
-        hold_id: u64,
-        amount: i64,
+        wtxn: &RwTxn,
+        customer_id: &str,
+        reserved: i64,
+        commit: &CommitOp,
         excess: i64,
-        late: bool,
-        now_ms: i64,
-    ) -> Result<(), EngineError> {
+        period_start_ms: i64,
+    ) -> Result<String, EngineError> {
+        let breaker = self.shared.breaker_config();
+        let budget = self.budget_mut(wtxn, customer_id)?;
+        if budget.period_start_ms != period_start_ms {
+            return Err(EngineError::internal(format!(
+                "invariant: the engine counted a commit of {customer_id:?} in the period from {period_start_ms}, \
+                 LMDB is in the one from {}",
+                budget.period_start_ms
+            )));
+        }
+        budget.held = checked(budget.held.checked_sub(reserved), "held")?;
+        budget.spent = checked(budget.spent.checked_add(commit.amount), "spent")?;
+        budget.overdraft = checked(budget.overdraft.checked_add(excess), "overdraft")?;
+        budget.ring.add(&breaker, commit.now_ms, commit.amount);
+        assert!(budget.held >= 0, "held went negative in LMDB for {customer_id}");
+        Ok(budget.stripe_customer_id.clone())
+    }
+
+    fn apply_commit(&mut self, wtxn: &mut RwTxn, commit: &CommitOp) -> Result<(), EngineError> {
+        let hold_id = commit.hold_id;
         let mut hold = self.hold(wtxn, hold_id)?;
-        let expected = if late { HoldStatus::Expired } else { HoldStatus::Active };
+        let expected = if commit.late { HoldStatus::Expired } else { HoldStatus::Active };
         if hold.status != expected {
             return Err(EngineError::internal(format!(
                 "invariant: commit of hold {hold_id} found it {:?}, expected {expected:?}",
                 hold.status
             )));
         }
-        let mut budget = self.budget(wtxn, &hold.customer_id)?;
-        let reserved = if late { 0 } else { hold.amount };
-        budget.held = checked(budget.held.checked_sub(reserved), "held")?;
-        budget.spent = checked(budget.spent.checked_add(amount), "spent")?;
-        budget.overdraft = checked(budget.overdraft.checked_add(excess), "overdraft")?;
-        assert!(budget.held >= 0, "held went negative in LMDB for {}", hold.customer_id);
-        self.store.budgets.put(wtxn, &hold.customer_id, &budget)?;
+        let reserved = if commit.late { 0 } else { hold.amount };
+        let stripe_customer_id =
+            self.post(wtxn, &hold.customer_id, reserved, commit, commit.excess, commit.period_start_ms)?;
+        if let Some(parent) = hold.parent.clone() {
+            self.post(wtxn, &parent, reserved, commit, commit.parent_excess, commit.parent_period_start_ms)?;
+            let mut dimensions = commit.dimensions.clone();
+            dimensions.insert(MEMBER_DIMENSION.to_string(), hold.customer_id.clone());
+            self.usage_mut(wtxn, &parent, commit.parent_period_start_ms)?.add(
+                commit.now_ms,
+                commit.amount,
+                commit.usage.as_ref(),
+                &dimensions,
+            );
+        }
+        self.usage_mut(wtxn, &hold.customer_id, commit.period_start_ms)?.add(
+            commit.now_ms,
+            commit.amount,
+            commit.usage.as_ref(),
+            &commit.dimensions,
+        );
+        self.append_ledger(wtxn, &hold, commit, reserved, stripe_customer_id)?;
+        hold.status = HoldStatus::Committed;
+        hold.committed_amount = Some(commit.amount);
+        hold.excess = commit.excess;
+        hold.late = commit.late;
+        hold.resolved_ms = Some(commit.now_ms);
+        self.store.holds.put(wtxn, &hold_id, &hold)?;
+        Ok(())
+    }
 
+    /// The ledger entry and its outbox entry, in the same transaction: nothing committed is missing from either.
+    fn append_ledger(
+        &mut self,
+        wtxn: &mut RwTxn,
+        hold: &HoldRecord,
+        commit: &CommitOp,
+        reserved: i64,
+        stripe_customer_id: String,
+    ) -> Result<(), EngineError> {
         let seq = self.next_ledger_seq;
         self.next_ledger_seq += 1;
-        let reservation_id = format_reservation_id(hold_id);
+        let reservation_id = format_reservation_id(commit.hold_id);
         let entry = LedgerEntry {
             seq,
             reservation_id: reservation_id.clone(),
             customer_id: hold.customer_id.clone(),
-            stripe_customer_id: budget.stripe_customer_id.clone(),
-            amount,
+            stripe_customer_id,
+            amount: commit.amount,
             reserved,
-            excess,
-            ts_ms: now_ms,
+            excess: commit.excess,
+            ts_ms: commit.now_ms,
             settled_ms: None,
+            period_start_ms: commit.period_start_ms,
+            parent: hold.parent.clone(),
+            usage: commit.usage.clone(),
+            dimensions: commit.dimensions.clone(),
         };
         self.store.ledger.put(wtxn, &seq, &entry)?;
         let outbox = OutboxEntry {
@@ -301,25 +508,25 @@ impl Writer {
             identifier: format!("sg-{reservation_id}"),
             customer_id: entry.customer_id,
             stripe_customer_id: entry.stripe_customer_id,
-            amount,
-            ts_ms: now_ms,
+            amount: commit.amount,
+            ts_ms: commit.now_ms,
             sent_as: None,
             first_attempt_ms: None,
             attempts: 0,
+            usage: entry.usage,
         };
         self.store.outbox.put(wtxn, &seq, &outbox)?;
         self.shared.outbox_grew(1);
-
-        hold.status = HoldStatus::Committed;
-        hold.committed_amount = Some(amount);
-        hold.excess = excess;
-        hold.late = late;
-        hold.resolved_ms = Some(now_ms);
-        self.store.holds.put(wtxn, &hold_id, &hold)?;
         Ok(())
     }
 
-    fn apply_void(&self, wtxn: &mut RwTxn, hold_id: u64, status: HoldStatus, now_ms: i64) -> Result<(), EngineError> {
+    fn apply_void(
+        &mut self,
+        wtxn: &mut RwTxn,
+        hold_id: u64,
+        status: HoldStatus,
+        now_ms: i64,
+    ) -> Result<(), EngineError> {
         let mut hold = self.hold(wtxn, hold_id)?;
         if hold.status != HoldStatus::Active {
             return Err(EngineError::internal(format!(
@@ -327,13 +534,79 @@ impl Writer {
                 hold.status
             )));
         }
-        let mut budget = self.budget(wtxn, &hold.customer_id)?;
-        budget.held = checked(budget.held.checked_sub(hold.amount), "held")?;
-        assert!(budget.held >= 0, "held went negative in LMDB for {}", hold.customer_id);
-        self.store.budgets.put(wtxn, &hold.customer_id, &budget)?;
+        for customer_id in std::iter::once(hold.customer_id.clone()).chain(hold.parent.clone()) {
+            let budget = self.budget_mut(wtxn, &customer_id)?;
+            budget.held = checked(budget.held.checked_sub(hold.amount), "held")?;
+            assert!(budget.held >= 0, "held went negative in LMDB for {customer_id}");
+        }
         hold.status = status;
         hold.resolved_ms = Some(now_ms);
         self.store.holds.put(wtxn, &hold_id, &hold)?;
+        Ok(())
+    }
+
+    fn apply_roll(
+        &mut self,
+        wtxn: &mut RwTxn,
+        customer_id: &str,
+        start_ms: i64,
+        end_ms: i64,
+        now_ms: i64,
+    ) -> Result<(), EngineError> {
+        let budget = self.budget_mut(wtxn, customer_id)?;
+        if start_ms <= budget.period_start_ms {
+            return Err(EngineError::internal(format!(
+                "invariant: a roll of {customer_id:?} to {start_ms} does not move past the period from {}",
+                budget.period_start_ms
+            )));
+        }
+        let closed = PeriodRecord {
+            customer_id: customer_id.to_string(),
+            start_ms: budget.period_start_ms,
+            end_ms: budget.period_end_ms,
+            closed_ms: now_ms,
+            limit: budget.limit,
+            included: budget.included,
+            spent: budget.spent,
+            overdraft: budget.overdraft,
+        };
+        budget.spent = 0;
+        budget.overdraft = 0;
+        budget.period_start_ms = start_ms;
+        budget.period_end_ms = end_ms;
+        budget.soft_alerted = false;
+        budget.limit_alerted = false;
+        budget.updated_ms = now_ms;
+        self.store.periods.put(wtxn, &period_key(customer_id, closed.start_ms), &closed)?;
+        Ok(())
+    }
+
+    fn apply_alert(&mut self, wtxn: &mut RwTxn, alert: &PendingAlert) -> Result<(), EngineError> {
+        // A budget-level alert marks its budget, so that it is raised once per period across restarts.
+        match alert.kind {
+            AlertKind::SoftLimitCrossed => self.budget_mut(wtxn, &alert.customer_id)?.soft_alerted = true,
+            AlertKind::LimitReached => self.budget_mut(wtxn, &alert.customer_id)?.limit_alerted = true,
+            _ => {}
+        }
+        let seq = self.next_alert_seq;
+        self.next_alert_seq += 1;
+        let record = AlertRecord {
+            seq,
+            kind: alert.kind.as_str().to_string(),
+            customer_id: alert.customer_id.clone(),
+            ts_ms: alert.ts_ms,
+            message: alert.message.clone(),
+            values: alert.values.clone(),
+        };
+        self.store.alerts.put(wtxn, &seq, &record)?;
+        let mut excess = self.store.alerts.len(wtxn)?.saturating_sub(MAX_ALERTS_KEPT);
+        let mut pruned = 0;
+        while excess > 0 && pruned < MAX_ALERT_PRUNE_PER_OP {
+            let Some((oldest, _)) = self.store.alerts.first(wtxn)? else { break };
+            self.store.alerts.delete(wtxn, &oldest)?;
+            excess -= 1;
+            pruned += 1;
+        }
         Ok(())
     }
 

@@ -1,29 +1,40 @@
 //! The engine: budgets, holds and their life cycle. Every state change follows the ordering rule in lib.rs.
+//!
+//! - `admission.rs`: Reserve, Commit, Release and expiry (the hot paths).
+//! - `policy.rs`: budget settings, periods and their roll-over, freezing, the circuit breaker, alerts.
+//! - `views.rs`: balances, usage per period, closed periods, alerts to read.
+
+mod admission;
+mod policy;
+mod views;
 
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::SeqCst;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
-use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 
+use crate::alerts::{AlertKind, PendingAlert, MAX_ALERTS_BATCH};
+use crate::breaker::BreakerConfig;
 use crate::budget::Budget;
 use crate::clock::{Clock, SystemClock};
 use crate::error::EngineError;
-use crate::hold::{
-    format_reservation_id, parse_reservation_id, truncate_for_message, DenyReason, HoldSlot, HoldState, Resolution,
-};
+use crate::hold::{truncate_for_message, DenyReason, HoldSlot, HoldState};
 use crate::limits::*;
-use crate::records::{BudgetRecord, DeadLetter, HoldRecord, HoldStatus, OutboxEntry};
+use crate::period::PeriodRule;
+use crate::records::{AlertRecord, BudgetRecord, DeadLetter, Dimensions, HoldRecord, OutboxEntry, UsageDetail};
 use crate::store::{idempotency_key, Store};
 use crate::writer::{Op, Ticketed, Writer};
+
+pub use policy::BudgetUpdate;
+pub use views::{BalanceView, UsageView};
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -45,6 +56,10 @@ pub struct EngineConfig {
     /// Committed usage waiting for settlement. At the bound new reservations are refused (commits of existing holds
     /// still go in), so an outage at Stripe can never fill the disk unnoticed.
     pub max_outbox_entries: u64,
+    /// The period of a budget created without one.
+    pub default_period: PeriodRule,
+    /// The circuit breaker's defaults (a budget may set its own multiplier).
+    pub breaker: BreakerConfig,
 }
 
 impl EngineConfig {
@@ -63,6 +78,8 @@ impl EngineConfig {
             resolved_retention_ms: 7 * 86_400_000,
             prune_interval_ms: 60_000,
             max_outbox_entries: 10_000_000,
+            default_period: PeriodRule::CALENDAR_MONTH,
+            breaker: BreakerConfig { multiplier: 10, recent_ms: 3_600_000, window_ms: 86_400_000, min_units: 0 },
         }
     }
 
@@ -96,7 +113,8 @@ impl EngineConfig {
                 self.default_ttl_ms, self.max_ttl_ms
             )));
         }
-        Ok(())
+        self.default_period.validate()?;
+        self.breaker.validate()
     }
 }
 
@@ -112,6 +130,11 @@ pub struct ReserveOutcome {
     /// The hold's state now: Active for a fresh grant; for a replay, whatever became of the hold since. None when
     /// denied.
     pub state: Option<HoldState>,
+    /// Granted past a limit (a budget in soft mode).
+    pub over_limit: bool,
+    /// The budget whose limit or freeze decided a denial, or was passed by a soft grant: the customer's own, or its
+    /// org's. Empty otherwise.
+    pub decided_by: String,
     /// Durability ticket; 0 when nothing needs waiting for.
     pub ticket: u64,
 }
@@ -124,6 +147,10 @@ pub struct CommitOutcome {
     pub excess: i64,
     pub replayed: bool,
     pub hold_expired: bool,
+    /// Spent is past the limit after this commit (on the budget or its org).
+    pub over_limit: bool,
+    /// This commit tripped the circuit breaker: the budget (or its org) is now frozen.
+    pub breaker_tripped: bool,
     pub ticket: u64,
 }
 
@@ -137,22 +164,11 @@ pub struct ReleaseOutcome {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BalanceView {
-    pub customer_id: String,
-    pub limit: i64,
-    pub spent: i64,
-    pub reserved: i64,
-    pub remaining: i64,
-    pub active_holds: i64,
-    pub stripe_customer_id: String,
-    pub overdraft: i64,
-    pub frozen: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SetBudgetOutcome {
     pub balance: BalanceView,
     pub created: bool,
+    /// The call started a new period.
+    pub rolled: bool,
     pub ticket: u64,
 }
 
@@ -168,6 +184,9 @@ pub struct EngineStats {
     pub batches_total: u64,
     pub ops_total: u64,
     pub outbox_depth: u64,
+    pub breaker_trips_total: u64,
+    pub periods_rolled_total: u64,
+    pub alert_seq: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,6 +195,29 @@ pub struct OutboxStats {
     pub oldest_ts_ms: Option<i64>,
     pub dead_letters: u64,
     pub max_entries: u64,
+}
+
+/// A Reserve: `amount` units for `customer_id`, optionally labelled. `fingerprint` replaces the amount in the
+/// idempotency check when the amount was derived (a token estimate priced now may cost differently on a retry after
+/// the price table changed).
+#[derive(Debug, Clone, Default)]
+pub struct ReserveArgs<'a> {
+    pub customer_id: &'a str,
+    pub amount: i64,
+    pub idempotency_key: &'a str,
+    pub ttl_ms: u64,
+    pub model: &'a str,
+    pub dimensions: Dimensions,
+    pub fingerprint: &'a str,
+}
+
+/// A Commit: the actual `amount`, and, for a priced call, the token usage it is made of.
+#[derive(Debug, Clone, Default)]
+pub struct CommitArgs<'a> {
+    pub reservation_id: &'a str,
+    pub amount: i64,
+    pub usage: Option<UsageDetail>,
+    pub dimensions: Dimensions,
 }
 
 /// State shared by the calling threads, the writer and the reaper.
@@ -209,6 +251,14 @@ pub struct Shared {
     batches_total: AtomicU64,
     ops_total: AtomicU64,
     outbox_depth: AtomicU64,
+    breaker_trips_total: AtomicU64,
+    periods_rolled_total: AtomicU64,
+    /// The newest durable alert's sequence number (0: none).
+    alert_seq: AtomicU64,
+    /// The earliest end of any budget's period: the reaper looks for roll-overs only once it has passed.
+    next_roll_ms: AtomicI64,
+    /// Serializes linking members to orgs (admin calls only).
+    hierarchy: Mutex<()>,
 }
 
 pub struct Engine {
@@ -263,11 +313,16 @@ impl Engine {
             batches_total: AtomicU64::new(0),
             ops_total: AtomicU64::new(0),
             outbox_depth: AtomicU64::new(recovered.outbox_depth),
+            breaker_trips_total: AtomicU64::new(0),
+            periods_rolled_total: AtomicU64::new(0),
+            alert_seq: AtomicU64::new(recovered.next_alert_seq - 1),
+            next_roll_ms: AtomicI64::new(i64::MAX),
+            hierarchy: Mutex::new(()),
             config,
         });
         shared.rebuild(recovered.budgets, recovered.active_holds)?;
         shared.update_map_usage((map_size_bytes, map_used_bytes));
-        let writer = Writer::new(shared.clone(), store, rx, recovered.next_ledger_seq);
+        let writer = Writer::new(shared.clone(), store, rx, recovered.next_ledger_seq, recovered.next_alert_seq);
         let writer = std::thread::Builder::new()
             .name("spendgate-writer".into())
             .spawn(move || writer.run())
@@ -293,35 +348,23 @@ impl Engine {
         key: &str,
         ttl_ms: u64,
     ) -> Result<ReserveOutcome, EngineError> {
-        self.shared.reserve(customer_id, amount, key, ttl_ms)
+        self.shared.reserve(&ReserveArgs { customer_id, amount, idempotency_key: key, ttl_ms, ..Default::default() })
+    }
+
+    pub fn reserve_with(&self, args: &ReserveArgs<'_>) -> Result<ReserveOutcome, EngineError> {
+        self.shared.reserve(args)
     }
 
     pub fn commit(&self, reservation_id: &str, amount: i64) -> Result<CommitOutcome, EngineError> {
-        self.shared.commit(reservation_id, amount)
+        self.shared.commit(CommitArgs { reservation_id, amount, ..Default::default() })
+    }
+
+    pub fn commit_with(&self, args: CommitArgs<'_>) -> Result<CommitOutcome, EngineError> {
+        self.shared.commit(args)
     }
 
     pub fn release(&self, reservation_id: &str) -> Result<ReleaseOutcome, EngineError> {
         self.shared.release(reservation_id)
-    }
-
-    pub fn balance(&self, customer_id: &str) -> Result<BalanceView, EngineError> {
-        validate_id("customer_id", customer_id)?;
-        Ok(self.shared.budget(customer_id)?.view())
-    }
-
-    pub fn list_budgets(&self, prefix: &str, limit: usize) -> Result<Vec<BalanceView>, EngineError> {
-        if limit > MAX_LIST_BUDGETS {
-            return Err(EngineError::invalid(format!("limit is {limit}; list at most {MAX_LIST_BUDGETS} at a time")));
-        }
-        let mut found: Vec<Arc<Budget>> = self
-            .shared
-            .budgets
-            .iter()
-            .filter(|entry| entry.key().starts_with(prefix))
-            .map(|entry| entry.value().clone())
-            .collect();
-        found.sort_by(|a, b| a.customer_id.cmp(&b.customer_id));
-        Ok(found.into_iter().take(limit).map(|budget| budget.view()).collect())
     }
 
     pub fn set_budget(
@@ -330,17 +373,76 @@ impl Engine {
         limit: i64,
         stripe_customer_id: &str,
     ) -> Result<SetBudgetOutcome, EngineError> {
-        self.shared.set_budget(customer_id, limit, stripe_customer_id)
+        let stripe_customer_id = (!stripe_customer_id.is_empty()).then(|| stripe_customer_id.to_string());
+        self.shared
+            .update_budget(customer_id, &BudgetUpdate { limit: Some(limit), stripe_customer_id, ..Default::default() })
     }
 
-    /// Freeze (deny every Reserve) or unfreeze a budget. Commits of existing holds still post.
+    /// Create a budget or change any of its settings; what `update` leaves None stays as it is.
+    pub fn update_budget(&self, customer_id: &str, update: &BudgetUpdate) -> Result<SetBudgetOutcome, EngineError> {
+        self.shared.update_budget(customer_id, update)
+    }
+
+    /// Freeze (deny every Reserve) or unfreeze a budget, by an operator. Commits of existing holds still post.
     pub fn set_frozen(&self, customer_id: &str, frozen: bool) -> Result<SetBudgetOutcome, EngineError> {
+        self.freeze(customer_id, frozen, "frozen by an operator (Admin.FreezeBudget)")
+    }
+
+    /// Freeze or unfreeze, saying who and why; raises a frozen or unfrozen alert when it changes anything.
+    pub fn freeze(&self, customer_id: &str, frozen: bool, reason: &str) -> Result<SetBudgetOutcome, EngineError> {
         validate_id("customer_id", customer_id)?;
+        if reason.is_empty() || reason.len() > MAX_REASON_BYTES {
+            return Err(EngineError::invalid(format!(
+                "reason is {} bytes; give a reason of 1..={MAX_REASON_BYTES} bytes",
+                reason.len()
+            )));
+        }
         let budget = self.shared.budget(customer_id)?;
-        let now_ms = self.shared.clock.now_ms();
-        let ticket = self.shared.submit(Op::Freeze { customer_id: customer_id.to_string(), frozen, now_ms })?;
-        budget.set_frozen(frozen);
-        Ok(SetBudgetOutcome { balance: budget.view(), created: false, ticket })
+        self.shared.freeze(&budget, frozen, reason)
+    }
+
+    /// Start the periods that have ended (the reaper does this by itself every reap interval). Returns how many.
+    pub fn roll_due(&self) -> u64 {
+        self.shared.roll_due()
+    }
+
+    /// Record an alert raised outside the engine (a settlement dead letter, ...). Returns its durability ticket.
+    pub fn raise_alert(
+        &self,
+        kind: &str,
+        customer_id: &str,
+        message: &str,
+        values: &[(&str, i64)],
+    ) -> Result<u64, EngineError> {
+        let kind = AlertKind::parse(kind).ok_or_else(|| {
+            let known: Vec<&str> = AlertKind::ALL.iter().map(|kind| kind.as_str()).collect();
+            EngineError::invalid(format!("unknown alert kind {kind:?}; use one of {}", known.join(", ")))
+        })?;
+        validate_id("customer_id", customer_id)?;
+        let alert = PendingAlert::new(kind, customer_id, self.shared.clock.now_ms(), message.to_string(), values);
+        self.shared.submit(Op::Alert(Box::new(alert)))
+    }
+
+    /// Durable alerts after `after_seq`, oldest first.
+    pub fn alerts_after(&self, after_seq: u64, limit: usize) -> Result<Vec<AlertRecord>, EngineError> {
+        if limit == 0 || limit > MAX_ALERTS_BATCH {
+            return Err(EngineError::invalid(format!("limit is {limit}; pass 1..={MAX_ALERTS_BATCH}")));
+        }
+        self.shared.with_store(|store| store.alerts_after(after_seq, limit))
+    }
+
+    /// The newest durable alert's sequence number (0: none yet).
+    pub fn alert_seq(&self) -> u64 {
+        self.shared.alert_seq.load(SeqCst)
+    }
+
+    /// The alert webhook's delivery cursor: every alert up to it was delivered.
+    pub fn alert_cursor(&self) -> Result<u64, EngineError> {
+        self.shared.with_store(|store| store.alert_cursor())
+    }
+
+    pub fn set_alert_cursor(&self, seq: u64) -> Result<u64, EngineError> {
+        self.shared.submit(Op::AlertCursor { seq })
     }
 
     /// The oldest `limit` committed usages not yet accepted by Stripe, in ledger order (durable ones only).
@@ -461,6 +563,9 @@ impl Engine {
             batches_total: s.batches_total.load(SeqCst),
             ops_total: s.ops_total.load(SeqCst),
             outbox_depth: s.outbox_depth.load(SeqCst),
+            breaker_trips_total: s.breaker_trips_total.load(SeqCst),
+            periods_rolled_total: s.periods_rolled_total.load(SeqCst),
+            alert_seq: s.alert_seq.load(SeqCst),
         }
     }
 
@@ -533,7 +638,7 @@ fn check_batch(field: &str, count: usize) -> Result<(), EngineError> {
     Ok(())
 }
 
-fn validate_id(field: &str, value: &str) -> Result<(), EngineError> {
+pub(crate) fn validate_id(field: &str, value: &str) -> Result<(), EngineError> {
     if value.is_empty() {
         return Err(EngineError::invalid(format!(
             "{field} is empty; pass a non-empty id of at most {MAX_ID_BYTES} bytes"
@@ -551,7 +656,7 @@ fn validate_id(field: &str, value: &str) -> Result<(), EngineError> {
     Ok(())
 }
 
-fn validate_amount(field: &str, value: i64, min: i64) -> Result<(), EngineError> {
+pub(crate) fn validate_amount(field: &str, value: i64, min: i64) -> Result<(), EngineError> {
     if value < min {
         let rule = if min == 0 { ">= 0" } else { "> 0" };
         return Err(EngineError::invalid(format!("{field} is {value}; it must be {rule}")));
@@ -564,48 +669,18 @@ fn validate_amount(field: &str, value: i64, min: i64) -> Result<(), EngineError>
     Ok(())
 }
 
-fn denied(reason: DenyReason, remaining: i64, amount: i64) -> ReserveOutcome {
-    ReserveOutcome {
-        granted: false,
-        reservation_id: String::new(),
-        remaining,
-        reason,
-        expires_at_ms: 0,
-        replayed: false,
-        amount,
-        state: None,
-        ticket: 0,
-    }
-}
-
-impl Budget {
-    fn view(&self) -> BalanceView {
-        let counters = self.counters();
-        let stripe_customer_id = self.admin.lock().expect("budget admin lock").stripe_customer_id.clone();
-        BalanceView {
-            customer_id: self.customer_id.to_string(),
-            limit: counters.limit,
-            spent: counters.spent,
-            reserved: counters.held,
-            // From the same snapshot as spent and reserved, so that a reply always adds up. (The admission counter
-            // itself may differ for the instant a change is half applied by another thread.)
-            remaining: (counters.limit - counters.spent - counters.held).max(0),
-            active_holds: counters.active_holds,
-            stripe_customer_id,
-            overdraft: counters.overdraft,
-            frozen: self.frozen(),
-        }
-    }
-}
-
 impl Shared {
     fn rebuild(&self, budgets: Vec<(String, BudgetRecord)>, active: Vec<(u64, HoldRecord)>) -> Result<(), EngineError> {
+        // An org's held and open holds include its members' holds.
         let mut per_budget: std::collections::HashMap<&str, (i64, i64)> = Default::default();
         for (_, hold) in &active {
-            let entry = per_budget.entry(hold.customer_id.as_str()).or_default();
-            entry.0 += hold.amount;
-            entry.1 += 1;
+            for customer_id in std::iter::once(&hold.customer_id).chain(hold.parent.as_ref()) {
+                let entry = per_budget.entry(customer_id.as_str()).or_default();
+                entry.0 += hold.amount;
+                entry.1 += 1;
+            }
         }
+        let mut next_roll_ms = i64::MAX;
         for (customer_id, record) in &budgets {
             let (held, count) = per_budget.get(customer_id.as_str()).copied().unwrap_or_default();
             if held != record.held {
@@ -615,29 +690,54 @@ impl Shared {
                     record.held
                 )));
             }
+            next_roll_ms = next_roll_ms.min(record.period_end_ms);
             let budget = Arc::new(Budget::from_record(customer_id, record, count));
             self.budgets.insert(customer_id.as_str().into(), budget);
         }
+        self.next_roll_ms.store(next_roll_ms, SeqCst);
+        for (customer_id, record) in &budgets {
+            if let Some(parent_id) = &record.parent {
+                let parent = self.budget(parent_id).map_err(|_| {
+                    EngineError::internal(format!(
+                        "the data dir is inconsistent: budget {customer_id:?} names a missing org {parent_id:?}"
+                    ))
+                })?;
+                parent.members.fetch_add(1, SeqCst);
+                let member = self.budget(customer_id)?;
+                assert!(member.parent.set(parent).is_ok(), "{customer_id} linked to its org twice");
+            }
+        }
         self.budget_count.store(budgets.len() as u64, SeqCst);
         for (hold_id, hold) in active {
-            let budget = self.budget(&hold.customer_id).map_err(|_| {
-                EngineError::internal(format!("the data dir is inconsistent: hold {hold_id} names a missing budget"))
-            })?;
-            let idem_key = hold.idempotency_key.as_ref().map(|key| idempotency_key(&hold.customer_id, key));
-            if let Some(key) = &idem_key {
-                self.idempotency.insert(key.clone(), hold_id);
-            }
-            let slot = HoldSlot {
-                budget,
-                amount: hold.amount,
-                expires_ms: hold.expires_ms,
-                idem_key: idem_key.map(String::into_boxed_str),
-                resolution: None,
-                ticket: 0,
-            };
-            self.holds.insert(hold_id, slot);
-            self.active_holds.fetch_add(1, SeqCst);
+            self.restore_hold(hold_id, hold)?;
         }
+        Ok(())
+    }
+
+    fn restore_hold(&self, hold_id: u64, hold: HoldRecord) -> Result<(), EngineError> {
+        let missing =
+            || EngineError::internal(format!("the data dir is inconsistent: hold {hold_id} names a missing budget"));
+        let budget = self.budget(&hold.customer_id).map_err(|_| missing())?;
+        let parent = match &hold.parent {
+            Some(parent_id) => Some(self.budget(parent_id).map_err(|_| missing())?),
+            None => None,
+        };
+        let idem_key = hold.idempotency_key.as_ref().map(|key| idempotency_key(&hold.customer_id, key));
+        if let Some(key) = &idem_key {
+            self.idempotency.insert(key.clone(), hold_id);
+        }
+        let slot = HoldSlot {
+            budget,
+            parent,
+            extras: crate::hold::HoldExtras::boxed(&hold.model, &hold.dimensions, &hold.fingerprint),
+            amount: hold.amount,
+            expires_ms: hold.expires_ms,
+            idem_key: idem_key.map(String::into_boxed_str),
+            resolution: None,
+            ticket: 0,
+        };
+        self.holds.insert(hold_id, slot);
+        self.active_holds.fetch_add(1, SeqCst);
         Ok(())
     }
 
@@ -690,481 +790,24 @@ impl Shared {
         let _ = self.tx.send(Ticketed { ticket, op });
     }
 
-    fn reserve(&self, customer_id: &str, amount: i64, key: &str, ttl_ms: u64) -> Result<ReserveOutcome, EngineError> {
+    /// Enqueue an op that frees or takes no capacity, and return its ticket.
+    fn submit(&self, op: Op) -> Result<u64, EngineError> {
         self.check_open()?;
-        validate_id("customer_id", customer_id)?;
-        validate_amount("amount", amount, 1)?;
-        if !key.is_empty() {
-            validate_id("idempotency_key", key)?;
-        }
-        let ttl_ms = self.resolve_ttl_ms(ttl_ms)?;
-        let budget = self.budget(customer_id)?;
-        if key.is_empty() {
-            return self.reserve_new(&budget, amount, ttl_ms, None);
-        }
-        let composite = idempotency_key(customer_id, key);
-        match self.idempotency.entry(composite) {
-            Entry::Occupied(entry) => {
-                let hold_id = *entry.get();
-                drop(entry);
-                self.replay_reserve(hold_id, amount, key)
-            }
-            Entry::Vacant(entry) => {
-                // Under the shard lock, so no concurrent retry can slip a second hold in between.
-                if let Some(hold_id) = self.with_store(|store| store.get_idempotency(entry.key()))? {
-                    drop(entry);
-                    return self.replay_reserve(hold_id, amount, key);
-                }
-                let outcome = self.reserve_new(&budget, amount, ttl_ms, Some((entry.key().as_str(), key)))?;
-                if outcome.granted {
-                    entry.insert(parse_reservation_id(&outcome.reservation_id)?);
-                }
-                Ok(outcome)
-            }
-        }
-    }
-
-    fn resolve_ttl_ms(&self, ttl_ms: u64) -> Result<u64, EngineError> {
-        if ttl_ms == 0 {
-            return Ok(self.config.default_ttl_ms);
-        }
-        if ttl_ms > self.config.max_ttl_ms {
-            return Err(EngineError::invalid(format!(
-                "ttl_ms is {ttl_ms}; the server allows at most {} (max_ttl_ms); pass 0 for the default of {}",
-                self.config.max_ttl_ms, self.config.default_ttl_ms
-            )));
-        }
-        Ok(ttl_ms)
-    }
-
-    fn reserve_new(
-        &self,
-        budget: &Arc<Budget>,
-        amount: i64,
-        ttl_ms: u64,
-        key: Option<(&str, &str)>,
-    ) -> Result<ReserveOutcome, EngineError> {
-        if self.map_full.load(SeqCst) {
-            return Err(self.map_full_error());
-        }
-        if self.outbox_depth.load(SeqCst) >= self.config.max_outbox_entries {
-            return Err(EngineError::exhausted(format!(
-                "{} committed usages are waiting for settlement to Stripe (max_outbox_entries): new reservations are \
-                 refused until the settler catches up; check Stripe connectivity and the dead letters",
-                self.config.max_outbox_entries
-            )));
-        }
-        if budget.frozen() {
-            return Ok(denied(DenyReason::Frozen, budget.remaining(), amount));
-        }
-        if !budget.try_open_hold(self.config.max_holds_per_budget as i64) {
-            return Ok(denied(DenyReason::TooManyHolds, budget.remaining(), amount));
-        }
-        if !self.try_open_global_hold() {
-            budget.close_hold();
-            return Ok(denied(DenyReason::TooManyHolds, budget.remaining(), amount));
-        }
-        if !budget.try_take(amount) {
-            self.close_hold(budget);
-            return Ok(denied(DenyReason::InsufficientBudget, budget.remaining(), amount));
-        }
-        if let Err(err) = self.acquire_queue_slot() {
-            budget.untake(amount);
-            self.close_hold(budget);
-            return Err(err);
-        }
-        budget.add_hold(amount);
-        let hold_id = self.next_hold_id.fetch_add(1, SeqCst);
-        let now_ms = self.clock.now_ms();
-        let expires_ms = now_ms + ttl_ms as i64;
-        let record = HoldRecord {
-            customer_id: budget.customer_id.to_string(),
-            amount,
-            status: HoldStatus::Active,
-            created_ms: now_ms,
-            expires_ms,
-            idempotency_key: key.map(|(_, raw)| raw.to_string()),
-            committed_amount: None,
-            excess: 0,
-            late: false,
-            resolved_ms: None,
-        };
-        // Took capacity: the ticket comes after the compare-and-swap. The slot goes in after the ticket, so any op
-        // that finds this hold gets a later ticket than its Reserve.
-        let ticket = self.take_ticket();
-        let slot = HoldSlot {
-            budget: budget.clone(),
-            amount,
-            expires_ms,
-            idem_key: key.map(|(composite, _)| composite.into()),
-            resolution: None,
-            ticket,
-        };
-        let previous = self.holds.insert(hold_id, slot);
-        assert!(previous.is_none(), "hold id {hold_id} was handed out twice");
-        self.send(ticket, Op::Reserve { hold_id, record });
-        Ok(ReserveOutcome {
-            granted: true,
-            reservation_id: format_reservation_id(hold_id),
-            remaining: budget.remaining(),
-            reason: DenyReason::None,
-            expires_at_ms: expires_ms,
-            replayed: false,
-            amount,
-            state: Some(HoldState::Active),
-            ticket,
-        })
-    }
-
-    fn try_open_global_hold(&self) -> bool {
-        let max = self.config.max_active_holds;
-        self.active_holds.fetch_update(SeqCst, SeqCst, |open| (open < max).then_some(open + 1)).is_ok()
-    }
-
-    fn close_hold(&self, budget: &Budget) {
-        budget.close_hold();
-        let before = self.active_holds.fetch_sub(1, SeqCst);
-        assert!(before > 0, "closed more holds than were open");
-    }
-
-    fn replay_reserve(&self, hold_id: u64, amount: i64, key: &str) -> Result<ReserveOutcome, EngineError> {
-        let (original, expires_ms, remaining, state, ticket) = match self.holds.get(&hold_id) {
-            Some(slot) => {
-                let state = slot.resolution.map_or(HoldState::Active, Resolution::state);
-                (slot.amount, slot.expires_ms, slot.budget.remaining(), state, slot.ticket)
-            }
-            None => {
-                let record = self.with_store(|store| store.get_hold(hold_id))?.ok_or_else(|| {
-                    EngineError::internal(format!("idempotency key {key:?} points at hold {hold_id}, which is gone"))
-                })?;
-                let remaining = self.budget(&record.customer_id)?.remaining();
-                let state = stored_resolution(&record)?.state();
-                (record.amount, record.expires_ms, remaining, state, 0)
-            }
-        };
-        if original != amount {
-            return Err(EngineError::new(
-                crate::ErrorKind::AlreadyExists,
-                format!(
-                    "idempotency_key {:?} was already used for a reservation of {original} units; a retry must send \
-                     the same amount, a new reservation needs a new key",
-                    truncate_for_message(key)
-                ),
-            ));
-        }
-        Ok(ReserveOutcome {
-            granted: true,
-            reservation_id: format_reservation_id(hold_id),
-            remaining,
-            reason: DenyReason::None,
-            expires_at_ms: expires_ms,
-            replayed: true,
-            amount,
-            state: Some(state),
-            ticket,
-        })
-    }
-
-    fn commit(&self, reservation_id: &str, amount: i64) -> Result<CommitOutcome, EngineError> {
-        self.check_open()?;
-        let hold_id = parse_reservation_id(reservation_id)?;
-        validate_amount("amount", amount, 0)?;
-        match self.holds.entry(hold_id) {
-            Entry::Occupied(mut entry) => {
-                let slot = entry.get_mut();
-                match slot.resolution {
-                    None => self.commit_active(slot, hold_id, amount),
-                    Some(Resolution::Expired) => self.commit_late(slot, hold_id, amount),
-                    Some(resolution) => replay_commit(
-                        reservation_id,
-                        resolution,
-                        slot.amount,
-                        amount,
-                        slot.budget.remaining(),
-                        slot.ticket,
-                    ),
-                }
-            }
-            Entry::Vacant(entry) => {
-                let record = self.stored_hold(reservation_id, hold_id)?;
-                let budget = self.budget(&record.customer_id)?;
-                match record.status {
-                    HoldStatus::Expired => {
-                        let mut slot = HoldSlot {
-                            budget,
-                            amount: record.amount,
-                            expires_ms: record.expires_ms,
-                            idem_key: None,
-                            resolution: Some(Resolution::Expired),
-                            ticket: 0,
-                        };
-                        let outcome = self.commit_late(&mut slot, hold_id, amount)?;
-                        entry.insert(slot);
-                        Ok(outcome)
-                    }
-                    _ => replay_commit(
-                        reservation_id,
-                        stored_resolution(&record)?,
-                        record.amount,
-                        amount,
-                        budget.remaining(),
-                        0,
-                    ),
-                }
-            }
-        }
-    }
-
-    fn stored_hold(&self, reservation_id: &str, hold_id: u64) -> Result<HoldRecord, EngineError> {
-        self.with_store(|store| store.get_hold(hold_id))?.ok_or_else(|| {
-            EngineError::not_found(format!(
-                "no reservation {reservation_id}: it never existed here, or it was resolved more than \
-                 resolved_retention_ms ago"
-            ))
-        })
-    }
-
-    fn commit_active(&self, slot: &mut HoldSlot, hold_id: u64, amount: i64) -> Result<CommitOutcome, EngineError> {
-        self.acquire_queue_slot()?;
-        let budget = slot.budget.clone();
-        let held = slot.amount;
-        let (ticket, excess) = if amount <= held {
-            // Frees capacity: ticket first, then publish.
-            let ticket = self.take_ticket();
-            let now_ms = self.clock.now_ms();
-            self.send(ticket, Op::Commit { hold_id, amount, excess: 0, late: false, now_ms });
-            let excess = budget.post(held, amount);
-            assert_eq!(excess, 0);
-            (ticket, 0)
-        } else {
-            // Takes capacity: publish first, then the ticket.
-            let excess = budget.post(held, amount);
-            let ticket = self.take_ticket();
-            let now_ms = self.clock.now_ms();
-            self.send(ticket, Op::Commit { hold_id, amount, excess, late: false, now_ms });
-            (ticket, excess)
-        };
-        self.close_hold(&budget);
-        slot.resolution = Some(Resolution::Committed { amount, excess, late: false });
-        slot.ticket = ticket;
-        Ok(CommitOutcome {
-            charged: amount,
-            remaining: budget.remaining(),
-            over_reserved: amount > held,
-            excess,
-            replayed: false,
-            hold_expired: false,
-            ticket,
-        })
-    }
-
-    /// The hold expired before this Commit: the LLM call happened anyway, so record the usage in full.
-    fn commit_late(&self, slot: &mut HoldSlot, hold_id: u64, amount: i64) -> Result<CommitOutcome, EngineError> {
-        self.acquire_queue_slot()?;
-        let budget = slot.budget.clone();
-        let excess = budget.post(0, amount);
-        let ticket = self.take_ticket();
-        let now_ms = self.clock.now_ms();
-        self.send(ticket, Op::Commit { hold_id, amount, excess, late: true, now_ms });
-        slot.resolution = Some(Resolution::Committed { amount, excess, late: true });
-        slot.ticket = ticket;
-        Ok(CommitOutcome {
-            charged: amount,
-            remaining: budget.remaining(),
-            over_reserved: amount > slot.amount,
-            excess,
-            replayed: false,
-            hold_expired: true,
-            ticket,
-        })
-    }
-
-    fn release(&self, reservation_id: &str) -> Result<ReleaseOutcome, EngineError> {
-        self.check_open()?;
-        let hold_id = parse_reservation_id(reservation_id)?;
-        match self.holds.entry(hold_id) {
-            Entry::Occupied(mut entry) => {
-                let slot = entry.get_mut();
-                match slot.resolution {
-                    None => self.release_active(slot, hold_id),
-                    Some(resolution) => {
-                        replay_release(reservation_id, resolution, slot.budget.remaining(), slot.ticket)
-                    }
-                }
-            }
-            Entry::Vacant(_) => {
-                let record = self.stored_hold(reservation_id, hold_id)?;
-                let remaining = self.budget(&record.customer_id)?.remaining();
-                replay_release(reservation_id, stored_resolution(&record)?, remaining, 0)
-            }
-        }
-    }
-
-    fn release_active(&self, slot: &mut HoldSlot, hold_id: u64) -> Result<ReleaseOutcome, EngineError> {
         self.acquire_queue_slot()?;
         let ticket = self.take_ticket();
-        self.send(ticket, Op::Release { hold_id, now_ms: self.clock.now_ms() });
-        slot.budget.free_hold(slot.amount);
-        self.close_hold(&slot.budget);
-        slot.resolution = Some(Resolution::Released);
-        slot.ticket = ticket;
-        Ok(ReleaseOutcome {
-            released: true,
-            remaining: slot.budget.remaining(),
-            state: HoldState::Released,
-            replayed: false,
-            ticket,
-        })
+        self.send(ticket, op);
+        Ok(ticket)
     }
 
-    fn reap_expired(&self) -> u64 {
-        if self.check_open().is_err() {
-            return 0;
-        }
-        let now_ms = self.clock.now_ms();
-        // Collect first: mutating while a DashMap iterator holds a shard lock would deadlock.
-        let due: Vec<u64> = self
-            .holds
-            .iter()
-            .filter(|entry| entry.resolution.is_none() && entry.expires_ms <= now_ms)
-            .map(|entry| *entry.key())
-            .collect();
-        let mut expired = 0;
-        for hold_id in due {
-            let Some(mut slot) = self.holds.get_mut(&hold_id) else { continue };
-            if slot.resolution.is_some() {
-                continue;
-            }
-            if self.acquire_queue_slot().is_err() {
-                break; // The disk is behind; the next round retries.
-            }
-            let ticket = self.take_ticket();
-            self.send(ticket, Op::Expire { hold_id, now_ms });
-            slot.budget.free_hold(slot.amount);
-            self.close_hold(&slot.budget);
-            slot.resolution = Some(Resolution::Expired);
-            slot.ticket = ticket;
-            expired += 1;
-        }
-        self.expired_total.fetch_add(expired, SeqCst);
-        expired
+    /// Enqueue an alert without waiting for it. False when it could not be queued (a full queue, a closing engine):
+    /// the caller then re-arms the budget's flag, so that the next call finding the condition raises it again (as
+    /// after a crash before the alert was durable: the flag was not persisted either).
+    fn raise(&self, alert: PendingAlert) -> bool {
+        self.submit(Op::Alert(Box::new(alert))).is_ok()
     }
 
-    fn reap_loop(self: Arc<Self>) {
-        let interval = Duration::from_millis(self.config.reap_interval_ms);
-        let prune_every = Duration::from_millis(self.config.prune_interval_ms);
-        let mut last_prune = Instant::now();
-        while !self.closing.load(SeqCst) {
-            self.reap_expired();
-            if last_prune.elapsed() >= prune_every && self.check_open().is_ok() && self.acquire_queue_slot().is_ok() {
-                let before_ms = self.clock.now_ms() - self.config.resolved_retention_ms as i64;
-                let ticket = self.take_ticket();
-                self.send(ticket, Op::Prune { before_ms });
-                last_prune = Instant::now();
-            }
-            std::thread::park_timeout(interval);
-        }
-    }
-
-    fn set_budget(
-        &self,
-        customer_id: &str,
-        limit: i64,
-        stripe_customer_id: &str,
-    ) -> Result<SetBudgetOutcome, EngineError> {
-        self.check_open()?;
-        validate_id("customer_id", customer_id)?;
-        validate_amount("limit", limit, 0)?;
-        if !stripe_customer_id.is_empty() {
-            validate_id("stripe_customer_id", stripe_customer_id)?;
-        }
-        let stripe = (!stripe_customer_id.is_empty()).then(|| stripe_customer_id.to_string());
-        loop {
-            if let Ok(budget) = self.budget(customer_id) {
-                return self.update_budget(&budget, limit, stripe);
-            }
-            if let Some(outcome) = self.create_budget(customer_id, limit, stripe.clone())? {
-                return Ok(outcome);
-            }
-            // Lost a race with another creator: update the budget it made.
-        }
-    }
-
-    fn update_budget(
-        &self,
-        budget: &Arc<Budget>,
-        limit: i64,
-        stripe: Option<String>,
-    ) -> Result<SetBudgetOutcome, EngineError> {
-        let mut admin = budget.admin.lock().expect("budget admin lock");
-        self.acquire_queue_slot()?;
-        let op = Op::SetBudget {
-            customer_id: budget.customer_id.to_string(),
-            limit,
-            stripe_customer_id: stripe.clone(),
-            now_ms: self.clock.now_ms(),
-        };
-        let ticket = if limit >= budget.limit() {
-            let ticket = self.take_ticket();
-            self.send(ticket, op);
-            budget.shift_limit(limit);
-            ticket
-        } else {
-            budget.shift_limit(limit);
-            let ticket = self.take_ticket();
-            self.send(ticket, op);
-            ticket
-        };
-        if let Some(stripe) = stripe {
-            admin.stripe_customer_id = stripe;
-        }
-        drop(admin);
-        Ok(SetBudgetOutcome { balance: budget.view(), created: false, ticket })
-    }
-
-    fn create_budget(
-        &self,
-        customer_id: &str,
-        limit: i64,
-        stripe: Option<String>,
-    ) -> Result<Option<SetBudgetOutcome>, EngineError> {
-        if self.map_full.load(SeqCst) {
-            return Err(self.map_full_error());
-        }
-        let Entry::Vacant(entry) = self.budgets.entry(customer_id.into()) else { return Ok(None) };
-        if self.budget_count.load(SeqCst) >= self.config.max_budgets {
-            return Err(EngineError::exhausted(format!(
-                "there are already {} budgets (max_budgets); raise max_budgets or remove unused budgets",
-                self.config.max_budgets
-            )));
-        }
-        self.acquire_queue_slot()?;
-        let now_ms = self.clock.now_ms();
-        let record = BudgetRecord {
-            limit,
-            spent: 0,
-            held: 0,
-            overdraft: 0,
-            stripe_customer_id: stripe.clone().unwrap_or_else(|| customer_id.to_string()),
-            created_ms: now_ms,
-            updated_ms: now_ms,
-            frozen: false,
-        };
-        let budget = Arc::new(Budget::from_record(customer_id, &record, 0));
-        // The ticket comes before the budget is visible, so every op on it is serialized after its creation.
-        let ticket = self.take_ticket();
-        self.send(
-            ticket,
-            Op::SetBudget {
-                customer_id: customer_id.to_string(),
-                limit,
-                stripe_customer_id: Some(record.stripe_customer_id.clone()),
-                now_ms,
-            },
-        );
-        entry.insert(budget.clone());
-        self.budget_count.fetch_add(1, SeqCst);
-        Ok(Some(SetBudgetOutcome { balance: budget.view(), created: true, ticket }))
+    pub(crate) fn breaker_config(&self) -> BreakerConfig {
+        self.config.breaker
     }
 
     fn map_full_error(&self) -> EngineError {
@@ -1185,7 +828,9 @@ impl Shared {
     }
 
     /// Called by the writer after a batch is durable.
-    pub(crate) fn publish_durable(&self, last_ticket: u64, ops: usize, map_usage: (u64, u64)) {
+    pub(crate) fn publish_durable(&self, last_ticket: u64, ops: usize, map_usage: (u64, u64), alert_seq: u64) {
+        let alert_before = self.alert_seq.swap(alert_seq, SeqCst);
+        assert!(alert_seq >= alert_before, "alert seq went backwards: {alert_before} -> {alert_seq}");
         let before = self.durable_ticket.swap(last_ticket, SeqCst);
         assert!(last_ticket > before, "durable ticket went backwards: {before} -> {last_ticket}");
         let depth_before = self.queue_depth.fetch_sub(ops as u64, SeqCst);
@@ -1199,7 +844,8 @@ impl Shared {
     /// Called by the writer once an op is durable: a resolved hold no longer needs its memory slot.
     pub(crate) fn forget_resolved(&self, ticket: u64, op: &Op) {
         let hold_id = match op {
-            Op::Commit { hold_id, .. } | Op::Release { hold_id, .. } | Op::Expire { hold_id, .. } => *hold_id,
+            Op::Commit(commit) => commit.hold_id,
+            Op::Release { hold_id, .. } | Op::Expire { hold_id, .. } => *hold_id,
             _ => return,
         };
         let removed = self.holds.remove_if(&hold_id, |_, slot| slot.ticket == ticket && slot.resolution.is_some());
@@ -1217,15 +863,6 @@ impl Shared {
     pub(crate) fn outbox_shrank(&self, entries: u64) {
         let before = self.outbox_depth.fetch_sub(entries, SeqCst);
         assert!(before >= entries, "outbox depth went negative");
-    }
-
-    /// Enqueue an op that frees or takes no capacity, and return its ticket.
-    fn submit(&self, op: Op) -> Result<u64, EngineError> {
-        self.check_open()?;
-        self.acquire_queue_slot()?;
-        let ticket = self.take_ticket();
-        self.send(ticket, op);
-        Ok(ticket)
     }
 
     pub(crate) fn fail(&self, why: String) {
@@ -1270,17 +907,37 @@ impl Shared {
         }
     }
 
+    fn reap_loop(self: Arc<Self>) {
+        let interval = Duration::from_millis(self.config.reap_interval_ms);
+        let prune_every = Duration::from_millis(self.config.prune_interval_ms);
+        let mut last_prune = Instant::now();
+        while !self.closing.load(SeqCst) {
+            self.reap_expired();
+            self.roll_due();
+            if last_prune.elapsed() >= prune_every && self.check_open().is_ok() && self.acquire_queue_slot().is_ok() {
+                let before_ms = self.clock.now_ms() - self.config.resolved_retention_ms as i64;
+                let ticket = self.take_ticket();
+                self.send(ticket, Op::Prune { before_ms });
+                last_prune = Instant::now();
+            }
+            std::thread::park_timeout(interval);
+        }
+    }
+
     fn check_invariants(&self) -> Result<(), String> {
         let mut held: std::collections::HashMap<String, (i64, i64)> = Default::default();
         for slot in self.holds.iter() {
             if slot.resolution.is_none() {
-                let entry = held.entry(slot.budget.customer_id.to_string()).or_default();
-                entry.0 += slot.amount;
-                entry.1 += 1;
+                for budget in std::iter::once(&slot.budget).chain(slot.parent.as_ref()) {
+                    let entry = held.entry(budget.customer_id.to_string()).or_default();
+                    entry.0 += slot.amount;
+                    entry.1 += 1;
+                }
             }
         }
         for entry in self.budgets.iter() {
-            let c = entry.value().counters();
+            let budget = entry.value();
+            let c = budget.counters();
             let (sum, count) = held.get(entry.key().as_ref()).copied().unwrap_or_default();
             if c.held != sum || c.active_holds != count {
                 return Err(format!(
@@ -1293,72 +950,11 @@ impl Shared {
             if c.available != c.limit - c.spent - c.held {
                 return Err(format!("{}: available {} != limit - spent - held ({c:?})", entry.key(), c.available));
             }
-            if c.spent + c.held > c.limit + c.overdraft {
+            // Only a soft-mode grant or a limit cut below what was already spent and held may pass the limit.
+            if c.spent + c.held > c.limit + c.overdraft && !budget.soft_mode() && !budget.limit_was_cut() {
                 return Err(format!("{}: spent + held > limit + overdraft ({c:?})", entry.key()));
             }
         }
         Ok(())
-    }
-}
-
-fn stored_resolution(record: &HoldRecord) -> Result<Resolution, EngineError> {
-    match record.status {
-        HoldStatus::Committed => Ok(Resolution::Committed {
-            amount: record.committed_amount.unwrap_or_default(),
-            excess: record.excess,
-            late: record.late,
-        }),
-        HoldStatus::Released => Ok(Resolution::Released),
-        HoldStatus::Expired => Ok(Resolution::Expired),
-        HoldStatus::Active => Err(EngineError::internal("invariant: an active hold is missing from memory")),
-    }
-}
-
-fn replay_commit(
-    reservation_id: &str,
-    resolution: Resolution,
-    held: i64,
-    amount: i64,
-    remaining: i64,
-    ticket: u64,
-) -> Result<CommitOutcome, EngineError> {
-    match resolution {
-        Resolution::Committed { amount: committed, excess, late } if committed == amount => Ok(CommitOutcome {
-            charged: committed,
-            remaining,
-            over_reserved: committed > held,
-            excess,
-            replayed: true,
-            hold_expired: late,
-            ticket,
-        }),
-        Resolution::Committed { amount: committed, .. } => Err(EngineError::precondition(format!(
-            "reservation {reservation_id} was already committed with {committed} units; a commit is final (a retry \
-             must send the same amount)"
-        ))),
-        Resolution::Released => Err(EngineError::precondition(format!(
-            "reservation {reservation_id} was released, so it cannot be committed; reserve again before the call"
-        ))),
-        Resolution::Expired => unreachable!("an expired hold commits late instead of replaying"),
-    }
-}
-
-fn replay_release(
-    reservation_id: &str,
-    resolution: Resolution,
-    remaining: i64,
-    ticket: u64,
-) -> Result<ReleaseOutcome, EngineError> {
-    match resolution {
-        Resolution::Released => {
-            Ok(ReleaseOutcome { released: true, remaining, state: HoldState::Released, replayed: true, ticket })
-        }
-        Resolution::Expired => {
-            Ok(ReleaseOutcome { released: false, remaining, state: HoldState::Expired, replayed: false, ticket })
-        }
-        Resolution::Committed { amount, .. } => Err(EngineError::precondition(format!(
-            "reservation {reservation_id} was already committed with {amount} units; a committed reservation cannot \
-             be released"
-        ))),
     }
 }
