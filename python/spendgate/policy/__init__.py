@@ -10,6 +10,7 @@
     bill = book.table.charge(usage_from_openai(response, model=hold.model))                # Commit bill.units
 """
 
+from spendgate.policy.price_book import PriceBook
 from spendgate.policy.prices import (
     CACHE_WRITE,
     CACHED_INPUT,
@@ -41,6 +42,7 @@ __all__ = [
     "ChargeLine",
     "Estimate",
     "ModelPrice",
+    "PriceBook",
     "PriceError",
     "PriceTable",
     "PriceTableError",
