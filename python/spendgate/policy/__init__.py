@@ -30,6 +30,7 @@ from spendgate.policy.prices import (
     UnknownModelError,
     load_price_table,
 )
+from spendgate.policy.providers import usage_from_anthropic, usage_from_openai, usage_from_openai_responses
 
 __all__ = [
     "CACHED_INPUT",
@@ -50,4 +51,7 @@ __all__ = [
     "TokenUsage",
     "UnknownModelError",
     "load_price_table",
+    "usage_from_anthropic",
+    "usage_from_openai",
+    "usage_from_openai_responses",
 ]
