@@ -6,8 +6,9 @@
 - providers.py: OpenAI and Anthropic usage objects -> TokenUsage
 
     book = PriceBook("prices.toml")
-    hold = book.table.estimate("gpt-6-sol", input_tokens=12_000, max_output_tokens=2_000)   # Reserve hold.units
-    bill = book.table.charge(usage_from_openai(response, model=hold.model))                # Commit bill.units
+    table = book.table                # read once per call: a reload swaps whole tables
+    estimate = table.estimate("gpt-6-sol", input_tokens=12_000, max_output_tokens=2_000)   # Reserve estimate.units
+    bill = table.charge(usage_from_openai(response, model=estimate.model))                 # Commit bill.units
 """
 
 from spendgate.policy.price_book import PriceBook

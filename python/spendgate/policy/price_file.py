@@ -80,7 +80,7 @@ _MARKUP_DECIMAL = re.compile(r"^(\d{1,4})(?:\.(\d{1,2}))?$")
 
 
 @dataclasses.dataclass
-class _Layer:
+class PriceLayer:
     """One file, parsed and checked on its own; merged with the others by merge_layers."""
 
     source: str
@@ -135,9 +135,9 @@ def _read(path: Path) -> str:
         raise PriceTableError(f"{path}: the price file is not UTF-8 ({error.reason} at byte {error.start})") from error
 
 
-def parse_layer(text: str, source: str) -> _Layer:
+def parse_layer(text: str, source: str) -> PriceLayer:
     """One price file on its own: its settings, models and aliases, every value checked."""
-    layer = _Layer(source, text)
+    layer = PriceLayer(source, text)
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
@@ -155,14 +155,14 @@ def parse_layer(text: str, source: str) -> _Layer:
     return layer
 
 
-def _table(layer: _Layer, document: Mapping[str, Any], key: str) -> dict[str, Any]:
+def _table(layer: PriceLayer, document: Mapping[str, Any], key: str) -> dict[str, Any]:
     value = document.get(key, {})
     if not isinstance(value, dict):
         raise layer.error(f"{key!r} must be a table", layer.key_line(key))
     return value
 
 
-def _parse_settings(layer: _Layer, document: Mapping[str, Any]) -> None:
+def _parse_settings(layer: PriceLayer, document: Mapping[str, Any]) -> None:
     settings = layer.settings
     if "as_of" in document:
         as_of = document["as_of"]
@@ -184,7 +184,7 @@ def _parse_settings(layer: _Layer, document: Mapping[str, Any]) -> None:
         settings["unknown_model"] = _parse_unknown_model(layer, _table(layer, document, "unknown_model"))
 
 
-def _parse_markup(layer: _Layer, value: object) -> int:
+def _parse_markup(layer: PriceLayer, value: object) -> int:
     line = layer.key_line("markup_percent")
     if isinstance(value, float):
         raise layer.error(f'markup_percent: write {value} as a string ("{value}"): a float is not exact', line)
@@ -200,7 +200,7 @@ def _parse_markup(layer: _Layer, value: object) -> int:
     return basis_points
 
 
-def _parse_int(layer: _Layer, what: str, value: object, low: int, high: int, line: int | None) -> int:
+def _parse_int(layer: PriceLayer, what: str, value: object, low: int, high: int, line: int | None) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise layer.error(f"{what}: expected an integer, got {value!r}", line)
     if not low <= value <= high:
@@ -208,7 +208,7 @@ def _parse_int(layer: _Layer, what: str, value: object, low: int, high: int, lin
     return value
 
 
-def _parse_unknown_model(layer: _Layer, table: dict[str, Any]) -> ModelPrice | None:
+def _parse_unknown_model(layer: PriceLayer, table: dict[str, Any]) -> ModelPrice | None:
     line = layer.line_of(r"\s*\[\s*unknown_model\s*\]")
     prices = dict(table)
     policy = prices.pop(POLICY_KEY, "deny")
@@ -221,7 +221,7 @@ def _parse_unknown_model(layer: _Layer, table: dict[str, Any]) -> ModelPrice | N
     return _model_price(layer, FALLBACK_MODEL, prices, "unknown_model", line)
 
 
-def _parse_model(layer: _Layer, name: str, table: object) -> ModelPrice:
+def _parse_model(layer: PriceLayer, name: str, table: object) -> ModelPrice:
     line = layer.model_line(name)
     try:
         check_model_name(name)
@@ -234,7 +234,7 @@ def _parse_model(layer: _Layer, name: str, table: object) -> ModelPrice:
     return _model_price(layer, name, table, f"model {name!r}", line)
 
 
-def _model_price(layer: _Layer, name: str, table: dict[str, Any], what: str, line: int | None) -> ModelPrice:
+def _model_price(layer: PriceLayer, name: str, table: dict[str, Any], what: str, line: int | None) -> ModelPrice:
     prices = dict(table)
     long_context = prices.pop(LONG_CONTEXT_KEY, None)
     rates = _parse_rates(layer, prices, what, line)
@@ -246,7 +246,8 @@ def _model_price(layer: _Layer, name: str, table: dict[str, Any], what: str, lin
         raise layer.error(f"{long_what}: must be a table", long_line)
     long_prices = dict(long_context)
     if THRESHOLD_KEY not in long_prices:
-        raise layer.error(f"{long_what}: missing {THRESHOLD_KEY!r} (the prompt tokens above which it applies)", long_line)
+        message = f"{long_what}: missing {THRESHOLD_KEY!r} (the prompt tokens above which it applies)"
+        raise layer.error(message, long_line)
     threshold = _parse_int(layer, f"{long_what}, {THRESHOLD_KEY}", long_prices.pop(THRESHOLD_KEY), 1,
                            MAX_TOKENS_PER_TYPE, long_line)  # fmt: skip
     long_rates = _parse_rates(layer, long_prices, long_what, long_line)
@@ -258,7 +259,7 @@ def _model_price(layer: _Layer, name: str, table: dict[str, Any], what: str, lin
     return ModelPrice(name, rates, threshold, long_rates)
 
 
-def _parse_rates(layer: _Layer, prices: dict[str, Any], what: str, line: int | None) -> Rates:
+def _parse_rates(layer: PriceLayer, prices: dict[str, Any], what: str, line: int | None) -> Rates:
     for key in prices:
         if key not in TOKEN_TYPES:
             raise layer.error(f"{what}: unknown key {key!r} (expected prices for {list(TOKEN_TYPES)})", line)
@@ -267,7 +268,7 @@ def _parse_rates(layer: _Layer, prices: dict[str, Any], what: str, line: int | N
     return Rates.of(by_type)
 
 
-def _resolve_price(layer: _Layer, given: Mapping[str, object], token_type: str, what: str, line: int | None) -> int:
+def _resolve_price(layer: PriceLayer, given: Mapping[str, object], token_type: str, what: str, line: int | None) -> int:
     value = given[token_type]
     if value is None:
         hint = ' (or "input" if it is billed at the input rate)' if token_type != "input" else ""
@@ -283,7 +284,7 @@ def _resolve_price(layer: _Layer, given: Mapping[str, object], token_type: str, 
     return _parse_int(layer, f"{what}, {token_type}", value, 0, MAX_PRICE_MICRO_USD_PER_MTOK, line)
 
 
-def _parse_aliases(layer: _Layer, aliases: dict[str, Any]) -> None:
+def _parse_aliases(layer: PriceLayer, aliases: dict[str, Any]) -> None:
     if len(aliases) > MAX_ALIASES:
         raise layer.error(f"{len(aliases):_} aliases, over the limit of {MAX_ALIASES:_}")
     for alias, target in aliases.items():
@@ -296,7 +297,7 @@ def _parse_aliases(layer: _Layer, aliases: dict[str, Any]) -> None:
         layer.aliases[alias] = target
 
 
-def merge_layers(layers: list[_Layer]) -> PriceTable:
+def merge_layers(layers: list[PriceLayer]) -> PriceTable:
     """Later layers override earlier ones: whole models, single aliases, single settings."""
     settings: dict[str, Any] = {}
     models: dict[str, ModelPrice] = {}

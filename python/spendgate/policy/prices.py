@@ -4,12 +4,12 @@ A `PriceTable` maps a model to its prices in micro-USD per million tokens for fi
 markup and, when the table sets one, converts to credits. Budget units are micro-USD, or credits when
 `micro_usd_per_credit` is set.
 
-    table = load_price_table("prices.toml")           # the bundled default, overridden by the user's file
-    hold = table.estimate("gpt-6-sol", input_tokens=12_000, max_output_tokens=2_000)
-    client.reserve(customer, amount=hold.units)        # the worst case
-    ...
-    bill = table.charge(usage_from_openai(response, model=hold.model))
-    hold.commit(bill.units)                            # exactly what was used; bill.breakdown says per token type
+    table = load_price_table("prices.toml")                   # the bundled default, overridden by the user's file
+    estimate = table.estimate("gpt-6-sol", input_tokens=12_000, max_output_tokens=2_000)
+    with client.reserve(customer, amount=estimate.units) as hold:   # Reserve the worst case
+        response = call_the_llm()
+        bill = table.charge(usage_from_openai(response, model=estimate.model))
+        hold.commit(bill.units)                                # Commit exactly what was used (bill.breakdown: per type)
 
 The rules (tests/python/policy/test_prices.py pins each with numbers):
 - Counts are disjoint (`TokenUsage`): input excludes cached and cache-write tokens; output excludes reasoning tokens.
@@ -376,7 +376,9 @@ def _ceil_div(numerator: int, denominator: int) -> int:
 def _check_units(units: int, model: str) -> None:
     # Unreachable within the bounds above (checked at import); kept so that a change of bounds cannot overflow silently.
     if units > MAX_AMOUNT_UNITS:
-        raise PriceError(f"a call of {model!r} would cost {units:_} units, over the engine's bound {MAX_AMOUNT_UNITS:_}")
+        raise PriceError(
+            f"a call of {model!r} would cost {units:_} units, over the engine's bound {MAX_AMOUNT_UNITS:_}"
+        )
 
 
 def _allocate(shares: Mapping[str, int], denominator: int, total: int) -> list[tuple[str, int]]:

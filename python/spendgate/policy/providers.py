@@ -113,4 +113,6 @@ def _count(obj: Any, name: str, *, required: bool = False, parent: str = "usage"
 
 def _check_part(part: int, part_name: str, total: int, total_name: str) -> None:
     if part > total:
-        raise ValueError(f"inconsistent usage: {part_name} = {part} is more than {total_name} = {total}, which includes it")
+        raise ValueError(
+            f"inconsistent usage: {part_name} = {part} is more than {total_name} = {total}, which includes it"
+        )

@@ -101,7 +101,8 @@ def test_a_users_file_overrides_a_bundled_model_whole_and_the_table_settings(tmp
     sol = user.models["gpt-6-sol"]
     assert sol.rates.cached_input_micro_usd_per_mtok == 1_000_000 and sol.long_context_rates is None
     assert user.models["gpt-6-luna"] == load_price_table(None).models["gpt-6-luna"]  # the rest stays bundled
-    assert (user.markup_basis_points, user.micro_usd_per_credit, user.as_of) == (1_250, 1_000, datetime.date(2026, 11, 18))
+    assert (user.markup_basis_points, user.micro_usd_per_credit) == (1_250, 1_000)
+    assert user.as_of == datetime.date(2026, 11, 18)  # from the bundled table
     assert user.sources == (BUNDLED_SOURCE, str(tmp_path / "prices.toml"))
     # 300,000 x $1 + 20,000 x $5 = 400,000 micro-USD, x 1.125 = 450,000, / 1,000 = 450 credits.
     assert user.charge(TokenUsage("gpt-6-sol", input_tokens=300_000, output_tokens=20_000)).units == 450
@@ -203,7 +204,8 @@ def test_the_unknown_model_policy_is_deny_or_a_fallback_price(tmp_path: Path) ->
     )
     estimate = fallback.estimate("some-new-model", 1_000, 100)
     assert (estimate.units, estimate.fallback, estimate.model) == (13_000, True, FALLBACK_MODEL)
-    assert "policy is deny, but prices are given" in load_error(tmp_path, '[unknown_model]\npolicy = "deny"\ninput = 1\n')
+    deny_with_prices = '[unknown_model]\npolicy = "deny"\ninput = 1\n'
+    assert "policy is deny, but prices are given" in load_error(tmp_path, deny_with_prices)
     assert "policy must be one of ['deny', 'fallback']" in load_error(tmp_path, '[unknown_model]\npolicy = "allow"\n')
     assert "reserved for the unknown-model fallback" in load_error(tmp_path, MODEL_M.replace('"m"', '"*fallback*"'))
 

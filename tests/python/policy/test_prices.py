@@ -153,7 +153,8 @@ def test_an_unknown_model_is_denied_with_what_to_do() -> None:
         M.estimate("gpt-9", 10, 10)
     message = str(denied.value)
     assert "no price for model 'gpt-9'" in message
-    assert 'Add [models."gpt-9"]' in message and "[aliases]" in message and "fallback price in [unknown_model]" in message
+    assert 'Add [models."gpt-9"]' in message and "[aliases]" in message
+    assert "fallback price in [unknown_model]" in message
     with pytest.raises(UnknownModelError):
         M.charge(TokenUsage("gpt-9", input_tokens=1))
 
@@ -180,7 +181,8 @@ def test_aliases_and_provider_prefixes_resolve_to_the_priced_model() -> None:
 
 def test_lookup_never_guesses() -> None:
     sol = table(ModelPrice("gpt-6-sol", M_RATES))
-    for near_miss in ("GPT-6-SOL", "gpt-6-sol-fast", "gpt-6", "azure/gpt-6-sol", "openai/openai/gpt-6-sol", " gpt-6-sol"):
+    near_misses = ("GPT-6-SOL", "gpt-6-sol-fast", "gpt-6", "azure/gpt-6-sol", "openai/openai/gpt-6-sol", " gpt-6-sol")
+    for near_miss in near_misses:
         assert sol.resolve_model(near_miss) is None, near_miss
     with pytest.raises(UnknownModelError) as denied:
         sol.estimate("gpt-6-sol-2026-09-22", 1, 1)  # a dated id is not stripped, but the message says how to alias it
