@@ -22,6 +22,8 @@ DENY_NONE: Final[int]
 DENY_INSUFFICIENT_BUDGET: Final[int]
 DENY_TOO_MANY_HOLDS: Final[int]
 DENY_FROZEN: Final[int]
+DENY_OVERAGE_BLOCKED: Final[int]
+DENY_UNKNOWN_MODEL: Final[int]
 
 # HoldState numbers, the same as spendgate.v1.HoldState.
 HOLD_ACTIVE: Final[int]
@@ -50,6 +52,10 @@ class ReserveOutcome:
     amount: int
     state: int
     """HoldState number: ACTIVE for a new hold; for a replay, what became of the hold since; 0 when denied."""
+    over_limit: bool
+    """Granted past the limit (soft mode)."""
+    decided_by: str
+    """The budget (the customer's, or its org's) whose limit or freeze decided a denial or was passed by a grant."""
     ticket: int
     """Durability ticket; 0 when nothing needs waiting for (a denial)."""
 
@@ -60,6 +66,8 @@ class CommitOutcome:
     excess: int
     replayed: bool
     hold_expired: bool
+    over_limit: bool
+    breaker_tripped: bool
     ticket: int
 
 class ReleaseOutcome:
@@ -79,11 +87,78 @@ class BalanceView:
     stripe_customer_id: str
     overdraft: int
     frozen: bool
+    frozen_reason: str
+    included: int
+    soft_limit: int
+    mode: str
+    """"hard" or "soft"."""
+    block_overage: bool
+    parent_id: str
+    members: int
+    period: PeriodSpec
+    period_start_ms: int
+    period_end_ms: int
+    """2**63 - 1 for a lifetime period."""
+    breaker_multiplier: int | None
+    """None: the server's breaker_multiplier."""
+
+class PeriodSpec(TypedDict, total=False):
+    """{"kind": "monthly", "anchor_ms": ...}, {"kind": "fixed", "anchor_ms": ..., "length_ms": ...} or
+    {"kind": "lifetime"}."""
+
+    kind: str
+    anchor_ms: int
+    length_ms: int
 
 class SetBudgetOutcome:
     balance: BalanceView
     created: bool
+    rolled: bool
+    """The call closed the current period and started a new one."""
     ticket: int
+
+class UsageDetail(TypedDict):
+    """The token usage behind a committed amount: parts are (token_type, tokens, units) and sum to the amount."""
+
+    model: str
+    parts: list[tuple[str, int, int]]
+    cache_hit: bool
+    fallback: bool
+
+class UsageRecord(TypedDict):
+    customer_id: str
+    period_start_ms: int
+    period_end_ms: int
+    current: bool
+    limit: int
+    included: int
+    units: int
+    commits: int
+    days: list[tuple[int, int]]
+    """(days since 1970-01-01 UTC, units), days with usage only."""
+    models: list[tuple[str, str, int, int]]
+    """(model, token_type, tokens, units)."""
+    dimensions: list[tuple[str, str, int]]
+    """(key, value, units)."""
+
+class ClosedPeriod(TypedDict):
+    customer_id: str
+    start_ms: int
+    end_ms: int
+    closed_ms: int
+    limit: int
+    included: int
+    spent: int
+    overdraft: int
+
+class AlertEntry(TypedDict):
+    seq: int
+    kind: str
+    """soft_limit_crossed, limit_reached, breaker_tripped, frozen, unfrozen or settlement_dead_letter."""
+    customer_id: str
+    ts_ms: int
+    message: str
+    values: dict[str, int]
 
 class OutboxEntry(TypedDict):
     seq: int
@@ -95,6 +170,8 @@ class OutboxEntry(TypedDict):
     sent_as: str | None
     first_attempt_ms: int | None
     attempts: int
+    usage: UsageDetail | None
+    """Token usage: settled as Stripe LLM token-billing events instead of one units event."""
 
 class DeadLetterEntry(OutboxEntry):
     reason: str
@@ -128,9 +205,37 @@ class Engine:
         reap_interval_ms: int = 100,
         resolved_retention_ms: int = 7 * 86_400_000,
         max_outbox_entries: int = 10_000_000,
+        default_period: str = "month",
+        breaker_multiplier: int = 10,
+        breaker_recent_ms: int = 3_600_000,
+        breaker_window_ms: int = 86_400_000,
+        breaker_min_units: int = 0,
     ) -> None: ...
-    def reserve(self, customer_id: str, amount: int, idempotency_key: str = "", ttl_ms: int = 0) -> ReserveOutcome: ...
-    def commit(self, reservation_id: str, amount: int) -> CommitOutcome: ...
+    def reserve(
+        self,
+        customer_id: str,
+        amount: int,
+        idempotency_key: str = "",
+        ttl_ms: int = 0,
+        *,
+        model: str = "",
+        dimensions: dict[str, str] | None = None,
+        fingerprint: str = "",
+    ) -> ReserveOutcome:
+        """Hold `amount` for the customer (and its org). `model` is remembered for the Commit; `fingerprint` replaces
+        the amount in the idempotency check (a priced estimate: model and token counts)."""
+    def commit(
+        self,
+        reservation_id: str,
+        amount: int,
+        *,
+        usage: UsageDetail | None = None,
+        dimensions: dict[str, str] | None = None,
+    ) -> CommitOutcome:
+        """Post the actual amount; `usage` (its parts sum to amount) and `dimensions` go to the ledger and the usage
+        views."""
+    def hold_model(self, reservation_id: str) -> str:
+        """The model the Reserve priced ("" for a plain amount). NOT_FOUND for an unknown reservation."""
     def release(self, reservation_id: str) -> ReleaseOutcome: ...
     def balance(self, customer_id: str) -> BalanceView: ...
     def list_budgets(self, prefix: str = "", limit: int = 100) -> list[BalanceView]:
@@ -138,6 +243,41 @@ class Engine:
     def set_budget(self, customer_id: str, limit: int, stripe_customer_id: str = "") -> SetBudgetOutcome: ...
     def set_frozen(self, customer_id: str, frozen: bool) -> SetBudgetOutcome:
         """Freeze (every Reserve denied with DENY_FROZEN) or unfreeze. Existing holds still commit."""
+    def update_budget(
+        self,
+        customer_id: str,
+        *,
+        limit: int | None = None,
+        stripe_customer_id: str | None = None,
+        included: int | None = None,
+        soft_limit: int | None = None,
+        mode: str | None = None,
+        block_overage: bool | None = None,
+        parent_id: str | None = None,
+        period: PeriodSpec | None = None,
+        breaker_multiplier: int | None = None,
+    ) -> SetBudgetOutcome:
+        """Create a budget (limit required) or change what is given; None leaves a setting unchanged. mode: "hard" or
+        "soft"; breaker_multiplier: -1 the server's, 0 off, 2..=1000. A period starting later than the current one
+        starts now (the old one is closed and kept)."""
+    def freeze(self, customer_id: str, frozen: bool, reason: str) -> SetBudgetOutcome:
+        """Freeze or unfreeze, saying why (kept with the budget and put in the alert)."""
+    def usage(self, customer_id: str, at_ms: int | None = None) -> UsageRecord:
+        """Usage of the period containing at_ms (None: the current one); durable commits only."""
+    def closed_periods(self, customer_id: str, limit: int = 100) -> list[ClosedPeriod]:
+        """The budget's closed periods, newest first (limit 1..=1000)."""
+    def roll_due(self) -> int:
+        """Start the periods that have ended (the engine does this itself every reap_interval_ms)."""
+    def raise_alert(self, kind: str, customer_id: str, message: str, values: dict[str, int] | None = None) -> int:
+        """Store an alert durably (kind as in AlertEntry). Returns a ticket."""
+    def alerts_after(self, after_seq: int, limit: int = 1000) -> list[AlertEntry]:
+        """Durable alerts with seq > after_seq, oldest first (limit 1..=10_000)."""
+    def alert_seq(self) -> int:
+        """The newest durable alert's seq (0: none)."""
+    def alert_cursor(self) -> int:
+        """The alert webhook's delivery cursor (every alert up to it was delivered)."""
+    def set_alert_cursor(self, seq: int) -> int:
+        """Advance the cursor (it never goes back). Returns a ticket."""
     # -- settlement: the outbox that Commit writes in the same transaction as the ledger entry --------------------
     def outbox_pending(self, limit: int = 1000) -> list[OutboxEntry]:
         """The oldest `limit` (1..=10_000) durable outbox entries, in ledger order."""
@@ -170,7 +310,8 @@ class Engine:
         """Expire due holds now (the engine also does this itself every reap_interval_ms). Returns how many."""
     def stats(self) -> dict[str, int]:
         """Counters for metrics: budgets, active_holds, queue_depth, durable_ticket, map_size_bytes,
-        map_used_bytes, expired_total, batches_total, ops_total, outbox_depth."""
+        map_used_bytes, expired_total, batches_total, ops_total, outbox_depth, breaker_trips_total,
+        periods_rolled_total, alert_seq."""
     def check_invariants(self) -> None:
         """Verify the in-memory books (held equals the sum of open holds; available == limit - spent - held;
         spent + held <= limit + overdraft). Raises EngineError("internal") naming the first broken one."""

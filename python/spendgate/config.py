@@ -32,6 +32,7 @@ DURABILITY_CHOICES: Final[tuple[str, ...]] = ("fsync", "relaxed")
 LOG_LEVEL_CHOICES: Final[tuple[str, ...]] = ("debug", "info", "warning", "error")
 PAYMENT_FAILED_ACTIONS: Final[tuple[str, ...]] = ("flag", "freeze")
 SETTLE_TRANSPORTS: Final[tuple[str, ...]] = ("v1", "v2")
+PERIOD_CHOICES: Final[tuple[str, ...]] = ("month", "lifetime")
 # A mapping setting (webhook_plan_limits), held as sorted (key, value) pairs so that Settings stays frozen and hashable.
 PlanLimits = tuple[tuple[str, int], ...]
 _BOOL_WORDS: Final[Mapping[str, bool]] = {
@@ -96,6 +97,23 @@ class Settings:
         "Committed usages waiting for settlement to Stripe; at the bound new Reserves fail (commits still go in).",
         minimum=1,
     )
+    default_period: str = _setting(
+        "month",
+        "Period of a budget created without one: `month` (the calendar month in UTC) or `lifetime` (never resets).",
+        choices=PERIOD_CHOICES,
+    )
+    breaker_multiplier: int = _setting(
+        10, "Circuit breaker: freeze a budget whose last-hour usage exceeds this many times its typical hour; 0: off."
+    )
+    breaker_recent_ms: int = _setting(
+        3_600_000, "Circuit breaker: the recent window (\"the last hour\"), a multiple of 12.", minimum=1
+    )
+    breaker_window_ms: int = _setting(
+        86_400_000, "Circuit breaker: the trailing window whose active hours make the typical hour.", minimum=1
+    )
+    breaker_min_units: int = _setting(
+        0, "Circuit breaker: never trip below this many units in the recent window (and, without history, trip above it)."
+    )
     # The gRPC server, again.
     max_message_bytes: int = _setting(4 * 1024 * 1024, "Largest gRPC message received or sent.", minimum=1)
     max_concurrent_rpcs: int = _setting(10_000, "RPCs in flight at once; more get RESOURCE_EXHAUSTED.", minimum=1)
@@ -155,6 +173,15 @@ class Settings:
     webhook_plan_limits: PlanLimits = _setting(
         (), "Budget limit per Stripe plan, by price id or lookup_key: a TOML table, or a JSON object in env and flag."
     )
+    # Pricing (spendgate.policy): tokens to budget units.
+    price_table: str = _setting(
+        "",
+        "TOML price file overriding the bundled prices (spendgate/policy/default_prices.toml); empty: bundled only.",
+        optional=True,
+    )
+    price_reload_interval_ms: int = _setting(
+        1_000, "How often the price file is checked for changes (it also reloads on SIGHUP); 0: only on SIGHUP."
+    )
     webhook_payment_failed_action: str = _setting(
         "flag",
         "On invoice.payment_failed: `freeze` the budget (its invoice.paid unfreezes it) or `flag` it (log and count).",
@@ -189,6 +216,11 @@ ENGINE_SETTINGS: Final[tuple[str, ...]] = (
     "reap_interval_ms",
     "resolved_retention_ms",
     "max_outbox_entries",
+    "default_period",
+    "breaker_multiplier",
+    "breaker_recent_ms",
+    "breaker_window_ms",
+    "breaker_min_units",
 )
 
 FIELDS: Final[Mapping[str, dataclasses.Field[Any]]] = {f.name: f for f in dataclasses.fields(Settings)}

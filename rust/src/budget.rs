@@ -4,6 +4,7 @@
 //! is read after the others' updates in this order:
 //! - taking capacity: `available` first, then `held`/`spent`;
 //! - freeing capacity: `held`/`spent` first, then `available`.
+//!
 //! So a reader that loads `spent` then `held` never sees `spent + held` above `limit + overdraft` when it is not.
 //! `available` goes below zero only through a commit larger than its hold (recorded in `overdraft`), a lowered limit,
 //! or a grant past the limit in soft mode.

@@ -8,10 +8,16 @@ use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::engine::{BalanceView, Engine, EngineConfig};
+use std::collections::BTreeMap;
+
+use pyo3::types::PyList;
+
+use crate::breaker::BreakerConfig;
+use crate::engine::{BalanceView, BudgetUpdate, CommitArgs, Engine, EngineConfig, ReserveArgs, UsageView};
 use crate::error::EngineError;
 use crate::limits::{MAX_AMOUNT_UNITS, MAX_ID_BYTES, MAX_TTL_MS_CEILING};
-use crate::records::OutboxEntry;
+use crate::period::PeriodRule;
+use crate::records::{AlertRecord, Dimensions, EnforcementMode, OutboxEntry, PeriodRecord, UsageDetail, UsagePart};
 
 /// Every engine failure: `kind` picks the gRPC status, `message` says what was wrong and how to fix it.
 #[pyclass(extends = PyException, module = "spendgate._core", name = "EngineError", subclass)]
@@ -68,6 +74,8 @@ pub struct PyReserveOutcome {
     amount: i64,
     /// spendgate.v1.HoldState number; 0 when denied.
     state: i32,
+    over_limit: bool,
+    decided_by: String,
     ticket: u64,
 }
 
@@ -89,6 +97,8 @@ pub struct PyCommitOutcome {
     excess: i64,
     replayed: bool,
     hold_expired: bool,
+    over_limit: bool,
+    breaker_tripped: bool,
     ticket: u64,
 }
 
@@ -136,6 +146,53 @@ pub struct PyBalanceView {
     stripe_customer_id: String,
     overdraft: i64,
     frozen: bool,
+    frozen_reason: String,
+    included: i64,
+    soft_limit: i64,
+    /// "hard" or "soft".
+    mode: &'static str,
+    block_overage: bool,
+    parent_id: String,
+    members: u64,
+    /// {"kind": "monthly", "anchor_ms": ...}, {"kind": "fixed", "anchor_ms": ..., "length_ms": ...} or
+    /// {"kind": "lifetime"}.
+    period: BTreeMap<String, PeriodValue>,
+    period_start_ms: i64,
+    period_end_ms: i64,
+    /// None: the server's multiplier.
+    breaker_multiplier: Option<u64>,
+}
+
+/// A value in a period dict: its kind's name, or a number of milliseconds.
+#[derive(IntoPyObject, Clone)]
+pub enum PeriodValue {
+    Text(&'static str),
+    Number(i64),
+}
+
+fn period_dict(rule: PeriodRule) -> BTreeMap<String, PeriodValue> {
+    let mut dict = BTreeMap::new();
+    let kind = match rule {
+        PeriodRule::Lifetime => "lifetime",
+        PeriodRule::Monthly { anchor_ms } => {
+            dict.insert("anchor_ms".to_string(), PeriodValue::Number(anchor_ms));
+            "monthly"
+        }
+        PeriodRule::Fixed { anchor_ms, length_ms } => {
+            dict.insert("anchor_ms".to_string(), PeriodValue::Number(anchor_ms));
+            dict.insert("length_ms".to_string(), PeriodValue::Number(length_ms));
+            "fixed"
+        }
+    };
+    dict.insert("kind".to_string(), PeriodValue::Text(kind));
+    dict
+}
+
+fn mode_name(mode: EnforcementMode) -> &'static str {
+    match mode {
+        EnforcementMode::Hard => "hard",
+        EnforcementMode::Soft => "soft",
+    }
 }
 
 #[pymethods]
@@ -160,6 +217,17 @@ impl From<BalanceView> for PyBalanceView {
             stripe_customer_id: v.stripe_customer_id,
             overdraft: v.overdraft,
             frozen: v.frozen,
+            frozen_reason: v.frozen_reason,
+            included: v.included,
+            soft_limit: v.soft_limit,
+            mode: mode_name(v.mode),
+            block_overage: v.block_overage,
+            parent_id: v.parent,
+            members: v.members,
+            period: period_dict(v.period),
+            period_start_ms: v.period_start_ms,
+            period_end_ms: v.period_end_ms,
+            breaker_multiplier: v.breaker_multiplier,
         }
     }
 }
@@ -168,6 +236,7 @@ impl From<BalanceView> for PyBalanceView {
 pub struct PySetBudgetOutcome {
     balance: Py<PyBalanceView>,
     created: bool,
+    rolled: bool,
     ticket: u64,
 }
 
@@ -183,7 +252,8 @@ impl PyEngine {
         data_dir, *, map_size_mb = 1024, durability = "fsync", default_ttl_ms = 60_000, max_ttl_ms = 3_600_000,
         max_holds_per_budget = 10_000, max_active_holds = 1_000_000, max_budgets = 1_000_000,
         write_queue_capacity = 65_536, reap_interval_ms = 100, resolved_retention_ms = 604_800_000,
-        max_outbox_entries = 10_000_000
+        max_outbox_entries = 10_000_000, default_period = "month", breaker_multiplier = 10,
+        breaker_recent_ms = 3_600_000, breaker_window_ms = 86_400_000, breaker_min_units = 0
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -200,6 +270,11 @@ impl PyEngine {
         reap_interval_ms: u64,
         resolved_retention_ms: u64,
         max_outbox_entries: u64,
+        default_period: &str,
+        breaker_multiplier: u64,
+        breaker_recent_ms: u64,
+        breaker_window_ms: u64,
+        breaker_min_units: i64,
     ) -> PyResult<Self> {
         let relaxed = match durability {
             "fsync" => false,
@@ -222,19 +297,47 @@ impl PyEngine {
         config.reap_interval_ms = reap_interval_ms;
         config.resolved_retention_ms = resolved_retention_ms;
         config.max_outbox_entries = max_outbox_entries;
+        config.default_period = match default_period {
+            "month" => PeriodRule::CALENDAR_MONTH,
+            "lifetime" => PeriodRule::Lifetime,
+            other => {
+                return Err(to_py_err(EngineError::invalid(format!(
+                    "default_period is {other:?}; use \"month\" (the calendar month in UTC) or \"lifetime\""
+                ))))
+            }
+        };
+        config.breaker = BreakerConfig {
+            multiplier: breaker_multiplier,
+            recent_ms: breaker_recent_ms,
+            window_ms: breaker_window_ms,
+            min_units: breaker_min_units,
+        };
         let inner = py.detach(|| Engine::open(config)).map_err(to_py_err)?;
         Ok(PyEngine { inner })
     }
 
-    #[pyo3(signature = (customer_id, amount, idempotency_key = "", ttl_ms = 0))]
+    #[pyo3(signature = (customer_id, amount, idempotency_key = "", ttl_ms = 0, *, model = "", dimensions = None, fingerprint = ""))]
+    #[allow(clippy::too_many_arguments)]
     fn reserve(
         &self,
         customer_id: &str,
         amount: i64,
         idempotency_key: &str,
         ttl_ms: u64,
+        model: &str,
+        dimensions: Option<Dimensions>,
+        fingerprint: &str,
     ) -> PyResult<PyReserveOutcome> {
-        let o = self.inner.reserve(customer_id, amount, idempotency_key, ttl_ms).map_err(to_py_err)?;
+        let args = ReserveArgs {
+            customer_id,
+            amount,
+            idempotency_key,
+            ttl_ms,
+            model,
+            dimensions: dimensions.unwrap_or_default(),
+            fingerprint,
+        };
+        let o = self.inner.reserve_with(&args).map_err(to_py_err)?;
         Ok(PyReserveOutcome {
             granted: o.granted,
             reservation_id: o.reservation_id,
@@ -244,12 +347,24 @@ impl PyEngine {
             replayed: o.replayed,
             amount: o.amount,
             state: o.state.map_or(0, |state| state as i32),
+            over_limit: o.over_limit,
+            decided_by: o.decided_by,
             ticket: o.ticket,
         })
     }
 
-    fn commit(&self, reservation_id: &str, amount: i64) -> PyResult<PyCommitOutcome> {
-        let o = self.inner.commit(reservation_id, amount).map_err(to_py_err)?;
+    /// `usage`: {"model": str, "parts": [(token_type, tokens, units), ...], "cache_hit": bool, "fallback": bool}.
+    #[pyo3(signature = (reservation_id, amount, *, usage = None, dimensions = None))]
+    fn commit(
+        &self,
+        reservation_id: &str,
+        amount: i64,
+        usage: Option<&Bound<'_, PyDict>>,
+        dimensions: Option<Dimensions>,
+    ) -> PyResult<PyCommitOutcome> {
+        let usage = usage.map(usage_detail).transpose()?;
+        let args = CommitArgs { reservation_id, amount, usage, dimensions: dimensions.unwrap_or_default() };
+        let o = self.inner.commit_with(args).map_err(to_py_err)?;
         Ok(PyCommitOutcome {
             charged: o.charged,
             remaining: o.remaining,
@@ -257,8 +372,15 @@ impl PyEngine {
             excess: o.excess,
             replayed: o.replayed,
             hold_expired: o.hold_expired,
+            over_limit: o.over_limit,
+            breaker_tripped: o.breaker_tripped,
             ticket: o.ticket,
         })
+    }
+
+    /// The model a Reserve priced (empty when it gave an amount only): a Commit without a model is priced with it.
+    fn hold_model(&self, reservation_id: &str) -> PyResult<String> {
+        self.inner.hold_model(reservation_id).map_err(to_py_err)
     }
 
     fn release(&self, reservation_id: &str) -> PyResult<PyReleaseOutcome> {
@@ -294,8 +416,109 @@ impl PyEngine {
         Ok(PySetBudgetOutcome {
             balance: Py::new(py, PyBalanceView::from(o.balance))?,
             created: o.created,
+            rolled: o.rolled,
             ticket: o.ticket,
         })
+    }
+
+    /// Create a budget or change its settings; None leaves a setting unchanged. `mode`: "hard" or "soft"; `period`:
+    /// a period dict (see BalanceView.period); `breaker_multiplier`: -1 for the server's, 0 off, or 2..=1000.
+    #[pyo3(signature = (
+        customer_id, *, limit = None, stripe_customer_id = None, included = None, soft_limit = None, mode = None,
+        block_overage = None, parent_id = None, period = None, breaker_multiplier = None
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn update_budget(
+        &self,
+        py: Python<'_>,
+        customer_id: &str,
+        limit: Option<i64>,
+        stripe_customer_id: Option<String>,
+        included: Option<i64>,
+        soft_limit: Option<i64>,
+        mode: Option<&str>,
+        block_overage: Option<bool>,
+        parent_id: Option<String>,
+        period: Option<&Bound<'_, PyDict>>,
+        breaker_multiplier: Option<i64>,
+    ) -> PyResult<PySetBudgetOutcome> {
+        let update = BudgetUpdate {
+            limit,
+            stripe_customer_id: stripe_customer_id.filter(|id| !id.is_empty()),
+            included,
+            soft_limit,
+            mode: mode.map(parse_mode).transpose().map_err(to_py_err)?,
+            block_overage,
+            parent: parent_id.filter(|id| !id.is_empty()),
+            period: period.map(parse_period).transpose()?,
+            breaker_multiplier: breaker_multiplier.map(parse_multiplier).transpose().map_err(to_py_err)?,
+        };
+        let o = self.inner.update_budget(customer_id, &update).map_err(to_py_err)?;
+        Ok(PySetBudgetOutcome {
+            balance: Py::new(py, PyBalanceView::from(o.balance))?,
+            created: o.created,
+            rolled: o.rolled,
+            ticket: o.ticket,
+        })
+    }
+
+    /// Freeze or unfreeze, saying why (kept with the budget and put in the alert).
+    fn freeze(&self, py: Python<'_>, customer_id: &str, frozen: bool, reason: &str) -> PyResult<PySetBudgetOutcome> {
+        let o = self.inner.freeze(customer_id, frozen, reason).map_err(to_py_err)?;
+        Ok(PySetBudgetOutcome {
+            balance: Py::new(py, PyBalanceView::from(o.balance))?,
+            created: false,
+            rolled: false,
+            ticket: o.ticket,
+        })
+    }
+
+    /// The usage of the period containing `at_ms` (None: the current one), as a dict.
+    #[pyo3(signature = (customer_id, at_ms = None))]
+    fn usage<'py>(&self, py: Python<'py>, customer_id: &str, at_ms: Option<i64>) -> PyResult<Bound<'py, PyDict>> {
+        let view = self.inner.usage(customer_id, at_ms).map_err(to_py_err)?;
+        usage_dict(py, &view)
+    }
+
+    #[pyo3(signature = (customer_id, limit = 100))]
+    fn closed_periods<'py>(&self, py: Python<'py>, customer_id: &str, limit: usize) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let periods = self.inner.closed_periods(customer_id, limit).map_err(to_py_err)?;
+        periods.iter().map(|period| period_record_dict(py, period)).collect()
+    }
+
+    fn roll_due(&self) -> u64 {
+        self.inner.roll_due()
+    }
+
+    #[pyo3(signature = (kind, customer_id, message, values = None))]
+    fn raise_alert(
+        &self,
+        kind: &str,
+        customer_id: &str,
+        message: &str,
+        values: Option<BTreeMap<String, i64>>,
+    ) -> PyResult<u64> {
+        let values = values.unwrap_or_default();
+        let pairs: Vec<(&str, i64)> = values.iter().map(|(name, value)| (name.as_str(), *value)).collect();
+        self.inner.raise_alert(kind, customer_id, message, &pairs).map_err(to_py_err)
+    }
+
+    #[pyo3(signature = (after_seq, limit = 1000))]
+    fn alerts_after<'py>(&self, py: Python<'py>, after_seq: u64, limit: usize) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let alerts = self.inner.alerts_after(after_seq, limit).map_err(to_py_err)?;
+        alerts.iter().map(|alert| alert_dict(py, alert)).collect()
+    }
+
+    fn alert_seq(&self) -> u64 {
+        self.inner.alert_seq()
+    }
+
+    fn alert_cursor(&self) -> PyResult<u64> {
+        self.inner.alert_cursor().map_err(to_py_err)
+    }
+
+    fn set_alert_cursor(&self, seq: u64) -> PyResult<u64> {
+        self.inner.set_alert_cursor(seq).map_err(to_py_err)
     }
 
     fn set_frozen(&self, py: Python<'_>, customer_id: &str, frozen: bool) -> PyResult<PySetBudgetOutcome> {
@@ -303,6 +526,7 @@ impl PyEngine {
         Ok(PySetBudgetOutcome {
             balance: Py::new(py, PyBalanceView::from(o.balance))?,
             created: false,
+            rolled: false,
             ticket: o.ticket,
         })
     }
@@ -396,6 +620,9 @@ impl PyEngine {
         dict.set_item("batches_total", s.batches_total)?;
         dict.set_item("ops_total", s.ops_total)?;
         dict.set_item("outbox_depth", s.outbox_depth)?;
+        dict.set_item("breaker_trips_total", s.breaker_trips_total)?;
+        dict.set_item("periods_rolled_total", s.periods_rolled_total)?;
+        dict.set_item("alert_seq", s.alert_seq)?;
         Ok(dict)
     }
 
@@ -420,6 +647,122 @@ fn outbox_dict<'py>(py: Python<'py>, entry: &OutboxEntry) -> PyResult<Bound<'py,
     dict.set_item("sent_as", entry.sent_as.as_deref())?;
     dict.set_item("first_attempt_ms", entry.first_attempt_ms)?;
     dict.set_item("attempts", entry.attempts)?;
+    match &entry.usage {
+        Some(usage) => dict.set_item("usage", usage_detail_dict(py, usage)?)?,
+        None => dict.set_item("usage", py.None())?,
+    }
+    Ok(dict)
+}
+
+fn usage_detail_dict<'py>(py: Python<'py>, usage: &UsageDetail) -> PyResult<Bound<'py, PyDict>> {
+    let dict = PyDict::new(py);
+    dict.set_item("model", &usage.model)?;
+    let parts: Vec<(&str, i64, i64)> =
+        usage.parts.iter().map(|part| (part.token_type.as_str(), part.tokens, part.units)).collect();
+    dict.set_item("parts", parts)?;
+    dict.set_item("cache_hit", usage.cache_hit)?;
+    dict.set_item("fallback", usage.fallback)?;
+    Ok(dict)
+}
+
+fn usage_detail(dict: &Bound<'_, PyDict>) -> PyResult<UsageDetail> {
+    let item = |name: &str| dict.get_item(name);
+    let model: String = item("model")?.map(|v| v.extract()).transpose()?.unwrap_or_default();
+    let parts: Vec<(String, i64, i64)> = item("parts")?.map(|v| v.extract()).transpose()?.unwrap_or_default();
+    let cache_hit: bool = item("cache_hit")?.map(|v| v.extract()).transpose()?.unwrap_or(false);
+    let fallback: bool = item("fallback")?.map(|v| v.extract()).transpose()?.unwrap_or(false);
+    let parts =
+        parts.into_iter().map(|(token_type, tokens, units)| UsagePart { token_type, tokens, units }).collect();
+    Ok(UsageDetail { model, parts, cache_hit, fallback })
+}
+
+fn parse_mode(mode: &str) -> Result<EnforcementMode, EngineError> {
+    match mode {
+        "hard" => Ok(EnforcementMode::Hard),
+        "soft" => Ok(EnforcementMode::Soft),
+        other => Err(EngineError::invalid(format!(
+            "mode is {other:?}; use \"hard\" (deny past the limit) or \"soft\" (grant and flag)"
+        ))),
+    }
+}
+
+fn parse_multiplier(multiplier: i64) -> Result<Option<u64>, EngineError> {
+    match multiplier {
+        -1 => Ok(None),
+        m if m >= 0 => Ok(Some(m as u64)),
+        other => Err(EngineError::invalid(format!(
+            "breaker_multiplier is {other}; use -1 (the server's), 0 (off) or 2..=1000"
+        ))),
+    }
+}
+
+fn parse_period(dict: &Bound<'_, PyDict>) -> PyResult<PeriodRule> {
+    let number = |name: &str| -> PyResult<i64> {
+        dict.get_item(name)?.map(|v| v.extract()).transpose()?.ok_or_else(|| {
+            to_py_err(EngineError::invalid(format!("the period needs {name:?} (Unix milliseconds)")))
+        })
+    };
+    let kind: String = dict.get_item("kind")?.map(|v| v.extract()).transpose()?.unwrap_or_default();
+    match kind.as_str() {
+        "lifetime" => Ok(PeriodRule::Lifetime),
+        "monthly" => Ok(PeriodRule::Monthly { anchor_ms: number("anchor_ms")? }),
+        "fixed" => Ok(PeriodRule::Fixed { anchor_ms: number("anchor_ms")?, length_ms: number("length_ms")? }),
+        other => Err(to_py_err(EngineError::invalid(format!(
+            "period kind is {other:?}; use \"monthly\", \"fixed\" or \"lifetime\""
+        )))),
+    }
+}
+
+fn usage_dict<'py>(py: Python<'py>, view: &UsageView) -> PyResult<Bound<'py, PyDict>> {
+    let dict = PyDict::new(py);
+    let record = &view.record;
+    dict.set_item("customer_id", &view.customer_id)?;
+    dict.set_item("period_start_ms", view.period_start_ms)?;
+    dict.set_item("period_end_ms", view.period_end_ms)?;
+    dict.set_item("current", view.current)?;
+    dict.set_item("limit", view.limit)?;
+    dict.set_item("included", view.included)?;
+    dict.set_item("units", record.units)?;
+    dict.set_item("commits", record.commits)?;
+    dict.set_item("days", record.days.iter().map(|(day, units)| (*day, *units)).collect::<Vec<_>>())?;
+    let models = PyList::empty(py);
+    for (model, types) in &record.models {
+        for (token_type, totals) in types {
+            models.append((model.as_str(), token_type.as_str(), totals.tokens, totals.units))?;
+        }
+    }
+    dict.set_item("models", models)?;
+    let dimensions = PyList::empty(py);
+    for (key, values) in &record.dimensions {
+        for (value, units) in values {
+            dimensions.append((key.as_str(), value.as_str(), *units))?;
+        }
+    }
+    dict.set_item("dimensions", dimensions)?;
+    Ok(dict)
+}
+
+fn period_record_dict<'py>(py: Python<'py>, period: &PeriodRecord) -> PyResult<Bound<'py, PyDict>> {
+    let dict = PyDict::new(py);
+    dict.set_item("customer_id", &period.customer_id)?;
+    dict.set_item("start_ms", period.start_ms)?;
+    dict.set_item("end_ms", period.end_ms)?;
+    dict.set_item("closed_ms", period.closed_ms)?;
+    dict.set_item("limit", period.limit)?;
+    dict.set_item("included", period.included)?;
+    dict.set_item("spent", period.spent)?;
+    dict.set_item("overdraft", period.overdraft)?;
+    Ok(dict)
+}
+
+fn alert_dict<'py>(py: Python<'py>, alert: &AlertRecord) -> PyResult<Bound<'py, PyDict>> {
+    let dict = PyDict::new(py);
+    dict.set_item("seq", alert.seq)?;
+    dict.set_item("kind", &alert.kind)?;
+    dict.set_item("customer_id", &alert.customer_id)?;
+    dict.set_item("ts_ms", alert.ts_ms)?;
+    dict.set_item("message", &alert.message)?;
+    dict.set_item("values", alert.values.clone())?;
     Ok(dict)
 }
 
@@ -439,6 +782,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DENY_INSUFFICIENT_BUDGET", 1)?;
     m.add("DENY_TOO_MANY_HOLDS", 2)?;
     m.add("DENY_FROZEN", 3)?;
+    m.add("DENY_OVERAGE_BLOCKED", 4)?;
+    m.add("DENY_UNKNOWN_MODEL", 5)?;
     m.add("HOLD_ACTIVE", 1)?;
     m.add("HOLD_COMMITTED", 2)?;
     m.add("HOLD_RELEASED", 3)?;

@@ -13,6 +13,21 @@ class DenyReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DENY_REASON_INSUFFICIENT_BUDGET: _ClassVar[DenyReason]
     DENY_REASON_TOO_MANY_HOLDS: _ClassVar[DenyReason]
     DENY_REASON_FROZEN: _ClassVar[DenyReason]
+    DENY_REASON_OVERAGE_BLOCKED: _ClassVar[DenyReason]
+    DENY_REASON_UNKNOWN_MODEL: _ClassVar[DenyReason]
+
+class EnforcementMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENFORCEMENT_MODE_UNSPECIFIED: _ClassVar[EnforcementMode]
+    ENFORCEMENT_MODE_HARD: _ClassVar[EnforcementMode]
+    ENFORCEMENT_MODE_SOFT: _ClassVar[EnforcementMode]
+
+class PeriodKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PERIOD_KIND_UNSPECIFIED: _ClassVar[PeriodKind]
+    PERIOD_KIND_MONTHLY: _ClassVar[PeriodKind]
+    PERIOD_KIND_FIXED: _ClassVar[PeriodKind]
+    PERIOD_KIND_LIFETIME: _ClassVar[PeriodKind]
 
 class HoldState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -21,30 +36,117 @@ class HoldState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     HOLD_STATE_COMMITTED: _ClassVar[HoldState]
     HOLD_STATE_RELEASED: _ClassVar[HoldState]
     HOLD_STATE_EXPIRED: _ClassVar[HoldState]
+
+class AlertKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ALERT_KIND_UNSPECIFIED: _ClassVar[AlertKind]
+    ALERT_KIND_SOFT_LIMIT_CROSSED: _ClassVar[AlertKind]
+    ALERT_KIND_LIMIT_REACHED: _ClassVar[AlertKind]
+    ALERT_KIND_BREAKER_TRIPPED: _ClassVar[AlertKind]
+    ALERT_KIND_FROZEN: _ClassVar[AlertKind]
+    ALERT_KIND_UNFROZEN: _ClassVar[AlertKind]
+    ALERT_KIND_SETTLEMENT_DEAD_LETTER: _ClassVar[AlertKind]
 DENY_REASON_UNSPECIFIED: DenyReason
 DENY_REASON_INSUFFICIENT_BUDGET: DenyReason
 DENY_REASON_TOO_MANY_HOLDS: DenyReason
 DENY_REASON_FROZEN: DenyReason
+DENY_REASON_OVERAGE_BLOCKED: DenyReason
+DENY_REASON_UNKNOWN_MODEL: DenyReason
+ENFORCEMENT_MODE_UNSPECIFIED: EnforcementMode
+ENFORCEMENT_MODE_HARD: EnforcementMode
+ENFORCEMENT_MODE_SOFT: EnforcementMode
+PERIOD_KIND_UNSPECIFIED: PeriodKind
+PERIOD_KIND_MONTHLY: PeriodKind
+PERIOD_KIND_FIXED: PeriodKind
+PERIOD_KIND_LIFETIME: PeriodKind
 HOLD_STATE_UNSPECIFIED: HoldState
 HOLD_STATE_ACTIVE: HoldState
 HOLD_STATE_COMMITTED: HoldState
 HOLD_STATE_RELEASED: HoldState
 HOLD_STATE_EXPIRED: HoldState
+ALERT_KIND_UNSPECIFIED: AlertKind
+ALERT_KIND_SOFT_LIMIT_CROSSED: AlertKind
+ALERT_KIND_LIMIT_REACHED: AlertKind
+ALERT_KIND_BREAKER_TRIPPED: AlertKind
+ALERT_KIND_FROZEN: AlertKind
+ALERT_KIND_UNFROZEN: AlertKind
+ALERT_KIND_SETTLEMENT_DEAD_LETTER: AlertKind
+
+class Period(_message.Message):
+    __slots__ = ("kind", "anchor_ms", "start_ms", "end_ms")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ANCHOR_MS_FIELD_NUMBER: _ClassVar[int]
+    START_MS_FIELD_NUMBER: _ClassVar[int]
+    END_MS_FIELD_NUMBER: _ClassVar[int]
+    kind: PeriodKind
+    anchor_ms: int
+    start_ms: int
+    end_ms: int
+    def __init__(self, kind: _Optional[_Union[PeriodKind, str]] = ..., anchor_ms: _Optional[int] = ..., start_ms: _Optional[int] = ..., end_ms: _Optional[int] = ...) -> None: ...
+
+class TokenEstimate(_message.Message):
+    __slots__ = ("model", "input_tokens", "max_output_tokens")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    input_tokens: int
+    max_output_tokens: int
+    def __init__(self, model: _Optional[str] = ..., input_tokens: _Optional[int] = ..., max_output_tokens: _Optional[int] = ...) -> None: ...
+
+class TokenUsage(_message.Message):
+    __slots__ = ("model", "input_tokens", "cached_input_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens", "cache_hit")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_WRITE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REASONING_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    input_tokens: int
+    cached_input_tokens: int
+    cache_write_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    cache_hit: bool
+    def __init__(self, model: _Optional[str] = ..., input_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., cache_write_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., reasoning_tokens: _Optional[int] = ..., cache_hit: _Optional[bool] = ...) -> None: ...
+
+class UsagePart(_message.Message):
+    __slots__ = ("token_type", "tokens", "units")
+    TOKEN_TYPE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    token_type: str
+    tokens: int
+    units: int
+    def __init__(self, token_type: _Optional[str] = ..., tokens: _Optional[int] = ..., units: _Optional[int] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("customer_id", "amount", "idempotency_key", "ttl_ms")
+    __slots__ = ("customer_id", "amount", "idempotency_key", "ttl_ms", "estimate", "dimensions")
+    class DimensionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     AMOUNT_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATE_FIELD_NUMBER: _ClassVar[int]
+    DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     amount: int
     idempotency_key: str
     ttl_ms: int
-    def __init__(self, customer_id: _Optional[str] = ..., amount: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., ttl_ms: _Optional[int] = ...) -> None: ...
+    estimate: TokenEstimate
+    dimensions: _containers.ScalarMap[str, str]
+    def __init__(self, customer_id: _Optional[str] = ..., amount: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., estimate: _Optional[_Union[TokenEstimate, _Mapping]] = ..., dimensions: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("granted", "reservation_id", "remaining", "reason", "expires_at_ms", "replayed", "amount", "message", "state")
+    __slots__ = ("granted", "reservation_id", "remaining", "reason", "expires_at_ms", "replayed", "amount", "message", "state", "over_limit", "decided_by", "priced_model", "fallback_price")
     GRANTED_FIELD_NUMBER: _ClassVar[int]
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     REMAINING_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +156,10 @@ class ReserveResponse(_message.Message):
     AMOUNT_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    OVER_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_BY_FIELD_NUMBER: _ClassVar[int]
+    PRICED_MODEL_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_PRICE_FIELD_NUMBER: _ClassVar[int]
     granted: bool
     reservation_id: str
     remaining: int
@@ -63,31 +169,56 @@ class ReserveResponse(_message.Message):
     amount: int
     message: str
     state: HoldState
-    def __init__(self, granted: _Optional[bool] = ..., reservation_id: _Optional[str] = ..., remaining: _Optional[int] = ..., reason: _Optional[_Union[DenyReason, str]] = ..., expires_at_ms: _Optional[int] = ..., replayed: _Optional[bool] = ..., amount: _Optional[int] = ..., message: _Optional[str] = ..., state: _Optional[_Union[HoldState, str]] = ...) -> None: ...
+    over_limit: bool
+    decided_by: str
+    priced_model: str
+    fallback_price: bool
+    def __init__(self, granted: _Optional[bool] = ..., reservation_id: _Optional[str] = ..., remaining: _Optional[int] = ..., reason: _Optional[_Union[DenyReason, str]] = ..., expires_at_ms: _Optional[int] = ..., replayed: _Optional[bool] = ..., amount: _Optional[int] = ..., message: _Optional[str] = ..., state: _Optional[_Union[HoldState, str]] = ..., over_limit: _Optional[bool] = ..., decided_by: _Optional[str] = ..., priced_model: _Optional[str] = ..., fallback_price: _Optional[bool] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
-    __slots__ = ("reservation_id", "amount")
+    __slots__ = ("reservation_id", "amount", "usage", "dimensions")
+    class DimensionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
     reservation_id: str
     amount: int
-    def __init__(self, reservation_id: _Optional[str] = ..., amount: _Optional[int] = ...) -> None: ...
+    usage: TokenUsage
+    dimensions: _containers.ScalarMap[str, str]
+    def __init__(self, reservation_id: _Optional[str] = ..., amount: _Optional[int] = ..., usage: _Optional[_Union[TokenUsage, _Mapping]] = ..., dimensions: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class CommitResponse(_message.Message):
-    __slots__ = ("charged", "remaining", "over_reserved", "excess", "replayed", "hold_expired")
+    __slots__ = ("charged", "remaining", "over_reserved", "excess", "replayed", "hold_expired", "over_limit", "breaker_tripped", "parts", "priced_model", "fallback_price")
     CHARGED_FIELD_NUMBER: _ClassVar[int]
     REMAINING_FIELD_NUMBER: _ClassVar[int]
     OVER_RESERVED_FIELD_NUMBER: _ClassVar[int]
     EXCESS_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     HOLD_EXPIRED_FIELD_NUMBER: _ClassVar[int]
+    OVER_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    BREAKER_TRIPPED_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    PRICED_MODEL_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_PRICE_FIELD_NUMBER: _ClassVar[int]
     charged: int
     remaining: int
     over_reserved: bool
     excess: int
     replayed: bool
     hold_expired: bool
-    def __init__(self, charged: _Optional[int] = ..., remaining: _Optional[int] = ..., over_reserved: _Optional[bool] = ..., excess: _Optional[int] = ..., replayed: _Optional[bool] = ..., hold_expired: _Optional[bool] = ...) -> None: ...
+    over_limit: bool
+    breaker_tripped: bool
+    parts: _containers.RepeatedCompositeFieldContainer[UsagePart]
+    priced_model: str
+    fallback_price: bool
+    def __init__(self, charged: _Optional[int] = ..., remaining: _Optional[int] = ..., over_reserved: _Optional[bool] = ..., excess: _Optional[int] = ..., replayed: _Optional[bool] = ..., hold_expired: _Optional[bool] = ..., over_limit: _Optional[bool] = ..., breaker_tripped: _Optional[bool] = ..., parts: _Optional[_Iterable[_Union[UsagePart, _Mapping]]] = ..., priced_model: _Optional[str] = ..., fallback_price: _Optional[bool] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("reservation_id",)
@@ -114,7 +245,7 @@ class GetBalanceRequest(_message.Message):
     def __init__(self, customer_id: _Optional[str] = ...) -> None: ...
 
 class Balance(_message.Message):
-    __slots__ = ("customer_id", "limit", "spent", "reserved", "remaining", "active_holds", "stripe_customer_id", "overdraft", "frozen")
+    __slots__ = ("customer_id", "limit", "spent", "reserved", "remaining", "active_holds", "stripe_customer_id", "overdraft", "frozen", "frozen_reason", "included", "soft_limit", "mode", "block_overage", "parent_id", "members", "period", "period_start_ms", "period_end_ms", "breaker_multiplier")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     SPENT_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +255,17 @@ class Balance(_message.Message):
     STRIPE_CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     OVERDRAFT_FIELD_NUMBER: _ClassVar[int]
     FROZEN_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_REASON_FIELD_NUMBER: _ClassVar[int]
+    INCLUDED_FIELD_NUMBER: _ClassVar[int]
+    SOFT_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_OVERAGE_FIELD_NUMBER: _ClassVar[int]
+    PARENT_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_START_MS_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_END_MS_FIELD_NUMBER: _ClassVar[int]
+    BREAKER_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     limit: int
     spent: int
@@ -133,33 +275,62 @@ class Balance(_message.Message):
     stripe_customer_id: str
     overdraft: int
     frozen: bool
-    def __init__(self, customer_id: _Optional[str] = ..., limit: _Optional[int] = ..., spent: _Optional[int] = ..., reserved: _Optional[int] = ..., remaining: _Optional[int] = ..., active_holds: _Optional[int] = ..., stripe_customer_id: _Optional[str] = ..., overdraft: _Optional[int] = ..., frozen: _Optional[bool] = ...) -> None: ...
+    frozen_reason: str
+    included: int
+    soft_limit: int
+    mode: EnforcementMode
+    block_overage: bool
+    parent_id: str
+    members: int
+    period: Period
+    period_start_ms: int
+    period_end_ms: int
+    breaker_multiplier: int
+    def __init__(self, customer_id: _Optional[str] = ..., limit: _Optional[int] = ..., spent: _Optional[int] = ..., reserved: _Optional[int] = ..., remaining: _Optional[int] = ..., active_holds: _Optional[int] = ..., stripe_customer_id: _Optional[str] = ..., overdraft: _Optional[int] = ..., frozen: _Optional[bool] = ..., frozen_reason: _Optional[str] = ..., included: _Optional[int] = ..., soft_limit: _Optional[int] = ..., mode: _Optional[_Union[EnforcementMode, str]] = ..., block_overage: _Optional[bool] = ..., parent_id: _Optional[str] = ..., members: _Optional[int] = ..., period: _Optional[_Union[Period, _Mapping]] = ..., period_start_ms: _Optional[int] = ..., period_end_ms: _Optional[int] = ..., breaker_multiplier: _Optional[int] = ...) -> None: ...
 
 class SetBudgetRequest(_message.Message):
-    __slots__ = ("customer_id", "limit", "stripe_customer_id")
+    __slots__ = ("customer_id", "limit", "stripe_customer_id", "included", "soft_limit", "mode", "block_overage", "parent_id", "period", "breaker_multiplier")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     STRIPE_CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDED_FIELD_NUMBER: _ClassVar[int]
+    SOFT_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_OVERAGE_FIELD_NUMBER: _ClassVar[int]
+    PARENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_FIELD_NUMBER: _ClassVar[int]
+    BREAKER_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     limit: int
     stripe_customer_id: str
-    def __init__(self, customer_id: _Optional[str] = ..., limit: _Optional[int] = ..., stripe_customer_id: _Optional[str] = ...) -> None: ...
+    included: int
+    soft_limit: int
+    mode: EnforcementMode
+    block_overage: bool
+    parent_id: str
+    period: Period
+    breaker_multiplier: int
+    def __init__(self, customer_id: _Optional[str] = ..., limit: _Optional[int] = ..., stripe_customer_id: _Optional[str] = ..., included: _Optional[int] = ..., soft_limit: _Optional[int] = ..., mode: _Optional[_Union[EnforcementMode, str]] = ..., block_overage: _Optional[bool] = ..., parent_id: _Optional[str] = ..., period: _Optional[_Union[Period, _Mapping]] = ..., breaker_multiplier: _Optional[int] = ...) -> None: ...
 
 class SetBudgetResponse(_message.Message):
-    __slots__ = ("balance", "created")
+    __slots__ = ("balance", "created", "rolled")
     BALANCE_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
+    ROLLED_FIELD_NUMBER: _ClassVar[int]
     balance: Balance
     created: bool
-    def __init__(self, balance: _Optional[_Union[Balance, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
+    rolled: bool
+    def __init__(self, balance: _Optional[_Union[Balance, _Mapping]] = ..., created: _Optional[bool] = ..., rolled: _Optional[bool] = ...) -> None: ...
 
 class FreezeBudgetRequest(_message.Message):
-    __slots__ = ("customer_id", "frozen")
+    __slots__ = ("customer_id", "frozen", "reason")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     FROZEN_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     frozen: bool
-    def __init__(self, customer_id: _Optional[str] = ..., frozen: _Optional[bool] = ...) -> None: ...
+    reason: str
+    def __init__(self, customer_id: _Optional[str] = ..., frozen: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ListBudgetsRequest(_message.Message):
     __slots__ = ("prefix", "limit")
@@ -174,6 +345,117 @@ class ListBudgetsResponse(_message.Message):
     BUDGETS_FIELD_NUMBER: _ClassVar[int]
     budgets: _containers.RepeatedCompositeFieldContainer[Balance]
     def __init__(self, budgets: _Optional[_Iterable[_Union[Balance, _Mapping]]] = ...) -> None: ...
+
+class GetUsageRequest(_message.Message):
+    __slots__ = ("customer_id", "period", "top")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    period: str
+    top: int
+    def __init__(self, customer_id: _Optional[str] = ..., period: _Optional[str] = ..., top: _Optional[int] = ...) -> None: ...
+
+class DayUsage(_message.Message):
+    __slots__ = ("date", "units")
+    DATE_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    date: str
+    units: int
+    def __init__(self, date: _Optional[str] = ..., units: _Optional[int] = ...) -> None: ...
+
+class ModelUsage(_message.Message):
+    __slots__ = ("model", "token_type", "tokens", "units")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_TYPE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    token_type: str
+    tokens: int
+    units: int
+    def __init__(self, model: _Optional[str] = ..., token_type: _Optional[str] = ..., tokens: _Optional[int] = ..., units: _Optional[int] = ...) -> None: ...
+
+class DimensionUsage(_message.Message):
+    __slots__ = ("key", "value", "units")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    value: str
+    units: int
+    def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ..., units: _Optional[int] = ...) -> None: ...
+
+class Usage(_message.Message):
+    __slots__ = ("customer_id", "period_start_ms", "period_end_ms", "current", "total", "commits", "included", "limit", "overage", "included_remaining", "projected_total", "projected_overage", "daily", "by_model", "by_dimension", "reserved", "spent")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_START_MS_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_END_MS_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    COMMITS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDED_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    OVERAGE_FIELD_NUMBER: _ClassVar[int]
+    INCLUDED_REMAINING_FIELD_NUMBER: _ClassVar[int]
+    PROJECTED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PROJECTED_OVERAGE_FIELD_NUMBER: _ClassVar[int]
+    DAILY_FIELD_NUMBER: _ClassVar[int]
+    BY_MODEL_FIELD_NUMBER: _ClassVar[int]
+    BY_DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_FIELD_NUMBER: _ClassVar[int]
+    SPENT_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    period_start_ms: int
+    period_end_ms: int
+    current: bool
+    total: int
+    commits: int
+    included: int
+    limit: int
+    overage: int
+    included_remaining: int
+    projected_total: int
+    projected_overage: int
+    daily: _containers.RepeatedCompositeFieldContainer[DayUsage]
+    by_model: _containers.RepeatedCompositeFieldContainer[ModelUsage]
+    by_dimension: _containers.RepeatedCompositeFieldContainer[DimensionUsage]
+    reserved: int
+    spent: int
+    def __init__(self, customer_id: _Optional[str] = ..., period_start_ms: _Optional[int] = ..., period_end_ms: _Optional[int] = ..., current: _Optional[bool] = ..., total: _Optional[int] = ..., commits: _Optional[int] = ..., included: _Optional[int] = ..., limit: _Optional[int] = ..., overage: _Optional[int] = ..., included_remaining: _Optional[int] = ..., projected_total: _Optional[int] = ..., projected_overage: _Optional[int] = ..., daily: _Optional[_Iterable[_Union[DayUsage, _Mapping]]] = ..., by_model: _Optional[_Iterable[_Union[ModelUsage, _Mapping]]] = ..., by_dimension: _Optional[_Iterable[_Union[DimensionUsage, _Mapping]]] = ..., reserved: _Optional[int] = ..., spent: _Optional[int] = ...) -> None: ...
+
+class WatchAlertsRequest(_message.Message):
+    __slots__ = ("after_seq", "from_start", "customer_ids")
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    FROM_START_FIELD_NUMBER: _ClassVar[int]
+    CUSTOMER_IDS_FIELD_NUMBER: _ClassVar[int]
+    after_seq: int
+    from_start: bool
+    customer_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, after_seq: _Optional[int] = ..., from_start: _Optional[bool] = ..., customer_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Alert(_message.Message):
+    __slots__ = ("seq", "kind", "customer_id", "ts_ms", "message", "values")
+    class ValuesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    TS_MS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    kind: AlertKind
+    customer_id: str
+    ts_ms: int
+    message: str
+    values: _containers.ScalarMap[str, int]
+    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[_Union[AlertKind, str]] = ..., customer_id: _Optional[str] = ..., ts_ms: _Optional[int] = ..., message: _Optional[str] = ..., values: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class PingRequest(_message.Message):
     __slots__ = ()

@@ -60,6 +60,16 @@ class BudgetStub:
                 request_serializer=spendgate_dot_v1_dot_spendgate__pb2.PingRequest.SerializeToString,
                 response_deserializer=spendgate_dot_v1_dot_spendgate__pb2.PingResponse.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/spendgate.v1.Budget/GetUsage',
+                request_serializer=spendgate_dot_v1_dot_spendgate__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=spendgate_dot_v1_dot_spendgate__pb2.Usage.FromString,
+                _registered_method=True)
+        self.WatchAlerts = channel.unary_stream(
+                '/spendgate.v1.Budget/WatchAlerts',
+                request_serializer=spendgate_dot_v1_dot_spendgate__pb2.WatchAlertsRequest.SerializeToString,
+                response_deserializer=spendgate_dot_v1_dot_spendgate__pb2.Alert.FromString,
+                _registered_method=True)
 
 
 class BudgetServicer:
@@ -101,6 +111,22 @@ class BudgetServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """A budget's usage in a period: the total against the included quota and the limit, the projected spend at the
+        period's end, a daily series, and breakdowns by model and token type and by dimension. It adds up to the ledger.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchAlerts(self, request, context):
+        """Alerts as they happen (soft limit crossed, limit reached, breaker tripped, frozen, unfrozen, settlement dead
+        letter), in order. Pass the last seq seen to resume after a reconnect: alerts are stored durably.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BudgetServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +154,16 @@ def add_BudgetServicer_to_server(servicer, server):
                     servicer.Ping,
                     request_deserializer=spendgate_dot_v1_dot_spendgate__pb2.PingRequest.FromString,
                     response_serializer=spendgate_dot_v1_dot_spendgate__pb2.PingResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=spendgate_dot_v1_dot_spendgate__pb2.GetUsageRequest.FromString,
+                    response_serializer=spendgate_dot_v1_dot_spendgate__pb2.Usage.SerializeToString,
+            ),
+            'WatchAlerts': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchAlerts,
+                    request_deserializer=spendgate_dot_v1_dot_spendgate__pb2.WatchAlertsRequest.FromString,
+                    response_serializer=spendgate_dot_v1_dot_spendgate__pb2.Alert.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +302,60 @@ class Budget:
             '/spendgate.v1.Budget/Ping',
             spendgate_dot_v1_dot_spendgate__pb2.PingRequest.SerializeToString,
             spendgate_dot_v1_dot_spendgate__pb2.PingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spendgate.v1.Budget/GetUsage',
+            spendgate_dot_v1_dot_spendgate__pb2.GetUsageRequest.SerializeToString,
+            spendgate_dot_v1_dot_spendgate__pb2.Usage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/spendgate.v1.Budget/WatchAlerts',
+            spendgate_dot_v1_dot_spendgate__pb2.WatchAlertsRequest.SerializeToString,
+            spendgate_dot_v1_dot_spendgate__pb2.Alert.FromString,
             options,
             channel_credentials,
             insecure,

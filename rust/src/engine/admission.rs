@@ -379,7 +379,7 @@ impl Shared {
         }
     }
 
-    fn stored_hold(&self, reservation_id: &str, hold_id: u64) -> Result<HoldRecord, EngineError> {
+    pub(super) fn stored_hold(&self, reservation_id: &str, hold_id: u64) -> Result<HoldRecord, EngineError> {
         self.with_store(|store| store.get_hold(hold_id))?.ok_or_else(|| {
             EngineError::not_found(format!(
                 "no reservation {reservation_id}: it never existed here, or it was resolved more than \

@@ -367,6 +367,16 @@ impl Engine {
         self.shared.release(reservation_id)
     }
 
+    /// The model a Reserve priced ("" when it gave a plain amount), so that a Commit of token usage without a model
+    /// is priced for the model it reserved for. NOT_FOUND for an unknown (or pruned) reservation.
+    pub fn hold_model(&self, reservation_id: &str) -> Result<String, EngineError> {
+        let hold_id = crate::hold::parse_reservation_id(reservation_id)?;
+        if let Some(slot) = self.shared.holds.get(&hold_id) {
+            return Ok(slot.extras.as_ref().map(|extras| extras.model.clone()).unwrap_or_default());
+        }
+        Ok(self.shared.stored_hold(reservation_id, hold_id)?.model)
+    }
+
     pub fn set_budget(
         &self,
         customer_id: &str,
