@@ -217,11 +217,12 @@ def run_serve(args: argparse.Namespace, settings: config.Settings) -> int:
     import asyncio
 
     from spendgate import _core
+    from spendgate.logs import secret_values
     from spendgate.server import app
 
     from spendgate.settle import SettlementConfigError
 
-    app.configure_logging(settings.log_level)
+    app.configure_logging(settings.log_level, settings.log_format, secrets=secret_values(settings))
     try:
         return asyncio.run(app.serve(settings))
     except (SettlementConfigError, config.ConfigError) as error:  # e.g. webhook_listen without a secret
@@ -281,6 +282,7 @@ def run_settle(args: argparse.Namespace, settings: config.Settings) -> int:
     import asyncio
 
     from spendgate import _core
+    from spendgate.logs import secret_values
     from spendgate.server import app
     from spendgate.settle import SettlementConfigError
     from spendgate.settle.service import settle_standalone
@@ -288,7 +290,7 @@ def run_settle(args: argparse.Namespace, settings: config.Settings) -> int:
     if not settings.stripe_api_key:
         print(f"{PROG}: STRIPE_API_KEY is not set: there is nothing to settle with", file=sys.stderr)
         return EXIT_USAGE
-    app.configure_logging(settings.log_level)
+    app.configure_logging(settings.log_level, settings.log_format, secrets=secret_values(settings))
     try:
         engine = _core.Engine(settings.data_dir, **settings.engine_kwargs())
     except _core.EngineError as error:
