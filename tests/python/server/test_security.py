@@ -235,3 +235,21 @@ def test_the_http_port_follows_the_same_rule(tmp_path: Path) -> None:
 async def _never(_: Sidecar) -> None:
     raise AssertionError("the sidecar should not have started")
 
+
+
+def test_the_cli_talks_tls_and_mtls_with_its_flags(tmp_path: Path, certs: Certs) -> None:
+    from ..test_cli import spendgate_cli
+
+    async def body(sidecar: Sidecar) -> list[tuple[int, str]]:
+        target = ["--target", sidecar.address, "--tls-root-cert", str(certs.ca)]
+        client = ["--tls-client-cert", str(certs.client_cert), "--tls-client-key", str(certs.client_key)]
+        runs = [["budget", "set", "cus_a", "--limit", "9", *target, *client],  # mTLS: the signed client
+                ["budget", "show", "cus_a", *target],  # no client certificate: the handshake fails
+                ["budget", "show", "cus_a", *target, "--tls-client-cert", str(certs.client_cert)]]
+        results = [await asyncio.to_thread(spendgate_cli, *args) for args in runs]
+        return [(r.returncode, r.stdout + r.stderr) for r in results]
+
+    (ok, shown), (refused, why), (half, usage) = run(tls_settings(tmp_path, certs, mtls=True), body)
+    assert ok == 0 and "created budget cus_a" in shown
+    assert refused == 1 and "UNAVAILABLE" in why
+    assert half == 1 and "needs both --tls-client-cert and --tls-client-key" in usage
