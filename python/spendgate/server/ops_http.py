@@ -91,10 +91,10 @@ class OpsRoutes:
         if self._tokens.role_of(f"Bearer {token}") is not Role.ADMIN:
             log.warning("operator page: a sign-in with a token that is not an admin token")
             return _html(_sign_in_page(target, "That is not one of the sidecar's admin tokens."), status=401)
-        response = web.HTTPSeeOther(target)
+        response = web.Response(status=303, headers={"Location": target})
         response.set_cookie(TOKEN_COOKIE, token, max_age=COOKIE_MAX_AGE_S, httponly=True, samesite="Strict",
                             secure=self._secure_cookie, path="/")
-        return response  # type: ignore[return-value]
+        return response
 
     # -- access --------------------------------------------------------------------------------------------------
 

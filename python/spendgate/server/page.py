@@ -257,7 +257,8 @@ def customer_page(usage: Usage) -> str:
     included = usage.included_units
     cards = "".join([
         card("Spent", f"{usage.spent:,}"),
-        card("Reserved (open holds)", f"{usage.reserved:,} in {usage.active_holds:,} holds"),
+        card("Reserved (open holds)", f"{usage.reserved:,} in {usage.active_holds:,} "
+                                      f"hold{'' if usage.active_holds == 1 else 's'}"),
         card("Remaining", f"{usage.remaining:,}"),
         card("Limit", f"{usage.limit:,}"),
         card("Included quota", units(included)),
