@@ -253,3 +253,12 @@ def test_the_cli_talks_tls_and_mtls_with_its_flags(tmp_path: Path, certs: Certs)
     assert ok == 0 and "created budget cus_a" in shown
     assert refused == 1 and "UNAVAILABLE" in why
     assert half == 1 and "needs both --tls-client-cert and --tls-client-key" in usage
+
+
+def test_serve_on_a_non_loopback_address_exits_2_before_opening_anything(tmp_path: Path) -> None:
+    from ..test_cli import spendgate_cli
+
+    refused = spendgate_cli("serve", "--listen", "0.0.0.0:0", "--data-dir", str(tmp_path / "data"))
+    assert refused.returncode == 2
+    assert "0.0.0.0:0 is not a loopback address" in refused.stderr and "--allow-insecure-non-loopback" in refused.stderr
+    assert not (tmp_path / "data").exists()
