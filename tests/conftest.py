@@ -1,7 +1,8 @@
 """Shared fixtures: real spendgate sidecars in child processes, and clients for them.
 
-- `sidecar_factory(name=None, *, start=True, extra_args=(), env=None) -> Sidecar`: a Sidecar on `tmp_path/<name>`
-  (log in `tmp_path/<name>.log`), started unless start=False. Every one is stopped at teardown.
+- `sidecar_factory(name=None, *, start=True, extra_args=(), env=None, http=False) -> Sidecar`: a Sidecar on
+  `tmp_path/<name>` (log in `tmp_path/<name>.log`), started unless start=False, with an HTTP port when http=True.
+  Every one is stopped at teardown.
 - `sidecar`: one started Sidecar (data dir `tmp_path/sidecar`).
 - `client`: a `Client` connected to `sidecar`, closed at teardown.
 - `admin(limit=10_000, *, customer_id=None) -> str`: creates a budget through `client` (a fresh customer id unless
@@ -43,7 +44,7 @@ def pytest_runtest_makereport(item: pytest.Item,
 
 class SidecarFactory(Protocol):
     def __call__(self, name: str | None = None, *, start: bool = True, extra_args: Sequence[str] = (),
-                 env: Mapping[str, str] | None = None) -> Sidecar: ...
+                 env: Mapping[str, str] | None = None, http: bool = False) -> Sidecar: ...
 
 
 class CreateBudget(Protocol):
@@ -59,8 +60,8 @@ def sidecar_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[
     made: list[Sidecar] = []
 
     def make(name: str | None = None, *, start: bool = True, extra_args: Sequence[str] = (),
-             env: Mapping[str, str] | None = None) -> Sidecar:
-        sidecar = Sidecar(tmp_path / (name or f"sidecar-{len(made)}"), extra_args=extra_args, env=env)
+             env: Mapping[str, str] | None = None, http: bool = False) -> Sidecar:
+        sidecar = Sidecar(tmp_path / (name or f"sidecar-{len(made)}"), extra_args=extra_args, env=env, http=http)
         made.append(sidecar)
         if start:
             sidecar.start()

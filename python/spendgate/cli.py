@@ -8,6 +8,8 @@
     spendgate settle status                              settlement status of a running sidecar
     spendgate deadletter list | requeue SEQ... | requeue --all     dead letters of a running sidecar
     spendgate reconcile [--period YYYY-MM | --start DATE [--end DATE]] [--fix ...]   the ledger against Stripe
+    spendgate backup DEST | restore SRC --data-dir DIR [--force] | inspect [SECTION]   data care (spendgate.datacare)
+    spendgate check-config FILE                          validate a TOML config file offline (exit 2: problems)
 
 Only argparse and spendgate.config are imported up front; grpc, the engine and the generated code are imported inside
 the commands, so that `--help` stays fast.
@@ -40,6 +42,12 @@ commands:
   spendgate deadletter list                       usages Stripe refused, with the reason
   spendgate deadletter requeue SEQ...             send them again after fixing the cause (or --all)
   spendgate reconcile [--period YYYY-MM]          compare the ledger with Stripe's meter totals (exit 3: they differ)
+  spendgate backup DEST                           a running sidecar writes a consistent copy of its data to DEST
+  spendgate restore SRC --data-dir DIR [--force]  put a backup in place (only while no sidecar runs on DIR)
+  spendgate inspect [--data-dir DIR] [SECTION]    print budgets, holds, outbox, ledger tail, dead letters (read-only)
+  spendgate check-config FILE                     validate a config file offline; problems point to their line
+
+Client commands send --token (or $SPENDGATE_TOKEN) and talk TLS with --tls-root-cert (mTLS: --tls-client-cert/-key).
 
 Settings come from flags > SPENDGATE_<NAME> environment variables > the TOML file of --config or SPENDGATE_CONFIG
 > defaults. `spendgate serve --help` lists them all.
@@ -52,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    if getattr(args, "without_settings", False):  # check-config judges its file alone, not this environment
+        return int(args.run(args, None))
     try:
         settings = _settings(args)
     except config.ConfigError as error:
@@ -86,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     target_parent.add_argument(
         "--target", metavar="HOST:PORT", help="the sidecar to talk to (default: the listen setting)"
     )
+    _add_client_security_flags(target_parent)
 
     budget_set = budget_commands.add_parser(
         "set", parents=[target_parent], help="create a budget or change its limit"
@@ -179,7 +190,55 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reconcile.add_argument("--yes", action="store_true", help="with --fix: do not ask for confirmation")
     reconcile.set_defaults(run=run_reconcile)
+    _add_data_care_commands(commands, config_parent, target_parent)
     return parser
+
+
+def _add_client_security_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--token", help=f"bearer token to send (default: ${config.TOKEN_ENV_VAR}); prefer --token-file")
+    parser.add_argument("--token-file", metavar="FILE", help="read the token from FILE (keeps it out of `ps`)")
+    parser.add_argument("--tls-root-cert", metavar="PEM", help="talk TLS, trusting this CA for the sidecar's cert")
+    parser.add_argument("--tls-client-cert", metavar="PEM", help="mTLS: this client's certificate chain")
+    parser.add_argument("--tls-client-key", metavar="PEM", help="mTLS: this client's private key")
+
+
+def _add_data_care_commands(commands: Any, config_parent: argparse.ArgumentParser,
+                            target_parent: argparse.ArgumentParser) -> None:
+    backup = commands.add_parser("backup", parents=[target_parent],
+                                 help="a running sidecar writes a consistent, compacted copy of its data to DEST")
+    backup.add_argument("dest", metavar="DEST", help="a new or empty directory (on the sidecar's machine)")
+    backup.set_defaults(run=run_backup)
+
+    restore = commands.add_parser("restore", parents=[config_parent],
+                                  help="put a backup in place of --data-dir (only while no sidecar runs on it)")
+    restore.add_argument("source", metavar="SRC", help="a directory `spendgate backup` wrote")
+    restore.add_argument("--force", action="store_true",
+                         help="restore over a data dir that is not empty (its contents are moved aside, never deleted)")
+    for name in ("data_dir", "map_size_mb"):
+        _add_setting_flag(restore, name)
+    restore.set_defaults(run=run_restore)
+
+    inspect = commands.add_parser("inspect", parents=[config_parent],
+                                  help="print a data dir's budgets, holds, outbox, ledger tail and dead letters")
+    inspect.description = ("Read --data-dir read-only (with the lmdb package, from this process), also while its "
+                           "sidecar runs.")
+    inspect.add_argument("sections", nargs="*", metavar="SECTION", choices=[[], *INSPECT_SECTIONS],
+                         help=f"one or more of {', '.join(INSPECT_SECTIONS)} (default: all)")
+    inspect.add_argument("--limit", type=int, default=20, metavar="N", help="at most N rows a section (default 20)")
+    inspect.add_argument("--all", action="store_true", help="holds: also the ended ones kept for retries")
+    inspect.add_argument("--json", action="store_true", help="one JSON object a row")
+    _add_setting_flag(inspect, "data_dir")
+    inspect.set_defaults(run=run_inspect)
+
+    check = commands.add_parser("check-config", help="validate a TOML config file offline (exit 2 on problems)")
+    check.add_argument("file", metavar="FILE")
+    check.set_defaults(run=run_check_config, without_settings=True)
+
+
+# Sections of `spendgate inspect` (spendgate.datacare.INSPECT_SECTIONS, repeated here so that --help stays light).
+INSPECT_SECTIONS: Final[tuple[str, ...]] = ("budgets", "holds", "outbox", "ledger", "deadletters")
+# A backup of a large environment takes a while; the sidecar keeps serving meanwhile.
+BACKUP_TIMEOUT_S: Final[float] = 3600.0
 
 
 def _add_setting_flag(parser: argparse.ArgumentParser, name: str) -> None:
@@ -217,11 +276,12 @@ def run_serve(args: argparse.Namespace, settings: config.Settings) -> int:
     import asyncio
 
     from spendgate import _core
+    from spendgate.logs import secret_values
     from spendgate.server import app
 
     from spendgate.settle import SettlementConfigError
 
-    app.configure_logging(settings.log_level)
+    app.configure_logging(settings.log_level, settings.log_format, secrets=secret_values(settings))
     try:
         return asyncio.run(app.serve(settings))
     except (SettlementConfigError, config.ConfigError) as error:  # e.g. webhook_listen without a secret
@@ -281,6 +341,7 @@ def run_settle(args: argparse.Namespace, settings: config.Settings) -> int:
     import asyncio
 
     from spendgate import _core
+    from spendgate.logs import secret_values
     from spendgate.server import app
     from spendgate.settle import SettlementConfigError
     from spendgate.settle.service import settle_standalone
@@ -288,7 +349,7 @@ def run_settle(args: argparse.Namespace, settings: config.Settings) -> int:
     if not settings.stripe_api_key:
         print(f"{PROG}: STRIPE_API_KEY is not set: there is nothing to settle with", file=sys.stderr)
         return EXIT_USAGE
-    app.configure_logging(settings.log_level)
+    app.configure_logging(settings.log_level, settings.log_format, secrets=secret_values(settings))
     try:
         engine = _core.Engine(settings.data_dir, **settings.engine_kwargs())
     except _core.EngineError as error:
@@ -444,7 +505,12 @@ def _call(args: argparse.Namespace, settings: config.Settings, rpc: Any) -> Any:
     import grpc
 
     target = args.target or client_target(settings.listen)
-    with grpc.insecure_channel(target) as channel:
+    try:
+        channel = _client_channel(args, target)
+    except (OSError, ValueError) as error:
+        print(f"{PROG}: {error}", file=sys.stderr)
+        return None
+    with channel:
         try:
             return rpc(channel)
         except grpc.RpcError as error:
@@ -453,6 +519,56 @@ def _call(args: argparse.Namespace, settings: config.Settings, rpc: Any) -> Any:
                 details = f"cannot reach a spendgate sidecar at {target}: {details}"
             print(f"{PROG}: {code.name}: {details}", file=sys.stderr)
             return None
+
+
+def _client_channel(args: argparse.Namespace, target: str) -> Any:
+    """A channel to `target`: TLS when a --tls-* flag is given, sending the token on every call when there is one."""
+    import os
+
+    import grpc
+
+    pem = {name: _read_file(getattr(args, name, None), flag) for name, flag in (
+        ("tls_root_cert", "--tls-root-cert"), ("tls_client_cert", "--tls-client-cert"),
+        ("tls_client_key", "--tls-client-key"))}
+    if (pem["tls_client_cert"] is None) != (pem["tls_client_key"] is None):
+        raise ValueError("mTLS needs both --tls-client-cert and --tls-client-key")
+    if any(value is not None for value in pem.values()):
+        credentials = grpc.ssl_channel_credentials(pem["tls_root_cert"], pem["tls_client_key"],
+                                                   pem["tls_client_cert"])
+        channel = grpc.secure_channel(target, credentials)
+    else:
+        channel = grpc.insecure_channel(target)
+    token_file = _read_file(getattr(args, "token_file", None), "--token-file")
+    token = getattr(args, "token", None) or (token_file.decode().strip() if token_file else None) or os.environ.get(
+        config.TOKEN_ENV_VAR)
+    return grpc.intercept_channel(channel, _bearer_interceptor_class()(token)) if token else channel
+
+
+def _read_file(path: str | None, flag: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as error:
+        raise OSError(f"{flag} {path}: cannot read it: {error.strerror or error}") from None
+
+
+def _bearer_interceptor_class() -> Any:
+    """The interceptor class, made on first use so that `--help` never imports grpc."""
+    import grpc
+
+    class BearerToken(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+        """Adds `authorization: Bearer <token>` to every call (plain metadata: works over plaintext loopback too)."""
+
+        def __init__(self, token: str) -> None:
+            self._metadata = (("authorization", f"Bearer {token}"),)
+
+        def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+            metadata = (*(details.metadata or ()), *self._metadata)
+            return continuation(details._replace(metadata=metadata), request)
+
+    return BearerToken
 
 
 def client_target(listen: str) -> str:
@@ -486,6 +602,78 @@ def format_balance(balance: Any) -> str:
         shown = f"{value:>{value_width}}" if isinstance(value, int) else values[row]
         lines.append(f"  {row:<{width}}  {shown}")
     return "\n".join(lines)
+
+
+def run_backup(args: argparse.Namespace, settings: config.Settings) -> int:
+    import os
+
+    from spendgate.v1 import spendgate_pb2 as pb
+    from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
+
+    # Absolute: the sidecar resolves the path in its own working directory, not ours.
+    request = pb.BackupRequest(dest_dir=os.path.abspath(args.dest))
+    reply = _call(args, settings, lambda channel: pb_grpc.AdminStub(channel).Backup(request, timeout=BACKUP_TIMEOUT_S))
+    if reply is None:
+        return EXIT_ERROR
+    print(f"backup written to {reply.dest_dir}: {reply.size_bytes:,} bytes in {reply.duration_ms:,} ms; it holds every "
+          f"change acknowledged before it started (durable ticket {reply.durable_ticket}). Restore it with "
+          f"`spendgate restore {reply.dest_dir} --data-dir DIR` while the sidecar is stopped")
+    return EXIT_OK
+
+
+def run_restore(args: argparse.Namespace, settings: config.Settings) -> int:
+    from pathlib import Path
+
+    from spendgate.datacare import DataCareError, restore
+
+    try:
+        done = restore(Path(args.source), Path(settings.data_dir), force=args.force, map_size_mb=settings.map_size_mb)
+    except (DataCareError, OSError) as error:
+        print(f"{PROG}: restore: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    aside = f"; the previous contents are in {done.moved_aside}" if done.moved_aside else ""
+    print(f"restored {args.source} into {done.data_dir}: {done.budgets:,} budgets, {done.size_bytes:,} bytes, books "
+          f"checked{aside}")
+    return EXIT_OK
+
+
+def run_inspect(args: argparse.Namespace, settings: config.Settings) -> int:
+    from pathlib import Path
+
+    from spendgate.datacare import format_sections, inspect
+    from spendgate.store_reader import StoreReadError
+
+    if args.limit < 1 or args.limit > 2048:
+        print(f"{PROG}: inspect: --limit must be 1..2048, got {args.limit}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        sections = inspect(Path(settings.data_dir), args.sections or INSPECT_SECTIONS, limit=args.limit,
+                           all_holds=args.all)
+    except StoreReadError as error:
+        print(f"{PROG}: inspect: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    print(format_sections(sections, as_json=args.json))
+    return EXIT_OK
+
+
+def run_check_config(args: argparse.Namespace, _: None) -> int:
+    from pathlib import Path
+
+    from spendgate.server.security import startup_problems
+
+    path = Path(args.file)
+    try:
+        values, problems = config.config_file_problems(path)
+    except config.ConfigError as error:  # unreadable, or not TOML (the message has the line and column)
+        problems, values = [str(error)], {}
+    if not problems:
+        problems = [f"config file {path}: {problem}" for problem in startup_problems(config.Settings(**values))]
+    for problem in problems:
+        print(f"{PROG}: check-config: {problem}", file=sys.stderr)
+    if problems:
+        return EXIT_USAGE
+    print(f"{path}: OK ({len(values)} settings; the rest are defaults)")
+    return EXIT_OK
 
 
 if __name__ == "__main__":

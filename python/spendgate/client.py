@@ -66,6 +66,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "error_from_rpc",
+    "tls_credentials",
 ]
 
 _log = logging.getLogger(__name__)
@@ -229,6 +230,22 @@ def _channel_options(options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]
     return [*_CHANNEL_OPTIONS, *options]
 
 
+def tls_credentials(root_certificates: bytes | None = None, private_key: bytes | None = None,
+                    certificate_chain: bytes | None = None) -> grpc.ChannelCredentials:
+    """TLS channel credentials from PEM bytes: the CA that signed the sidecar's certificate (None: the system's), and
+    for mTLS this client's key and certificate chain."""
+    assert (private_key is None) == (certificate_chain is None), "mTLS needs both private_key and certificate_chain"
+    return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+
+
+def _credentials_of(credentials: grpc.ChannelCredentials | None, root_certificates: bytes | None,
+                    private_key: bytes | None, certificate_chain: bytes | None) -> grpc.ChannelCredentials | None:
+    if root_certificates is None and private_key is None and certificate_chain is None:
+        return credentials
+    assert credentials is None, "pass credentials or the PEM arguments, not both"
+    return tls_credentials(root_certificates, private_key, certificate_chain)
+
+
 def _reserve_request(customer_id: str, amount: int, idempotency_key: str | None, ttl_ms: int) -> pb.ReserveRequest:
     # An auto key makes every Reserve safe to retry: a lost reply is replayed, never held twice.
     key = idempotency_key if idempotency_key else str(uuid.uuid4())
@@ -315,7 +332,8 @@ class Client:
 
     `channel`: use this channel instead of dialling `target` (the caller keeps ownership: `close` leaves it open).
     `token`: sent as `authorization: Bearer <token>` where the server requires tokens.
-    `credentials`: TLS channel credentials; plaintext when None.
+    `credentials`: TLS channel credentials; plaintext when None. Or, as PEM bytes: `root_certificates` (the CA of the
+    sidecar's certificate), and for mTLS `private_key` and `certificate_chain` (see tls_credentials).
     """
 
     def __init__(
@@ -328,9 +346,13 @@ class Client:
         options: Sequence[tuple[str, Any]] = (),
         timeout_s: float = DEFAULT_TIMEOUT_S,
         retry: RetryPolicy = RetryPolicy(),
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
     ) -> None:
         assert (target is None) != (channel is None), "pass exactly one of target and channel"
         assert timeout_s > 0
+        credentials = _credentials_of(credentials, root_certificates, private_key, certificate_chain)
         self._owns_channel = channel is None
         if channel is None:
             assert target is not None
@@ -473,9 +495,13 @@ class AsyncClient:
         options: Sequence[tuple[str, Any]] = (),
         timeout_s: float = DEFAULT_TIMEOUT_S,
         retry: RetryPolicy = RetryPolicy(),
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
     ) -> None:
         assert (target is None) != (channel is None), "pass exactly one of target and channel"
         assert timeout_s > 0
+        credentials = _credentials_of(credentials, root_certificates, private_key, certificate_chain)
         self._owns_channel = channel is None
         if channel is None:
             assert target is not None

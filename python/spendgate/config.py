@@ -26,13 +26,16 @@ ENV_PREFIX: Final[str] = "SPENDGATE_"
 CONFIG_ENV_VAR: Final[str] = "SPENDGATE_CONFIG"
 # SPENDGATE_* variables that are not settings but are read elsewhere. Any other SPENDGATE_* variable is an error, so that
 # a misspelt setting (SPENDGATE_DATADIR) fails loudly instead of being ignored. Add a name here when you read one.
-OTHER_ENV_VARS: Final[frozenset[str]] = frozenset({CONFIG_ENV_VAR})
+# SPENDGATE_TOKEN: the token the CLI's client commands send (spendgate.cli).
+TOKEN_ENV_VAR: Final[str] = "SPENDGATE_TOKEN"
+OTHER_ENV_VARS: Final[frozenset[str]] = frozenset({CONFIG_ENV_VAR, TOKEN_ENV_VAR})
 
 DURABILITY_CHOICES: Final[tuple[str, ...]] = ("fsync", "relaxed")
 LOG_LEVEL_CHOICES: Final[tuple[str, ...]] = ("debug", "info", "warning", "error")
 PAYMENT_FAILED_ACTIONS: Final[tuple[str, ...]] = ("flag", "freeze")
 SETTLE_TRANSPORTS: Final[tuple[str, ...]] = ("v1", "v2")
 PERIOD_CHOICES: Final[tuple[str, ...]] = ("month", "lifetime")
+LOG_FORMAT_CHOICES: Final[tuple[str, ...]] = ("json", "text")
 # A mapping setting (webhook_plan_limits), held as sorted (key, value) pairs so that Settings stays frozen and hashable.
 PlanLimits = tuple[tuple[str, int], ...]
 _BOOL_WORDS: Final[Mapping[str, bool]] = {
@@ -42,7 +45,14 @@ _BOOL_WORDS: Final[Mapping[str, bool]] = {
 
 
 class ConfigError(ValueError):
-    """A setting is unknown or has a bad value. The message names the setting and where the value came from."""
+    """A setting is unknown or has a bad value. The message names the setting and where the value came from.
+
+    `setting`: the setting at fault, when one is (so that a caller that knows where its value came from can say so).
+    """
+
+    def __init__(self, message: str, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 def _setting(
@@ -188,6 +198,59 @@ class Settings:
         choices=PAYMENT_FAILED_ACTIONS,
     )
 
+    # Operating it: the HTTP port, logs, security and per-connection limits (README "Operating it").
+    http_listen: str = _setting(
+        "",
+        "HOST:PORT to serve /metrics and the operator page on; a bare PORT binds 127.0.0.1; empty: off.",
+        optional=True,
+    )
+    metrics_require_token: bool = _setting(
+        False, "When tokens are configured, /metrics needs an admin token too (default: open, it holds no customer data)."
+    )
+    log_format: str = _setting(
+        "json", "`json`: one JSON object a line (ts, level, logger, msg, request_id, ...); `text`: for people.",
+        choices=LOG_FORMAT_CHOICES,
+    )
+    app_tokens: str = _setting(
+        "", "Bearer tokens that may call Budget, comma-separated; prefer the variable or app_tokens_file.",
+        optional=True, secret=True,
+    )
+    app_tokens_file: str = _setting(
+        "", "File of app tokens (one a line or comma-separated), so that they never sit in a process list.",
+        optional=True,
+    )
+    admin_tokens: str = _setting(
+        "", "Bearer tokens that may call Budget and Admin (and see the operator page), comma-separated.",
+        optional=True, secret=True,
+    )
+    admin_tokens_file: str = _setting("", "File of admin tokens (one a line or comma-separated).", optional=True)
+    tls_cert_file: str = _setting(
+        "", "PEM certificate chain of the server: gRPC (and the HTTP port) serve TLS; needs tls_key_file.", optional=True
+    )
+    tls_key_file: str = _setting("", "PEM private key of tls_cert_file.", optional=True)
+    tls_client_ca_file: str = _setting(
+        "", "PEM CA bundle: when set, every gRPC client must present a certificate it signed (mTLS).", optional=True
+    )
+    allow_insecure_non_loopback: bool = _setting(
+        False, "Serve on a non-loopback address without TLS or without client authentication (tokens or mTLS)."
+    )
+    max_concurrent_streams: int = _setting(
+        100, "RPCs one connection may have in flight (HTTP/2 MAX_CONCURRENT_STREAMS); more wait on the client.",
+        minimum=1,
+    )
+    min_ping_interval_ms: int = _setting(
+        10_000, "Shortest interval between a client's keepalive pings; a connection that pings faster is closed.",
+    )
+    max_connection_idle_ms: int = _setting(
+        0, "Close a connection that had no RPC for this long (the client reconnects when it needs to); 0: never."
+    )
+    max_connection_age_ms: int = _setting(
+        0, "Close a connection this old (after max_connection_age_grace_ms for its RPCs), to rebalance; 0: never."
+    )
+    max_connection_age_grace_ms: int = _setting(
+        5_000, "How long RPCs of a connection closed for its age may take to finish."
+    )
+
     def __post_init__(self) -> None:
         # Every way in (load_settings, the CLI, tests) ends here: a Settings that exists is valid.
         for spec in dataclasses.fields(self):
@@ -196,7 +259,9 @@ class Settings:
         for spec in dataclasses.fields(self):
             problem = _problem(spec, getattr(self, spec.name))
             if problem is not None:
-                raise ConfigError(f"setting {spec.name!r}: {problem}")
+                raise ConfigError(f"setting {spec.name!r}: {problem}", spec.name)
+        for name, problem in _combination_problems(self):
+            raise ConfigError(f"setting {name!r}: {problem}", name)
 
     def engine_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of spendgate._core.Engine(data_dir, **kwargs)."""
@@ -264,6 +329,19 @@ def _problem(spec: dataclasses.Field[Any], value: object) -> str | None:
     return None
 
 
+def _combination_problems(settings: Settings) -> list[tuple[str, str]]:
+    """(setting, problem) for settings that only work together: TLS needs a certificate and its key."""
+    problems = []
+    if bool(settings.tls_cert_file) != bool(settings.tls_key_file):
+        missing = "tls_key_file" if settings.tls_cert_file else "tls_cert_file"
+        given = "tls_cert_file" if settings.tls_cert_file else "tls_key_file"
+        problems.append((given, f"TLS needs both tls_cert_file and tls_key_file: set {missing} too"))
+    if settings.tls_client_ca_file and not settings.tls_cert_file:
+        problems.append(("tls_client_ca_file", "mTLS needs the server's own certificate: set tls_cert_file and "
+                                               "tls_key_file too"))
+    return problems
+
+
 def _type_word(kind: type) -> str:
     return {str: "a string", int: "an integer", bool: "a boolean", tuple: "a table"}[kind]
 
@@ -321,16 +399,27 @@ def load_settings(
     os.environ; `config_file` (--config) wins over SPENDGATE_CONFIG. Raises ConfigError."""
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
+    where: dict[str, str] = {}  # setting -> where its value came from, for errors found only once all are in
     path = config_file if config_file is not None else env.get(CONFIG_ENV_VAR) or None
     if path is not None:
+        text, document = _read_toml(Path(path))
         values.update(read_config_file(Path(path)))
-    values.update(read_env(env))
+        where.update({key: f"config file {path}{_line_of(text, key)}" for key in document})
+    from_env = read_env(env)
+    values.update(from_env)
+    where.update({name: f"environment variable {env_var(name)}" for name in from_env})
     for name, value in (flags or {}).items():
         if name not in FIELDS:
             raise ConfigError(f"unknown setting {name!r} given as a flag")
         if value is not None:
             values[name] = value
-    return Settings(**values)
+            where[name] = f"flag {flag(name)}"
+    try:
+        return Settings(**values)
+    except ConfigError as error:
+        if error.setting is None or error.setting not in where:
+            raise
+        raise ConfigError(f"{where[error.setting]}: {error}", error.setting) from None
 
 
 def read_env(env: Mapping[str, str]) -> dict[str, Any]:
@@ -353,34 +442,84 @@ def read_env(env: Mapping[str, str]) -> dict[str, Any]:
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    """The settings in a TOML file: top-level `name = value` pairs, TOML-typed (numbers unquoted)."""
+    """The settings in a TOML file: top-level `name = value` pairs, TOML-typed (numbers unquoted). Raises ConfigError
+    for the first problem (config_file_problems lists them all)."""
+    values, problems = config_file_problems(path)
+    if problems:
+        raise ConfigError(problems[0])
+    return values
+
+
+def config_file_problems(path: Path) -> tuple[dict[str, Any], list[str]]:
+    """(the valid settings of a TOML file, every problem in it), each problem naming the file and the line. Checks
+    the file alone: settings that only work together (TLS) are checked with the file's other settings and defaults."""
+    text, document = _read_toml(path)
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for key, value in document.items():
+        where = f"config file {path}{_line_of(text, key)}"
+        if key not in FIELDS:
+            problems.append(f"{where}: unknown setting {key!r}; known settings: {', '.join(FIELDS)}")
+            continue
+        if _kind(key) is tuple and isinstance(value, Mapping):
+            problem = _table_problem(path, text, key, value)
+            value = _pairs(value)
+        else:
+            problem = _problem(FIELDS[key], value)
+            problem = problem and f"{where}: setting {key!r}: {problem}"
+        if problem is not None:
+            problems.append(problem)
+            continue
+        values[key] = value
+    if not problems:
+        try:
+            Settings(**values)
+        except ConfigError as error:  # a combination: point at the line of the setting it names
+            line = _line_of(text, error.setting) if error.setting in document else ""
+            problems.append(f"config file {path}{line}: {error}")
+    return values, problems
+
+
+def _read_toml(path: Path) -> tuple[str, dict[str, Any]]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigError(f"config file {path}: cannot read it: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path}: not UTF-8 text: {error}") from None
     try:
-        document = tomllib.loads(text)
+        return text, tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"config file {path}: not valid TOML: {error}") from None
-    values: dict[str, Any] = {}
-    for key, value in document.items():
-        where = f"config file {path}{_line_of(text, key)}"
-        if key not in FIELDS:
-            raise ConfigError(f"{where}: unknown setting {key!r}; known settings: {', '.join(FIELDS)}")
-        if _kind(key) is tuple:
-            value = _pairs(value)
-        problem = _problem(FIELDS[key], value)
+
+
+def _table_problem(path: Path, text: str, key: str, table: Mapping[str, Any]) -> str | None:
+    """The first bad entry of a table setting, pointing at its own line inside the table."""
+    for inner, value in table.items():
+        problem = _problem(FIELDS[key], ((inner, value),))
         if problem is not None:
-            raise ConfigError(f"{where}: setting {key!r}: {problem}")
-        values[key] = value
-    return values
+            return f"config file {path}{_line_of(text, inner, table=key)}: setting {key!r}: {problem}"
+    return None
 
 
-def _line_of(text: str, key: str) -> str:
-    """' line N' where `key = ...` (or a [key] table) is in the TOML text; '' if it cannot be found."""
+def _line_of(text: str, key: str | None, *, table: str | None = None) -> str:
+    """' line N' where `key = ...` (or a [key] table) is in the TOML text, inside the [table] section when given; ''
+    if it cannot be found."""
+    if key is None:
+        return ""
     quoted = re.escape(key)
     pattern = re.compile(rf"""^\s*(?:{quoted}|"{quoted}"|'{quoted}')\s*=|^\s*\[+\s*{quoted}\s*[\].]""")
-    for number, line in enumerate(text.splitlines(), start=1):
+    header = re.compile(r"^\s*\[")
+    lines = text.splitlines()
+    first = 0
+    if table is not None:
+        table_line = _line_of(text, table)
+        if not table_line:
+            return ""
+        first = int(table_line.split()[-1])  # the line after the [table] header
+    for number, line in enumerate(lines[first:], start=first + 1):
+        if table is not None and header.match(line):
+            break  # the next table: the key was not in this one
         if pattern.match(line):
             return f" line {number}"
     return ""

@@ -4,7 +4,8 @@
         for entry in store.ledger():          # LedgerEntry dicts, in seq order
             ...
 
-The schema is rust/src/records.rs: named databases `budgets` (customer_id UTF-8 -> JSON), `ledger`, `outbox` and
+The schema is rust/src/records.rs: named databases `budgets` (customer_id UTF-8 -> JSON), `holds` (u64 big-endian
+hold id -> JSON HoldRecord; its reservation id is `rsv_` and the id in 16 hex digits), `ledger`, `outbox` and
 `dead_letters` (u64 big-endian seq -> JSON). Nothing here ever opens the environment writable.
 
 Why `lock=False`, and how reads stay sound anyway
@@ -45,7 +46,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Final
 
-__all__ = ["StoreBusyError", "StoreReadError", "StoreReader", "seq_key"]
+__all__ = ["StoreBusyError", "StoreReadError", "StoreReader", "reservation_id", "seq_key"]
 
 # As many named databases as the engine opens with (rust/src/limits.rs MAX_DBS).
 MAX_DBS: Final[int] = 16
@@ -74,6 +75,11 @@ class StoreBusyError(StoreReadError):
 
 def seq_key(seq: int) -> bytes:
     return _U64.pack(seq)
+
+
+def reservation_id(hold_key: bytes) -> str:
+    """The reservation id of a `holds` key, as Reserve returned it (rust/src/hold.rs format_reservation_id)."""
+    return f"rsv_{_U64.unpack(hold_key)[0]:016x}"
 
 
 class StoreReader:
@@ -109,10 +115,22 @@ class StoreReader:
         for key, value in self._scan("budgets"):
             yield key.decode("utf-8"), value
 
+    def holds(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(reservation_id, HoldRecord) in id order: active holds and the ended ones kept for idempotent retries
+        (`status` says which: active, committed, released, expired)."""
+        for key, value in self._scan("holds"):
+            yield reservation_id(key), value
+
     def ledger(self, after_seq: int = 0) -> Iterator[dict[str, Any]]:
         """LedgerEntry dicts with seq > after_seq, in seq order."""
         for _, value in self._scan("ledger", after=seq_key(after_seq) if after_seq else None):
             yield value
+
+    def tail(self, db_name: str, limit: int) -> list[dict[str, Any]]:
+        """The last `limit` (<= the chunk size) values of a database keyed by seq or id, oldest first: the ledger's
+        newest entries without reading the ones before."""
+        assert 0 < limit <= self._max_chunk_entries, limit
+        return [value for _, value in self._stable(db_name, ("tail", db_name, limit))]
 
     def outbox(self) -> Iterator[dict[str, Any]]:
         """OutboxEntry dicts waiting for Stripe, in seq order."""
@@ -201,8 +219,15 @@ def _check_budget(key: bytes, value: Any) -> str | None:
     return None
 
 
+def _check_hold(key: bytes, value: Any) -> str | None:
+    if len(key) != 8 or not isinstance(value, dict) or not {"customer_id", "amount", "status"} <= value.keys():
+        return f"key {key!r} does not hold a hold"
+    return None
+
+
 _CHECKS: Final[dict[str, Callable[[bytes, Any], str | None]]] = {
     "budgets": _check_budget, "dead_letters": _check_dead_letter, "ledger": _check_seq, "outbox": _check_seq,
+    "holds": _check_hold,
 }
 
 
@@ -339,6 +364,13 @@ def _worker_main(data_dir: str) -> int:
                     while more and len(pairs) < limit:
                         pairs.append((cursor.key(), cursor.value()))
                         more = cursor.next()
+                elif op == "tail":
+                    cursor = txn.cursor(db=db)
+                    more = cursor.last()
+                    while more and len(pairs) < request[2]:
+                        pairs.append((cursor.key(), cursor.value()))
+                        more = cursor.prev()
+                    pairs.reverse()
                 else:
                     for key in request[2]:
                         value = txn.get(key, db=db)

@@ -259,9 +259,9 @@ def test_bad_plan_limits_name_the_problem(text: str, message: str) -> None:
         load_settings(env={"SPENDGATE_WEBHOOK_PLAN_LIMITS": text})
 
 
-def test_a_plan_limit_table_with_a_bad_value_names_the_line(tmp_path: Path) -> None:
-    path = write_toml(tmp_path, 'listen = "127.0.0.1:1"\n[webhook_plan_limits]\nprice_basic = 1.5\n')
-    with pytest.raises(ConfigError, match=r"line 2: setting 'webhook_plan_limits': expected an integer >= 0"):
+def test_a_plan_limit_table_with_a_bad_value_names_the_line_of_the_value(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, 'listen = "127.0.0.1:1"\n[webhook_plan_limits]\nprice_ok = 1\nprice_basic = 1.5\n')
+    with pytest.raises(ConfigError, match=r"line 4: setting 'webhook_plan_limits': expected an integer >= 0"):
         load_settings(env={}, config_file=path)
 
 

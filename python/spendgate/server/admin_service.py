@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import time
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 import grpc.aio
@@ -75,6 +78,19 @@ class AdminServicer(pb_grpc.AdminServicer):
             max_outbox_entries=stats["max_entries"],
             dead_letters=stats["dead_letters"],
         )
+
+    @grpc_errors
+    async def Backup(self, request: pb.BackupRequest, context: Context) -> pb.BackupResponse:
+        # Relative paths would land in the sidecar's working directory, not the caller's: refuse them.
+        if not os.path.isabs(request.dest_dir):
+            raise _core.EngineError("invalid_argument", f"dest_dir {request.dest_dir!r} is not an absolute path: pass "
+                                    "an absolute directory on the sidecar's machine (`spendgate backup` does)")
+        durable_ticket = self._engine.durable_ticket()  # every acknowledged change is at or below it
+        started_ms = time.time_ns() // 1_000_000
+        # In a thread: copying a large environment takes a while, and the loop keeps serving meanwhile.
+        size_bytes = await asyncio.to_thread(self._engine.backup, request.dest_dir)
+        return pb.BackupResponse(dest_dir=request.dest_dir, size_bytes=size_bytes, durable_ticket=durable_ticket,
+                                 started_ms=started_ms, duration_ms=time.time_ns() // 1_000_000 - started_ms)
 
 
 def dead_letter_message(letter: _core.DeadLetterEntry) -> pb.DeadLetter:

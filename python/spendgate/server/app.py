@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sys
-from typing import TYPE_CHECKING, Final
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 import grpc.aio
@@ -21,12 +21,17 @@ from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from spendgate import _core
+from spendgate import _core, logs
 from spendgate.config import Settings
 from spendgate.server.admin_service import AdminServicer
+from spendgate.server.auth import TokenAuthInterceptor
 from spendgate.server.budget_service import BudgetServicer
 from spendgate.server.durability import DurabilityWaiter
-from spendgate.server.http import HttpServer, new_http_app
+from spendgate.server.http import HttpServer, new_http_app, parse_listen
+from spendgate.server.interceptors import ObservingInterceptor
+from spendgate.server.metrics import Metrics
+from spendgate.server.ops_http import OpsRoutes
+from spendgate.server.security import Tokens, check_exposure, http_ssl_context, load_tokens, server_credentials
 from spendgate.settle import SettlementService
 from spendgate.v1 import spendgate_pb2 as pb
 from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
@@ -41,7 +46,8 @@ ADMIN_SERVICE: Final[str] = pb.DESCRIPTOR.services_by_name["Admin"].full_name
 # The health service names set SERVING: "" is the whole server, as health checkers ask by default.
 HEALTH_SERVICES: Final[tuple[str, ...]] = ("", BUDGET_SERVICE, ADMIN_SERVICE)
 SHUTDOWN_SIGNALS: Final[tuple[signal.Signals, ...]] = (signal.SIGTERM, signal.SIGINT)
-LOG_FORMAT: Final[str] = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Keepalive pings faster than min_ping_interval_ms that a connection may send before it is closed (gRPC's default).
+MAX_PING_STRIKES: Final[int] = 2
 
 
 class Sidecar:
@@ -56,6 +62,10 @@ class Sidecar:
         self._server: grpc.aio.Server | None = None
         self._http: HttpServer | None = None  # Stripe webhooks (webhook_listen), on their own port
         self.webhooks: WebhookReceiver | None = None
+        self.metrics = Metrics()  # one registry per sidecar; other code reports its events here (see metrics.py)
+        self.tokens = Tokens()
+        self._ops_http: HttpServer | None = None  # /metrics and the operator page (http_listen)
+        self.http_address = ""
         self._health_tasks: set[asyncio.Task[None]] = set()
         self._settlement: SettlementService | None = None
         self._settle_task: asyncio.Task[None] | None = None
@@ -64,15 +74,24 @@ class Sidecar:
     async def start(self) -> None:
         assert self._engine is None, "start() runs once"
         settings = self.settings
+        # Refuse a bad token file, certificate or exposure before touching the data dir (ConfigError).
+        self.tokens = load_tokens(settings)
+        logs.add_secrets(token.decode() for token in (*self.tokens.app, *self.tokens.admin))
+        check_exposure(settings, self.tokens)
+        credentials = server_credentials(settings)
         self._engine = _core.Engine(settings.data_dir, **settings.engine_kwargs())
         try:
             self._waiter = DurabilityWaiter(self._engine, on_failure=self._on_engine_failure)
-            self._settlement = SettlementService(self._engine, settings, self._waiter.wait)
+            self._settlement = SettlementService(self._engine, settings, self._waiter.wait, metrics=self.metrics)
+            self.metrics.watch(self._engine, settings.data_dir, self._settlement)
             self._health = grpc_health.aio.HealthServicer()
             self._server = self._build_server(self._engine, self._waiter, self._health)
-            port = self._server.add_insecure_port(settings.listen)
+            port = (self._server.add_secure_port(settings.listen, credentials) if credentials is not None
+                    else self._server.add_insecure_port(settings.listen))
             self.address = bound_address(settings.listen, port)
-            if settings.webhook_listen:
+            if settings.http_listen:
+                await self._start_ops_http(self._engine, self._waiter)
+            if settings.webhook_listen and not self._webhooks_share_the_http_port():
                 await self._start_webhooks(self._engine, self._waiter)
             if self._engine.failure() is None:
                 for service in HEALTH_SERVICES:
@@ -97,7 +116,10 @@ class Sidecar:
             await self._server.stop(self.settings.shutdown_grace_ms / 1000)
         if self._http is not None:
             await self._http.stop()  # lets in-flight webhooks finish (they wait for the engine) within the grace
+        if self._ops_http is not None:
+            await self._ops_http.stop()
         await self._stop_settlement()  # after the drain; before the engine closes
+        self.metrics.unwatch()  # a scrape must not read a closed engine
         if self._waiter is not None:
             self._waiter.close()  # before the engine: the engine closes the fd the waiter watches
         if self._engine is not None:
@@ -106,18 +128,41 @@ class Sidecar:
         # Drop our references to the engine: it releases the data dir's lock only when freed, not on close(). (grpc
         # keeps the servicers in reference cycles, so a reopen in this process also needs a gc pass, for now.)
         self._server = self._waiter = self._engine = None
-        self._http = self.webhooks = None
+        self._http = self.webhooks = self._ops_http = None
 
-    async def _start_webhooks(self, engine: _core.Engine, waiter: DurabilityWaiter) -> None:
+    async def _start_webhooks(self, engine: _core.Engine, waiter: DurabilityWaiter, app: Any = None) -> None:
+        """Stripe webhooks on their own port, or on `app` (the HTTP port's) when both settings name one address."""
         from spendgate.webhooks import WEBHOOK_PATH, add_webhook_routes, build_receiver  # noqa: PLC0415 - aiohttp
 
         settings = self.settings
         self.webhooks = build_receiver(settings, engine, waiter.wait)
+        if app is not None:
+            add_webhook_routes(app, self.webhooks)
+            return
         app = new_http_app()
         add_webhook_routes(app, self.webhooks)
         self._http = HttpServer(app, settings.webhook_listen, shutdown_grace_s=settings.shutdown_grace_ms / 1000)
         await self._http.start()
         log.info("spendgate webhooks listening on %s%s", self._http.url, WEBHOOK_PATH)
+
+    def _webhooks_share_the_http_port(self) -> bool:
+        settings = self.settings
+        return bool(settings.http_listen) and parse_listen(settings.http_listen) == parse_listen(settings.webhook_listen)
+
+    async def _start_ops_http(self, engine: _core.Engine, waiter: DurabilityWaiter) -> None:
+        """/metrics and the operator page on http_listen (HTTPS with the gRPC certificate when TLS is on)."""
+        settings = self.settings
+        ssl_context = http_ssl_context(settings)
+        app = new_http_app()
+        OpsRoutes(engine, self.metrics, self.tokens, settlement=self._settlement,
+                  metrics_require_token=settings.metrics_require_token, secure_cookie=ssl_context is not None).add_to(app)
+        if settings.webhook_listen and self._webhooks_share_the_http_port():
+            await self._start_webhooks(engine, waiter, app)
+        self._ops_http = HttpServer(app, settings.http_listen, shutdown_grace_s=settings.shutdown_grace_ms / 1000,
+                                    ssl_context=ssl_context)
+        await self._ops_http.start()
+        self.http_address = self._ops_http.address
+        log.info("spendgate operator page on %s/ and metrics on %s/metrics", self._ops_http.url, self._ops_http.url)
 
     def _build_server(
         self, engine: _core.Engine, waiter: DurabilityWaiter, health: grpc_health.aio.HealthServicer
@@ -130,7 +175,10 @@ class Sidecar:
                 # gRPC sets SO_REUSEPORT by default: a second sidecar on the same port would then start and silently
                 # share the traffic. Off, the second one fails to bind, as it should.
                 ("grpc.so_reuseport", 0),
+                *connection_options(settings),
             ],
+            # The observer first (outermost), so that refused calls get a request id and are counted too.
+            interceptors=[ObservingInterceptor(self.metrics), TokenAuthInterceptor(self.tokens)],
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
         pb_grpc.add_BudgetServicer_to_server(BudgetServicer(engine, waiter), server)
@@ -184,8 +232,26 @@ def bound_address(listen: str, port: int) -> str:
     return listen
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+def connection_options(settings: Settings) -> list[tuple[str, int]]:
+    """The per-connection limits as gRPC server options (0 turns the idle and age limits off)."""
+    options = [
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        # Keepalive enforcement: a client pinging faster than this gets GOAWAY (too_many_pings) after the strikes.
+        ("grpc.http2.min_ping_interval_without_data_ms", settings.min_ping_interval_ms),
+        ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+    if settings.max_connection_idle_ms:
+        options.append(("grpc.max_connection_idle_ms", settings.max_connection_idle_ms))
+    if settings.max_connection_age_ms:
+        options.append(("grpc.max_connection_age_ms", settings.max_connection_age_ms))
+        options.append(("grpc.max_connection_age_grace_ms", settings.max_connection_age_grace_ms))
+    return options
+
+
+def configure_logging(level: str, log_format: str = "text", *, secrets: Iterable[str] = ()) -> None:
+    """Structured (json) or text logs on stderr, with secrets redacted (spendgate.logs)."""
+    logs.configure_logging(level, log_format, secrets=secrets)
 
 
 async def serve(settings: Settings) -> int:

@@ -13,6 +13,7 @@ Binds 127.0.0.1 unless told otherwise: a bare "PORT" (or ":PORT") means 127.0.0.
 from __future__ import annotations
 
 import logging
+import ssl
 from typing import Final
 
 from aiohttp import web
@@ -49,9 +50,11 @@ def parse_listen(listen: str) -> tuple[str, int]:
 class HttpServer:
     """One listening HTTP server. start() and stop() once each; `address` is HOST:PORT as bound."""
 
-    def __init__(self, app: web.Application, listen: str, *, shutdown_grace_s: float, name: str = "http") -> None:
+    def __init__(self, app: web.Application, listen: str, *, shutdown_grace_s: float, name: str = "http",
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.host, self.port = parse_listen(listen)
         self.name = name
+        self._ssl_context = ssl_context  # HTTPS when set
         self.address = ""
         # No access log: a request line per webhook would drown the sidecar's own log. Handlers log what matters.
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_grace_s)
@@ -61,7 +64,7 @@ class HttpServer:
         await self._runner.setup()
         self._started = True
         # reuse_port off, as for gRPC: a second sidecar on the same port must fail to bind, not share the traffic.
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_port=False)
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_port=False, ssl_context=self._ssl_context)
         await site.start()
         port = self._runner.addresses[0][1] if self._runner.addresses else self.port  # port 0: the one bound
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -69,7 +72,7 @@ class HttpServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.address}"
+        return f"{'https' if self._ssl_context else 'http'}://{self.address}"
 
     async def stop(self) -> None:
         """Stop listening and wait (up to the grace) for in-flight requests. Idempotent."""

@@ -122,3 +122,17 @@ def is_not_found(error: BaseException) -> bool:
 
 def is_permission_denied(error: BaseException) -> bool:
     return getattr(error, "http_status", None) == 403
+
+
+def error_code(error: BaseException) -> str:
+    """A short label for a failed Stripe call, for the metrics: Stripe's error code, else `http_<status>`, else
+    `connection` (no HTTP answer) or the exception's class name (a bug or an unexpected library error)."""
+    code = getattr(error, "code", None)
+    if isinstance(code, str) and code:
+        return code
+    status = getattr(error, "http_status", None)
+    if status is not None:
+        return f"http_{status}"
+    import stripe  # noqa: PLC0415
+
+    return "connection" if isinstance(error, stripe.APIConnectionError) else type(error).__name__

@@ -13,7 +13,7 @@ from typing import Any, Final
 
 from spendgate import _core
 from spendgate.settle.monitor import OutboxMonitor
-from spendgate.settle.settler import SettlementStatus, SettleOptions, Settler, Transport, wall_ms
+from spendgate.settle.settler import SettleMetrics, SettlementStatus, SettleOptions, Settler, Transport, wall_ms
 
 log = logging.getLogger("spendgate.settle")
 
@@ -34,8 +34,10 @@ class SettlementService:
         *,
         transport: Transport | None = None,
         clock_ms: Callable[[], int] = wall_ms,
+        metrics: SettleMetrics | None = None,
     ) -> None:
-        """settings: spendgate.config.Settings. transport: for tests (default: from the settings)."""
+        """settings: spendgate.config.Settings. transport: for tests (default: from the settings). metrics: where
+        Stripe errors and settlement lag are counted (the sidecar's spendgate.server.metrics.Metrics)."""
         try:
             self.options = SettleOptions.from_settings(settings)
         except ValueError as error:
@@ -78,6 +80,7 @@ class SettlementService:
             status=self.status,
             monitor=self.monitor,
             clock_ms=clock_ms,
+            metrics=metrics,
         )
 
     def log_start(self) -> None:

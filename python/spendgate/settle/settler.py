@@ -33,7 +33,7 @@ from typing import Any, Final, Protocol
 from spendgate import _core
 from spendgate.settle import rules
 from spendgate.settle.aggregate import MeterEvent, claimed_events, fresh_events
-from spendgate.settle.errors import Classified, Verdict, classify, truncate_reason
+from spendgate.settle.errors import Classified, Verdict, classify, error_code, truncate_reason
 from spendgate.settle.monitor import OutboxMonitor
 from spendgate.settle.pool import DaemonThreadPool
 from spendgate.settle.preflight import Preflight
@@ -42,6 +42,15 @@ log = logging.getLogger("spendgate.settle")
 
 # The engine takes at most this many seqs per call (outbox_pending, outbox_ack, ...).
 MAX_ENGINE_BATCH: Final[int] = 10_000
+
+
+class SettleMetrics(Protocol):
+    """Where the settler reports to the sidecar's metrics (spendgate.server.metrics.Metrics is one)."""
+
+    def stripe_error(self, code: str) -> None: ...
+
+    @property
+    def settlement_lag(self) -> Any: ...  # a prometheus_client Histogram: .observe(seconds)
 
 
 class Transport(Protocol):
@@ -149,8 +158,10 @@ class Settler:
         monitor: OutboxMonitor | None = None,
         clock_ms: Callable[[], int] = wall_ms,
         rng: random.Random | None = None,
+        metrics: SettleMetrics | None = None,
     ) -> None:
         self._engine = engine
+        self._metrics = metrics
         self._transport = transport
         self.options = options
         self._wait_durable = wait_durable
@@ -329,6 +340,8 @@ class Settler:
                 return await loop.run_in_executor(self._pool, fn, *args), None
             except Exception as error:  # noqa: BLE001 - every failure is classified; CancelledError passes
                 failure = classify(error)
+                if self._metrics is not None and failure.verdict is not Verdict.DELIVERED:
+                    self._metrics.stripe_error(error_code(error))
                 if failure.verdict is Verdict.RETRY_LATER and not _is_stripe_error(error):
                     log.error("unexpected error while talking to Stripe", exc_info=error)
                 retriable = failure.verdict in (Verdict.RETRY, Verdict.SESSION_EXPIRED)
@@ -374,6 +387,8 @@ class Settler:
             self._failures[event.identifier] = (count, loop_now + self._backoff_s(count))
         if delivered:
             status.last_success_ms = now_ms
+            for event in delivered if self._metrics is not None else ():
+                self._metrics.settlement_lag.observe(max(0, now_ms - event.ts_ms) / 1000)  # type: ignore[union-attr]
             status.delivered_events += len(delivered)
             status.delivered_entries += sum(e.size for e in delivered)
         status.dead_lettered_entries += sum(e.size for e, _ in dead)

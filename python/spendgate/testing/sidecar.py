@@ -86,10 +86,13 @@ class Sidecar:
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         python: str = sys.executable,
+        http: bool = False,
     ) -> None:
+        """http: also serve the HTTP port (/metrics, the operator page) on a port of its own, at `http_url`."""
         self.data_dir = Path(data_dir)
         self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
         self.port = _free_port()
+        self.http_port = _free_port() if http else None
         self._extra_args = tuple(extra_args)
         self._env = dict(env) if env is not None else None
         self._python = python
@@ -98,6 +101,8 @@ class Sidecar:
         self._starts = 0
         # Give the port back to the pool when this object goes away (the finalizer runs at most once).
         weakref.finalize(self, _release_port, self.port)
+        if self.http_port is not None:
+            weakref.finalize(self, _release_port, self.http_port)
 
     # -- what tests read ------------------------------------------------------------------------------------------
 
@@ -105,6 +110,13 @@ class Sidecar:
     def target(self) -> str:
         """The gRPC target to dial: "127.0.0.1:PORT"."""
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        """The HTTP port's base address, "http://127.0.0.1:PORT" (Sidecar(..., http=True) only)."""
+        if self.http_port is None:
+            raise SidecarError("this sidecar has no HTTP port: create it with Sidecar(..., http=True)")
+        return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def pid(self) -> int:
@@ -192,8 +204,9 @@ class Sidecar:
     # -- internals ------------------------------------------------------------------------------------------------
 
     def _command(self) -> list[str]:
+        http = ["--http-listen", f"127.0.0.1:{self.http_port}"] if self.http_port is not None else []
         return [self._python, "-m", "spendgate", "serve", "--data-dir", str(self.data_dir), "--listen", self.target,
-                *self._extra_args]
+                *http, *self._extra_args]
 
     def _child_env(self) -> dict[str, str]:
         # A developer's real Stripe credentials must never reach a test sidecar: without an explicit env, the child

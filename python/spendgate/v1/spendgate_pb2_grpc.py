@@ -407,6 +407,11 @@ class AdminStub:
                 request_serializer=spendgate_dot_v1_dot_spendgate__pb2.GetSettlementStatusRequest.SerializeToString,
                 response_deserializer=spendgate_dot_v1_dot_spendgate__pb2.SettlementStatus.FromString,
                 _registered_method=True)
+        self.Backup = channel.unary_unary(
+                '/spendgate.v1.Admin/Backup',
+                request_serializer=spendgate_dot_v1_dot_spendgate__pb2.BackupRequest.SerializeToString,
+                response_deserializer=spendgate_dot_v1_dot_spendgate__pb2.BackupResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -458,6 +463,15 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Backup(self, request, context):
+        """Data care: write a consistent, compacted copy of the LMDB environment to dest_dir (an absolute path on the
+        sidecar's machine, new or empty) while the sidecar keeps serving. Every change acknowledged before the call is in
+        it. Restore it with `spendgate restore` while the sidecar is stopped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -490,6 +504,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetSettlementStatus,
                     request_deserializer=spendgate_dot_v1_dot_spendgate__pb2.GetSettlementStatusRequest.FromString,
                     response_serializer=spendgate_dot_v1_dot_spendgate__pb2.SettlementStatus.SerializeToString,
+            ),
+            'Backup': grpc.unary_unary_rpc_method_handler(
+                    servicer.Backup,
+                    request_deserializer=spendgate_dot_v1_dot_spendgate__pb2.BackupRequest.FromString,
+                    response_serializer=spendgate_dot_v1_dot_spendgate__pb2.BackupResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -655,6 +674,33 @@ class Admin:
             '/spendgate.v1.Admin/GetSettlementStatus',
             spendgate_dot_v1_dot_spendgate__pb2.GetSettlementStatusRequest.SerializeToString,
             spendgate_dot_v1_dot_spendgate__pb2.SettlementStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spendgate.v1.Admin/Backup',
+            spendgate_dot_v1_dot_spendgate__pb2.BackupRequest.SerializeToString,
+            spendgate_dot_v1_dot_spendgate__pb2.BackupResponse.FromString,
             options,
             channel_credentials,
             insecure,

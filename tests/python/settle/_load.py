@@ -55,6 +55,7 @@ class CommitLoad:
         self.target = target
         self.customers = list(customers)
         self.acked: dict[str, int] = {c: 0 for c in customers}
+        self.acked_reservations: list[str] = []  # in the order their commits were acknowledged
         self.commits = 0
         self.errors: list[BaseException] = []
         self._pause_s = pause_s
@@ -98,6 +99,7 @@ class CommitLoad:
                 call_until_ok(budget.Commit, pb.CommitRequest(reservation_id=reply.reservation_id, amount=actual))
                 with self._lock:
                     self.acked[customer] += actual
+                    self.acked_reservations.append(reply.reservation_id)
                     self.commits += 1
                 time.sleep(self._pause_s)
         except BaseException as error:  # noqa: BLE001 - reported by stop()

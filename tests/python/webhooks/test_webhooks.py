@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 SECRET = "whsec_test_spendgate"
 OTHER_SECRET = "whsec_test_thin_destination"
 PLAN_LIMITS = {"price_basic": 1_000, "pro_monthly": 50_000}  # a price id, and a lookup_key
-WEBHOOKS_LISTENING = re.compile(r"webhooks listening on (http://\S+)")
+WEBHOOKS_LISTENING = re.compile(r"webhooks listening on (http://[^\s\"]+)")  # text or JSON logs
 LOG_GUARD_S = 30.0  # a guard against a hang, not a timing assertion
 
 

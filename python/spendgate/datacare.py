@@ -1,0 +1,218 @@
+"""Data care from the command line: restore a backup, and inspect a data dir (also while its sidecar runs).
+
+    spendgate backup DEST [--target HOST:PORT]           Admin.Backup: the running sidecar copies its own environment
+    spendgate restore SRC --data-dir DIR [--force]       offline: puts a backup in place of DIR
+    spendgate inspect [--data-dir DIR] [budgets|holds|outbox|ledger|deadletters] [--limit N] [--json]
+
+Restore refuses while a process holds DIR's lock (the engine's flock on `spendgate.lock`: the sidecar), refuses a
+DIR that is not empty unless --force, and then moves the old data aside (`DIR.before-restore-<UTC time>`), never
+deleting it. It copies the backup into a temporary directory next to DIR, opens it with the engine to check that the
+books are consistent, and only then renames it into place.
+
+Inspect reads through spendgate.store_reader (the `lmdb` package, read-only, in a worker process), so it works against
+a live sidecar's data dir from another process and never writes to it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import gc
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from spendgate.store_reader import StoreReader
+
+LOCK_FILE: Final[str] = "spendgate.lock"  # the engine's (rust/src/engine.rs lock_data_dir)
+DATA_FILE: Final[str] = "data.mdb"
+MIB: Final[int] = 1024 * 1024
+# The verification opens the copy with at least this much map room over its size (the engine's own floor is 1 MiB).
+VERIFY_MAP_HEADROOM: Final[int] = 2
+INSPECT_SECTIONS: Final[tuple[str, ...]] = ("budgets", "holds", "outbox", "ledger", "deadletters")
+
+
+class DataCareError(RuntimeError):
+    """What was wrong and how to fix it; nothing was changed."""
+
+
+# -- restore ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Restored:
+    data_dir: Path
+    moved_aside: Path | None
+    budgets: int
+    size_bytes: int
+
+
+@contextmanager
+def data_dir_lock(data_dir: Path) -> Iterator[None]:
+    """Hold the data dir's lock as the engine takes it (flock, exclusive, non-blocking) for the duration; raises
+    DataCareError if a sidecar (or any spendgate process) holds it. A data dir without a lock file is not in use."""
+    path = data_dir / LOCK_FILE
+    if not path.exists():
+        yield
+        return
+    with open(path, "a+b") as lock:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            raise DataCareError(f"{data_dir} is in use by a running spendgate process (it holds {path}): stop the "
+                                "sidecar first, then restore") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def restore(source: Path, data_dir: Path, *, force: bool, map_size_mb: int) -> Restored:
+    """Put the backup in `source` in place of `data_dir` (see the module doc). Raises DataCareError."""
+    source, data_dir = source.resolve(), data_dir.resolve()
+    backup_file = source / DATA_FILE
+    if not backup_file.is_file():
+        raise DataCareError(f"{source} is not a spendgate backup (no {DATA_FILE}); pass the directory `spendgate "
+                            "backup` wrote")
+    with data_dir_lock(data_dir):
+        occupied = data_dir.exists() and any(data_dir.iterdir())
+        if occupied and not force:
+            raise DataCareError(f"{data_dir} is not empty: pass --force to move its contents aside (to "
+                                f"{data_dir.name}.before-restore-<time>, kept) and restore in their place")
+        staging = data_dir.parent / f".{data_dir.name}.restore-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)  # a leftover of an interrupted restore of ours
+        staging.mkdir(parents=True)
+        try:
+            _copy_durably(backup_file, staging / DATA_FILE)
+            budgets = verify(staging, map_size_mb=max(map_size_mb, VERIFY_MAP_HEADROOM * _size_mb(backup_file)))
+            moved_aside = _swap_in(staging, data_dir, occupied)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return Restored(data_dir, moved_aside, budgets, backup_file.stat().st_size)
+
+
+def _size_mb(path: Path) -> int:
+    return path.stat().st_size // MIB + 1
+
+
+def _copy_durably(source: Path, dest: Path) -> None:
+    shutil.copyfile(source, dest)
+    with open(dest, "rb+") as copied:
+        os.fsync(copied.fileno())
+
+
+def verify(data_dir: Path, *, map_size_mb: int) -> int:
+    """Open a copy with the engine and check its books (held equals the open holds, spent and held within the
+    limits); returns its budget count. Raises DataCareError saying what is wrong."""
+    from spendgate import _core  # noqa: PLC0415 - the native engine, only for restore
+
+    engine = None
+    try:
+        engine = _core.Engine(str(data_dir), map_size_mb=map_size_mb, durability="relaxed")
+        engine.check_invariants()
+        budgets = engine.stats()["budgets"]
+    except _core.EngineError as error:
+        raise DataCareError(f"the backup does not open as consistent books ({error.kind}: {error.message}); it is "
+                            "not restored") from None
+    finally:
+        if engine is not None:
+            engine.close()
+        del engine
+        gc.collect()  # the engine frees the directory's lock only when it is freed
+    return budgets
+
+
+def _swap_in(staging: Path, data_dir: Path, occupied: bool) -> Path | None:
+    """Rename the verified copy into place; the old data dir, if it held anything, goes aside first."""
+    aside = None
+    if occupied:
+        aside = data_dir.with_name(f"{data_dir.name}.before-restore-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+        data_dir.rename(aside)
+    elif data_dir.exists():
+        data_dir.rmdir()  # empty
+    staging.rename(data_dir)
+    _fsync_dir(data_dir.parent)
+    return aside
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- inspect ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Section:
+    name: str  # as asked: budgets, holds, outbox, ledger, deadletters
+    title: str
+    columns: tuple[str, ...]
+    rows: list[dict[str, Any]]
+
+
+def inspect(data_dir: Path, sections: Sequence[str], *, limit: int, all_holds: bool = False) -> list[Section]:
+    """What `spendgate inspect` prints: each asked section, at most `limit` rows (the ledger: its last `limit`)."""
+    readers: dict[str, Callable[[StoreReader], Section]] = {
+        "budgets": lambda store: Section("budgets", "budgets", BUDGET_COLUMNS, _first(
+            ({"customer_id": cid, **record} for cid, record in store.budgets()), limit)),
+        "holds": lambda store: Section("holds", "holds" if all_holds else "active holds", HOLD_COLUMNS, _first(
+            ({"reservation_id": rid, **record} for rid, record in store.holds()
+             if all_holds or record["status"] == "active"), limit)),
+        "outbox": lambda store: Section("outbox", "outbox", OUTBOX_COLUMNS, _first(store.outbox(), limit)),
+        "ledger": lambda store: Section("ledger", f"ledger (last {limit})", LEDGER_COLUMNS, store.tail("ledger", limit)),
+        "deadletters": lambda store: Section("deadletters", "dead letters", DEAD_LETTER_COLUMNS, _first(
+            ({**letter["entry"], "reason": letter["reason"]} for letter in store.dead_letters()), limit)),
+    }
+    with StoreReader(data_dir) as store:
+        return [readers[name](store) for name in sections]
+
+
+BUDGET_COLUMNS: Final = ("customer_id", "stripe_customer_id", "limit", "spent", "held", "overdraft", "frozen")
+HOLD_COLUMNS: Final = ("reservation_id", "customer_id", "amount", "status", "expires_ms", "committed_amount")
+OUTBOX_COLUMNS: Final = ("seq", "customer_id", "stripe_customer_id", "amount", "ts_ms", "attempts", "sent_as")
+LEDGER_COLUMNS: Final = ("seq", "reservation_id", "customer_id", "amount", "reserved", "excess", "ts_ms",
+                         "settled_ms")
+DEAD_LETTER_COLUMNS: Final = ("seq", "customer_id", "amount", "attempts", "reason")
+
+
+def _first(rows: Iterator[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    taken = []
+    for row in rows:
+        if len(taken) == limit:
+            break
+        taken.append(row)
+    return taken
+
+
+def format_sections(sections: Sequence[Section], *, as_json: bool) -> str:
+    """Text tables (a title line, a header, aligned columns), or one JSON object per row with its section."""
+    if as_json:
+        return "\n".join(json.dumps({"section": s.name, **row}, sort_keys=True) for s in sections for row in s.rows)
+    return "\n\n".join(_table(section) for section in sections)
+
+
+def _table(section: Section) -> str:
+    if not section.rows:
+        return f"{section.title}: none"
+    cells = [[_cell(row.get(column)) for column in section.columns] for row in section.rows]
+    widths = [max(len(column), *(len(row[i]) for row in cells)) for i, column in enumerate(section.columns)]
+    lines = [f"{section.title}:", "  ".join(c.ljust(w) for c, w in zip(section.columns, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else str(value)
