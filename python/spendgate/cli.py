@@ -34,8 +34,10 @@ EXIT_USAGE: Final[int] = 2  # argparse's own code for bad usage; a bad setting i
 COMMANDS_EPILOG: Final[str] = """\
 commands:
   spendgate serve [FLAGS]                         run the sidecar until SIGTERM or SIGINT
-  spendgate budget set CUSTOMER --limit N         create a budget or change its limit
-  spendgate budget show CUSTOMER                  print a budget's counters
+  spendgate budget set CUSTOMER --limit N         create a budget or change its limit and policy (see --help)
+  spendgate budget show CUSTOMER                  print a budget's counters and policy
+  spendgate budget freeze|unfreeze CUSTOMER       deny every Reserve (or allow them again)
+  spendgate usage CUSTOMER [--period P]           usage of a period: quota, projection, daily series, breakdowns
   spendgate budget list [--prefix P]              list budgets, one a line
   spendgate settle [FLAGS] [--follow]             drain the outbox to Stripe (only while no sidecar runs)
   spendgate settle status                         settlement to Stripe of a running sidecar
@@ -102,14 +104,33 @@ def build_parser() -> argparse.ArgumentParser:
         "set", parents=[target_parent], help="create a budget or change its limit"
     )
     budget_set.add_argument("customer_id", metavar="CUSTOMER")
-    budget_set.add_argument("--limit", type=int, required=True, metavar="N", help="the limit, in budget units")
+    budget_set.add_argument(
+        "--limit", type=int, metavar="N", help="the hard cap per period, in budget units (required to create)"
+    )
     budget_set.add_argument(
         "--stripe-customer-id",
         default="",
         metavar="ID",
-        help="Stripe customer to bill (default: CUSTOMER on creation, unchanged on update)",
+        help="Stripe customer to bill (default: the org's for a member, else CUSTOMER; unchanged on update)",
     )
+    _add_policy_flags(budget_set)
     budget_set.set_defaults(run=run_budget_set)
+
+    for verb, frozen in (("freeze", True), ("unfreeze", False)):
+        freeze = budget_commands.add_parser(
+            verb, parents=[target_parent], help="deny every Reserve" if frozen else "allow Reserves again"
+        )
+        freeze.add_argument("customer_id", metavar="CUSTOMER")
+        freeze.add_argument("--reason", default="", help="why (kept with the budget and put in the alert)")
+        freeze.set_defaults(run=run_budget_freeze, frozen=frozen)
+
+    usage = commands.add_parser("usage", parents=[target_parent], help="a budget's usage in a period, as tables")
+    usage.add_argument("customer_id", metavar="CUSTOMER")
+    usage.add_argument(
+        "--period", default="", metavar="P", help='"" or current (default), previous, or an ISO date in the period'
+    )
+    usage.add_argument("--top", type=int, default=10, metavar="N", help="largest values per dimension (default 10)")
+    usage.set_defaults(run=run_usage)
 
     budget_show = budget_commands.add_parser("show", parents=[target_parent], help="print a budget's counters")
     budget_show.add_argument("customer_id", metavar="CUSTOMER")
@@ -298,19 +319,134 @@ def run_serve(args: argparse.Namespace, settings: config.Settings) -> int:
         return EXIT_ERROR
 
 
-def run_budget_set(args: argparse.Namespace, settings: config.Settings) -> int:
+def _add_policy_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--included", type=int, metavar="N", help="the plan's included quota per period")
+    parser.add_argument("--soft-limit", type=int, metavar="N", help="alert once a period when spent reaches N (0: off)")
+    parser.add_argument("--mode", choices=("hard", "soft"), help="hard: deny past the limit; soft: grant and flag")
+    parser.add_argument(
+        "--block-overage", action=argparse.BooleanOptionalAction, help="kill switch: deny past the included quota"
+    )
+    parser.add_argument("--parent", metavar="ORG", help="make it a member of the org budget ORG (once)")
+    parser.add_argument(
+        "--period", choices=("month", "lifetime", "fixed"),
+        help="month: calendar months in UTC (or from --period-anchor); lifetime: never resets; fixed: "
+        "--period-start..--period-end, then the same length again",
+    )  # fmt: skip
+    parser.add_argument("--period-anchor", metavar="DATE", help="month: ISO date-time the months start from")
+    parser.add_argument("--period-start", metavar="DATE", help="fixed: ISO date-time the current period starts")
+    parser.add_argument("--period-end", metavar="DATE", help="fixed: ISO date-time the current period ends")
+    parser.add_argument("--breaker-multiplier", type=int, metavar="N", help="-1: the server's; 0: off; 2..1000")
+
+
+def _iso_ms(text: str, flag: str) -> int:
+    import datetime as dt
+
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{flag} {text!r} is not an ISO date or date-time such as 2026-11-15T00:00Z") from None
+    return int((when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp() * 1000)
+
+
+def _period_message(args: argparse.Namespace) -> Any:
     from spendgate.v1 import spendgate_pb2 as pb
+
+    if args.period is None:
+        return None
+    if args.period == "lifetime":
+        return pb.Period(kind=pb.PERIOD_KIND_LIFETIME)
+    if args.period == "month":
+        anchor = _iso_ms(args.period_anchor, "--period-anchor") if args.period_anchor else 0
+        return pb.Period(kind=pb.PERIOD_KIND_MONTHLY, anchor_ms=anchor)
+    if not (args.period_start and args.period_end):
+        raise ValueError("--period fixed needs --period-start and --period-end")
+    return pb.Period(kind=pb.PERIOD_KIND_FIXED, start_ms=_iso_ms(args.period_start, "--period-start"),
+                     end_ms=_iso_ms(args.period_end, "--period-end"))
+
+
+def run_budget_set(args: argparse.Namespace, settings: config.Settings) -> int:
+    from spendgate.client import _set_budget_request
     from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 
-    request = pb.SetBudgetRequest(
-        customer_id=args.customer_id, limit=args.limit, stripe_customer_id=args.stripe_customer_id
-    )
+    try:
+        period = _period_message(args)
+    except ValueError as error:
+        print(f"{PROG}: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    request = _set_budget_request(
+        args.customer_id, args.limit, args.stripe_customer_id, included=args.included, soft_limit=args.soft_limit,
+        mode=args.mode, block_overage=args.block_overage, parent_id=args.parent, period=period,
+        breaker_multiplier=args.breaker_multiplier,
+    )  # fmt: skip
     reply = _call(args, settings, lambda channel: pb_grpc.AdminStub(channel).SetBudget(request, timeout=RPC_TIMEOUT_S))
     if reply is None:
         return EXIT_ERROR
     print(f"{'created' if reply.created else 'updated'} budget {reply.balance.customer_id}")
     print(format_balance(reply.balance))
     return EXIT_OK
+
+
+def run_budget_freeze(args: argparse.Namespace, settings: config.Settings) -> int:
+    from spendgate.v1 import spendgate_pb2 as pb
+    from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
+
+    request = pb.FreezeBudgetRequest(customer_id=args.customer_id, frozen=args.frozen, reason=args.reason)
+    reply = _call(args, settings, lambda channel: pb_grpc.AdminStub(channel).FreezeBudget(request, timeout=RPC_TIMEOUT_S))
+    if reply is None:
+        return EXIT_ERROR
+    print(f"{'froze' if args.frozen else 'unfroze'} budget {reply.balance.customer_id}")
+    print(format_balance(reply.balance))
+    return EXIT_OK
+
+
+def run_usage(args: argparse.Namespace, settings: config.Settings) -> int:
+    from spendgate.v1 import spendgate_pb2 as pb
+    from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
+
+    request = pb.GetUsageRequest(customer_id=args.customer_id, period=args.period, top=args.top)
+    reply = _call(args, settings, lambda channel: pb_grpc.BudgetStub(channel).GetUsage(request, timeout=RPC_TIMEOUT_S))
+    if reply is None:
+        return EXIT_ERROR
+    print(format_usage(reply))
+    return EXIT_OK
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Rows under a header; the first column left-aligned, numbers right-aligned with thousands separators."""
+    cells = [[f"{cell:,}" if isinstance(cell, int) else str(cell) for cell in row] for row in rows]
+    widths = [max([len(title)] + [len(row[i]) for row in cells]) for i, title in enumerate(header)]
+
+    def line(row: Sequence[str]) -> str:
+        return "  ".join(
+            f"{cell:<{width}}" if i == 0 else f"{cell:>{width}}" for i, (cell, width) in enumerate(zip(row, widths))
+        )
+
+    return "\n".join([line(header), *(line(row) for row in cells)])
+
+
+def format_usage(usage: Any) -> str:
+    """GetUsage as the tables a person reads: the period's figures, the daily series, and the breakdowns."""
+    import datetime as dt
+
+    def date(ms: int) -> str:
+        return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+    end = date(usage.period_end_ms) if usage.period_end_ms else "never (lifetime)"
+    summary = [
+        ("period", f"{date(usage.period_start_ms)} .. {end}{'' if usage.current else ' (closed)'}"),
+        ("total", usage.total), ("commits", usage.commits), ("included", usage.included),
+        ("included_remaining", usage.included_remaining), ("overage", usage.overage), ("limit", usage.limit),
+        ("projected_total", usage.projected_total), ("projected_overage", usage.projected_overage),
+    ]  # fmt: skip
+    parts = [f"usage of {usage.customer_id}", _table(("figure", "value"), summary)]
+    parts += ["", "daily", _table(("date", "units"), [(day.date, day.units) for day in usage.daily])]
+    if usage.by_model:
+        rows = [(m.model, m.token_type, m.tokens, m.units) for m in usage.by_model]
+        parts += ["", "by model", _table(("model", "token_type", "tokens", "units"), rows)]
+    if usage.by_dimension:
+        rows = [(d.key, d.value, d.units) for d in usage.by_dimension]
+        parts += ["", "by dimension", _table(("dimension", "value", "units"), rows)]
+    return "\n".join(parts)
 
 
 def run_budget_show(args: argparse.Namespace, settings: config.Settings) -> int:
@@ -588,6 +724,8 @@ BALANCE_ROWS: Final[tuple[str, ...]] = (
     "remaining",
     "active_holds",
     "overdraft",
+    "included",
+    "soft_limit",
 )
 
 
@@ -601,7 +739,31 @@ def format_balance(balance: Any) -> str:
         value = getattr(balance, row)
         shown = f"{value:>{value_width}}" if isinstance(value, int) else values[row]
         lines.append(f"  {row:<{width}}  {shown}")
-    return "\n".join(lines)
+    return "\n".join(lines + [f"  {name:<{width}}  {text}" for name, text in policy_rows(balance)])
+
+
+def policy_rows(balance: Any) -> list[tuple[str, str]]:
+    """The budget's policy, in words."""
+    import datetime as dt
+
+    from spendgate.v1 import spendgate_pb2 as pb
+
+    def date(ms: int) -> str:
+        return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+    end = date(balance.period_end_ms) if balance.period_end_ms else "never"
+    kind = pb.PeriodKind.Name(balance.period.kind).removeprefix("PERIOD_KIND_").lower()
+    rows = [
+        ("mode", pb.EnforcementMode.Name(balance.mode).removeprefix("ENFORCEMENT_MODE_").lower()),
+        ("block_overage", "on" if balance.block_overage else "off"),
+        ("period", f"{kind}: {date(balance.period_start_ms)} .. {end}"),
+        ("frozen", f"yes: {balance.frozen_reason}" if balance.frozen else "no"),
+    ]
+    if balance.parent_id:
+        rows.append(("org", balance.parent_id))
+    if balance.members:
+        rows.append(("members", str(balance.members)))
+    return rows
 
 
 def run_backup(args: argparse.Namespace, settings: config.Settings) -> int:

@@ -35,7 +35,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, TypeVar
@@ -54,6 +54,7 @@ __all__ = [
     "BudgetExceeded",
     "Client",
     "DeadlineExceeded",
+    "Estimate",
     "FailedPrecondition",
     "Hold",
     "Internal",
@@ -246,22 +247,75 @@ def _credentials_of(credentials: grpc.ChannelCredentials | None, root_certificat
     return tls_credentials(root_certificates, private_key, certificate_chain)
 
 
-def _reserve_request(customer_id: str, amount: int, idempotency_key: str | None, ttl_ms: int) -> pb.ReserveRequest:
+@dataclass(frozen=True)
+class Estimate:
+    """What an LLM call may cost at most, for Reserve: the server prices its worst case with its price table."""
+
+    model: str
+    input_tokens: int = 0
+    max_output_tokens: int = 0
+
+
+def _reserve_request(customer_id: str, amount: int, idempotency_key: str | None, ttl_ms: int,
+                     estimate: Estimate | None = None,
+                     dimensions: Mapping[str, str] | None = None) -> pb.ReserveRequest:
     # An auto key makes every Reserve safe to retry: a lost reply is replayed, never held twice.
     key = idempotency_key if idempotency_key else str(uuid.uuid4())
-    return pb.ReserveRequest(customer_id=customer_id, amount=amount, idempotency_key=key, ttl_ms=ttl_ms)
+    request = pb.ReserveRequest(customer_id=customer_id, amount=amount, idempotency_key=key, ttl_ms=ttl_ms,
+                                dimensions=dict(dimensions or {}))
+    if estimate is not None:
+        assert amount == 0, "pass an amount or an estimate, not both"
+        request.estimate.CopyFrom(pb.TokenEstimate(model=estimate.model, input_tokens=estimate.input_tokens,
+                                                   max_output_tokens=estimate.max_output_tokens))
+    return request
 
 
-def _set_budget_request(customer_id: str, limit: int, stripe_customer_id: str | None) -> pb.SetBudgetRequest:
-    return pb.SetBudgetRequest(customer_id=customer_id, limit=limit, stripe_customer_id=stripe_customer_id or "")
+def _token_usage(usage: Any) -> pb.TokenUsage:
+    """A pb.TokenUsage from itself or from anything with its field names (spendgate.policy.TokenUsage, which the
+    provider helpers in spendgate.policy.providers return)."""
+    if isinstance(usage, pb.TokenUsage):
+        return usage
+    return pb.TokenUsage(
+        model=usage.model, input_tokens=usage.input_tokens, cached_input_tokens=usage.cached_input_tokens,
+        cache_write_tokens=usage.cache_write_tokens, output_tokens=usage.output_tokens,
+        reasoning_tokens=usage.reasoning_tokens, cache_hit=usage.cache_hit)
+
+
+def _commit_request(reservation_id: str, amount: int | None, usage: Any,
+                    dimensions: Mapping[str, str] | None) -> pb.CommitRequest:
+    assert (amount is None) != (usage is None), "commit an amount or a usage, not both"
+    request = pb.CommitRequest(reservation_id=reservation_id, amount=amount or 0, dimensions=dict(dimensions or {}))
+    if usage is not None:
+        request.usage.CopyFrom(_token_usage(usage))
+    return request
+
+
+# SetBudget's optional settings, as keyword arguments of set_budget.
+_MODES: Final[dict[str, int]] = {"hard": pb.ENFORCEMENT_MODE_HARD, "soft": pb.ENFORCEMENT_MODE_SOFT}
+
+
+def _set_budget_request(customer_id: str, limit: int | None, stripe_customer_id: str | None, *,
+                        included: int | None = None, soft_limit: int | None = None, mode: str | None = None,
+                        block_overage: bool | None = None, parent_id: str | None = None,
+                        period: pb.Period | None = None,
+                        breaker_multiplier: int | None = None) -> pb.SetBudgetRequest:
+    request = pb.SetBudgetRequest(customer_id=customer_id, stripe_customer_id=stripe_customer_id or "",
+                                  parent_id=parent_id or "", mode=_MODES[mode] if mode else 0)  # type: ignore[arg-type]
+    for name, value in (("limit", limit), ("included", included), ("soft_limit", soft_limit),
+                        ("block_overage", block_overage), ("breaker_multiplier", breaker_multiplier)):
+        if value is not None:
+            setattr(request, name, value)
+    if period is not None:
+        request.period.CopyFrom(period)
+    return request
 
 
 def _check_granted(customer_id: str, amount: int, response: pb.ReserveResponse) -> pb.ReserveResponse:
     """Raise BudgetExceeded on a denial; otherwise check what the contract promises about a grant."""
     if not response.granted:
-        raise BudgetExceeded(customer_id, amount, response)
+        raise BudgetExceeded(customer_id, amount or response.amount, response)
     assert response.reservation_id, "a granted Reserve must carry a reservation_id"
-    assert response.amount == amount, "a granted Reserve holds exactly the requested amount"
+    assert amount == 0 or response.amount == amount, "a granted Reserve holds exactly the requested amount"
     return response
 
 
@@ -301,10 +355,13 @@ class Hold(_HoldBase):
         super().__init__(customer_id, response)
         self._client = client
 
-    def commit(self, amount: int, *, timeout_s: float | None = None) -> pb.CommitResponse:
-        """Record `amount` actual units (may exceed the hold: it is recorded in full and flagged)."""
+    def commit(self, amount: int | None = None, *, usage: Any = None, dimensions: Mapping[str, str] | None = None,
+               timeout_s: float | None = None) -> pb.CommitResponse:
+        """Record `amount` actual units, or the call's token `usage` (priced by the server; a TokenUsage from
+        spendgate.policy.providers). More than the hold is recorded in full and flagged."""
         self.settling = True
-        return self._client.commit(self.reservation_id, amount, timeout_s=timeout_s)
+        return self._client.commit(self.reservation_id, amount, usage=usage, dimensions=dimensions,
+                                   timeout_s=timeout_s)
 
     def release(self, *, timeout_s: float | None = None) -> pb.ReleaseResponse:
         """Void the hold: nothing is charged."""
@@ -377,23 +434,27 @@ class Client:
             time.sleep(self._retry.backoff_s(attempt))
             attempt += 1
 
-    def reserve_raw(self, customer_id: str, amount: int, *, idempotency_key: str | None = None, ttl_ms: int = 0,
-                    timeout_s: float | None = None) -> pb.ReserveResponse:
+    def reserve_raw(self, customer_id: str, amount: int = 0, *, estimate: Estimate | None = None,
+                    dimensions: Mapping[str, str] | None = None, idempotency_key: str | None = None,
+                    ttl_ms: int = 0, timeout_s: float | None = None) -> pb.ReserveResponse:
         """Reserve, returning the reply as is: a denial is `granted=False`, not an exception."""
-        request = _reserve_request(customer_id, amount, idempotency_key, ttl_ms)
+        request = _reserve_request(customer_id, amount, idempotency_key, ttl_ms, estimate, dimensions)
         response: pb.ReserveResponse = self._call(self._budget.Reserve, request,
                                                   retryable=bool(request.idempotency_key), timeout_s=timeout_s)
         return response
 
-    def reserve(self, customer_id: str, amount: int, *, idempotency_key: str | None = None, ttl_ms: int = 0,
+    def reserve(self, customer_id: str, amount: int = 0, *, estimate: Estimate | None = None,
+                dimensions: Mapping[str, str] | None = None, idempotency_key: str | None = None, ttl_ms: int = 0,
                 timeout_s: float | None = None) -> Hold:
-        """Hold `amount` units, or raise `BudgetExceeded`. The hold is a context manager (see the module doc)."""
-        response = self.reserve_raw(customer_id, amount, idempotency_key=idempotency_key, ttl_ms=ttl_ms,
-                                    timeout_s=timeout_s)
+        """Hold `amount` units, or the worst case of `estimate`, or raise `BudgetExceeded`. The hold is a context
+        manager (see the module doc)."""
+        response = self.reserve_raw(customer_id, amount, estimate=estimate, dimensions=dimensions,
+                                    idempotency_key=idempotency_key, ttl_ms=ttl_ms, timeout_s=timeout_s)
         return Hold(self, customer_id, _check_granted(customer_id, amount, response))
 
-    def commit(self, reservation_id: str, amount: int, *, timeout_s: float | None = None) -> pb.CommitResponse:
-        request = pb.CommitRequest(reservation_id=reservation_id, amount=amount)
+    def commit(self, reservation_id: str, amount: int | None = None, *, usage: Any = None,
+               dimensions: Mapping[str, str] | None = None, timeout_s: float | None = None) -> pb.CommitResponse:
+        request = _commit_request(reservation_id, amount, usage, dimensions)
         response: pb.CommitResponse = self._call(self._budget.Commit, request, retryable=True, timeout_s=timeout_s)
         return response
 
@@ -407,12 +468,29 @@ class Client:
         response: pb.Balance = self._call(self._budget.GetBalance, request, retryable=False, timeout_s=timeout_s)
         return response
 
-    def set_budget(self, customer_id: str, limit: int, stripe_customer_id: str | None = None, *,
-                   timeout_s: float | None = None) -> pb.SetBudgetResponse:
-        """Create the budget or change its limit (Admin; needs an admin token where tokens are configured)."""
-        request = _set_budget_request(customer_id, limit, stripe_customer_id)
+    def set_budget(self, customer_id: str, limit: int | None = None, stripe_customer_id: str | None = None, *,
+                   timeout_s: float | None = None, **policy: Any) -> pb.SetBudgetResponse:
+        """Create the budget or change its settings (Admin; needs an admin token where tokens are configured).
+        `policy`: included, soft_limit, mode ("hard"/"soft"), block_overage, parent_id, period (a pb.Period),
+        breaker_multiplier; what is not given stays unchanged."""
+        request = _set_budget_request(customer_id, limit, stripe_customer_id, **policy)
         response: pb.SetBudgetResponse = self._call(self._admin.SetBudget, request, retryable=False,
                                                     timeout_s=timeout_s)
+        return response
+
+    def freeze(self, customer_id: str, frozen: bool = True, reason: str = "", *,
+               timeout_s: float | None = None) -> pb.SetBudgetResponse:
+        """Freeze (every Reserve denied) or unfreeze a budget (Admin)."""
+        request = pb.FreezeBudgetRequest(customer_id=customer_id, frozen=frozen, reason=reason)
+        response: pb.SetBudgetResponse = self._call(self._admin.FreezeBudget, request, retryable=True,
+                                                    timeout_s=timeout_s)
+        return response
+
+    def usage(self, customer_id: str, period: str = "", *, top: int = 0,
+              timeout_s: float | None = None) -> pb.Usage:
+        """The usage of a period: "" (current), "previous", or an ISO date inside it."""
+        request = pb.GetUsageRequest(customer_id=customer_id, period=period, top=top)
+        response: pb.Usage = self._call(self._budget.GetUsage, request, retryable=True, timeout_s=timeout_s)
         return response
 
     def ping(self, *, timeout_s: float | None = None) -> None:
@@ -442,9 +520,12 @@ class AsyncHold(_HoldBase):
         super().__init__(customer_id, response)
         self._client = client
 
-    async def commit(self, amount: int, *, timeout_s: float | None = None) -> pb.CommitResponse:
+    async def commit(self, amount: int | None = None, *, usage: Any = None,
+                     dimensions: Mapping[str, str] | None = None,
+                     timeout_s: float | None = None) -> pb.CommitResponse:
         self.settling = True
-        return await self._client.commit(self.reservation_id, amount, timeout_s=timeout_s)
+        return await self._client.commit(self.reservation_id, amount, usage=usage, dimensions=dimensions,
+                                         timeout_s=timeout_s)
 
     async def release(self, *, timeout_s: float | None = None) -> pb.ReleaseResponse:
         self.settling = True
@@ -527,27 +608,32 @@ class AsyncClient:
             await asyncio.sleep(self._retry.backoff_s(attempt))
             attempt += 1
 
-    async def reserve_raw(self, customer_id: str, amount: int, *, idempotency_key: str | None = None,
+    async def reserve_raw(self, customer_id: str, amount: int = 0, *, estimate: Estimate | None = None,
+                          dimensions: Mapping[str, str] | None = None, idempotency_key: str | None = None,
                           ttl_ms: int = 0, timeout_s: float | None = None) -> pb.ReserveResponse:
         """Reserve, returning the reply as is: a denial is `granted=False`, not an exception."""
-        request = _reserve_request(customer_id, amount, idempotency_key, ttl_ms)
+        request = _reserve_request(customer_id, amount, idempotency_key, ttl_ms, estimate, dimensions)
         response: pb.ReserveResponse = await self._call(self._budget.Reserve, request,
                                                         retryable=bool(request.idempotency_key),
                                                         timeout_s=timeout_s)
         return response
 
-    def reserve(self, customer_id: str, amount: int, *, idempotency_key: str | None = None, ttl_ms: int = 0,
+    def reserve(self, customer_id: str, amount: int = 0, *, estimate: Estimate | None = None,
+                dimensions: Mapping[str, str] | None = None, idempotency_key: str | None = None, ttl_ms: int = 0,
                 timeout_s: float | None = None) -> _AsyncReservation:
-        """`async with client.reserve(...) as hold:` holds `amount` units or raises `BudgetExceeded` on entry."""
+        """`async with client.reserve(...) as hold:` holds `amount` units (or the worst case of `estimate`) or
+        raises `BudgetExceeded` on entry."""
         async def acquire() -> AsyncHold:
-            response = await self.reserve_raw(customer_id, amount, idempotency_key=idempotency_key, ttl_ms=ttl_ms,
-                                              timeout_s=timeout_s)
+            response = await self.reserve_raw(customer_id, amount, estimate=estimate, dimensions=dimensions,
+                                              idempotency_key=idempotency_key, ttl_ms=ttl_ms, timeout_s=timeout_s)
             return AsyncHold(self, customer_id, _check_granted(customer_id, amount, response))
 
         return _AsyncReservation(acquire)
 
-    async def commit(self, reservation_id: str, amount: int, *, timeout_s: float | None = None) -> pb.CommitResponse:
-        request = pb.CommitRequest(reservation_id=reservation_id, amount=amount)
+    async def commit(self, reservation_id: str, amount: int | None = None, *, usage: Any = None,
+                     dimensions: Mapping[str, str] | None = None,
+                     timeout_s: float | None = None) -> pb.CommitResponse:
+        request = _commit_request(reservation_id, amount, usage, dimensions)
         response: pb.CommitResponse = await self._call(self._budget.Commit, request, retryable=True,
                                                        timeout_s=timeout_s)
         return response
@@ -564,12 +650,25 @@ class AsyncClient:
                                                 timeout_s=timeout_s)
         return response
 
-    async def set_budget(self, customer_id: str, limit: int, stripe_customer_id: str | None = None, *,
-                         timeout_s: float | None = None) -> pb.SetBudgetResponse:
-        """Create the budget or change its limit (Admin; needs an admin token where tokens are configured)."""
-        request = _set_budget_request(customer_id, limit, stripe_customer_id)
+    async def set_budget(self, customer_id: str, limit: int | None = None, stripe_customer_id: str | None = None,
+                         *, timeout_s: float | None = None, **policy: Any) -> pb.SetBudgetResponse:
+        """Create the budget or change its settings (Admin); `policy` as for Client.set_budget."""
+        request = _set_budget_request(customer_id, limit, stripe_customer_id, **policy)
         response: pb.SetBudgetResponse = await self._call(self._admin.SetBudget, request, retryable=False,
                                                           timeout_s=timeout_s)
+        return response
+
+    async def freeze(self, customer_id: str, frozen: bool = True, reason: str = "", *,
+                     timeout_s: float | None = None) -> pb.SetBudgetResponse:
+        request = pb.FreezeBudgetRequest(customer_id=customer_id, frozen=frozen, reason=reason)
+        response: pb.SetBudgetResponse = await self._call(self._admin.FreezeBudget, request, retryable=True,
+                                                          timeout_s=timeout_s)
+        return response
+
+    async def usage(self, customer_id: str, period: str = "", *, top: int = 0,
+                    timeout_s: float | None = None) -> pb.Usage:
+        request = pb.GetUsageRequest(customer_id=customer_id, period=period, top=top)
+        response: pb.Usage = await self._call(self._budget.GetUsage, request, retryable=True, timeout_s=timeout_s)
         return response
 
     async def ping(self, *, timeout_s: float | None = None) -> None:

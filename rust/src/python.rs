@@ -481,7 +481,12 @@ impl PyEngine {
     }
 
     #[pyo3(signature = (customer_id, limit = 100))]
-    fn closed_periods<'py>(&self, py: Python<'py>, customer_id: &str, limit: usize) -> PyResult<Vec<Bound<'py, PyDict>>> {
+    fn closed_periods<'py>(
+        &self,
+        py: Python<'py>,
+        customer_id: &str,
+        limit: usize,
+    ) -> PyResult<Vec<Bound<'py, PyDict>>> {
         let periods = self.inner.closed_periods(customer_id, limit).map_err(to_py_err)?;
         periods.iter().map(|period| period_record_dict(py, period)).collect()
     }
@@ -671,8 +676,7 @@ fn usage_detail(dict: &Bound<'_, PyDict>) -> PyResult<UsageDetail> {
     let parts: Vec<(String, i64, i64)> = item("parts")?.map(|v| v.extract()).transpose()?.unwrap_or_default();
     let cache_hit: bool = item("cache_hit")?.map(|v| v.extract()).transpose()?.unwrap_or(false);
     let fallback: bool = item("fallback")?.map(|v| v.extract()).transpose()?.unwrap_or(false);
-    let parts =
-        parts.into_iter().map(|(token_type, tokens, units)| UsagePart { token_type, tokens, units }).collect();
+    let parts = parts.into_iter().map(|(token_type, tokens, units)| UsagePart { token_type, tokens, units }).collect();
     Ok(UsageDetail { model, parts, cache_hit, fallback })
 }
 
@@ -698,9 +702,10 @@ fn parse_multiplier(multiplier: i64) -> Result<Option<u64>, EngineError> {
 
 fn parse_period(dict: &Bound<'_, PyDict>) -> PyResult<PeriodRule> {
     let number = |name: &str| -> PyResult<i64> {
-        dict.get_item(name)?.map(|v| v.extract()).transpose()?.ok_or_else(|| {
-            to_py_err(EngineError::invalid(format!("the period needs {name:?} (Unix milliseconds)")))
-        })
+        dict.get_item(name)?
+            .map(|v| v.extract())
+            .transpose()?
+            .ok_or_else(|| to_py_err(EngineError::invalid(format!("the period needs {name:?} (Unix milliseconds)"))))
     };
     let kind: String = dict.get_item("kind")?.map(|v| v.extract()).transpose()?.unwrap_or_default();
     match kind.as_str() {

@@ -360,6 +360,20 @@ fn alerts_are_durable_in_order_and_survive_a_reopen() {
     assert!(f.engine().raise_alert("nonsense", "cus", "x", &[]).is_err());
 }
 
+#[test]
+fn freezing_twice_for_the_same_reason_changes_nothing_and_raises_one_alert() {
+    let f = Fixture::new();
+    f.budget("cus", 10);
+    for _ in 0..2 {
+        let outcome = f.engine().freeze("cus", true, "Stripe: invoice in_1 unpaid").unwrap();
+        f.engine().wait_durable(outcome.ticket, WAIT).unwrap();
+        assert!(outcome.balance.frozen);
+    }
+    assert_eq!(f.engine().set_frozen("cus", false).unwrap().balance.frozen_reason, "");
+    let kinds: Vec<String> = f.alerts().into_iter().map(|(kind, _)| kind).collect();
+    assert_eq!(kinds, ["frozen", "unfrozen"]);
+}
+
 fn steady_then(f: &Fixture, hours: i64, per_hour: i64, spike: i64) -> Vec<bool> {
     let mut tripped = Vec::new();
     for _ in 0..hours {

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeAlias
 import grpc.aio
 
 from spendgate import _core
+from spendgate._core import EngineError
 from spendgate.server.budget_service import balance_message
 from spendgate.server.durability import DurabilityWaiter
 from spendgate.server.status import grpc_errors
@@ -36,13 +37,16 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     @grpc_errors
     async def SetBudget(self, request: pb.SetBudgetRequest, context: Context) -> pb.SetBudgetResponse:
-        outcome = self._engine.set_budget(request.customer_id, request.limit, request.stripe_customer_id)
+        outcome = self._engine.update_budget(request.customer_id, **budget_update(request))
         await self._waiter.wait(outcome.ticket)
-        return pb.SetBudgetResponse(balance=balance_message(outcome.balance), created=outcome.created)
+        return pb.SetBudgetResponse(
+            balance=balance_message(outcome.balance), created=outcome.created, rolled=outcome.rolled
+        )
 
     @grpc_errors
     async def FreezeBudget(self, request: pb.FreezeBudgetRequest, context: Context) -> pb.SetBudgetResponse:
-        outcome = self._engine.set_frozen(request.customer_id, request.frozen)
+        reason = request.reason or ("frozen by an operator (Admin.FreezeBudget)" if request.frozen else "unfrozen by an operator (Admin.FreezeBudget)")
+        outcome = self._engine.freeze(request.customer_id, request.frozen, reason)
         await self._waiter.wait(outcome.ticket)
         return pb.SetBudgetResponse(balance=balance_message(outcome.balance), created=False)
 
@@ -91,6 +95,45 @@ class AdminServicer(pb_grpc.AdminServicer):
         size_bytes = await asyncio.to_thread(self._engine.backup, request.dest_dir)
         return pb.BackupResponse(dest_dir=request.dest_dir, size_bytes=size_bytes, durable_ticket=durable_ticket,
                                  started_ms=started_ms, duration_ms=time.time_ns() // 1_000_000 - started_ms)
+
+
+MODE_NAMES: Final[dict[int, str]] = {pb.ENFORCEMENT_MODE_HARD: "hard", pb.ENFORCEMENT_MODE_SOFT: "soft"}
+
+
+def budget_update(request: pb.SetBudgetRequest) -> dict[str, Any]:
+    """The engine's update_budget keyword arguments: only what the request sets (the rest stays unchanged)."""
+    update: dict[str, Any] = {
+        name: getattr(request, name)
+        for name in ("limit", "included", "soft_limit", "block_overage", "breaker_multiplier")
+        if request.HasField(name)
+    }
+    if request.stripe_customer_id:
+        update["stripe_customer_id"] = request.stripe_customer_id
+    if request.mode != pb.ENFORCEMENT_MODE_UNSPECIFIED:
+        if request.mode not in MODE_NAMES:
+            raise EngineError("invalid_argument", f"mode {request.mode} is not HARD (1) or SOFT (2)")
+        update["mode"] = MODE_NAMES[request.mode]
+    if request.parent_id:
+        update["parent_id"] = request.parent_id
+    if request.HasField("period"):
+        update["period"] = period_spec(request.period)
+    return update
+
+
+def period_spec(period: pb.Period) -> _core.PeriodSpec:
+    """A Period message as the engine's period dict. FIXED is given as the current period [start_ms, end_ms)."""
+    if period.kind == pb.PERIOD_KIND_MONTHLY:
+        return {"kind": "monthly", "anchor_ms": period.anchor_ms}
+    if period.kind == pb.PERIOD_KIND_LIFETIME:
+        return {"kind": "lifetime"}
+    if period.kind == pb.PERIOD_KIND_FIXED:
+        if period.end_ms <= period.start_ms:
+            raise EngineError(
+                "invalid_argument",
+                f"a FIXED period needs start_ms < end_ms (the current period), got {period.start_ms}..{period.end_ms}",
+            )
+        return {"kind": "fixed", "anchor_ms": period.start_ms, "length_ms": period.end_ms - period.start_ms}
+    raise EngineError("invalid_argument", "period.kind is unset: use MONTHLY, FIXED or LIFETIME")
 
 
 def dead_letter_message(letter: _core.DeadLetterEntry) -> pb.DeadLetter:

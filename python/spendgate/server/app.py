@@ -25,6 +25,8 @@ from spendgate import _core, logs
 from spendgate.config import Settings
 from spendgate.server.admin_service import AdminServicer
 from spendgate.server.auth import TokenAuthInterceptor
+from spendgate.policy.metering import Meter
+from spendgate.policy.price_book import PriceBook
 from spendgate.server.budget_service import BudgetServicer
 from spendgate.server.durability import DurabilityWaiter
 from spendgate.server.http import HttpServer, new_http_app, parse_listen
@@ -70,6 +72,8 @@ class Sidecar:
         self._settlement: SettlementService | None = None
         self._settle_task: asyncio.Task[None] | None = None
         self._stopped = False
+        self.prices: PriceBook = PriceBook(None)
+        self._background: set[asyncio.Task[None]] = set()  # cancelled at stop
 
     async def start(self) -> None:
         assert self._engine is None, "start() runs once"
@@ -79,6 +83,8 @@ class Sidecar:
         logs.add_secrets(token.decode() for token in (*self.tokens.app, *self.tokens.admin))
         check_exposure(settings, self.tokens)
         credentials = server_credentials(settings)
+        # A bad price file fails the start, before the data dir is touched (a reload keeps the old table instead).
+        self.prices = PriceBook(settings.price_table or None)
         self._engine = _core.Engine(settings.data_dir, **settings.engine_kwargs())
         try:
             self._waiter = DurabilityWaiter(self._engine, on_failure=self._on_engine_failure)
@@ -98,6 +104,7 @@ class Sidecar:
                     await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
             await self._server.start()
             self._start_settlement()
+            self._start_price_reloads()
         except BaseException:
             await self.stop()
             raise
@@ -110,6 +117,8 @@ class Sidecar:
         if self._stopped:
             return
         self._stopped = True
+        for task in self._background:
+            task.cancel()
         if self._health is not None:
             await self._health.enter_graceful_shutdown()  # NOT_SERVING first, so that balancers look elsewhere
         if self._server is not None:
@@ -181,13 +190,23 @@ class Sidecar:
             interceptors=[ObservingInterceptor(self.metrics), TokenAuthInterceptor(self.tokens)],
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
-        pb_grpc.add_BudgetServicer_to_server(BudgetServicer(engine, waiter), server)
+        pb_grpc.add_BudgetServicer_to_server(BudgetServicer(engine, waiter, Meter(self.prices)), server)
         pb_grpc.add_AdminServicer_to_server(AdminServicer(engine, waiter, self._settlement), server)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         if settings.reflection:
             names = (BUDGET_SERVICE, ADMIN_SERVICE, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME)
             reflection.enable_server_reflection(names, server)
         return server
+
+    def _start_price_reloads(self) -> None:
+        """SIGHUP reloads the price file, and so does a change to it (polled every price_reload_interval_ms)."""
+        if not self.settings.price_table:
+            return
+        loop = asyncio.get_running_loop()
+        self.prices.install_sighup(loop)
+        if self.settings.price_reload_interval_ms > 0:
+            task = loop.create_task(self.prices.watch(self.settings.price_reload_interval_ms), name="spendgate-prices")
+            self._background.add(task)
 
     def _start_settlement(self) -> None:
         """The settler as a background task (or, without STRIPE_API_KEY, only the outbox alarm)."""

@@ -7,7 +7,7 @@
 
 Every value that reaches the HTML goes through html.escape; numbers carry thousands separators. The data comes from
 the engine (read-only calls) and the settlement service; per-customer usage goes through `usage_for`, the one place
-to extend when the engine reports included quotas, projections and daily series.
+fed by the usage record of the current period (spendgate.policy.usage_report, the same figures as GetUsage).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ form input[type=search]{padding:6px;width:260px}
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """What the customer page shows. The optional parts are None until the engine reports them."""
+    """What the customer page shows. The optional parts are None where no figure exists."""
 
     customer_id: str
     stripe_customer_id: str
@@ -74,14 +74,19 @@ class Usage:
     daily_units: tuple[tuple[str, int], ...] | None = None  # (YYYY-MM-DD, units committed that day), oldest first
 
 
-def usage_for(engine: _core.Engine, customer_id: str) -> Usage:
-    """One customer's usage. Today the engine gives the balance; included quota, projected spend and the daily
-    series stay None (shown as not available) until the engine reports them. Raises EngineError("not_found")."""
+def usage_for(engine: _core.Engine, customer_id: str, *, now_ms: int | None = None) -> Usage:
+    """One customer's usage in its current period: the balance, and from the usage record (the same figures as
+    GetUsage) the included quota, the projection and the daily series. Raises EngineError("not_found")."""
+    from spendgate.policy.usage_report import usage_report  # noqa: PLC0415 - keeps the page module light
+
     view = engine.balance(customer_id)
+    now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    report = usage_report(engine.usage(customer_id), now_ms=now)
     return Usage(
         customer_id=view.customer_id, stripe_customer_id=view.stripe_customer_id, limit=view.limit, spent=view.spent,
         reserved=view.reserved, remaining=view.remaining, active_holds=view.active_holds, overdraft=view.overdraft,
-        frozen=view.frozen,
+        frozen=view.frozen, included_units=report.included, projected_units=report.projected_total,
+        daily_units=report.daily,
     )
 
 

@@ -344,6 +344,7 @@ impl Shared {
     ) -> Result<SetBudgetOutcome, EngineError> {
         let mut admin = budget.admin.lock().expect("budget admin lock");
         if budget.frozen() == frozen && (!frozen || admin.frozen_reason == reason) {
+            drop(admin); // view() takes the admin lock
             return Ok(SetBudgetOutcome { balance: budget.view(), created: false, rolled: false, ticket: 0 });
         }
         let now_ms = self.clock.now_ms();

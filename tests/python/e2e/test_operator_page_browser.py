@@ -52,7 +52,7 @@ def browser() -> Iterator[WebDriver]:
 def operator_sidecar(sidecar_factory: SidecarFactory) -> Sidecar:
     sidecar = sidecar_factory("page", http=True, extra_args=["--admin-tokens", ADMIN_TOKEN])
     with Client(sidecar.target, token=ADMIN_TOKEN) as client:
-        client.set_budget("acme-eu", 5_000_000, "cus_AcmeEU")
+        client.set_budget("acme-eu", 5_000_000, "cus_AcmeEU", included=2_000_000)
         client.set_budget("acme-us", 2_000_000, "cus_AcmeUS")
         client.set_budget("globex", 1_000_000, "cus_Globex")
         with client.reserve("acme-eu", 1_500_000) as hold:
@@ -100,7 +100,8 @@ def test_a_person_signs_in_searches_and_opens_a_customer(browser: WebDriver, ope
     assert "Spent 1,234,567" in customer and "Remaining 3,665,433" in customer and "Limit 5,000,000" in customer
     assert "Reserved (open holds) 100,000 in 1 hold" in customer
     assert "26.7 % (1,334,567 of 5,000,000 units spent or held)" in customer
-    assert "Included quota not available yet" in customer and "Projected spend this period not available yet" in customer
+    assert "Included quota 2,000,000" in customer and "Projected spend this period" in customer
+    assert "not available" not in customer
 
 
 def test_the_page_refuses_a_wrong_token_in_the_browser_too(browser: WebDriver, operator_sidecar: Sidecar) -> None:

@@ -141,7 +141,8 @@ class ChildOutput:
     def wait_for(self, stream: str, text: str) -> str:
         deadline = time.monotonic() + WAIT_S
         while True:
-            for line in self._buffers[stream].decode(errors="replace").splitlines():
+            # Whole lines only: a chunk may end mid-line ("ready" before its " 500").
+            for line in self._buffers[stream].decode(errors="replace").split("\n")[:-1]:
                 if text in line:
                     self._buffers[stream] = b""
                     return line

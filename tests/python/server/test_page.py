@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import aiohttp
@@ -68,9 +69,10 @@ def test_search_finds_by_part_of_the_customer_or_stripe_id_in_any_case(tmp_path:
     assert "3 budgets." in everything
 
 
-def test_a_customer_page_shows_usage_against_the_limit_and_says_what_is_not_available_yet(tmp_path: Path) -> None:
+def test_a_customer_page_shows_usage_against_the_included_quota_the_limit_and_the_projection(tmp_path: Path) -> None:
     async def body(sidecar: Sidecar, channel: grpc.aio.Channel) -> tuple[tuple[int, str], tuple[int, str]]:
         await create_budget(channel, "cus_acme", 2_000_000)
+        await pb_grpc.AdminStub(channel).SetBudget(pb.SetBudgetRequest(customer_id="cus_acme", included=1_000_000))
         await spend(channel, "cus_acme", 500_000)
         await pb_grpc.BudgetStub(channel).Reserve(pb.ReserveRequest(customer_id="cus_acme", amount=250_000))
         return await get(sidecar, "/customers/cus_acme"), await get(sidecar, "/customers/cus_nobody")
@@ -81,8 +83,12 @@ def test_a_customer_page_shows_usage_against_the_limit_and_says_what_is_not_avai
     assert "Customer cus_acme" in text and "Spent 500,000" in text and "Remaining 1,250,000" in text
     assert "Reserved (open holds) 250,000 in 1 hold" in text and "Limit 2,000,000" in text
     assert "37.5 % (750,000 of 2,000,000 units spent or held)" in text
-    assert "Included quota not available yet" in text and "Projected spend this period not available yet" in text
-    assert "Daily usage not available yet" in text
+    assert "Included quota 1,000,000" in text and "50.0 %" in text
+    # Linear in the period's elapsed time: at least what is spent already, and a number, not a placeholder.
+    projected = re.search(r"Projected spend this period ([\d,]+)", text)
+    assert projected is not None and int(projected.group(1).replace(",", "")) >= 500_000, text
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    assert f"{today}: 500,000 units" in text and "not available" not in text
     assert missing == 404 and "There is no budget for customer cus_nobody" in text_of(absent)
 
 
