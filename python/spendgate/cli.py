@@ -48,6 +48,7 @@ commands:
   spendgate restore SRC --data-dir DIR [--force]  put a backup in place (only while no sidecar runs on DIR)
   spendgate inspect [--data-dir DIR] [SECTION]    print budgets, holds, outbox, ledger tail, dead letters (read-only)
   spendgate check-config FILE                     validate a config file offline; problems point to their line
+  spendgate health [--target HOST:PORT]           exit 0 when the sidecar's gRPC health says SERVING (probes)
 
 Client commands send --token (or $SPENDGATE_TOKEN) and talk TLS with --tls-root-cert (mTLS: --tls-client-cert/-key).
 
@@ -131,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     usage.add_argument("--top", type=int, default=10, metavar="N", help="largest values per dimension (default 10)")
     usage.set_defaults(run=run_usage)
+
+    health = commands.add_parser(
+        "health", parents=[target_parent], help="exit 0 when the sidecar reports SERVING (for exec probes)"
+    )
+    health.add_argument("--timeout-s", type=float, default=3.0, metavar="S", help="how long to wait (default 3)")
+    health.set_defaults(run=run_health)
 
     budget_show = budget_commands.add_parser("show", parents=[target_parent], help="print a budget's counters")
     budget_show.add_argument("customer_id", metavar="CUSTOMER")
@@ -221,6 +228,10 @@ def _add_client_security_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-root-cert", metavar="PEM", help="talk TLS, trusting this CA for the sidecar's cert")
     parser.add_argument("--tls-client-cert", metavar="PEM", help="mTLS: this client's certificate chain")
     parser.add_argument("--tls-client-key", metavar="PEM", help="mTLS: this client's private key")
+    parser.add_argument(
+        "--tls-server-name", metavar="NAME", help="the name the sidecar's certificate is for, when --target differs "
+        "(e.g. a probe dialling 127.0.0.1)",
+    )  # fmt: skip
 
 
 def _add_data_care_commands(commands: Any, config_parent: argparse.ArgumentParser,
@@ -397,6 +408,19 @@ def run_budget_freeze(args: argparse.Namespace, settings: config.Settings) -> in
     print(f"{'froze' if args.frozen else 'unfroze'} budget {reply.balance.customer_id}")
     print(format_balance(reply.balance))
     return EXIT_OK
+
+
+def run_health(args: argparse.Namespace, settings: config.Settings) -> int:
+    """The standard grpc.health.v1 check of the whole server (service ""), as an exec probe: 0 SERVING, 1 not."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    request = health_pb2.HealthCheckRequest(service="")
+    reply = _call(args, settings, lambda channel: health_pb2_grpc.HealthStub(channel).Check(request, timeout=args.timeout_s))
+    if reply is None:
+        return EXIT_ERROR
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return EXIT_OK if reply.status == health_pb2.HealthCheckResponse.SERVING else EXIT_ERROR
 
 
 def run_usage(args: argparse.Namespace, settings: config.Settings) -> int:
@@ -671,7 +695,9 @@ def _client_channel(args: argparse.Namespace, target: str) -> Any:
     if any(value is not None for value in pem.values()):
         credentials = grpc.ssl_channel_credentials(pem["tls_root_cert"], pem["tls_client_key"],
                                                    pem["tls_client_cert"])
-        channel = grpc.secure_channel(target, credentials)
+        server_name = getattr(args, "tls_server_name", None)
+        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        channel = grpc.secure_channel(target, credentials, options)
     else:
         channel = grpc.insecure_channel(target)
     token_file = _read_file(getattr(args, "token_file", None), "--token-file")

@@ -254,3 +254,53 @@ def test_a_budget_set_before_a_restart_is_there_after_it(tmp_path: Path) -> None
         stop(second.process)
     assert shown.returncode == 0, shown.stderr
     assert re.search(r"limit\s+42\b", shown.stdout)
+
+
+def test_budget_set_takes_the_policy_and_show_prints_it(server: Server) -> None:
+    spendgate_cli("budget", "set", "org-1", "--limit", "100000", "--target", server.address)
+    made = spendgate_cli(
+        "budget", "set", "seat-1", "--limit", "5000", "--included", "3000", "--soft-limit", "4000", "--mode", "soft",
+        "--block-overage", "--parent", "org-1", "--period", "fixed", "--period-start", "2026-11-15T00:00Z",
+        "--period-end", "2026-12-15T00:00Z", "--target", server.address,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    shown = spendgate_cli("budget", "show", "seat-1", "--target", server.address)
+    rows = dict(line.split(None, 1) for line in shown.stdout.strip().splitlines())
+    assert (rows["included"].strip(), rows["soft_limit"].strip(), rows["mode"].strip()) == ("3000", "4000", "soft")
+    assert rows["block_overage"].strip() == "on" and rows["org"].strip() == "org-1"
+    assert rows["stripe_customer_id"].strip() == "org-1", "a seat bills to its org"
+    bad = spendgate_cli("budget", "set", "seat-1", "--period", "fixed", "--target", server.address)
+    assert bad.returncode == 2 and "--period-start" in bad.stderr
+
+
+def test_budget_freeze_and_unfreeze_say_why(server: Server) -> None:
+    spendgate_cli("budget", "set", "cus_f", "--limit", "10", "--target", server.address)
+    frozen = spendgate_cli("budget", "freeze", "cus_f", "--reason", "card declined", "--target", server.address)
+    assert frozen.returncode == 0 and "yes: card declined" in frozen.stdout, frozen.stdout
+    thawed = spendgate_cli("budget", "unfreeze", "cus_f", "--target", server.address)
+    assert thawed.returncode == 0 and "frozen" in thawed.stdout and "yes:" not in thawed.stdout
+
+
+def test_usage_prints_the_period_the_daily_series_and_the_breakdowns(server: Server) -> None:
+    from spendgate.client import Client
+
+    spendgate_cli("budget", "set", "cus_u", "--limit", "1000000", "--included", "500", "--target", server.address)
+    with Client(server.address) as client:
+        for amount, feature in ((300, "chat"), (400, "search")):
+            with client.reserve("cus_u", amount, dimensions={"feature": feature}) as hold:
+                hold.commit(amount)
+    shown = spendgate_cli("usage", "cus_u", "--target", server.address)
+    assert shown.returncode == 0, shown.stderr
+    figures = dict(line.split(None, 1) for line in shown.stdout.split("daily")[0].splitlines()[2:] if line.strip())
+    assert (figures["total"].strip(), figures["overage"].strip(), figures["included_remaining"].strip()) == (
+        "700", "200", "0")
+    assert "by dimension" in shown.stdout and "search" in shown.stdout
+    bad = spendgate_cli("usage", "cus_u", "--period", "last month", "--target", server.address)
+    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "ISO date" in bad.stderr
+
+
+def test_health_exits_0_on_a_serving_sidecar_and_1_without_one(server: Server) -> None:
+    serving = spendgate_cli("health", "--target", server.address)
+    assert (serving.returncode, serving.stdout.strip()) == (0, "SERVING")
+    nobody = spendgate_cli("health", "--target", "127.0.0.1:1", "--timeout-s", "1")
+    assert nobody.returncode == 1
