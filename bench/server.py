@@ -131,21 +131,30 @@ def customer_ids(count: int) -> list[str]:
     return [f"bench-{i:05d}" for i in range(count)]
 
 
+# SetBudget calls in flight at once while creating the bench budgets.
+CREATE_WINDOW = 200
+
+
 def create_budgets(target: str, customers: Sequence[str], limit: int = HUGE_LIMIT_UNITS) -> None:
     """SetBudget(limit) for every customer, through the Admin service (the same path an operator uses)."""
     with grpc.insecure_channel(target) as channel:
         admin = pb_grpc.AdminStub(channel)
-        # Issue them all, then wait: each SetBudget waits for its own fsync, and the writer batches concurrent ones.
-        futures = [admin.SetBudget.future(pb.SetBudgetRequest(customer_id=c, limit=limit), timeout=30)
-                   for c in customers]
-        for future in futures:
-            future.result()
+        # Issue a window of them, then wait: each SetBudget waits for its own fsync, and the writer batches concurrent
+        # ones. The window stays under the server's per-connection stream limit (max_concurrent_streams).
+        for start in range(0, len(customers), CREATE_WINDOW):
+            futures = [admin.SetBudget.future(pb.SetBudgetRequest(customer_id=c, limit=limit), timeout=30)
+                       for c in customers[start:start + CREATE_WINDOW]]
+            for future in futures:
+                future.result()
 
 
 def total_spent_and_reserved(target: str, customers: Sequence[str]) -> tuple[int, int]:
     """Sum of spent and of reserved over the bench budgets (a consistency check after the load)."""
     with grpc.insecure_channel(target) as channel:
         budget = pb_grpc.BudgetStub(channel)
-        futures = [budget.GetBalance.future(pb.GetBalanceRequest(customer_id=c), timeout=30) for c in customers]
-        balances = [f.result() for f in futures]
+        balances = []
+        for start in range(0, len(customers), CREATE_WINDOW):
+            futures = [budget.GetBalance.future(pb.GetBalanceRequest(customer_id=c), timeout=30)
+                       for c in customers[start:start + CREATE_WINDOW]]
+            balances += [f.result() for f in futures]
     return sum(b.spent for b in balances), sum(b.reserved for b in balances)

@@ -235,7 +235,7 @@ class Settings:
         False, "Serve on a non-loopback address without TLS or without client authentication (tokens or mTLS)."
     )
     max_concurrent_streams: int = _setting(
-        100, "RPCs one connection may have in flight (HTTP/2 MAX_CONCURRENT_STREAMS); more wait on the client.",
+        1_000, "RPCs one connection may have in flight (HTTP/2 MAX_CONCURRENT_STREAMS); more wait on the client.",
         minimum=1,
     )
     min_ping_interval_ms: int = _setting(

@@ -139,7 +139,7 @@ def test_the_limits_are_server_options_named_by_settings() -> None:
     from spendgate.server.app import connection_options
 
     options = dict(connection_options(Settings(max_connection_idle_ms=1, max_connection_age_ms=2)))
-    assert options["grpc.max_concurrent_streams"] == 100
+    assert options["grpc.max_concurrent_streams"] == 1_000
     assert options["grpc.http2.min_ping_interval_without_data_ms"] == 10_000
     assert options["grpc.max_connection_idle_ms"] == 1 and options["grpc.max_connection_age_ms"] == 2
     assert "grpc.max_connection_idle_ms" not in dict(connection_options(Settings()))  # 0: off
