@@ -13,7 +13,8 @@ Recorded per call by the gRPC interceptor (spendgate.server.interceptors), from 
                                                      expired; any call that failed: error by status code
 Read from the engine when scraped (EngineCollector):
 - spendgate_budgets, spendgate_active_holds, spendgate_expired_holds_total (reclaimed by the TTL reaper),
-  spendgate_write_queue_depth, spendgate_write_batches_total, spendgate_write_ops_total
+  spendgate_write_queue_depth, spendgate_write_batches_total, spendgate_write_ops_total,
+  spendgate_breaker_trips_total (budgets the circuit breaker froze), spendgate_periods_rolled_total
 - spendgate_outbox_depth, spendgate_outbox_max_entries, spendgate_outbox_oldest_age_seconds, spendgate_dead_letters
 - spendgate_lmdb_map_size_bytes, spendgate_lmdb_map_used_bytes, spendgate_lmdb_map_used_ratio,
   spendgate_lmdb_file_bytes
@@ -25,7 +26,6 @@ The API for events other code owns (call these; they are plain prometheus_client
                                                        status ("http_503"), else "connection" (the settler calls it)
 - `metrics.settlement_lag.observe(seconds)`            commit-to-Stripe-acceptance time of a delivered usage (the
                                                        settler calls it)
-- `metrics.breaker_trips.labels(breaker=...).inc()`    a spend breaker opened (the policy code)
 - `metrics.alerts.labels(kind=...).inc()`              an alert raised (outbox filling, budget threshold, ...)
 The settler reaches the first two through `SettleMetrics` (spendgate.settle.settler), which this class satisfies.
 """
@@ -79,9 +79,6 @@ class Metrics:
         self.settlement_lag = Histogram(
             "spendgate_settlement_lag_seconds", "From a usage's commit to Stripe accepting it.",
             buckets=LAG_BUCKETS_S, registry=registry,
-        )
-        self.breaker_trips = Counter(
-            "spendgate_breaker_trips", "Spend breakers that opened, by breaker.", ["breaker"], registry=registry
         )
         self.alerts = Counter("spendgate_alerts", "Alerts raised, by kind.", ["kind"], registry=registry)
         self._collector: EngineCollector | None = None
@@ -162,6 +159,10 @@ def _engine_families(stats: dict[str, int]) -> Iterator[Metric]:
     yield _gauge("spendgate_write_queue_depth", "Changes waiting for the LMDB writer.", stats["queue_depth"])
     yield CounterMetricFamily("spendgate_write_batches", "LMDB write transactions.", value=stats["batches_total"])
     yield CounterMetricFamily("spendgate_write_ops", "Changes written to LMDB.", value=stats["ops_total"])
+    yield CounterMetricFamily("spendgate_breaker_trips", "Budgets the circuit breaker froze (since the start).",
+                              value=stats["breaker_trips_total"])
+    yield CounterMetricFamily("spendgate_periods_rolled", "Budget periods rolled over (since the start).",
+                              value=stats["periods_rolled_total"])
 
 
 def _outbox_families(outbox: _core.OutboxStats) -> Iterator[Metric]:

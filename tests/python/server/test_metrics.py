@@ -110,22 +110,20 @@ def test_engine_and_outbox_gauges_are_read_at_scrape_time(tmp_path: object) -> N
 
 def test_events_other_code_reports_appear_in_the_scrape(tmp_path: object) -> None:
     async def body(sidecar: Sidecar, _: grpc.aio.Channel) -> Samples:
-        sidecar.metrics.breaker_trips.labels(breaker="cus_a:hourly").inc()
         sidecar.metrics.alerts.labels(kind="outbox_filling").inc(2)
         sidecar.metrics.stripe_error("rate_limit")
         return await scrape(sidecar)
 
     samples = with_sidecar(settings_for(tmp_path, http_listen="127.0.0.1:0"), body)  # type: ignore[arg-type]
-    assert sample(samples, "spendgate_breaker_trips_total", breaker="cus_a:hourly") == 1
     assert sample(samples, "spendgate_alerts_total", kind="outbox_filling") == 2
     assert sample(samples, "spendgate_stripe_errors_total", code="rate_limit") == 1
 
 
 def test_two_sidecars_in_one_process_have_registries_of_their_own() -> None:
     first, second = Metrics(), Metrics()
-    first.breaker_trips.labels(breaker="b").inc()
-    assert "spendgate_breaker_trips_total" in first.render()[0].decode()
-    assert 'breaker="b"' not in second.render()[0].decode()
+    first.alerts.labels(kind="b").inc()
+    assert 'spendgate_alerts_total{kind="b"}' in first.render()[0].decode()
+    assert 'kind="b"' not in second.render()[0].decode()
 
 
 def test_metrics_can_require_an_admin_token(tmp_path: object) -> None:
@@ -143,3 +141,25 @@ def test_metrics_can_require_an_admin_token(tmp_path: object) -> None:
     settings = settings_for(tmp_path, http_listen="127.0.0.1:0", admin_tokens=admin, app_tokens=app,  # type: ignore[arg-type]
                             metrics_require_token=True)
     assert with_sidecar(settings, body) == [401, 401, 200]
+
+
+def test_a_breaker_trip_and_a_period_roll_over_are_counted(tmp_path: object) -> None:
+    async def body(sidecar: Sidecar, channel: grpc.aio.Channel) -> Samples:
+        budget, admin = pb_grpc.BudgetStub(channel), pb_grpc.AdminStub(channel)
+        now_ms = int(time.time() * 1000)
+        period = pb.Period(kind=pb.PERIOD_KIND_FIXED, start_ms=now_ms - 1_000, end_ms=now_ms)
+        await admin.SetBudget(pb.SetBudgetRequest(customer_id="cus_run", limit=10_000))
+        await admin.SetBudget(pb.SetBudgetRequest(customer_id="cus_roll", limit=10, period=period))
+        hold = await budget.Reserve(pb.ReserveRequest(customer_id="cus_run", amount=500))
+        assert (await budget.Commit(pb.CommitRequest(reservation_id=hold.reservation_id, amount=500))).breaker_tripped
+        deadline = time.monotonic() + 10
+        while (samples := await scrape(sidecar)) and sample(samples, "spendgate_periods_rolled_total") < 1:
+            assert time.monotonic() < deadline, "the ended period never rolled over"
+            await asyncio.sleep(0.05)
+        return samples
+
+    # No history yet: only breaker_min_units can trip it, and 500 > 100 does.
+    settings = settings_for(tmp_path, http_listen="127.0.0.1:0", breaker_min_units=100)  # type: ignore[arg-type]
+    samples = with_sidecar(settings, body)
+    assert sample(samples, "spendgate_breaker_trips_total") == 1
+    assert sample(samples, "spendgate_periods_rolled_total") >= 1
