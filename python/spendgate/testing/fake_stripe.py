@@ -391,18 +391,39 @@ def subscription_object(customer: str, *, status: str = "active", subscription_i
 
 
 def invoice_object(customer: str, *, status: str = "paid", amount_due: int = 0, amount_paid: int | None = None,
-                   subscription_id: str | None = None, invoice_id: str | None = None, **fields: Any) -> dict[str, Any]:
-    """A minimal `invoice` object (https://docs.stripe.com/api/invoices/object)."""
+                   subscription_id: str | None = None, invoice_id: str | None = None,
+                   period_start: int | None = None, period_end: int | None = None, **fields: Any) -> dict[str, Any]:
+    """A minimal `invoice` object (https://docs.stripe.com/api/invoices/object). With a subscription_id, a renewal
+    (billing_reason subscription_cycle) with one subscription line item (https://docs.stripe.com/api/invoice-line-item/
+    object: `parent.type` subscription_item_details since 2025-03-31.basil) for a licensed price, billed in advance:
+    its `period` is the new period, [period_start, period_end) (default: now .. now + 30 days), while the invoice's
+    own period_start/period_end are the previous period's ("the earliest/latest timestamp at which invoice items can
+    be associated with this invoice", stripe/_invoice.py)."""
     now = int(time.time())
     paid = amount_due if amount_paid is None else amount_paid
+    invoice_id = invoice_id or f"in_{_rand(24)}"
+    lines: list[dict[str, Any]] = []
+    if subscription_id:
+        start = now if period_start is None else period_start
+        end = start + 30 * 86_400 if period_end is None else period_end
+        lines.append({
+            "id": f"il_{_rand(24)}", "object": "line_item", "amount": amount_due, "currency": "usd",
+            "description": "1 x plan", "invoice": invoice_id, "livemode": False, "metadata": {},
+            "parent": {"type": "subscription_item_details", "invoice_item_details": None,
+                       "subscription_item_details": {"subscription": subscription_id,
+                                                     "subscription_item": f"si_{_rand(14)}", "proration": False,
+                                                     "invoice_item": None, "proration_details": None}},
+            "period": {"start": start, "end": end}, "quantity": 1,
+        })  # fmt: skip
     obj: dict[str, Any] = {
-        "id": invoice_id or f"in_{_rand(24)}", "object": "invoice", "customer": customer, "status": status,
+        "id": invoice_id, "object": "invoice", "customer": customer, "status": status,
         "livemode": False, "created": now, "currency": "usd", "amount_due": amount_due,
         "amount_paid": paid if status == "paid" else 0, "amount_remaining": 0 if status == "paid" else amount_due,
         "attempt_count": 1, "attempted": True, "billing_reason": "subscription_cycle", "metadata": {},
         "period_start": now - 30 * 86_400, "period_end": now,
         "parent": ({"type": "subscription_details", "subscription_details": {"subscription": subscription_id}}
                    if subscription_id else None),
+        "lines": {"object": "list", "data": lines, "has_more": False, "url": f"/v1/invoices/{invoice_id}/lines"},
     }
     obj.update(fields)
     return obj
