@@ -4,9 +4,11 @@ tests, the environment that points a real sidecar process at the fake."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from spendgate import _core
@@ -68,6 +70,18 @@ class CrashBeforeSend(CrashAfterSend):
 
 def budget(engine: _core.Engine, customer_id: str, stripe_customer_id: str, limit: int = 10**12) -> None:
     engine.wait_durable(engine.set_budget(customer_id, limit, stripe_customer_id).ticket)
+
+
+@contextlib.contextmanager
+def engine_with_budgets(data_dir: Path, stripe_customers: Iterable[str]) -> Iterator[_core.Engine]:
+    """An engine (relaxed durability) with a budget per Stripe customer, named like it without `cus_`; closed after."""
+    engine = _core.Engine(str(data_dir), durability="relaxed")
+    try:
+        for customer in stripe_customers:
+            budget(engine, customer.removeprefix("cus_"), customer)
+        yield engine
+    finally:
+        engine.close()
 
 
 def options(**overrides: Any) -> SettleOptions:

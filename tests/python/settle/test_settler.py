@@ -20,6 +20,7 @@ from ._support import (
     CrashBeforeSend,
     budget,
     commit,
+    engine_with_budgets,
     make_settler,
     meter_event_posts,
     rounds,
@@ -32,11 +33,8 @@ CUSTOMERS = ("cus_alpha", "cus_beta", "cus_gamma")
 
 @pytest.fixture
 def engine(tmp_path: Path) -> Iterator[_core.Engine]:
-    engine = _core.Engine(str(tmp_path / "data"), durability="relaxed")
-    for customer in CUSTOMERS:
-        budget(engine, customer.removeprefix("cus_"), customer)
-    yield engine
-    engine.close()
+    with engine_with_budgets(tmp_path / "data", CUSTOMERS) as engine:
+        yield engine
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from ._support import (
     budget,
     commit,
     commit_tokens,
+    engine_with_budgets,
     meter_event_posts,
     rounds,
     settle,
@@ -35,11 +36,8 @@ EVENT_PATHS = {"v1": "/v1/billing/meter_events", "v2": "/v2/billing/meter_event_
 
 @pytest.fixture
 def engine(tmp_path: Path) -> Iterator[_core.Engine]:
-    engine = _core.Engine(str(tmp_path / "data"), durability="relaxed")
-    for customer in CUSTOMERS:
-        budget(engine, customer.removeprefix("cus_"), customer)
-    yield engine
-    engine.close()
+    with engine_with_budgets(tmp_path / "data", CUSTOMERS) as engine:
+        yield engine
 
 
 @pytest.fixture
