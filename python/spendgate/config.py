@@ -145,6 +145,12 @@ class Settings:
         optional=True,
     )
     settle_event_name: str = _setting("spendgate_usage", "Event name of the Stripe meter that committed units go to.")
+    settle_token_event_name: str = _setting(
+        "token-billing-tokens",
+        "Event name of the Stripe token-billing meter (dimensions model, token_type) that commits priced from tokens "
+        "go to, one event per token type; empty: they go to settle_event_name as units.",
+        optional=True,
+    )
     # The settler (spendgate.settle): how the outbox drains to Stripe Billing Meters.
     settle_transport: str = _setting(
         "v1",

@@ -1,7 +1,7 @@
 """Settlement: the outbox, drained to Stripe Billing Meters exactly once.
 
 - settler.py: the loop (claim durably, then send; acknowledge only what Stripe accepted)
-- aggregate.py: outbox entries -> meter events (one per entry, or pre-aggregated per customer and window)
+- aggregate.py: outbox entries -> meter events (units, or token-billing events per token type) and their claims
 - rules.py: what must not be sent (24-hour resend safety, the 35-day / 5-minute window, value digits)
 - preflight.py: checks for what Stripe validates only asynchronously (customer, and meter on v2)
 - errors.py: a Stripe error -> delivered / retry / dead letter

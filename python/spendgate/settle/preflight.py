@@ -4,7 +4,8 @@ Stripe accepts a meter event for a customer that does not exist (v1 and the v2 s
 event name without a meter, and reports the error later (v1.billing.meter.error_report_triggered). The outbox entry
 would already be acknowledged and the usage silently missing from the invoice. So the settler asks first, once per
 customer (cached for `CUSTOMER_TTL_S`) and, for v2, once per `METER_TTL_S` for the meter; a customer or meter that does
-not exist sends the event to the dead letters with the reason.
+not exist sends the event to the dead letters with the reason. Each meter an event goes to is checked: the units meter
+(settle_event_name) and the token meter (settle_token_event_name).
 
 A restricted key (rk_...) may lack the permission to read customers or meters (HTTP 403): then the check is skipped
 with one warning, and Stripe's asynchronous error report is the only signal left.
@@ -43,7 +44,7 @@ class Preflight:
         self._monotonic = monotonic
         self._lock = threading.Lock()
         self._customers_ok: dict[str, float] = {}  # customer -> until (monotonic)
-        self._meter_ok_until = 0.0
+        self._meters_ok: dict[str, float] = {}  # event name -> until (monotonic): the units and the token meter
         self._customers_unreadable = False
         self._meters_unreadable = False
         self.api_calls = 0
@@ -56,9 +57,13 @@ class Preflight:
             until = self._customers_ok.get(stripe_customer_id)
             return until is not None and self._monotonic() < until
 
-    def meter_known(self) -> bool:
+    def meter_known(self, event_name: str | None = None) -> bool:
+        """True when no check is needed for this event name's meter (default: the units meter's)."""
+        name = self.event_name if event_name is None else event_name
         with self._lock:
-            return not self.check_meter or self._meters_unreadable or self._monotonic() < self._meter_ok_until
+            if not self.check_meter or self._meters_unreadable:
+                return True
+            return self._monotonic() < self._meters_ok.get(name, 0.0)
 
     def customer_problem(self, stripe_customer_id: str) -> str | None:
         if self.customer_known(stripe_customer_id):
@@ -84,31 +89,33 @@ class Preflight:
             self._customers_ok[stripe_customer_id] = self._monotonic() + CUSTOMER_TTL_S
         return None
 
-    def meter_problem(self) -> str | None:
-        if self.meter_known():
+    def meter_problem(self, event_name: str | None = None) -> str | None:
+        name = self.event_name if event_name is None else event_name
+        if self.meter_known(name):
             return None
         try:
-            found = self._active_meter_exists()
+            found = self._active_meter_exists(name)
         except Exception as error:
             if is_permission_denied(error):
                 self._unreadable("meters", error)
                 return None
             raise
         if not found:
+            setting = "settle_event_name" if name == self.event_name else "settle_token_event_name"
             return (
-                f"Stripe has no active meter for event_name {self.event_name!r}: create one (Billing > Meters) or fix "
-                "the settle_event_name setting, then requeue"
+                f"Stripe has no active meter for event_name {name!r}: create one (Billing > Meters) or fix "
+                f"the {setting} setting, then requeue"
             )
         with self._lock:
-            self._meter_ok_until = self._monotonic() + METER_TTL_S
+            self._meters_ok[name] = self._monotonic() + METER_TTL_S
         return None
 
-    def _active_meter_exists(self) -> bool:
+    def _active_meter_exists(self, event_name: str) -> bool:
         params: dict[str, object] = {"status": "active", "limit": METER_PAGE_LIMIT}
         while True:
             self.api_calls += 1
             page = self._client.v1.billing.meters.list(params)  # type: ignore[arg-type]
-            if any(meter.event_name == self.event_name for meter in page.data):
+            if any(meter.event_name == event_name for meter in page.data):
                 return True
             if not page.has_more or not page.data:
                 return False

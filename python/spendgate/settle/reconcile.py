@@ -13,16 +13,25 @@ What is compared. For each Stripe customer with ledger entries in the period (or
 Stripe is compared with `settled`: diff = stripe - settled, and a customer mismatches when |diff| exceeds
 --tolerance-percent of settled, unless the excess is covered by in-flight units.
 
+Two meters. Commits in plain units settle to the units meter (settle_event_name) and are compared in units. Commits
+priced from tokens settle to the token meter (settle_token_event_name, Stripe's LLM token billing) as token counts,
+one event per token type: they are left out of the units table (a note says how many) and compared in a second table,
+in tokens: each customer's tokens of every model and type (reasoning counted as output, as sent) against the token
+meter's summary for the customer, which sums them likewise. Which meter an entry went to follows today's settings
+(the ledger does not record it): with settle_token_event_name empty, token commits count as units.
+
 Reading the ledger never writes the data dir and works while the sidecar runs (spendgate.store_reader).
 
 Exit codes: 0 every customer within tolerance; 3 a customer differs by more than it (or --fix left one over);
 1 reconciliation could not run (no Stripe key, no meter, Stripe or the data dir unreadable); 2 bad usage.
 
-Fixing. Under-counts are fixed by settlement, not here. An over-count can be corrected with meter event adjustments
+Fixing. Under-counts are fixed by settlement, not here. An over-count of the units meter can be corrected with meter
+event adjustments
 (type cancel), which Stripe accepts only within 24 hours of receiving the event. Stripe offers no API that lists meter
 events, so the identifiers to cancel come from the operator (--cancel, --cancel-file: from the Dashboard or the logs
 of whatever else sent them); `--fix` shows the hours in which Stripe has more than the ledger, to help find them, and
-refuses identifiers that are the ledger's own (cancelling those would under-count for good).
+refuses identifiers that are the ledger's own (cancelling those would under-count for good). Token events are not
+cancelled here (`--fix` acts on the units meter only); a token OVER row says so.
 """
 
 from __future__ import annotations
@@ -184,8 +193,27 @@ class Row:
         return f"{self.diff / self.settled * 100:+.2f}%"
 
 
-def ledger_rows(store: StoreReader, period: Period, customers: Iterable[str] = ()) -> dict[str, Row]:
-    """Per Stripe customer: ledger, settled, pending (in flight, dead-lettered) units committed in the period.
+def ledger_tokens(entry: Mapping[str, Any]) -> int:
+    """The tokens a ledger entry settles as on the token meter: every type's (its events add up to this); 0 for a
+    commit in plain units or a cache hit."""
+    usage = entry.get("usage")
+    return sum(int(part["tokens"]) for part in usage["parts"]) if usage else 0
+
+
+def units_of(token_meter_on: bool) -> Callable[[Mapping[str, Any]], int | None]:
+    """The measure of the units meter: an entry's amount, or None for an entry that settles on the token meter."""
+    return lambda entry: None if token_meter_on and ledger_tokens(entry) else int(entry["amount"])
+
+
+def tokens_of(entry: Mapping[str, Any]) -> int | None:
+    """The measure of the token meter: an entry's tokens, or None for one that settles on the units meter."""
+    return ledger_tokens(entry) or None
+
+
+def ledger_rows(store: StoreReader, period: Period, customers: Iterable[str] = (),
+                measure: Callable[[Mapping[str, Any]], int | None] = units_of(False)) -> dict[str, Row]:
+    """Per Stripe customer: ledger, settled, pending (in flight, dead-lettered) amounts committed in the period, each
+    entry counted as `measure` says (None: not on this meter; default: every entry's units).
     `customers`: only these Stripe customers (every one with entries when empty; each named one gets a row)."""
     only = set(customers)
     rows: dict[str, Row] = {customer: Row(customer) for customer in only}
@@ -194,18 +222,19 @@ def ledger_rows(store: StoreReader, period: Period, customers: Iterable[str] = (
         if not period.start_ms <= entry["ts_ms"] < period.end_ms:
             continue
         customer = entry["stripe_customer_id"]
-        if only and customer not in only:
+        amount = measure(entry)
+        if (only and customer not in only) or amount is None:
             continue
         row = rows.get(customer)
         if row is None:
             row = rows[customer] = Row(customer)
         row.budgets.add(entry["customer_id"])
-        row.ledger += entry["amount"]
+        row.ledger += amount
         if entry.get("settled_ms") is not None:
-            row.settled += entry["amount"]
+            row.settled += amount
         else:
-            row.pending += entry["amount"]
-            pending[entry["seq"]] = (row, entry["amount"])
+            row.pending += amount
+            pending[entry["seq"]] = (row, amount)
     if pending:
         keys = [seq_key(seq) for seq in pending]
         outbox = store.get_many("outbox", keys)
@@ -344,26 +373,32 @@ def _cells(row: Row, status: str | None = None) -> list[str]:
             row.percent(), row.status if status is None else status]
 
 
-def notes(rows: Sequence[Row], tolerance_percent: float) -> list[str]:
+def notes(rows: Sequence[Row], tolerance_percent: float, unit: str = "units") -> list[str]:
     out: list[str] = []
     pending, in_flight, dead = (sum(getattr(r, name) for r in rows) for name in ("pending", "in_flight", "dead"))
     if pending:
         out.append(
-            f"pending: {pending} units are committed but not yet acknowledged by Stripe, so Stripe is compared with "
+            f"pending: {pending} {unit} are committed but not yet acknowledged by Stripe, so Stripe is compared with "
             f"`settled`. Of them {in_flight} are in flight (sent, maybe already counted by Stripe) and {dead} are "
             "dead-lettered (refused by Stripe: see the settler's dead letters)."
         )
     if any(r.status == STATUS_UNDER for r in rows):
         out.append(
-            "UNDER: Stripe has fewer units than the ledger settled. Reconcile does not fix under-counts; settlement "
+            f"UNDER: Stripe has fewer {unit} than the ledger settled. Reconcile does not fix under-counts; settlement "
             "does: look for meter error reports in the sidecar's log (events Stripe accepted, then refused) and for "
             "dead letters. Stripe also aggregates asynchronously: usage settled minutes ago may not show yet."
         )
-    if any(r.status == STATUS_OVER for r in rows):
+    if any(r.status == STATUS_OVER for r in rows) and unit == "units":
         out.append(
             "OVER: Stripe has more units than the ledger settled. `spendgate reconcile --fix --cancel IDENTIFIER` "
             f"cancels meter events Stripe recorded that the ledger does not have (within {CANCEL_WINDOW_H} hours of "
             "Stripe receiving them); --fix alone shows the hours to look at."
+        )
+    elif any(r.status == STATUS_OVER for r in rows):
+        out.append(
+            f"OVER: Stripe has more {unit} than the ledger settled. --fix does not cancel token events: cancel the "
+            "extra ones with a meter event adjustment on the token meter (Dashboard, or the API) within "
+            f"{CANCEL_WINDOW_H} hours of Stripe receiving them."
         )
     if any(r.status == STATUS_IN_FLIGHT for r in rows):
         out.append(
@@ -419,22 +454,15 @@ def _run(settings: Settings, options: Options, period: Period, client: stripe.St
     client = client if client is not None else make_client(settings)
     meter = find_meter(client, settings.settle_event_name)
     meter_id = str(meter["id"])
-    aggregation = (meter.get("default_aggregation") or {}).get("formula")
-    if aggregation != "sum":
-        raise ReconcileError(f"meter {meter_id} aggregates with {aggregation!r}; only a `sum` meter can be "
-                             "compared with the ledger's units")
+    _check_sum(meter)
+    token_name = settings.settle_token_event_name
     with StoreReader(settings.data_dir) as store:
-        rows = ledger_rows(store, period, options.customers)
+        rows = ledger_rows(store, period, options.customers, units_of(bool(token_name)))
+        token_rows = ledger_rows(store, period, (), tokens_of) if token_name else {}
+    if options.customers:
+        token_rows = {c: row for c, row in token_rows.items() if c in options.customers}
     ordered = [rows[key] for key in sorted(rows)]
-    errors: list[str] = []
-    for row in ordered:
-        try:
-            row.stripe = stripe_total(client, meter_id, row.stripe_customer_id, period.start_s, period.end_s)
-        except ReconcileError as error:  # one customer Stripe does not know must not hide the others
-            row.status = STATUS_ERROR
-            errors.append(str(error))
-            continue
-        row.status = judge(row, options.tolerance_percent)
+    errors = _compare(client, meter_id, ordered, period, options.tolerance_percent)
     print(f"spendgate reconcile: data dir {settings.data_dir}, meter {settings.settle_event_name} ({meter_id}), "
           f"period {period.describe()}", file=out)
     if meter.get("event_time_window"):
@@ -443,12 +471,61 @@ def _run(settings: Settings, options: Options, period: Period, client: stripe.St
     print(format_table(ordered), file=out)
     for note in notes(ordered, options.tolerance_percent):
         print(note, file=out)
+    tokens_ordered = [token_rows[key] for key in sorted(token_rows)]
+    if tokens_ordered:
+        print(f"note: {sum(r.ledger for r in tokens_ordered)} tokens committed in the period settle to the token meter "
+              f"{token_name} (settle_token_event_name), not in units: they are left out of the table above and "
+              "compared below, in tokens", file=out)
+        errors += _reconcile_tokens(client, token_name, tokens_ordered, period, options, out)
     for message in errors:
         print(f"error: {message}", file=out)
-    mismatched = [row for row in ordered if row.status in MISMATCHES]
+    mismatched = [row for row in ordered + tokens_ordered if row.status in MISMATCHES]
     if options.fix and not errors:
-        return _fix(settings, options, period, client, meter_id, ordered, out, ask)
+        code = _fix(settings, options, period, client, meter_id, ordered, out, ask)
+        return EXIT_MISMATCH if code == EXIT_OK and any(r.status in MISMATCHES for r in tokens_ordered) else code
     return EXIT_MISMATCH if mismatched else EXIT_ERROR if errors else EXIT_OK
+
+
+def _check_sum(meter: Mapping[str, Any]) -> None:
+    aggregation = (meter.get("default_aggregation") or {}).get("formula")
+    if aggregation != "sum":
+        raise ReconcileError(f"meter {meter['id']} aggregates with {aggregation!r}; only a `sum` meter can be "
+                             "compared with the ledger")
+
+
+def _compare(client: stripe.StripeClient, meter_id: str, rows: Sequence[Row], period: Period,
+             tolerance_percent: float) -> list[str]:
+    """Fill each row's Stripe total and status; the errors of customers Stripe could not report on."""
+    errors: list[str] = []
+    for row in rows:
+        try:
+            row.stripe = stripe_total(client, meter_id, row.stripe_customer_id, period.start_s, period.end_s)
+        except ReconcileError as error:  # one customer Stripe does not know must not hide the others
+            row.status = STATUS_ERROR
+            errors.append(str(error))
+            continue
+        row.status = judge(row, tolerance_percent)
+    return errors
+
+
+def _reconcile_tokens(client: stripe.StripeClient, token_name: str, rows: Sequence[Row], period: Period,
+                      options: Options, out: TextIO) -> list[str]:
+    """The token meter's table; returns the errors (a missing token meter is one: those tokens are not compared)."""
+    try:
+        meter = find_meter(client, token_name)
+        _check_sum(meter)
+    except ReconcileError as error:
+        for row in rows:
+            row.status = STATUS_ERROR
+        return [f"{error}; the {sum(r.ledger for r in rows)} tokens of commits priced from tokens were not compared"]
+    meter_id = str(meter["id"])
+    errors = _compare(client, meter_id, rows, period, options.tolerance_percent)
+    print(f"\ntoken meter {token_name} ({meter_id}), in tokens (every model and token type of a customer together):",
+          file=out)
+    print(format_table(rows), file=out)
+    for note in notes(rows, options.tolerance_percent, unit="tokens")[:-1]:  # the tolerance was said above
+        print(note, file=out)
+    return errors
 
 
 def _fix(settings: Settings, options: Options, period: Period, client: stripe.StripeClient, meter_id: str,

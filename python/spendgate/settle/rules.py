@@ -84,3 +84,15 @@ def customer_missing(stripe_customer_id: str, customer_ids: tuple[str, ...]) -> 
         f"budget {', '.join(sorted(set(customer_ids)))} has no stripe_customer_id, so there is no Stripe customer to "
         "bill"
     )
+
+
+def token_meter_off(event_name: str, claim: str, *, token_event: bool) -> str | None:
+    """Why a claimed token event cannot be resent: it was first sent to the token meter, and settle_token_event_name
+    is now empty. Resending it as units under another identifier could count it twice, so it waits for an operator."""
+    if event_name or not token_event:
+        return None
+    return (
+        f"claimed as token events ({claim}) but settle_token_event_name is now empty, so they cannot be resent as they "
+        "were first sent: set settle_token_event_name back to the token meter's event name and requeue, after checking "
+        "`spendgate reconcile` (Stripe may have them already)"
+    )

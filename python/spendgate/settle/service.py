@@ -95,9 +95,11 @@ class SettlementService:
             return
         options = self.options
         log.info(
-            "settlement to Stripe is on: transport %s, event_name %s, %s, %s, aggregation %s, %d entries in the "
-            "outbox, %d dead letters",
-            options.transport, options.event_name, self._key_kind or "a test transport",
+            "settlement to Stripe is on: transport %s, event_name %s, token usage %s, %s, %s, aggregation %s, %d "
+            "entries in the outbox, %d dead letters",
+            options.transport, options.event_name,
+            f"on event_name {options.token_event_name}" if options.token_event_name else "as units",
+            self._key_kind or "a test transport",
             f"STRIPE_API_BASE {self._api_base}" if self._api_base else "Stripe's own base addresses",
             f"per {options.aggregate_window_ms} ms window" if options.aggregate_window_ms else "off",
             stats["depth"], stats["dead_letters"],

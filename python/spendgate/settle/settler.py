@@ -4,17 +4,21 @@ One round:
 1. `outbox_pending(batch)`: the oldest durable entries (each is a committed usage; Commit wrote it in the same LMDB
    transaction as the ledger entry).
 2. Events: an entry already claimed (`sent_as` set) is rebuilt exactly as first sent (aggregate.claimed_events); the
-   others become one event each, or one per Stripe customer per closed window with pre-aggregation.
+   others become one event each (a token entry: one per token type), or, with pre-aggregation, one per Stripe customer
+   per closed window (token entries: per customer, model and token type). Events that settle the same entries share a
+   claim (aggregate.py).
 3. Rules that need no network (rules.py: 24-hour resend safety, the 35-day / 5-minute timestamp window, the value's
    digits, a missing customer id) and checks of what Stripe validates only asynchronously (preflight.py): a failed one
-   sends the event to the dead letters with the reason.
-4. Claim: `outbox_claim(seqs, identifier)` fixes the event's identifier on its entries, and the settler waits until
-   that is durable BEFORE the first send. A crash after a send therefore always resends the same event (identifier,
-   value, timestamp), which Stripe drops as a duplicate.
+   sends the claim's entries to the dead letters with the reason, before any of its events is sent.
+4. Claim: `outbox_claim(seqs, claim)` fixes the claim on its entries, and the settler waits until that is durable
+   BEFORE the first send. A crash after a send therefore always resends the same events (identifiers, values,
+   timestamps), which Stripe drops as duplicates.
 5. Send, from a small pool of threads (the SDK blocks), retrying 429 / 5xx / connection errors with exponential backoff
    and full jitter, honouring Stripe-Should-Retry (errors.py).
-6. Acknowledge (`outbox_ack`) only what Stripe accepted, or answered as a duplicate; dead-letter what it refused for
-   good. One bad event never holds back the others: each event (v1) or batch (v2, bisected on a refusal) stands alone.
+6. Acknowledge (`outbox_ack`) a claim's entries only once Stripe accepted every one of its events, or answered them as
+   duplicates; a claim with an event accepted and another failing is resent whole next round (the accepted one is then
+   a duplicate). Dead-letter what Stripe refused for good, raising a `settlement_dead_letter` alert per entry. One bad
+   event never holds back the others: each event (v1) or batch (v2, bisected on a refusal) stands alone.
 
 Between rounds: at once while there is work; `settle_interval_ms` when the outbox is empty; while Stripe fails, rounds
 back off (full jitter up to `settle_backoff_max_ms`) and send a single probe call until one succeeds.
@@ -32,7 +36,7 @@ from typing import Any, Final, Protocol
 
 from spendgate import _core
 from spendgate.settle import rules
-from spendgate.settle.aggregate import MeterEvent, claimed_events, fresh_events
+from spendgate.settle.aggregate import EventNames, MeterEvent, claimed_events, fresh_events
 from spendgate.settle.errors import Classified, Verdict, classify, error_code, truncate_reason
 from spendgate.settle.monitor import OutboxMonitor
 from spendgate.settle.pool import DaemonThreadPool
@@ -42,6 +46,13 @@ log = logging.getLogger("spendgate.settle")
 
 # The engine takes at most this many seqs per call (outbox_pending, outbox_ack, ...).
 MAX_ENGINE_BATCH: Final[int] = 10_000
+# Dead letters of one customer in one round that get an alert each; past it, the round raises one alert with the count
+# (a meter deleted by mistake must not bury the alert channel under one alert per commit).
+MAX_DEAD_LETTER_ALERTS_PER_CUSTOMER: Final[int] = 100
+DEAD_LETTER_ALERT: Final[str] = "settlement_dead_letter"
+DEFAULT_TOKEN_EVENT_NAME: Final[str] = "token-billing-tokens"
+# Stripe: event_name "The maximum length is 100 characters."
+MAX_EVENT_NAME_CHARS: Final[int] = 100
 
 
 class SettleMetrics(Protocol):
@@ -70,6 +81,7 @@ class SettleOptions:
 
     transport: str = "v1"
     event_name: str = "spendgate_usage"
+    token_event_name: str = DEFAULT_TOKEN_EVENT_NAME
     batch_size: int = 100
     concurrency: int = 4
     interval_ms: int = 500
@@ -87,8 +99,15 @@ class SettleOptions:
                 f"settle_batch_size: expected 1..=100 (Stripe's v2 stream takes at most 100 events per request), "
                 f"got {self.batch_size}"
             )
-        if len(self.event_name) > 100:
-            raise ValueError(f"settle_event_name: Stripe allows at most 100 characters, got {len(self.event_name)}")
+        for setting, name in (("settle_event_name", self.event_name), ("settle_token_event_name",
+                                                                          self.token_event_name)):
+            if len(name) > MAX_EVENT_NAME_CHARS:
+                raise ValueError(f"{setting}: Stripe allows at most {MAX_EVENT_NAME_CHARS} characters, got {len(name)}")
+        if self.token_event_name == self.event_name:
+            raise ValueError(
+                f"settle_token_event_name: {self.token_event_name!r} is also settle_event_name; token counts and units "
+                "on one meter would be added up: name another meter, or set it to \"\" to settle token usage as units"
+            )
         if self.concurrency < 1 or self.max_attempts < 1 or self.interval_ms < 1:
             raise ValueError("settle_concurrency, settle_max_attempts and settle_interval_ms must be >= 1")
         if self.backoff_max_ms < self.backoff_base_ms:
@@ -102,6 +121,10 @@ class SettleOptions:
         """From spendgate.config.Settings (duck-typed: config stays free of settle imports)."""
         names = [f.name for f in dataclasses.fields(cls)]
         return cls(**{name: getattr(settings, f"settle_{name}") for name in names})
+
+    @property
+    def event_names(self) -> EventNames:
+        return EventNames(self.event_name, self.token_event_name)
 
     @property
     def fetch_limit(self) -> int:
@@ -172,7 +195,7 @@ class Settler:
         self._rng = rng or random.Random()
         self._pool = DaemonThreadPool(options.concurrency)
         self._stalls = 0  # rounds in a row that made no progress because calls failed
-        self._failures: dict[str, tuple[int, float]] = {}  # identifier -> (failed rounds, not before: loop time)
+        self._failures: dict[str, tuple[int, float]] = {}  # claim -> (failed rounds, not before: loop time)
         self._closed = False
 
     # -- the loop -------------------------------------------------------------------------------------------------
@@ -213,43 +236,60 @@ class Settler:
             self._failures.clear()
             return result
         now_ms = self._clock_ms()
-        events = claimed_events(entries) + fresh_events(entries, self.options.aggregate_window_ms, now_ms)
-        result.waiting = len(entries) - sum(e.size for e in events)
-        self._forget_failures_except(events)
+        names = self.options.event_names
+        events = claimed_events(entries, names) + fresh_events(entries, self.options.aggregate_window_ms, now_ms,
+                                                                names)
+        claims = _by_claim(events)
+        result.waiting = len(entries) - sum(claim[0].size for claim in claims.values())
+        self._forget_failures_except(claims)
 
-        dead: list[tuple[MeterEvent, str]] = []
-        zero: list[MeterEvent] = []
+        dead: list[tuple[Claim, str]] = []
+        zero: list[Claim] = []
         ready: list[MeterEvent] = []
         loop_now = asyncio.get_running_loop().time()
-        for event in events:
-            reason = self._local_problem(event, now_ms)
+        for claim_id, claim in claims.items():
+            reason = next((r for e in claim if (r := self._local_problem(e, now_ms)) is not None), None)
             if reason is not None:
-                dead.append((event, reason))
-            elif event.value == 0:
-                zero.append(event)  # nothing to bill: acknowledged without a call
-            elif self._failures.get(event.identifier, (0, 0.0))[1] > loop_now:
-                result.waiting += event.size
-                wait_s = self._failures[event.identifier][1] - loop_now
+                dead.append((claim, reason))  # before any of its events is sent
+            elif all(e.value == 0 for e in claim):
+                zero.append(claim)  # nothing to bill: acknowledged without a call
+            elif self._failures.get(claim_id, (0, 0.0))[1] > loop_now:
+                result.waiting += claim[0].size
+                wait_s = self._failures[claim_id][1] - loop_now
                 result.retry_in_s = wait_s if result.retry_in_s is None else min(result.retry_in_s, wait_s)
             else:
-                ready.append(event)
+                ready += [e for e in claim if e.value > 0]
 
-        ready, checked_dead, failed = await self._run_preflight(ready)
-        dead += checked_dead
-        outcomes: list[tuple[MeterEvent, Classified | None]] = [(e, c) for e, c in failed]
+        checked, checked_dead, checked_failed = await self._run_preflight(ready)
+        outcomes: dict[str, list[tuple[MeterEvent, Classified | None]]] = {}
+        for event, failure in [(e, Classified(Verdict.PERMANENT, r)) for e, r in checked_dead] + checked_failed:
+            outcomes.setdefault(event.claim_id, []).append((event, failure))
+        ready = [e for e in checked if e.claim_id not in outcomes]  # a claim goes out whole or not at all
         not_sent: list[MeterEvent] = []
         if ready:
             await self._claim(ready)
             sent, not_sent = await self._send_all(ready)
-            outcomes += sent
+            for event, failure in sent:
+                outcomes.setdefault(event.claim_id, []).append((event, failure))
 
-        delivered = [e for e, c in outcomes if c is None or c.verdict is Verdict.DELIVERED]
-        dead += [(e, c.reason) for e, c in outcomes if c is not None and c.verdict is Verdict.PERMANENT]
-        retry = [(e, c) for e, c in outcomes if c is not None and c.verdict not in (Verdict.DELIVERED, Verdict.PERMANENT)]
-        await self._settle(delivered + zero, dead)
+        delivered: list[Claim] = []
+        retry: list[tuple[Claim, Classified]] = []
+        unsent = {e.claim_id for e in not_sent}
+        for claim_id, results in outcomes.items():
+            claim = claims[claim_id]
+            refused = [(e, c) for e, c in results if c is not None and c.verdict is Verdict.PERMANENT]
+            failures = [c for _, c in results if c is not None and c.verdict is not Verdict.DELIVERED]
+            if refused:
+                dead.append((claim, _refusal_reason(claim, refused[0], results)))
+            elif failures:
+                retry.append((claim, failures[0]))
+            elif claim_id not in unsent:
+                delivered.append(claim)
+        await self._settle(delivered + zero, dead, {e["seq"]: e for e in entries})
 
-        result.delivered, result.skipped, result.dead = len(delivered), len(zero), len(dead)
-        result.failed = len(retry) + len(not_sent)
+        result.delivered = sum(len(c) for c in delivered)
+        result.skipped, result.dead = sum(len(c) for c in zero), sum(len(c) for c, _ in dead)
+        result.failed = sum(len(c) for c, _ in retry) + len(not_sent)
         self._record(result, delivered, dead, retry)
         return result
 
@@ -257,7 +297,8 @@ class Settler:
 
     def _local_problem(self, event: MeterEvent, now_ms: int) -> str | None:
         return (
-            rules.resend_too_late(event.first_attempt_ms, now_ms)
+            rules.token_meter_off(event.event_name, event.claim_id, token_event=bool(event.dimensions))
+            or rules.resend_too_late(event.first_attempt_ms, now_ms)
             or rules.customer_missing(event.stripe_customer_id, event.customer_ids)
             or rules.timestamp_out_of_window(event.ts_ms, now_ms)
             or rules.value_refused(event.value)
@@ -270,16 +311,25 @@ class Settler:
         preflight = self._preflight
         if preflight is None or not events:
             return events, [], []
-        if not preflight.meter_known():
-            problem, failure = await self._call(preflight.meter_problem)
+        meters = sorted({e.event_name for e in events if not preflight.meter_known(e.event_name)})
+        meter_answers = await asyncio.gather(*(self._call(preflight.meter_problem, name) for name in meters))
+        by_meter = dict(zip(meters, meter_answers, strict=True))
+        ok, dead, failed = [], [], []
+        for event in events:
+            problem, failure = by_meter.get(event.event_name, (None, None))
             if failure is not None:
-                return [], [], [(e, failure) for e in events]
-            if problem is not None:
-                return [], [(e, problem) for e in events], []
+                failed.append((event, failure))
+            elif problem is not None:
+                dead.append((event, problem))
+            else:
+                ok.append(event)
+        if not ok:
+            return ok, dead, failed
+        events = ok
         customers = sorted({e.stripe_customer_id for e in events if not preflight.customer_known(e.stripe_customer_id)})
         answers = await asyncio.gather(*(self._call(preflight.customer_problem, c) for c in customers))
         by_customer = dict(zip(customers, answers, strict=True))
-        ok, dead, failed = [], [], []
+        ok = []
         for event in events:
             problem, failure = by_customer.get(event.stripe_customer_id, (None, None))
             if failure is not None and failure.verdict is Verdict.PERMANENT:
@@ -293,10 +343,11 @@ class Settler:
         return ok, dead, failed
 
     async def _claim(self, events: list[MeterEvent]) -> None:
-        """Fix each event's identifier on its entries; wait until the first claims are durable before any send."""
+        """Fix each claim on its entries (once for all the events that share it); wait until the first claims are
+        durable before any send."""
         first_claims = 0
-        for event in events:
-            ticket = self._engine.outbox_claim(list(event.seqs), event.identifier)  # a resend: counts the attempt
+        for event in {e.claim_id: e for e in events}.values():
+            ticket = self._engine.outbox_claim(list(event.seqs), event.claim_id)  # a resend: counts the attempt
             if not event.claimed:
                 first_claims = max(first_claims, ticket)
         await self._wait_durable(first_claims)
@@ -349,49 +400,77 @@ class Settler:
                     return None, failure
                 await asyncio.sleep(self._backoff_s(attempt))
 
-    async def _settle(self, delivered: list[MeterEvent], dead: list[tuple[MeterEvent, str]]) -> None:
+    async def _settle(self, delivered: list[Claim], dead: list[tuple[Claim, str]],
+                      entries: dict[int, _core.OutboxEntry]) -> None:
         tickets = [0]
-        seqs = [seq for event in delivered for seq in event.seqs]
+        seqs = [seq for claim in delivered for seq in claim[0].seqs]
         for i in range(0, len(seqs), MAX_ENGINE_BATCH):
             tickets.append(self._engine.outbox_ack(seqs[i : i + MAX_ENGINE_BATCH]))
-        for event, reason in dead:
+        letters: dict[str, list[tuple[int, str]]] = {}  # customer -> (seq, reason) dead-lettered this round
+        for claim, reason in dead:
+            event = claim[0]
             if event.claimed and "spendgate reconcile" not in reason:
                 # A resend refused now may have been recorded the first time (say, before the meter was archived): a
                 # requeue, under a fresh identifier, would then count it twice.
                 reason += (
-                    f". It was sent before ({event.identifier}), so Stripe may have it already: check `spendgate "
+                    f". It was sent before ({event.claim_id}), so Stripe may have it already: check `spendgate "
                     "reconcile` before requeueing"
                 )
             reason = truncate_reason(reason)
             log.warning(
-                "dead letter: %d outbox entr%s (seq %s, identifier %s, customer %s, stripe customer %s, value %d): %s",
-                event.size, "y" if event.size == 1 else "ies", _seqs_text(event.seqs), event.identifier,
-                ",".join(event.customer_ids), event.stripe_customer_id or "-", event.value, reason,
+                "dead letter: %d outbox entr%s (seq %s, claim %s, customer %s, stripe customer %s, value %s): %s",
+                event.size, "y" if event.size == 1 else "ies", _seqs_text(event.seqs), event.claim_id,
+                ",".join(event.customer_ids), event.stripe_customer_id or "-", "+".join(str(e.value) for e in claim),
+                reason,
             )
             tickets.append(self._engine.outbox_dead_letter(list(event.seqs), reason))
+            for seq in event.seqs:
+                letters.setdefault(entries[seq]["customer_id"], []).append((seq, reason))
+        tickets += self._alert_dead_letters(letters, entries)
         # Waiting here keeps the next round from reading (and resending) entries whose ack is still being written.
         await self._wait_durable(max(tickets))
 
+    def _alert_dead_letters(self, letters: dict[str, list[tuple[int, str]]],
+                            entries: dict[int, _core.OutboxEntry]) -> list[int]:
+        """One `settlement_dead_letter` alert per dead-lettered entry ({seq, amount}), or, past
+        MAX_DEAD_LETTER_ALERTS_PER_CUSTOMER entries of one customer in this round, one alert with their count."""
+        tickets = []
+        for customer_id, dead in letters.items():
+            if len(dead) <= MAX_DEAD_LETTER_ALERTS_PER_CUSTOMER:
+                for seq, reason in dead:
+                    tickets.append(self._engine.raise_alert(DEAD_LETTER_ALERT, customer_id, reason,
+                                                            {"seq": seq, "amount": entries[seq]["amount"]}))
+                continue
+            seqs = [seq for seq, _ in dead]
+            amount = sum(entries[seq]["amount"] for seq in seqs)
+            message = truncate_reason(
+                f"{len(seqs)} outbox entries ({amount} units, seq {seqs[0]}..{seqs[-1]}) went to the dead letters; the "
+                f"first one's reason: {dead[0][1]}"
+            )
+            values = {"count": len(seqs), "amount": amount, "first_seq": seqs[0], "last_seq": seqs[-1]}
+            tickets.append(self._engine.raise_alert(DEAD_LETTER_ALERT, customer_id, message, values))
+        return tickets
+
     # -- bookkeeping ----------------------------------------------------------------------------------------------
 
-    def _record(self, result: RoundResult, delivered: list[MeterEvent], dead: list[tuple[MeterEvent, str]],
-                retry: list[tuple[MeterEvent, Classified]]) -> None:
+    def _record(self, result: RoundResult, delivered: list[Claim], dead: list[tuple[Claim, str]],
+                retry: list[tuple[Claim, Classified]]) -> None:
         status, now_ms = self.status, self._clock_ms()
         loop_now = asyncio.get_running_loop().time()
-        for event in delivered:
-            self._failures.pop(event.identifier, None)
-        for event, _ in dead:
-            self._failures.pop(event.identifier, None)
-        for event, _ in retry:
-            count = self._failures.get(event.identifier, (0, 0.0))[0] + 1
-            self._failures[event.identifier] = (count, loop_now + self._backoff_s(count))
+        for claim in delivered:
+            self._failures.pop(claim[0].claim_id, None)
+        for claim, _ in dead:
+            self._failures.pop(claim[0].claim_id, None)
+        for claim, _ in retry:
+            count = self._failures.get(claim[0].claim_id, (0, 0.0))[0] + 1
+            self._failures[claim[0].claim_id] = (count, loop_now + self._backoff_s(count))
         if delivered:
             status.last_success_ms = now_ms
-            for event in delivered if self._metrics is not None else ():
-                self._metrics.settlement_lag.observe(max(0, now_ms - event.ts_ms) / 1000)  # type: ignore[union-attr]
-            status.delivered_events += len(delivered)
-            status.delivered_entries += sum(e.size for e in delivered)
-        status.dead_lettered_entries += sum(e.size for e, _ in dead)
+            for claim in delivered if self._metrics is not None else ():
+                self._metrics.settlement_lag.observe(max(0, now_ms - claim[0].ts_ms) / 1000)  # type: ignore[union-attr]
+            status.delivered_events += sum(len(claim) for claim in delivered)
+            status.delivered_entries += sum(claim[0].size for claim in delivered)
+        status.dead_lettered_entries += sum(claim[0].size for claim, _ in dead)
         if retry:
             status.last_error, status.last_error_ms = retry[0][1].reason, now_ms
         if result.failed and not result.progressed:
@@ -413,12 +492,10 @@ class Settler:
             self._stalls = 0
         log.debug("settle round: %s", result)
 
-    def _forget_failures_except(self, events: list[MeterEvent]) -> None:
-        """Drop the failure memory of events no longer in the outbox's head (the memory stays as small as a round)."""
-        if self._failures:
-            keep = {e.identifier for e in events}
-            for identifier in [i for i in self._failures if i not in keep]:
-                del self._failures[identifier]
+    def _forget_failures_except(self, claims: dict[str, Claim]) -> None:
+        """Drop the failure memory of claims no longer in the outbox's head (the memory stays as small as a round)."""
+        for claim_id in [i for i in self._failures if i not in claims]:
+            del self._failures[claim_id]
 
     def _backoff_s(self, attempt: int) -> float:
         """Exponential backoff with full jitter: uniform in [0, min(max, base * 2^(attempt-1))]."""
@@ -437,6 +514,29 @@ def _is_stripe_error(error: BaseException) -> bool:
     import stripe  # noqa: PLC0415
 
     return isinstance(error, stripe.StripeError)
+
+
+# The events that settle the same entries (one claim), in the order they go out.
+Claim = list[MeterEvent]
+
+
+def _by_claim(events: Sequence[MeterEvent]) -> dict[str, Claim]:
+    claims: dict[str, Claim] = {}
+    for event in events:
+        claims.setdefault(event.claim_id, []).append(event)
+    return claims
+
+
+def _refusal_reason(claim: Claim, refused: tuple[MeterEvent, Classified],
+                    results: Sequence[tuple[MeterEvent, Classified | None]]) -> str:
+    """Why a claim goes to the dead letters; for a claim of several events, which of them Stripe has already."""
+    event, failure = refused
+    if len(claim) == 1:
+        return failure.reason
+    accepted = [e.identifier for e, c in results if c is None or c.verdict is Verdict.DELIVERED]
+    note = (f"; of this claim's events Stripe accepted {', '.join(accepted)}, so a requeue (which resends them all "
+            "under fresh identifiers) would count those twice: check `spendgate reconcile` first" if accepted else "")
+    return f"event {event.identifier}: {failure.reason}{note}"
 
 
 def _seqs_text(seqs: Sequence[int]) -> str:

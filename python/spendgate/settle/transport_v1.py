@@ -16,8 +16,9 @@ if TYPE_CHECKING:
 
 
 def meter_event_payload(event: MeterEvent) -> dict[str, str]:
-    """The payload Stripe's default meter mapping reads: the customer and the value, as strings."""
-    return {"stripe_customer_id": event.stripe_customer_id, "value": str(event.value)}
+    """The payload Stripe's default meter mapping reads, the customer and the value, as strings; a token event adds its
+    dimensions (model, token_type), which a token-billing meter groups by (its dimension_payload_keys)."""
+    return {"stripe_customer_id": event.stripe_customer_id, "value": str(event.value), **dict(event.dimensions)}
 
 
 class V1Transport:
@@ -27,13 +28,14 @@ class V1Transport:
     validates_meter = True
 
     def __init__(self, client: stripe.StripeClient, event_name: str) -> None:
+        """event_name: the units meter's, for status and logs (each event names its own meter)."""
         self._client = client
         self.event_name = event_name
         self.api_calls = 0
 
     def params(self, event: MeterEvent) -> dict[str, Any]:
         return {
-            "event_name": self.event_name,
+            "event_name": event.event_name,
             "identifier": event.identifier,
             "payload": meter_event_payload(event),
             "timestamp": event.ts_ms // 1000,  # Unix seconds, fixed at commit time

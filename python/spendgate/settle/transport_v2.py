@@ -49,6 +49,7 @@ class V2Transport:
 
     def __init__(self, client: stripe.StripeClient, event_name: str, batch_size: int = MAX_STREAM_EVENTS, *,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
+        """event_name: the units meter's, for status and logs (each event names its own meter)."""
         if not 1 <= batch_size <= MAX_STREAM_EVENTS:
             raise ValueError(f"the v2 stream takes 1..={MAX_STREAM_EVENTS} events per request, not {batch_size}")
         self._client = client
@@ -63,7 +64,7 @@ class V2Transport:
 
     def event(self, event: MeterEvent) -> dict[str, Any]:
         return {
-            "event_name": self.event_name,
+            "event_name": event.event_name,
             "identifier": event.identifier,
             "payload": meter_event_payload(event),
             "timestamp": rfc3339(event.ts_ms),  # fixed at commit time

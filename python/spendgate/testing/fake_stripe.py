@@ -15,6 +15,8 @@ What it implements (each wire fact is annotated with its source where the code r
 - v1 meter events (form encoded), with identifier dedup, Stripe's validation, async errors you can query;
 - v2 meter event session + stream (JSON, session-token auth, 15-minute tokens), v2 synchronous meter events;
 - meters (create, list, retrieve, event summaries), meter event adjustments (v1 and v2), minimal customers;
+- meter dimensions (a preview feature: `dimension_payload_keys` on a meter, `dimension_group_by_keys` and
+  `dimension_filters` on its event summaries), as Stripe's LLM token-billing meter `token-billing-tokens` uses them;
 - v1 idempotency-key replay (saved response, including 500s; `Idempotent-Replayed: true`);
 - signed webhook delivery (snapshot events and thin v2 events), with helpers that build the event bodies;
 - fault injection decided before the request executes (429, 500, 503 outage, refused/reset connections, latency),
@@ -182,6 +184,20 @@ except Exception:  # pragma: no cover - stripe is a project dependency
     _API_VERSION = "2026-10-28.endive"
 
 _HOSTS: Final[tuple[str, str]] = ("api", "meter_events")
+
+# Meter dimensions are a preview feature; its reference text (Stripe's API reference, preview version): a meter's
+# `dimension_payload_keys` "Set of keys that will be used to group meter events by. Each key must be present in the
+# event payload."; the summaries' `dimension_group_by_keys` "List of dimension payload keys to group by. If specified,
+# event summaries will be grouped by the given dimension payload key values." and `dimension_filters` "Key-value pairs
+# used to filter meter events by dimension values. If specified, event summaries will be generated with only matching
+# meter events."; a summary's `dimensions` "Key-value pairs of dimension values for event summaries with grouping on
+# dimensions." An event missing a key fails the asynchronous validation with `missing_dimension_payload_keys` (a code of
+# the error report, stripe/events/_v1_billing_meter_error_report_triggered_event.py); its message text is not documented.
+# Stripe's token-billing meter: event name `token-billing-tokens`, dimension payload keys `model` and `token_type`
+# (vercel.com/docs/ai-gateway/ecosystem/stripe-billing, "Prerequisites").
+TOKEN_BILLING_METER: Final[Mapping[str, Any]] = {"event_name": "token-billing-tokens",
+                                                 "dimension_payload_keys": ("model", "token_type")}
+DEFAULT_METERS: Final[tuple[str | Mapping[str, Any], ...]] = ("spendgate_usage", TOKEN_BILLING_METER)
 
 # Fault kinds accepted by fail_next(); "*_after_record" ones only fire on requests that store meter events.
 PRE_FAULTS: Final[frozenset[str]] = frozenset({"429", "429_lock_timeout", "500", "503", "reset"})
@@ -375,18 +391,39 @@ def subscription_object(customer: str, *, status: str = "active", subscription_i
 
 
 def invoice_object(customer: str, *, status: str = "paid", amount_due: int = 0, amount_paid: int | None = None,
-                   subscription_id: str | None = None, invoice_id: str | None = None, **fields: Any) -> dict[str, Any]:
-    """A minimal `invoice` object (https://docs.stripe.com/api/invoices/object)."""
+                   subscription_id: str | None = None, invoice_id: str | None = None,
+                   period_start: int | None = None, period_end: int | None = None, **fields: Any) -> dict[str, Any]:
+    """A minimal `invoice` object (https://docs.stripe.com/api/invoices/object). With a subscription_id, a renewal
+    (billing_reason subscription_cycle) with one subscription line item (https://docs.stripe.com/api/invoice-line-item/
+    object: `parent.type` subscription_item_details since 2025-03-31.basil) for a licensed price, billed in advance:
+    its `period` is the new period, [period_start, period_end) (default: now .. now + 30 days), while the invoice's
+    own period_start/period_end are the previous period's ("the earliest/latest timestamp at which invoice items can
+    be associated with this invoice", stripe/_invoice.py)."""
     now = int(time.time())
     paid = amount_due if amount_paid is None else amount_paid
+    invoice_id = invoice_id or f"in_{_rand(24)}"
+    lines: list[dict[str, Any]] = []
+    if subscription_id:
+        start = now if period_start is None else period_start
+        end = start + 30 * 86_400 if period_end is None else period_end
+        lines.append({
+            "id": f"il_{_rand(24)}", "object": "line_item", "amount": amount_due, "currency": "usd",
+            "description": "1 x plan", "invoice": invoice_id, "livemode": False, "metadata": {},
+            "parent": {"type": "subscription_item_details", "invoice_item_details": None,
+                       "subscription_item_details": {"subscription": subscription_id,
+                                                     "subscription_item": f"si_{_rand(14)}", "proration": False,
+                                                     "invoice_item": None, "proration_details": None}},
+            "period": {"start": start, "end": end}, "quantity": 1,
+        })  # fmt: skip
     obj: dict[str, Any] = {
-        "id": invoice_id or f"in_{_rand(24)}", "object": "invoice", "customer": customer, "status": status,
+        "id": invoice_id, "object": "invoice", "customer": customer, "status": status,
         "livemode": False, "created": now, "currency": "usd", "amount_due": amount_due,
         "amount_paid": paid if status == "paid" else 0, "amount_remaining": 0 if status == "paid" else amount_due,
         "attempt_count": 1, "attempted": True, "billing_reason": "subscription_cycle", "metadata": {},
         "period_start": now - 30 * 86_400, "period_end": now,
         "parent": ({"type": "subscription_details", "subscription_details": {"subscription": subscription_id}}
                    if subscription_id else None),
+        "lines": {"object": "list", "data": lines, "has_more": False, "url": f"/v1/invoices/{invoice_id}/lines"},
     }
     obj.update(fields)
     return obj
@@ -532,7 +569,7 @@ class FakeStripe:
     def __init__(
         self,
         *,
-        meters: Iterable[str | Mapping[str, Any]] = ("spendgate_usage", "token-billing-tokens"),
+        meters: Iterable[str | Mapping[str, Any]] = DEFAULT_METERS,
         customers: Iterable[str] = (),
         api_keys: Iterable[str] | None = None,
         port: int = 0,
@@ -554,7 +591,8 @@ class FakeStripe:
         """
         meters: event names (a sum meter keyed on stripe_customer_id/value is made for each) or full create params
             ({"event_name", "display_name", "default_aggregation": {"formula"}, "customer_mapping",
-            "value_settings", "event_time_window"}).
+            "value_settings", "event_time_window", "dimension_payload_keys"}). By default `spendgate_usage` and the
+            token-billing meter (TOKEN_BILLING_METER, with its dimensions).
         customers: customer ids that exist from the start (e.g. the ids spendgate stores).
         api_keys: the only keys accepted; default: any sk_test_/rk_test_ key.
         same_host: serve the meter-events base address from the API port too.
@@ -674,7 +712,8 @@ class FakeStripe:
     def add_meter(self, event_name: str, *, display_name: str | None = None,
                   default_aggregation: Mapping[str, str] | None = None,
                   customer_mapping: Mapping[str, str] | None = None, value_settings: Mapping[str, str] | None = None,
-                  event_time_window: str | None = None) -> dict[str, Any]:
+                  event_time_window: str | None = None,
+                  dimension_payload_keys: Iterable[str] | None = None) -> dict[str, Any]:
         """Create a meter directly (as POST /v1/billing/meters would) and return the `billing.meter` object."""
         with self._lock:
             return copy.deepcopy(self._create_meter({
@@ -683,6 +722,7 @@ class FakeStripe:
                 **({"customer_mapping": dict(customer_mapping)} if customer_mapping else {}),
                 **({"value_settings": dict(value_settings)} if value_settings else {}),
                 **({"event_time_window": event_time_window} if event_time_window else {}),
+                **({"dimension_payload_keys": list(dimension_payload_keys)} if dimension_payload_keys else {}),
             }))
 
     def add_customer(self, customer_id: str | None = None, **fields: Any) -> dict[str, Any]:
@@ -795,6 +835,18 @@ class FakeStripe:
                 if ev["status"] != "accepted" or (event_name is not None and ev["event_name"] != event_name):
                     continue
                 totals[ev["customer"]] = totals.get(ev["customer"], 0) + ev["value"]
+            return totals
+
+    def totals_by_dimensions(self, event_name: str, keys: Sequence[str] = ("model", "token_type")
+                             ) -> dict[tuple[str, ...], int]:
+        """Sum of the values of one meter's accepted events by (customer, *dimension values of `keys`): what its
+        summaries grouped by those keys add up to over all time (test inspection; the same events they read)."""
+        with self._lock:
+            totals: dict[tuple[str, ...], int] = {}
+            for ev in self._events:
+                if ev["status"] == "accepted" and ev["event_name"] == event_name:
+                    key = (ev["customer"], *(ev["dimensions"].get(k, "") for k in keys))
+                    totals[key] = totals.get(key, 0) + ev["value"]
             return totals
 
     def events(self, *, status: str | None = None) -> list[dict[str, Any]]:
@@ -1201,7 +1253,7 @@ class FakeStripe:
     def _create_meter(self, params: Mapping[str, Any]) -> dict[str, Any]:
         # Params and object: https://docs.stripe.com/api/billing/meter/create (stripe/billing/_meter.py).
         _check_unknown(params, ("display_name", "event_name", "default_aggregation", "customer_mapping",
-                                "event_time_window", "value_settings", "expand"))
+                                "event_time_window", "value_settings", "dimension_payload_keys", "expand"))
         for name in ("display_name", "event_name"):
             if not params.get(name):
                 raise _ApiError.missing(name)
@@ -1224,6 +1276,11 @@ class FakeStripe:
             raise _ApiError(400, "invalid_request_error",
                             f"An active meter with event_name {params['event_name']} already exists.",
                             param="event_name")
+        dimension_keys = params.get("dimension_payload_keys")
+        if dimension_keys is not None and (not isinstance(dimension_keys, list)
+                                           or not all(isinstance(k, str) and k for k in dimension_keys)):
+            raise _ApiError(400, "invalid_request_error", "Invalid dimension_payload_keys: must be a list of keys.",
+                            code="parameter_invalid_string", param="dimension_payload_keys")
         cmap = params.get("customer_mapping") or {"event_payload_key": "stripe_customer_id", "type": "by_id"}
         vset = params.get("value_settings") or {"event_payload_key": "value"}
         now = int(self.now())
@@ -1231,7 +1288,9 @@ class FakeStripe:
             "id": f"mtr_test_{_rand(32)}", "object": "billing.meter", "created": now,
             "customer_mapping": {"event_payload_key": cmap.get("event_payload_key", "stripe_customer_id"),
                                  "type": cmap.get("type", "by_id")},
-            "default_aggregation": {"formula": agg["formula"]}, "display_name": params["display_name"],
+            "default_aggregation": {"formula": agg["formula"]},
+            "dimension_payload_keys": list(dimension_keys) if dimension_keys else None,
+            "display_name": params["display_name"],
             "event_name": params["event_name"], "event_time_window": window or None, "livemode": False,
             "status": "active", "status_transitions": {"deactivated_at": None}, "updated": now,
             "value_settings": {"event_payload_key": vset.get("event_payload_key", "value")},
@@ -1290,7 +1349,8 @@ class FakeStripe:
         # (https://docs.stripe.com/api/billing/meter-event-summary/list; stripe/params/billing/
         # _meter_list_event_summaries_params.py). The documented example lists the newest window first.
         _check_unknown(params, ("customer", "start_time", "end_time", "value_grouping_window", "limit",
-                                "starting_after", "ending_before", "expand"))
+                                "starting_after", "ending_before", "dimension_group_by_keys", "dimension_filters",
+                                "expand"))
         with self._lock:
             meter = copy.deepcopy(self._get_meter_or_404(m["id"]))
         customer = params.get("customer")
@@ -1317,18 +1377,47 @@ class FakeStripe:
                     raise _ApiError(400, "invalid_request_error",
                                     f"{name} must be aligned with {grouping} boundaries for value_grouping_window="
                                     f"{grouping}.", code="parameter_invalid_integer", param=name)
+        group_by, filters = self._dimension_params(meter, params)
         windows = [(s, min(s + step, end)) for s in range(start, end, step)] if step else [(start, end)]
         with self._lock:
-            events = [ev for ev in self._effective_events(meter) if ev["customer"] == customer]
+            events = [ev for ev in self._effective_events(meter) if ev["customer"] == customer
+                      and all(ev["dimensions"].get(k) == v for k, v in filters.items())]
         summaries = []
         for w_start, w_end in reversed(windows):
             inside = [ev for ev in events if w_start <= ev["timestamp"] < w_end]
-            summaries.append({
-                "id": "mtrusg_test_" + hashlib.sha256(f"{meter['id']}|{customer}|{w_start}|{w_end}".encode())
-                .hexdigest()[:40],
-                "object": "billing.meter_event_summary", "aggregated_value": self._aggregate(meter, inside),
-                "end_time": w_end, "livemode": False, "meter": meter["id"], "start_time": w_start})
+            groups: dict[tuple[str | None, ...], list[dict[str, Any]]] = {}
+            for ev in inside:
+                groups.setdefault(tuple(ev["dimensions"].get(k) for k in group_by), []).append(ev)
+            if not group_by:
+                groups = {(): inside}
+            for values in sorted(groups, key=lambda v: tuple(x or "" for x in v)):
+                extra = {"dimensions": dict(zip(group_by, values, strict=True))} if group_by else {}
+                key = f"{meter['id']}|{customer}|{w_start}|{w_end}|{sorted(extra.get('dimensions', {}).items())}"
+                summaries.append({
+                    "id": "mtrusg_test_" + hashlib.sha256(key.encode()).hexdigest()[:40],
+                    "object": "billing.meter_event_summary", "aggregated_value": self._aggregate(meter, groups[values]),
+                    **extra, "end_time": w_end, "livemode": False, "meter": meter["id"], "start_time": w_start})
         return 200, self._page(summaries, params, f"/v1/billing/meters/{meter['id']}/event_summaries"), {}
+
+    @staticmethod
+    def _dimension_params(meter: Mapping[str, Any], params: Mapping[str, Any]) -> tuple[list[str], dict[str, str]]:
+        """The summaries' dimension_group_by_keys and dimension_filters (preview), each key one of the meter's
+        dimension_payload_keys. Stripe's text for a key the meter lacks is not documented: this one says what is
+        wrong. A summary without grouping carries no `dimensions` (the field exists only in preview versions)."""
+        keys = set(meter.get("dimension_payload_keys") or ())
+        group_by = params.get("dimension_group_by_keys") or []
+        filters = params.get("dimension_filters") or {}
+        if not isinstance(group_by, list) or not isinstance(filters, dict):
+            raise _ApiError(400, "invalid_request_error", "dimension_group_by_keys is a list and dimension_filters a "
+                            "hash.", code="parameter_invalid_string", param="dimension_group_by_keys")
+        for name, given in (("dimension_group_by_keys", group_by), ("dimension_filters", list(filters))):
+            for key in given:
+                if key not in keys:
+                    raise _ApiError(400, "invalid_request_error",
+                                    f"{name}: {key!r} is not one of the meter's dimension_payload_keys "
+                                    f"({', '.join(sorted(keys)) or 'none'}).", code="parameter_invalid_string",
+                                    param=name)
+        return [str(k) for k in group_by], {str(k): str(v) for k, v in filters.items()}
 
     def _effective_events(self, meter: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Accepted events of a meter; for a pre-aggregated meter (event_time_window) only the last one received in
@@ -1405,7 +1494,8 @@ class FakeStripe:
         now = self.now()
         ev: dict[str, Any] = {
             "identifier": identifier, "event_name": event_name, "meter": meter["id"] if meter else None,
-            "customer": None, "value": None, "payload": dict(payload), "timestamp": timestamp, "received_at": now,
+            "customer": None, "value": None, "payload": dict(payload), "dimensions": {}, "timestamp": timestamp,
+            "received_at": now,
             "source": source, "status": "accepted", "error_code": None, "error_message": None, "cancelled_at": None,
         }
         self._events.append(ev)
@@ -1417,6 +1507,9 @@ class FakeStripe:
         vkey = meter["value_settings"]["event_payload_key"]
         customer = payload.get(ckey)
         ev["customer"] = customer
+        dimension_keys = meter.get("dimension_payload_keys") or ()
+        ev["dimensions"] = {k: str(payload[k]) for k in dimension_keys if payload.get(k) not in (None, "")}
+        missing = [k for k in dimension_keys if k not in ev["dimensions"]]
         if timestamp < now - MAX_EVENT_AGE_S:
             self._async_error(ev, "timestamp_too_far_in_past",
                               "The timestamp must be within the past 35 calendar days.")
@@ -1428,6 +1521,9 @@ class FakeStripe:
                               f"Customer mapping key {ckey} not found in payload.")
         elif customer not in self._customers:
             self._async_error(ev, "meter_event_customer_not_found", f"No customer found with id {customer}.")
+        elif missing:
+            self._async_error(ev, "missing_dimension_payload_keys",
+                              f"The event payload is missing the meter's dimension payload keys: {', '.join(missing)}.")
         else:
             raw = payload.get(vkey)
             value = self._parse_value(raw)
@@ -1709,7 +1805,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--same-host", action="store_true", help="serve the meter event stream on the API port too")
     parser.add_argument("--meter", action="append", default=None, metavar="EVENT_NAME",
                         help="create a sum meter for this event name (repeatable; default: spendgate_usage and "
-                             "token-billing-tokens)")
+                             "token-billing-tokens, with its dimensions model and token_type)")
     parser.add_argument("--customer", action="append", default=[], metavar="CUSTOMER_ID",
                         help="a customer that exists from the start (repeatable)")
     parser.add_argument("--seed", type=int, default=None)
@@ -1720,14 +1816,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--session-ttl", type=float, default=DEFAULT_SESSION_TTL_S)
     args = parser.parse_args(argv)
 
-    meters = args.meter if args.meter is not None else ["spendgate_usage", "token-billing-tokens"]
+    meters = args.meter if args.meter is not None else list(DEFAULT_METERS)
     fake = FakeStripe(meters=meters, customers=args.customer, port=args.port,
                       meter_events_port=args.meter_events_port, same_host=args.same_host, seed=args.seed,
                       rate_429=args.rate_429, rate_500=args.rate_500, latency_seconds=args.latency,
                       fail_after_record_rate=args.fail_after_record_rate, session_ttl_seconds=args.session_ttl)
     print(f"fake Stripe API:          {fake.url}", flush=True)
     print(f"fake Stripe meter events: {fake.meter_events_url}", flush=True)
-    print("meters: " + ", ".join(f"{m['event_name']}={m['id']}" for m in (fake.meter(n) for n in meters)), flush=True)
+    names = [m if isinstance(m, str) else str(m["event_name"]) for m in meters]
+    print("meters: " + ", ".join(f"{m['event_name']}={m['id']}" for m in (fake.meter(n) for n in names)), flush=True)
     print('use: stripe.StripeClient("sk_test_...", base_addresses={"api": "%s", "meter_events": "%s"})'
           % (fake.url, fake.meter_events_url), flush=True)
     try:

@@ -3,17 +3,32 @@ everything here runs only for an authentic event.
 
 | event | action |
 | --- | --- |
-| `customer.subscription.created` / `.updated` | limit = `webhook_plan_limits[price id or lookup_key of the first item]`, on the customer's budget (created, with customer_id = the Stripe customer id, if there is none). An active or trialing subscription also unfreezes a budget that `.deleted` froze. |
-| `customer.subscription.deleted` | freeze the customer's budgets. |
+| `customer.subscription.created` / `.updated` | limit = `webhook_plan_limits[price id or lookup_key of the first item]`, on the customer's budget (created, with customer_id = the Stripe customer id, if there is none); every budget billed to the customer gets the subscription's current period as its period (see Periods). An active or trialing subscription also unfreezes a budget that `.deleted` froze. |
+| `customer.subscription.deleted` | freeze the customer's budgets ("Stripe: subscription sub_... deleted"). |
 | `invoice.payment_failed` | `webhook_payment_failed_action`: `flag` (log and count) or `freeze` (remembering the invoice). |
-| `invoice.paid` | unfreeze a budget that `invoice.payment_failed` froze, once every invoice that froze it is paid. |
+| `invoice.paid` | a subscription invoice whose subscription line starts a period later than a budget's current one rolls the budget over to it (see Periods); and unfreeze a budget that `invoice.payment_failed` froze, once every invoice that froze it is paid. |
 | `v1.billing.meter.error_report_triggered`, `v1.billing.meter.no_meter_found` (thin events) | log, count per error code, link the sample identifiers to dead letters and ledger reservations. |
 
 Webhooks never unfreeze a budget they did not freeze: one already frozen (an operator's Admin.FreezeBudget) is left
 frozen, and a limit is never set on a budget named like the Stripe customer that bills another one.
 
-Budget periods do not exist in the engine yet: aligning a budget's period with the subscription's, and rolling it over
-on `invoice.paid`, belong to the policy issue. Those events log what they would align, and nothing more.
+Periods. A subscription's current period is `items.data[].current_period_start/end` since API version 2025-03-31.basil
+("current_period_start and current_period_end fields are no longer available on the subscription resource",
+docs.stripe.com/changelog/basil/2025-03-31/deprecate-subscription-current-period-start-and-end); older versions put
+them on the subscription: both shapes are read (the first item's, as for the plan). It becomes the budget's period as a
+fixed period {anchor_ms: start, length_ms: end - start} (Engine.update_budget: a period that starts later than the
+budget's current one starts now, the old one closed with its spend kept; one that started no later only moves the
+current period's end). On `invoice.paid` the subscription line's `period` (lines.data[] with parent.type
+subscription_item_details, or type subscription before basil) is the new period: licensed prices bill in advance, so a
+renewal invoice's subscription line covers the period starting now, while the invoice's own period_start/period_end are
+"the earliest/latest timestamp at which invoice items can be associated with this invoice" (the SDK's Invoice docs): the
+previous period, the wrong one. A metered price's line, billed in arrears, covers the previous period too: of an
+invoice's subscription lines the latest-starting one counts. invoice.paid only rolls over (a period that starts later
+than the budget's current one); subscription events also align.
+
+Stripe does not deliver events in order, so a period is applied only when it can be current: it has not ended yet, and,
+on a budget already on a fixed period, it does not start before that period. An older event therefore never rolls a
+budget back, and a replayed or repeated one changes nothing (the same period again only sets the same end).
 
 Idempotency. Every action is idempotent given the state below, and the ids of processed events are kept (the newest
 MAX_PROCESSED_EVENTS), so a replayed event (same id) changes nothing. That state (processed ids, the invoices that froze
@@ -35,6 +50,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -64,6 +80,9 @@ METER_ERROR_EVENTS: Final[frozenset[str]] = frozenset(
 )
 # Subscription statuses in which the customer is paying (https://docs.stripe.com/api/subscriptions/object#subscription_object-status).
 PAYING_STATUSES: Final[frozenset[str]] = frozenset({"active", "trialing"})
+# The engine's bounds on a fixed period's length (rust/src/period.rs MIN_PERIOD_MS, MAX_PERIOD_MS): 1 s to 5 years.
+MIN_PERIOD_MS: Final[int] = 1_000
+MAX_PERIOD_MS: Final[int] = 5 * 366 * 86_400_000
 # Engine errors worth a retry by Stripe (answered 503); any other is logged, counted and answered 200.
 TRANSIENT_KINDS: Final[frozenset[str]] = frozenset({"unavailable", "resource_exhausted", "internal"})
 # A spendgate meter event identifier: `sg-<reservation id>`, maybe `-requeue<n>` or the settler's `-agg...` suffix.
@@ -260,15 +279,13 @@ class WebhookHandlers:
         price = _mapping(item.get("price"))
         keys = [key for key in (price.get("id"), price.get("lookup_key")) if isinstance(key, str) and key]
         status = str(sub.get("status") or "")
-        start = item.get("current_period_start", sub.get("current_period_start"))
-        end = item.get("current_period_end", sub.get("current_period_end"))
-        # TODO(policy issue): align the budget's period with [start, end) once the engine has budget periods.
+        period = _subscription_period(sub, item)
         log.info(
-            "webhook %s: subscription %s of %s is %s, plan %s, current period %s .. %s (budget periods are not "
-            "aligned yet: that waits for budget periods)", event_id, sub.get("id"), customer, status or "?",
-            " / ".join(keys) or "?", _when(start), _when(end),
+            "webhook %s: subscription %s of %s is %s, plan %s, current period %s", event_id, sub.get("id"), customer,
+            status or "?", " / ".join(keys) or "?", period.describe() if period else "unknown",
         )  # fmt: skip
         actions: list[str] = []
+        aligned: set[str] = set()
         budgets, complete = self._budgets_of(customer)
         limit = next((self._plan_limits[key] for key in keys if key in self._plan_limits), None)
         if limit is None:
@@ -305,24 +322,32 @@ class WebhookHandlers:
                 actions.append(f"budget {customer} bills another Stripe customer: limit unchanged")
             else:
                 budget_id = target.customer_id if target is not None else customer
+                spec = period.spec if period is not None and period.applies_to(target) else None
                 outcome = await self._engine_call(
-                    self._engine.set_budget, budget_id, limit, "" if target is not None else customer
+                    self._update, budget_id, limit, None if target is not None else customer, spec
                 )
                 verb = "created" if outcome.created else "set"
                 log.info("webhook %s: %s budget %s limit %d (plan %s)", event_id, verb, budget_id, limit,
                          " / ".join(keys))
                 actions.append(f"{verb} budget {budget_id} limit {limit}")
+                if spec is not None:
+                    aligned.add(budget_id)
+                    actions.append(self._period_action(event_id, outcome, period))
                 if outcome.created:
                     budgets = [outcome.balance]
+        if period is not None:
+            for budget in budgets:
+                if budget.customer_id not in aligned:
+                    actions.append(await self._align(event_id, budget, period, roll_only=False))
         if status in PAYING_STATUSES:
             for budget in budgets:
                 if budget.customer_id in self._state.frozen_by_deletion:
-                    await self._set_frozen(budget.customer_id, False)
+                    await self._freeze(budget.customer_id, False, f"Stripe: subscription {sub.get('id')} is {status}")
                     del self._state.frozen_by_deletion[budget.customer_id]
                     log.info("webhook %s: unfroze budget %s: %s is %s again", event_id, budget.customer_id,
                              customer, status)
                     actions.append(f"unfroze {budget.customer_id}")
-        return Outcome(200, "; ".join(actions))
+        return Outcome(200, "; ".join(a for a in actions if a))
 
     async def _subscription_deleted(self, event_id: str, sub: Mapping[str, Any], customer: str) -> Outcome:
         budgets, _ = self._budgets_of(customer)
@@ -335,7 +360,7 @@ class WebhookHandlers:
                 log.info("webhook %s: budget %s was already frozen (not by a webhook); a new subscription will not "
                          "unfreeze it", event_id, budget.customer_id)
                 continue
-            await self._set_frozen(budget.customer_id, True)
+            await self._freeze(budget.customer_id, True, f"Stripe: subscription {sub.get('id')} deleted")
             self._state.frozen_by_deletion[budget.customer_id] = str(sub.get("id") or "")
             # Deletion is now why it is frozen: paying an old invoice must not unfreeze it.
             self._state.payment_failed.pop(budget.customer_id, None)
@@ -369,7 +394,7 @@ class WebhookHandlers:
                 log.info("webhook %s: budget %s was already frozen (not by a webhook); invoice.paid will not unfreeze "
                          "it", event_id, budget.customer_id)
                 continue
-            await self._set_frozen(budget.customer_id, True)
+            await self._freeze(budget.customer_id, True, f"Stripe: payment of invoice {invoice_id} failed")
             failed = self._state.payment_failed.setdefault(budget.customer_id, [])
             if invoice_id not in failed:
                 failed.append(invoice_id)
@@ -380,12 +405,14 @@ class WebhookHandlers:
 
     async def _invoice_paid(self, event_id: str, invoice: Mapping[str, Any], customer: str) -> Outcome:
         invoice_id = str(invoice.get("id") or "")
-        # TODO(policy issue): roll the budget's period over here once the engine has budget periods.
-        log.info("webhook %s: invoice %s of %s paid (period %s .. %s; no period roll-over yet: that waits for budget "
-                 "periods)", event_id, invoice_id, customer, _when(invoice.get("period_start")),
-                 _when(invoice.get("period_end")))
+        period = _invoice_subscription_period(invoice)
+        log.info("webhook %s: invoice %s of %s paid (subscription period %s)", event_id, invoice_id, customer,
+                 period.describe() if period else "none: not a subscription invoice")
         self._state.mark_paid(invoice_id)
         actions: list[str] = []
+        if period is not None:
+            for budget in self._budgets_of(customer)[0]:
+                actions.append(await self._align(event_id, budget, period, roll_only=True))
         for budget_id, failed in list(self._state.payment_failed.items()):
             if invoice_id not in failed:
                 continue
@@ -399,10 +426,10 @@ class WebhookHandlers:
             if budget_id in self._state.frozen_by_deletion:
                 actions.append(f"{budget_id} stays frozen (subscription deleted)")
                 continue
-            await self._set_frozen(budget_id, False)
+            await self._freeze(budget_id, False, f"Stripe: invoice {invoice_id} paid")
             log.info("webhook %s: invoice %s paid: unfroze budget %s", event_id, invoice_id, budget_id)
             actions.append(f"unfroze {budget_id}")
-        return Outcome(200, "; ".join(actions) or f"{invoice_id} paid: nothing to unfreeze")
+        return Outcome(200, "; ".join(a for a in actions if a) or f"{invoice_id} paid: nothing to change")
 
     # -- meter errors ------------------------------------------------------------------------------------------------
 
@@ -498,18 +525,106 @@ class WebhookHandlers:
         ours = budget.customer_id in self._state.payment_failed or budget.customer_id in self._state.frozen_by_deletion
         return budget.frozen and not ours
 
-    async def _set_frozen(self, customer_id: str, frozen: bool) -> None:
-        await self._engine_call(self._engine.set_frozen, customer_id, frozen)
+    async def _freeze(self, customer_id: str, frozen: bool, reason: str) -> None:
+        """Freeze or unfreeze with the reason the budget shows (the engine raises the frozen/unfrozen alert)."""
+        await self._engine_call(self._engine.freeze, customer_id, frozen, reason)
 
-    async def _engine_call(self, method: Callable[..., _core.SetBudgetOutcome], *args: Any) -> _core.SetBudgetOutcome:
+    def _update(self, customer_id: str, limit: int, stripe_customer_id: str | None,
+                period: _core.PeriodSpec | None) -> _core.SetBudgetOutcome:
+        return self._engine.update_budget(customer_id, limit=limit, stripe_customer_id=stripe_customer_id,
+                                          period=period)
+
+    async def _align(self, event_id: str, budget: _core.BalanceView, period: StripePeriod, *, roll_only: bool) -> str:
+        """Give the budget this period if it can be current (see Periods); roll_only: only if it starts later than the
+        budget's current one. Returns what was done, or "" for nothing."""
+        if not period.applies_to(budget) or (roll_only and period.start_ms <= budget.period_start_ms):
+            log.info("webhook %s: budget %s stays on its period %s (Stripe's %s is not newer)", event_id,
+                     budget.customer_id, _span(budget.period_start_ms, budget.period_end_ms), period.describe())
+            return ""
+        outcome = await self._engine_call(self._engine.update_budget, budget.customer_id, period=period.spec)
+        return self._period_action(event_id, outcome, period)
+
+    def _period_action(self, event_id: str, outcome: _core.SetBudgetOutcome, period: StripePeriod) -> str:
+        view = outcome.balance
+        verb = "rolled over to" if outcome.rolled else "aligned with"
+        self.stats.count("period_rolled" if outcome.rolled else "period_aligned")
+        log.info("webhook %s: budget %s %s Stripe's period %s: now %s", event_id, view.customer_id, verb,
+                 period.describe(), _span(view.period_start_ms, view.period_end_ms))
+        return f"{view.customer_id} {verb} period {period.describe()}"
+
+    async def _engine_call(self, method: Callable[..., _core.SetBudgetOutcome], *args: Any,
+                           **kwargs: Any) -> _core.SetBudgetOutcome:
         try:
-            outcome = method(*args)
+            outcome = method(*args, **kwargs)
             await self._wait_durable(outcome.ticket)
         except _core.EngineError as error:
             if error.kind in TRANSIENT_KINDS:
                 raise TransientError(f"{error.kind}: {error.message}") from None
             raise
         return outcome
+
+
+@dataclass(frozen=True, slots=True)
+class StripePeriod:
+    """A Stripe billing period [start, end), in Unix milliseconds."""
+
+    start_ms: int
+    end_ms: int
+
+    @classmethod
+    def of(cls, start_s: Any, end_s: Any) -> StripePeriod | None:
+        """From Stripe's Unix seconds; None unless both are whole numbers whose span the engine takes."""
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in (start_s, end_s)):
+            return None
+        if not MIN_PERIOD_MS <= (end_s - start_s) * 1000 <= MAX_PERIOD_MS:
+            return None
+        return cls(start_s * 1000, end_s * 1000)
+
+    @property
+    def spec(self) -> _core.PeriodSpec:
+        return {"kind": "fixed", "anchor_ms": self.start_ms, "length_ms": self.end_ms - self.start_ms}
+
+    def applies_to(self, budget: _core.BalanceView | None, now_ms: int | None = None) -> bool:
+        """It can be the current period of the budget (None: of a budget about to be created): not over, and not
+        older than a fixed period the budget is on (an event delivered late or out of order must not move it back)."""
+        now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        if self.end_ms <= now:
+            return False
+        return budget is None or budget.period.get("kind") != "fixed" or self.start_ms >= budget.period_start_ms
+
+    def describe(self) -> str:
+        return _span(self.start_ms, self.end_ms)
+
+
+def _subscription_period(sub: Mapping[str, Any], item: Mapping[str, Any]) -> StripePeriod | None:
+    """The current period: on the (first) item since 2025-03-31.basil, on the subscription before."""
+    if "current_period_start" in item:
+        return StripePeriod.of(item.get("current_period_start"), item.get("current_period_end"))
+    return StripePeriod.of(sub.get("current_period_start"), sub.get("current_period_end"))
+
+
+def _invoice_subscription_period(invoice: Mapping[str, Any]) -> StripePeriod | None:
+    """The latest-starting period among a subscription invoice's subscription lines (see Periods), or None."""
+    parent = _mapping(invoice.get("parent"))
+    subscription = _id_of(_mapping(parent.get("subscription_details")).get("subscription")) or _id_of(
+        invoice.get("subscription"))  # before basil: invoice.subscription
+    if not subscription:
+        return None
+    lines = _mapping(invoice.get("lines")).get("data")
+    periods = []
+    for line in lines if isinstance(lines, list) else ():
+        line = _mapping(line)
+        line_parent = _mapping(line.get("parent"))
+        if line_parent.get("type") == "subscription_item_details" or line.get("type") == "subscription":
+            period = _mapping(line.get("period"))
+            found = StripePeriod.of(period.get("start"), period.get("end"))
+            if found is not None:
+                periods.append(found)
+    return max(periods, key=lambda p: p.start_ms, default=None)
+
+
+def _span(start_ms: int, end_ms: int) -> str:
+    return f"{_when(start_ms // 1000)} .. {_when(end_ms // 1000) if end_ms < 2**63 - 1 else 'never'}"
 
 
 def _mapping(value: Any) -> Mapping[str, Any]:

@@ -4,13 +4,16 @@ tests, the environment that points a real sidecar process at the fake."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from spendgate import _core
 from spendgate.server.durability import DurabilityWaiter
+from spendgate.settle.aggregate import MeterEvent
 from spendgate.settle.preflight import Preflight
 from spendgate.settle.service import make_transport
 from spendgate.settle.settler import SettleOptions, Settler, Transport, wall_ms
@@ -21,17 +24,64 @@ HANG_GUARD_S = 60.0  # not a timing assertion: a bug fails the test instead of h
 LONG_TTL_MS = 600_000
 
 
-def commit(engine: _core.Engine, customer_id: str, amount: int) -> str:
-    """Reserve and commit `amount` for a customer (budget must exist); returns the reservation id, once durable."""
+def commit(engine: _core.Engine, customer_id: str, amount: int, *, usage: _core.UsageDetail | None = None) -> str:
+    """Reserve and commit `amount` for a customer (budget must exist), with token `usage` if given (its parts must sum
+    to amount); returns the reservation id, once durable."""
     reserved = engine.reserve(customer_id, max(amount, 1), "", LONG_TTL_MS)
     assert reserved.granted, reserved.reason
-    committed = engine.commit(reserved.reservation_id, amount)
+    committed = engine.commit(reserved.reservation_id, amount, usage=usage)
     engine.wait_durable(committed.ticket)
     return reserved.reservation_id
 
 
+def token_usage(model: str, **tokens: int) -> _core.UsageDetail:
+    """A priced usage with one unit per 10 tokens (at least 1) of each type: settlement sends the tokens."""
+    parts = [(token_type, count, max(1, count // 10)) for token_type, count in tokens.items()]
+    return {"model": model, "parts": parts, "cache_hit": False, "fallback": False}
+
+
+def commit_tokens(engine: _core.Engine, customer_id: str, usage: _core.UsageDetail) -> str:
+    return commit(engine, customer_id, sum(units for _, _, units in usage["parts"]), usage=usage)
+
+
+class CrashAfterSend:
+    """A transport that sends for real, then fails as if the process died before the acknowledgement: the events are
+    recorded at Stripe, and the entries stay in the outbox, claimed."""
+
+    def __init__(self, inner: Transport) -> None:
+        self.inner = inner
+        self.name, self.event_name = inner.name, inner.event_name
+        self.max_events_per_call, self.validates_meter = inner.max_events_per_call, inner.validates_meter
+
+    def send(self, events: Sequence[MeterEvent]) -> None:
+        self.inner.send(events)
+        raise RuntimeError("crashed after the send")
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class CrashBeforeSend(CrashAfterSend):
+    """The process died after the claim was durable and before anything reached Stripe."""
+
+    def send(self, events: Sequence[MeterEvent]) -> None:
+        raise RuntimeError("crashed after the claim, before the send")
+
+
 def budget(engine: _core.Engine, customer_id: str, stripe_customer_id: str, limit: int = 10**12) -> None:
     engine.wait_durable(engine.set_budget(customer_id, limit, stripe_customer_id).ticket)
+
+
+@contextlib.contextmanager
+def engine_with_budgets(data_dir: Path, stripe_customers: Iterable[str]) -> Iterator[_core.Engine]:
+    """An engine (relaxed durability) with a budget per Stripe customer, named like it without `cus_`; closed after."""
+    engine = _core.Engine(str(data_dir), durability="relaxed")
+    try:
+        for customer in stripe_customers:
+            budget(engine, customer.removeprefix("cus_"), customer)
+        yield engine
+    finally:
+        engine.close()
 
 
 def options(**overrides: Any) -> SettleOptions:

@@ -30,6 +30,9 @@ from spendgate.settle.reconcile import Options, Period, Row, judge, parse_period
 from spendgate.store_reader import StoreReader
 from spendgate.testing.fake_stripe import DEFAULT_API_KEY, FakeStripe
 
+from ._support import commit_tokens, token_usage
+from ._support import settle as settle_with_settler
+
 if TYPE_CHECKING:
     from tests.conftest import SidecarFactory
 
@@ -457,3 +460,57 @@ def test_identifiers_come_from_flags_and_files(tmp_path: Path, capsys: pytest.Ca
     assert cli.main(["reconcile", "--data-dir", str(tmp_path), "--cancel", "evt-1"]) == 2
     assert "--cancel and --cancel-file go with --fix" in capsys.readouterr().err
     assert cli.main(["reconcile", "--data-dir", str(tmp_path), "--fix", "--cancel-file", str(tmp_path / "no")]) == 2
+
+
+# -- token usage: the token meter, in tokens --------------------------------------------------------------------------
+
+
+def test_token_commits_are_compared_in_tokens_on_the_token_meter_and_left_out_of_the_units(
+        engine: _core.Engine, fake: FakeStripe, tmp_path: Path) -> None:
+    a, b = CUSTOMERS[0], CUSTOMERS[1]
+    commit(engine, a, 40)  # plain units
+    commit_tokens(engine, a, token_usage("gpt-6-sol", input=1000, output=200, reasoning=50))
+    commit_tokens(engine, b, token_usage("claude-sonnet-5", input=300, cached_input=100))
+    settle_with_settler(engine, fake)  # the real settler: units on one meter, token events on the other
+    commit_tokens(engine, b, token_usage("claude-sonnet-5", input=7))  # not yet settled: pending
+
+    clean = run_reconcile(tmp_path / "data", fake)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    units, tokens = clean.stdout.split("\ntoken meter token-billing-tokens (")
+    assert table_row(units, a)[2:] == ["40", "40", "0", "40", "0", "0.00%", "ok"]  # the token commit is not here
+    assert b not in units.split("note: ")[0]
+    assert "1657 tokens committed in the period settle to the token meter token-billing-tokens" in clean.stdout
+    assert table_row(tokens, a)[2:] == ["1250", "1250", "0", "1250", "0", "0.00%", "ok"]
+    assert table_row(tokens, b)[2:] == ["407", "400", "7", "400", "0", "0.00%", "ok"]
+    assert "pending: 7 tokens are committed but not yet acknowledged" in tokens
+
+    # Something else sent tokens for customer a: the token meter is over, the units meter is not.
+    fake.client().v1.billing.meter_events.create({
+        "event_name": "token-billing-tokens", "identifier": "not-spendgate-tokens",
+        "payload": {"stripe_customer_id": a, "value": "500", "model": "gpt-6-sol", "token_type": "input"}})
+    over = run_reconcile(tmp_path / "data", fake)
+    assert over.returncode == reconcile.EXIT_MISMATCH, over.stdout + over.stderr
+    units, tokens = over.stdout.split("\ntoken meter token-billing-tokens (")
+    assert table_row(units, a)[-1] == "ok" and table_row(tokens, a)[5:] == ["1750", "+500", "+40.00%", "OVER"]
+    assert "--fix does not cancel token events" in tokens
+
+
+def test_token_commits_without_a_token_meter_are_reported_not_silently_dropped(engine: _core.Engine,
+                                                                              tmp_path: Path) -> None:
+    commit_tokens(engine, CUSTOMERS[0], token_usage("gpt-6-sol", input=90))
+    with FakeStripe(same_host=True, customers=CUSTOMERS, meters=[EVENT_NAME]) as fake:
+        result = run_reconcile(tmp_path / "data", fake)
+    assert result.returncode == reconcile.EXIT_ERROR, result.stdout + result.stderr
+    assert "no active meter for event name 'token-billing-tokens'" in result.stdout
+    assert "the 90 tokens of commits priced from tokens were not compared" in result.stdout
+
+
+def test_with_the_token_meter_off_token_commits_count_as_units(engine: _core.Engine, fake: FakeStripe,
+                                                               tmp_path: Path) -> None:
+    a = CUSTOMERS[0]
+    commit_tokens(engine, a, token_usage("gpt-6-sol", input=1000))  # 100 units
+    settle_with_settler(engine, fake, token_event_name="")
+    settings = Settings(data_dir=str(tmp_path / "data"), stripe_api_key=DEFAULT_API_KEY, settle_token_event_name="")
+    out = io.StringIO()
+    assert reconcile.run(settings, Options(), client=fake.client(), out=out) == 0, out.getvalue()
+    assert table_row(out.getvalue(), a)[2:4] == ["100", "100"] and "token meter" not in out.getvalue()

@@ -12,21 +12,29 @@ from spendgate import _core
 from spendgate.server.durability import DurabilityWaiter
 from spendgate.settle import rules
 from spendgate.settle.aggregate import MeterEvent, parse_aggregate_identifier
-from spendgate.settle.settler import Transport, wall_ms
+from spendgate.settle.settler import wall_ms
 from spendgate.testing.fake_stripe import FakeStripe
 
-from ._support import budget, commit, make_settler, meter_event_posts, rounds, run_async, settle
+from ._support import (
+    CrashAfterSend,
+    CrashBeforeSend,
+    budget,
+    commit,
+    engine_with_budgets,
+    make_settler,
+    meter_event_posts,
+    rounds,
+    run_async,
+    settle,
+)
 
 CUSTOMERS = ("cus_alpha", "cus_beta", "cus_gamma")
 
 
 @pytest.fixture
 def engine(tmp_path: Path) -> Iterator[_core.Engine]:
-    engine = _core.Engine(str(tmp_path / "data"), durability="relaxed")
-    for customer in CUSTOMERS:
-        budget(engine, customer.removeprefix("cus_"), customer)
-    yield engine
-    engine.close()
+    with engine_with_budgets(tmp_path / "data", CUSTOMERS) as engine:
+        yield engine
 
 
 @pytest.fixture
@@ -44,23 +52,6 @@ def commit_some(engine: _core.Engine, n: int, *, customers: Sequence[str] = CUST
         commit(engine, customer.removeprefix("cus_"), amount)
         totals[customer] = totals.get(customer, 0) + amount
     return totals
-
-
-class CrashAfterSend:
-    """A transport that sends for real, then fails as if the process died before the acknowledgement: the event is
-    recorded at Stripe, and the entries stay in the outbox, claimed."""
-
-    def __init__(self, inner: Transport) -> None:
-        self.inner = inner
-        self.name, self.event_name = inner.name, inner.event_name
-        self.max_events_per_call, self.validates_meter = inner.max_events_per_call, inner.validates_meter
-
-    def send(self, events: Sequence[MeterEvent]) -> None:
-        self.inner.send(events)
-        raise RuntimeError("crashed after the send")
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 # -- delivery -------------------------------------------------------------------------------------------------------
@@ -292,10 +283,6 @@ def test_an_aggregate_claimed_before_a_crash_is_resent_whole_even_when_only_part
         commit(engine, "alpha", amount)
     later = wall_ms() + 120_000
 
-    class CrashBeforeSend(CrashAfterSend):
-        def send(self, events: Sequence[MeterEvent]) -> None:
-            raise RuntimeError("crashed after the claim, before the send")
-
     rounds(engine, fake, aggregate_window_ms=60_000, clock_ms=lambda: later, wrap=CrashBeforeSend)
     claims = {e["sent_as"] for e in engine.outbox_pending(100)}
     assert len(claims) == 1 and parse_aggregate_identifier(claims.pop() or "") is not None
@@ -335,8 +322,8 @@ def test_the_stream_session_is_refreshed_at_80_percent_of_its_life(engine: _core
     now = [0.0]
     transport = V2Transport(fake.client(), "spendgate_usage", monotonic=lambda: now[0])
     commit_some(engine, 2)
-    events = [MeterEvent(e["identifier"], e["stripe_customer_id"], e["amount"], e["ts_ms"], (e["seq"],), ("x",), False)
-              for e in engine.outbox_pending(10)]
+    events = [MeterEvent(e["identifier"], "spendgate_usage", e["stripe_customer_id"], e["amount"], e["ts_ms"],
+                         (e["seq"],), ("x",), False) for e in engine.outbox_pending(10)]
     transport.send(events[:1])
     now[0] = 0.79 * 900
     transport.send(events[:1])

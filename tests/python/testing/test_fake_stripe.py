@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +25,7 @@ from spendgate.testing import FakeStripe
 from spendgate.testing.fake_stripe import DEFAULT_API_KEY, build_event, parse_form
 
 METER = "spendgate_usage"
+TOKENS = "token-billing-tokens"  # Stripe's token-billing meter, with dimensions model and token_type
 CUSTOMER = "cus_test_alice"
 OTHER = "cus_test_bob"
 
@@ -56,9 +58,10 @@ def client(fake: FakeStripe) -> stripe.StripeClient:
 
 
 def send(client: stripe.StripeClient, identifier: str, value: int = 1, customer: str = CUSTOMER,
-         event_name: str = METER, timestamp: int | None = None, **options: Any) -> Any:
+         event_name: str = METER, timestamp: int | None = None, dimensions: dict[str, str] | None = None,
+         **options: Any) -> Any:
     params: dict[str, Any] = {"event_name": event_name, "identifier": identifier,
-                              "payload": {"stripe_customer_id": customer, "value": str(value)}}
+                              "payload": {"stripe_customer_id": customer, "value": str(value), **(dimensions or {})}}
     if timestamp is not None:
         params["timestamp"] = timestamp
     return client.v1.billing.meter_events.create(params, options or None)  # type: ignore[arg-type]
@@ -461,6 +464,51 @@ def test_event_summaries_sum_a_customers_events_in_the_range(fake: FakeStripe, c
     assert info.value.http_status == 404
 
 
+def test_the_token_billing_meter_groups_its_summaries_by_dimension(fake: FakeStripe,
+                                                                    client: stripe.StripeClient) -> None:
+    meter = client.v1.billing.meters.retrieve(fake.meter(TOKENS)["id"]).to_dict()
+    assert meter["dimension_payload_keys"] == ["model", "token_type"]
+    now = int(fake.now())
+    start, end = now - now % 60 - 3600, now - now % 60 + 60
+    for n, (model, token_type, value) in enumerate([("gpt-6-sol", "input", 100), ("gpt-6-sol", "output", 7),
+                                                    ("gpt-6-sol", "input", 20), ("claude-sonnet-5", "input", 3)]):
+        send(client, f"t-{n}", value, event_name=TOKENS, dimensions={"model": model, "token_type": token_type})
+    send(client, "t-no-dims", 1000, event_name=TOKENS)  # accepted, then refused asynchronously
+    (error,) = fake.errors()
+    assert (error["code"], error["identifier"]) == ("missing_dimension_payload_keys", "t-no-dims")
+    assert "model, token_type" in error["message"]
+
+    window: Any = {"customer": CUSTOMER, "start_time": start, "end_time": end}  # Any: the SDK types lack previews
+    (whole,) = client.v1.billing.meters.event_summaries.list(meter["id"], window).data
+    assert whole.aggregated_value == 130 and "dimensions" not in whole.to_dict()
+    grouped = client.v1.billing.meters.event_summaries.list(
+        meter["id"], {**window, "dimension_group_by_keys": ["model", "token_type"]}).data
+    assert [(s.to_dict()["dimensions"], s.aggregated_value) for s in grouped] == [
+        ({"model": "claude-sonnet-5", "token_type": "input"}, 3),
+        ({"model": "gpt-6-sol", "token_type": "input"}, 120),
+        ({"model": "gpt-6-sol", "token_type": "output"}, 7),
+    ]
+    assert len({s.id for s in grouped}) == 3
+    filtered = client.v1.billing.meters.event_summaries.list(
+        meter["id"], {**window, "dimension_filters": {"token_type": "input"}}).data
+    assert [s.aggregated_value for s in filtered] == [123]
+    assert fake.totals_by_dimensions(TOKENS) == {(CUSTOMER, "gpt-6-sol", "input"): 120,
+                                                 (CUSTOMER, "gpt-6-sol", "output"): 7,
+                                                 (CUSTOMER, "claude-sonnet-5", "input"): 3}
+    with pytest.raises(stripe.InvalidRequestError, match="not one of the meter's dimension_payload_keys"):
+        client.v1.billing.meters.event_summaries.list(
+            fake.meter(METER)["id"], {**window, "dimension_group_by_keys": ["model"]})
+
+
+def test_a_meter_is_created_with_dimension_payload_keys(fake: FakeStripe, client: stripe.StripeClient) -> None:
+    params: Any = {"display_name": "tokens by tier", "event_name": "tiered", "default_aggregation": {"formula": "sum"},
+                   "dimension_payload_keys": ["tier"]}  # Any: the SDK's types lack the preview parameter
+    meter = client.v1.billing.meters.create(params)
+    assert meter.to_dict()["dimension_payload_keys"] == ["tier"]
+    assert "dimension_payload_keys[0]=tier" in urllib.parse.unquote(fake.request_log()[-1]["body"])
+    assert client.v1.billing.meters.retrieve(fake.meter(METER)["id"]).to_dict()["dimension_payload_keys"] is None
+
+
 def test_event_summary_pagination_follows_the_list_cursor(fake: FakeStripe, client: stripe.StripeClient) -> None:
     meter_id = fake.meter(METER)["id"]
     now = int(fake.now())
@@ -819,7 +867,7 @@ def test_the_meter_error_report_thin_event_round_trips(fake: FakeStripe, client:
 
 def test_inspection_and_reset(fake: FakeStripe, client: stripe.StripeClient) -> None:
     send(client, "i-1", 1)
-    send(client, "i-2", 2, event_name="token-billing-tokens")
+    send(client, "i-2", 2, event_name=TOKENS, dimensions={"model": "gpt-6-sol", "token_type": "input"})
     assert fake.totals_by_customer() == {CUSTOMER: 3}
     assert fake.totals_by_customer(METER) == {CUSTOMER: 1}
     assert [e["identifier"] for e in fake.events()] == ["i-1", "i-2"]

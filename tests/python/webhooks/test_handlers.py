@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Coroutine, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -103,7 +104,7 @@ class _ClosedEngine:
         self._engine = engine
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("set_budget", "set_frozen"):
+        if name in ("set_budget", "set_frozen", "update_budget", "freeze"):
             def unavailable(*args: Any) -> Any:
                 raise _core.EngineError("unavailable", "the sidecar is shutting down")
             return unavailable
@@ -198,3 +199,90 @@ def test_a_budget_named_like_the_customer_but_billing_another_is_left_alone(engi
     assert "bills another Stripe customer" in outcome.action
     view = engine.balance("cus_named")
     assert (view.limit, view.stripe_customer_id) == (100, "cus_elsewhere")
+
+
+# -- periods ----------------------------------------------------------------------------------------------------------
+
+DAY_S = 86_400
+
+
+def period_of(engine: _core.Engine, customer: str) -> tuple[int, int]:
+    view = engine.balance(customer)
+    return view.period_start_ms, view.period_end_ms
+
+
+def spend(engine: _core.Engine, customer: str, amount: int) -> None:
+    reserved = engine.reserve(customer, amount, "", LONG_TTL_MS)
+    assert reserved.granted
+    engine.wait_durable(engine.commit(reserved.reservation_id, amount).ticket)
+
+
+def test_a_subscription_from_before_basil_has_its_period_on_the_subscription(engine: _core.Engine,
+                                                                            tmp_path: Path) -> None:
+    now = int(time.time())
+    sub = subscription_object("cus_old_api", price_id="price_basic")
+    for item in sub["items"]["data"]:  # API versions before 2025-03-31.basil: the period is the subscription's
+        del item["current_period_start"], item["current_period_end"]
+    sub.update(current_period_start=now - 5, current_period_end=now - 5 + 7 * DAY_S)
+    outcome = run(handlers_for(engine, tmp_path).handle_event(build_event("customer.subscription.created", sub)))
+    assert "aligned with period" in outcome.action
+    assert period_of(engine, "cus_old_api") == ((now - 5) * 1000, (now - 5 + 7 * DAY_S) * 1000)
+    assert engine.balance("cus_old_api").period == {"kind": "fixed", "anchor_ms": (now - 5) * 1000,
+                                                    "length_ms": 7 * DAY_S * 1000}
+
+
+def test_a_period_that_began_before_the_budgets_keeps_the_spend_and_takes_the_end(engine: _core.Engine,
+                                                                                tmp_path: Path) -> None:
+    budget(engine, "cus_month", limit=10_000)  # the calendar month, begun at its first day
+    spend(engine, "cus_month", 70)
+    month_start, _ = period_of(engine, "cus_month")
+    start_s, end_s = month_start // 1000 - 3 * DAY_S, int(time.time()) + 9 * DAY_S
+    sub = subscription_object("cus_month", period_start=start_s, period_end=end_s)
+    run(handlers_for(engine, tmp_path).handle_event(build_event("customer.subscription.updated", sub)))
+    assert period_of(engine, "cus_month") == (month_start, end_s * 1000)
+    assert engine.balance("cus_month").spent == 70
+
+
+def test_invoice_paid_rolls_over_by_the_subscription_line_not_by_the_invoices_own_period(engine: _core.Engine,
+                                                                                       tmp_path: Path) -> None:
+    now = int(time.time())
+    hooks = handlers_for(engine, tmp_path)
+    run(hooks.handle_event(build_event("customer.subscription.created", subscription_object(
+        "cus_lines", subscription_id="sub_l", price_id="price_basic", period_start=now - 20 * DAY_S,
+        period_end=now + 10 * DAY_S))))
+    spend(engine, "cus_lines", 40)
+    aligned = period_of(engine, "cus_lines")
+
+    # Not a subscription invoice, and one whose invoice-level period is later but whose subscription line is not.
+    one_off = invoice_object("cus_lines", period_start=now - 60, period_end=now + DAY_S)
+    ahead = invoice_object("cus_lines", subscription_id="sub_l", period_start=now - 20 * DAY_S,
+                           period_end=now + 10 * DAY_S)
+    ahead.update(period_start=now - 60, period_end=now + 30 * DAY_S)
+    # A metered price's line is billed in arrears: the period that just ended.
+    arrears = invoice_object("cus_lines", subscription_id="sub_l", period_start=now - 50 * DAY_S,
+                             period_end=now - 20 * DAY_S)
+    for invoice in (one_off, ahead, arrears):
+        outcome = run(hooks.handle_event(build_event("invoice.paid", invoice)))
+        assert "rolled" not in outcome.action, outcome.action
+    assert period_of(engine, "cus_lines") == aligned and engine.balance("cus_lines").spent == 40
+
+    renewal = invoice_object("cus_lines", subscription_id="sub_l", period_start=now - 1, period_end=now + 29 * DAY_S)
+    renewal["lines"]["data"].append({**arrears["lines"]["data"][0], "id": "il_metered"})  # both kinds of line
+    outcome = run(hooks.handle_event(build_event("invoice.paid", renewal)))
+    assert "cus_lines rolled over to period" in outcome.action
+    assert period_of(engine, "cus_lines") == ((now - 1) * 1000, (now + 29 * DAY_S) * 1000)
+    assert engine.balance("cus_lines").spent == 0
+    assert [p["spent"] for p in engine.closed_periods("cus_lines")] == [40]  # the old period is kept, with its spend
+
+
+def test_a_period_that_has_ended_or_that_the_engine_cannot_take_leaves_the_period_and_sets_the_limit(
+        engine: _core.Engine, tmp_path: Path) -> None:
+    now = int(time.time())
+    hooks = handlers_for(engine, tmp_path)
+    run(hooks.handle_event(build_event("customer.subscription.created", subscription_object(
+        "cus_ended", price_id="price_basic", period_start=now - 40 * DAY_S, period_end=now - 10 * DAY_S))))
+    run(hooks.handle_event(build_event("customer.subscription.created", subscription_object(
+        "cus_zero", price_id="price_basic", period_start=now, period_end=now))))
+    for customer in ("cus_ended", "cus_zero"):
+        view = engine.balance(customer)
+        assert (view.limit, view.period["kind"]) == (1_000, "monthly"), customer  # created on the default period

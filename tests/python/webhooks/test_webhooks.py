@@ -26,6 +26,7 @@ from spendgate.testing.fake_stripe import (
     sign_payload,
     subscription_object,
 )
+from spendgate.store_reader import StoreReader
 from spendgate.v1 import spendgate_pb2 as pb
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ OTHER_SECRET = "whsec_test_thin_destination"
 PLAN_LIMITS = {"price_basic": 1_000, "pro_monthly": 50_000}  # a price id, and a lookup_key
 WEBHOOKS_LISTENING = re.compile(r"webhooks listening on (http://[^\s\"]+)")  # text or JSON logs
 LOG_GUARD_S = 30.0  # a guard against a hang, not a timing assertion
+DAY_S = 86_400
 
 
 @dataclass
@@ -173,7 +175,7 @@ def test_a_subscription_sets_the_plan_limit_creating_the_budget_if_needed(start:
     unknown = hooks.send("customer.subscription.updated", subscription_object("cus_plan", price_id="price_unknown"))
     assert unknown.status == 200 and b"not in webhook_plan_limits" in unknown.body
     assert hooks.balance("cus_plan").limit == 50_000
-    assert "budget periods are not aligned yet" in hooks.log()
+    assert "budget cus_plan aligned with Stripe's period" in hooks.log()
 
 
 def test_a_subscription_finds_the_budget_billed_to_that_customer(start: Callable[..., WebhookSidecar]) -> None:
@@ -248,6 +250,68 @@ def test_an_invoice_paid_does_not_unfreeze_a_deleted_subscription(start: Callabl
     assert hooks.send("customer.subscription.deleted", customer="cus_gone").status == 200
     assert hooks.send("invoice.paid", invoice_object("cus_gone", invoice_id="in_g")).status == 200
     assert hooks.balance("cus_gone").frozen
+
+
+# -- periods ----------------------------------------------------------------------------------------------------------
+
+
+def stored_budget(hooks: WebhookSidecar, customer: str) -> dict[str, Any]:
+    """The budget as the sidecar made it durable (read from its data dir while it runs): period and freeze reason."""
+    with StoreReader(hooks.sidecar.data_dir) as store:
+        return next(record for name, record in store.budgets() if name == customer)
+
+
+def spend(hooks: WebhookSidecar, customer: str, amount: int) -> None:
+    with hooks.client.reserve(customer, amount) as hold:
+        hold.commit(amount)
+
+
+def test_subscription_periods_become_budget_periods_renewals_roll_them_and_old_events_never_roll_back(
+    start: Callable[..., WebhookSidecar],
+) -> None:
+    hooks = start()
+    now = int(time.time())
+    first = (now - 10 * DAY_S, now + 20 * DAY_S)
+    created = hooks.send("customer.subscription.created", subscription_object(
+        "cus_period", subscription_id="sub_period", price_id="price_basic", period_start=first[0],
+        period_end=first[1]))
+    assert created.status == 200, created.body
+    record = stored_budget(hooks, "cus_period")
+    assert record["period"] == {"kind": "fixed", "anchor_ms": first[0] * 1000, "length_ms": 30 * DAY_S * 1000}
+    assert (record["period_start_ms"], record["period_end_ms"]) == (first[0] * 1000, first[1] * 1000)
+    spend(hooks, "cus_period", 300)
+
+    # The new period's invoice is paid: its subscription line (billed in advance) is the new period; spend starts at 0.
+    second = (now - 60, now - 60 + 30 * DAY_S)
+    paid = hooks.send("invoice.paid", invoice_object("cus_period", subscription_id="sub_period", amount_due=900,
+                                                      period_start=second[0], period_end=second[1]))
+    assert paid.status == 200 and b"rolled over to period" in paid.body, paid.body
+    record = stored_budget(hooks, "cus_period")
+    assert (record["period_start_ms"], record["period_end_ms"]) == (second[0] * 1000, second[1] * 1000)
+    assert hooks.balance("cus_period").spent == 0
+    spend(hooks, "cus_period", 50)
+
+    # Replays and late events change nothing: Stripe's resend, the renewal's subscription.updated arriving after the
+    # invoice, and an older subscription.updated (the first period) delivered last.
+    assert b"already processed" in hooks.replay(paid).body
+    for period in (second, first):
+        delivery = hooks.send("customer.subscription.updated", subscription_object(
+            "cus_period", subscription_id="sub_period", price_id="price_basic", period_start=period[0],
+            period_end=period[1]))
+        assert delivery.status == 200, delivery.body
+    stale_invoice = hooks.send("invoice.paid", invoice_object("cus_period", subscription_id="sub_period",
+                                                              period_start=first[0], period_end=first[1]))
+    assert stale_invoice.status == 200 and b"rolled" not in stale_invoice.body
+    record = stored_budget(hooks, "cus_period")
+    assert (record["period_start_ms"], record["period_end_ms"]) == (second[0] * 1000, second[1] * 1000)
+    assert hooks.balance("cus_period").spent == 50
+    assert "budget cus_period stays on its period" in hooks.log()
+
+    assert hooks.send("customer.subscription.deleted", subscription_object(
+        "cus_period", status="canceled", subscription_id="sub_period")).status == 200
+    record = stored_budget(hooks, "cus_period")
+    assert record["frozen"] and record["frozen_reason"] == "Stripe: subscription sub_period deleted"
+    assert hooks.reserve_denied_frozen("cus_period")
 
 
 # -- other events -----------------------------------------------------------------------------------------------------
