@@ -3,6 +3,10 @@
 Each thread reserves, then commits. A Commit whose reply does not come (the sidecar died) is retried with the same
 reservation id until it is acknowledged (Commit is idempotent per reservation), so when the load has stopped,
 `acked` is exactly what the sidecar has committed: the ledger, by customer.
+
+With `token_share`, that share of the calls reserve a token estimate and commit token usage instead (priced by the
+sidecar's bundled table for TOKEN_MODEL): `acked` still has their units, `acked_plain` only the plain ones (what the
+units meter must sum to), and `acked_tokens` the tokens per (customer, token_type) the token meter must sum to.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 RPC_TIMEOUT_S: Final[float] = 5.0
 LONG_TTL_MS: Final[int] = 600_000
 RETRY_PAUSE_S: Final[float] = 0.05
+TOKEN_MODEL: Final[str] = "gpt-6-sol"
 # The codes a dying or restarting sidecar produces; anything else is a bug and fails the test.
 TRANSIENT: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                               grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN})
@@ -51,10 +56,13 @@ def call_until_ok(fn, request, deadline_s: float = 60.0):  # type: ignore[no-unt
 
 class CommitLoad:
     def __init__(self, target: str, customers: Sequence[str], *, threads: int = 4, pause_s: float = 0.01,
-                 seed: int = 0) -> None:
+                 seed: int = 0, token_share: float = 0.0) -> None:
         self.target = target
         self.customers = list(customers)
         self.acked: dict[str, int] = {c: 0 for c in customers}
+        self.acked_plain: dict[str, int] = {c: 0 for c in customers}
+        self.acked_tokens: dict[tuple[str, str], int] = {}
+        self._token_share = token_share
         self.acked_reservations: list[str] = []  # in the order their commits were acknowledged
         self.commits = 0
         self.errors: list[BaseException] = []
@@ -78,27 +86,50 @@ class CommitLoad:
         if self.errors:
             raise AssertionError(f"the load saw unexpected errors: {self.errors[:3]}")
 
+    @staticmethod
+    def _reserve(budget: pb_grpc.BudgetStub, customer: str, rng: random.Random,
+                 tokens: bool) -> pb.ReserveResponse | None:
+        """A Reserve, or None when the sidecar died under it (the hold may exist: never committed, never billed)."""
+        if tokens:
+            estimate = pb.TokenEstimate(model=TOKEN_MODEL, input_tokens=1_000, max_output_tokens=200)
+            request = pb.ReserveRequest(customer_id=customer, estimate=estimate, ttl_ms=LONG_TTL_MS)
+        else:
+            request = pb.ReserveRequest(customer_id=customer, amount=rng.randint(1, 50), ttl_ms=LONG_TTL_MS)
+        try:
+            return budget.Reserve(request, timeout=RPC_TIMEOUT_S)
+        except grpc.RpcError as error:
+            if error.code() not in TRANSIENT:
+                raise
+            time.sleep(RETRY_PAUSE_S)
+            return None
+
     def _run(self, seed: int) -> None:
         rng = random.Random(seed)
         channel, budget, _ = stubs(self.target)
         try:
             while not self._stop.is_set():
                 customer = rng.choice(self.customers)
-                amount = rng.randint(1, 50)
-                try:
-                    reply = budget.Reserve(pb.ReserveRequest(customer_id=customer, amount=amount, ttl_ms=LONG_TTL_MS),
-                                           timeout=RPC_TIMEOUT_S)
-                except grpc.RpcError as error:
-                    if error.code() not in TRANSIENT:
-                        raise
-                    time.sleep(RETRY_PAUSE_S)  # the reservation may or may not exist: never committed, never billed
+                tokens = rng.random() < self._token_share
+                reply = self._reserve(budget, customer, rng, tokens)
+                if reply is None or not reply.granted:
                     continue
-                if not reply.granted:
-                    continue
-                actual = rng.randint(0, amount)
-                call_until_ok(budget.Commit, pb.CommitRequest(reservation_id=reply.reservation_id, amount=actual))
+                if tokens:
+                    usage = pb.TokenUsage(input_tokens=rng.randint(0, 900), cached_input_tokens=rng.randint(0, 100),
+                                          output_tokens=rng.randint(0, 180), reasoning_tokens=rng.randint(0, 20))
+                    request = pb.CommitRequest(reservation_id=reply.reservation_id, usage=usage)
+                else:
+                    request = pb.CommitRequest(reservation_id=reply.reservation_id, amount=rng.randint(0, reply.amount))
+                committed = call_until_ok(budget.Commit, request)
                 with self._lock:
-                    self.acked[customer] += actual
+                    self.acked[customer] += committed.charged
+                    if tokens:
+                        for token_type, count in (("input", usage.input_tokens),
+                                                  ("cached_input", usage.cached_input_tokens),
+                                                  ("output", usage.output_tokens + usage.reasoning_tokens)):
+                            key = (customer, token_type)
+                            self.acked_tokens[key] = self.acked_tokens.get(key, 0) + count
+                    else:
+                        self.acked_plain[customer] += committed.charged
                     self.acked_reservations.append(reply.reservation_id)
                     self.commits += 1
                 time.sleep(self._pause_s)

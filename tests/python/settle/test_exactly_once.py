@@ -31,11 +31,12 @@ def fake() -> Iterator[FakeStripe]:
         yield fake
 
 
-def kill_under_load(sidecar_factory: SidecarFactory, fake: FakeStripe, name: str, seed: int,
+def kill_under_load(sidecar_factory: SidecarFactory, fake: FakeStripe, name: str, seed: int, token_share: float = 0.0,
                     **settings: object) -> CommitLoad:
     sidecar = sidecar_factory(name, env=sidecar_env(fake, **settings))
     create_budgets(sidecar.target, CUSTOMERS)
-    load = CommitLoad(sidecar.target, list(CUSTOMERS), threads=4, pause_s=0.02, seed=seed).start()
+    load = CommitLoad(sidecar.target, list(CUSTOMERS), threads=4, pause_s=0.02, seed=seed,
+                      token_share=token_share).start()
     rng = random.Random(seed)
     for kill in range(KILLS):
         time.sleep(rng.uniform(0.6, 1.4))  # commits going in, events going out, faults firing
@@ -46,11 +47,15 @@ def kill_under_load(sidecar_factory: SidecarFactory, fake: FakeStripe, name: str
     time.sleep(0.5)
     load.stop()
     status = wait_drained(sidecar.target)
-    stripe_totals = fake.totals_by_customer()
+    stripe_totals = fake.totals_by_customer("spendgate_usage")
     books = spent(sidecar.target, CUSTOMERS)
     assert load.commits > 100, "the load should have committed something worth checking"
     assert books == load.acked  # the ledger: every acknowledged commit, nothing else
-    assert {CUSTOMERS[c]: units for c, units in books.items() if units} == stripe_totals  # nothing lost, nothing twice
+    # Nothing lost, nothing twice: plain units on the units meter, tokens on the token meter.
+    assert {CUSTOMERS[c]: units for c, units in load.acked_plain.items() if units} == stripe_totals
+    tokens = {(customer, token_type): value
+              for (customer, _, token_type), value in fake.totals_by_dimensions("token-billing-tokens").items()}
+    assert tokens == {(CUSTOMERS[c], t): n for (c, t), n in load.acked_tokens.items() if n}
     assert status.dead_letters == 0
     print(f"{load.commits} commits; {meter_event_posts(fake)} meter event requests; {status.delivered_events} events "
           "accepted since the last start")
@@ -78,3 +83,10 @@ def test_pre_aggregation_makes_fewer_calls_and_stays_exact_across_kill_9(
     accepted = fake.events(status="accepted")
     assert any(parse_aggregate_identifier(ev["identifier"]) for ev in accepted)
     assert meter_event_posts(fake) < load.commits / 2  # including every retry and resend
+
+
+def test_token_commits_reach_the_token_meter_exactly_once_across_kill_9(
+        sidecar_factory: SidecarFactory, fake: FakeStripe) -> None:
+    load = kill_under_load(sidecar_factory, fake, "exactly-once-tokens", seed=11, token_share=0.5,
+                           settle_transport="v2", settle_batch_size=20)
+    assert sum(load.acked_tokens.values()) > 0 and sum(load.acked_plain.values()) > 0
