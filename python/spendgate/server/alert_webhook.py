@@ -161,6 +161,8 @@ class AlertWebhook:
             entries = self._engine.alerts_after(cursor, DELIVERY_BATCH_ALERTS)
             if not entries:
                 await self._hub.wait_published_after(max(cursor, newest))
+                if self._hub.closed:  # the sidecar stops, or its engine failed: nothing more will come
+                    return
                 continue
             if entries[0]["seq"] > cursor + 1:
                 log.warning(

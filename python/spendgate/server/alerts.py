@@ -167,8 +167,8 @@ class AlertHub:
         )
 
     @property
-    def watcher_count(self) -> int:
-        return len(self._watchers)
+    def closed(self) -> bool:
+        return self._closed is not None
 
     def notify(self) -> None:
         """A DurabilityWaiter listener: called on the loop after every wake-up of the writer. Cheap (one atomic read)

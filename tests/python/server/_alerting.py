@@ -178,6 +178,7 @@ class AlertReceiver:
     _attempts: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _holding: int = 0
+    _in_flight: int = 0
     url: str = ""
 
     def __enter__(self) -> AlertReceiver:
@@ -214,6 +215,15 @@ class AlertReceiver:
         await runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.Response:
+        with self._lock:
+            self._in_flight += 1
+        try:
+            return await self._answer(request)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    async def _answer(self, request: web.Request) -> web.Response:
         body = await request.read()
         if self.hold is not None:
             with self._lock:
@@ -235,6 +245,10 @@ class AlertReceiver:
         """Requests waiting for `hold` to be set."""
         with self._lock:
             return self._holding
+
+    def wait_idle(self) -> None:
+        """Until no request is being answered (after the sender was killed: a request it sent may still finish)."""
+        wait_until(lambda: self._in_flight, lambda n: n == 0, what="the receiver to be idle", deadline_s=WATCH_DEADLINE_S)
 
     @property
     def received(self) -> list[Received]:

@@ -109,28 +109,38 @@ def test_a_400_skips_that_alert_and_delivery_goes_on(sidecar_factory: SidecarFac
     assert "refused alert_2" in sidecar.log_tail(200)
 
 
-def test_delivery_resumes_from_the_durable_cursor_after_kill9(sidecar_factory: SidecarFactory) -> None:
-    with AlertReceiver() as receiver:
+def test_the_cursor_moves_only_on_a_2xx_and_delivery_resumes_from_it_after_kill9(
+    sidecar_factory: SidecarFactory,
+) -> None:
+    failing = threading.Event()
+    failing.set()
+
+    def down_for_the_fifth(alert: dict[str, Any], attempt: int) -> int:
+        return 500 if alert["seq"] == 5 and failing.is_set() else 200
+
+    with AlertReceiver(down_for_the_fifth) as receiver:
         sidecar = webhook_sidecar(sidecar_factory, "cursor", receiver)
         customer = new_customer()
         with Alerting(sidecar.target) as conn:
             conn.set_budget(customer, 1_000)
-            conn.toggle(customer, 4)
-            receiver.wait_for_accepted(4)
-            # The sender moves the cursor past alert 3 before it sends alert 4. An acknowledged change made now
-            # queues behind that move, so once it is acknowledged the cursor is durable at 3 or later.
+            conn.toggle(customer, 6)
+            receiver.wait_for_received(lambda got: [r.seq for r in got].count(5) >= 2, "alert 5 tried twice")
+            # The sender moved the cursor past alert 4 before it first sent alert 5. An acknowledged change made now
+            # queues behind that move, so once it is acknowledged the cursor is durable at 4.
             conn.set_budget(customer, 2_000)
         sidecar.kill9()
-        cursor = alert_cursor_of(sidecar.data_dir)
-        assert 3 <= cursor <= 4
+        assert alert_cursor_of(sidecar.data_dir) == 4  # not past 5, which was never answered 2xx
+        receiver.wait_idle()
+        failing.clear()
         before = len(receiver.received)
         sidecar.restart()
         with Alerting(sidecar.target) as conn:
-            conn.toggle(customer, 2)
-        receiver.wait_for_accepted(4 + (4 - cursor) + 2)
+            conn.toggle(customer)
+        receiver.wait_for_received(lambda got: 7 in [r.seq for r in got[before:]], "alert 7")
         after_restart = receiver.received[before:]
-    # Nothing at or below the cursor again; everything after it, in order (alert 4 again if its move was lost).
-    assert seqs(after_restart) == list(range(cursor + 1, 7))
+    assert seqs(after_restart) == [5, 6, 7]
+    assert all(r.status == 200 for r in after_restart)
+    assert seqs(receiver.accepted()) == [1, 2, 3, 4, 5, 6, 7]
 
 
 def test_a_stuck_receiver_never_slows_the_rpcs(sidecar_factory: SidecarFactory) -> None:
