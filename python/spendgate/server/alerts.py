@@ -10,12 +10,13 @@ durable seq (`engine.alert_seq()`) before it wakes the DurabilityWaiter. The hub
 seq moved, it reads the new alerts once (`alerts_after`) and fans them out, so there is no polling and no delay.
 
 Each watcher has a bounded queue (alert_watch_queue_capacity) of the alerts its filter wants. One that falls further
-behind (its client does not read, so its writes wait on HTTP/2 flow control) is dropped by the hub at once, its queue
-freed, and ends with RESOURCE_EXHAUSTED "... resume with after_seq=N" as soon as its pending write goes through (the
-client sees the status after the alerts already on their way to it): it never blocks the others or grows memory, and
-its alerts are durable, so it resumes without losing any. At shutdown every stream ends with UNAVAILABLE "the sidecar
-is shutting down; resume with after_seq=N" before the server drains (a stream parked on a client that reads nothing is
-cancelled at the end of the grace). N is the seq of the last alert the stream wrote, the last one the client gets.
+behind (its client does not read, so its writes wait on HTTP/2 flow control) gets nothing more from the hub, its queue
+is freed at once, and it ends with RESOURCE_EXHAUSTED "... resume with after_seq=N" as soon as its pending write goes
+through (the client sees the status after the alerts already on their way to it): it never blocks the others or grows
+memory, and its alerts are durable, so it resumes without losing any. At shutdown every stream ends with UNAVAILABLE
+"the sidecar is shutting down; resume with after_seq=N" before the server drains (a stream parked on a client that
+reads nothing is cancelled at the end of the grace). N is the seq of the last alert the stream wrote, the last one the
+client gets.
 
 No gap and no duplicate across the replay/live boundary: a watcher registers, on the loop thread and without awaiting,
 at the hub's `published_seq`: everything up to it comes from LMDB (the replay), everything after it from the hub, in
@@ -218,6 +219,8 @@ class AlertHub:
             watcher = self._open(request)
         except WatchRefused as refused:
             await context.abort(refused.code, refused.details)
+        # Counted until its handler ends, also while its last write waits on a client that does not read: so the
+        # handlers parked that way are bounded by alert_max_watchers too.
         self._watchers.add(watcher)
         try:
             live_from = self.published_seq  # read in the same step as the registration: nothing falls between
@@ -225,8 +228,11 @@ class AlertHub:
             await self._replay(context, watcher, live_from)
             while (message := await watcher.next()) is not None:
                 await _send(context, watcher, message)
+            await self._end(context, watcher)
         finally:
             self._watchers.discard(watcher)
+
+    async def _end(self, context: Context, watcher: Watcher) -> None:
         assert watcher.ended is not None
         code, details = watcher.ended
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -282,6 +288,7 @@ class AlertHub:
             batch = self._engine.alerts_after(cursor, REPLAY_BATCH_ALERTS)
             if not batch:
                 return
+            await asyncio.sleep(0)  # a filter may skip whole batches without a write: let the loop serve others
             if batch[0]["seq"] > cursor + 1 and cursor > 0:
                 log.warning(
                     "WatchAlerts after seq %d: alerts %d..%d were pruned (the engine keeps the newest 100,000)",
