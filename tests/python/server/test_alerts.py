@@ -73,43 +73,42 @@ def test_watch_delivers_every_kind_live_then_replays_them_all_in_order(sidecar_f
     sidecar = sidecar_factory("kinds", extra_args=["--breaker-min-units", "1000"], env=sidecar_env())
     limited, soft, runaway = new_customer("limited"), new_customer("soft"), new_customer("runaway")
     with Alerting(sidecar.target) as conn:
-        for customer in (limited, soft, runaway):
-            conn.set_budget(customer, 100 if customer == limited else 10_000)
+        conn.set_budget(limited, 100)
+        conn.admin.SetBudget(pb.SetBudgetRequest(customer_id=soft, limit=10_000, soft_limit=500), timeout=30)
+        conn.set_budget(runaway, 10_000)
         live = Watch(sidecar.target, from_start=True)  # the first alert is seq 1
         try:
             conn.limit_reached(limited)
             conn.freeze(limited, True)
             conn.freeze(limited, False)
+            conn.spend(soft, 600)
             conn.spend(runaway, 2_000)
-            got = live.wait_for(4)
+            got = live.wait_for(5)
         finally:
             live.close()
     assert kinds_of(got) == ["ALERT_KIND_LIMIT_REACHED", "ALERT_KIND_FROZEN", "ALERT_KIND_UNFROZEN",
-                             "ALERT_KIND_BREAKER_TRIPPED"]
-    assert [a.customer_id for a in got] == [limited, limited, limited, runaway]
+                             "ALERT_KIND_SOFT_LIMIT_CROSSED", "ALERT_KIND_BREAKER_TRIPPED"]
+    assert [a.customer_id for a in got] == [limited, limited, limited, soft, runaway]
     assert_contiguous(got, 1)
     assert got[0].values["limit"] == 100 and got[0].message and got[0].ts_ms > 0
+    assert got[3].values["soft_limit"] == 500 and got[3].values["spent"] == 600
 
-    # The soft limit (SetBudget's soft_limit) and a settlement dead letter, set on the stopped sidecar's data dir.
+    # A settlement dead letter (the settler's to raise), stored in the stopped sidecar's data dir by the engine.
     sidecar.terminate()
 
-    def soft_limit_and_dead_letter(engine: _core.Engine) -> int:
-        engine.update_budget(soft, soft_limit=500)
+    def dead_letter(engine: _core.Engine) -> int:
         return engine.raise_alert("settlement_dead_letter", soft, "Stripe refused a usage for good", {"seq": 7})
 
-    offline_engine(sidecar.data_dir, soft_limit_and_dead_letter)
+    offline_engine(sidecar.data_dir, dead_letter)
     sidecar.restart()
-    with Alerting(sidecar.target) as conn:
-        conn.spend(soft, 600)
-        replay = Watch(sidecar.target, from_start=True)
-        try:
-            everything = replay.wait_for(6)
-        finally:
-            replay.close()
+    replay = Watch(sidecar.target, from_start=True)
+    try:
+        everything = replay.wait_for(6)
+    finally:
+        replay.close()
     assert_contiguous(everything, 1)
-    assert everything[:4] == got
-    assert kinds_of(everything[4:]) == ["ALERT_KIND_SETTLEMENT_DEAD_LETTER", "ALERT_KIND_SOFT_LIMIT_CROSSED"]
-    assert everything[5].values["soft_limit"] == 500 and everything[5].values["spent"] == 600
+    assert everything[:5] == got
+    assert kinds_of(everything[5:]) == ["ALERT_KIND_SETTLEMENT_DEAD_LETTER"] and everything[5].values["seq"] == 7
     assert {a.kind for a in everything} == set(pb.AlertKind.values()) - {pb.ALERT_KIND_UNSPECIFIED}
 
 
