@@ -35,7 +35,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, TypeVar
@@ -43,6 +43,7 @@ from typing import Any, Final, TypeVar
 import grpc
 import grpc.aio
 
+from spendgate.alerts import START_SEQ_METADATA_KEY
 from spendgate.v1 import spendgate_pb2 as pb
 from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 
@@ -508,6 +509,34 @@ class Client:
                  tb: TracebackType | None) -> None:
         self.close()
 
+    def watch_alerts(self, after_seq: int = 0, *, from_start: bool = False,
+                     customer_ids: Sequence[str] = ()) -> Iterator[pb.Alert]:
+        """Budget.WatchAlerts: the alerts after `after_seq` (all those kept with `from_start`; neither: from now on),
+        then live ones as they are raised, in seq order, only `customer_ids`' when given. It never ends by itself.
+
+        On UNAVAILABLE (the sidecar restarting or draining) it reconnects under the client's RetryPolicy, resuming
+        after the last alert it yielded, so nothing is skipped or repeated; the attempts count from the last alert.
+        Other errors raise (ResourceExhausted: this stream fell behind, or too many streams are open): call again
+        with after_seq set to the last seq you processed. Break out of the loop to close the stream."""
+        position = _AlertPosition(after_seq, from_start, tuple(customer_ids))
+        attempt = 1
+        while True:
+            call = self._budget.WatchAlerts(position.request(), metadata=self._metadata)
+            try:
+                position.started(call.initial_metadata())
+                for alert in call:
+                    attempt = 1
+                    position.seen(alert)
+                    yield alert
+                return  # the server ended the stream without an error
+            except grpc.RpcError as err:
+                if not self._retry.should_retry(err, retryable_call=True, attempt=attempt):
+                    raise error_from_rpc(err) from err
+            finally:
+                call.cancel()
+            time.sleep(self._retry.backoff_s(attempt))
+            attempt += 1
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # asyncio client
@@ -685,3 +714,53 @@ class AsyncClient:
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.close()
+
+    async def watch_alerts(self, after_seq: int = 0, *, from_start: bool = False,
+                           customer_ids: Sequence[str] = ()) -> AsyncIterator[pb.Alert]:
+        """`async for alert in client.watch_alerts(...)`: the async twin of `Client.watch_alerts`."""
+        position = _AlertPosition(after_seq, from_start, tuple(customer_ids))
+        attempt = 1
+        while True:
+            call = self._budget.WatchAlerts(position.request(), metadata=self._metadata)
+            try:
+                position.started(await call.initial_metadata())
+                async for alert in call:
+                    attempt = 1
+                    position.seen(alert)
+                    yield alert
+                return  # the server ended the stream without an error
+            except grpc.RpcError as err:
+                if not self._retry.should_retry(err, retryable_call=True, attempt=attempt):
+                    raise error_from_rpc(err) from err
+            finally:
+                call.cancel()
+            await asyncio.sleep(self._retry.backoff_s(attempt))
+            attempt += 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Alerts: where a WatchAlerts stream resumes
+
+
+class _AlertPosition:
+    """What to ask for when a watch (re)connects: after the last alert seen, else after where the server said the
+    stream started (so that "from now" keeps no gap across a reconnect), else the caller's request."""
+
+    def __init__(self, after_seq: int, from_start: bool, customer_ids: tuple[str, ...]) -> None:
+        self.after_seq = after_seq
+        self.from_start = from_start
+        self.customer_ids = customer_ids
+
+    def request(self) -> pb.WatchAlertsRequest:
+        return pb.WatchAlertsRequest(after_seq=self.after_seq, from_start=self.from_start,
+                                     customer_ids=self.customer_ids)
+
+    def started(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> None:
+        for key, value in metadata or ():
+            if key == START_SEQ_METADATA_KEY:
+                start = int(value)
+                # "After 0" is from the oldest alert kept: from_start says that without contradicting after_seq.
+                self.after_seq, self.from_start = start, start == 0
+
+    def seen(self, alert: pb.Alert) -> None:
+        self.after_seq, self.from_start = alert.seq, False

@@ -256,6 +256,33 @@ class Settings:
     max_connection_age_grace_ms: int = _setting(
         5_000, "How long RPCs of a connection closed for its age may take to finish."
     )
+    # Alerts (spendgate.server.alerts): the Budget.WatchAlerts streams, and the alert webhook.
+    alert_watch_queue_capacity: int = _setting(
+        1_000, "Alerts one WatchAlerts stream may have waiting; one further behind is ended (resumably).",
+        minimum=1,
+    )
+    alert_max_watchers: int = _setting(100, "WatchAlerts streams open at once; more get RESOURCE_EXHAUSTED.", minimum=1)
+    alert_webhook_url: str = _setting(
+        "", "http(s) URL to POST every alert to, signed, in order, at least once; empty: off.", optional=True
+    )
+    alert_webhook_secret: str = _setting(
+        "", "Secret that signs the alert webhook (Spendgate-Signature header); required with alert_webhook_url.",
+        optional=True, secret=True,
+    )
+    alert_webhook_timeout_ms: int = _setting(10_000, "Timeout of one alert webhook request, all of it.", minimum=1)
+    alert_webhook_connect_timeout_ms: int = _setting(
+        5_000, "Timeout of connecting to the alert webhook receiver.", minimum=1
+    )
+    alert_webhook_max_attempts: int = _setting(
+        8, "Tries of one alert (5xx, 429, connection errors) before an error is logged; it is retried, never skipped.",
+        minimum=1,
+    )
+    alert_webhook_backoff_base_ms: int = _setting(
+        500, "First alert webhook retry delay (exponential backoff, full jitter).", minimum=1
+    )
+    alert_webhook_backoff_max_ms: int = _setting(
+        60_000, "Longest alert webhook retry delay (also the cap on a receiver's Retry-After).", minimum=1
+    )
 
     def __post_init__(self) -> None:
         # Every way in (load_settings, the CLI, tests) ends here: a Settings that exists is valid.
@@ -335,6 +362,22 @@ def _problem(spec: dataclasses.Field[Any], value: object) -> str | None:
     return None
 
 
+def _alert_webhook_problems(settings: Settings) -> list[tuple[str, str]]:
+    """What is wrong with the alert webhook's settings, when alert_webhook_url is set."""
+    problems = []
+    scheme, _, rest = settings.alert_webhook_url.partition("://")
+    if scheme.lower() not in ("http", "https") or not rest.strip("/"):
+        url = settings.alert_webhook_url
+        problems.append(("alert_webhook_url", f"expected an http:// or https:// URL, got {url!r}"))
+    if not settings.alert_webhook_secret:
+        problems.append(("alert_webhook_secret", "alert_webhook_url needs a secret to sign with: set "
+                                                 "SPENDGATE_ALERT_WEBHOOK_SECRET (openssl rand -hex 32), the receiver "
+                                                 "verifies with the same one"))
+    if settings.alert_webhook_backoff_max_ms < settings.alert_webhook_backoff_base_ms:
+        problems.append(("alert_webhook_backoff_max_ms", "must be >= alert_webhook_backoff_base_ms"))
+    return problems
+
+
 def _combination_problems(settings: Settings) -> list[tuple[str, str]]:
     """(setting, problem) for settings that only work together: TLS needs a certificate and its key."""
     problems = []
@@ -345,6 +388,8 @@ def _combination_problems(settings: Settings) -> list[tuple[str, str]]:
     if settings.tls_client_ca_file and not settings.tls_cert_file:
         problems.append(("tls_client_ca_file", "mTLS needs the server's own certificate: set tls_cert_file and "
                                                "tls_key_file too"))
+    if settings.alert_webhook_url:
+        problems.extend(_alert_webhook_problems(settings))
     return problems
 
 

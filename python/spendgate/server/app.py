@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from spendgate import _core, logs
 from spendgate.config import Settings
 from spendgate.server.admin_service import AdminServicer
+from spendgate.server.alerts import AlertService
 from spendgate.server.auth import TokenAuthInterceptor
 from spendgate.policy.metering import Meter
 from spendgate.policy.price_book import PriceBook
@@ -71,6 +72,7 @@ class Sidecar:
         self._health_tasks: set[asyncio.Task[None]] = set()
         self._settlement: SettlementService | None = None
         self._settle_task: asyncio.Task[None] | None = None
+        self._alerts: AlertService | None = None  # WatchAlerts streams and the alert webhook
         self._stopped = False
         self.prices: PriceBook = PriceBook(None)
         self._background: set[asyncio.Task[None]] = set()  # cancelled at stop
@@ -90,6 +92,7 @@ class Sidecar:
             self._waiter = DurabilityWaiter(self._engine, on_failure=self._on_engine_failure)
             self._settlement = SettlementService(self._engine, settings, self._waiter.wait, metrics=self.metrics)
             self.metrics.watch(self._engine, settings.data_dir, self._settlement)
+            self._alerts = AlertService(self._engine, self._waiter, settings, self.metrics)
             self._health = grpc_health.aio.HealthServicer()
             self._server = self._build_server(self._engine, self._waiter, self._health)
             port = (self._server.add_secure_port(settings.listen, credentials) if credentials is not None
@@ -105,6 +108,8 @@ class Sidecar:
             await self._server.start()
             self._start_settlement()
             self._start_price_reloads()
+            assert self._alerts is not None
+            self._alerts.start()
         except BaseException:
             await self.stop()
             raise
@@ -121,6 +126,8 @@ class Sidecar:
             task.cancel()
         if self._health is not None:
             await self._health.enter_graceful_shutdown()  # NOT_SERVING first, so that balancers look elsewhere
+        if self._alerts is not None:
+            await self._alerts.stop()  # ends the WatchAlerts streams first: open streams would hold the drain
         if self._server is not None:
             await self._server.stop(self.settings.shutdown_grace_ms / 1000)
         if self._http is not None:
@@ -190,7 +197,9 @@ class Sidecar:
             interceptors=[ObservingInterceptor(self.metrics), TokenAuthInterceptor(self.tokens)],
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
-        pb_grpc.add_BudgetServicer_to_server(BudgetServicer(engine, waiter, Meter(self.prices)), server)
+        budget = BudgetServicer(engine, waiter, Meter(self.prices))
+        budget.alerts = self._alerts
+        pb_grpc.add_BudgetServicer_to_server(budget, server)
         pb_grpc.add_AdminServicer_to_server(AdminServicer(engine, waiter, self._settlement), server)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         if settings.reflection:
@@ -230,6 +239,8 @@ class Sidecar:
         # The writer failing is final (the engine refuses every later call): NOT_SERVING for good, so that the
         # orchestrator restarts us; LMDB still holds every acknowledged change.
         log.critical("engine failed: %s; health is NOT_SERVING until the sidecar restarts", failure)
+        if self._alerts is not None:
+            self._alerts.end_watches("the sidecar's storage failed; resume against the restarted sidecar")
         if self._health is not None:
             task = asyncio.get_running_loop().create_task(self._health.enter_graceful_shutdown())
             self._health_tasks.add(task)  # the loop keeps only weak references to tasks

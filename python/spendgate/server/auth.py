@@ -85,11 +85,13 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _refusing_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape (unary Budget and Admin calls) that only aborts."""
+    """A handler of the same shape (unary calls, and server streams such as Budget.WatchAlerts) that only aborts."""
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await context.abort(code, message)
 
-    return grpc.unary_unary_rpc_method_handler(
+    streams = handler.unary_stream is not None
+    make = grpc.unary_stream_rpc_method_handler if streams else grpc.unary_unary_rpc_method_handler
+    return make(
         refuse, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
     )

@@ -18,6 +18,7 @@ from spendgate._core import EngineError
 from spendgate.policy.metering import Meter, fingerprint
 from spendgate.policy.prices import PriceError, TokenUsage, UnknownModelError
 from spendgate.policy.usage_report import DEFAULT_TOP, MAX_TOP, NEVER_MS, period_at_ms, usage_report
+from spendgate.server.alerts import AlertService
 from spendgate.server.durability import DurabilityWaiter
 from spendgate.server.status import grpc_errors
 from spendgate.v1 import spendgate_pb2 as pb
@@ -183,6 +184,16 @@ class BudgetServicer(pb_grpc.BudgetServicer):
     @grpc_errors
     async def Ping(self, request: pb.PingRequest, context: Context) -> pb.PingResponse:
         return pb.PingResponse()
+
+    # Set by the app (spendgate.server.app) after construction; None in a server built without alerts.
+    alerts: AlertService | None = None
+
+    @grpc_errors
+    async def WatchAlerts(self, request: pb.WatchAlertsRequest, context: Context) -> None:
+        """A server stream: durable alerts after request.after_seq, then live ones (spendgate.server.alerts)."""
+        if self.alerts is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server was built without alerts")
+        await self.alerts.watch(request, context)
 
 
 def wall_ms() -> int:

@@ -41,6 +41,7 @@ class DurabilityWaiter:
         self._sequence = itertools.count()
         self._durable_ticket = engine.durable_ticket()
         self._failure: str | None = None
+        self._listeners: list[Callable[[], None]] = []
         self._reading = True
         self._loop.add_reader(self._fd, self._on_readable)
         # The engine may have advanced or failed before we started watching: look once now, not at the next wake-up.
@@ -50,6 +51,11 @@ class DurabilityWaiter:
     def pending_count(self) -> int:
         """Waiters not yet resolved (cancelled ones count until their ticket passes)."""
         return len(self._pending)
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` on the loop after every wake-up of the writer, once its waiters are resolved (the alert
+        hub looks for new alerts then). It must be cheap and must not raise."""
+        self._listeners.append(listener)
 
     async def wait(self, ticket: int) -> None:
         """Return once `ticket` is durable; at once for ticket 0 (nothing to wait for). Raises EngineError
@@ -86,6 +92,8 @@ class DurabilityWaiter:
             _, _, future = heapq.heappop(self._pending)
             if not future.done():  # a cancelled RPC leaves a cancelled future behind
                 future.set_result(None)
+        for listener in self._listeners:
+            listener()
         failure = self._engine.failure()
         if failure is not None and self._failure is None:
             self._fail(failure)
