@@ -31,6 +31,10 @@ impl AlertKind {
         AlertKind::SettlementDeadLetter,
     ];
 
+    /// The kinds that code outside the engine may raise (`Engine::raise_alert`): the others mark a budget's state
+    /// and are raised only where the engine decides them.
+    pub const RAISED_OUTSIDE: [AlertKind; 1] = [AlertKind::SettlementDeadLetter];
+
     /// The stored name, the same as spendgate.v1.AlertKind without its prefix, lower case.
     pub fn as_str(self) -> &'static str {
         match self {

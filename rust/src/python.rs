@@ -787,6 +787,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DENY_INSUFFICIENT_BUDGET", 1)?;
     m.add("DENY_TOO_MANY_HOLDS", 2)?;
     m.add("DENY_FROZEN", 3)?;
+    m.add("ALERT_KINDS", crate::alerts::AlertKind::ALL.map(|kind| kind.as_str()).to_vec())?;
     m.add("DENY_OVERAGE_BLOCKED", 4)?;
     m.add("DENY_UNKNOWN_MODEL", 5)?;
     m.add("HOLD_ACTIVE", 1)?;

@@ -358,6 +358,16 @@ fn alerts_are_durable_in_order_and_survive_a_reopen() {
     assert_eq!(after.iter().map(|a| a.seq).collect::<Vec<_>>(), [2, 3, 4]);
     assert_eq!(f.engine().alert_seq(), 4);
     assert!(f.engine().raise_alert("nonsense", "cus", "x", &[]).is_err());
+    // The kinds that mark a budget are the engine's own: from outside (and for a budget that does not exist) they are
+    // bad input, and the writer goes on.
+    assert_eq!(
+        f.engine().raise_alert("limit_reached", "nobody", "x", &[]).unwrap_err().kind,
+        spendgate::ErrorKind::InvalidArgument
+    );
+    f.engine()
+        .wait_durable(f.engine().raise_alert("settlement_dead_letter", "nobody", "x", &[]).unwrap(), WAIT)
+        .unwrap();
+    assert!(f.engine().failure().is_none());
 }
 
 #[test]

@@ -424,9 +424,13 @@ impl Engine {
         message: &str,
         values: &[(&str, i64)],
     ) -> Result<u64, EngineError> {
-        let kind = AlertKind::parse(kind).ok_or_else(|| {
-            let known: Vec<&str> = AlertKind::ALL.iter().map(|kind| kind.as_str()).collect();
-            EngineError::invalid(format!("unknown alert kind {kind:?}; use one of {}", known.join(", ")))
+        let kind = AlertKind::parse(kind).filter(|kind| AlertKind::RAISED_OUTSIDE.contains(kind)).ok_or_else(|| {
+            let outside: Vec<&str> = AlertKind::RAISED_OUTSIDE.iter().map(|kind| kind.as_str()).collect();
+            EngineError::invalid(format!(
+                "alert kind {kind:?} cannot be raised from outside the engine (it decides the budget kinds itself, \
+                 and freeze() raises frozen and unfrozen); use one of {}",
+                outside.join(", ")
+            ))
         })?;
         validate_id("customer_id", customer_id)?;
         let alert = PendingAlert::new(kind, customer_id, self.shared.clock.now_ms(), message.to_string(), values);
