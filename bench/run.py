@@ -224,10 +224,12 @@ def run_spendgate(args: argparse.Namespace, result: dict[str, Any], missing: lis
         "ok": spent == committed if not errors else spent >= committed,
         "detail": f"server says {spent} units spent on the bench budgets; the load got {committed} Commit replies of "
                   f"1 unit" + (f" ({errors} RPC errors: only >= is checked)" if errors else "")}
+    # A call that failed on the client (a refused stream, a deadline) may still have left a hold, or a Commit
+    # refused after its Reserve leaves its hold open: each such error accounts for at most one unit more.
     checks["spendgate: reserved <= open holds granted"] = {
-        "ok": reserved <= held,
+        "ok": reserved <= held + errors,
         "detail": f"server says {reserved} units reserved; the load left {held} holds of 1 unit open (fewer remain "
-                  f"when some expired)"}
+                  f"when some expired)" + (f", and {errors} RPC errors may each have left one more" if errors else "")}
     race = result["race"]
     checks["spendgate: zero overspend under 64 concurrent clients"] = {
         "ok": race["overspend_units"] == 0 and race["server_overspend_units"] == 0 and not race["errors"],

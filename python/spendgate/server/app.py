@@ -193,8 +193,7 @@ class Sidecar:
                 ("grpc.so_reuseport", 0),
                 *connection_options(settings),
             ],
-            # The observer first (outermost), so that refused calls get a request id and are counted too.
-            interceptors=[ObservingInterceptor(self.metrics), TokenAuthInterceptor(self.tokens)],
+            interceptors=self._interceptors(),
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
         budget = BudgetServicer(engine, waiter, Meter(self.prices))
@@ -206,6 +205,14 @@ class Sidecar:
             names = (BUDGET_SERVICE, ADMIN_SERVICE, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME)
             reflection.enable_server_reflection(names, server)
         return server
+
+    def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """The observer first (outermost), so that refused calls get a request id and are counted too. Without
+        tokens configured there is nothing to check, and the token interceptor (a coroutine per call) is left out."""
+        interceptors: list[grpc.aio.ServerInterceptor] = [ObservingInterceptor(self.metrics)]
+        if self.tokens.enabled:
+            interceptors.append(TokenAuthInterceptor(self.tokens))
+        return interceptors
 
     def _start_price_reloads(self) -> None:
         """SIGHUP reloads the price file, and so does a change to it (polled every price_reload_interval_ms)."""

@@ -82,6 +82,8 @@ class Metrics:
         )
         self.alerts = Counter("spendgate_alerts", "Alerts raised, by kind.", ["kind"], registry=registry)
         self._collector: EngineCollector | None = None
+        # Bounded: methods x decisions x reasons, each a small fixed set.
+        self._call_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
     def watch(self, engine: _core.Engine, data_dir: str, settlement: SettlementService | None = None) -> None:
         """Report this engine's (and settlement's) gauges at every scrape. Once per Metrics."""
@@ -96,8 +98,16 @@ class Metrics:
             self._collector = None
 
     def observe_call(self, method: str, decision: str, reason: str, duration_s: float) -> None:
-        self.rpc_duration.labels(method=method, decision=decision).observe(duration_s)
-        self.decisions.labels(method=method, decision=decision, reason=reason).inc()
+        # The labelled children are looked up once per label set (labels() takes a lock and builds a key per call).
+        key = (method, decision, reason)
+        children = self._call_children.get(key)
+        if children is None:
+            children = self._call_children[key] = (
+                self.rpc_duration.labels(method=method, decision=decision),
+                self.decisions.labels(method=method, decision=decision, reason=reason),
+            )
+        children[0].observe(duration_s)
+        children[1].inc()
 
     def stripe_error(self, code: str) -> None:
         self.stripe_errors.labels(code=code).inc()
