@@ -358,29 +358,7 @@ mod tests {
     use crate::period::NEVER_MS;
 
     pub fn record(limit: i64) -> BudgetRecord {
-        BudgetRecord {
-            limit,
-            spent: 0,
-            held: 0,
-            overdraft: 0,
-            stripe_customer_id: "cus".into(),
-            created_ms: 0,
-            updated_ms: 0,
-            frozen: false,
-            frozen_reason: String::new(),
-            included: 0,
-            soft_limit: 0,
-            mode: EnforcementMode::Hard,
-            block_overage: false,
-            parent: None,
-            period: PeriodRule::Lifetime,
-            period_start_ms: 0,
-            period_end_ms: NEVER_MS,
-            soft_alerted: false,
-            limit_alerted: false,
-            breaker_multiplier: None,
-            ring: UsageRing::default(),
-        }
+        BudgetRecord::new(limit, "cus".into(), 0, PeriodRule::Lifetime, 0, NEVER_MS)
     }
 
     fn budget(limit: i64) -> Budget {

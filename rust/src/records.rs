@@ -89,6 +89,40 @@ pub struct BudgetRecord {
 }
 
 impl BudgetRecord {
+    /// A new budget: nothing spent or held, no policy but its limit, in the period [start, end) of `period`.
+    pub fn new(
+        limit: i64,
+        stripe_customer_id: String,
+        now_ms: i64,
+        period: PeriodRule,
+        start_ms: i64,
+        end_ms: i64,
+    ) -> Self {
+        BudgetRecord {
+            limit,
+            spent: 0,
+            held: 0,
+            overdraft: 0,
+            stripe_customer_id,
+            created_ms: now_ms,
+            updated_ms: now_ms,
+            frozen: false,
+            frozen_reason: String::new(),
+            included: 0,
+            soft_limit: 0,
+            mode: EnforcementMode::Hard,
+            block_overage: false,
+            parent: None,
+            period,
+            period_start_ms: start_ms,
+            period_end_ms: end_ms,
+            soft_alerted: false,
+            limit_alerted: false,
+            breaker_multiplier: None,
+            ring: UsageRing::default(),
+        }
+    }
+
     /// The limit Reserve admits against: the kill switch caps it at the included quota.
     pub fn effective_limit(&self) -> i64 {
         if self.block_overage {

@@ -14,7 +14,6 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use heed::RwTxn;
 
 use crate::alerts::{AlertKind, PendingAlert, MAX_ALERTS_KEPT};
-use crate::breaker::UsageRing;
 use crate::engine::Shared;
 use crate::error::EngineError;
 use crate::hold::format_reservation_id;
@@ -344,29 +343,14 @@ impl Writer {
         let known =
             self.cache.budgets.contains_key(customer_id) || self.store.budgets.get(wtxn, customer_id)?.is_some();
         if !known {
-            let record = BudgetRecord {
-                limit: policy.limit,
-                spent: 0,
-                held: 0,
-                overdraft: 0,
-                stripe_customer_id: policy.stripe_customer_id.clone(),
-                created_ms: now_ms,
-                updated_ms: now_ms,
-                frozen: false,
-                frozen_reason: String::new(),
-                included: 0,
-                soft_limit: 0,
-                mode: EnforcementMode::Hard,
-                block_overage: false,
-                parent: None,
-                period: policy.period,
-                period_start_ms: policy.period_start_ms,
-                period_end_ms: policy.period_end_ms,
-                soft_alerted: false,
-                limit_alerted: false,
-                breaker_multiplier: None,
-                ring: UsageRing::default(),
-            };
+            let record = BudgetRecord::new(
+                policy.limit,
+                policy.stripe_customer_id.clone(),
+                now_ms,
+                policy.period,
+                policy.period_start_ms,
+                policy.period_end_ms,
+            );
             self.cache.budgets.insert(customer_id.to_string(), record);
         }
         let record = self.budget_mut(wtxn, customer_id)?;

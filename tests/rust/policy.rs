@@ -461,7 +461,7 @@ fn usage_views_add_up_to_the_ledger_by_day_model_and_dimension() {
     f.budget("org", 1_000_000);
     f.set("alice", member_of("org", 1_000_000));
     let e = f.engine();
-    let mut commit = |customer: &str, usage: Option<UsageDetail>, amount: i64, feature: &str| {
+    let commit = |customer: &str, usage: Option<UsageDetail>, amount: i64, feature: &str| {
         let dims: BTreeMap<String, String> = [("feature".to_string(), feature.to_string())].into();
         let args = ReserveArgs {
             customer_id: customer,
@@ -555,7 +555,6 @@ fn commits_racing_roll_overs_count_in_exactly_one_period_on_both_levels() {
         });
         let workers: Vec<_> = (0..6u64)
             .map(|t| {
-                let engine = engine;
                 scope.spawn(move || {
                     let mut rng = rand::rngs::StdRng::seed_from_u64(t);
                     let mut spent = [0i64; 3];

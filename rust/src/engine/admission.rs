@@ -331,8 +331,8 @@ impl Shared {
             Entry::Occupied(mut entry) => {
                 let slot = entry.get_mut();
                 match slot.resolution {
-                    None => self.commit_active(slot, hold_id, args),
-                    Some(Resolution::Expired) => self.commit_late(slot, hold_id, args),
+                    None => self.commit_hold(slot, hold_id, args, false),
+                    Some(Resolution::Expired) => self.commit_hold(slot, hold_id, args, true),
                     Some(resolution) => replay_commit(
                         reservation_id,
                         resolution,
@@ -362,7 +362,7 @@ impl Shared {
                             resolution: Some(Resolution::Expired),
                             ticket: 0,
                         };
-                        let outcome = self.commit_late(&mut slot, hold_id, args)?;
+                        let outcome = self.commit_hold(&mut slot, hold_id, args, true)?;
                         entry.insert(slot);
                         Ok(outcome)
                     }
@@ -435,43 +435,22 @@ impl Shared {
         (ticket, excess, parent_excess)
     }
 
-    fn commit_active(
+    /// Post a Commit of an active hold, or, `late`, of one that expired before it (the LLM call happened anyway, so
+    /// the usage is recorded in full, against nothing held).
+    fn commit_hold(
         &self,
         slot: &mut HoldSlot,
         hold_id: u64,
         args: CommitArgs<'_>,
+        late: bool,
     ) -> Result<CommitOutcome, EngineError> {
         self.acquire_queue_slot()?;
-        let (held, amount) = (slot.amount, args.amount);
-        let (ticket, excess, _) = self.post_commit(slot, hold_id, held, false, args);
-        self.close_hold(&slot.budget, slot.parent.as_ref());
-        slot.resolution = Some(Resolution::Committed { amount, excess, late: false });
-        slot.ticket = ticket;
-        let (over_limit, breaker_tripped) = self.after_commit(slot, amount);
-        Ok(CommitOutcome {
-            charged: amount,
-            remaining: slot_remaining(slot),
-            over_reserved: amount > held,
-            excess,
-            replayed: false,
-            hold_expired: false,
-            over_limit,
-            breaker_tripped,
-            ticket,
-        })
-    }
-
-    /// The hold expired before this Commit: the LLM call happened anyway, so record the usage in full.
-    fn commit_late(
-        &self,
-        slot: &mut HoldSlot,
-        hold_id: u64,
-        args: CommitArgs<'_>,
-    ) -> Result<CommitOutcome, EngineError> {
-        self.acquire_queue_slot()?;
-        let amount = args.amount;
-        let (ticket, excess, _) = self.post_commit(slot, hold_id, 0, true, args);
-        slot.resolution = Some(Resolution::Committed { amount, excess, late: true });
+        let (held, amount) = (if late { 0 } else { slot.amount }, args.amount);
+        let (ticket, excess, _) = self.post_commit(slot, hold_id, held, late, args);
+        if !late {
+            self.close_hold(&slot.budget, slot.parent.as_ref()); // an expired hold was closed when it expired
+        }
+        slot.resolution = Some(Resolution::Committed { amount, excess, late });
         slot.ticket = ticket;
         let (over_limit, breaker_tripped) = self.after_commit(slot, amount);
         Ok(CommitOutcome {
@@ -480,7 +459,7 @@ impl Shared {
             over_reserved: amount > slot.amount,
             excess,
             replayed: false,
-            hold_expired: true,
+            hold_expired: late,
             over_limit,
             breaker_tripped,
             ticket,

@@ -171,29 +171,13 @@ impl Shared {
             (None, Some(parent)) => parent.admin.lock().expect("budget admin lock").stripe_customer_id.clone(),
             (None, None) => customer_id.to_string(),
         };
-        let record = BudgetRecord {
-            limit,
-            spent: 0,
-            held: 0,
-            overdraft: 0,
-            stripe_customer_id,
-            created_ms: now_ms,
-            updated_ms: now_ms,
-            frozen: false,
-            frozen_reason: String::new(),
-            included: update.included.unwrap_or(0),
-            soft_limit: update.soft_limit.unwrap_or(0),
-            mode: update.mode.unwrap_or_default(),
-            block_overage: update.block_overage.unwrap_or(false),
-            parent: parent.as_ref().map(|p| p.customer_id.to_string()),
-            period,
-            period_start_ms,
-            period_end_ms,
-            soft_alerted: false,
-            limit_alerted: false,
-            breaker_multiplier: update.breaker_multiplier.flatten(),
-            ring: Default::default(),
-        };
+        let mut record = BudgetRecord::new(limit, stripe_customer_id, now_ms, period, period_start_ms, period_end_ms);
+        record.included = update.included.unwrap_or(0);
+        record.soft_limit = update.soft_limit.unwrap_or(0);
+        record.mode = update.mode.unwrap_or_default();
+        record.block_overage = update.block_overage.unwrap_or(false);
+        record.parent = parent.as_ref().map(|p| p.customer_id.to_string());
+        record.breaker_multiplier = update.breaker_multiplier.flatten();
         let budget = Arc::new(Budget::from_record(customer_id, &record, 0));
         if let Some(parent) = &parent {
             parent.members.fetch_add(1, SeqCst);
