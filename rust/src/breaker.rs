@@ -42,14 +42,14 @@ impl BreakerConfig {
                 self.multiplier
             )));
         }
-        if self.recent_ms < MIN_RECENT_MS || self.recent_ms % FINE_BUCKETS as u64 != 0 {
+        if self.recent_ms < MIN_RECENT_MS || !self.recent_ms.is_multiple_of(FINE_BUCKETS as u64) {
             return Err(EngineError::invalid(format!(
                 "breaker_recent_ms is {}; it must be at least {MIN_RECENT_MS} and a multiple of {FINE_BUCKETS}",
                 self.recent_ms
             )));
         }
         let hours = self.window_ms / self.recent_ms;
-        if self.window_ms % self.recent_ms != 0 || !(1..=MAX_WINDOW_HOURS).contains(&hours) {
+        if !self.window_ms.is_multiple_of(self.recent_ms) || !(1..=MAX_WINDOW_HOURS).contains(&hours) {
             return Err(EngineError::invalid(format!(
                 "breaker_window_ms is {}; it must be 1..={MAX_WINDOW_HOURS} times breaker_recent_ms ({})",
                 self.window_ms, self.recent_ms
