@@ -323,6 +323,10 @@ impl Budget {
         self.limit_alerted.store(false, SeqCst);
     }
 
+    pub fn soft_limit(&self) -> i64 {
+        self.soft_limit.load(SeqCst)
+    }
+
     pub fn soft_alerted(&self) -> bool {
         self.soft_alerted.load(SeqCst)
     }

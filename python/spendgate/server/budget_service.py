@@ -80,7 +80,7 @@ class BudgetServicer(pb_grpc.BudgetServicer):
             request.idempotency_key,
             request.ttl_ms,
             model=model,
-            dimensions=dict(request.dimensions),
+            dimensions=dict(request.dimensions) or None,  # most calls carry none: skip the conversion
             fingerprint=print_,
         )
         await self._waiter.wait(outcome.ticket)
@@ -118,7 +118,7 @@ class BudgetServicer(pb_grpc.BudgetServicer):
                 raise invalid("give either amount or usage, not both (leave amount 0 with usage)")
             amount, detail = self._charge(request.reservation_id, request.usage)
         outcome = self._engine.commit(
-            request.reservation_id, amount, usage=detail, dimensions=dict(request.dimensions)
+            request.reservation_id, amount, usage=detail, dimensions=dict(request.dimensions) or None
         )
         await self._waiter.wait(outcome.ticket)
         return pb.CommitResponse(

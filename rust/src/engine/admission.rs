@@ -19,8 +19,22 @@ use crate::hold::{
 };
 use crate::records::{Dimensions, HoldRecord, HoldStatus};
 use crate::store::idempotency_key;
-use crate::usage::{validate_dimensions, validate_usage};
+use crate::usage::{validate_dimensions, validate_usage, MAX_MODEL_BYTES};
 use crate::writer::{CommitOp, Op};
+
+/// An estimate's fingerprint: the model and two token counts.
+const MAX_FINGERPRINT_BYTES: usize = MAX_MODEL_BYTES + 48;
+
+fn check_length(field: &str, value: &str, max_bytes: usize) -> Result<(), EngineError> {
+    if value.len() > max_bytes {
+        return Err(EngineError::invalid(format!(
+            "{field} {:?} is {} bytes; give at most {max_bytes}",
+            truncate_for_message(value),
+            value.len()
+        )));
+    }
+    Ok(())
+}
 
 impl Shared {
     pub(super) fn reserve(&self, args: &ReserveArgs<'_>) -> Result<ReserveOutcome, EngineError> {
@@ -31,15 +45,8 @@ impl Shared {
             validate_id("idempotency_key", args.idempotency_key)?;
         }
         validate_dimensions(&args.dimensions)?;
-        if args.model.len() > crate::usage::MAX_MODEL_BYTES
-            || args.fingerprint.len() > crate::usage::MAX_MODEL_BYTES * 2
-        {
-            return Err(EngineError::invalid(format!(
-                "model {:?} is too long; give at most {} bytes",
-                truncate_for_message(args.model),
-                crate::usage::MAX_MODEL_BYTES
-            )));
-        }
+        check_length("model", args.model, MAX_MODEL_BYTES)?;
+        check_length("fingerprint", args.fingerprint, MAX_FINGERPRINT_BYTES)?;
         let ttl_ms = self.resolve_ttl_ms(args.ttl_ms)?;
         let budget = self.budget(args.customer_id)?;
         if args.idempotency_key.is_empty() {
@@ -483,7 +490,7 @@ impl Shared {
 
     fn raise_soft_limit(&self, level: &Budget) {
         let c = level.counters();
-        let soft_limit = level.admin.lock().expect("budget admin lock").soft_limit;
+        let soft_limit = level.soft_limit();
         let message = format!(
             "budget {:?} has spent {} units, past its soft limit of {soft_limit} (limit {})",
             level.customer_id, c.spent, c.limit

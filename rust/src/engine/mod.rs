@@ -401,12 +401,7 @@ impl Engine {
     /// Freeze or unfreeze, saying who and why; raises a frozen or unfrozen alert when it changes anything.
     pub fn freeze(&self, customer_id: &str, frozen: bool, reason: &str) -> Result<SetBudgetOutcome, EngineError> {
         validate_id("customer_id", customer_id)?;
-        if reason.is_empty() || reason.len() > MAX_REASON_BYTES {
-            return Err(EngineError::invalid(format!(
-                "reason is {} bytes; give a reason of 1..={MAX_REASON_BYTES} bytes",
-                reason.len()
-            )));
-        }
+        validate_reason(reason)?;
         let budget = self.shared.budget(customer_id)?;
         self.shared.freeze(&budget, frozen, reason)
     }
@@ -484,12 +479,7 @@ impl Engine {
     /// Stripe refused these for good: move them to the dead letters with the reason.
     pub fn outbox_dead_letter(&self, seqs: &[u64], reason: &str) -> Result<u64, EngineError> {
         check_batch("seqs", seqs.len())?;
-        if reason.is_empty() || reason.len() > MAX_REASON_BYTES {
-            return Err(EngineError::invalid(format!(
-                "reason is {} bytes; give a reason of 1..={MAX_REASON_BYTES} bytes",
-                reason.len()
-            )));
-        }
+        validate_reason(reason)?;
         let now_ms = self.shared.clock.now_ms();
         self.shared.submit(Op::OutboxDeadLetter { seqs: seqs.to_vec(), reason: reason.to_string(), now_ms })
     }
@@ -666,6 +656,16 @@ pub(crate) fn validate_id(field: &str, value: &str) -> Result<(), EngineError> {
     }
     if value.contains('\0') {
         return Err(EngineError::invalid(format!("{field} contains a NUL character; remove it")));
+    }
+    Ok(())
+}
+
+fn validate_reason(reason: &str) -> Result<(), EngineError> {
+    if reason.is_empty() || reason.len() > MAX_REASON_BYTES {
+        return Err(EngineError::invalid(format!(
+            "reason is {} bytes; give a reason of 1..={MAX_REASON_BYTES} bytes",
+            reason.len()
+        )));
     }
     Ok(())
 }
