@@ -31,9 +31,17 @@ pub const MAP_HIGH_WATER_PERCENT: u64 = 90;
 /// LMDB sub-databases: meta, budgets, holds, idempotency, ledger, outbox (+ room for the settlement issue).
 pub const MAX_DBS: u32 = 16;
 
-/// The reservation id is `rsv_` followed by 16 lowercase hex digits.
+/// The reservation id is `rsv_` followed by 32 lowercase hex digits: the data dir's instance id, then the hold id.
 pub const RESERVATION_ID_PREFIX: &str = "rsv_";
-pub const RESERVATION_ID_LEN: usize = 4 + 16;
+pub const RESERVATION_ID_LEN: usize = 4 + 16 + 16;
+/// Ids issued before data dirs had an instance id: `rsv_` and the hold id alone.
+pub const LEGACY_RESERVATION_ID_LEN: usize = 4 + 16;
+/// Longest meter event identifier Stripe accepts.
+pub const MAX_STRIPE_IDENTIFIER_CHARS: usize = 100;
+/// The outbox identifier is `sg-` and the reservation id; the settler appends at most this much (`-requeue<n>`,
+/// `-agg…`, a token type), so every identifier fits Stripe's limit.
+pub const MAX_IDENTIFIER_SUFFIX_CHARS: usize = 48;
+const _: () = assert!(3 + RESERVATION_ID_LEN + MAX_IDENTIFIER_SUFFIX_CHARS <= MAX_STRIPE_IDENTIFIER_CHARS);
 
 /// Most outbox entries (or dead letters) one call returns.
 pub const MAX_OUTBOX_BATCH: usize = 10_000;
