@@ -46,5 +46,10 @@ const _: () = assert!(3 + RESERVATION_ID_LEN + MAX_IDENTIFIER_SUFFIX_CHARS <= MA
 /// Most outbox entries (or dead letters) one call returns.
 pub const MAX_OUTBOX_BATCH: usize = 10_000;
 
+/// A document of the layers above (Engine::put_document): its name and its body, in bytes. The webhook state, the
+/// largest, is about 10,000 event ids of some 30 bytes.
+pub const MAX_DOCUMENT_NAME_BYTES: usize = 64;
+pub const MAX_DOCUMENT_BYTES: usize = 4 * 1024 * 1024;
+
 /// Longest reason kept with a dead letter, in bytes.
 pub const MAX_REASON_BYTES: usize = 1_024;

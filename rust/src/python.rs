@@ -576,6 +576,14 @@ impl PyEngine {
         self.inner.dead_letter_requeue(seq, confirmed_missing).map_err(to_py_err)
     }
 
+    fn put_document(&self, name: &str, body: &str) -> PyResult<u64> {
+        self.inner.put_document(name, body).map_err(to_py_err)
+    }
+
+    fn document(&self, name: &str) -> PyResult<Option<String>> {
+        self.inner.document(name).map_err(to_py_err)
+    }
+
     /// This data dir's instance id, as 16 hex digits (the middle of every reservation id it issues).
     #[getter]
     fn instance_id(&self) -> String {

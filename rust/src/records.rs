@@ -322,6 +322,10 @@ pub struct AlertRecord {
     pub values: BTreeMap<String, i64>,
 }
 
+fn is_zero(value: &u32) -> bool {
+    *value == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -335,8 +339,4 @@ mod tests {
         assert_eq!((record.mode, record.included, record.parent.clone()), (EnforcementMode::Hard, 0, None));
         assert_eq!(record.effective_limit(), 100);
     }
-}
-
-fn is_zero(value: &u32) -> bool {
-    *value == 0
 }

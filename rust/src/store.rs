@@ -42,6 +42,9 @@ pub struct Store {
     /// Usage per budget and period, by `period_key(customer, start)`.
     pub usage: Database<Str, SerdeJson<UsageRecord>>,
     pub alerts: Database<Key64, SerdeJson<AlertRecord>>,
+    /// Small documents of the layers above, by name (the Stripe webhooks' state), so that they share the engine's
+    /// durability and its backups.
+    pub documents: Database<Str, Str>,
     page_size_bytes: u64,
 }
 
@@ -91,6 +94,7 @@ impl Store {
         let periods = env.create_database(&mut wtxn, Some("periods"))?;
         let usage = env.create_database(&mut wtxn, Some("usage"))?;
         let alerts = env.create_database(&mut wtxn, Some("alerts"))?;
+        let documents = env.create_database(&mut wtxn, Some("documents"))?;
         let page_size_bytes = u64::from(budgets.stat(&wtxn)?.page_size);
         let store = Store {
             env: env.clone(),
@@ -104,6 +108,7 @@ impl Store {
             periods,
             usage,
             alerts,
+            documents,
             page_size_bytes,
         };
         store.check_schema(&mut wtxn)?;
@@ -272,6 +277,11 @@ impl Store {
             found.push(item?.1);
         }
         Ok(found)
+    }
+
+    pub fn document(&self, name: &str) -> Result<Option<String>, EngineError> {
+        let rtxn = self.read_txn()?;
+        Ok(self.documents.get(&rtxn, name)?.map(str::to_string))
     }
 
     pub fn alert_cursor(&self) -> Result<u64, EngineError> {

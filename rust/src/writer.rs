@@ -113,6 +113,11 @@ pub enum Op {
         seq: u64,
         now_ms: i64,
     },
+    /// Replace a document of the layers above (see Store::documents).
+    PutDocument {
+        name: String,
+        body: String,
+    },
     /// Stop after everything before it is durable.
     Shutdown,
 }
@@ -288,6 +293,7 @@ impl Writer {
                 self.apply_dead_letter(wtxn, seqs, reason, *fate_unknown, *now_ms)
             }
             Op::DeadLetterRequeue { seq, now_ms } => self.apply_requeue(wtxn, *seq, *now_ms),
+            Op::PutDocument { name, body } => Ok(self.store.documents.put(wtxn, name, body)?),
             Op::Shutdown => Ok(()),
         }
     }

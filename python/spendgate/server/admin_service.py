@@ -66,7 +66,8 @@ class AdminServicer(pb_grpc.AdminServicer):
     async def RequeueDeadLetter(
         self, request: pb.RequeueDeadLetterRequest, context: Context
     ) -> pb.RequeueDeadLetterResponse:
-        await self._waiter.wait(self._engine.dead_letter_requeue(request.seq))
+        ticket = self._engine.dead_letter_requeue(request.seq, confirmed_missing=request.confirmed_missing)
+        await self._waiter.wait(ticket)
         return pb.RequeueDeadLetterResponse(seq=request.seq)
 
     @grpc_errors
@@ -150,4 +151,5 @@ def dead_letter_message(letter: _core.DeadLetterEntry) -> pb.DeadLetter:
         reason=letter["reason"],
         dead_ms=letter["dead_ms"],
         requeues=letter["requeues"],
+        fate_unknown=letter["fate_unknown"],
     )

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import grpc
@@ -23,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from spendgate import _core, logs
 from spendgate.config import Settings
+from spendgate.datacare import check_servable
 from spendgate.server.admin_service import AdminServicer
 from spendgate.server.alerts import AlertService
 from spendgate.server.auth import TokenAuthInterceptor
@@ -87,6 +89,7 @@ class Sidecar:
         credentials = server_credentials(settings)
         # A bad price file fails the start, before the data dir is touched (a reload keeps the old table instead).
         self.prices = PriceBook(settings.price_table or None)
+        check_servable(Path(settings.data_dir))  # not a half-restored data dir, nor a lost one recreated empty
         self._engine = _core.Engine(settings.data_dir, **settings.engine_kwargs())
         try:
             self._waiter = DurabilityWaiter(self._engine, on_failure=self._on_engine_failure)

@@ -34,6 +34,7 @@ assert _core.DENY_TOO_MANY_HOLDS == pb.DENY_REASON_TOO_MANY_HOLDS
 assert _core.DENY_FROZEN == pb.DENY_REASON_FROZEN
 assert _core.DENY_OVERAGE_BLOCKED == pb.DENY_REASON_OVERAGE_BLOCKED
 assert _core.DENY_UNKNOWN_MODEL == pb.DENY_REASON_UNKNOWN_MODEL
+assert _core.DENY_HOLD_ENDED == pb.DENY_REASON_HOLD_ENDED
 assert _core.HOLD_ACTIVE == pb.HOLD_STATE_ACTIVE
 assert _core.HOLD_COMMITTED == pb.HOLD_STATE_COMMITTED
 assert _core.HOLD_RELEASED == pb.HOLD_STATE_RELEASED
@@ -293,4 +294,10 @@ def deny_message(customer_id: str, amount: int, outcome: _core.ReserveOutcome) -
         )
     if outcome.reason == _core.DENY_FROZEN:
         return f"{level} is frozen: unfreeze it with Admin.FreezeBudget (frozen=false)"
+    if outcome.reason == _core.DENY_HOLD_ENDED:
+        state = pb.HoldState.Name(outcome.state or 0).removeprefix("HOLD_STATE_").lower()  # type: ignore[arg-type]
+        return (
+            f"this idempotency_key's reservation {outcome.reservation_id} was already {state}, so nothing is held for"
+            " this call: reserve again under a new idempotency_key before calling the model"
+        )
     raise AssertionError(f"a denial without a known reason: {outcome.reason}")

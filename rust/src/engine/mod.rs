@@ -454,6 +454,30 @@ impl Engine {
         self.shared.with_store(|store| store.alert_cursor())
     }
 
+    /// Replace the document `name` (the Stripe webhooks' state): applied in ticket order after every change
+    /// submitted before it, so any durable state (after a crash, in a backup) that holds the document holds those
+    /// changes too. Returns the ticket to wait for.
+    pub fn put_document(&self, name: &str, body: &str) -> Result<u64, EngineError> {
+        if name.is_empty() || name.len() > MAX_DOCUMENT_NAME_BYTES {
+            return Err(EngineError::invalid(format!(
+                "document name {:?} must be 1..={MAX_DOCUMENT_NAME_BYTES} bytes",
+                truncate_for_message(name)
+            )));
+        }
+        if body.len() > MAX_DOCUMENT_BYTES {
+            return Err(EngineError::invalid(format!(
+                "document {name:?} is {} bytes, more than {MAX_DOCUMENT_BYTES}",
+                body.len()
+            )));
+        }
+        self.shared.submit(Op::PutDocument { name: name.to_string(), body: body.to_string() })
+    }
+
+    /// The durable body of document `name`, or None.
+    pub fn document(&self, name: &str) -> Result<Option<String>, EngineError> {
+        self.shared.with_store(|store| store.document(name))
+    }
+
     pub fn set_alert_cursor(&self, seq: u64) -> Result<u64, EngineError> {
         self.shared.submit(Op::AlertCursor { seq })
     }
