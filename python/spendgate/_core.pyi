@@ -166,6 +166,8 @@ class AlertEntry(TypedDict):
     ts_ms: int
     message: str
     values: dict[str, int]
+    instance_id: str
+    """The instance id (16 hex digits) of the data dir that raised it; all zeros before instance ids."""
 
 class OutboxEntry(TypedDict):
     seq: int

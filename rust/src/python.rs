@@ -785,6 +785,7 @@ fn alert_dict<'py>(py: Python<'py>, alert: &AlertRecord) -> PyResult<Bound<'py, 
     dict.set_item("kind", &alert.kind)?;
     dict.set_item("customer_id", &alert.customer_id)?;
     dict.set_item("ts_ms", alert.ts_ms)?;
+    dict.set_item("instance_id", format!("{:016x}", alert.instance_id))?;
     dict.set_item("message", &alert.message)?;
     dict.set_item("values", alert.values.clone())?;
     Ok(dict)

@@ -320,6 +320,10 @@ pub struct AlertRecord {
     /// The figures behind it (spent, limit, threshold ...), by name.
     #[serde(default)]
     pub values: BTreeMap<String, i64>,
+    /// The instance id of the data dir that raised it (0: raised before instance ids), so that its id stays unique
+    /// when a restore rewinds the sequence.
+    #[serde(default)]
+    pub instance_id: u64,
 }
 
 fn is_zero(value: &u32) -> bool {

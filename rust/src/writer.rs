@@ -591,6 +591,7 @@ impl Writer {
             ts_ms: alert.ts_ms,
             message: alert.message.clone(),
             values: alert.values.clone(),
+            instance_id: self.shared.identity.instance_id,
         };
         self.store.alerts.put(wtxn, &seq, &record)?;
         let mut excess = self.store.alerts.len(wtxn)?.saturating_sub(MAX_ALERTS_KEPT);

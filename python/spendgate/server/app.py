@@ -202,7 +202,7 @@ class Sidecar:
         budget = BudgetServicer(engine, waiter, Meter(self.prices))
         budget.alerts = self._alerts
         pb_grpc.add_BudgetServicer_to_server(budget, server)
-        pb_grpc.add_AdminServicer_to_server(AdminServicer(engine, waiter, self._settlement), server)
+        pb_grpc.add_AdminServicer_to_server(AdminServicer(engine, waiter, self._settlement, backup_dir=self.settings.backup_dir), server)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         if settings.reflection:
             names = (BUDGET_SERVICE, ADMIN_SERVICE, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME)
