@@ -262,6 +262,20 @@ def _add_data_care_commands(commands: Any, config_parent: argparse.ArgumentParse
     _add_setting_flag(inspect, "data_dir")
     inspect.set_defaults(run=run_inspect)
 
+    key = commands.add_parser("key", parents=[config_parent],
+                              help="virtual API keys for the proxy, one per customer (stored hashed in --data-dir)")
+    key_commands = key.add_subparsers(dest="key_command", metavar="COMMAND", required=True)
+    key_create = key_commands.add_parser("create", parents=[config_parent],
+                                         help="make a key for CUSTOMER and print it, once")
+    key_create.add_argument("customer_id", metavar="CUSTOMER")
+    key_list = key_commands.add_parser("list", parents=[config_parent], help="list the keys (ids, never the keys)")
+    key_revoke = key_commands.add_parser("revoke", parents=[config_parent],
+                                         help="remove the key with id ID, or every key of customer ID")
+    key_revoke.add_argument("key_id", metavar="ID")
+    for sub, run in ((key_create, run_key_create), (key_list, run_key_list), (key_revoke, run_key_revoke)):
+        _add_setting_flag(sub, "data_dir")
+        sub.set_defaults(run=run)
+
     check = commands.add_parser("check-config", help="validate a TOML config file offline (exit 2 on problems)")
     check.add_argument("file", metavar="FILE")
     check.set_defaults(run=run_check_config, without_settings=True)
@@ -328,6 +342,49 @@ def run_serve(args: argparse.Namespace, settings: config.Settings) -> int:
     except RuntimeError as error:  # grpc raises it when the address cannot be bound
         print(f"{PROG}: cannot serve on {settings.listen}: {error}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def run_key_create(args: argparse.Namespace, settings: config.Settings) -> int:
+    from spendgate.proxy.keys import KeyStore, KeyStoreError
+
+    try:
+        key, record = KeyStore(settings.data_dir).create(args.customer_id)
+    except (KeyStoreError, OSError) as error:
+        print(f"{PROG}: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    print(key)
+    print(f"{PROG}: key {record.key_id} for customer {record.customer_id!r}; it is shown only this once (spendgate "
+          f"keeps its hash). The proxy refuses calls until the customer has a budget.", file=sys.stderr)
+    return 0
+
+
+def run_key_list(args: argparse.Namespace, settings: config.Settings) -> int:
+    from spendgate.proxy.keys import KeyStore, KeyStoreError
+
+    try:
+        records = KeyStore(settings.data_dir).records()
+    except KeyStoreError as error:
+        print(f"{PROG}: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    for record in records:
+        print(f"{record.key_id}  {record.customer_id}  created_ms={record.created_ms}")
+    return 0
+
+
+def run_key_revoke(args: argparse.Namespace, settings: config.Settings) -> int:
+    from spendgate.proxy.keys import KeyStore, KeyStoreError
+
+    try:
+        gone = KeyStore(settings.data_dir).revoke(args.key_id)
+    except (KeyStoreError, OSError) as error:
+        print(f"{PROG}: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    if not gone:
+        print(f"{PROG}: no key has id or customer {args.key_id!r} (spendgate key list)", file=sys.stderr)
+        return EXIT_ERROR
+    for record in gone:
+        print(f"revoked {record.key_id} ({record.customer_id})")
+    return 0
 
 
 def _add_policy_flags(parser: argparse.ArgumentParser) -> None:

@@ -35,11 +35,13 @@ from spendgate.server.interceptors import ObservingInterceptor
 from spendgate.server.metrics import Metrics
 from spendgate.server.ops_http import OpsRoutes
 from spendgate.server.security import Tokens, check_exposure, http_ssl_context, load_tokens, server_credentials
+from spendgate.service.budgets import BudgetService
 from spendgate.settle import SettlementService
 from spendgate.v1 import spendgate_pb2 as pb
 from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
+    from spendgate.proxy import Proxy
     from spendgate.webhooks import WebhookReceiver
 
 log = logging.getLogger("spendgate")
@@ -76,6 +78,9 @@ class Sidecar:
         self._stopped = False
         self.prices: PriceBook = PriceBook(None)
         self._background: set[asyncio.Task[None]] = set()  # cancelled at stop
+        self._proxy: Proxy | None = None  # the HTTP proxy (proxy_listen), and its server
+        self._proxy_http: HttpServer | None = None
+        self.proxy_address = ""
 
     async def start(self) -> None:
         assert self._engine is None, "start() runs once"
@@ -102,6 +107,8 @@ class Sidecar:
                 await self._start_ops_http(self._engine, self._waiter)
             if settings.webhook_listen and not self._webhooks_share_the_http_port():
                 await self._start_webhooks(self._engine, self._waiter)
+            if settings.proxy_listen:
+                await self._start_proxy(self._engine, self._waiter)
             if self._engine.failure() is None:
                 for service in HEALTH_SERVICES:
                     await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -134,6 +141,7 @@ class Sidecar:
             await self._http.stop()  # lets in-flight webhooks finish (they wait for the engine) within the grace
         if self._ops_http is not None:
             await self._ops_http.stop()
+        await self._stop_proxy()  # in-flight proxied calls settle within the grace (their commits need the engine)
         await self._stop_settlement()  # after the drain; before the engine closes
         self.metrics.unwatch()  # a scrape must not read a closed engine
         if self._waiter is not None:
@@ -160,6 +168,29 @@ class Sidecar:
         self._http = HttpServer(app, settings.webhook_listen, shutdown_grace_s=settings.shutdown_grace_ms / 1000)
         await self._http.start()
         log.info("spendgate webhooks listening on %s%s", self._http.url, WEBHOOK_PATH)
+
+    async def _start_proxy(self, engine: _core.Engine, waiter: DurabilityWaiter) -> None:
+        """The OpenAI- and Anthropic-compatible proxy on proxy_listen, reserving through the same BudgetService."""
+        from spendgate.proxy import KeyStore, Proxy, ProxySettings  # noqa: PLC0415 - only when the proxy is on
+
+        settings = self.settings
+        service = BudgetService(engine, waiter.wait, Meter(self.prices))
+        self._proxy = Proxy(service, ProxySettings.of(settings), KeyStore(settings.data_dir))
+        logs.add_secrets(self._proxy.provider_keys())
+        await self._proxy.start()
+        self._proxy_http = HttpServer(self._proxy.app(), settings.proxy_listen,
+                                      shutdown_grace_s=settings.shutdown_grace_ms / 1000, name="proxy")
+        await self._proxy_http.start()
+        self.proxy_address = self._proxy_http.address
+        log.info("spendgate proxy on %s/v1 (OpenAI) and %s (Anthropic)", self._proxy_http.url, self._proxy_http.url)
+
+    async def _stop_proxy(self) -> None:
+        if self._proxy_http is not None:
+            await self._proxy_http.stop()
+            self._proxy_http = None
+        if self._proxy is not None:
+            await self._proxy.close()
+            self._proxy = None
 
     def _webhooks_share_the_http_port(self) -> bool:
         settings = self.settings
