@@ -312,8 +312,8 @@ class Settings:
         minimum=1,
     )
     proxy_hold_ttl_ms: int = _setting(
-        3_600_000, "Hold lifetime of a proxied call, and the longest one may run (then its whole hold is committed); "
-        "at most max_ttl_ms.", minimum=1,
+        0, "Hold lifetime of a proxied call, and the longest one may run (then its whole hold is committed); at most "
+        "max_ttl_ms; 0: max_ttl_ms.",
     )
     proxy_upstream_connect_timeout_ms: int = _setting(
         10_000, "Proxy: timeout of connecting to the upstream provider.", minimum=1
@@ -440,7 +440,7 @@ def _combination_problems(settings: Settings) -> list[tuple[str, str]]:
                                                "tls_key_file too"))
     if settings.alert_webhook_url:
         problems.extend(_alert_webhook_problems(settings))
-    if settings.proxy_hold_ttl_ms > settings.max_ttl_ms:
+    if settings.proxy_listen and settings.proxy_hold_ttl_ms > settings.max_ttl_ms:
         problems.append(("proxy_hold_ttl_ms", f"{settings.proxy_hold_ttl_ms} is over max_ttl_ms "
                                               f"({settings.max_ttl_ms}): lower it or raise max_ttl_ms"))
     for name in ("proxy_openai_base_url", "proxy_anthropic_base_url"):

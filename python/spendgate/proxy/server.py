@@ -107,7 +107,8 @@ class ProxySettings:
             settings.proxy_openai_base_url.rstrip("/"), settings.proxy_anthropic_base_url.rstrip("/"),
             _read_key("proxy_openai_api_key_file", settings.proxy_openai_api_key_file),
             _read_key("proxy_anthropic_api_key_file", settings.proxy_anthropic_api_key_file),
-            settings.proxy_customer_id_from_body, settings.proxy_max_body_bytes, settings.proxy_hold_ttl_ms,
+            settings.proxy_customer_id_from_body, settings.proxy_max_body_bytes,
+            settings.proxy_hold_ttl_ms or settings.max_ttl_ms,
             settings.proxy_upstream_connect_timeout_ms, settings.proxy_upstream_read_timeout_ms,
             settings.proxy_max_upstream_connections, settings.proxy_drain_timeout_ms, settings.proxy_max_drains,
         )  # fmt: skip
