@@ -27,7 +27,7 @@ import asyncio
 import dataclasses
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -140,7 +140,10 @@ class Call:
 
 
 class Proxy:
-    def __init__(self, service: BudgetService, settings: ProxySettings, keys: KeyStore) -> None:
+    def __init__(self, service: BudgetService, settings: ProxySettings, keys: KeyStore,
+                 observe: Callable[[str, str], None] | None = None) -> None:
+        """observe(api, outcome): called once per call (the sidecar counts them in spendgate_proxy_calls)."""
+        self._observe = observe or (lambda api, outcome: None)
         self._service = service
         self._settings = settings
         self._keys = keys
@@ -180,6 +183,8 @@ class Proxy:
                                       f"{', '.join(ROUTES)}")
             return await self._call(request, *route)
         except ProxyError as error:
+            self._observe(route[0] if route else "unknown", "denied" if error.code == "insufficient_quota" else
+                          "refused" if error.status < 500 else "error")
             headers = {} if error.retry else dict(NO_RETRY)
             return web.Response(status=error.status, body=error_body(provider, error.status, error.message,
                                                                      error.code),
@@ -396,8 +401,10 @@ class Proxy:
                 why_not = f"its usage could not be read ({error})"
         try:
             if exact is not None:
+                self._observe(call.api, "committed_exact")
                 await self._service.commit(call.held.reservation_id, usage=Usage.of(exact))
                 return
+            self._observe(call.api, "committed_whole_hold")
             log.warning("proxy: committing the whole hold of %s (%d units) for %s: %s",
                         call.held.reservation_id, call.held.amount, call.customer_id, why_not)
             await self._service.commit(call.held.reservation_id, call.held.amount)
@@ -408,6 +415,7 @@ class Proxy:
         if call.settled:
             return
         call.settled = True
+        self._observe(call.api, "released")
         try:
             await self._service.release(call.held.reservation_id)
         except EngineError as error:

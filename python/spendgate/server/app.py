@@ -175,7 +175,9 @@ class Sidecar:
 
         settings = self.settings
         service = BudgetService(engine, waiter.wait, Meter(self.prices))
-        self._proxy = Proxy(service, ProxySettings.of(settings), KeyStore(settings.data_dir))
+        counter = self.metrics.proxy_calls
+        self._proxy = Proxy(service, ProxySettings.of(settings), KeyStore(settings.data_dir),
+                            observe=lambda api, outcome: counter.labels(api=api, outcome=outcome).inc())
         logs.add_secrets(self._proxy.provider_keys())
         await self._proxy.start()
         self._proxy_http = HttpServer(self._proxy.app(), settings.proxy_listen,

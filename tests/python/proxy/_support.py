@@ -86,7 +86,7 @@ def start_rig(tmp: Path) -> Iterator[Rig]:
     (tmp / "openai.key").write_text(OPENAI_UPSTREAM_KEY + "\n")
     (tmp / "anthropic.key").write_text(ANTHROPIC_UPSTREAM_KEY + "\n")
     with FakeLLM() as fake:
-        sidecar = Sidecar(tmp / "data", proxy=True, extra_args=[
+        sidecar = Sidecar(tmp / "data", proxy=True, http=True, extra_args=[
             "--proxy-openai-base-url", fake.openai_base_url, "--proxy-anthropic-base-url", fake.anthropic_base_url,
             "--proxy-openai-api-key-file", str(tmp / "openai.key"),
             "--proxy-anthropic-api-key-file", str(tmp / "anthropic.key"),

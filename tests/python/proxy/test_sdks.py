@@ -292,3 +292,14 @@ def test_the_bundled_prices_bound_every_call_here(rig: Rig) -> None:
     for model in (OPENAI_MODEL, ANTHROPIC_MODEL):
         price, _ = TABLE.price_of(model)
         assert price.context_window_tokens and price.max_output_tokens
+
+
+def test_every_call_is_counted_by_outcome(rig: Rig) -> None:
+    who = customer(rig, "counted")
+    rig.openai(who).chat.completions.create(model=OPENAI_MODEL, messages=[{"role": "user", "content": "counted"}])
+    with pytest.raises(openai.RateLimitError):
+        rig.openai(customer(rig, "counted-poor", limit=1)).chat.completions.create(model=OPENAI_MODEL,
+                                                                                   messages=MESSAGES)
+    metrics = httpx2.get(rig.sidecar.http_url + "/metrics").text
+    assert 'spendgate_proxy_calls_total{api="chat",outcome="committed_exact"}' in metrics
+    assert 'spendgate_proxy_calls_total{api="chat",outcome="denied"}' in metrics
