@@ -39,7 +39,7 @@ from spendgate.config import ConfigError, Settings
 from spendgate.policy.prices import PriceError, TokenUsage, UnknownModelError
 from spendgate.policy.providers import usage_from_anthropic, usage_from_openai, usage_from_openai_responses
 from spendgate.proxy.estimate import CHAT, MESSAGES, RESPONSES, EstimateError, bound_call
-from spendgate.proxy.keys import KeyStore, looks_like_key
+from spendgate.proxy.keys import KeyStore, KeyStoreError, looks_like_key
 from spendgate.proxy.wire import ANTHROPIC, OPENAI, EventSplitter, UsageTracker, error_body, response_usage
 from spendgate.service.budgets import BudgetService, ReserveResult, TokenEstimate, Usage, reason_name
 
@@ -217,7 +217,11 @@ class Proxy:
         """(customer id, upstream auth headers to set; empty: forward the client's own)."""
         credential = _credential(request.headers)
         if credential and looks_like_key(credential):
-            customer_id = self._keys.customer_of(credential)
+            try:
+                customer_id = self._keys.customer_of(credential)
+            except KeyStoreError as error:
+                log.error("proxy: %s", error)
+                raise ProxyError(500, "spendgate cannot read its virtual key file; its log says why") from None
             if customer_id is None:
                 raise ProxyError(401, "unknown or revoked spendgate virtual key: create one with `spendgate key "
                                       "create CUSTOMER`", "invalid_api_key")
