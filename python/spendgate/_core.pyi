@@ -26,12 +26,17 @@ ALERT_KINDS: Final[list[str]]
 """Every alert kind the engine stores, in spendgate.v1.AlertKind order."""
 DENY_OVERAGE_BLOCKED: Final[int]
 DENY_UNKNOWN_MODEL: Final[int]
+DENY_HOLD_ENDED: Final[int]
 
 # HoldState numbers, the same as spendgate.v1.HoldState.
 HOLD_ACTIVE: Final[int]
 HOLD_COMMITTED: Final[int]
 HOLD_RELEASED: Final[int]
 HOLD_EXPIRED: Final[int]
+
+def renew_identity(data_dir: str, *, map_size_mb: int, now_ms: int) -> str:
+    """Give a data dir no process serves (a restore's verified copy) a new instance id, returned as 16 hex digits:
+    reservation ids from before are refused from then on, and its outbox entries are marked restored."""
 
 class EngineError(Exception):
     """Every engine failure. `kind` picks the gRPC status; `message` says what was wrong and how to fix it.
@@ -161,6 +166,8 @@ class AlertEntry(TypedDict):
     ts_ms: int
     message: str
     values: dict[str, int]
+    instance_id: str
+    """The instance id (16 hex digits) of the data dir that raised it; all zeros before instance ids."""
 
 class OutboxEntry(TypedDict):
     seq: int
@@ -172,6 +179,9 @@ class OutboxEntry(TypedDict):
     sent_as: str | None
     first_attempt_ms: int | None
     attempts: int
+    requeues: int
+    restored_ms: int | None
+    """Set when the entry came back with a restored backup: it may be at Stripe already."""
     usage: UsageDetail | None
     """Token usage: settled as Stripe LLM token-billing events instead of one units event."""
 
@@ -179,6 +189,8 @@ class DeadLetterEntry(OutboxEntry):
     reason: str
     dead_ms: int
     requeues: int
+    fate_unknown: bool
+    """The event may be at Stripe already: a requeue needs confirmed_missing."""
 
 class OutboxStats(TypedDict):
     depth: int
@@ -289,15 +301,26 @@ class Engine:
         so a resend repeats the same event). Returns a ticket: wait for it before sending."""
     def outbox_ack(self, seqs: list[int]) -> int:
         """Stripe accepted these: remove them and mark their ledger entries settled. Idempotent. Returns a ticket."""
-    def outbox_dead_letter(self, seqs: list[int], reason: str) -> int:
-        """Stripe refused these for good: move them to the dead letters with `reason` (1..=1024 bytes)."""
+    def outbox_dead_letter(self, seqs: list[int], reason: str, *, fate_unknown: bool = False) -> int:
+        """Stripe refused these for good: move them to the dead letters with `reason` (1..=1024 bytes).
+        fate_unknown: they may be at Stripe already (an earlier send went unanswered; restored entries always are)."""
     def dead_letters(self, limit: int = 1000) -> list[DeadLetterEntry]: ...
-    def dead_letter_requeue(self, seq: int) -> int:
-        """Back to the outbox under a fresh identifier (`<identifier>-requeue<n>`). NOT_FOUND if no such letter."""
+    def dead_letter_requeue(self, seq: int, *, confirmed_missing: bool = False) -> int:
+        """Back to the outbox under a fresh identifier (`<identifier>-requeue<n>`, n counting every requeue).
+        NOT_FOUND if no such letter; FAILED_PRECONDITION for a fate_unknown letter without confirmed_missing."""
+    def put_document(self, name: str, body: str) -> int:
+        """Replace a named document (the webhooks' state) in LMDB, in ticket order after every change submitted
+        before it, so a durable state that holds it holds those changes too. Returns a ticket."""
+    def document(self, name: str) -> str | None:
+        """The durable body of a named document, or None."""
+    @property
+    def instance_id(self) -> str:
+        """This data dir's random instance id (16 hex digits), in every reservation id it issues."""
     def outbox_stats(self) -> OutboxStats: ...
     def backup(self, dest_dir: str) -> int:
-        """Write a consistent, compacted copy of the environment to dest_dir/data.mdb while serving (dest_dir must be
-        new or empty; GIL released). Returns its size in bytes. Restore: use a copy of dest_dir as --data-dir."""
+        """Write a consistent, compacted copy of the environment to dest_dir/data.mdb while serving (dest_dir: an
+        absolute path, new or empty; the file is created 0600 and exclusively; GIL released). Returns its size in
+        bytes. Restore it with `spendgate restore`, which gives the copy a new instance id."""
     def durable_ticket(self) -> int:
         """The highest ticket whose change is durable in LMDB."""
     def wait_durable(self, ticket: int, timeout_ms: int = 30_000) -> None:

@@ -66,15 +66,19 @@ class SignatureVerificationError(ValueError):
     """The request is not a genuine, fresh alert from the sidecar; the message says which check failed."""
 
 
-def alert_id(seq: int) -> str:
-    """The alert's id in the webhook body: stable across redeliveries, so a receiver can dedupe on it."""
-    return f"alert_{seq}"
+def alert_id(alert: Mapping[str, Any]) -> str:
+    """The alert's id in the webhook body: stable across redeliveries, so a receiver can dedupe on it, and unique
+    across sidecars and restores (a restore rewinds the seq, not the instance id that raised the alert)."""
+    instance = alert.get("instance_id") or "0" * 16
+    if set(instance) == {"0"}:
+        return f"alert_{alert['seq']}"  # raised before data dirs had instance ids
+    return f"alert_{instance}_{alert['seq']}"
 
 
 def webhook_body(alert: Mapping[str, Any]) -> bytes:
     """The JSON body of one alert (an engine AlertEntry): compact, keys sorted, the same bytes on every redelivery."""
     body = {
-        "id": alert_id(alert["seq"]),
+        "id": alert_id(alert),
         "seq": alert["seq"],
         "kind": alert["kind"],
         "customer_id": alert["customer_id"],

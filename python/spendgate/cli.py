@@ -182,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     deadletter_requeue.add_argument("seqs", type=int, nargs="*", metavar="SEQ", help="the seq of a dead letter")
     deadletter_requeue.add_argument("--all", action="store_true", help="requeue every dead letter")
+    deadletter_requeue.add_argument(
+        "--confirmed-missing", action="store_true",
+        help="also requeue letters that may be at Stripe already (fate unknown), after `spendgate reconcile` showed "
+             "their usage missing; without it those are refused, since a fresh identifier would bill them twice")
     deadletter_requeue.set_defaults(run=run_deadletter_requeue)
 
     reconcile = commands.add_parser(
@@ -325,6 +329,7 @@ def run_serve(args: argparse.Namespace, settings: config.Settings) -> int:
     from spendgate.logs import secret_values
     from spendgate.server import app
 
+    from spendgate.datacare import DataCareError
     from spendgate.settle import SettlementConfigError
 
     app.configure_logging(settings.log_level, settings.log_format, secrets=secret_values(settings))
@@ -333,6 +338,9 @@ def run_serve(args: argparse.Namespace, settings: config.Settings) -> int:
     except (SettlementConfigError, config.ConfigError) as error:  # e.g. webhook_listen without a secret
         print(f"{PROG}: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except DataCareError as error:  # a half-restored data dir, or a lost one that must not be recreated empty
+        print(f"{PROG}: refusing to serve: {error}", file=sys.stderr)
+        return EXIT_ERROR
     except OSError as error:  # the webhook port cannot be bound
         print(f"{PROG}: cannot serve webhooks on {settings.webhook_listen}: {error}", file=sys.stderr)
         return EXIT_ERROR
@@ -649,7 +657,8 @@ def run_deadletter_requeue(args: argparse.Namespace, settings: config.Settings) 
             listed = stub.ListDeadLetters(pb.ListDeadLettersRequest(limit=10_000), timeout=RPC_TIMEOUT_S)
             seqs = [letter.seq for letter in listed.dead_letters]
         for seq in seqs:
-            stub.RequeueDeadLetter(pb.RequeueDeadLetterRequest(seq=seq), timeout=RPC_TIMEOUT_S)
+            request = pb.RequeueDeadLetterRequest(seq=seq, confirmed_missing=args.confirmed_missing)
+            stub.RequeueDeadLetter(request, timeout=RPC_TIMEOUT_S)
             print(f"requeued seq {seq}: it goes to Stripe again under a fresh identifier")
         return seqs
 

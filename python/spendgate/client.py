@@ -191,6 +191,17 @@ class BudgetExceeded(SpendgateError):
         super().__init__(text, None)
 
 
+class HoldEnded(BudgetExceeded):
+    """A Reserve retried under an idempotency key whose hold has ended (DENY_REASON_HOLD_ENDED): it was committed,
+    released or expired (`state`, a `spendgate.v1.HoldState`), so nothing is held for this call. Reserve again under
+    a new idempotency key before calling the model."""
+
+    def __init__(self, customer_id: str, amount: int, response: pb.ReserveResponse) -> None:
+        super().__init__(customer_id, amount, response)
+        self.state: int = response.state
+        self.reservation_id: str = response.reservation_id
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Retries
 
@@ -314,7 +325,9 @@ def _set_budget_request(customer_id: str, limit: int | None, stripe_customer_id:
 def _check_granted(customer_id: str, amount: int, response: pb.ReserveResponse) -> pb.ReserveResponse:
     """Raise BudgetExceeded on a denial; otherwise check what the contract promises about a grant."""
     if not response.granted:
-        raise BudgetExceeded(customer_id, amount or response.amount, response)
+        denial = HoldEnded if response.reason == pb.DENY_REASON_HOLD_ENDED else BudgetExceeded
+        raise denial(customer_id, amount or response.amount, response)
+    assert response.state == pb.HOLD_STATE_ACTIVE, "a granted Reserve holds: its state is ACTIVE"
     assert response.reservation_id, "a granted Reserve must carry a reservation_id"
     assert amount == 0 or response.amount == amount, "a granted Reserve holds exactly the requested amount"
     return response

@@ -85,6 +85,12 @@ class Settings:
         "./spendgate-data", "Directory of the LMDB environment, created if missing; one sidecar process per directory."
     )
     map_size_mb: int = _setting(1024, "LMDB map size: the most the data may grow to, in MiB.", minimum=1)
+    backup_dir: str = _setting(
+        "",
+        "When set, Admin.Backup writes only into new or empty directories under this one (symlinks resolved); empty: "
+        "any absolute path the sidecar can write.",
+        optional=True,
+    )
     durability: str = _setting(
         "fsync",
         "`fsync`: a change is acknowledged once fsynced (survives power loss); `relaxed`: no fsync (survives a crash).",

@@ -6,8 +6,10 @@
 
 Restore refuses while a process holds DIR's lock (the engine's flock on `spendgate.lock`: the sidecar), refuses a
 DIR that is not empty unless --force, and then moves the old data aside (`DIR.before-restore-<UTC time>`), never
-deleting it. It copies the backup into a temporary directory next to DIR, opens it with the engine to check that the
-books are consistent, and only then renames it into place.
+deleting it. It marks DIR as being restored, copies the backup into a temporary directory next to DIR, gives the copy
+a new instance id (so that no id issued before the restore is issued again, and reservation ids from before are
+refused), opens it with the engine to check that the books are consistent, and only then swaps it into place in one
+atomic exchange. `serve` refuses a marked DIR, and a missing DIR that a restore's traces say existed.
 
 Inspect reads through spendgate.store_reader (the `lmdb` package, read-only, in a worker process), so it works against
 a live sidecar's data dir from another process and never writes to it.
@@ -15,12 +17,14 @@ a live sidecar's data dir from another process and never writes to it.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import gc
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -75,29 +79,133 @@ def data_dir_lock(data_dir: Path) -> Iterator[None]:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
+# The named steps of a restore, in order. A crash after any of them leaves the data dir either as it was or restored,
+# and the marker makes `serve` refuse until a restore finishes (tests crash a restore after each step).
+RESTORE_STEPS: Final[tuple[str, ...]] = (
+    "marked", "copied", "renewed", "verified", "swapped", "moved_aside", "unmarked",
+)
+
+
+def _reached(step: str) -> None:
+    """Called after each restore step; a test replaces it to crash the process there."""
+    assert step in RESTORE_STEPS, step
+
+
+def restore_marker(data_dir: Path) -> Path:
+    """The file that says a restore of `data_dir` is under way; it lives next to the data dir, not in it."""
+    return data_dir.with_name(f".{data_dir.name}.restore-in-progress")
+
+
+def check_servable(data_dir: Path) -> None:
+    """Refuse to serve a data dir that a restore left half done, or that is missing while traces say it existed
+    (so that `serve` never silently starts empty books with ids from 1). Raises DataCareError."""
+    data_dir = data_dir.resolve()
+    marker = restore_marker(data_dir)
+    if marker.exists():
+        raise DataCareError(
+            f"a restore of {data_dir} did not finish ({marker} is there): run the same `spendgate restore SRC "
+            f"--data-dir {data_dir} --force` again to finish it; the data dir is either the old one or the restored "
+            "one, and every earlier data dir is kept beside it"
+        )
+    if data_dir.exists():
+        return
+    traces = sorted(
+        str(path) for path in data_dir.parent.glob(f"{data_dir.name}.before-restore-*")
+    ) + sorted(str(path) for path in data_dir.parent.glob(f".{data_dir.name}.restore-*"))
+    if traces:
+        raise DataCareError(
+            f"{data_dir} is missing, but {traces[0]} says it existed: starting empty would lose every budget and "
+            "reuse no ids safely. Restore a backup (`spendgate restore`), or move the data back; to start a new, "
+            "empty data dir on purpose, create the directory first"
+        )
+
+
 def restore(source: Path, data_dir: Path, *, force: bool, map_size_mb: int) -> Restored:
-    """Put the backup in `source` in place of `data_dir` (see the module doc). Raises DataCareError."""
+    """Put the backup in `source` in place of `data_dir` (see the module doc). Raises DataCareError.
+
+    Atomic: the verified copy (with a new instance id) and the data dir swap places in one renameat2(RENAME_EXCHANGE),
+    so after a crash at any point the data dir is the old one or the restored one. A marker next to it, written first
+    and removed last, makes `serve` refuse in between, and running the same restore again finishes the job."""
     source, data_dir = source.resolve(), data_dir.resolve()
     backup_file = source / DATA_FILE
     if not backup_file.is_file():
         raise DataCareError(f"{source} is not a spendgate backup (no {DATA_FILE}); pass the directory `spendgate "
                             "backup` wrote")
     with data_dir_lock(data_dir):
+        interrupted = restore_marker(data_dir).exists()
         occupied = data_dir.exists() and any(data_dir.iterdir())
         if occupied and not force:
             raise DataCareError(f"{data_dir} is not empty: pass --force to move its contents aside (to "
                                 f"{data_dir.name}.before-restore-<time>, kept) and restore in their place")
+        _keep_leftovers(data_dir)  # an interrupted restore's staging may hold the old data: kept, never deleted
+        _mark(data_dir, source)
+        _reached("marked")
         staging = data_dir.parent / f".{data_dir.name}.restore-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)  # a leftover of an interrupted restore of ours
-        staging.mkdir(parents=True)
+        staging.mkdir(parents=True, mode=0o700)
         try:
             _copy_durably(backup_file, staging / DATA_FILE)
+            _reached("copied")
+            _core_renew(staging, map_size_mb=max(map_size_mb, VERIFY_MAP_HEADROOM * _size_mb(backup_file)))
+            _reached("renewed")
             budgets = verify(staging, map_size_mb=max(map_size_mb, VERIFY_MAP_HEADROOM * _size_mb(backup_file)))
-            moved_aside = _swap_in(staging, data_dir, occupied)
+            _reached("verified")
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)  # holds only the copy: the data dir is untouched
+            if not interrupted:
+                _unmark(data_dir)
             raise
+        moved_aside = _swap_in(staging, data_dir, occupied)
+        _unmark(data_dir)
+        _reached("unmarked")
     return Restored(data_dir, moved_aside, budgets, backup_file.stat().st_size)
+
+
+def _core_renew(data_dir: Path, *, map_size_mb: int) -> None:
+    from spendgate import _core  # noqa: PLC0415 - the native engine, only for restore
+
+    try:
+        _core.renew_identity(str(data_dir), map_size_mb=map_size_mb, now_ms=time.time_ns() // 1_000_000)
+    except _core.EngineError as error:
+        raise DataCareError(f"the backup does not open ({error.kind}: {error.message}); it is not restored") from None
+    gc.collect()
+
+
+def _mark(data_dir: Path, source: Path) -> None:
+    marker = restore_marker(data_dir)
+    text = json.dumps({"source": str(source), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                            time.gmtime())})
+    with open(marker, "w", encoding="utf-8") as file:
+        file.write(text + "\n")
+        file.flush()
+        os.fsync(file.fileno())
+    _fsync_dir(data_dir.parent)
+
+
+def _unmark(data_dir: Path) -> None:
+    restore_marker(data_dir).unlink(missing_ok=True)
+    _fsync_dir(data_dir.parent)
+
+
+def _keep_leftovers(data_dir: Path) -> None:
+    """Move an interrupted restore's staging directories aside under a name that says what they are."""
+    for leftover in sorted(data_dir.parent.glob(f".{data_dir.name}.restore-*")):
+        if leftover == restore_marker(data_dir) or not leftover.is_dir():
+            continue
+        kept = _aside_name(data_dir, "interrupted-restore")
+        leftover.rename(kept)
+        log_line = f"an interrupted restore left {leftover}; kept as {kept}"
+        print(log_line, file=sys.stderr)
+    _fsync_dir(data_dir.parent)
+
+
+def _aside_name(data_dir: Path, what: str) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    candidate = data_dir.with_name(f"{data_dir.name}.{what}-{stamp}")
+    n = 1
+    while candidate.exists():
+        n += 1
+        candidate = data_dir.with_name(f"{data_dir.name}.{what}-{stamp}-{n}")
+    return candidate
 
 
 def _size_mb(path: Path) -> int:
@@ -105,9 +213,11 @@ def _size_mb(path: Path) -> int:
 
 
 def _copy_durably(source: Path, dest: Path) -> None:
-    shutil.copyfile(source, dest)
-    with open(dest, "rb+") as copied:
-        os.fsync(copied.fileno())
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # the books of every customer: owner only
+    with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
+        shutil.copyfileobj(src, dst, length=MIB)
+        dst.flush()
+        os.fsync(dst.fileno())
 
 
 def verify(data_dir: Path, *, map_size_mb: int) -> int:
@@ -131,16 +241,43 @@ def verify(data_dir: Path, *, map_size_mb: int) -> int:
     return budgets
 
 
+_AT_FDCWD: Final[int] = -100
+_RENAME_EXCHANGE: Final[int] = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the kernel or filesystem lacks it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(error, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(error)}")
+
+
 def _swap_in(staging: Path, data_dir: Path, occupied: bool) -> Path | None:
-    """Rename the verified copy into place; the old data dir, if it held anything, goes aside first."""
-    aside = None
-    if occupied:
-        aside = data_dir.with_name(f"{data_dir.name}.before-restore-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
-        data_dir.rename(aside)
-    elif data_dir.exists():
-        data_dir.rmdir()  # empty
-    staging.rename(data_dir)
+    """Put the verified copy in place; the old data dir, if it held anything, is kept beside it."""
+    aside = _aside_name(data_dir, "before-restore") if occupied else None
+    if data_dir.exists() and _exchange(staging, data_dir):
+        _fsync_dir(data_dir.parent)
+        _reached("swapped")
+        if aside is not None:
+            staging.rename(aside)  # staging now holds the old data dir
+        else:
+            shutil.rmtree(staging)  # the old data dir was empty
+    else:  # no exchange here (or no data dir yet): two renames; the marker covers the moment between them
+        if aside is not None:
+            data_dir.rename(aside)
+        elif data_dir.exists():
+            data_dir.rmdir()  # empty
+        _reached("swapped")
+        staging.rename(data_dir)
     _fsync_dir(data_dir.parent)
+    _reached("moved_aside")
     return aside
 
 

@@ -77,9 +77,12 @@ def seq_key(seq: int) -> bytes:
     return _U64.pack(seq)
 
 
-def reservation_id(hold_key: bytes) -> str:
-    """The reservation id of a `holds` key, as Reserve returned it (rust/src/hold.rs format_reservation_id)."""
-    return f"rsv_{_U64.unpack(hold_key)[0]:016x}"
+def reservation_id(hold_key: bytes, instance_id: int, legacy_holds_below: int = 0) -> str:
+    """The reservation id of a `holds` key, as Reserve returned it (rust/src/identity.rs Identity::issued_...)."""
+    hold_id = _U64.unpack(hold_key)[0]
+    if hold_id < legacy_holds_below:
+        return f"rsv_{hold_id:016x}"  # issued before the data dir had an instance id
+    return f"rsv_{instance_id:016x}{hold_id:016x}"
 
 
 class StoreReader:
@@ -118,8 +121,10 @@ class StoreReader:
     def holds(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """(reservation_id, HoldRecord) in id order: active holds and the ended ones kept for idempotent retries
         (`status` says which: active, committed, released, expired)."""
+        meta = {key.decode("utf-8"): value for key, value in self._scan("meta")}
+        instance_id, legacy_below = int(meta.get("instance_id", 0)), int(meta.get("legacy_holds_below", 0))
         for key, value in self._scan("holds"):
-            yield reservation_id(key), value
+            yield reservation_id(key, instance_id, legacy_below), value
 
     def ledger(self, after_seq: int = 0) -> Iterator[dict[str, Any]]:
         """LedgerEntry dicts with seq > after_seq, in seq order."""
@@ -153,7 +158,7 @@ class StoreReader:
 
     # -- chunked, validated reads ------------------------------------------------------------------------------------
 
-    def _scan(self, db_name: str, after: bytes | None = None) -> Iterator[tuple[bytes, dict[str, Any]]]:
+    def _scan(self, db_name: str, after: bytes | None = None) -> Iterator[tuple[bytes, Any]]:
         while True:
             limit = self._chunk_entries
             chunk = self._stable(db_name, ("scan", db_name, after, limit))
@@ -165,7 +170,7 @@ class StoreReader:
             if len(chunk) < limit:
                 return
 
-    def _stable(self, db_name: str, request: tuple[Any, ...]) -> list[tuple[bytes, dict[str, Any]]]:
+    def _stable(self, db_name: str, request: tuple[Any, ...]) -> list[tuple[bytes, Any]]:
         """The worker's answer to `request` from a read transaction no writer could have disturbed, every value
         decoded and checked. Retries while the writer moved on by two or more transactions, or the worker died."""
         check = _CHECKS.get(db_name, _check_seq)
@@ -176,7 +181,7 @@ class StoreReader:
             except _WorkerDied:
                 snapshot, last_txnid, pairs, problem = 0, 2, [], None  # judged unstable below: read again
             if last_txnid <= snapshot + 1:
-                decoded: list[tuple[bytes, dict[str, Any]]] = []
+                decoded: list[tuple[bytes, Any]] = []
                 for key, raw in pairs if problem is None else ():
                     try:
                         value = json.loads(raw)
@@ -219,6 +224,12 @@ def _check_budget(key: bytes, value: Any) -> str | None:
     return None
 
 
+def _check_meta(key: bytes, value: Any) -> str | None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        return f"meta key {key!r} does not hold a number"
+    return None
+
+
 def _check_hold(key: bytes, value: Any) -> str | None:
     if len(key) != 8 or not isinstance(value, dict) or not {"customer_id", "amount", "status"} <= value.keys():
         return f"key {key!r} does not hold a hold"
@@ -227,7 +238,7 @@ def _check_hold(key: bytes, value: Any) -> str | None:
 
 _CHECKS: Final[dict[str, Callable[[bytes, Any], str | None]]] = {
     "budgets": _check_budget, "dead_letters": _check_dead_letter, "ledger": _check_seq, "outbox": _check_seq,
-    "holds": _check_hold,
+    "holds": _check_hold, "meta": _check_meta,
 }
 
 

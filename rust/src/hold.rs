@@ -3,8 +3,6 @@
 use std::sync::Arc;
 
 use crate::budget::Budget;
-use crate::error::EngineError;
-use crate::limits::{RESERVATION_ID_LEN, RESERVATION_ID_PREFIX};
 use crate::records::Dimensions;
 
 /// Numbers match spendgate.v1.DenyReason.
@@ -20,6 +18,9 @@ pub enum DenyReason {
     OverageBlocked = 4,
     /// The model is not in the price table and no fallback price is set (decided by the server's pricing).
     UnknownModel = 5,
+    /// An idempotent replay found its hold committed, released or expired: nothing is held for it now, so the
+    /// caller must reserve again under a new key before it calls the model.
+    HoldEnded = 6,
 }
 
 /// Numbers match spendgate.v1.HoldState.
@@ -86,27 +87,6 @@ pub struct HoldSlot {
     pub ticket: u64,
 }
 
-pub fn format_reservation_id(hold_id: u64) -> String {
-    format!("{RESERVATION_ID_PREFIX}{hold_id:016x}")
-}
-
-pub fn parse_reservation_id(reservation_id: &str) -> Result<u64, EngineError> {
-    let malformed = || {
-        EngineError::invalid(format!(
-            "reservation_id {:?} is malformed: pass the reservation_id that Reserve returned (rsv_ and 16 hex digits)",
-            truncate_for_message(reservation_id)
-        ))
-    };
-    if reservation_id.len() != RESERVATION_ID_LEN || !reservation_id.starts_with(RESERVATION_ID_PREFIX) {
-        return Err(malformed());
-    }
-    let digits = &reservation_id[RESERVATION_ID_PREFIX.len()..];
-    if !digits.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-        return Err(malformed());
-    }
-    u64::from_str_radix(digits, 16).map_err(|_| malformed())
-}
-
 /// Echo at most 64 characters of bad input back in an error message.
 pub fn truncate_for_message(text: &str) -> String {
     const MAX_ECHO_CHARS: usize = 64;
@@ -115,24 +95,4 @@ pub fn truncate_for_message(text: &str) -> String {
     }
     let head: String = text.chars().take(MAX_ECHO_CHARS).collect();
     format!("{head}…")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reservation_ids_round_trip() {
-        for id in [0u64, 1, 0xdead_beef, u64::MAX] {
-            assert_eq!(parse_reservation_id(&format_reservation_id(id)).unwrap(), id);
-        }
-    }
-
-    #[test]
-    fn malformed_reservation_ids_are_invalid_argument() {
-        for bad in ["", "rsv_", "rsv_123", "rsv_00000000000000zz", "xyz_0000000000000001", "rsv_0000000000000001x"] {
-            let err = parse_reservation_id(bad).unwrap_err();
-            assert_eq!(err.kind, crate::ErrorKind::InvalidArgument, "{bad}");
-        }
-    }
 }

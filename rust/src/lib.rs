@@ -21,6 +21,7 @@ pub mod clock;
 pub mod engine;
 pub mod error;
 pub mod hold;
+pub mod identity;
 pub mod limits;
 pub mod period;
 pub mod records;

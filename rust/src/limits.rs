@@ -31,12 +31,25 @@ pub const MAP_HIGH_WATER_PERCENT: u64 = 90;
 /// LMDB sub-databases: meta, budgets, holds, idempotency, ledger, outbox (+ room for the settlement issue).
 pub const MAX_DBS: u32 = 16;
 
-/// The reservation id is `rsv_` followed by 16 lowercase hex digits.
+/// The reservation id is `rsv_` followed by 32 lowercase hex digits: the data dir's instance id, then the hold id.
 pub const RESERVATION_ID_PREFIX: &str = "rsv_";
-pub const RESERVATION_ID_LEN: usize = 4 + 16;
+pub const RESERVATION_ID_LEN: usize = 4 + 16 + 16;
+/// Ids issued before data dirs had an instance id: `rsv_` and the hold id alone.
+pub const LEGACY_RESERVATION_ID_LEN: usize = 4 + 16;
+/// Longest meter event identifier Stripe accepts.
+pub const MAX_STRIPE_IDENTIFIER_CHARS: usize = 100;
+/// The outbox identifier is `sg-` and the reservation id; the settler appends at most this much (`-requeue<n>`,
+/// `-agg…`, a token type), so every identifier fits Stripe's limit.
+pub const MAX_IDENTIFIER_SUFFIX_CHARS: usize = 48;
+const _: () = assert!(3 + RESERVATION_ID_LEN + MAX_IDENTIFIER_SUFFIX_CHARS <= MAX_STRIPE_IDENTIFIER_CHARS);
 
 /// Most outbox entries (or dead letters) one call returns.
 pub const MAX_OUTBOX_BATCH: usize = 10_000;
+
+/// A document of the layers above (Engine::put_document): its name and its body, in bytes. The webhook state, the
+/// largest, is about 10,000 event ids of some 30 bytes.
+pub const MAX_DOCUMENT_NAME_BYTES: usize = 64;
+pub const MAX_DOCUMENT_BYTES: usize = 4 * 1024 * 1024;
 
 /// Longest reason kept with a dead letter, in bytes.
 pub const MAX_REASON_BYTES: usize = 1_024;

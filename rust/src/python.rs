@@ -550,8 +550,9 @@ impl PyEngine {
         self.inner.outbox_ack(&seqs).map_err(to_py_err)
     }
 
-    fn outbox_dead_letter(&self, seqs: Vec<u64>, reason: &str) -> PyResult<u64> {
-        self.inner.outbox_dead_letter(&seqs, reason).map_err(to_py_err)
+    #[pyo3(signature = (seqs, reason, *, fate_unknown = false))]
+    fn outbox_dead_letter(&self, seqs: Vec<u64>, reason: &str, fate_unknown: bool) -> PyResult<u64> {
+        self.inner.outbox_dead_letter(&seqs, reason, fate_unknown).map_err(to_py_err)
     }
 
     #[pyo3(signature = (limit = 1000))]
@@ -564,13 +565,29 @@ impl PyEngine {
                 dict.set_item("reason", &letter.reason)?;
                 dict.set_item("dead_ms", letter.dead_ms)?;
                 dict.set_item("requeues", letter.requeues)?;
+                dict.set_item("fate_unknown", letter.fate_unknown)?;
                 Ok(dict)
             })
             .collect()
     }
 
-    fn dead_letter_requeue(&self, seq: u64) -> PyResult<u64> {
-        self.inner.dead_letter_requeue(seq).map_err(to_py_err)
+    #[pyo3(signature = (seq, *, confirmed_missing = false))]
+    fn dead_letter_requeue(&self, seq: u64, confirmed_missing: bool) -> PyResult<u64> {
+        self.inner.dead_letter_requeue(seq, confirmed_missing).map_err(to_py_err)
+    }
+
+    fn put_document(&self, name: &str, body: &str) -> PyResult<u64> {
+        self.inner.put_document(name, body).map_err(to_py_err)
+    }
+
+    fn document(&self, name: &str) -> PyResult<Option<String>> {
+        self.inner.document(name).map_err(to_py_err)
+    }
+
+    /// This data dir's instance id, as 16 hex digits (the middle of every reservation id it issues).
+    #[getter]
+    fn instance_id(&self) -> String {
+        format!("{:016x}", self.inner.instance_id())
     }
 
     fn outbox_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
@@ -652,6 +669,8 @@ fn outbox_dict<'py>(py: Python<'py>, entry: &OutboxEntry) -> PyResult<Bound<'py,
     dict.set_item("sent_as", entry.sent_as.as_deref())?;
     dict.set_item("first_attempt_ms", entry.first_attempt_ms)?;
     dict.set_item("attempts", entry.attempts)?;
+    dict.set_item("requeues", entry.requeues)?;
+    dict.set_item("restored_ms", entry.restored_ms)?;
     match &entry.usage {
         Some(usage) => dict.set_item("usage", usage_detail_dict(py, usage)?)?,
         None => dict.set_item("usage", py.None())?,
@@ -766,13 +785,23 @@ fn alert_dict<'py>(py: Python<'py>, alert: &AlertRecord) -> PyResult<Bound<'py, 
     dict.set_item("kind", &alert.kind)?;
     dict.set_item("customer_id", &alert.customer_id)?;
     dict.set_item("ts_ms", alert.ts_ms)?;
+    dict.set_item("instance_id", format!("{:016x}", alert.instance_id))?;
     dict.set_item("message", &alert.message)?;
     dict.set_item("values", alert.values.clone())?;
     Ok(dict)
 }
 
+/// Give a data dir that no process serves (a restore's verified copy) a new instance id; returns it as 16 hex digits.
+#[pyfunction]
+#[pyo3(signature = (data_dir, *, map_size_mb, now_ms))]
+fn renew_identity(py: Python<'_>, data_dir: PathBuf, map_size_mb: u64, now_ms: i64) -> PyResult<String> {
+    let id = py.detach(|| crate::engine::renew_identity(&data_dir, map_size_mb, now_ms)).map_err(to_py_err)?;
+    Ok(format!("{id:016x}"))
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(renew_identity, m)?)?;
     m.add_class::<PyEngine>()?;
     m.add_class::<PyEngineError>()?;
     m.add_class::<PyReserveOutcome>()?;
@@ -790,6 +819,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ALERT_KINDS", crate::alerts::AlertKind::ALL.map(|kind| kind.as_str()).to_vec())?;
     m.add("DENY_OVERAGE_BLOCKED", 4)?;
     m.add("DENY_UNKNOWN_MODEL", 5)?;
+    m.add("DENY_HOLD_ENDED", 6)?;
     m.add("HOLD_ACTIVE", 1)?;
     m.add("HOLD_COMMITTED", 2)?;
     m.add("HOLD_RELEASED", 3)?;

@@ -255,6 +255,13 @@ pub struct OutboxEntry {
     pub first_attempt_ms: Option<i64>,
     #[serde(default)]
     pub attempts: u32,
+    /// How often this entry was requeued from the dead letters (each requeue sends it under a fresh identifier).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub requeues: u32,
+    /// Set when the entry came back with a restored backup: it may be at Stripe already (sent after the backup was
+    /// taken), so it is resent under its identifier only while Stripe still deduplicates that.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_ms: Option<i64>,
     /// Token usage: settled as Stripe LLM token-billing events (one per token type) instead of one units event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageDetail>,
@@ -270,6 +277,10 @@ pub struct DeadLetter {
     /// How often it was requeued before (a requeued entry gets a fresh identifier: Stripe keeps refused ones).
     #[serde(default)]
     pub requeues: u32,
+    /// The event may be at Stripe already (it was sent before, or came back with a restore): a requeue under a fresh
+    /// identifier could bill it twice, so it needs `confirmed_missing` (after `spendgate reconcile`).
+    #[serde(default)]
+    pub fate_unknown: bool,
 }
 
 /// Tokens and units of one (model, token type) in a period.
@@ -309,6 +320,14 @@ pub struct AlertRecord {
     /// The figures behind it (spent, limit, threshold ...), by name.
     #[serde(default)]
     pub values: BTreeMap<String, i64>,
+    /// The instance id of the data dir that raised it (0: raised before instance ids), so that its id stays unique
+    /// when a restore rewinds the sequence.
+    #[serde(default)]
+    pub instance_id: u64,
+}
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use heed::types::{SerdeJson, Str, U64};
 use heed::{Database, Env, EnvFlags, EnvOpenOptions, RoTxn, RwTxn, WithoutTls};
 
 use crate::error::EngineError;
+use crate::identity::{random_instance_id, Identity};
 use crate::limits::{MAX_DBS, MAX_MAP_SIZE_MB, MIN_MAP_SIZE_MB};
 use crate::records::{
     AlertRecord, BudgetRecord, DeadLetter, HoldRecord, HoldStatus, LedgerEntry, OutboxEntry, PeriodRecord, UsageRecord,
@@ -17,6 +18,10 @@ pub type Key64 = U64<BigEndian>;
 
 const META_SCHEMA_VERSION: &str = "schema_version";
 const META_NEXT_HOLD_ID: &str = "next_hold_id";
+/// The data dir's random instance id (crate::identity), made with it and renewed by every restore.
+const META_INSTANCE_ID: &str = "instance_id";
+/// Holds below this id were issued before the data dir had an instance id (see Identity::legacy_holds_below).
+const META_LEGACY_HOLDS_BELOW: &str = "legacy_holds_below";
 /// The highest alert sequence number the alert webhook delivered.
 pub const META_ALERT_CURSOR: &str = "alert_webhook_cursor";
 /// Schema versions this build reads (older ones are upgraded in place on open).
@@ -37,11 +42,15 @@ pub struct Store {
     /// Usage per budget and period, by `period_key(customer, start)`.
     pub usage: Database<Str, SerdeJson<UsageRecord>>,
     pub alerts: Database<Key64, SerdeJson<AlertRecord>>,
+    /// Small documents of the layers above, by name (the Stripe webhooks' state), so that they share the engine's
+    /// durability and its backups.
+    pub documents: Database<Str, Str>,
     page_size_bytes: u64,
 }
 
 /// Everything the engine needs to rebuild its counters after a start.
 pub struct Recovered {
+    pub identity: Identity,
     pub budgets: Vec<(String, BudgetRecord)>,
     pub active_holds: Vec<(u64, HoldRecord)>,
     pub next_hold_id: u64,
@@ -85,6 +94,7 @@ impl Store {
         let periods = env.create_database(&mut wtxn, Some("periods"))?;
         let usage = env.create_database(&mut wtxn, Some("usage"))?;
         let alerts = env.create_database(&mut wtxn, Some("alerts"))?;
+        let documents = env.create_database(&mut wtxn, Some("documents"))?;
         let page_size_bytes = u64::from(budgets.stat(&wtxn)?.page_size);
         let store = Store {
             env: env.clone(),
@@ -98,9 +108,11 @@ impl Store {
             periods,
             usage,
             alerts,
+            documents,
             page_size_bytes,
         };
         store.check_schema(&mut wtxn)?;
+        store.ensure_identity(&mut wtxn)?;
         wtxn.commit()?;
         Ok(store)
     }
@@ -118,6 +130,62 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// Give a data dir without an instance id one. A data dir that already issued holds (made before instance ids)
+    /// keeps accepting those holds' ids, and its entries never sent yet are renamed to carry the new instance id; an
+    /// entry already sent keeps its identifier, so that a resend is still a duplicate at Stripe.
+    fn ensure_identity(&self, wtxn: &mut RwTxn) -> Result<(), EngineError> {
+        if self.meta.get(wtxn, META_INSTANCE_ID)?.is_some() {
+            return Ok(());
+        }
+        let issued_below = self.meta.get(wtxn, META_NEXT_HOLD_ID)?.unwrap_or(0);
+        let max_hold = self.holds.last(wtxn)?.map_or(0, |(hold_id, _)| hold_id + 1);
+        let identity = Identity { instance_id: random_instance_id()?, legacy_holds_below: issued_below.max(max_hold) };
+        self.put_identity(wtxn, identity)?;
+        let seqs: Vec<u64> = self.outbox.iter(wtxn)?.map(|item| item.map(|(seq, _)| seq)).collect::<Result<_, _>>()?;
+        for seq in seqs {
+            let Some(mut entry) = self.outbox.get(wtxn, &seq)? else { continue };
+            if entry.sent_as.is_some() || entry.first_attempt_ms.is_some() {
+                continue; // it may be at Stripe under its old identifier: a resend must repeat it
+            }
+            if let Some(renamed) = legacy_identifier_renamed(&entry.identifier, &identity) {
+                entry.identifier = renamed;
+                self.outbox.put(wtxn, &seq, &entry)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A new instance id for a data dir that is being restored from a backup: every id it issues from now on differs
+    /// from every id issued before, by it or by the data dir the backup was taken from. Old reservation ids are all
+    /// refused, and the outbox entries of the backup are marked as possibly at Stripe already.
+    pub fn renew_identity(&self, now_ms: i64) -> Result<Identity, EngineError> {
+        let mut wtxn = self.env.write_txn()?;
+        let identity = Identity { instance_id: random_instance_id()?, legacy_holds_below: 0 };
+        self.put_identity(&mut wtxn, identity)?;
+        let seqs: Vec<u64> = self.outbox.iter(&wtxn)?.map(|item| item.map(|(seq, _)| seq)).collect::<Result<_, _>>()?;
+        for seq in seqs {
+            let Some(mut entry) = self.outbox.get(&wtxn, &seq)? else { continue };
+            entry.restored_ms.get_or_insert(now_ms);
+            self.outbox.put(&mut wtxn, &seq, &entry)?;
+        }
+        wtxn.commit()?;
+        Ok(identity)
+    }
+
+    fn put_identity(&self, wtxn: &mut RwTxn, identity: Identity) -> Result<(), EngineError> {
+        self.meta.put(wtxn, META_INSTANCE_ID, &identity.instance_id)?;
+        self.meta.put(wtxn, META_LEGACY_HOLDS_BELOW, &identity.legacy_holds_below)?;
+        Ok(())
+    }
+
+    pub fn identity(&self, rtxn: &RoTxn<'_, WithoutTls>) -> Result<Identity, EngineError> {
+        let instance_id = self.meta.get(rtxn, META_INSTANCE_ID)?.ok_or_else(|| {
+            EngineError::internal("invariant: the data dir has no instance id after open".to_string())
+        })?;
+        let legacy_holds_below = self.meta.get(rtxn, META_LEGACY_HOLDS_BELOW)?.unwrap_or(0);
+        Ok(Identity { instance_id, legacy_holds_below })
     }
 
     pub fn read_txn(&self) -> Result<RoTxn<'_, WithoutTls>, EngineError> {
@@ -145,7 +213,8 @@ impl Store {
         let next_ledger_seq = self.ledger.last(&rtxn)?.map_or(1, |(seq, _)| seq + 1);
         let outbox_depth = self.outbox.len(&rtxn)?;
         let next_alert_seq = self.alerts.last(&rtxn)?.map_or(1, |(seq, _)| seq + 1);
-        Ok(Recovered { budgets, active_holds, next_hold_id, next_ledger_seq, outbox_depth, next_alert_seq })
+        let identity = self.identity(&rtxn)?;
+        Ok(Recovered { identity, budgets, active_holds, next_hold_id, next_ledger_seq, outbox_depth, next_alert_seq })
     }
 
     pub fn get_hold(&self, hold_id: u64) -> Result<Option<HoldRecord>, EngineError> {
@@ -210,6 +279,11 @@ impl Store {
         Ok(found)
     }
 
+    pub fn document(&self, name: &str) -> Result<Option<String>, EngineError> {
+        let rtxn = self.read_txn()?;
+        Ok(self.documents.get(&rtxn, name)?.map(str::to_string))
+    }
+
     pub fn alert_cursor(&self) -> Result<u64, EngineError> {
         let rtxn = self.read_txn()?;
         Ok(self.meta.get(&rtxn, META_ALERT_CURSOR)?.unwrap_or(0))
@@ -240,4 +314,17 @@ pub fn period_key(customer_id: &str, start_ms: i64) -> String {
 /// The composite key of an idempotency entry: keys are per customer.
 pub fn idempotency_key(customer_id: &str, key: &str) -> String {
     format!("{customer_id}\0{key}")
+}
+
+/// `sg-rsv_<16 hex>[suffix]` (an identifier made before instance ids) with the instance id put in; None for any other.
+fn legacy_identifier_renamed(identifier: &str, identity: &Identity) -> Option<String> {
+    use crate::limits::LEGACY_RESERVATION_ID_LEN;
+    let rest = identifier.strip_prefix("sg-")?;
+    let legacy = rest.get(..LEGACY_RESERVATION_ID_LEN)?;
+    let suffix = &rest[LEGACY_RESERVATION_ID_LEN..];
+    if !(suffix.is_empty() || suffix.starts_with('-')) {
+        return None;
+    }
+    let hold_id = u64::from_str_radix(legacy.strip_prefix("rsv_")?, 16).ok()?;
+    Some(format!("sg-{}{suffix}", identity.reservation_id(hold_id)))
 }

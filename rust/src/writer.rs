@@ -16,7 +16,6 @@ use heed::RwTxn;
 use crate::alerts::{AlertKind, PendingAlert, MAX_ALERTS_KEPT};
 use crate::engine::Shared;
 use crate::error::EngineError;
-use crate::hold::format_reservation_id;
 use crate::limits::{MAX_BATCH_OPS, MAX_PRUNE_PER_TXN};
 use crate::period::PeriodRule;
 use crate::records::{
@@ -107,11 +106,17 @@ pub enum Op {
     OutboxDeadLetter {
         seqs: Vec<u64>,
         reason: String,
+        fate_unknown: bool,
         now_ms: i64,
     },
     DeadLetterRequeue {
         seq: u64,
         now_ms: i64,
+    },
+    /// Replace a document of the layers above (see Store::documents).
+    PutDocument {
+        name: String,
+        body: String,
     },
     /// Stop after everything before it is durable.
     Shutdown,
@@ -284,8 +289,11 @@ impl Writer {
             }
             Op::OutboxClaim { seqs, identifier, now_ms } => self.apply_claim(wtxn, seqs, identifier, *now_ms),
             Op::OutboxAck { seqs, now_ms } => self.apply_ack(wtxn, seqs, *now_ms),
-            Op::OutboxDeadLetter { seqs, reason, now_ms } => self.apply_dead_letter(wtxn, seqs, reason, *now_ms),
+            Op::OutboxDeadLetter { seqs, reason, fate_unknown, now_ms } => {
+                self.apply_dead_letter(wtxn, seqs, reason, *fate_unknown, *now_ms)
+            }
             Op::DeadLetterRequeue { seq, now_ms } => self.apply_requeue(wtxn, *seq, *now_ms),
+            Op::PutDocument { name, body } => Ok(self.store.documents.put(wtxn, name, body)?),
             Op::Shutdown => Ok(()),
         }
     }
@@ -470,7 +478,7 @@ impl Writer {
     ) -> Result<(), EngineError> {
         let seq = self.next_ledger_seq;
         self.next_ledger_seq += 1;
-        let reservation_id = format_reservation_id(commit.hold_id);
+        let reservation_id = self.shared.identity.issued_reservation_id(commit.hold_id);
         let entry = LedgerEntry {
             seq,
             reservation_id: reservation_id.clone(),
@@ -497,6 +505,8 @@ impl Writer {
             sent_as: None,
             first_attempt_ms: None,
             attempts: 0,
+            requeues: 0,
+            restored_ms: None,
             usage: entry.usage,
         };
         self.store.outbox.put(wtxn, &seq, &outbox)?;
@@ -581,6 +591,7 @@ impl Writer {
             ts_ms: alert.ts_ms,
             message: alert.message.clone(),
             values: alert.values.clone(),
+            instance_id: self.shared.identity.instance_id,
         };
         self.store.alerts.put(wtxn, &seq, &record)?;
         let mut excess = self.store.alerts.len(wtxn)?.saturating_sub(MAX_ALERTS_KEPT);
@@ -654,11 +665,20 @@ impl Writer {
         Ok(())
     }
 
-    fn apply_dead_letter(&self, wtxn: &mut RwTxn, seqs: &[u64], reason: &str, now_ms: i64) -> Result<(), EngineError> {
+    fn apply_dead_letter(
+        &self,
+        wtxn: &mut RwTxn,
+        seqs: &[u64],
+        reason: &str,
+        fate_unknown: bool,
+        now_ms: i64,
+    ) -> Result<(), EngineError> {
         for seq in seqs {
             let Some(entry) = self.store.outbox.get(wtxn, seq)? else { continue };
-            let requeues = self.store.dead_letters.get(wtxn, seq)?.map_or(0, |old| old.requeues);
-            let letter = DeadLetter { entry, reason: reason.to_string(), dead_ms: now_ms, requeues };
+            // The count lives on the entry: the dead letter it was requeued from is gone.
+            let requeues = entry.requeues;
+            let fate_unknown = fate_unknown || entry.restored_ms.is_some();
+            let letter = DeadLetter { entry, reason: reason.to_string(), dead_ms: now_ms, requeues, fate_unknown };
             self.store.dead_letters.put(wtxn, seq, &letter)?;
             self.store.outbox.delete(wtxn, seq)?;
             self.shared.outbox_shrank(1);
@@ -667,12 +687,13 @@ impl Writer {
     }
 
     fn apply_requeue(&self, wtxn: &mut RwTxn, seq: u64, _now_ms: i64) -> Result<(), EngineError> {
-        let Some(mut letter) = self.store.dead_letters.get(wtxn, &seq)? else { return Ok(()) };
-        letter.requeues += 1;
-        let mut entry = letter.entry.clone();
-        // Stripe keeps the identifier of an event it refused: a resend needs a new one.
+        let Some(letter) = self.store.dead_letters.get(wtxn, &seq)? else { return Ok(()) };
+        let mut entry = letter.entry;
+        entry.requeues = letter.requeues.max(entry.requeues).saturating_add(1);
+        // Stripe keeps the identifier of an event it refused: a resend needs a new one, never an earlier one.
         let base = entry.identifier.rsplit_once("-requeue").map_or(entry.identifier.as_str(), |(base, _)| base);
-        entry.identifier = format!("{base}-requeue{}", letter.requeues);
+        entry.identifier = format!("{base}-requeue{}", entry.requeues);
+        entry.restored_ms = None; // requeued knowingly: its fate was settled by the operator
         entry.sent_as = None;
         entry.first_attempt_ms = None;
         entry.attempts = 0;

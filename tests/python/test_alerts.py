@@ -22,6 +22,14 @@ def test_the_body_carries_every_field_with_a_stable_id() -> None:
     assert webhook_body(dict(ALERT)) == body  # the same bytes on every redelivery
 
 
+def test_alert_ids_are_unique_across_instances_and_restores() -> None:
+    """A restore rewinds the seq; the instance id that raised an alert does not repeat."""
+    before = {**ALERT, "instance_id": "00000000000000a1"}
+    after = {**ALERT, "instance_id": "00000000000000b2"}
+    ids = {json.loads(webhook_body(alert))["id"] for alert in (ALERT, before, after)}
+    assert ids == {"alert_42", "alert_00000000000000a1_42", "alert_00000000000000b2_42"}
+
+
 def test_the_signature_is_hmac_sha256_of_t_dot_body_as_documented() -> None:
     body = webhook_body(ALERT)
     header = signature_header(body, SECRET, timestamp_s=NOW_S)

@@ -90,20 +90,59 @@ fn dead_letters_keep_the_reason_and_a_requeue_gets_a_fresh_identifier() {
     commit(&engine, "cus", 9);
     let entry = engine.outbox_pending(1).unwrap().remove(0);
     engine
-        .wait_durable(engine.outbox_dead_letter(&[entry.seq], "No such customer: 'cus_Stripe'").unwrap(), WAIT)
+        .wait_durable(engine.outbox_dead_letter(&[entry.seq], "No such customer: 'cus_Stripe'", false).unwrap(), WAIT)
         .unwrap();
     assert!(engine.outbox_pending(10).unwrap().is_empty());
     let letters = engine.dead_letters(10).unwrap();
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].reason, "No such customer: 'cus_Stripe'");
     assert_eq!(letters[0].entry.amount, 9);
-    engine.wait_durable(engine.dead_letter_requeue(entry.seq).unwrap(), WAIT).unwrap();
+    engine.wait_durable(engine.dead_letter_requeue(entry.seq, false).unwrap(), WAIT).unwrap();
     let requeued = engine.outbox_pending(1).unwrap().remove(0);
     assert_eq!(requeued.identifier, format!("{}-requeue1", entry.identifier));
     assert_eq!(requeued.amount, 9);
     assert!(engine.dead_letters(10).unwrap().is_empty());
-    assert_eq!(engine.dead_letter_requeue(entry.seq).unwrap_err().kind, ErrorKind::NotFound);
-    assert_eq!(engine.outbox_dead_letter(&[entry.seq], "").unwrap_err().kind, ErrorKind::InvalidArgument);
+    assert_eq!(engine.dead_letter_requeue(entry.seq, false).unwrap_err().kind, ErrorKind::NotFound);
+    assert_eq!(engine.outbox_dead_letter(&[entry.seq], "", false).unwrap_err().kind, ErrorKind::InvalidArgument);
+}
+
+#[test]
+fn every_requeue_gets_an_identifier_never_used_before_also_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine = open(dir.path(), 1_000);
+    setup(&engine);
+    commit(&engine, "cus", 9);
+    let first = engine.outbox_pending(1).unwrap().remove(0);
+    let mut seen = std::collections::BTreeSet::from([first.identifier.clone()]);
+    for round in 1..=4u32 {
+        engine.wait_durable(engine.outbox_dead_letter(&[first.seq], "refused", false).unwrap(), WAIT).unwrap();
+        assert_eq!(engine.dead_letters(1).unwrap()[0].requeues, round - 1);
+        engine.wait_durable(engine.dead_letter_requeue(first.seq, false).unwrap(), WAIT).unwrap();
+        let requeued = engine.outbox_pending(1).unwrap().remove(0);
+        assert_eq!(requeued.identifier, format!("{}-requeue{round}", first.identifier));
+        assert!(seen.insert(requeued.identifier.clone()), "identifier {} reused", requeued.identifier);
+        assert_eq!(requeued.requeues, round);
+        engine.close();
+        drop(engine);
+        engine = open(dir.path(), 1_000);
+    }
+}
+
+#[test]
+fn a_dead_letter_that_may_be_at_stripe_is_requeued_only_when_confirmed_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path(), 1_000);
+    setup(&engine);
+    commit(&engine, "cus", 9);
+    let entry = engine.outbox_pending(1).unwrap().remove(0);
+    engine.wait_durable(engine.outbox_dead_letter(&[entry.seq], "sent, never answered", true).unwrap(), WAIT).unwrap();
+    assert!(engine.dead_letters(1).unwrap()[0].fate_unknown);
+    let refused = engine.dead_letter_requeue(entry.seq, false).unwrap_err();
+    assert_eq!(refused.kind, ErrorKind::FailedPrecondition);
+    assert!(refused.message.contains("spendgate reconcile"), "{}", refused.message);
+    assert_eq!(engine.dead_letters(1).unwrap().len(), 1, "a refused requeue changes nothing");
+    engine.wait_durable(engine.dead_letter_requeue(entry.seq, true).unwrap(), WAIT).unwrap();
+    assert_eq!(engine.outbox_pending(1).unwrap()[0].identifier, format!("{}-requeue1", entry.identifier));
 }
 
 #[test]

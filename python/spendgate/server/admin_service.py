@@ -29,11 +29,17 @@ DEFAULT_LIST_LIMIT: Final[int] = 100
 
 class AdminServicer(pb_grpc.AdminServicer):
     def __init__(
-        self, engine: _core.Engine, waiter: DurabilityWaiter, settlement: SettlementService | None = None
+        self,
+        engine: _core.Engine,
+        waiter: DurabilityWaiter,
+        settlement: SettlementService | None = None,
+        *,
+        backup_dir: str = "",
     ) -> None:
         self._engine = engine
         self._waiter = waiter
         self._settlement = settlement
+        self._backup_dir = os.path.realpath(backup_dir) if backup_dir else ""
 
     @grpc_errors
     async def SetBudget(self, request: pb.SetBudgetRequest, context: Context) -> pb.SetBudgetResponse:
@@ -66,7 +72,8 @@ class AdminServicer(pb_grpc.AdminServicer):
     async def RequeueDeadLetter(
         self, request: pb.RequeueDeadLetterRequest, context: Context
     ) -> pb.RequeueDeadLetterResponse:
-        await self._waiter.wait(self._engine.dead_letter_requeue(request.seq))
+        ticket = self._engine.dead_letter_requeue(request.seq, confirmed_missing=request.confirmed_missing)
+        await self._waiter.wait(ticket)
         return pb.RequeueDeadLetterResponse(seq=request.seq)
 
     @grpc_errors
@@ -89,12 +96,21 @@ class AdminServicer(pb_grpc.AdminServicer):
         if not os.path.isabs(request.dest_dir):
             raise _core.EngineError("invalid_argument", f"dest_dir {request.dest_dir!r} is not an absolute path: pass "
                                     "an absolute directory on the sidecar's machine (`spendgate backup` does)")
+        if self._backup_dir and not _is_under(request.dest_dir, self._backup_dir):
+            raise _core.EngineError("permission_denied", f"dest_dir {request.dest_dir!r} is not under backup_dir "
+                                    f"{self._backup_dir!r}: pass a directory inside it (the setting confines backups)")
         durable_ticket = self._engine.durable_ticket()  # every acknowledged change is at or below it
         started_ms = time.time_ns() // 1_000_000
         # In a thread: copying a large environment takes a while, and the loop keeps serving meanwhile.
         size_bytes = await asyncio.to_thread(self._engine.backup, request.dest_dir)
         return pb.BackupResponse(dest_dir=request.dest_dir, size_bytes=size_bytes, durable_ticket=durable_ticket,
                                  started_ms=started_ms, duration_ms=time.time_ns() // 1_000_000 - started_ms)
+
+
+def _is_under(path: str, root: str) -> bool:
+    """Whether `path`, with every symlink of its existing part resolved, is `root` or inside it."""
+    resolved = os.path.realpath(path)
+    return resolved != root and os.path.commonpath([resolved, root]) == root
 
 
 MODE_NAMES: Final[dict[int, str]] = {pb.ENFORCEMENT_MODE_HARD: "hard", pb.ENFORCEMENT_MODE_SOFT: "soft"}
@@ -150,4 +166,5 @@ def dead_letter_message(letter: _core.DeadLetterEntry) -> pb.DeadLetter:
         reason=letter["reason"],
         dead_ms=letter["dead_ms"],
         requeues=letter["requeues"],
+        fate_unknown=letter["fate_unknown"],
     )

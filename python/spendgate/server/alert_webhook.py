@@ -184,13 +184,13 @@ class AlertWebhook:
             if answer.outcome == _Answer.DELIVERED:
                 self._outcomes.labels(outcome="delivered").inc()
                 if attempt > 1:
-                    log.info("alert webhook: %s delivered after %d attempts", alert_id(entry["seq"]), attempt)
+                    log.info("alert webhook: %s delivered after %d attempts", alert_id(entry), attempt)
                 return
             if answer.outcome == _Answer.REFUSED:
                 self._outcomes.labels(outcome="refused").inc()
                 log.error(
                     "alert webhook: the receiver refused %s (%s, %s) for good: %s; skipped, delivery goes on",
-                    alert_id(entry["seq"]), entry["kind"], entry["customer_id"], answer.why,
+                    alert_id(entry), entry["kind"], entry["customer_id"], answer.why,
                 )
                 return
             self._outcomes.labels(outcome="failed").inc()
@@ -198,12 +198,12 @@ class AlertWebhook:
             if attempt == self.options.max_attempts:
                 log.error(
                     "alert webhook: %s failed %d times in a row (last: %s); retrying every %d ms at most, later"
-                    " alerts wait", alert_id(entry["seq"]), attempt, answer.why, self.options.backoff_max_ms,
+                    " alerts wait", alert_id(entry), attempt, answer.why, self.options.backoff_max_ms,
                 )
             else:
                 log.warning(
                     "alert webhook: %s attempt %d failed (%s); retrying in %.2f s",
-                    alert_id(entry["seq"]), attempt, answer.why, delay_s,
+                    alert_id(entry), attempt, answer.why, delay_s,
                 )
             await asyncio.sleep(delay_s)
 

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import grpc
@@ -23,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from spendgate import _core, logs
 from spendgate.config import Settings
+from spendgate.datacare import check_servable
 from spendgate.server.admin_service import AdminServicer
 from spendgate.server.alerts import AlertService
 from spendgate.server.auth import TokenAuthInterceptor
@@ -92,6 +94,7 @@ class Sidecar:
         credentials = server_credentials(settings)
         # A bad price file fails the start, before the data dir is touched (a reload keeps the old table instead).
         self.prices = PriceBook(settings.price_table or None)
+        check_servable(Path(settings.data_dir))  # not a half-restored data dir, nor a lost one recreated empty
         self._engine = _core.Engine(settings.data_dir, **settings.engine_kwargs())
         try:
             self._waiter = DurabilityWaiter(self._engine, on_failure=self._on_engine_failure)
@@ -232,7 +235,7 @@ class Sidecar:
         budget = BudgetServicer(engine, waiter, Meter(self.prices))
         budget.alerts = self._alerts
         pb_grpc.add_BudgetServicer_to_server(budget, server)
-        pb_grpc.add_AdminServicer_to_server(AdminServicer(engine, waiter, self._settlement), server)
+        pb_grpc.add_AdminServicer_to_server(AdminServicer(engine, waiter, self._settlement, backup_dir=self.settings.backup_dir), server)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         if settings.reflection:
             names = (BUDGET_SERVICE, ADMIN_SERVICE, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME)

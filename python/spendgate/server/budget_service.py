@@ -20,7 +20,7 @@ from spendgate.policy.usage_report import DEFAULT_TOP, MAX_TOP, NEVER_MS, period
 from spendgate.server.alerts import AlertService
 from spendgate.server.durability import DurabilityWaiter
 from spendgate.server.status import grpc_errors
-from spendgate.service.budgets import BudgetService, TokenEstimate, Usage, deny_message
+from spendgate.service.budgets import HOLD_STATE_WORDS, BudgetService, TokenEstimate, Usage, deny_message
 from spendgate.v1 import spendgate_pb2 as pb
 from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 
@@ -34,10 +34,12 @@ assert _core.DENY_TOO_MANY_HOLDS == pb.DENY_REASON_TOO_MANY_HOLDS
 assert _core.DENY_FROZEN == pb.DENY_REASON_FROZEN
 assert _core.DENY_OVERAGE_BLOCKED == pb.DENY_REASON_OVERAGE_BLOCKED
 assert _core.DENY_UNKNOWN_MODEL == pb.DENY_REASON_UNKNOWN_MODEL
+assert _core.DENY_HOLD_ENDED == pb.DENY_REASON_HOLD_ENDED
 assert _core.HOLD_ACTIVE == pb.HOLD_STATE_ACTIVE
 assert _core.HOLD_COMMITTED == pb.HOLD_STATE_COMMITTED
 assert _core.HOLD_RELEASED == pb.HOLD_STATE_RELEASED
 assert _core.HOLD_EXPIRED == pb.HOLD_STATE_EXPIRED
+assert all(pb.HoldState.Name(n).removeprefix("HOLD_STATE_").lower() == w for n, w in HOLD_STATE_WORDS.items())
 
 __all__ = ["BudgetServicer", "balance_message", "deny_message", "usage_message"]  # deny_message: moved, re-exported
 

@@ -34,6 +34,14 @@ REASON_NAMES: Final[Mapping[int, str]] = {
     _core.DENY_FROZEN: "DENY_REASON_FROZEN",
     _core.DENY_OVERAGE_BLOCKED: "DENY_REASON_OVERAGE_BLOCKED",
     _core.DENY_UNKNOWN_MODEL: "DENY_REASON_UNKNOWN_MODEL",
+    _core.DENY_HOLD_ENDED: "DENY_REASON_HOLD_ENDED",
+}
+# HoldState numbers in words (the contract's names, without HOLD_STATE_, lower case).
+HOLD_STATE_WORDS: Final[Mapping[int, str]] = {
+    _core.HOLD_ACTIVE: "active",
+    _core.HOLD_COMMITTED: "committed",
+    _core.HOLD_RELEASED: "released",
+    _core.HOLD_EXPIRED: "expired",
 }
 
 
@@ -266,4 +274,10 @@ def deny_message(customer_id: str, amount: int, outcome: _core.ReserveOutcome) -
         )
     if outcome.reason == _core.DENY_FROZEN:
         return f"{level} is frozen: unfreeze it with Admin.FreezeBudget (frozen=false)"
+    if outcome.reason == _core.DENY_HOLD_ENDED:
+        state = HOLD_STATE_WORDS.get(outcome.state, "unspecified")
+        return (
+            f"this idempotency_key's reservation {outcome.reservation_id} was already {state}, so nothing is held for"
+            " this call: reserve again under a new idempotency_key before calling the model"
+        )
     raise AssertionError(f"a denial without a known reason: {outcome.reason}")

@@ -93,6 +93,8 @@ class MeterEvent:
     claim: str = ""
     # Payload keys beside the customer and the value: (model, ...), (token_type, ...) for token events.
     dimensions: tuple[tuple[str, str], ...] = ()
+    # A member came back with a restored backup: it may be at Stripe already (see rules.restored_unsure).
+    restored: bool = False
 
     @property
     def size(self) -> int:
@@ -190,6 +192,12 @@ def fresh_events(entries: Iterable[OutboxEntry], window_ms: int, now_ms: int, na
     customer (units) and one claim per Stripe customer and model (tokens). An aggregate never exceeds Stripe's
     largest value: a window that would is split."""
     unclaimed = [e for e in entries if e["sent_as"] is None]
+    # A restored entry goes alone under its own identifier: that is the only identifier Stripe can dedupe it by.
+    restored = [e for e in unclaimed if e.get("restored_ms") is not None]
+    if restored:
+        unclaimed = [e for e in unclaimed if e.get("restored_ms") is None]
+        return [ev for entry in restored for ev in _fresh_group([entry], names)] + fresh_events(
+            unclaimed, window_ms, now_ms, names)
     if window_ms <= 0:
         events: list[MeterEvent] = []
         for entry in unclaimed:
@@ -292,4 +300,5 @@ def _event(identifier: str, event_name: str, members: Sequence[OutboxEntry], val
         first_attempt_ms=min(firsts) if firsts else None,
         claim=claim,
         dimensions=dimensions,
+        restored=any(e.get("restored_ms") is not None for e in members),
     )

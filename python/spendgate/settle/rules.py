@@ -50,6 +50,26 @@ def resend_too_late(first_attempt_ms: int | None, now_ms: int) -> str | None:
     )
 
 
+def restored_unsure(event_restored: bool, claimed: bool, ts_ms: int, now_ms: int, *, aggregating: bool) -> str | None:
+    """Why an entry restored from a backup must not be sent, or None.
+
+    The sidecar the backup came from may have sent it after the backup was taken. A resend under the same identifier
+    is safe only while Stripe still deduplicates it: the first send was at the earliest at the commit (ts_ms), so the
+    resend must come within 23 hours of that. With pre-aggregation on, an unclaimed restored entry may have gone out in
+    an aggregate whose identifier the backup does not know, so no resend of it can be deduplicated."""
+    if not event_restored:
+        return None
+    advice = ("run `spendgate reconcile` for this customer first; requeue (with --confirmed-missing) only if it shows "
+              "this usage missing at Stripe")
+    if not claimed and aggregating:
+        return (f"restored from a backup, and pre-aggregation (settle_aggregate_window_ms) is on: the sidecar the "
+                f"backup came from may have sent it in an aggregate event this copy cannot repeat exactly; {advice}")
+    if now_ms - ts_ms > SAFE_RESEND_MS:
+        return (f"restored from a backup and committed {(now_ms - ts_ms) / HOUR_MS:.1f} h ago (at {iso(ts_ms)}): it "
+                f"may be at Stripe already, which no longer deduplicates it after 24 h; {advice}")
+    return None
+
+
 def timestamp_out_of_window(ts_ms: int, now_ms: int) -> str | None:
     """Why Stripe would refuse this event's timestamp, or None."""
     age_ms = now_ms - ts_ms

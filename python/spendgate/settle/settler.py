@@ -196,6 +196,8 @@ class Settler:
         self._pool = DaemonThreadPool(options.concurrency)
         self._stalls = 0  # rounds in a row that made no progress because calls failed
         self._failures: dict[str, tuple[int, float]] = {}  # claim -> (failed rounds, not before: loop time)
+        # Claims with an attempt Stripe did not answer (this round): their fate is unknown if they are refused later.
+        self._unanswered: set[str] = set()
         self._closed = False
 
     # -- the loop -------------------------------------------------------------------------------------------------
@@ -286,6 +288,7 @@ class Settler:
             elif claim_id not in unsent:
                 delivered.append(claim)
         await self._settle(delivered + zero, dead, {e["seq"]: e for e in entries})
+        self._unanswered.clear()
 
         result.delivered = sum(len(c) for c in delivered)
         result.skipped, result.dead = sum(len(c) for c in zero), sum(len(c) for c, _ in dead)
@@ -298,6 +301,8 @@ class Settler:
     def _local_problem(self, event: MeterEvent, now_ms: int) -> str | None:
         return (
             rules.token_meter_off(event.event_name, event.claim_id, token_event=bool(event.dimensions))
+            or rules.restored_unsure(event.restored, event.claimed, event.ts_ms, now_ms,
+                                     aggregating=self.options.aggregate_window_ms > 0)
             or rules.resend_too_late(event.first_attempt_ms, now_ms)
             or rules.customer_missing(event.stripe_customer_id, event.customer_ids)
             or rules.timestamp_out_of_window(event.ts_ms, now_ms)
@@ -312,7 +317,7 @@ class Settler:
         if preflight is None or not events:
             return events, [], []
         meters = sorted({e.event_name for e in events if not preflight.meter_known(e.event_name)})
-        meter_answers = await asyncio.gather(*(self._call(preflight.meter_problem, name) for name in meters))
+        meter_answers = [a[:2] for a in await asyncio.gather(*(self._call(preflight.meter_problem, n) for n in meters))]
         by_meter = dict(zip(meters, meter_answers, strict=True))
         ok, dead, failed = [], [], []
         for event in events:
@@ -327,7 +332,7 @@ class Settler:
             return ok, dead, failed
         events = ok
         customers = sorted({e.stripe_customer_id for e in events if not preflight.customer_known(e.stripe_customer_id)})
-        answers = await asyncio.gather(*(self._call(preflight.customer_problem, c) for c in customers))
+        answers = [a[:2] for a in await asyncio.gather(*(self._call(preflight.customer_problem, c) for c in customers))]
         by_customer = dict(zip(customers, answers, strict=True))
         ok = []
         for event in events:
@@ -372,7 +377,12 @@ class Settler:
 
     async def _deliver(self, events: Sequence[MeterEvent]) -> list[tuple[MeterEvent, Classified | None]]:
         """Send one call's events, with retries; on a refusal of several events, bisect to find the refused one."""
-        _, failure = await self._call(self._transport.send, events)
+        _, failure, attempts = await self._call(self._transport.send, events)
+        if attempts > 1 and failure is not None:
+            for event in events:  # an earlier attempt went unanswered: Stripe may have recorded it
+                self._unanswered.add(event.claim_id)
+        if failure is not None and failure.verdict is Verdict.DELIVERED:
+            failure = self._duplicate(events, failure, attempts)
         if failure is None or failure.verdict is Verdict.DELIVERED:
             return [(e, None) for e in events]
         if failure.verdict is Verdict.PERMANENT and len(events) > 1:
@@ -381,14 +391,35 @@ class Settler:
             return halves[0] + halves[1]
         return [(e, failure) for e in events]
 
-    async def _call(self, fn: Callable[..., Any], *args: Any) -> tuple[Any, Classified | None]:
-        """fn(*args) in the thread pool, retried on RETRY (and on SESSION_EXPIRED) up to settle_max_attempts."""
+    def _duplicate(self, events: Sequence[MeterEvent], failure: Classified, attempts: int) -> Classified:
+        """Stripe says it has these events already. That is a delivery only for events this sidecar may have sent
+        before (an earlier round, an earlier attempt of this call, or the data dir a backup came from). On a first send
+        it means another sender used the same identifier (a copied data dir shares its instance id): not delivered."""
+        ours = attempts > 1 or all(e.claimed or e.restored for e in events)
+        ids = ", ".join(e.identifier for e in events[:3]) + (" ..." if len(events) > 3 else "")
+        if ours:
+            log.warning("Stripe already has %s (sent before and not acknowledged then): counted as delivered: %s",
+                        ids, failure.reason)
+            return failure
+        log.error("Stripe already has %s, which this sidecar never sent before: another sender uses its "
+                  "identifiers; not counted as delivered: %s", ids, failure.reason)
+        for event in events:
+            self._unanswered.add(event.claim_id)
+        return Classified(Verdict.PERMANENT, (
+            f"Stripe already has an event with identifier {events[0].identifier}, which this sidecar (instance "
+            f"{self._engine.instance_id}) was sending for the first time: another sidecar makes the same identifiers "
+            "(a data dir copied instead of restored keeps its instance id). Run `spendgate reconcile`; requeue "
+            "only if it shows this usage missing"))
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> tuple[Any, Classified | None, int]:
+        """fn(*args) in the thread pool, retried on RETRY (and on SESSION_EXPIRED) up to settle_max_attempts.
+        Returns (result, failure, attempts made)."""
         loop = asyncio.get_running_loop()
         attempt = 0
         while True:
             attempt += 1
             try:
-                return await loop.run_in_executor(self._pool, fn, *args), None
+                return await loop.run_in_executor(self._pool, fn, *args), None, attempt
             except Exception as error:  # noqa: BLE001 - every failure is classified; CancelledError passes
                 failure = classify(error)
                 if self._metrics is not None and failure.verdict is not Verdict.DELIVERED:
@@ -397,7 +428,7 @@ class Settler:
                     log.error("unexpected error while talking to Stripe", exc_info=error)
                 retriable = failure.verdict in (Verdict.RETRY, Verdict.SESSION_EXPIRED)
                 if not retriable or attempt >= self.options.max_attempts:
-                    return None, failure
+                    return None, failure, attempt
                 await asyncio.sleep(self._backoff_s(attempt))
 
     async def _settle(self, delivered: list[Claim], dead: list[tuple[Claim, str]],
@@ -423,7 +454,8 @@ class Settler:
                 ",".join(event.customer_ids), event.stripe_customer_id or "-", "+".join(str(e.value) for e in claim),
                 reason,
             )
-            tickets.append(self._engine.outbox_dead_letter(list(event.seqs), reason))
+            fate_unknown = event.claimed or event.restored or event.claim_id in self._unanswered
+            tickets.append(self._engine.outbox_dead_letter(list(event.seqs), reason, fate_unknown=fate_unknown))
             for seq in event.seqs:
                 letters.setdefault(entries[seq]["customer_id"], []).append((seq, reason))
         tickets += self._alert_dead_letters(letters, entries)

@@ -15,6 +15,7 @@ class DenyReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DENY_REASON_FROZEN: _ClassVar[DenyReason]
     DENY_REASON_OVERAGE_BLOCKED: _ClassVar[DenyReason]
     DENY_REASON_UNKNOWN_MODEL: _ClassVar[DenyReason]
+    DENY_REASON_HOLD_ENDED: _ClassVar[DenyReason]
 
 class EnforcementMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -52,6 +53,7 @@ DENY_REASON_TOO_MANY_HOLDS: DenyReason
 DENY_REASON_FROZEN: DenyReason
 DENY_REASON_OVERAGE_BLOCKED: DenyReason
 DENY_REASON_UNKNOWN_MODEL: DenyReason
+DENY_REASON_HOLD_ENDED: DenyReason
 ENFORCEMENT_MODE_UNSPECIFIED: EnforcementMode
 ENFORCEMENT_MODE_HARD: EnforcementMode
 ENFORCEMENT_MODE_SOFT: EnforcementMode
@@ -472,7 +474,7 @@ class ListDeadLettersRequest(_message.Message):
     def __init__(self, limit: _Optional[int] = ...) -> None: ...
 
 class DeadLetter(_message.Message):
-    __slots__ = ("seq", "identifier", "sent_as", "customer_id", "stripe_customer_id", "amount", "ts_ms", "first_attempt_ms", "attempts", "reason", "dead_ms", "requeues")
+    __slots__ = ("seq", "identifier", "sent_as", "customer_id", "stripe_customer_id", "amount", "ts_ms", "first_attempt_ms", "attempts", "reason", "dead_ms", "requeues", "fate_unknown")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     IDENTIFIER_FIELD_NUMBER: _ClassVar[int]
     SENT_AS_FIELD_NUMBER: _ClassVar[int]
@@ -485,6 +487,7 @@ class DeadLetter(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     DEAD_MS_FIELD_NUMBER: _ClassVar[int]
     REQUEUES_FIELD_NUMBER: _ClassVar[int]
+    FATE_UNKNOWN_FIELD_NUMBER: _ClassVar[int]
     seq: int
     identifier: str
     sent_as: str
@@ -497,7 +500,8 @@ class DeadLetter(_message.Message):
     reason: str
     dead_ms: int
     requeues: int
-    def __init__(self, seq: _Optional[int] = ..., identifier: _Optional[str] = ..., sent_as: _Optional[str] = ..., customer_id: _Optional[str] = ..., stripe_customer_id: _Optional[str] = ..., amount: _Optional[int] = ..., ts_ms: _Optional[int] = ..., first_attempt_ms: _Optional[int] = ..., attempts: _Optional[int] = ..., reason: _Optional[str] = ..., dead_ms: _Optional[int] = ..., requeues: _Optional[int] = ...) -> None: ...
+    fate_unknown: bool
+    def __init__(self, seq: _Optional[int] = ..., identifier: _Optional[str] = ..., sent_as: _Optional[str] = ..., customer_id: _Optional[str] = ..., stripe_customer_id: _Optional[str] = ..., amount: _Optional[int] = ..., ts_ms: _Optional[int] = ..., first_attempt_ms: _Optional[int] = ..., attempts: _Optional[int] = ..., reason: _Optional[str] = ..., dead_ms: _Optional[int] = ..., requeues: _Optional[int] = ..., fate_unknown: _Optional[bool] = ...) -> None: ...
 
 class ListDeadLettersResponse(_message.Message):
     __slots__ = ("dead_letters",)
@@ -506,10 +510,12 @@ class ListDeadLettersResponse(_message.Message):
     def __init__(self, dead_letters: _Optional[_Iterable[_Union[DeadLetter, _Mapping]]] = ...) -> None: ...
 
 class RequeueDeadLetterRequest(_message.Message):
-    __slots__ = ("seq",)
+    __slots__ = ("seq", "confirmed_missing")
     SEQ_FIELD_NUMBER: _ClassVar[int]
+    CONFIRMED_MISSING_FIELD_NUMBER: _ClassVar[int]
     seq: int
-    def __init__(self, seq: _Optional[int] = ...) -> None: ...
+    confirmed_missing: bool
+    def __init__(self, seq: _Optional[int] = ..., confirmed_missing: _Optional[bool] = ...) -> None: ...
 
 class RequeueDeadLetterResponse(_message.Message):
     __slots__ = ("seq",)

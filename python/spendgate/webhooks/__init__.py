@@ -38,7 +38,7 @@ def build_receiver(settings: Settings, engine: _core.Engine,
         wait_durable,
         plan_limits=dict(settings.webhook_plan_limits),
         payment_failed_action=settings.webhook_payment_failed_action,
-        state_path=Path(settings.data_dir) / STATE_FILE_NAME,
+        legacy_state_path=Path(settings.data_dir) / STATE_FILE_NAME,
         fetch_event=_event_fetcher(settings),
     )
     return WebhookReceiver(handlers, secrets)

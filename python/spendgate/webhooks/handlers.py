@@ -32,9 +32,10 @@ budget back, and a replayed or repeated one changes nothing (the same period aga
 
 Idempotency. Every action is idempotent given the state below, and the ids of processed events are kept (the newest
 MAX_PROCESSED_EVENTS), so a replayed event (same id) changes nothing. That state (processed ids, the invoices that froze
-a budget, the subscriptions whose deletion froze one) is written to `<data_dir>/webhook-state.json` after the engine
-change is durable and before Stripe gets its 200, so it survives a restart; a crash in between makes Stripe resend the
-event, and the resend finds the change already made.
+a budget, the subscriptions whose deletion froze one) is a document in the engine's LMDB, queued after the engine changes
+it records and durable before Stripe gets its 200: it survives a restart, it is in every backup, and a durable state
+that holds it holds those changes. A crash before it is durable makes Stripe resend the event, and the resend finds the
+change already made.
 
 Budgets are found by their stripe_customer_id through Engine.list_budgets, which returns at most LIST_LIMIT budgets:
 past that, only a budget whose customer_id is the Stripe customer id is found, and no budget is created for a customer
@@ -47,9 +48,7 @@ import asyncio
 import collections
 import json
 import logging
-import os
 import re
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -67,7 +66,10 @@ MAX_PROCESSED_EVENTS: Final[int] = 10_000
 MAX_RECENT_ERROR_REPORTS: Final[int] = 100
 # The most budgets Engine.list_budgets returns in one call.
 LIST_LIMIT: Final[int] = 10_000
+# Older releases kept the state in this file in the data dir (outside LMDB, so outside backups); it is imported once.
 STATE_FILE_NAME: Final[str] = "webhook-state.json"
+# The engine document (Engine.put_document) the state lives in.
+STATE_DOCUMENT: Final[str] = "webhook_state"
 STATE_VERSION: Final[int] = 1
 
 SUBSCRIPTION_CHANGED: Final[frozenset[str]] = frozenset({"customer.subscription.created", "customer.subscription.updated"})
@@ -144,16 +146,14 @@ class WebhookState:
         }, separators=(",", ":"))  # fmt: skip
 
     @classmethod
-    def load(cls, path: Path) -> WebhookState:
+    def from_json(cls, text: str, where: str) -> WebhookState:
         state = cls()
         try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return state
-        except (OSError, ValueError) as error:
-            raise ValueError(f"cannot read the webhook state {path}: {error}; move it away to start afresh") from None
+            document = json.loads(text)
+        except ValueError as error:
+            raise ValueError(f"cannot read the webhook state {where}: {error}; move it away to start afresh") from None
         if not isinstance(document, dict) or document.get("version") != STATE_VERSION:
-            raise ValueError(f"{path} is not a webhook state of version {STATE_VERSION}; move it away to start afresh")
+            raise ValueError(f"{where} is not a webhook state of version {STATE_VERSION}; move it away to start afresh")
         for event_id in document.get("processed", []):
             state.mark_processed(str(event_id))
         for invoice_id in document.get("paid_invoices", []):
@@ -162,24 +162,26 @@ class WebhookState:
         state.frozen_by_deletion = {str(k): str(v) for k, v in document.get("frozen_by_deletion", {}).items()}
         return state
 
-    def save(self, path: Path) -> None:
-        """Write atomically and durably: a temporary file, fsync, rename, fsync the directory."""
-        text = self.to_json()
-        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as file:
-                file.write(text)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+    @classmethod
+    def load(cls, engine: _core.Engine, legacy_path: Path | None = None) -> WebhookState:
+        """The state from the engine's LMDB; on a data dir that still has the file of older releases, from that file
+        (the first save then moves it into LMDB, and the file is renamed `.imported`)."""
+        body = engine.document(STATE_DOCUMENT)
+        if body is not None:
+            return cls.from_json(body, f"document {STATE_DOCUMENT!r} in LMDB")
+        if legacy_path is not None and legacy_path.exists():
+            try:
+                text = legacy_path.read_text(encoding="utf-8")
+            except OSError as error:
+                raise ValueError(f"cannot read the webhook state {legacy_path}: {error}; move it away to start "
+                                 "afresh") from None
+            return cls.from_json(text, str(legacy_path))
+        return cls()
+
+    def save(self, engine: _core.Engine) -> int:
+        """Queue the state for LMDB, after the engine changes it records (ticket order): a durable state (after a
+        crash, in a backup) that holds it holds those changes too. Returns the ticket to wait for."""
+        return engine.put_document(STATE_DOCUMENT, self.to_json())
 
 
 class WebhookHandlers:
@@ -192,7 +194,7 @@ class WebhookHandlers:
         *,
         plan_limits: Mapping[str, int],
         payment_failed_action: str,
-        state_path: Path,
+        legacy_state_path: Path | None = None,
         fetch_event: Callable[[str], Mapping[str, Any]] | None = None,
     ) -> None:
         """fetch_event(id): the full v2 event behind a thin notification (a blocking Stripe call, run in a thread);
@@ -202,11 +204,17 @@ class WebhookHandlers:
         self._wait_durable = wait_durable
         self._plan_limits = dict(plan_limits)
         self._payment_failed_action = payment_failed_action
-        self._state_path = state_path
+        self._legacy_path = legacy_state_path
         self._fetch_event = fetch_event
-        self._state = WebhookState.load(state_path)
+        self._state = WebhookState.load(engine, legacy_state_path)
         self._lock = asyncio.Lock()
         self.stats = WebhookStats()
+
+    def _retire_legacy_file(self) -> None:
+        """The state now lives in LMDB: keep the old file, renamed, so that it is never read again."""
+        if self._legacy_path is not None and self._legacy_path.exists():
+            self._legacy_path.rename(self._legacy_path.with_name(self._legacy_path.name + ".imported"))
+            self._legacy_path = None
 
     # -- entry points ------------------------------------------------------------------------------------------------
 
@@ -239,10 +247,11 @@ class WebhookHandlers:
                 return Outcome(200, f"ignored: spendgate does not act on {event_type}")
             self._state.mark_processed(event_id)
             try:
-                await asyncio.to_thread(self._state.save, self._state_path)
-            except OSError as error:
+                await self._wait_durable(self._state.save(self._engine))
+            except _core.EngineError as error:
                 del self._state.processed[event_id]  # so that Stripe's resend runs the (idempotent) actions again
-                raise TransientError(f"cannot save {self._state_path}: {error}") from None
+                raise TransientError(f"cannot save the webhook state: {error.kind}: {error.message}") from None
+            self._retire_legacy_file()
             self.stats.count(f"handled.{event_type}")
             return outcome
 

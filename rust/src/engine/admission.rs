@@ -13,10 +13,7 @@ use super::{
 use crate::alerts::{AlertKind, PendingAlert};
 use crate::budget::{Budget, Refusal};
 use crate::error::{EngineError, ErrorKind};
-use crate::hold::{
-    format_reservation_id, parse_reservation_id, truncate_for_message, DenyReason, HoldExtras, HoldSlot, HoldState,
-    Resolution,
-};
+use crate::hold::{truncate_for_message, DenyReason, HoldExtras, HoldSlot, HoldState, Resolution};
 use crate::records::{Dimensions, HoldRecord, HoldStatus};
 use crate::store::idempotency_key;
 use crate::usage::{validate_dimensions, validate_usage, MAX_MODEL_BYTES};
@@ -67,7 +64,7 @@ impl Shared {
                 }
                 let outcome = self.reserve_new(&budget, args, ttl_ms, Some(entry.key().as_str()))?;
                 if outcome.granted {
-                    entry.insert(parse_reservation_id(&outcome.reservation_id)?);
+                    entry.insert(self.identity.parse(&outcome.reservation_id)?);
                 }
                 Ok(outcome)
             }
@@ -198,7 +195,7 @@ impl Shared {
         }
         Ok(ReserveOutcome {
             granted: true,
-            reservation_id: format_reservation_id(hold_id),
+            reservation_id: self.identity.reservation_id(hold_id),
             remaining: remaining(),
             reason: DenyReason::None,
             expires_at_ms: expires_ms,
@@ -310,11 +307,14 @@ impl Shared {
                 ),
             ));
         }
+        // A replay of a hold that ended holds nothing: granting it would let the caller spend unreserved units (after
+        // an expiry) or make a call whose commit is refused (after a release). It is a denial that says why.
+        let ended = state != HoldState::Active;
         Ok(ReserveOutcome {
-            granted: true,
-            reservation_id: format_reservation_id(hold_id),
+            granted: !ended,
+            reservation_id: self.identity.reservation_id(hold_id),
             remaining,
-            reason: DenyReason::None,
+            reason: if ended { DenyReason::HoldEnded } else { DenyReason::None },
             expires_at_ms: expires_ms,
             replayed: true,
             amount: original,
@@ -328,7 +328,7 @@ impl Shared {
     pub(super) fn commit(&self, args: CommitArgs<'_>) -> Result<CommitOutcome, EngineError> {
         self.check_open()?;
         let reservation_id = args.reservation_id;
-        let hold_id = parse_reservation_id(reservation_id)?;
+        let hold_id = self.identity.parse(reservation_id)?;
         validate_amount("amount", args.amount, 0)?;
         if let Some(usage) = &args.usage {
             validate_usage(usage, args.amount)?;
@@ -505,7 +505,7 @@ impl Shared {
 
     pub(super) fn release(&self, reservation_id: &str) -> Result<ReleaseOutcome, EngineError> {
         self.check_open()?;
-        let hold_id = parse_reservation_id(reservation_id)?;
+        let hold_id = self.identity.parse(reservation_id)?;
         match self.holds.entry(hold_id) {
             Entry::Occupied(mut entry) => {
                 let slot = entry.get_mut();

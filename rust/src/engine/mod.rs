@@ -27,6 +27,7 @@ use crate::budget::Budget;
 use crate::clock::{Clock, SystemClock};
 use crate::error::EngineError;
 use crate::hold::{truncate_for_message, DenyReason, HoldSlot, HoldState};
+use crate::identity::Identity;
 use crate::limits::*;
 use crate::period::PeriodRule;
 use crate::records::{AlertRecord, BudgetRecord, DeadLetter, Dimensions, HoldRecord, OutboxEntry, UsageDetail};
@@ -223,6 +224,8 @@ pub struct CommitArgs<'a> {
 /// State shared by the calling threads, the writer and the reaper.
 pub struct Shared {
     config: EngineConfig,
+    /// This data dir's instance id: in every reservation id it issues, and what parses them back.
+    pub(crate) identity: Identity,
     clock: Arc<dyn Clock>,
     /// `None` once closed, so that the LMDB environment really closes and the data dir can be reopened.
     store: std::sync::RwLock<Option<Store>>,
@@ -293,6 +296,7 @@ impl Engine {
             holds: DashMap::new(),
             idempotency: DashMap::new(),
             tx,
+            identity: recovered.identity,
             next_hold_id: AtomicU64::new(recovered.next_hold_id),
             last_ticket: AtomicU64::new(0),
             durable_ticket: AtomicU64::new(0),
@@ -370,7 +374,7 @@ impl Engine {
     /// The model a Reserve priced ("" when it gave a plain amount), so that a Commit of token usage without a model
     /// is priced for the model it reserved for. NOT_FOUND for an unknown (or pruned) reservation.
     pub fn hold_model(&self, reservation_id: &str) -> Result<String, EngineError> {
-        let hold_id = crate::hold::parse_reservation_id(reservation_id)?;
+        let hold_id = self.shared.identity.parse(reservation_id)?;
         if let Some(slot) = self.shared.holds.get(&hold_id) {
             return Ok(slot.extras.as_ref().map(|extras| extras.model.clone()).unwrap_or_default());
         }
@@ -450,6 +454,30 @@ impl Engine {
         self.shared.with_store(|store| store.alert_cursor())
     }
 
+    /// Replace the document `name` (the Stripe webhooks' state): applied in ticket order after every change
+    /// submitted before it, so any durable state (after a crash, in a backup) that holds the document holds those
+    /// changes too. Returns the ticket to wait for.
+    pub fn put_document(&self, name: &str, body: &str) -> Result<u64, EngineError> {
+        if name.is_empty() || name.len() > MAX_DOCUMENT_NAME_BYTES {
+            return Err(EngineError::invalid(format!(
+                "document name {:?} must be 1..={MAX_DOCUMENT_NAME_BYTES} bytes",
+                truncate_for_message(name)
+            )));
+        }
+        if body.len() > MAX_DOCUMENT_BYTES {
+            return Err(EngineError::invalid(format!(
+                "document {name:?} is {} bytes, more than {MAX_DOCUMENT_BYTES}",
+                body.len()
+            )));
+        }
+        self.shared.submit(Op::PutDocument { name: name.to_string(), body: body.to_string() })
+    }
+
+    /// The durable body of document `name`, or None.
+    pub fn document(&self, name: &str) -> Result<Option<String>, EngineError> {
+        self.shared.with_store(|store| store.document(name))
+    }
+
     pub fn set_alert_cursor(&self, seq: u64) -> Result<u64, EngineError> {
         self.shared.submit(Op::AlertCursor { seq })
     }
@@ -476,12 +504,14 @@ impl Engine {
         self.shared.submit(Op::OutboxAck { seqs: seqs.to_vec(), now_ms })
     }
 
-    /// Stripe refused these for good: move them to the dead letters with the reason.
-    pub fn outbox_dead_letter(&self, seqs: &[u64], reason: &str) -> Result<u64, EngineError> {
+    /// Stripe refused these for good: move them to the dead letters with the reason. `fate_unknown`: the events
+    /// may be at Stripe already (an earlier send went unanswered), so a requeue needs `confirmed_missing`.
+    pub fn outbox_dead_letter(&self, seqs: &[u64], reason: &str, fate_unknown: bool) -> Result<u64, EngineError> {
         check_batch("seqs", seqs.len())?;
         validate_reason(reason)?;
         let now_ms = self.shared.clock.now_ms();
-        self.shared.submit(Op::OutboxDeadLetter { seqs: seqs.to_vec(), reason: reason.to_string(), now_ms })
+        let reason = reason.to_string();
+        self.shared.submit(Op::OutboxDeadLetter { seqs: seqs.to_vec(), reason, fate_unknown, now_ms })
     }
 
     pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, EngineError> {
@@ -490,14 +520,25 @@ impl Engine {
     }
 
     /// Put a dead letter back in the outbox under a fresh identifier (Stripe keeps the identifiers it refused).
-    pub fn dead_letter_requeue(&self, seq: u64) -> Result<u64, EngineError> {
-        let known = self.shared.with_store(|store| {
+    /// A letter whose event may be at Stripe already is requeued only with `confirmed_missing`: under a fresh
+    /// identifier Stripe would count it again.
+    pub fn dead_letter_requeue(&self, seq: u64, confirmed_missing: bool) -> Result<u64, EngineError> {
+        let letter = self.shared.with_store(|store| {
             let rtxn = store.read_txn()?;
-            Ok(store.dead_letters.get(&rtxn, &seq)?.is_some())
+            Ok(store.dead_letters.get(&rtxn, &seq)?)
         })?;
-        if !known {
+        let Some(letter) = letter else {
             return Err(EngineError::not_found(format!(
                 "no dead letter with seq {seq}; list them with dead_letters()"
+            )));
+        };
+        if letter.fate_unknown && !confirmed_missing {
+            return Err(EngineError::precondition(format!(
+                "dead letter {seq} ({}) may already be at Stripe: it was sent before, or came back with a restore. \
+                 A requeue sends it under a fresh identifier, which Stripe would count again. Run `spendgate \
+                 reconcile` for customer {}; only if it shows this usage missing, requeue with confirmed_missing \
+                 (the CLI's --confirmed-missing)",
+                letter.entry.identifier, letter.entry.customer_id
             )));
         }
         let now_ms = self.shared.clock.now_ms();
@@ -511,25 +552,58 @@ impl Engine {
 
     /// Write a consistent, compacted copy of the environment to `dest_dir/data.mdb` while the engine keeps serving
     /// (LMDB copies from one read transaction: a durable state, never a torn one). `dest_dir` must be new or empty.
-    /// Returns the copy's size in bytes. Restore by pointing `--data-dir` at a copy of `dest_dir`.
+    /// Returns the copy's size in bytes. Restore it with `spendgate restore`.
+    ///
+    /// The copy holds every customer's ledger, so it is made like the live file: mode 0600, created exclusively
+    /// (never truncating or following a symlink planted at its name), in a directory that is really empty.
     pub fn backup(&self, dest_dir: &std::path::Path) -> Result<u64, EngineError> {
-        let occupied = std::fs::read_dir(dest_dir).map(|mut entries| entries.next().is_some()).unwrap_or(false);
-        if occupied {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        if !dest_dir.is_absolute() {
             return Err(EngineError::invalid(format!(
-                "backup destination {} is not empty; pass a new or empty directory",
+                "backup destination {} is relative; pass an absolute path on the sidecar's machine",
                 dest_dir.display()
             )));
         }
-        std::fs::create_dir_all(dest_dir).map_err(|err| {
-            EngineError::invalid(format!("cannot create backup directory {}: {err}", dest_dir.display()))
-        })?;
+        match std::fs::read_dir(dest_dir).map(|mut entries| entries.next().is_some()) {
+            Ok(true) => {
+                return Err(EngineError::invalid(format!(
+                    "backup destination {} is not empty; pass a new or empty directory",
+                    dest_dir.display()
+                )))
+            }
+            Ok(false) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dest_dir).map_err(|err| {
+                    EngineError::invalid(format!("cannot create backup directory {}: {err}", dest_dir.display()))
+                })?;
+            }
+            Err(err) => {
+                return Err(EngineError::invalid(format!(
+                    "cannot read backup destination {}: {err}; pass a directory the sidecar can read and write",
+                    dest_dir.display()
+                )))
+            }
+        }
         let path = dest_dir.join("data.mdb");
-        let file =
-            self.shared.with_store(|store| Ok(store.env.copy_to_path(&path, heed::CompactionOption::Enabled)?))?;
+        let mut file = File::options()
+            .write(true)
+            .read(true)
+            .create_new(true)
+            .mode(0o600) // create_new is O_CREAT|O_EXCL: it fails on any existing name, a symlink included
+            .open(&path)
+            .map_err(|err| {
+                EngineError::invalid(format!("cannot create {} (it must not exist yet): {err}", path.display()))
+            })?;
+        self.shared.with_store(|store| Ok(store.env.copy_to_file(&mut file, heed::CompactionOption::Enabled)?))?;
         file.sync_all().map_err(|err| EngineError::internal(format!("fsync of {}: {err}", path.display())))?;
         let size_bytes =
             file.metadata().map_err(|err| EngineError::internal(format!("{}: {err}", path.display())))?.len();
         Ok(size_bytes)
+    }
+
+    /// This data dir's instance id (in every reservation id it issues).
+    pub fn instance_id(&self) -> u64 {
+        self.shared.identity.instance_id
     }
 
     pub fn durable_ticket(&self) -> u64 {
@@ -971,4 +1045,14 @@ impl Shared {
         }
         Ok(())
     }
+}
+
+/// Give a data dir that is not being served (a restore's verified copy) a new instance id: see
+/// `Store::renew_identity`. Takes the data dir's lock like `Engine::open`.
+pub fn renew_identity(data_dir: &std::path::Path, map_size_mb: u64, now_ms: i64) -> Result<u64, EngineError> {
+    let _lock = lock_data_dir(data_dir)?;
+    let store = Store::open(data_dir, map_size_mb, false)?;
+    let identity = store.renew_identity(now_ms)?;
+    drop(store);
+    Ok(identity.instance_id)
 }

@@ -42,7 +42,7 @@ def handlers_for(engine: _core.Engine, tmp_path: Path, *, action: str = "freeze"
         await asyncio.to_thread(engine.wait_durable, ticket)
 
     return WebhookHandlers(engine, wait, plan_limits={"price_basic": 1_000}, payment_failed_action=action,
-                           state_path=tmp_path / "data" / STATE_FILE_NAME, fetch_event=fetch)
+                           legacy_state_path=tmp_path / "data" / STATE_FILE_NAME, fetch_event=fetch)
 
 
 def budget(engine: _core.Engine, customer: str, stripe_customer: str = "", limit: int = 100) -> None:
@@ -147,19 +147,36 @@ def test_the_meter_error_report_links_samples_to_dead_letters(engine: _core.Engi
     assert "dead_letter_seq" not in by_identifier["other-1"] and "reservation_id" not in by_identifier["other-1"]
 
 
-def test_the_state_survives_a_reload_and_stays_bounded(tmp_path: Path) -> None:
-    path = tmp_path / STATE_FILE_NAME
+def test_the_state_lives_in_lmdb_survives_a_reopen_and_stays_bounded(tmp_path: Path) -> None:
+    engine = _core.Engine(str(tmp_path / "data"), durability="relaxed")
     state = WebhookState()
     for n in range(MAX_PROCESSED_EVENTS + 5):
         state.mark_processed(f"evt_{n}")
     state.payment_failed["acct"] = ["in_1"]
     state.frozen_by_deletion["acct-2"] = "sub_1"
-    state.save(path)
-    loaded = WebhookState.load(path)
+    engine.wait_durable(state.save(engine))
+    engine.close()
+    reopened = _core.Engine(str(tmp_path / "data"), durability="relaxed")
+    loaded = WebhookState.load(reopened)
+    reopened.close()
     assert len(loaded.processed) == MAX_PROCESSED_EVENTS
     assert "evt_0" not in loaded.processed and f"evt_{MAX_PROCESSED_EVENTS + 4}" in loaded.processed
     assert loaded.payment_failed == {"acct": ["in_1"]} and loaded.frozen_by_deletion == {"acct-2": "sub_1"}
-    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+    assert not (tmp_path / "data" / STATE_FILE_NAME).exists(), "nothing outside LMDB"
+
+
+def test_the_file_of_older_releases_is_imported_once(engine: _core.Engine, tmp_path: Path) -> None:
+    legacy = tmp_path / "data" / STATE_FILE_NAME
+    old = WebhookState()
+    old.payment_failed["acct"] = ["in_old"]
+    legacy.write_text(old.to_json())
+    hooks = handlers_for(engine, tmp_path)
+    budget(engine, "acct", "cus_acct")
+    event = build_event("invoice.paid", invoice_object("cus_acct"))
+    run(hooks.handle_event(event))
+    assert not legacy.exists() and legacy.with_name(STATE_FILE_NAME + ".imported").exists()
+    in_lmdb = WebhookState.load(engine)
+    assert in_lmdb.payment_failed == {"acct": ["in_old"]} and event["id"] in in_lmdb.processed
 
 
 def test_a_damaged_state_file_stops_the_start_with_a_clear_message(engine: _core.Engine, tmp_path: Path) -> None:
