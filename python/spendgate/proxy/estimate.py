@@ -97,7 +97,8 @@ def _output_bound(api: str, body: Mapping[str, Any], model: str, largest: int | 
             f"the request sets no {' or '.join(keys)} and the price table has no max_output_tokens for {model!r}: "
             f"set {keys[0]} in the request, or add max_output_tokens to the model in the price table"
         )
-    per_choice = asked if largest is None else largest if asked is None else min(asked, largest)
+    per_choice = largest if asked is None else asked if largest is None else min(asked, largest)
+    assert per_choice is not None  # one of the two is set (checked above)
     return per_choice * _choices(api, body)
 
 

@@ -71,6 +71,8 @@ MIN_CALL_MS: Final[int] = 1_000
 # Client-side write failures: the client went away.
 CLIENT_GONE_ERRORS: Final[tuple[type[BaseException], ...]] = (ConnectionError, aiohttp.ClientConnectionResetError)
 UPSTREAM_ERRORS: Final[tuple[type[BaseException], ...]] = (aiohttp.ClientError, TimeoutError, OSError, ValueError)
+# The same, and a cancellation (the sidecar shutting down): the hold must be settled either way.
+UPSTREAM_ERRORS_OR_CANCEL: Final[tuple[type[BaseException], ...]] = (*UPSTREAM_ERRORS, asyncio.CancelledError)
 # EngineError.kind -> HTTP status: the one place the proxy maps engine errors.
 STATUS_BY_KIND: Final[Mapping[str, int]] = {"invalid_argument": 400, "not_found": 403, "already_exists": 409,
                                             "failed_precondition": 409, "resource_exhausted": 503,
@@ -281,7 +283,8 @@ class Proxy:
         stream = document.get("stream") is True
         strip = False
         if call.api == CHAT and stream and not _asked_for_usage(document):
-            options = document.get("stream_options") if isinstance(document.get("stream_options"), dict) else {}
+            given = document.get("stream_options")
+            options: dict[str, Any] = given if isinstance(given, dict) else {}
             raw = json.dumps({**document, "stream_options": {**options, "include_usage": True}},
                              separators=(",", ":")).encode()
             strip = True
@@ -293,7 +296,7 @@ class Proxy:
         except aiohttp.ClientConnectorError as error:
             await self._release(call)  # never connected: the provider never saw the call
             raise ProxyError(502, f"spendgate could not reach the provider: {error}", retry=True) from None
-        except (*UPSTREAM_ERRORS, asyncio.CancelledError) as error:
+        except UPSTREAM_ERRORS_OR_CANCEL as error:
             # Sent, but no answer: the provider may have run (and billed) the call.
             await asyncio.shield(self._commit(call, None, f"no answer from the provider: {error!r}"))
             if isinstance(error, asyncio.CancelledError):
@@ -328,7 +331,7 @@ class Proxy:
             if len(body) > MAX_RESPONSE_BYTES:
                 raise ValueError(f"the response is over {MAX_RESPONSE_BYTES} bytes")
             usage = response_usage(call.api, json.loads(body))
-        except (*UPSTREAM_ERRORS, asyncio.CancelledError) as error:
+        except UPSTREAM_ERRORS_OR_CANCEL as error:
             await asyncio.shield(self._commit(call, None, f"the response could not be read: {error!r}"))
             if isinstance(error, asyncio.CancelledError):
                 raise

@@ -321,7 +321,7 @@ class FakeLLM:
                  "service_tier": "standard"}
         mid = self._id("msg")
         pieces = [f"tok{i} " for i in range(s.chunks)]
-        message = {"id": mid, "type": "message", "role": "assistant", "model": call.model, "content": [],
+        message: dict[str, Any] = {"id": mid, "type": "message", "role": "assistant", "model": call.model, "content": [],
                    "stop_reason": None, "stop_sequence": None}
         call.usage = usage
         if not call.stream:
