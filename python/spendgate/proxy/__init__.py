@@ -4,10 +4,9 @@ reserved before and committed exactly after, through the same BudgetService as t
 - server.py: the routes, who pays, forwarding and streaming, the commit or release after the call
 - estimate.py: a call's worst case in tokens from its body (input bytes, context window, output bounds)
 - wire.py: the providers' error shapes, server-sent events, where each API puts its usage
-- keys.py: per-customer virtual keys (`spendgate key create CUSTOMER`), stored hashed in the data dir
+Virtual keys (spendgate.service.virtual_keys) are the sidecar's, shared with the Admin RPCs that manage them.
 """
 
-from spendgate.proxy.keys import KeyStore, KeyStoreError
 from spendgate.proxy.server import Proxy, ProxySettings
 
-__all__ = ["KeyStore", "KeyStoreError", "Proxy", "ProxySettings"]
+__all__ = ["Proxy", "ProxySettings"]

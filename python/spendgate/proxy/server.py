@@ -1,7 +1,7 @@
 """The OpenAI- and Anthropic-compatible HTTP proxy: reserve before the call, commit exactly after, never let a stream
 escape its budget.
 
-    proxy = Proxy(service, ProxySettings.of(settings), KeyStore(settings.data_dir))
+    proxy = Proxy(service, ProxySettings.of(settings), VirtualKeys(engine, waiter.wait))
     await proxy.start()                       # the upstream client session
     app = proxy.app()                         # served by the sidecar on proxy_listen (spendgate.server.app)
     ...
@@ -39,9 +39,9 @@ from spendgate.config import ConfigError, Settings
 from spendgate.policy.prices import PriceError, TokenUsage, UnknownModelError
 from spendgate.policy.providers import usage_from_anthropic, usage_from_openai, usage_from_openai_responses
 from spendgate.proxy.estimate import CHAT, MESSAGES, RESPONSES, EstimateError, bound_call
-from spendgate.proxy.keys import KeyStore, KeyStoreError, looks_like_key
 from spendgate.proxy.wire import ANTHROPIC, OPENAI, EventSplitter, UsageTracker, error_body, response_usage
 from spendgate.service.budgets import BudgetService, ReserveResult, TokenEstimate, Usage, reason_name
+from spendgate.service.virtual_keys import VirtualKeys, looks_like_key
 
 log = logging.getLogger("spendgate.proxy")
 
@@ -142,7 +142,7 @@ class Call:
 
 
 class Proxy:
-    def __init__(self, service: BudgetService, settings: ProxySettings, keys: KeyStore,
+    def __init__(self, service: BudgetService, settings: ProxySettings, keys: VirtualKeys,
                  observe: Callable[[str, str], None] | None = None) -> None:
         """observe(api, outcome): called once per call (the sidecar counts them in spendgate_proxy_calls)."""
         self._observe = observe or (lambda api, outcome: None)
@@ -219,14 +219,10 @@ class Proxy:
         """(customer id, upstream auth headers to set; empty: forward the client's own)."""
         credential = _credential(request.headers)
         if credential and looks_like_key(credential):
-            try:
-                customer_id = self._keys.customer_of(credential)
-            except KeyStoreError as error:
-                log.error("proxy: %s", error)
-                raise ProxyError(500, "spendgate cannot read its virtual key file; its log says why") from None
+            customer_id = self._keys.customer_of(credential)
             if customer_id is None:
                 raise ProxyError(401, "unknown or revoked spendgate virtual key: create one with `spendgate key "
-                                      "create CUSTOMER`", "invalid_api_key")
+                                      "create CUSTOMER` (Admin.CreateVirtualKey)", "invalid_api_key")
             return customer_id, self._provider_auth(provider)
         customer_id = request.headers.get(CUSTOMER_HEADER, "").strip()
         if customer_id:

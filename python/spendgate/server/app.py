@@ -38,6 +38,7 @@ from spendgate.server.metrics import Metrics
 from spendgate.server.ops_http import OpsRoutes
 from spendgate.server.security import Tokens, check_exposure, http_ssl_context, load_tokens, server_credentials
 from spendgate.service.budgets import BudgetService
+from spendgate.service.virtual_keys import VirtualKeys
 from spendgate.settle import SettlementService
 from spendgate.v1 import spendgate_pb2 as pb
 from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
@@ -80,6 +81,7 @@ class Sidecar:
         self._stopped = False
         self.prices: PriceBook = PriceBook(None)
         self._background: set[asyncio.Task[None]] = set()  # cancelled at stop
+        self.virtual_keys: VirtualKeys | None = None  # the proxy's virtual keys (Admin.CreateVirtualKey, ...)
         self._proxy: Proxy | None = None  # the HTTP proxy (proxy_listen), and its server
         self._proxy_http: HttpServer | None = None
         self.proxy_address = ""
@@ -101,6 +103,7 @@ class Sidecar:
             self._settlement = SettlementService(self._engine, settings, self._waiter.wait, metrics=self.metrics)
             self.metrics.watch(self._engine, settings.data_dir, self._settlement)
             self._alerts = AlertService(self._engine, self._waiter, settings, self.metrics)
+            self.virtual_keys = VirtualKeys(self._engine, self._waiter.wait)  # the proxy's, managed by Admin RPCs
             self._health = grpc_health.aio.HealthServicer()
             self._server = self._build_server(self._engine, self._waiter, self._health)
             port = (self._server.add_secure_port(settings.listen, credentials) if credentials is not None
@@ -174,12 +177,13 @@ class Sidecar:
 
     async def _start_proxy(self, engine: _core.Engine, waiter: DurabilityWaiter) -> None:
         """The OpenAI- and Anthropic-compatible proxy on proxy_listen, reserving through the same BudgetService."""
-        from spendgate.proxy import KeyStore, Proxy, ProxySettings  # noqa: PLC0415 - only when the proxy is on
+        from spendgate.proxy import Proxy, ProxySettings  # noqa: PLC0415 - only when the proxy is on
 
         settings = self.settings
         service = BudgetService(engine, waiter.wait, Meter(self.prices))
         counter = self.metrics.proxy_calls
-        self._proxy = Proxy(service, ProxySettings.of(settings), KeyStore(settings.data_dir),
+        assert self.virtual_keys is not None
+        self._proxy = Proxy(service, ProxySettings.of(settings), self.virtual_keys,
                             observe=lambda api, outcome: counter.labels(api=api, outcome=outcome).inc())
         logs.add_secrets(self._proxy.provider_keys())
         await self._proxy.start()
@@ -235,7 +239,9 @@ class Sidecar:
         budget = BudgetServicer(engine, waiter, Meter(self.prices))
         budget.alerts = self._alerts
         pb_grpc.add_BudgetServicer_to_server(budget, server)
-        pb_grpc.add_AdminServicer_to_server(AdminServicer(engine, waiter, self._settlement, backup_dir=self.settings.backup_dir), server)
+        admin = AdminServicer(engine, waiter, self._settlement, backup_dir=self.settings.backup_dir)
+        admin.virtual_keys = self.virtual_keys
+        pb_grpc.add_AdminServicer_to_server(admin, server)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         if settings.reflection:
             names = (BUDGET_SERVICE, ADMIN_SERVICE, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME)

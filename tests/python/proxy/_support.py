@@ -66,8 +66,8 @@ class Rig:
             return dict(store.holds()).get(reservation_id, {})
 
     def key_create(self, customer: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "spendgate", "key", "create", customer, "--data-dir",
-                               str(self.data_dir)], capture_output=True, text=True, check=True)
+        done = subprocess.run([sys.executable, "-m", "spendgate", "key", "create", customer, "--target",
+                               self.sidecar.target], capture_output=True, text=True, check=True)
         return done.stdout.strip()
 
 

@@ -6,6 +6,8 @@ A separate sidecar with tight caps (proxy_max_drains 2, proxy_drain_timeout_ms 2
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -81,3 +83,20 @@ def test_past_proxy_max_drains_a_stream_whose_client_left_bills_its_whole_hold(r
             assert entry["amount"] == entry["reserved"], marker
             whole += 1
     assert (exact, whole) == (MAX_DRAINS, 2)
+
+
+def test_virtual_keys_are_durable_and_managed_by_the_cli(rig: Rig) -> None:
+    rig.client.set_budget("durable-key", limit=10**6)
+    key = rig.key_create("durable-key")
+    rig.sidecar.kill9()
+    rig.sidecar.start()
+    listed = subprocess.run([sys.executable, "-m", "spendgate", "key", "list", "--target", rig.sidecar.target],
+                            capture_output=True, text=True, check=True).stdout
+    assert "durable-key" in listed and key not in listed
+    key_id = listed.split()[0]
+    revoked = subprocess.run([sys.executable, "-m", "spendgate", "key", "revoke", key_id, "--target",
+                              rig.sidecar.target], capture_output=True, text=True, check=True).stdout
+    assert f"revoked {key_id}" in revoked
+    again = subprocess.run([sys.executable, "-m", "spendgate", "key", "revoke", key_id, "--target",
+                            rig.sidecar.target], capture_output=True, text=True)
+    assert again.returncode != 0 and "NOT_FOUND" in again.stderr
