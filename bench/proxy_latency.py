@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(ROOT))
 
-from bench.stats import percentile  # noqa: E402
-from spendgate.client import Client  # noqa: E402
-from spendgate.testing import Sidecar  # noqa: E402
+from bench.stats import percentile
+from spendgate.client import Client
+from spendgate.testing import Sidecar
 
 CUSTOMER = "bench-proxy"
 BODY = {"model": "gpt-6-sol", "messages": [{"role": "user", "content": "Say hello."}], "max_completion_tokens": 64}
@@ -126,17 +126,17 @@ def section(rows: list[dict[str, Any]], requests: int, durability: str) -> str:
         BEGIN,
         "## The HTTP proxy (`python bench/proxy_latency.py`)",
         "",
-        f"Chat Completions against the fake upstream (its own process, answering at once), straight and through the "
-        f"proxy; {requests} calls a row, durability {durability}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
-        f". Latency in µs in the client (p50 / p99).",
+        (f"Chat Completions against the fake upstream (its own process, answering at once), straight and through the "
+         f"proxy; {requests} calls a row, durability {durability}, "
+         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Latency in µs in the client (p50 / p99)."),
         "",
         "| call | conc. | direct | through the proxy | added | calls/s direct / proxy |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
         *(row_text(r) for r in rows),
         "",
-        f"Target: under 1 ms added at p50, and no extra time to first byte beyond that: {status}. Through the proxy a "
-        "call waits for two durable LMDB writes (its Reserve before it is forwarded, its Commit before the reply "
-        "ends), which the direct call does not.",
+        (f"Target: under 1 ms added at p50, and no extra time to first byte beyond that: {status}. Through the proxy "
+         "a call waits for two durable LMDB writes (its Reserve before it is forwarded, its Commit before the reply "
+         "ends), which the direct call does not."),
         END,
     ])
 
@@ -153,7 +153,7 @@ def main() -> None:
     if args.write_results:
         current = RESULTS.read_text()
         if BEGIN in current:
-            current = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: text, current, flags=re.S)
+            current = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: text, current, flags=re.DOTALL)
         else:
             current = current.rstrip("\n") + "\n\n" + text + "\n"
         RESULTS.write_text(current)

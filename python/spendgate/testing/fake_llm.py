@@ -33,7 +33,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any, Final
+from typing import Any, Final, Self
 
 from aiohttp import web
 
@@ -122,7 +122,7 @@ class FakeLLM:
         thread.join(START_TIMEOUT_S)
         self._loop = self._thread = None
 
-    def __enter__(self) -> FakeLLM:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
