@@ -27,7 +27,7 @@ import asyncio
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -65,6 +65,8 @@ CONVERTERS: Final[Mapping[str, Any]] = {CHAT: usage_from_openai, RESPONSES: usag
 MAX_RESPONSE_BYTES: Final[int] = 64 * 1024 * 1024
 # An upstream error body relayed to the client is read up to this much.
 MAX_ERROR_BODY_BYTES: Final[int] = 1024 * 1024
+# At shutdown, how long close() waits for the commits of calls the shutdown cut off (each is one durable write).
+SETTLE_ON_CLOSE_TIMEOUT_S: Final[float] = 10.0
 # A call is cut off this long before its hold would expire, so that its commit always finds the hold.
 HOLD_MARGIN_MS: Final[int] = 5_000
 MIN_CALL_MS: Final[int] = 1_000
@@ -151,6 +153,7 @@ class Proxy:
         self._keys = keys
         self._session: aiohttp.ClientSession | None = None
         self._drains = asyncio.Semaphore(settings.max_drains)
+        self._settling: set[asyncio.Task[None]] = set()  # commits of cancelled calls, awaited by close()
         self.drains_refused = 0  # streams whose client left when no drain was free (their whole hold was committed)
 
     def provider_keys(self) -> tuple[str, ...]:
@@ -167,9 +170,20 @@ class Proxy:
                                               skip_auto_headers=("User-Agent",))
 
     async def close(self) -> None:
+        """After the HTTP server stopped: wait for the commits of calls cut off by the shutdown, then close."""
+        if self._settling:
+            await asyncio.wait(set(self._settling), timeout=SETTLE_ON_CLOSE_TIMEOUT_S)
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    async def _settle_shielded(self, settle: Coroutine[Any, Any, None]) -> None:
+        """Run a commit or release that must finish even if this call is cancelled (the sidecar shutting down):
+        close() waits for it before the engine closes."""
+        task = asyncio.ensure_future(settle)
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        await asyncio.shield(task)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self._settings.max_body_bytes)
@@ -294,7 +308,7 @@ class Proxy:
             raise ProxyError(502, f"spendgate could not reach the provider: {error}", retry=True) from None
         except UPSTREAM_ERRORS_OR_CANCEL as error:
             # Sent, but no answer: the provider may have run (and billed) the call.
-            await asyncio.shield(self._commit(call, None, f"no answer from the provider: {error!r}"))
+            await self._settle_shielded(self._commit(call, None, f"no answer from the provider: {error!r}"))
             if isinstance(error, asyncio.CancelledError):
                 raise
             raise ProxyError(502, f"the provider did not answer: {error!r}") from None
@@ -328,7 +342,7 @@ class Proxy:
                 raise ValueError(f"the response is over {MAX_RESPONSE_BYTES} bytes")
             usage = response_usage(call.api, json.loads(body))
         except UPSTREAM_ERRORS_OR_CANCEL as error:
-            await asyncio.shield(self._commit(call, None, f"the response could not be read: {error!r}"))
+            await self._settle_shielded(self._commit(call, None, f"the response could not be read: {error!r}"))
             if isinstance(error, asyncio.CancelledError):
                 raise
             raise ProxyError(502, f"the provider's response could not be read: {error!r}", retry=False) from None
@@ -345,7 +359,7 @@ class Proxy:
             await relay.open(request)
             await self._pump(relay, upstream)
         except asyncio.CancelledError:
-            await asyncio.shield(self._settle_stream(relay))
+            await self._settle_shielded(self._settle_stream(relay))
             raise
         await self._settle_stream(relay)
         await relay.close(request)

@@ -100,3 +100,16 @@ def test_virtual_keys_are_durable_and_managed_by_the_cli(rig: Rig) -> None:
     again = subprocess.run([sys.executable, "-m", "spendgate", "key", "revoke", key_id, "--target",
                             rig.sidecar.target], capture_output=True, text=True, check=False)
     assert again.returncode != 0 and "NOT_FOUND" in again.stderr
+
+
+def test_a_stream_cut_by_a_shutdown_is_committed_before_the_sidecar_exits(rig: Rig) -> None:
+    rig.client.set_budget("shutdown", limit=10**12)
+    with rig.openai("shutdown", max_retries=0).chat.completions.with_streaming_response.create(
+            model=OPENAI_MODEL, messages=[{"role": "user", "content": "shutdown-cut"}], stream=True,
+            extra_headers=script(chunks=200, delay_ms=100)) as response:  # 20 s upstream
+        reservation = response.headers["x-spendgate-reservation-id"]
+        next(response.iter_lines())
+        assert rig.sidecar.terminate() == 0  # SIGTERM: the proxy's grace (shutdown_grace_ms), then it cuts the call
+    rig.sidecar.start()
+    entry = rig.ledger_entry(reservation)
+    assert entry["amount"] == entry["reserved"]  # committed in full before the engine closed, not left to expire
