@@ -697,7 +697,8 @@ def format_settlement_status(status: Any) -> str:
     return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
 
 
-DEAD_LETTER_COLUMNS: Final[tuple[str, ...]] = ("seq", "customer_id", "stripe_customer_id", "amount", "attempts")
+DEAD_LETTER_COLUMNS: Final[tuple[str, ...]] = ("seq", "customer_id", "stripe_customer_id", "amount", "attempts",
+                                               "requeues")
 
 
 def format_dead_letters(letters: Sequence[Any]) -> str:
@@ -709,6 +710,8 @@ def format_dead_letters(letters: Sequence[Any]) -> str:
         fields = " ".join(f"{column}={getattr(letter, column)}" for column in DEAD_LETTER_COLUMNS)
         lines.append(f"{fields} identifier={letter.sent_as or letter.identifier}")
         lines.append(f"    reason: {letter.reason}")
+        if letter.fate_unknown:
+            lines.append("    may be at Stripe already: requeue only with --confirmed-missing, after `spendgate reconcile`")
     return "\n".join(lines)
 
 

@@ -98,7 +98,7 @@ class AdminServicer(pb_grpc.AdminServicer):
             raise _core.EngineError("invalid_argument", f"dest_dir {request.dest_dir!r} is not an absolute path: pass "
                                     "an absolute directory on the sidecar's machine (`spendgate backup` does)")
         if self._backup_dir and not _is_under(request.dest_dir, self._backup_dir):
-            raise _core.EngineError("permission_denied", f"dest_dir {request.dest_dir!r} is not under backup_dir "
+            raise _core.EngineError("invalid_argument", f"dest_dir {request.dest_dir!r} is not under backup_dir "
                                     f"{self._backup_dir!r}: pass a directory inside it (the setting confines backups)")
         durable_ticket = self._engine.durable_ticket()  # every acknowledged change is at or below it
         started_ms = time.time_ns() // 1_000_000
