@@ -135,12 +135,18 @@ impl UsageRing {
         }
         self.age(config, now_ms);
         let recent_units: i64 = self.fine.iter().map(|(_, units)| *units).sum();
-        // Only whole hours: the hour that the recent window is still sliding out of is partly counted there.
+        // Only whole hours: the hour that the recent window is still sliding out of is partly counted there. And not
+        // the first hour of a run of use (an active hour after an idle or unknown one): use that began at 10:55 fills
+        // 5 minutes of its hour, and counting it as typical made an ordinary next hour look like a 12x spike.
         let whole_before = now_ms - 2 * config.recent_ms as i64;
+        let hour_ms = config.recent_ms as i64;
+        let used = |hour: i64| {
+            self.hours.binary_search_by_key(&hour, |(bucket, _)| *bucket).is_ok_and(|i| self.hours[i].1 > 0)
+        };
         let active: Vec<i64> = self
             .hours
             .iter()
-            .filter(|(hour, units)| *hour <= whole_before && *units > 0)
+            .filter(|(hour, units)| *hour <= whole_before && *units > 0 && used(*hour - hour_ms))
             .map(|(_, units)| *units)
             .collect();
         let typical_units = if active.is_empty() { 0 } else { active.iter().sum::<i64>() / active.len() as i64 };
@@ -205,6 +211,20 @@ mod tests {
         hours.extend([0; 16]);
         hours.extend([1_200; 8]);
         assert!(run(&hours).iter().all(Option::is_none));
+    }
+
+    #[test]
+    fn use_that_begins_late_in_an_hour_then_goes_on_steadily_never_trips() {
+        // The first hour holds one twelfth of a steady hour: it is not typical, so the next hours are not spikes.
+        let config = config();
+        let mut ring = UsageRing::default();
+        let start = 11 * HOUR / 12 + 1;
+        let mut at = start;
+        while at < start + 6 * HOUR {
+            ring.add(&config, at, 100);
+            assert_eq!(ring.check(&config, config.multiplier, at), None, "tripped at {at}");
+            at += HOUR / 12;
+        }
     }
 
     #[test]
