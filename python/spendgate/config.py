@@ -217,7 +217,29 @@ class Settings:
         optional=True,
     )
     metrics_require_token: bool = _setting(
-        False, "When tokens are configured, /metrics needs an admin token too (default: open, it holds no customer data)."
+        False,
+        "/metrics needs the operator page's credentials too (a client certificate under mTLS, an admin token under "
+        "tokens); default: open, it holds no customer data.",
+    )
+    http_operator_page: bool = _setting(
+        True, "Serve the operator page on http_listen; off: only /metrics (and webhooks when they share the port)."
+    )
+    http_allowed_hosts: str = _setting(
+        "",
+        "Without tokens, Host names (or addresses) besides loopback ones the operator page answers, comma-separated; "
+        "others get 421 (DNS rebinding).",
+        optional=True,
+    )
+    http_session_ttl_ms: int = _setting(
+        12 * 3_600_000, "How long an operator page sign-in lasts (the session ends then, or at sign-out).", minimum=1_000
+    )
+    http_max_sessions: int = _setting(
+        1_000, "Operator page sessions kept at once; a sign-in past it ends the oldest session.", minimum=1
+    )
+    http_frame_ancestors: str = _setting(
+        "'none'",
+        "CSP frame-ancestors of the HTTP pages: the origins that may frame them, space-separated (e.g. `'self' "
+        "https://app.example.com`); `'none'`: no one.",
     )
     log_format: str = _setting(
         "json", "`json`: one JSON object a line (ts, level, logger, msg, request_id, ...); `text`: for people.",
@@ -268,6 +290,12 @@ class Settings:
         minimum=1,
     )
     alert_max_watchers: int = _setting(100, "WatchAlerts streams open at once; more get RESOURCE_EXHAUSTED.", minimum=1)
+    alert_max_watchers_per_client: int = _setting(
+        25,
+        "WatchAlerts streams one client may have open (by token; without tokens by client certificate, else by "
+        "address); at most alert_max_watchers; more get RESOURCE_EXHAUSTED.",
+        minimum=1,
+    )
     alert_webhook_url: str = _setting(
         "", "http(s) URL to POST every alert to, signed, in order, at least once; empty: off.", optional=True
     )
@@ -396,6 +424,37 @@ def _combination_problems(settings: Settings) -> list[tuple[str, str]]:
                                                "tls_key_file too"))
     if settings.alert_webhook_url:
         problems.extend(_alert_webhook_problems(settings))
+    if settings.alert_max_watchers_per_client > settings.alert_max_watchers:
+        problems.append(("alert_max_watchers_per_client", f"{settings.alert_max_watchers_per_client} is more than "
+                         f"alert_max_watchers ({settings.alert_max_watchers}): one client's share must fit in the "
+                         "whole; lower it or raise alert_max_watchers"))
+    problems.extend(_http_problems(settings))
+    return problems
+
+
+# A Host name or address in http_allowed_hosts: DNS labels, an IPv4 address, or an IPv6 address (brackets optional).
+_HOST_NAME = re.compile(r"^(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})?\.)*[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})?\.?$")
+_IPV6 = re.compile(r"^\[?[0-9A-Fa-f:.]+\]?$")
+# Characters that would end a CSP directive or a header value early.
+_CSP_BREAKERS: Final[tuple[str, ...]] = (";", ",", "\r", "\n")
+
+
+def allowed_hosts(settings: Settings) -> frozenset[str]:
+    """http_allowed_hosts as lower-case names without brackets or a trailing dot."""
+    parts = (part.strip() for part in settings.http_allowed_hosts.split(","))
+    return frozenset(part.strip("[]").rstrip(".").lower() for part in parts if part)
+
+
+def _http_problems(settings: Settings) -> list[tuple[str, str]]:
+    problems = []
+    for part in (part.strip() for part in settings.http_allowed_hosts.split(",")):
+        if part and not (_HOST_NAME.match(part) or (":" in part and _IPV6.match(part))):
+            problems.append(("http_allowed_hosts", f"{part!r} is not a host name or an IP address: list names such as "
+                             "`spendgate.internal` or addresses, comma-separated, without scheme, port or path"))
+    ancestors = settings.http_frame_ancestors
+    if not ancestors.strip() or any(breaker in ancestors for breaker in _CSP_BREAKERS):
+        problems.append(("http_frame_ancestors", f"expected CSP sources separated by spaces (such as `'self' "
+                         f"https://app.example.com`, or `'none'`), without ';' or ',', got {ancestors!r}"))
     return problems
 
 

@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from spendgate import _core, logs
-from spendgate.config import Settings
+from spendgate.config import Settings, allowed_hosts
 from spendgate.datacare import check_servable
 from spendgate.server.admin_service import AdminServicer
 from spendgate.server.alerts import AlertService
@@ -35,8 +35,10 @@ from spendgate.server.durability import DurabilityWaiter
 from spendgate.server.http import HttpServer, new_http_app, parse_listen
 from spendgate.server.interceptors import ObservingInterceptor
 from spendgate.server.metrics import Metrics
-from spendgate.server.ops_http import OpsRoutes
-from spendgate.server.security import Tokens, check_exposure, http_ssl_context, load_tokens, server_credentials
+from spendgate.server.ops_http import HttpAccess, OpsRoutes
+from spendgate.server.security import (Tokens, check_exposure, http_access_summary, http_ssl_context, load_tokens,
+                                       server_credentials)
+from spendgate.server.sessions import Sessions
 from spendgate.settle import SettlementService
 from spendgate.v1 import spendgate_pb2 as pb
 from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
@@ -95,7 +97,8 @@ class Sidecar:
             self._waiter = DurabilityWaiter(self._engine, on_failure=self._on_engine_failure)
             self._settlement = SettlementService(self._engine, settings, self._waiter.wait, metrics=self.metrics)
             self.metrics.watch(self._engine, settings.data_dir, self._settlement)
-            self._alerts = AlertService(self._engine, self._waiter, settings, self.metrics)
+            self._alerts = AlertService(self._engine, self._waiter, settings, self.metrics,
+                                        by_token=self.tokens.enabled)
             self._health = grpc_health.aio.HealthServicer()
             self._server = self._build_server(self._engine, self._waiter, self._health)
             port = (self._server.add_secure_port(settings.listen, credentials) if credentials is not None
@@ -173,15 +176,26 @@ class Sidecar:
         settings = self.settings
         ssl_context = http_ssl_context(settings)
         app = new_http_app()
-        OpsRoutes(engine, self.metrics, self.tokens, settlement=self._settlement,
-                  metrics_require_token=settings.metrics_require_token, secure_cookie=ssl_context is not None).add_to(app)
+        access = HttpAccess(
+            self.tokens, Sessions(ttl_ms=settings.http_session_ttl_ms, max_sessions=settings.http_max_sessions),
+            client_certs=bool(settings.tls_client_ca_file), allowed_hosts=allowed_hosts(settings),
+            secure_cookie=ssl_context is not None,
+        )
+        OpsRoutes(engine, self.metrics, access, settlement=self._settlement,
+                  metrics_require_token=settings.metrics_require_token, operator_page=settings.http_operator_page,
+                  frame_ancestors=settings.http_frame_ancestors).add_to(app)
         if settings.webhook_listen and self._webhooks_share_the_http_port():
             await self._start_webhooks(engine, waiter, app)
         self._ops_http = HttpServer(app, settings.http_listen, shutdown_grace_s=settings.shutdown_grace_ms / 1000,
                                     ssl_context=ssl_context)
         await self._ops_http.start()
         self.http_address = self._ops_http.address
-        log.info("spendgate operator page on %s/ and metrics on %s/metrics", self._ops_http.url, self._ops_http.url)
+        url = self._ops_http.url
+        if settings.http_operator_page:
+            log.info("spendgate operator page on %s/ (it needs %s) and metrics on %s/metrics", url,
+                     http_access_summary(settings, self.tokens), url)
+        else:
+            log.info("spendgate metrics on %s/metrics (the operator page is off: http_operator_page)", url)
 
     def _build_server(
         self, engine: _core.Engine, waiter: DurabilityWaiter, health: grpc_health.aio.HealthServicer
