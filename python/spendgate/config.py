@@ -13,6 +13,7 @@ Light on purpose (stdlib only): the CLI imports it for `--help`.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import re
@@ -293,7 +294,7 @@ class Settings:
     alert_max_watchers_per_client: int = _setting(
         25,
         "WatchAlerts streams one client may have open (by token; without tokens by client certificate, else by "
-        "address); at most alert_max_watchers; more get RESOURCE_EXHAUSTED.",
+        "address); the smaller of it and alert_max_watchers applies; more get RESOURCE_EXHAUSTED.",
         minimum=1,
     )
     alert_webhook_url: str = _setting(
@@ -424,19 +425,22 @@ def _combination_problems(settings: Settings) -> list[tuple[str, str]]:
                                                "tls_key_file too"))
     if settings.alert_webhook_url:
         problems.extend(_alert_webhook_problems(settings))
-    if settings.alert_max_watchers_per_client > settings.alert_max_watchers:
-        problems.append(("alert_max_watchers_per_client", f"{settings.alert_max_watchers_per_client} is more than "
-                         f"alert_max_watchers ({settings.alert_max_watchers}): one client's share must fit in the "
-                         "whole; lower it or raise alert_max_watchers"))
     problems.extend(_http_problems(settings))
     return problems
 
 
 # A Host name or address in http_allowed_hosts: DNS labels, an IPv4 address, or an IPv6 address (brackets optional).
-_HOST_NAME = re.compile(r"^(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})?\.)*[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})?\.?$")
-_IPV6 = re.compile(r"^\[?[0-9A-Fa-f:.]+\]?$")
+_HOST_NAME: Final[re.Pattern[str]] = re.compile(r"^(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})?\.)*[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})?\.?$")
 # Characters that would end a CSP directive or a header value early.
 _CSP_BREAKERS: Final[tuple[str, ...]] = (";", ",", "\r", "\n")
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def allowed_hosts(settings: Settings) -> frozenset[str]:
@@ -448,13 +452,15 @@ def allowed_hosts(settings: Settings) -> frozenset[str]:
 def _http_problems(settings: Settings) -> list[tuple[str, str]]:
     problems = []
     for part in (part.strip() for part in settings.http_allowed_hosts.split(",")):
-        if part and not (_HOST_NAME.match(part) or (":" in part and _IPV6.match(part))):
-            problems.append(("http_allowed_hosts", f"{part!r} is not a host name or an IP address: list names such as "
-                             "`spendgate.internal` or addresses, comma-separated, without scheme, port or path"))
+        if part and not (_HOST_NAME.match(part) or (":" in part and _is_ipv6(part.strip("[]")))):
+            why = (f"{part!r} is not a host name or an IP address: list names such as `spendgate.internal` or "
+                   "addresses, comma-separated, without scheme, port or path")
+            problems.append(("http_allowed_hosts", why))
     ancestors = settings.http_frame_ancestors
     if not ancestors.strip() or any(breaker in ancestors for breaker in _CSP_BREAKERS):
-        problems.append(("http_frame_ancestors", f"expected CSP sources separated by spaces (such as `'self' "
-                         f"https://app.example.com`, or `'none'`), without ';' or ',', got {ancestors!r}"))
+        why = (f"expected CSP sources separated by spaces (such as `'self' https://app.example.com`, or `'none'`), "
+               f"without ';' or ',', got {ancestors!r}")
+        problems.append(("http_frame_ancestors", why))
     return problems
 
 

@@ -151,8 +151,11 @@ class AlertHub:
         self, engine: _core.Engine, *, queue_capacity: int, max_watchers: int, max_watchers_per_client: int | None = None,
         by_token: bool = False, metrics: Metrics | None = None,
     ) -> None:
-        per_client = max_watchers if max_watchers_per_client is None else max_watchers_per_client
-        assert queue_capacity >= 1 and 1 <= per_client <= max_watchers, (queue_capacity, max_watchers, per_client)
+        per_client = min(max_watchers, max_watchers_per_client or max_watchers)
+        assert queue_capacity >= 1 and per_client >= 1, (queue_capacity, max_watchers, per_client)
+        if max_watchers_per_client is not None and per_client == max_watchers > 1:
+            log.warning("alert_max_watchers_per_client (%d) is not below alert_max_watchers (%d): one client may take "
+                        "every WatchAlerts slot", per_client, max_watchers)
         self._engine = engine
         self._loop = asyncio.get_running_loop()
         self._queue_capacity = queue_capacity

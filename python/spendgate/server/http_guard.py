@@ -67,7 +67,7 @@ def security_headers(frame_ancestors: str) -> Mapping[str, str]:
     headers = {
         "Content-Security-Policy": policy,
         "X-Content-Type-Options": "nosniff",
-        "Referrer-Policy": "no-referrer",
+        "Referrer-Policy": "same-origin",  # "no-referrer" makes browsers send `Origin: null` with a form POST
         "Cache-Control": "no-store",  # customers' money: never in a shared or disk cache
     }
     if frame_ancestors.strip() == NO_FRAMING:

@@ -230,6 +230,56 @@ def test_watchers_past_the_bound_are_refused_until_one_leaves(sidecar_factory: S
         second.cancel()
 
 
+def test_one_token_gets_at_most_its_share_of_the_watcher_slots(sidecar_factory: SidecarFactory) -> None:
+    greedy, other = "app-token-for-the-watch-share-0001", "app-token-for-the-watch-share-0002"
+    sidecar = sidecar_factory(
+        "share", extra_args=["--alert-max-watchers", "3", "--alert-max-watchers-per-client", "2"],
+        env=sidecar_env(SPENDGATE_APP_TOKENS=f"{greedy},{other}", SPENDGATE_ADMIN_TOKENS="admin-token-for-share-0003"))
+    with Alerting(sidecar.target) as conn:
+
+        def watch(authorization: str) -> grpc.Call:
+            return conn.budget.WatchAlerts(pb.WatchAlertsRequest(), timeout=WATCH_DEADLINE_S,
+                                           metadata=(("authorization", authorization),))
+
+        def opened(authorization: str) -> grpc.Call:
+            call = watch(authorization)
+            assert START_SEQ_METADATA_KEY in dict(call.initial_metadata() or ())
+            return call
+
+        first, second = opened(f"Bearer {greedy}"), opened(f"Bearer {greedy}")
+        for spelling in (f"Bearer {greedy}", f"bearer   {greedy}  "):  # the same token, however it is written
+            _, error = stream_error(watch(spelling))
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+            assert "alert_max_watchers_per_client" in error.details() and "its token" in error.details()
+        theirs = opened(f"Bearer {other}")  # another app still gets a slot
+        _, error = stream_error(watch(f"Bearer {other}"))  # now the whole is full
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "(alert_max_watchers)" in error.details()
+        first.cancel()
+
+        def try_again() -> grpc.StatusCode:
+            attempt = watch(f"Bearer {other}")
+            if attempt.initial_metadata():
+                attempt.cancel()
+                return grpc.StatusCode.OK
+            return stream_error(attempt)[1].code()
+
+        wait_until(try_again, lambda code: code == grpc.StatusCode.OK, what="a slot for the other app")
+        second.cancel()
+        theirs.cancel()
+
+
+def test_without_tokens_the_share_is_per_client_address(sidecar_factory: SidecarFactory) -> None:
+    sidecar = sidecar_factory("peer-share", extra_args=["--alert-max-watchers-per-client", "1"], env=sidecar_env())
+    with Alerting(sidecar.target) as conn, Alerting(sidecar.target) as another_connection:
+        first = open_stream(conn, pb.WatchAlertsRequest())
+        # A second connection from the same address is the same client: connections are cheap to open.
+        _, error = stream_error(another_connection.budget.WatchAlerts(pb.WatchAlertsRequest(),
+                                                                      timeout=WATCH_DEADLINE_S))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "alert_max_watchers_per_client" in error.details() and "address ipv4:127.0.0.1" in error.details()
+        first.cancel()
+
+
 def test_shutdown_ends_open_streams_with_unavailable_and_does_not_hold_the_drain(
     sidecar_factory: SidecarFactory,
 ) -> None:
