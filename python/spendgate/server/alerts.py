@@ -18,6 +18,10 @@ memory, and its alerts are durable, so it resumes without losing any. At shutdow
 reads nothing is cancelled at the end of the grace). N is the seq of the last alert the stream wrote, the last one the
 client gets.
 
+Slots: at most alert_max_watchers streams are open, and one client holds at most alert_max_watchers_per_client of
+them, so that one app (or one leaking loop) cannot shut the others out. A client is its token when tokens are
+configured, else its client certificate under mTLS, else its address (without the port: connections are cheap).
+
 No gap and no duplicate across the replay/live boundary: a watcher registers, on the loop thread and without awaiting,
 at the hub's `published_seq`: everything up to it comes from LMDB (the replay), everything after it from the hub, in
 seq order; and a watcher drops any alert at or below the last seq it wrote.

@@ -74,11 +74,11 @@ class Sessions:
     def valid(self, session_id: str | None, tokens: Tokens) -> bool:
         """Whether the cookie value names a live session whose token is still an admin token."""
         key = self._key(session_id)
-        session = self._by_id_digest.get(key) if key is not None else None
-        if session is None:
+        session = None if key is None else self._by_id_digest.get(key)
+        if key is None or session is None:
             return False
         if self._clock() >= session.expires_at_s or session.token_digest not in _admin_digests(tokens):
-            del self._by_id_digest[key]  # type: ignore[arg-type]  # key is not None when a session was found
+            del self._by_id_digest[key]  # for good: a token configured again later does not revive it
             return False
         return True
 
