@@ -46,7 +46,7 @@ from spendgate.alerts import KINDS, START_SEQ_METADATA_KEY
 from spendgate.config import Settings
 from spendgate.server.auth import AUTHORIZATION_KEY
 from spendgate.server.durability import DurabilityWaiter
-from spendgate.server.security import BEARER_PREFIX
+from spendgate.server.security import BEARER_PREFIX, Tokens
 from spendgate.v1 import spendgate_pb2 as pb
 
 if TYPE_CHECKING:
@@ -108,8 +108,9 @@ class WatchRefused(Exception):
 class Watcher:
     """One WatchAlerts stream's side of the hub: its filter, its bounded queue, and how it ended."""
 
-    def __init__(self, customer_ids: frozenset[str], capacity: int, sent_seq: int) -> None:
+    def __init__(self, customer_ids: frozenset[str], capacity: int, sent_seq: int, client_key: str = "") -> None:
         self.customer_ids = customer_ids
+        self.client_key = client_key  # WatchClient.key: whose share it takes, and whose token it was opened with
         self.capacity = capacity
         self.sent_seq = sent_seq  # the last alert written in full (or where the stream starts)
         self._queue: collections.deque[pb.Alert] = collections.deque()
@@ -221,6 +222,20 @@ class AlertHub:
         while self.published_seq <= seq and self._closed is None:
             await asyncio.shield(self._published)
 
+    def end_removed_tokens(self, tokens: Tokens) -> int:
+        """After a token reload: end the streams opened with a token that is no longer configured (UNAUTHENTICATED,
+        resumable with a current token). Returns how many ended."""
+        if not self._by_token:
+            return 0
+        current = {token_client_key(token) for token in (*tokens.app, *tokens.admin)}
+        ended = 0
+        for watcher in self._watchers:
+            if watcher.client_key not in current and watcher.ended is None:
+                watcher.end(grpc.StatusCode.UNAUTHENTICATED, "the token this stream was opened with is no longer one "
+                            "of the sidecar's tokens; resume with a current one")
+                ended += 1
+        return ended
+
     def close(self, code: grpc.StatusCode, details: str) -> None:
         """End every stream with this status (and refuse new ones). Idempotent; the first reason stays."""
         if self._closed is None:
@@ -307,7 +322,7 @@ class AlertHub:
                 "or share one stream in the app",
             )
         start = 0 if request.from_start else request.after_seq or self.published_seq
-        return Watcher(frozenset(request.customer_ids), self._queue_capacity, start)
+        return Watcher(frozenset(request.customer_ids), self._queue_capacity, start, client.key)
 
     async def _replay(self, context: Context, watcher: Watcher, live_from: int) -> None:
         """The durable alerts in (watcher.sent_seq, live_from], oldest first; the live ones after come from the hub."""
@@ -338,6 +353,10 @@ class WatchClient:
     described: str
 
 
+def token_client_key(token: bytes) -> str:
+    return "token:" + hashlib.sha256(token).hexdigest()
+
+
 def watch_client(context: Context, *, by_token: bool) -> WatchClient:
     """The caller of a WatchAlerts: its token when tokens are configured (the interceptor already checked it), else
     its client certificate under mTLS, else its address without the port (one process opens many connections)."""
@@ -346,7 +365,7 @@ def watch_client(context: Context, *, by_token: bool) -> WatchClient:
             if key == AUTHORIZATION_KEY:
                 text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
                 token = text[len(BEARER_PREFIX):].strip().encode("utf-8", "replace")
-                return WatchClient("token:" + hashlib.sha256(token).hexdigest(), "its token")
+                return WatchClient(token_client_key(token), "its token")
     certificate = (context.auth_context() or {}).get("x509_pem_cert")
     if certificate:
         return WatchClient("cert:" + hashlib.sha256(certificate[0]).hexdigest(), "its client certificate")

@@ -23,21 +23,28 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from spendgate import _core, logs
-from spendgate.config import Settings, allowed_hosts
+from spendgate.config import ConfigError, Settings, allowed_hosts
 from spendgate.datacare import check_servable
+from spendgate.policy.metering import Meter
+from spendgate.policy.price_book import PriceBook
 from spendgate.server.admin_service import AdminServicer
 from spendgate.server.alerts import AlertService
 from spendgate.server.auth import TokenAuthInterceptor
-from spendgate.policy.metering import Meter
-from spendgate.policy.price_book import PriceBook
 from spendgate.server.budget_service import BudgetServicer
 from spendgate.server.durability import DurabilityWaiter
 from spendgate.server.http import HttpServer, new_http_app, parse_listen
 from spendgate.server.interceptors import ObservingInterceptor
 from spendgate.server.metrics import Metrics
 from spendgate.server.ops_http import HttpAccess, OpsRoutes
-from spendgate.server.security import (Tokens, check_exposure, http_access_summary, http_ssl_context, load_tokens,
-                                       server_credentials)
+from spendgate.server.security import (
+    Tokens,
+    TokenSource,
+    check_exposure,
+    http_access_summary,
+    http_ssl_context,
+    load_tokens,
+    server_credentials,
+)
 from spendgate.server.sessions import Sessions
 from spendgate.settle import SettlementService
 from spendgate.v1 import spendgate_pb2 as pb
@@ -70,7 +77,7 @@ class Sidecar:
         self._http: HttpServer | None = None  # Stripe webhooks (webhook_listen), on their own port
         self.webhooks: WebhookReceiver | None = None
         self.metrics = Metrics()  # one registry per sidecar; other code reports its events here (see metrics.py)
-        self.tokens = Tokens()
+        self.token_source = TokenSource(settings, Tokens())
         self._ops_http: HttpServer | None = None  # /metrics and the operator page (http_listen)
         self.http_address = ""
         self._health_tasks: set[asyncio.Task[None]] = set()
@@ -80,13 +87,14 @@ class Sidecar:
         self._stopped = False
         self.prices: PriceBook = PriceBook(None)
         self._background: set[asyncio.Task[None]] = set()  # cancelled at stop
+        self._sighup_installed = False
 
     async def start(self) -> None:
         assert self._engine is None, "start() runs once"
         settings = self.settings
         # Refuse a bad token file, certificate or exposure before touching the data dir (ConfigError).
-        self.tokens = load_tokens(settings)
-        logs.add_secrets(token.decode() for token in (*self.tokens.app, *self.tokens.admin))
+        self.token_source = TokenSource(settings, load_tokens(settings))
+        _redact(self.tokens)
         check_exposure(settings, self.tokens)
         credentials = server_credentials(settings)
         # A bad price file fails the start, before the data dir is touched (a reload keeps the old table instead).
@@ -114,6 +122,7 @@ class Sidecar:
             await self._server.start()
             self._start_settlement()
             self._start_price_reloads()
+            self._install_sighup()
             assert self._alerts is not None
             self._alerts.start()
         except BaseException:
@@ -128,6 +137,9 @@ class Sidecar:
         if self._stopped:
             return
         self._stopped = True
+        if self._sighup_installed:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            self._sighup_installed = False
         for task in self._background:
             task.cancel()
         if self._health is not None:
@@ -177,7 +189,7 @@ class Sidecar:
         ssl_context = http_ssl_context(settings)
         app = new_http_app()
         access = HttpAccess(
-            self.tokens, Sessions(ttl_ms=settings.http_session_ttl_ms, max_sessions=settings.http_max_sessions),
+            self.token_source, Sessions(ttl_ms=settings.http_session_ttl_ms, max_sessions=settings.http_max_sessions),
             client_certs=bool(settings.tls_client_ca_file), allowed_hosts=allowed_hosts(settings),
             secure_cookie=ssl_context is not None,
         )
@@ -228,7 +240,7 @@ class Sidecar:
         tokens configured there is nothing to check, and the token interceptor (a coroutine per call) is left out."""
         interceptors: list[grpc.aio.ServerInterceptor] = [ObservingInterceptor(self.metrics)]
         if self.tokens.enabled:
-            interceptors.append(TokenAuthInterceptor(self.tokens))
+            interceptors.append(TokenAuthInterceptor(self.token_source))
         return interceptors
 
     def _start_price_reloads(self) -> None:
@@ -236,10 +248,46 @@ class Sidecar:
         if not self.settings.price_table:
             return
         loop = asyncio.get_running_loop()
-        self.prices.install_sighup(loop)
         if self.settings.price_reload_interval_ms > 0:
             task = loop.create_task(self.prices.watch(self.settings.price_reload_interval_ms), name="spendgate-prices")
             self._background.add(task)
+
+    @property
+    def tokens(self) -> Tokens:
+        """The tokens in force (SIGHUP re-reads them)."""
+        return self.token_source.current
+
+    def _install_sighup(self) -> None:
+        """SIGHUP re-reads the price file and the tokens (their files: rotation without a restart). One handler for
+        both: the loop keeps one handler per signal."""
+        if not (self.settings.price_table or self.tokens.enabled):
+            return
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
+        except (RuntimeError, ValueError) as error:  # not the main thread (a sidecar embedded in a test's thread)
+            log.warning("SIGHUP reloads are off: %s", error)
+            return
+        self._sighup_installed = True
+
+    def _on_sighup(self) -> None:
+        if self.settings.price_table:
+            self.prices.on_sighup()
+        if self.tokens.enabled:
+            self.reload_tokens()
+
+    def reload_tokens(self) -> bool:
+        """Re-read app_tokens(_file) and admin_tokens(_file). A bad file keeps the tokens in force (logged). Sessions
+        made from a token no longer configured end at their next request."""
+        try:
+            tokens = self.token_source.reload()
+        except ConfigError as error:
+            log.error("SIGHUP: tokens not reloaded, the old ones stay in force: %s", error)
+            return False
+        _redact(tokens)
+        streams = self._alerts.hub.end_removed_tokens(tokens) if self._alerts is not None else 0
+        log.info("SIGHUP: tokens reloaded (%d app, %d admin); sessions of removed admin tokens are over, %d WatchAlerts "
+                 "streams opened with them ended", len(tokens.app), len(tokens.admin), streams)
+        return True
 
     def _start_settlement(self) -> None:
         """The settler as a background task (or, without STRIPE_API_KEY, only the outbox alarm)."""
@@ -269,6 +317,10 @@ class Sidecar:
             task = asyncio.get_running_loop().create_task(self._health.enter_graceful_shutdown())
             self._health_tasks.add(task)  # the loop keeps only weak references to tasks
             task.add_done_callback(self._health_tasks.discard)
+
+
+def _redact(tokens: Tokens) -> None:
+    logs.add_secrets(token.decode() for token in (*tokens.app, *tokens.admin))
 
 
 def _log_settle_exit(task: asyncio.Task[None]) -> None:

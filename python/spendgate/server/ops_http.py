@@ -24,7 +24,7 @@ from spendgate import _core
 from spendgate.server import page
 from spendgate.server.http_guard import host_allowed, same_origin, security_headers
 from spendgate.server.metrics import Metrics
-from spendgate.server.security import Role, Tokens
+from spendgate.server.security import Role, Tokens, TokenSource
 from spendgate.server.sessions import Sessions
 
 if TYPE_CHECKING:
@@ -46,13 +46,18 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class HttpAccess:
     """What the HTTP port requires, from the settings: built once per sidecar."""
 
-    def __init__(self, tokens: Tokens, sessions: Sessions, *, client_certs: bool, allowed_hosts: frozenset[str],
+    def __init__(self, tokens: TokenSource, sessions: Sessions, *, client_certs: bool, allowed_hosts: frozenset[str],
                  secure_cookie: bool) -> None:
-        self.tokens = tokens
+        self._tokens = tokens
         self.sessions = sessions
         self.client_certs = client_certs  # tls_client_ca_file is set: routes with credentials need a certificate
         self.allowed_hosts = allowed_hosts
         self.secure_cookie = secure_cookie
+
+    @property
+    def tokens(self) -> Tokens:
+        """The tokens in force now (a reload replaces them)."""
+        return self._tokens.current
 
     def certificate_refusal(self, request: web.Request) -> web.Response | None:
         """403 when mTLS is on and this connection presented no certificate (a wrong one never got this far)."""

@@ -65,6 +65,26 @@ class Tokens:
         return Role.APP if is_app else None
 
 
+class TokenSource:
+    """The tokens in force, re-read from the settings (and their files) by reload(): rotating a token without a
+    restart. Everything that checks tokens reads `current` per request, so a reload takes effect at once, and an
+    operator page session made from a removed token ends with it (spendgate.server.sessions)."""
+
+    def __init__(self, settings: Settings, tokens: Tokens) -> None:
+        self._settings = settings
+        self.current = tokens
+
+    def reload(self) -> Tokens:
+        """Read the tokens again. Raises ConfigError (and keeps the old ones) for a bad file, or for a change that
+        would turn tokens on or off: that changes which checks run at all, so it needs a restart."""
+        tokens = load_tokens(self._settings)
+        if tokens.enabled != self.current.enabled:
+            raise ConfigError("a reload cannot turn tokens on or off (it decides which checks run): restart the "
+                              "sidecar for that; the tokens in force are unchanged")
+        self.current = tokens
+        return tokens
+
+
 def _matches_any(presented: bytes, known: tuple[bytes, ...]) -> bool:
     found = False
     for token in known:

@@ -8,19 +8,28 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
+import signal
 import ssl
 from pathlib import Path
 from typing import Final
 
 import aiohttp
+import grpc
 import pytest
-from spendgate.client import AsyncClient
+from spendgate.alerts import START_SEQ_METADATA_KEY
+from spendgate.client import AsyncClient, Client, NotFound, Unauthenticated
 from spendgate.config import Settings
 from spendgate.server.app import Sidecar
 from spendgate.server.http_guard import host_allowed, same_origin
 from spendgate.server.security import Tokens, check_exposure
 from spendgate.server.sessions import Sessions
 from spendgate.testing.fake_stripe import sign_payload
+from spendgate.v1 import spendgate_pb2 as pb
+
+from tests.conftest import SidecarFactory
+from tests.python.e2e._support import wait_until
+from tests.python.server._alerting import WATCH_DEADLINE_S, Alerting, stream_error
 
 from ._certs import Certs, make_certs
 from .test_app import settings_for
@@ -414,3 +423,54 @@ def test_every_response_carries_the_security_headers(tmp_path: Path, certs: Cert
             assert policy.endswith(expected_frame), policy
             assert headers["X-Content-Type-Options"] == "nosniff" and headers["Referrer-Policy"] == "same-origin"
             assert headers.get("X-Frame-Options") == ("DENY" if not framing else None)
+
+
+# -- rotating a token -----------------------------------------------------------------------------------------------
+
+
+def test_rotating_an_admin_token_with_sighup_ends_its_sessions(sidecar_factory: SidecarFactory,
+                                                                tmp_path: Path) -> None:
+    old, new = "admin-old-0123456789abcdef012345", "admin-new-0123456789abcdef012345"
+    admin_file = tmp_path / "admin-tokens"
+    admin_file.write_text(old + "\n")
+    sidecar = sidecar_factory("rotate", http=True, extra_args=["--admin-tokens-file", str(admin_file)])
+
+    async def request(method: str, path: str, **kwargs: object) -> tuple[int, dict[str, str]]:
+        async with aiohttp.ClientSession() as session, session.request(
+                method, f"{sidecar.http_url}{path}", allow_redirects=False, **kwargs) as response:  # type: ignore[arg-type]
+            return response.status, dict(response.headers)
+
+    def sign_in(token: str) -> str:
+        status, headers = asyncio.run(request("POST", "/login", data={"token": token}))
+        assert status == 303, status
+        return _session_cookie(headers)
+
+    def page(*, cookie: str | None = None, token: str | None = None) -> int:
+        headers = {"Cookie": cookie} if cookie else {"Authorization": f"Bearer {token}"}
+        return asyncio.run(request("GET", "/", headers=headers))[0]
+
+    def rotate(text: str) -> None:
+        admin_file.write_text(text)
+        os.kill(sidecar.pid, signal.SIGHUP)
+
+    by_old = sign_in(old)
+    assert page(cookie=by_old) == 200
+    conn = Alerting(sidecar.target)
+    stream = conn.budget.WatchAlerts(pb.WatchAlertsRequest(), timeout=WATCH_DEADLINE_S,
+                                     metadata=(("authorization", f"Bearer {old}"),))
+    assert START_SEQ_METADATA_KEY in dict(stream.initial_metadata() or ())
+    rotate(new + "\n")
+    wait_until(lambda: page(token=old), lambda status: status == 401, what="the old token to stop working")
+    assert page(cookie=by_old) == 401  # the session made from the removed token is over
+    _, ended = stream_error(stream)  # and so is a WatchAlerts stream opened with it
+    conn.close()
+    assert ended.code() == grpc.StatusCode.UNAUTHENTICATED and "no longer one of the sidecar's tokens" in ended.details()
+    assert page(token=new) == 200 and page(cookie=sign_in(new)) == 200
+    with Client(sidecar.target, token=old) as gone, pytest.raises(Unauthenticated):
+        gone.balance("nobody")  # the gRPC port follows the same reload
+    with Client(sidecar.target, token=new) as current, pytest.raises(NotFound):
+        current.balance("nobody")
+
+    rotate("")  # an empty file: refused, the tokens in force stay
+    wait_until(lambda: "tokens not reloaded" in sidecar.log_tail(50), lambda seen: seen, what="the refused reload")
+    assert page(token=new) == 200
