@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
+import grpc.aio
 import pytest
 
 from spendgate import _core
@@ -18,6 +19,10 @@ from spendgate.server.alerts import ALERT_KIND_BY_NAME
 from spendgate.v1 import spendgate_pb2 as pb
 from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 from tests.python.e2e._support import new_customer
+from spendgate.server.app import Sidecar
+from tests.python.server._certs import make_certs
+from tests.python.server.test_app import settings_for
+from tests.python.server.test_security import run
 from tests.python.server._alerting import WATCH_DEADLINE_S, Alerting, Watch, kinds_of, offline_engine, sidecar_env, \
     stream_error, wait_until
 
@@ -278,6 +283,39 @@ def test_without_tokens_the_share_is_per_client_address(sidecar_factory: Sidecar
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "alert_max_watchers_per_client" in error.details() and "address ipv4:127.0.0.1" in error.details()
         first.cancel()
+
+
+def test_under_mtls_without_tokens_the_share_is_per_client_certificate(tmp_path: Path) -> None:
+    # In process: the sidecar harness dials plaintext to see it serving.
+    certs = make_certs(tmp_path / "certs")
+    settings = settings_for(tmp_path, alert_max_watchers_per_client=1, tls_cert_file=str(certs.server_cert),
+                            tls_key_file=str(certs.server_key), tls_client_ca_file=str(certs.ca))
+
+    def channel(sidecar: Sidecar, name: str) -> grpc.aio.Channel:
+        credentials = grpc.ssl_channel_credentials(certs.read("ca"), certs.read(f"{name}_key"),
+                                                   certs.read(f"{name}_cert"))
+        return grpc.aio.secure_channel(sidecar.address, credentials)
+
+    async def opened(stub: pb_grpc.BudgetStub) -> grpc.aio.UnaryStreamCall:
+        call = stub.WatchAlerts(pb.WatchAlertsRequest(), timeout=WATCH_DEADLINE_S)
+        assert START_SEQ_METADATA_KEY in dict(await call.initial_metadata() or ())
+        return call
+
+    async def body(sidecar: Sidecar) -> grpc.aio.AioRpcError:
+        async with channel(sidecar, "client") as one, channel(sidecar, "client") as same, \
+                channel(sidecar, "second_client") as other:
+            first = await opened(pb_grpc.BudgetStub(one))
+            refused = pb_grpc.BudgetStub(same).WatchAlerts(pb.WatchAlertsRequest(), timeout=WATCH_DEADLINE_S)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in refused:
+                    pass
+            second = await opened(pb_grpc.BudgetStub(other))  # another certificate: its own share
+            first.cancel()
+            second.cancel()
+            return caught.value
+
+    error = run(settings, body)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "its client certificate" in error.details()
 
 
 def test_shutdown_ends_open_streams_with_unavailable_and_does_not_hold_the_drain(
