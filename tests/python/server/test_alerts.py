@@ -16,15 +16,15 @@ from spendgate import _core
 from spendgate.alerts import KINDS, START_SEQ_METADATA_KEY
 from spendgate.client import AsyncClient
 from spendgate.server.alerts import ALERT_KIND_BY_NAME
+from spendgate.server.app import Sidecar
 from spendgate.v1 import spendgate_pb2 as pb
 from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 from tests.python.e2e._support import new_customer
-from spendgate.server.app import Sidecar
+from tests.python.server._alerting import WATCH_DEADLINE_S, Alerting, Watch, kinds_of, offline_engine, sidecar_env, \
+    stream_error, wait_until
 from tests.python.server._certs import make_certs
 from tests.python.server.test_app import settings_for
 from tests.python.server.test_security import run
-from tests.python.server._alerting import WATCH_DEADLINE_S, Alerting, Watch, kinds_of, offline_engine, sidecar_env, \
-    stream_error, wait_until
 
 if TYPE_CHECKING:
     from tests.conftest import SidecarFactory

@@ -17,6 +17,7 @@ from typing import Final
 import aiohttp
 import grpc
 import pytest
+
 from spendgate.alerts import START_SEQ_METADATA_KEY
 from spendgate.client import AsyncClient, Client, NotFound, Unauthenticated
 from spendgate.config import Settings
@@ -26,7 +27,6 @@ from spendgate.server.security import Tokens, check_exposure
 from spendgate.server.sessions import Sessions
 from spendgate.testing.fake_stripe import sign_payload
 from spendgate.v1 import spendgate_pb2 as pb
-
 from tests.conftest import SidecarFactory
 from tests.python.e2e._support import wait_until
 from tests.python.server._alerting import WATCH_DEADLINE_S, Alerting, stream_error
