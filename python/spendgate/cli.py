@@ -266,6 +266,20 @@ def _add_data_care_commands(commands: Any, config_parent: argparse.ArgumentParse
     _add_setting_flag(inspect, "data_dir")
     inspect.set_defaults(run=run_inspect)
 
+    key = commands.add_parser("key", help="virtual API keys for the proxy, one per customer, on a running sidecar")
+    key_commands = key.add_subparsers(dest="key_command", metavar="COMMAND", required=True)
+    key_create = key_commands.add_parser("create", parents=[target_parent],
+                                         help="make a key for CUSTOMER (who has a budget) and print it, once")
+    key_create.add_argument("customer_id", metavar="CUSTOMER")
+    key_create.set_defaults(run=run_key_create)
+    key_list = key_commands.add_parser("list", parents=[target_parent], help="list the keys (ids, never the keys)")
+    key_list.add_argument("--customer", default="", metavar="CUSTOMER", help="only this customer's keys")
+    key_list.set_defaults(run=run_key_list)
+    key_revoke = key_commands.add_parser("revoke", parents=[target_parent],
+                                         help="remove the key with id ID, or every key of customer ID")
+    key_revoke.add_argument("key_id", metavar="ID")
+    key_revoke.set_defaults(run=run_key_revoke)
+
     check = commands.add_parser("check-config", help="validate a TOML config file offline (exit 2 on problems)")
     check.add_argument("file", metavar="FILE")
     check.set_defaults(run=run_check_config, without_settings=True)
@@ -336,6 +350,49 @@ def run_serve(args: argparse.Namespace, settings: config.Settings) -> int:
     except RuntimeError as error:  # grpc raises it when the address cannot be bound
         print(f"{PROG}: cannot serve on {settings.listen}: {error}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def run_key_create(args: argparse.Namespace, settings: config.Settings) -> int:
+    from spendgate.v1 import spendgate_pb2 as pb
+    from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
+
+    request = pb.CreateVirtualKeyRequest(customer_id=args.customer_id)
+    reply = _call(args, settings, lambda channel: pb_grpc.AdminStub(channel).CreateVirtualKey(request,
+                                                                                          timeout=RPC_TIMEOUT_S))
+    if reply is None:
+        return EXIT_ERROR
+    print(reply.key)
+    print(f"{PROG}: key {reply.virtual_key.key_id} for customer {reply.virtual_key.customer_id!r}; it is shown only "
+          "this once (spendgate keeps its hash)", file=sys.stderr)
+    return EXIT_OK
+
+
+def run_key_list(args: argparse.Namespace, settings: config.Settings) -> int:
+    from spendgate.v1 import spendgate_pb2 as pb
+    from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
+
+    request = pb.ListVirtualKeysRequest(customer_id=args.customer)
+    reply = _call(args, settings, lambda channel: pb_grpc.AdminStub(channel).ListVirtualKeys(request,
+                                                                                         timeout=RPC_TIMEOUT_S))
+    if reply is None:
+        return EXIT_ERROR
+    for key in reply.virtual_keys:
+        print(f"{key.key_id}  {key.customer_id}  created_ms={key.created_ms}")
+    return EXIT_OK
+
+
+def run_key_revoke(args: argparse.Namespace, settings: config.Settings) -> int:
+    from spendgate.v1 import spendgate_pb2 as pb
+    from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
+
+    request = pb.RevokeVirtualKeyRequest(key_id_or_customer_id=args.key_id)
+    reply = _call(args, settings, lambda channel: pb_grpc.AdminStub(channel).RevokeVirtualKey(request,
+                                                                                          timeout=RPC_TIMEOUT_S))
+    if reply is None:
+        return EXIT_ERROR
+    for key in reply.revoked:
+        print(f"revoked {key.key_id} ({key.customer_id})")
+    return EXIT_OK
 
 
 def _add_policy_flags(parser: argparse.ArgumentParser) -> None:
@@ -640,7 +697,8 @@ def format_settlement_status(status: Any) -> str:
     return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
 
 
-DEAD_LETTER_COLUMNS: Final[tuple[str, ...]] = ("seq", "customer_id", "stripe_customer_id", "amount", "attempts")
+DEAD_LETTER_COLUMNS: Final[tuple[str, ...]] = ("seq", "customer_id", "stripe_customer_id", "amount", "attempts",
+                                               "requeues")
 
 
 def format_dead_letters(letters: Sequence[Any]) -> str:
@@ -652,6 +710,8 @@ def format_dead_letters(letters: Sequence[Any]) -> str:
         fields = " ".join(f"{column}={getattr(letter, column)}" for column in DEAD_LETTER_COLUMNS)
         lines.append(f"{fields} identifier={letter.sent_as or letter.identifier}")
         lines.append(f"    reason: {letter.reason}")
+        if letter.fate_unknown:
+            lines.append("    may be at Stripe already: requeue only with --confirmed-missing, after `spendgate reconcile`")
     return "\n".join(lines)
 
 

@@ -319,6 +319,56 @@ class Settings:
         60_000, "Longest alert webhook retry delay (also the cap on a receiver's Retry-After).", minimum=1
     )
 
+    # The OpenAI- and Anthropic-compatible HTTP proxy (spendgate.proxy): zero-code adoption, on the same loop.
+    proxy_listen: str = _setting(
+        "", "HOST:PORT to serve the OpenAI- and Anthropic-compatible proxy on (/v1/chat/completions, /v1/responses, "
+        "/v1/messages); a bare PORT binds 127.0.0.1; empty: off.", optional=True,
+    )
+    proxy_openai_base_url: str = _setting(
+        "https://api.openai.com/v1", "Upstream base address of the proxy's OpenAI routes (the SDK's base_url form)."
+    )
+    proxy_anthropic_base_url: str = _setting(
+        "https://api.anthropic.com", "Upstream base address of the proxy's Anthropic route (the SDK's base_url form)."
+    )
+    proxy_openai_api_key_file: str = _setting(
+        "", "File holding the OpenAI API key the proxy sends upstream for calls made with a spendgate virtual key.",
+        optional=True,
+    )
+    proxy_anthropic_api_key_file: str = _setting(
+        "", "File holding the Anthropic API key the proxy sends upstream for calls made with a spendgate virtual key.",
+        optional=True,
+    )
+    proxy_customer_id_from_body: bool = _setting(
+        False, "Proxy: without a virtual key or x-spendgate-customer-id, take the customer from the body (OpenAI "
+        "safety_identifier or user, Anthropic metadata.user_id), for existing budgets only."
+    )
+    proxy_max_body_bytes: int = _setting(
+        32 * 1024 * 1024, "Largest request body the proxy accepts (it reads it whole to bound the call); more: 413.",
+        minimum=1,
+    )
+    proxy_hold_ttl_ms: int = _setting(
+        0, "Hold lifetime of a proxied call, and the longest one may run (then its whole hold is committed); at most "
+        "max_ttl_ms; 0: max_ttl_ms.",
+    )
+    proxy_upstream_connect_timeout_ms: int = _setting(
+        10_000, "Proxy: timeout of connecting to the upstream provider.", minimum=1
+    )
+    proxy_upstream_read_timeout_ms: int = _setting(
+        600_000, "Proxy: longest wait for the next bytes from upstream (time to first token of long reasoning too).",
+        minimum=1,
+    )
+    proxy_max_upstream_connections: int = _setting(
+        1_000, "Proxy: upstream connections open at once (each stream holds one); more calls wait for one.", minimum=1
+    )
+    proxy_drain_timeout_ms: int = _setting(
+        600_000, "Proxy: after a client leaves mid-stream, how long upstream is still read for the final usage; past "
+        "it the whole hold is committed.", minimum=1,
+    )
+    proxy_max_drains: int = _setting(
+        256, "Proxy: streams read on after their client left, at once; past it the whole hold is committed at once.",
+        minimum=1,
+    )
+
     def __post_init__(self) -> None:
         # Every way in (load_settings, the CLI, tests) ends here: a Settings that exists is valid.
         for spec in dataclasses.fields(self):
@@ -425,6 +475,13 @@ def _combination_problems(settings: Settings) -> list[tuple[str, str]]:
                                                "tls_key_file too"))
     if settings.alert_webhook_url:
         problems.extend(_alert_webhook_problems(settings))
+    if settings.proxy_listen and settings.proxy_hold_ttl_ms > settings.max_ttl_ms:
+        problems.append(("proxy_hold_ttl_ms", f"{settings.proxy_hold_ttl_ms} is over max_ttl_ms "
+                                              f"({settings.max_ttl_ms}): lower it or raise max_ttl_ms"))
+    for name in ("proxy_openai_base_url", "proxy_anthropic_base_url"):
+        scheme, _, rest = getattr(settings, name).partition("://")
+        if scheme.lower() not in ("http", "https") or not rest.strip("/"):
+            problems.append((name, f"expected an http:// or https:// URL, got {getattr(settings, name)!r}"))
     problems.extend(_http_problems(settings))
     return problems
 

@@ -166,7 +166,8 @@ def _core_renew(data_dir: Path, *, map_size_mb: int) -> None:
     try:
         _core.renew_identity(str(data_dir), map_size_mb=map_size_mb, now_ms=time.time_ns() // 1_000_000)
     except _core.EngineError as error:
-        raise DataCareError(f"the backup does not open ({error.kind}: {error.message}); it is not restored") from None
+        raise DataCareError(f"the backup does not open as consistent books ({error.kind}: {error.message}); it is "
+                            "not restored") from None
     gc.collect()
 
 

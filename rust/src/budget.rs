@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use crate::breaker::UsageRing;
+use crate::limits::MAX_BOOKED_UNITS;
 use crate::period::PeriodRule;
 use crate::records::{BudgetRecord, EnforcementMode};
 
@@ -353,6 +354,19 @@ impl Budget {
 
     pub fn spent(&self) -> i64 {
         self.spent.load(SeqCst)
+    }
+
+    /// Why booking `amount` more (spent when `held` is false, held when true) would pass MAX_BOOKED_UNITS, or None.
+    pub fn booking_refused(&self, amount: i64, held: bool) -> Option<String> {
+        let (what, now) = if held { ("held", self.held.load(SeqCst)) } else { ("spent", self.spent.load(SeqCst)) };
+        (now > MAX_BOOKED_UNITS - amount).then(|| {
+            format!(
+                "{amount} more units would take budget {:?}'s {what} ({now}) past {MAX_BOOKED_UNITS}, the most one \
+                 budget may book in a period: nothing was changed; no real usage comes near this, so check the \
+                 amounts this app sends",
+                self.customer_id
+            )
+        })
     }
 }
 

@@ -8,6 +8,13 @@ pub const MAX_ID_BYTES: usize = 128;
 /// from i64 overflow; all arithmetic on counters is checked anyway.
 pub const MAX_AMOUNT_UNITS: i64 = 1 << 53;
 
+/// The most one budget (or org) may book in a period: its spent, and, apart, its held. A commit or a (soft-mode)
+/// reserve that would pass it is refused with INVALID_ARGUMENT before anything changes. Far below i64::MAX, so that
+/// the writer's checked sums can never fail: even hundreds of racing calls of MAX_AMOUNT_UNITS past the check fit.
+pub const MAX_BOOKED_UNITS: i64 = 1 << 60;
+const _: () = assert!(MAX_BOOKED_UNITS >= 64 * MAX_AMOUNT_UNITS);
+const _: () = assert!(i64::MAX - 2 * MAX_BOOKED_UNITS > 512 * MAX_AMOUNT_UNITS);
+
 /// Largest value `max_ttl_ms` may be configured to: 7 days.
 pub const MAX_TTL_MS_CEILING: u64 = 7 * 86_400_000;
 

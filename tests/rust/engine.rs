@@ -463,3 +463,41 @@ fn a_backup_taken_under_load_opens_to_consistent_books() {
     let again = engine.backup(&backup_dir).unwrap_err();
     assert_eq!(again.kind, ErrorKind::InvalidArgument, "{again}");
 }
+
+/// Any app token may commit any amount up to the maximum, so over-commits must never overflow a counter: past
+/// MAX_BOOKED_UNITS a commit is refused, nothing changes, and the writer (every other customer) is untouched.
+#[test]
+fn over_commits_past_the_booking_bound_are_refused_and_stop_nothing_else() {
+    use spendgate::limits::{MAX_AMOUNT_UNITS, MAX_BOOKED_UNITS};
+    let mut f = Fixture::new();
+    f.budget("attacker", MAX_AMOUNT_UNITS);
+    f.budget("victim", 100);
+    let per_commit = MAX_AMOUNT_UNITS;
+    let fits = MAX_BOOKED_UNITS / per_commit;
+    // Holds first (the budget is hard): each over-commit then posts far past its hold of 1.
+    let holds: Vec<String> = (0..fits + 10).map(|_| f.reserve("attacker", 1)).collect();
+    let mut refused = None;
+    for (n, hold) in holds.iter().enumerate() {
+        let n = n as i64;
+        match f.engine().commit(hold, per_commit) {
+            Ok(outcome) => f.engine().wait_durable(outcome.ticket, WAIT).unwrap(),
+            Err(err) => {
+                refused = Some((n, err));
+                break;
+            }
+        }
+    }
+    let (n, err) = refused.expect("the bound was reached");
+    assert_eq!(n, fits, "exactly the commits that fit were taken");
+    assert_eq!(err.kind, ErrorKind::InvalidArgument, "{err}");
+    assert!(err.message.contains("nothing was changed"), "{err}");
+    let before = f.engine().balance("attacker").unwrap();
+    assert_eq!(before.spent, MAX_BOOKED_UNITS);
+    assert!(f.engine().failure().is_none(), "the writer is alive");
+    let victim = f.reserve("victim", 10);
+    f.engine().wait_durable(f.engine().commit(&victim, 10).unwrap().ticket, WAIT).unwrap();
+    f.reopen();
+    assert_eq!(f.engine().balance("attacker").unwrap().spent, MAX_BOOKED_UNITS);
+    assert_eq!(f.engine().balance("victim").unwrap().spent, 10);
+    f.engine().check_invariants().unwrap();
+}

@@ -22,6 +22,9 @@ alias of the same name, and a table setting given replaces the bundled one. `use
     output = 10_000_000
     # reasoning = "output"              # the default: every provider bills reasoning tokens as output
 
+    context_window_tokens = 1_050_000   # optional: the most tokens of a call, prompt and output (the proxy's bound)
+    max_output_tokens = 128_000         # optional: the most a call may generate, reasoning included
+
     [models."gpt-6-sol".long_context]   # optional: rates for a whole call whose prompt exceeds the threshold
     above_prompt_tokens = 272_000       # prompt = input + cached input + cache write
     input = 4_000_000                   # the same keys and rules as above; no rate below the base rate
@@ -70,6 +73,8 @@ TABLE_KEYS: Final[frozenset[str]] = frozenset(
     {"as_of", "markup_percent", "micro_usd_per_credit", "use_bundled", "unknown_model", "aliases", "models"}
 )
 LONG_CONTEXT_KEY: Final[str] = "long_context"
+# A model's token bounds (not prices): ModelPrice.context_window_tokens and .max_output_tokens.
+BOUND_KEYS: Final[tuple[str, ...]] = ("context_window_tokens", "max_output_tokens")
 THRESHOLD_KEY: Final[str] = "above_prompt_tokens"
 POLICY_KEY: Final[str] = "policy"
 UNKNOWN_POLICIES: Final[tuple[str, ...]] = ("deny", "fallback")
@@ -237,9 +242,11 @@ def _parse_model(layer: PriceLayer, name: str, table: object) -> ModelPrice:
 def _model_price(layer: PriceLayer, name: str, table: dict[str, Any], what: str, line: int | None) -> ModelPrice:
     prices = dict(table)
     long_context = prices.pop(LONG_CONTEXT_KEY, None)
+    bounds = {key: _parse_int(layer, f"{what}, {key}", prices.pop(key), 1, MAX_TOKENS_PER_TYPE, line)
+              for key in BOUND_KEYS if key in prices}  # fmt: skip
     rates = _parse_rates(layer, prices, what, line)
     if long_context is None:
-        return ModelPrice(name, rates)
+        return ModelPrice(name, rates, **bounds)
     long_line = layer.model_line(name, long_context=True) or line
     long_what = f"{what}, long_context"
     if not isinstance(long_context, dict):
@@ -256,13 +263,14 @@ def _model_price(layer: PriceLayer, name: str, table: dict[str, Any], what: str,
         if long < base:
             # A longer prompt that made a token cheaper would break the estimate's worst case.
             raise layer.error(f"{long_what}: {token_type} {long:_} is below the base rate {base:_}", long_line)
-    return ModelPrice(name, rates, threshold, long_rates)
+    return ModelPrice(name, rates, threshold, long_rates, **bounds)
 
 
 def _parse_rates(layer: PriceLayer, prices: dict[str, Any], what: str, line: int | None) -> Rates:
     for key in prices:
         if key not in TOKEN_TYPES:
-            raise layer.error(f"{what}: unknown key {key!r} (expected prices for {list(TOKEN_TYPES)})", line)
+            expected = f"prices for {list(TOKEN_TYPES)}, or {list(BOUND_KEYS)}"
+            raise layer.error(f"{what}: unknown key {key!r} (expected {expected})", line)
     given = {t: prices.get(t, DEFAULT_PRICE_REFERENCES.get(t)) for t in TOKEN_TYPES}
     by_type = {t: _resolve_price(layer, given, t, what, line) for t in TOKEN_TYPES}
     return Rates.of(by_type)

@@ -211,9 +211,15 @@ class ModelPrice:
     rates: Rates
     long_context_above_prompt_tokens: int | None = None
     long_context_rates: Rates | None = None
+    # The most tokens one call may have in all (prompt + output) and the most it may generate (reasoning included);
+    # None: not known. The HTTP proxy bounds a call's worst case with them (spendgate.proxy.estimate).
+    context_window_tokens: int | None = None
+    max_output_tokens: int | None = None
 
     def __post_init__(self) -> None:
         check_model_name(self.model)
+        for bound in (self.context_window_tokens, self.max_output_tokens):
+            assert bound is None or 1 <= bound <= MAX_TOKENS_PER_TYPE, self
         assert (self.long_context_above_prompt_tokens is None) == (self.long_context_rates is None), self
         if self.long_context_rates is not None:
             # The estimate relies on this: more prompt tokens never make any token cheaper.

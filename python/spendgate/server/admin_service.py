@@ -14,6 +14,7 @@ from spendgate._core import EngineError
 from spendgate.server.budget_service import balance_message
 from spendgate.server.durability import DurabilityWaiter
 from spendgate.server.status import grpc_errors
+from spendgate.service.virtual_keys import KeyRecord, VirtualKeys
 from spendgate.v1 import spendgate_pb2 as pb
 from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 
@@ -97,7 +98,7 @@ class AdminServicer(pb_grpc.AdminServicer):
             raise _core.EngineError("invalid_argument", f"dest_dir {request.dest_dir!r} is not an absolute path: pass "
                                     "an absolute directory on the sidecar's machine (`spendgate backup` does)")
         if self._backup_dir and not _is_under(request.dest_dir, self._backup_dir):
-            raise _core.EngineError("permission_denied", f"dest_dir {request.dest_dir!r} is not under backup_dir "
+            raise _core.EngineError("invalid_argument", f"dest_dir {request.dest_dir!r} is not under backup_dir "
                                     f"{self._backup_dir!r}: pass a directory inside it (the setting confines backups)")
         durable_ticket = self._engine.durable_ticket()  # every acknowledged change is at or below it
         started_ms = time.time_ns() // 1_000_000
@@ -105,6 +106,39 @@ class AdminServicer(pb_grpc.AdminServicer):
         size_bytes = await asyncio.to_thread(self._engine.backup, request.dest_dir)
         return pb.BackupResponse(dest_dir=request.dest_dir, size_bytes=size_bytes, durable_ticket=durable_ticket,
                                  started_ms=started_ms, duration_ms=time.time_ns() // 1_000_000 - started_ms)
+
+
+    # Set by the app (spendgate.server.app) after construction; None in a server built without them.
+    virtual_keys: VirtualKeys | None = None
+
+    def _keys(self) -> VirtualKeys:
+        if self.virtual_keys is None:
+            raise _core.EngineError("failed_precondition", "this server was built without virtual keys")
+        return self.virtual_keys
+
+    @grpc_errors
+    async def CreateVirtualKey(self, request: pb.CreateVirtualKeyRequest,
+                               context: Context) -> pb.CreateVirtualKeyResponse:
+        key, record = await self._keys().create(request.customer_id)
+        return pb.CreateVirtualKeyResponse(key=key, virtual_key=_virtual_key(record))
+
+    @grpc_errors
+    async def ListVirtualKeys(self, request: pb.ListVirtualKeysRequest, context: Context) -> pb.ListVirtualKeysResponse:
+        return pb.ListVirtualKeysResponse(virtual_keys=[_virtual_key(r) for r in self._keys().records(
+            request.customer_id)])
+
+    @grpc_errors
+    async def RevokeVirtualKey(self, request: pb.RevokeVirtualKeyRequest,
+                               context: Context) -> pb.RevokeVirtualKeyResponse:
+        gone = await self._keys().revoke(request.key_id_or_customer_id)
+        if not gone:
+            raise _core.EngineError("not_found", f"no virtual key has id or customer {request.key_id_or_customer_id!r}"
+                                                 " (spendgate key list)")
+        return pb.RevokeVirtualKeyResponse(revoked=[_virtual_key(r) for r in gone])
+
+
+def _virtual_key(record: KeyRecord) -> pb.VirtualKey:
+    return pb.VirtualKey(key_id=record.key_id, customer_id=record.customer_id, created_ms=record.created_ms)
 
 
 def _is_under(path: str, root: str) -> bool:

@@ -46,11 +46,14 @@ from spendgate.server.security import (
     server_credentials,
 )
 from spendgate.server.sessions import Sessions
+from spendgate.service.budgets import BudgetService
+from spendgate.service.virtual_keys import VirtualKeys
 from spendgate.settle import SettlementService
 from spendgate.v1 import spendgate_pb2 as pb
 from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
+    from spendgate.proxy import Proxy
     from spendgate.webhooks import WebhookReceiver
 
 log = logging.getLogger("spendgate")
@@ -88,6 +91,10 @@ class Sidecar:
         self.prices: PriceBook = PriceBook(None)
         self._background: set[asyncio.Task[None]] = set()  # cancelled at stop
         self._sighup_installed = False
+        self.virtual_keys: VirtualKeys | None = None  # the proxy's virtual keys (Admin.CreateVirtualKey, ...)
+        self._proxy: Proxy | None = None  # the HTTP proxy (proxy_listen), and its server
+        self._proxy_http: HttpServer | None = None
+        self.proxy_address = ""
 
     async def start(self) -> None:
         assert self._engine is None, "start() runs once"
@@ -107,6 +114,7 @@ class Sidecar:
             self.metrics.watch(self._engine, settings.data_dir, self._settlement)
             self._alerts = AlertService(self._engine, self._waiter, settings, self.metrics,
                                         by_token=self.tokens.enabled)
+            self.virtual_keys = VirtualKeys(self._engine, self._waiter.wait)  # the proxy's, managed by Admin RPCs
             self._health = grpc_health.aio.HealthServicer()
             self._server = self._build_server(self._engine, self._waiter, self._health)
             port = (self._server.add_secure_port(settings.listen, credentials) if credentials is not None
@@ -116,6 +124,8 @@ class Sidecar:
                 await self._start_ops_http(self._engine, self._waiter)
             if settings.webhook_listen and not self._webhooks_share_the_http_port():
                 await self._start_webhooks(self._engine, self._waiter)
+            if settings.proxy_listen:
+                await self._start_proxy(self._engine, self._waiter)
             if self._engine.failure() is None:
                 for service in HEALTH_SERVICES:
                     await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -152,6 +162,7 @@ class Sidecar:
             await self._http.stop()  # lets in-flight webhooks finish (they wait for the engine) within the grace
         if self._ops_http is not None:
             await self._ops_http.stop()
+        await self._stop_proxy()  # in-flight proxied calls settle within the grace (their commits need the engine)
         await self._stop_settlement()  # after the drain; before the engine closes
         self.metrics.unwatch()  # a scrape must not read a closed engine
         if self._waiter is not None:
@@ -178,6 +189,32 @@ class Sidecar:
         self._http = HttpServer(app, settings.webhook_listen, shutdown_grace_s=settings.shutdown_grace_ms / 1000)
         await self._http.start()
         log.info("spendgate webhooks listening on %s%s", self._http.url, WEBHOOK_PATH)
+
+    async def _start_proxy(self, engine: _core.Engine, waiter: DurabilityWaiter) -> None:
+        """The OpenAI- and Anthropic-compatible proxy on proxy_listen, reserving through the same BudgetService."""
+        from spendgate.proxy import Proxy, ProxySettings  # noqa: PLC0415 - only when the proxy is on
+
+        settings = self.settings
+        service = BudgetService(engine, waiter.wait, Meter(self.prices))
+        counter = self.metrics.proxy_calls
+        assert self.virtual_keys is not None
+        self._proxy = Proxy(service, ProxySettings.of(settings), self.virtual_keys,
+                            observe=lambda api, outcome: counter.labels(api=api, outcome=outcome).inc())
+        logs.add_secrets(self._proxy.provider_keys())
+        await self._proxy.start()
+        self._proxy_http = HttpServer(self._proxy.app(), settings.proxy_listen,
+                                      shutdown_grace_s=settings.shutdown_grace_ms / 1000, name="proxy")
+        await self._proxy_http.start()
+        self.proxy_address = self._proxy_http.address
+        log.info("spendgate proxy on %s/v1 (OpenAI) and %s (Anthropic)", self._proxy_http.url, self._proxy_http.url)
+
+    async def _stop_proxy(self) -> None:
+        if self._proxy_http is not None:
+            await self._proxy_http.stop()
+            self._proxy_http = None
+        if self._proxy is not None:
+            await self._proxy.close()
+            self._proxy = None
 
     def _webhooks_share_the_http_port(self) -> bool:
         settings = self.settings
@@ -228,7 +265,9 @@ class Sidecar:
         budget = BudgetServicer(engine, waiter, Meter(self.prices))
         budget.alerts = self._alerts
         pb_grpc.add_BudgetServicer_to_server(budget, server)
-        pb_grpc.add_AdminServicer_to_server(AdminServicer(engine, waiter, self._settlement, backup_dir=self.settings.backup_dir), server)
+        admin = AdminServicer(engine, waiter, self._settlement, backup_dir=self.settings.backup_dir)
+        admin.virtual_keys = self.virtual_keys
+        pb_grpc.add_AdminServicer_to_server(admin, server)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         if settings.reflection:
             names = (BUDGET_SERVICE, ADMIN_SERVICE, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME)

@@ -1,13 +1,13 @@
-"""spendgate.v1.Budget: convert the request, call the engine, wait for durability, convert the reply.
+"""spendgate.v1.Budget: convert the request, call the service, convert the reply.
 
-Engine calls take microseconds and keep the GIL, so they run right here on the loop thread; only the durability wait
-is awaited. The engine validates every id, amount and ttl: nothing is checked twice here. A Reserve with a token
-estimate or a Commit with token usage is priced first (spendgate.policy.metering); an unknown model is a denial
-(DENY_REASON_UNKNOWN_MODEL), never a hold skipped.
+Reserve, Commit and Release are decided by spendgate.service.budgets.BudgetService (pricing, the engine call, the
+durability wait, the wording of denials), the same service the HTTP proxy uses; this module only converts protobuf
+to plain values and back. Errors become gRPC statuses in one place (spendgate.server.status).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
@@ -15,12 +15,12 @@ import grpc.aio
 
 from spendgate import _core
 from spendgate._core import EngineError
-from spendgate.policy.metering import Meter, fingerprint
-from spendgate.policy.prices import PriceError, TokenUsage, UnknownModelError
+from spendgate.policy.metering import Meter
 from spendgate.policy.usage_report import DEFAULT_TOP, MAX_TOP, NEVER_MS, period_at_ms, usage_report
 from spendgate.server.alerts import AlertService
 from spendgate.server.durability import DurabilityWaiter
 from spendgate.server.status import grpc_errors
+from spendgate.service.budgets import HOLD_STATE_WORDS, BudgetService, TokenEstimate, Usage, deny_message
 from spendgate.v1 import spendgate_pb2 as pb
 from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 
@@ -39,6 +39,9 @@ assert _core.HOLD_ACTIVE == pb.HOLD_STATE_ACTIVE
 assert _core.HOLD_COMMITTED == pb.HOLD_STATE_COMMITTED
 assert _core.HOLD_RELEASED == pb.HOLD_STATE_RELEASED
 assert _core.HOLD_EXPIRED == pb.HOLD_STATE_EXPIRED
+assert all(pb.HoldState.Name(n).removeprefix("HOLD_STATE_").lower() == w for n, w in HOLD_STATE_WORDS.items())
+
+__all__ = ["BudgetServicer", "balance_message", "deny_message", "usage_message"]  # deny_message: moved, re-exported
 
 MODE_BY_NAME: Final[dict[str, int]] = {"hard": pb.ENFORCEMENT_MODE_HARD, "soft": pb.ENFORCEMENT_MODE_SOFT}
 
@@ -55,124 +58,49 @@ class BudgetServicer(pb_grpc.BudgetServicer):
         self, engine: _core.Engine, waiter: DurabilityWaiter, meter: Meter, alerts: AlertHub | None = None
     ) -> None:
         self._engine = engine
-        self._waiter = waiter
-        self._meter = meter
+        self._service = BudgetService(engine, waiter.wait, meter)
         self._alerts = alerts
 
     @grpc_errors
     async def Reserve(self, request: pb.ReserveRequest, context: Context) -> pb.ReserveResponse:
-        amount, model, print_, priced = request.amount, "", "", None
+        estimate = None
         if request.HasField("estimate"):
-            if request.amount:
-                raise invalid("give either amount or estimate, not both (leave amount 0 with an estimate)")
-            estimate = request.estimate
-            try:
-                priced = self._meter.estimate(estimate.model, estimate.input_tokens, estimate.max_output_tokens)
-            except UnknownModelError as error:
-                return self._unknown_model(request.customer_id, str(error))
-            except PriceError as error:
-                raise invalid(str(error)) from None
-            amount = priced.units
-            model = priced.requested_model if priced.fallback else priced.model
-            print_ = fingerprint(estimate.model, estimate.input_tokens, estimate.max_output_tokens)
-        outcome = self._engine.reserve(
+            asked = request.estimate
+            estimate = TokenEstimate(asked.model, asked.input_tokens, asked.max_output_tokens)
+        result = await self._service.reserve(
             request.customer_id,
-            amount,
-            request.idempotency_key,
-            request.ttl_ms,
-            model=model,
-            dimensions=dict(request.dimensions) or None,  # most calls carry none: skip the conversion
-            fingerprint=print_,
+            request.amount,
+            estimate=estimate,
+            idempotency_key=request.idempotency_key,
+            ttl_ms=request.ttl_ms,
+            dimensions=request.dimensions,
         )
-        await self._waiter.wait(outcome.ticket)
-        return pb.ReserveResponse(
-            granted=outcome.granted,
-            reservation_id=outcome.reservation_id,
-            remaining=outcome.remaining,
-            reason=outcome.reason,  # type: ignore[arg-type]
-            expires_at_ms=outcome.expires_at_ms,
-            replayed=outcome.replayed,
-            amount=outcome.amount,
-            message=deny_message(request.customer_id, amount, outcome),
-            state=outcome.state,  # type: ignore[arg-type]
-            over_limit=outcome.over_limit,
-            decided_by=outcome.decided_by,
-            priced_model=priced.model if priced else "",
-            fallback_price=priced.fallback if priced else False,
-        )
-
-    def _unknown_model(self, customer_id: str, why: str) -> pb.ReserveResponse:
-        balance = self._engine.balance(customer_id)  # NOT_FOUND first for a customer without a budget
-        return pb.ReserveResponse(
-            granted=False,
-            reason=pb.DENY_REASON_UNKNOWN_MODEL,
-            remaining=balance.remaining,
-            message=why,
-            decided_by=customer_id,
-        )
+        return pb.ReserveResponse(**dataclasses.asdict(result))
 
     @grpc_errors
     async def Commit(self, request: pb.CommitRequest, context: Context) -> pb.CommitResponse:
-        amount, detail = request.amount, None
+        usage = None
         if request.HasField("usage"):
-            if request.amount:
-                raise invalid("give either amount or usage, not both (leave amount 0 with usage)")
-            amount, detail = self._charge(request.reservation_id, request.usage)
-        outcome = self._engine.commit(
-            request.reservation_id, amount, usage=detail, dimensions=dict(request.dimensions) or None
-        )
-        await self._waiter.wait(outcome.ticket)
-        return pb.CommitResponse(
-            charged=outcome.charged,
-            remaining=outcome.remaining,
-            over_reserved=outcome.over_reserved,
-            excess=outcome.excess,
-            replayed=outcome.replayed,
-            hold_expired=outcome.hold_expired,
-            over_limit=outcome.over_limit,
-            breaker_tripped=outcome.breaker_tripped,
-            parts=[pb.UsagePart(token_type=t, tokens=n, units=u) for t, n, u in detail["parts"]] if detail else [],
-            priced_model=detail["model"] if detail else "",
-            fallback_price=detail["fallback"] if detail else False,
-        )
-
-    def _charge(self, reservation_id: str, usage: pb.TokenUsage) -> tuple[int, _core.UsageDetail]:
-        model = usage.model or self._engine.hold_model(reservation_id)
-        if not model:
-            raise invalid(
-                f"usage has no model and reservation {reservation_id} was reserved with an amount, not an estimate:"
-                " set usage.model"
+            given = request.usage
+            usage = Usage(
+                model=given.model,
+                input_tokens=given.input_tokens,
+                cached_input_tokens=given.cached_input_tokens,
+                cache_write_tokens=given.cache_write_tokens,
+                output_tokens=given.output_tokens,
+                reasoning_tokens=given.reasoning_tokens,
+                cache_hit=given.cache_hit,
             )
-        try:
-            return self._meter.charge(
-                TokenUsage(
-                    model=model,
-                    input_tokens=usage.input_tokens,
-                    cached_input_tokens=usage.cached_input_tokens,
-                    cache_write_tokens=usage.cache_write_tokens,
-                    output_tokens=usage.output_tokens,
-                    reasoning_tokens=usage.reasoning_tokens,
-                    cache_hit=usage.cache_hit,
-                )
-            )
-        except UnknownModelError as error:
-            # The call happened, so this must not pass silently; nothing changed, and the amount form still works.
-            raise EngineError(
-                "failed_precondition", f"{error}; the price table no longer prices it: commit an amount instead"
-            ) from None
-        except PriceError as error:
-            raise invalid(str(error)) from None
+        result = await self._service.commit(
+            request.reservation_id, request.amount, usage=usage, dimensions=request.dimensions
+        )
+        fields = dataclasses.asdict(result)
+        fields["parts"] = [pb.UsagePart(token_type=t, tokens=n, units=u) for t, n, u in result.parts]
+        return pb.CommitResponse(**fields)
 
     @grpc_errors
     async def Release(self, request: pb.ReleaseRequest, context: Context) -> pb.ReleaseResponse:
-        outcome = self._engine.release(request.reservation_id)
-        await self._waiter.wait(outcome.ticket)
-        return pb.ReleaseResponse(
-            released=outcome.released,
-            remaining=outcome.remaining,
-            state=outcome.state,  # type: ignore[arg-type]
-            replayed=outcome.replayed,
-        )
+        return pb.ReleaseResponse(**dataclasses.asdict(await self._service.release(request.reservation_id)))
 
     @grpc_errors
     async def GetBalance(self, request: pb.GetBalanceRequest, context: Context) -> pb.Balance:
@@ -268,36 +196,3 @@ def balance_message(view: _core.BalanceView) -> pb.Balance:
         period_end_ms=end_ms,
         breaker_multiplier=-1 if view.breaker_multiplier is None else view.breaker_multiplier,
     )
-
-
-def deny_message(customer_id: str, amount: int, outcome: _core.ReserveOutcome) -> str:
-    """The human-readable reason for a denial ("" when granted). The engine gives only the reason's number."""
-    if outcome.granted:
-        assert outcome.reason == _core.DENY_NONE, outcome.reason
-        return ""
-    who = outcome.decided_by or customer_id
-    level = f"budget {who!r}" if who == customer_id else f"org budget {who!r} (of {customer_id!r})"
-    if outcome.reason == _core.DENY_INSUFFICIENT_BUDGET:
-        return (
-            f"{level} has {outcome.remaining} units left, fewer than the {amount} asked for: raise its limit or wait"
-            " for holds to be committed, released or expired"
-        )
-    if outcome.reason == _core.DENY_OVERAGE_BLOCKED:
-        return (
-            f"{level} has used its included quota and its block-overage kill switch is on: {amount} units would be"
-            " overage; turn block_overage off (Admin.SetBudget) or raise the included quota"
-        )
-    if outcome.reason == _core.DENY_TOO_MANY_HOLDS:
-        return (
-            f"budget {customer_id!r} has the most open holds allowed (max_holds_per_budget): commit or release some"
-            " first"
-        )
-    if outcome.reason == _core.DENY_FROZEN:
-        return f"{level} is frozen: unfreeze it with Admin.FreezeBudget (frozen=false)"
-    if outcome.reason == _core.DENY_HOLD_ENDED:
-        state = pb.HoldState.Name(outcome.state or 0).removeprefix("HOLD_STATE_").lower()  # type: ignore[arg-type]
-        return (
-            f"this idempotency_key's reservation {outcome.reservation_id} was already {state}, so nothing is held for"
-            " this call: reserve again under a new idempotency_key before calling the model"
-        )
-    raise AssertionError(f"a denial without a known reason: {outcome.reason}")

@@ -27,6 +27,8 @@ The API for events other code owns (call these; they are plain prometheus_client
 - `metrics.settlement_lag.observe(seconds)`            commit-to-Stripe-acceptance time of a delivered usage (the
                                                        settler calls it)
 - `metrics.alerts.labels(kind=...).inc()`              an alert raised (outbox filling, budget threshold, ...)
+- `metrics.proxy_calls.labels(api=..., outcome=...).inc()` a call through the HTTP proxy (spendgate.proxy calls it
+                                                       through the `observe` hook the app gives it)
 The settler reaches the first two through `SettleMetrics` (spendgate.settle.settler), which this class satisfies.
 """
 
@@ -71,6 +73,11 @@ class Metrics:
         self.decisions = Counter(
             "spendgate_decisions", "Answers by method, decision and reason (see spendgate.server.metrics).",
             ["method", "decision", "reason"], registry=registry,
+        )
+        self.proxy_calls = Counter(
+            "spendgate_proxy_calls", "Calls through the HTTP proxy, by API (chat, responses, messages) and outcome "
+            "(committed_exact, committed_whole_hold, released, denied, refused).",
+            ["api", "outcome"], registry=registry,
         )
         self.stripe_errors = Counter(
             "spendgate_stripe_errors", "Failed Stripe calls, by Stripe error code (or http_<status>, connection).",

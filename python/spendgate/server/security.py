@@ -218,6 +218,13 @@ def check_exposure(settings: Settings, tokens: Tokens) -> None:
 
 
 def _check_transport_exposure(settings: Settings, tokens: Tokens) -> None:
+    if settings.proxy_listen and not is_loopback(host_of(settings.proxy_listen)):
+        raise ConfigError(
+            f"setting 'proxy_listen': {settings.proxy_listen} is not a loopback address, and the proxy serves plain "
+            f"HTTP that spends budgets and carries provider keys: listen on 127.0.0.1, or pass "
+            f"{flag('allow_insecure_non_loopback')} if something in front of it (a mesh, a firewall) does that job",
+            "proxy_listen",
+        )
     tls = bool(settings.tls_cert_file)
     client_auth = tokens.enabled or bool(settings.tls_client_ca_file)
     for name in ("listen", "http_listen"):

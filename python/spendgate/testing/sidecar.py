@@ -87,12 +87,15 @@ class Sidecar:
         env: Mapping[str, str] | None = None,
         python: str = sys.executable,
         http: bool = False,
+        proxy: bool = False,
     ) -> None:
-        """http: also serve the HTTP port (/metrics, the operator page) on a port of its own, at `http_url`."""
+        """http: also serve the HTTP port (/metrics, the operator page) on a port of its own, at `http_url`.
+        proxy: also serve the OpenAI- and Anthropic-compatible proxy on a port of its own, at `proxy_url`."""
         self.data_dir = Path(data_dir)
         self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
         self.port = _free_port()
         self.http_port = _free_port() if http else None
+        self.proxy_port = _free_port() if proxy else None
         self._extra_args = tuple(extra_args)
         self._env = dict(env) if env is not None else None
         self._python = python
@@ -103,6 +106,8 @@ class Sidecar:
         weakref.finalize(self, _release_port, self.port)
         if self.http_port is not None:
             weakref.finalize(self, _release_port, self.http_port)
+        if self.proxy_port is not None:
+            weakref.finalize(self, _release_port, self.proxy_port)
 
     # -- what tests read ------------------------------------------------------------------------------------------
 
@@ -117,6 +122,14 @@ class Sidecar:
         if self.http_port is None:
             raise SidecarError("this sidecar has no HTTP port: create it with Sidecar(..., http=True)")
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def proxy_url(self) -> str:
+        """The proxy's base address, "http://127.0.0.1:PORT" (Sidecar(..., proxy=True) only): Anthropic's base_url;
+        OpenAI's is this + "/v1"."""
+        if self.proxy_port is None:
+            raise SidecarError("this sidecar has no proxy: create it with Sidecar(..., proxy=True)")
+        return f"http://127.0.0.1:{self.proxy_port}"
 
     @property
     def pid(self) -> int:
@@ -205,8 +218,9 @@ class Sidecar:
 
     def _command(self) -> list[str]:
         http = ["--http-listen", f"127.0.0.1:{self.http_port}"] if self.http_port is not None else []
+        proxy = ["--proxy-listen", f"127.0.0.1:{self.proxy_port}"] if self.proxy_port is not None else []
         return [self._python, "-m", "spendgate", "serve", "--data-dir", str(self.data_dir), "--listen", self.target,
-                *http, *self._extra_args]
+                *http, *proxy, *self._extra_args]
 
     def _child_env(self) -> dict[str, str]:
         # A developer's real Stripe credentials must never reach a test sidecar: without an explicit env, the child

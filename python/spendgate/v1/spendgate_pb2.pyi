@@ -580,3 +580,51 @@ class BackupResponse(_message.Message):
     started_ms: int
     duration_ms: int
     def __init__(self, dest_dir: _Optional[str] = ..., size_bytes: _Optional[int] = ..., durable_ticket: _Optional[int] = ..., started_ms: _Optional[int] = ..., duration_ms: _Optional[int] = ...) -> None: ...
+
+class VirtualKey(_message.Message):
+    __slots__ = ("key_id", "customer_id", "created_ms")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_MS_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    customer_id: str
+    created_ms: int
+    def __init__(self, key_id: _Optional[str] = ..., customer_id: _Optional[str] = ..., created_ms: _Optional[int] = ...) -> None: ...
+
+class CreateVirtualKeyRequest(_message.Message):
+    __slots__ = ("customer_id",)
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    def __init__(self, customer_id: _Optional[str] = ...) -> None: ...
+
+class CreateVirtualKeyResponse(_message.Message):
+    __slots__ = ("key", "virtual_key")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VIRTUAL_KEY_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    virtual_key: VirtualKey
+    def __init__(self, key: _Optional[str] = ..., virtual_key: _Optional[_Union[VirtualKey, _Mapping]] = ...) -> None: ...
+
+class ListVirtualKeysRequest(_message.Message):
+    __slots__ = ("customer_id",)
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    def __init__(self, customer_id: _Optional[str] = ...) -> None: ...
+
+class ListVirtualKeysResponse(_message.Message):
+    __slots__ = ("virtual_keys",)
+    VIRTUAL_KEYS_FIELD_NUMBER: _ClassVar[int]
+    virtual_keys: _containers.RepeatedCompositeFieldContainer[VirtualKey]
+    def __init__(self, virtual_keys: _Optional[_Iterable[_Union[VirtualKey, _Mapping]]] = ...) -> None: ...
+
+class RevokeVirtualKeyRequest(_message.Message):
+    __slots__ = ("key_id_or_customer_id",)
+    KEY_ID_OR_CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    key_id_or_customer_id: str
+    def __init__(self, key_id_or_customer_id: _Optional[str] = ...) -> None: ...
+
+class RevokeVirtualKeyResponse(_message.Message):
+    __slots__ = ("revoked",)
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    revoked: _containers.RepeatedCompositeFieldContainer[VirtualKey]
+    def __init__(self, revoked: _Optional[_Iterable[_Union[VirtualKey, _Mapping]]] = ...) -> None: ...

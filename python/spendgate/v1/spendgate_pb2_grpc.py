@@ -412,6 +412,21 @@ class AdminStub:
                 request_serializer=spendgate_dot_v1_dot_spendgate__pb2.BackupRequest.SerializeToString,
                 response_deserializer=spendgate_dot_v1_dot_spendgate__pb2.BackupResponse.FromString,
                 _registered_method=True)
+        self.CreateVirtualKey = channel.unary_unary(
+                '/spendgate.v1.Admin/CreateVirtualKey',
+                request_serializer=spendgate_dot_v1_dot_spendgate__pb2.CreateVirtualKeyRequest.SerializeToString,
+                response_deserializer=spendgate_dot_v1_dot_spendgate__pb2.CreateVirtualKeyResponse.FromString,
+                _registered_method=True)
+        self.ListVirtualKeys = channel.unary_unary(
+                '/spendgate.v1.Admin/ListVirtualKeys',
+                request_serializer=spendgate_dot_v1_dot_spendgate__pb2.ListVirtualKeysRequest.SerializeToString,
+                response_deserializer=spendgate_dot_v1_dot_spendgate__pb2.ListVirtualKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeVirtualKey = channel.unary_unary(
+                '/spendgate.v1.Admin/RevokeVirtualKey',
+                request_serializer=spendgate_dot_v1_dot_spendgate__pb2.RevokeVirtualKeyRequest.SerializeToString,
+                response_deserializer=spendgate_dot_v1_dot_spendgate__pb2.RevokeVirtualKeyResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -472,6 +487,28 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateVirtualKey(self, request, context):
+        """The HTTP proxy's per-customer virtual API keys (stored hashed in LMDB). Create returns the key, this once;
+        NOT_FOUND for a customer without a budget.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListVirtualKeys(self, request, context):
+        """The keys (ids and customers, never the keys), optionally of one customer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeVirtualKey(self, request, context):
+        """Remove the key with this id, or every key of this customer. NOT_FOUND when nothing matches.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -509,6 +546,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Backup,
                     request_deserializer=spendgate_dot_v1_dot_spendgate__pb2.BackupRequest.FromString,
                     response_serializer=spendgate_dot_v1_dot_spendgate__pb2.BackupResponse.SerializeToString,
+            ),
+            'CreateVirtualKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateVirtualKey,
+                    request_deserializer=spendgate_dot_v1_dot_spendgate__pb2.CreateVirtualKeyRequest.FromString,
+                    response_serializer=spendgate_dot_v1_dot_spendgate__pb2.CreateVirtualKeyResponse.SerializeToString,
+            ),
+            'ListVirtualKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVirtualKeys,
+                    request_deserializer=spendgate_dot_v1_dot_spendgate__pb2.ListVirtualKeysRequest.FromString,
+                    response_serializer=spendgate_dot_v1_dot_spendgate__pb2.ListVirtualKeysResponse.SerializeToString,
+            ),
+            'RevokeVirtualKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeVirtualKey,
+                    request_deserializer=spendgate_dot_v1_dot_spendgate__pb2.RevokeVirtualKeyRequest.FromString,
+                    response_serializer=spendgate_dot_v1_dot_spendgate__pb2.RevokeVirtualKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -701,6 +753,87 @@ class Admin:
             '/spendgate.v1.Admin/Backup',
             spendgate_dot_v1_dot_spendgate__pb2.BackupRequest.SerializeToString,
             spendgate_dot_v1_dot_spendgate__pb2.BackupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateVirtualKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spendgate.v1.Admin/CreateVirtualKey',
+            spendgate_dot_v1_dot_spendgate__pb2.CreateVirtualKeyRequest.SerializeToString,
+            spendgate_dot_v1_dot_spendgate__pb2.CreateVirtualKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVirtualKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spendgate.v1.Admin/ListVirtualKeys',
+            spendgate_dot_v1_dot_spendgate__pb2.ListVirtualKeysRequest.SerializeToString,
+            spendgate_dot_v1_dot_spendgate__pb2.ListVirtualKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeVirtualKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spendgate.v1.Admin/RevokeVirtualKey',
+            spendgate_dot_v1_dot_spendgate__pb2.RevokeVirtualKeyRequest.SerializeToString,
+            spendgate_dot_v1_dot_spendgate__pb2.RevokeVirtualKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -114,6 +114,11 @@ impl Shared {
                 return Ok(denied(DenyReason::Frozen, remaining(), amount, &level.customer_id));
             }
         }
+        for level in std::iter::once(budget).chain(parent.as_ref()) {
+            if let Some(why) = level.booking_refused(amount, true) {
+                return Err(EngineError::invalid(why));
+            }
+        }
         if !budget.try_open_hold(self.config.max_holds_per_budget as i64) {
             return Ok(denied(DenyReason::TooManyHolds, remaining(), amount, &budget.customer_id));
         }
@@ -451,6 +456,11 @@ impl Shared {
         args: CommitArgs<'_>,
         late: bool,
     ) -> Result<CommitOutcome, EngineError> {
+        for level in std::iter::once(&slot.budget).chain(slot.parent.as_ref()) {
+            if let Some(why) = level.booking_refused(args.amount, false) {
+                return Err(EngineError::invalid(why));
+            }
+        }
         self.acquire_queue_slot()?;
         let (held, amount) = (if late { 0 } else { slot.amount }, args.amount);
         let (ticket, excess, _) = self.post_commit(slot, hold_id, held, late, args);

@@ -27,6 +27,7 @@ POLL_DEADLINE_S = 10.0
 
 INSUFFICIENT = pb.DENY_REASON_INSUFFICIENT_BUDGET
 TOO_MANY_HOLDS = pb.DENY_REASON_TOO_MANY_HOLDS
+HOLD_ENDED = pb.DENY_REASON_HOLD_ENDED
 NO_STATE = pb.HOLD_STATE_UNSPECIFIED
 ACTIVE = pb.HOLD_STATE_ACTIVE
 COMMITTED = pb.HOLD_STATE_COMMITTED
@@ -169,14 +170,14 @@ def crash_and_restart(sidecar: Any) -> None:
 def reservation_id_unknown_to(real_id: str) -> str:
     """A reservation_id in the same format as `real_id` that the server never handed out.
 
-    Ids are `rsv_` and 16 hex digits (the format the malformed-id message documents); the largest id is one the
-    server would hand out only after 2**64 holds.
+    Ids are `rsv_`, the data dir's instance id and the hold number, 16 hex digits each (the format the malformed-id
+    message documents); the largest hold number is one the server would hand out only after 2**64 holds.
     """
     prefix, sep, digits = real_id.rpartition("_")
-    assert sep and len(digits) == 16 and all(c in "0123456789abcdef" for c in digits), (
+    assert sep and len(digits) == 32 and all(c in "0123456789abcdef" for c in digits), (
         f"unexpected reservation_id format {real_id!r}; update reservation_id_unknown_to()"
     )
-    return f"{prefix}_{'f' * 16}"
+    return f"{prefix}_{digits[:16]}{'f' * 16}"
 
 
 class Tally:

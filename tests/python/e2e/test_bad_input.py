@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import grpc
 
+from spendgate.testing import Sidecar
+
 from ._support import (
     LONG_TTL_MS,
     MAX_AMOUNT,
@@ -188,3 +190,34 @@ def test_get_balance_rejects_bad_customer_ids_naming_the_customer_id(sidecar):
         for customer in ("", TOO_LONG_ASCII, TOO_LONG_UTF8):
             s.check(f"GetBalance customer_id of {len(customer.encode())} bytes", INVALID, conn.balance, customer,
                     mentions="customer_id")
+
+
+def test_over_commits_past_the_booking_bound_are_refused_and_every_other_customer_is_served_also_after_a_restart(
+    sidecar: Sidecar,
+) -> None:
+    """Any app token may commit up to 2**53 per call: about 1,024 of them once overflowed `spent` and killed the
+    writer for every customer, again after each restart. Now the one past the bound is INVALID_ARGUMENT."""
+    with Conn(sidecar.target) as conn:
+        attacker, victim = new_customer("attacker"), new_customer("victim")
+        conn.set_budget(attacker, MAX_AMOUNT)
+        conn.set_budget(victim, 1_000)
+        holds = [conn.reserve(attacker, 1, ttl_ms=LONG_TTL_MS).reservation_id for _ in range(140)]
+        committed, refusal = 0, None
+        for reservation_id in holds:
+            try:
+                conn.commit(reservation_id, MAX_AMOUNT)
+                committed += 1
+            except grpc.RpcError as error:
+                refusal = error
+                break
+        assert refusal is not None and refusal.code() == grpc.StatusCode.INVALID_ARGUMENT, refusal
+        assert "nothing was changed" in (refusal.details() or "")
+        assert conn.balance(attacker).spent == committed * MAX_AMOUNT
+        served = conn.reserve(victim, 10)
+        assert served.granted and conn.commit(served.reservation_id, 10).charged == 10
+    sidecar.restart()
+    with Conn(sidecar.target) as conn:
+        assert conn.balance(attacker).spent == committed * MAX_AMOUNT
+        again = conn.reserve(victim, 10)
+        assert again.granted and conn.commit(again.reservation_id, 10).charged == 10
+        assert conn.balance(victim).spent == 20

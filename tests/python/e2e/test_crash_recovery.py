@@ -13,6 +13,8 @@ import time
 
 import grpc
 
+from spendgate.v1 import spendgate_pb2 as pb
+
 from ._bursts import HUGE_LIMIT, Burst, check_books_after_restart
 from ._support import (
     LONG_TTL_MS,
@@ -52,7 +54,8 @@ def test_idle_kill_restores_every_counter_and_every_reply(sidecar):
         assert after == before, "counters after an idle kill -9 must equal the counters before it"
         # The idempotency records survived too: every retry gets the same answer as before the crash.
         again = conn.reserve(a, 100, idempotency_key="job-1", ttl_ms=LONG_TTL_MS)
-        assert again.granted and again.replayed and again.reservation_id == keyed.reservation_id, again
+        assert not again.granted and again.replayed and again.reservation_id == keyed.reservation_id, again
+        assert (again.reason, again.state) == (pb.DENY_REASON_HOLD_ENDED, pb.HOLD_STATE_COMMITTED), again
         assert again.expires_at_ms == keyed.expires_at_ms
         replay = conn.commit(keyed.reservation_id, 70)
         assert replay.replayed and (replay.charged, replay.over_reserved, replay.excess) == (70, False, 0), replay

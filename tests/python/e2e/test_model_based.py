@@ -27,6 +27,7 @@ from hypothesis.stateful import (
 from ._support import (
     ACTIVE,
     COMMITTED,
+    HOLD_ENDED,
     INSUFFICIENT,
     NO_STATE,
     LONG_TTL_MS,
@@ -138,13 +139,15 @@ class SpendgateMachine(RuleBasedStateMachine):
         if known is not None:  # an idempotent retry
             event("reserve: replay")
             first = known.reply
-            assert reply.granted and reply.replayed, reply
+            hold = self.holds[first.reservation_id]
+            # A replay grants only while its hold is open; an ended hold holds nothing, so the retry is denied.
+            assert reply.replayed and reply.granted == (hold.state == "active"), reply
+            assert reply.reason == (HOLD_ENDED if hold.state != "active" else 0), reply
             assert (reply.reservation_id, reply.amount, reply.expires_at_ms) == (
                 first.reservation_id,
                 first.amount,
                 first.expires_at_ms,
             ), (first, reply)
-            hold = self.holds[first.reservation_id]
             expected_state = {"active": ACTIVE, "committed": COMMITTED, "released": RELEASED}[hold.state]
             assert reply.state == expected_state, f"a replay reports what became of the hold: {reply} vs {hold.state}"
             # "The same reply": the first reply's remaining, or (as a fresh answer) what is left now.

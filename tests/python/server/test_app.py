@@ -121,7 +121,8 @@ def test_a_replay_after_the_hold_ended_says_how_it_ended(tmp_path: Path) -> None
         first = await budget.Reserve(request)
         await budget.Commit(pb.CommitRequest(reservation_id=first.reservation_id, amount=4))
         again = await budget.Reserve(request)
-        assert (again.granted, again.replayed, again.state) == (True, True, pb.HOLD_STATE_COMMITTED)
+        assert (again.granted, again.replayed, again.state) == (False, True, pb.HOLD_STATE_COMMITTED)
+        assert again.reason == pb.DENY_REASON_HOLD_ENDED and "new idempotency_key" in again.message
         denied = await budget.Reserve(pb.ReserveRequest(customer_id="cus_a", amount=1_000))
         assert (denied.granted, denied.state) == (False, pb.HOLD_STATE_UNSPECIFIED)
 

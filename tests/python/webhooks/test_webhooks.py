@@ -10,6 +10,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,8 @@ from spendgate.testing.fake_stripe import (
 )
 from spendgate.store_reader import StoreReader
 from spendgate.v1 import spendgate_pb2 as pb
+
+from tests.python.settle._support import spendgate_cli
 
 if TYPE_CHECKING:
     from tests.conftest import SidecarFactory
@@ -366,3 +369,26 @@ def test_webhooks_without_a_secret_refuse_to_start(sidecar_factory: SidecarFacto
 def test_webhooks_are_off_by_default(sidecar_factory: SidecarFactory) -> None:
     sidecar = sidecar_factory("plain", env=sidecar_env())
     assert "webhooks listening" not in sidecar.log_tail()
+
+
+def test_the_webhook_state_is_in_every_backup_so_a_paid_invoice_unfreezes_after_a_restore(
+    start: Callable[..., WebhookSidecar], tmp_path: Path,
+) -> None:
+    hooks = start("--webhook-payment-failed-action", "freeze")
+    hooks.client.set_budget("cus_dr", 1_000)
+    failed = hooks.send("invoice.payment_failed", invoice_object("cus_dr", status="open", invoice_id="in_dr"))
+    assert failed.status == 200 and hooks.balance("cus_dr").frozen
+    backup_dir = tmp_path / "webhook-backup"
+    backed_up = spendgate_cli("backup", str(backup_dir), "--target", hooks.sidecar.target, env=sidecar_env())
+    assert backed_up.returncode == 0, backed_up.stderr
+    assert not (hooks.sidecar.data_dir / "webhook-state.json").exists(), "the state lives in LMDB"
+    hooks.sidecar.stop()
+    restored = spendgate_cli("restore", str(backup_dir), "--data-dir", str(hooks.sidecar.data_dir), "--force",
+                             env=sidecar_env())
+    assert restored.returncode == 0, restored.stderr
+    hooks.sidecar.start()
+    hooks.url = webhook_url(hooks.sidecar)
+    assert hooks.balance("cus_dr").frozen
+    assert hooks.replay(failed).status == 200 and b"already processed" in hooks.replay(failed).body
+    paid = hooks.send("invoice.paid", invoice_object("cus_dr", invoice_id="in_dr"))
+    assert paid.status == 200 and not hooks.balance("cus_dr").frozen, paid.body
