@@ -13,6 +13,7 @@ Light on purpose (stdlib only): the CLI imports it for `--help`.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import re
@@ -217,7 +218,29 @@ class Settings:
         optional=True,
     )
     metrics_require_token: bool = _setting(
-        False, "When tokens are configured, /metrics needs an admin token too (default: open, it holds no customer data)."
+        False,
+        "/metrics needs the operator page's credentials too (a client certificate under mTLS, an admin token under "
+        "tokens); default: open, it holds no customer data.",
+    )
+    http_operator_page: bool = _setting(
+        True, "Serve the operator page on http_listen; off: only /metrics (and webhooks when they share the port)."
+    )
+    http_allowed_hosts: str = _setting(
+        "",
+        "Without tokens, Host names (or addresses) besides loopback ones the operator page answers, comma-separated; "
+        "others get 421 (DNS rebinding).",
+        optional=True,
+    )
+    http_session_ttl_ms: int = _setting(
+        12 * 3_600_000, "How long an operator page sign-in lasts (the session ends then, or at sign-out).", minimum=1_000
+    )
+    http_max_sessions: int = _setting(
+        1_000, "Operator page sessions kept at once; a sign-in past it ends the oldest session.", minimum=1
+    )
+    http_frame_ancestors: str = _setting(
+        "'none'",
+        "CSP frame-ancestors of the HTTP pages: the origins that may frame them, space-separated (e.g. `'self' "
+        "https://app.example.com`); `'none'`: no one.",
     )
     log_format: str = _setting(
         "json", "`json`: one JSON object a line (ts, level, logger, msg, request_id, ...); `text`: for people.",
@@ -268,6 +291,12 @@ class Settings:
         minimum=1,
     )
     alert_max_watchers: int = _setting(100, "WatchAlerts streams open at once; more get RESOURCE_EXHAUSTED.", minimum=1)
+    alert_max_watchers_per_client: int = _setting(
+        25,
+        "WatchAlerts streams one client may have open (by token; without tokens by client certificate, else by "
+        "address); the smaller of it and alert_max_watchers applies; more get RESOURCE_EXHAUSTED.",
+        minimum=1,
+    )
     alert_webhook_url: str = _setting(
         "", "http(s) URL to POST every alert to, signed, in order, at least once; empty: off.", optional=True
     )
@@ -453,6 +482,42 @@ def _combination_problems(settings: Settings) -> list[tuple[str, str]]:
         scheme, _, rest = getattr(settings, name).partition("://")
         if scheme.lower() not in ("http", "https") or not rest.strip("/"):
             problems.append((name, f"expected an http:// or https:// URL, got {getattr(settings, name)!r}"))
+    problems.extend(_http_problems(settings))
+    return problems
+
+
+# A Host name or address in http_allowed_hosts: DNS labels, an IPv4 address, or an IPv6 address (brackets optional).
+_HOST_NAME: Final[re.Pattern[str]] = re.compile(r"^(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})?\.)*[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})?\.?$")
+# Characters that would end a CSP directive or a header value early.
+_CSP_BREAKERS: Final[tuple[str, ...]] = (";", ",", "\r", "\n")
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def allowed_hosts(settings: Settings) -> frozenset[str]:
+    """http_allowed_hosts as lower-case names without brackets or a trailing dot."""
+    parts = (part.strip() for part in settings.http_allowed_hosts.split(","))
+    return frozenset(part.strip("[]").rstrip(".").lower() for part in parts if part)
+
+
+def _http_problems(settings: Settings) -> list[tuple[str, str]]:
+    problems = []
+    for part in (part.strip() for part in settings.http_allowed_hosts.split(",")):
+        if part and not (_HOST_NAME.match(part) or (":" in part and _is_ipv6(part.strip("[]")))):
+            why = (f"{part!r} is not a host name or an IP address: list names such as `spendgate.internal` or "
+                   "addresses, comma-separated, without scheme, port or path")
+            problems.append(("http_allowed_hosts", why))
+    ancestors = settings.http_frame_ancestors
+    if not ancestors.strip() or any(breaker in ancestors for breaker in _CSP_BREAKERS):
+        why = (f"expected CSP sources separated by spaces (such as `'self' https://app.example.com`, or `'none'`), "
+               f"without ';' or ',', got {ancestors!r}")
+        problems.append(("http_frame_ancestors", why))
     return problems
 
 

@@ -269,3 +269,26 @@ def test_payment_failed_action_is_a_choice() -> None:
     assert Settings().webhook_payment_failed_action == "flag"
     with pytest.raises(ConfigError, match="expected one of flag, freeze"):
         load_settings(env={"SPENDGATE_WEBHOOK_PAYMENT_FAILED_ACTION": "panic"})
+
+
+def test_http_allowed_hosts_take_names_and_addresses_and_refuse_urls_and_ports() -> None:
+    settings = Settings(http_allowed_hosts=" Spendgate.Internal, 10.0.0.7 ,[fd00::1], sidecar. ")
+    assert config.allowed_hosts(settings) == {"spendgate.internal", "10.0.0.7", "fd00::1", "sidecar"}
+    for bad in ("https://spendgate.internal", "spendgate.internal:9100", "dead.beef:9100", "spend gate", "*.example", "a/b"):
+        with pytest.raises(ConfigError, match="http_allowed_hosts.*not a host name or an IP address"):
+            Settings(http_allowed_hosts=bad)
+
+
+def test_http_frame_ancestors_cannot_end_the_policy_early() -> None:
+    assert Settings(http_frame_ancestors="'self' https://app.example.com").http_frame_ancestors.startswith("'self'")
+    for bad in ("'none'; script-src *", "https://a.example, https://b.example", " ", "x\r\nSet-Cookie: a=b"):
+        with pytest.raises(ConfigError, match="http_frame_ancestors"):
+            Settings(http_frame_ancestors=bad)
+
+
+def test_the_session_and_watcher_limits_have_floors() -> None:
+    with pytest.raises(ConfigError, match="http_session_ttl_ms.*>= 1000"):
+        Settings(http_session_ttl_ms=999)
+    for name in ("http_max_sessions", "alert_max_watchers_per_client"):
+        with pytest.raises(ConfigError, match=name):
+            Settings(**{name: 0})

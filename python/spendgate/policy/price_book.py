@@ -106,9 +106,10 @@ class PriceBook:
 
     def install_sighup(self, loop: asyncio.AbstractEventLoop) -> None:
         """Reload (forced) on SIGHUP, from `loop`'s thread. Unix only."""
-        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        loop.add_signal_handler(signal.SIGHUP, self.on_sighup)
 
-    def _on_sighup(self) -> None:
+    def on_sighup(self) -> None:
+        """What SIGHUP does to the price table (the server calls it from its own SIGHUP handler)."""
         log.info("SIGHUP: reloading the price table from %s", self._path or "the bundled default")
         self.reload_logged(force=True)
 

@@ -18,6 +18,10 @@ memory, and its alerts are durable, so it resumes without losing any. At shutdow
 reads nothing is cancelled at the end of the grace). N is the seq of the last alert the stream wrote, the last one the
 client gets.
 
+Slots: at most alert_max_watchers streams are open, and one client holds at most alert_max_watchers_per_client of
+them, so that one app (or one leaking loop) cannot shut the others out. A client is its token when tokens are
+configured, else its client certificate under mTLS, else its address (without the port: connections are cheap).
+
 No gap and no duplicate across the replay/live boundary: a watcher registers, on the loop thread and without awaiting,
 at the hub's `published_seq`: everything up to it comes from LMDB (the replay), everything after it from the hub, in
 seq order; and a watcher drops any alert at or below the last seq it wrote.
@@ -27,8 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 import grpc
@@ -38,7 +44,9 @@ from prometheus_client import Counter, Gauge
 from spendgate import _core
 from spendgate.alerts import KINDS, START_SEQ_METADATA_KEY
 from spendgate.config import Settings
+from spendgate.server.auth import AUTHORIZATION_KEY
 from spendgate.server.durability import DurabilityWaiter
+from spendgate.server.security import BEARER_PREFIX, Tokens
 from spendgate.v1 import spendgate_pb2 as pb
 
 if TYPE_CHECKING:
@@ -100,8 +108,9 @@ class WatchRefused(Exception):
 class Watcher:
     """One WatchAlerts stream's side of the hub: its filter, its bounded queue, and how it ended."""
 
-    def __init__(self, customer_ids: frozenset[str], capacity: int, sent_seq: int) -> None:
+    def __init__(self, customer_ids: frozenset[str], capacity: int, sent_seq: int, client_key: str = "") -> None:
         self.customer_ids = customer_ids
+        self.client_key = client_key  # WatchClient.key: whose share it takes, and whose token it was opened with
         self.capacity = capacity
         self.sent_seq = sent_seq  # the last alert written in full (or where the stream starts)
         self._queue: collections.deque[pb.Alert] = collections.deque()
@@ -144,15 +153,23 @@ class AlertHub:
     """Notices new durable alerts (from the DurabilityWaiter's wake-ups) and fans them out to the watchers."""
 
     def __init__(
-        self, engine: _core.Engine, *, queue_capacity: int, max_watchers: int, metrics: Metrics | None = None
+        self, engine: _core.Engine, *, queue_capacity: int, max_watchers: int, max_watchers_per_client: int | None = None,
+        by_token: bool = False, metrics: Metrics | None = None,
     ) -> None:
-        assert queue_capacity >= 1 and max_watchers >= 1, (queue_capacity, max_watchers)
+        per_client = min(max_watchers, max_watchers_per_client or max_watchers)
+        assert queue_capacity >= 1 and per_client >= 1, (queue_capacity, max_watchers, per_client)
+        if max_watchers_per_client is not None and per_client == max_watchers > 1:
+            log.warning("alert_max_watchers_per_client (%d) is not below alert_max_watchers (%d): one client may take "
+                        "every WatchAlerts slot", per_client, max_watchers)
         self._engine = engine
         self._loop = asyncio.get_running_loop()
         self._queue_capacity = queue_capacity
         self._max_watchers = max_watchers
+        self._max_per_client = per_client
+        self._by_token = by_token  # tokens are configured (and checked): a client is its token
         self._metrics = metrics
         self._watchers: set[Watcher] = set()
+        self._per_client: collections.Counter[str] = collections.Counter()
         self.published_seq = engine.alert_seq()
         self._scheduled = False
         self._closed: tuple[grpc.StatusCode, str] | None = None
@@ -205,6 +222,20 @@ class AlertHub:
         while self.published_seq <= seq and self._closed is None:
             await asyncio.shield(self._published)
 
+    def end_removed_tokens(self, tokens: Tokens) -> int:
+        """After a token reload: end the streams opened with a token that is no longer configured (UNAUTHENTICATED,
+        resumable with a current token). Returns how many ended."""
+        if not self._by_token:
+            return 0
+        current = {token_client_key(token) for token in (*tokens.app, *tokens.admin)}
+        ended = 0
+        for watcher in self._watchers:
+            if watcher.client_key not in current and watcher.ended is None:
+                watcher.end(grpc.StatusCode.UNAUTHENTICATED, "the token this stream was opened with is no longer one "
+                            "of the sidecar's tokens; resume with a current one")
+                ended += 1
+        return ended
+
     def close(self, code: grpc.StatusCode, details: str) -> None:
         """End every stream with this status (and refuse new ones). Idempotent; the first reason stays."""
         if self._closed is None:
@@ -215,13 +246,15 @@ class AlertHub:
 
     async def watch(self, request: pb.WatchAlertsRequest, context: Context) -> None:
         """The body of Budget.WatchAlerts: replay, then live, until the client leaves or the hub ends the stream."""
+        client = watch_client(context, by_token=self._by_token)
         try:
-            watcher = self._open(request)
+            watcher = self._open(request, client)
         except WatchRefused as refused:
             await context.abort(refused.code, refused.details)
         # Counted until its handler ends, also while its last write waits on a client that does not read: so the
-        # handlers parked that way are bounded by alert_max_watchers too.
+        # handlers parked that way are bounded by alert_max_watchers (and the client's share) too.
         self._watchers.add(watcher)
+        self._per_client[client.key] += 1
         try:
             live_from = self.published_seq  # read in the same step as the registration: nothing falls between
             await context.send_initial_metadata(((START_SEQ_METADATA_KEY, str(watcher.sent_seq)),))
@@ -231,6 +264,9 @@ class AlertHub:
             await self._end(context, watcher)
         finally:
             self._watchers.discard(watcher)
+            self._per_client[client.key] -= 1
+            if self._per_client[client.key] <= 0:
+                del self._per_client[client.key]
 
     async def _end(self, context: Context, watcher: Watcher) -> None:
         assert watcher.ended is not None
@@ -246,7 +282,7 @@ class AlertHub:
             log.debug("WatchAlerts: the client left before its status was sent (%s)", error)
             raise asyncio.CancelledError from error  # grpc.aio ends a cancelled call quietly
 
-    def _open(self, request: pb.WatchAlertsRequest) -> Watcher:
+    def _open(self, request: pb.WatchAlertsRequest, client: WatchClient) -> Watcher:
         """A watcher for this request, or WatchRefused with the status and what to do."""
         if request.from_start and request.after_seq:
             raise WatchRefused(grpc.StatusCode.INVALID_ARGUMENT, "pass after_seq or from_start, not both")
@@ -278,8 +314,15 @@ class AlertHub:
                 f"{len(self._watchers)} WatchAlerts streams are open, the most allowed (alert_max_watchers): close"
                 " one, or share one stream in the app",
             )
+        if self._per_client[client.key] >= self._max_per_client:
+            raise WatchRefused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self._per_client[client.key]} WatchAlerts streams are open for this client ({client.described}), "
+                "the most one client may have (alert_max_watchers_per_client), so that others keep theirs: close one, "
+                "or share one stream in the app",
+            )
         start = 0 if request.from_start else request.after_seq or self.published_seq
-        return Watcher(frozenset(request.customer_ids), self._queue_capacity, start)
+        return Watcher(frozenset(request.customer_ids), self._queue_capacity, start, client.key)
 
     async def _replay(self, context: Context, watcher: Watcher, live_from: int) -> None:
         """The durable alerts in (watcher.sent_seq, live_from], oldest first; the live ones after come from the hub."""
@@ -302,6 +345,36 @@ class AlertHub:
                     await _send(context, watcher, alert_message(entry))
 
 
+@dataclass(frozen=True, slots=True)
+class WatchClient:
+    """Whose share of the WatchAlerts slots a stream takes: `key` identifies, `described` is for the refusal."""
+
+    key: str
+    described: str
+
+
+def token_client_key(token: bytes) -> str:
+    return "token:" + hashlib.sha256(token).hexdigest()
+
+
+def watch_client(context: Context, *, by_token: bool) -> WatchClient:
+    """The caller of a WatchAlerts: its token when tokens are configured (the interceptor already checked it), else
+    its client certificate under mTLS, else its address without the port (one process opens many connections)."""
+    if by_token:
+        for key, value in context.invocation_metadata() or ():
+            if key == AUTHORIZATION_KEY:
+                text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+                token = text[len(BEARER_PREFIX):].strip().encode("utf-8", "replace")
+                return WatchClient(token_client_key(token), "its token")
+    certificate = (context.auth_context() or {}).get("x509_pem_cert")
+    if certificate:
+        return WatchClient("cert:" + hashlib.sha256(certificate[0]).hexdigest(), "its client certificate")
+    address = context.peer() or ""
+    if address.startswith(("ipv4:", "ipv6:")):
+        address = address.rpartition(":")[0]
+    return WatchClient("peer:" + address, f"address {address}")
+
+
 async def _send(context: Context, watcher: Watcher, message: pb.Alert) -> None:
     """Write one alert. The write waits while the client does not read (HTTP/2 flow control); the hub meanwhile ends a
     watcher that falls too far behind, and the stream then ends as soon as this write is through."""
@@ -313,7 +386,8 @@ class AlertService:
     """The hub and the optional webhook sender of one sidecar. Create it on the running loop."""
 
     def __init__(
-        self, engine: _core.Engine, waiter: DurabilityWaiter, settings: Settings, metrics: Metrics | None = None
+        self, engine: _core.Engine, waiter: DurabilityWaiter, settings: Settings, metrics: Metrics | None = None,
+        *, by_token: bool = False,
     ) -> None:
         from spendgate.server.alert_webhook import build_alert_webhook  # noqa: PLC0415 - aiohttp, only when serving
 
@@ -321,6 +395,8 @@ class AlertService:
             engine,
             queue_capacity=settings.alert_watch_queue_capacity,
             max_watchers=settings.alert_max_watchers,
+            max_watchers_per_client=settings.alert_max_watchers_per_client,
+            by_token=by_token,
             metrics=metrics,
         )
         self._waiter = waiter

@@ -23,20 +23,29 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from spendgate import _core, logs
-from spendgate.config import Settings
+from spendgate.config import ConfigError, Settings, allowed_hosts
 from spendgate.datacare import check_servable
+from spendgate.policy.metering import Meter
+from spendgate.policy.price_book import PriceBook
 from spendgate.server.admin_service import AdminServicer
 from spendgate.server.alerts import AlertService
 from spendgate.server.auth import TokenAuthInterceptor
-from spendgate.policy.metering import Meter
-from spendgate.policy.price_book import PriceBook
 from spendgate.server.budget_service import BudgetServicer
 from spendgate.server.durability import DurabilityWaiter
 from spendgate.server.http import HttpServer, new_http_app, parse_listen
 from spendgate.server.interceptors import ObservingInterceptor
 from spendgate.server.metrics import Metrics
-from spendgate.server.ops_http import OpsRoutes
-from spendgate.server.security import Tokens, check_exposure, http_ssl_context, load_tokens, server_credentials
+from spendgate.server.ops_http import HttpAccess, OpsRoutes
+from spendgate.server.security import (
+    Tokens,
+    TokenSource,
+    check_exposure,
+    http_access_summary,
+    http_ssl_context,
+    load_tokens,
+    server_credentials,
+)
+from spendgate.server.sessions import Sessions
 from spendgate.service.budgets import BudgetService
 from spendgate.service.virtual_keys import VirtualKeys
 from spendgate.settle import SettlementService
@@ -71,7 +80,7 @@ class Sidecar:
         self._http: HttpServer | None = None  # Stripe webhooks (webhook_listen), on their own port
         self.webhooks: WebhookReceiver | None = None
         self.metrics = Metrics()  # one registry per sidecar; other code reports its events here (see metrics.py)
-        self.tokens = Tokens()
+        self.token_source = TokenSource(settings, Tokens())
         self._ops_http: HttpServer | None = None  # /metrics and the operator page (http_listen)
         self.http_address = ""
         self._health_tasks: set[asyncio.Task[None]] = set()
@@ -81,6 +90,7 @@ class Sidecar:
         self._stopped = False
         self.prices: PriceBook = PriceBook(None)
         self._background: set[asyncio.Task[None]] = set()  # cancelled at stop
+        self._sighup_installed = False
         self.virtual_keys: VirtualKeys | None = None  # the proxy's virtual keys (Admin.CreateVirtualKey, ...)
         self._proxy: Proxy | None = None  # the HTTP proxy (proxy_listen), and its server
         self._proxy_http: HttpServer | None = None
@@ -90,8 +100,8 @@ class Sidecar:
         assert self._engine is None, "start() runs once"
         settings = self.settings
         # Refuse a bad token file, certificate or exposure before touching the data dir (ConfigError).
-        self.tokens = load_tokens(settings)
-        logs.add_secrets(token.decode() for token in (*self.tokens.app, *self.tokens.admin))
+        self.token_source = TokenSource(settings, load_tokens(settings))
+        _redact(self.tokens)
         check_exposure(settings, self.tokens)
         credentials = server_credentials(settings)
         # A bad price file fails the start, before the data dir is touched (a reload keeps the old table instead).
@@ -102,7 +112,8 @@ class Sidecar:
             self._waiter = DurabilityWaiter(self._engine, on_failure=self._on_engine_failure)
             self._settlement = SettlementService(self._engine, settings, self._waiter.wait, metrics=self.metrics)
             self.metrics.watch(self._engine, settings.data_dir, self._settlement)
-            self._alerts = AlertService(self._engine, self._waiter, settings, self.metrics)
+            self._alerts = AlertService(self._engine, self._waiter, settings, self.metrics,
+                                        by_token=self.tokens.enabled)
             self.virtual_keys = VirtualKeys(self._engine, self._waiter.wait)  # the proxy's, managed by Admin RPCs
             self._health = grpc_health.aio.HealthServicer()
             self._server = self._build_server(self._engine, self._waiter, self._health)
@@ -121,6 +132,7 @@ class Sidecar:
             await self._server.start()
             self._start_settlement()
             self._start_price_reloads()
+            self._install_sighup()
             assert self._alerts is not None
             self._alerts.start()
         except BaseException:
@@ -135,6 +147,9 @@ class Sidecar:
         if self._stopped:
             return
         self._stopped = True
+        if self._sighup_installed:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            self._sighup_installed = False
         for task in self._background:
             task.cancel()
         if self._health is not None:
@@ -210,15 +225,26 @@ class Sidecar:
         settings = self.settings
         ssl_context = http_ssl_context(settings)
         app = new_http_app()
-        OpsRoutes(engine, self.metrics, self.tokens, settlement=self._settlement,
-                  metrics_require_token=settings.metrics_require_token, secure_cookie=ssl_context is not None).add_to(app)
+        access = HttpAccess(
+            self.token_source, Sessions(ttl_ms=settings.http_session_ttl_ms, max_sessions=settings.http_max_sessions),
+            client_certs=bool(settings.tls_client_ca_file), allowed_hosts=allowed_hosts(settings),
+            secure_cookie=ssl_context is not None,
+        )
+        OpsRoutes(engine, self.metrics, access, settlement=self._settlement,
+                  metrics_require_token=settings.metrics_require_token, operator_page=settings.http_operator_page,
+                  frame_ancestors=settings.http_frame_ancestors).add_to(app)
         if settings.webhook_listen and self._webhooks_share_the_http_port():
             await self._start_webhooks(engine, waiter, app)
         self._ops_http = HttpServer(app, settings.http_listen, shutdown_grace_s=settings.shutdown_grace_ms / 1000,
                                     ssl_context=ssl_context)
         await self._ops_http.start()
         self.http_address = self._ops_http.address
-        log.info("spendgate operator page on %s/ and metrics on %s/metrics", self._ops_http.url, self._ops_http.url)
+        url = self._ops_http.url
+        if settings.http_operator_page:
+            log.info("spendgate operator page on %s/ (it needs %s) and metrics on %s/metrics", url,
+                     http_access_summary(settings, self.tokens), url)
+        else:
+            log.info("spendgate metrics on %s/metrics (the operator page is off: http_operator_page)", url)
 
     def _build_server(
         self, engine: _core.Engine, waiter: DurabilityWaiter, health: grpc_health.aio.HealthServicer
@@ -253,7 +279,7 @@ class Sidecar:
         tokens configured there is nothing to check, and the token interceptor (a coroutine per call) is left out."""
         interceptors: list[grpc.aio.ServerInterceptor] = [ObservingInterceptor(self.metrics)]
         if self.tokens.enabled:
-            interceptors.append(TokenAuthInterceptor(self.tokens))
+            interceptors.append(TokenAuthInterceptor(self.token_source))
         return interceptors
 
     def _start_price_reloads(self) -> None:
@@ -261,10 +287,46 @@ class Sidecar:
         if not self.settings.price_table:
             return
         loop = asyncio.get_running_loop()
-        self.prices.install_sighup(loop)
         if self.settings.price_reload_interval_ms > 0:
             task = loop.create_task(self.prices.watch(self.settings.price_reload_interval_ms), name="spendgate-prices")
             self._background.add(task)
+
+    @property
+    def tokens(self) -> Tokens:
+        """The tokens in force (SIGHUP re-reads them)."""
+        return self.token_source.current
+
+    def _install_sighup(self) -> None:
+        """SIGHUP re-reads the price file and the tokens (their files: rotation without a restart). One handler for
+        both: the loop keeps one handler per signal."""
+        if not (self.settings.price_table or self.tokens.enabled):
+            return
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
+        except (RuntimeError, ValueError) as error:  # not the main thread (a sidecar embedded in a test's thread)
+            log.warning("SIGHUP reloads are off: %s", error)
+            return
+        self._sighup_installed = True
+
+    def _on_sighup(self) -> None:
+        if self.settings.price_table:
+            self.prices.on_sighup()
+        if self.tokens.enabled:
+            self.reload_tokens()
+
+    def reload_tokens(self) -> bool:
+        """Re-read app_tokens(_file) and admin_tokens(_file). A bad file keeps the tokens in force (logged). Sessions
+        made from a token no longer configured end at their next request."""
+        try:
+            tokens = self.token_source.reload()
+        except ConfigError as error:
+            log.error("SIGHUP: tokens not reloaded, the old ones stay in force: %s", error)
+            return False
+        _redact(tokens)
+        streams = self._alerts.hub.end_removed_tokens(tokens) if self._alerts is not None else 0
+        log.info("SIGHUP: tokens reloaded (%d app, %d admin); sessions of removed admin tokens are over, %d WatchAlerts "
+                 "streams opened with them ended", len(tokens.app), len(tokens.admin), streams)
+        return True
 
     def _start_settlement(self) -> None:
         """The settler as a background task (or, without STRIPE_API_KEY, only the outbox alarm)."""
@@ -294,6 +356,10 @@ class Sidecar:
             task = asyncio.get_running_loop().create_task(self._health.enter_graceful_shutdown())
             self._health_tasks.add(task)  # the loop keeps only weak references to tasks
             task.add_done_callback(self._health_tasks.discard)
+
+
+def _redact(tokens: Tokens) -> None:
+    logs.add_secrets(token.decode() for token in (*tokens.app, *tokens.admin))
 
 
 def _log_settle_exit(task: asyncio.Task[None]) -> None:

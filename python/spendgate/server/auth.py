@@ -16,7 +16,7 @@ from typing import Any, Final
 import grpc
 import grpc.aio
 
-from spendgate.server.security import Role, Tokens
+from spendgate.server.security import Role, Tokens, TokenSource
 
 log = logging.getLogger("spendgate.auth")
 
@@ -66,8 +66,8 @@ def metadata_value(details: grpc.HandlerCallDetails, key: str) -> str | None:
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, tokens: Tokens) -> None:
-        self._tokens = tokens
+    def __init__(self, tokens: TokenSource) -> None:
+        self._tokens = tokens  # read per call: a reload (SIGHUP) takes effect at once
 
     async def intercept_service(
         self,
@@ -75,7 +75,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method = handler_call_details.method
-        refused = refusal(self._tokens, method, metadata_value(handler_call_details, AUTHORIZATION_KEY))
+        refused = refusal(self._tokens.current, method, metadata_value(handler_call_details, AUTHORIZATION_KEY))
         handler = await continuation(handler_call_details)
         if refused is None or handler is None:
             return handler

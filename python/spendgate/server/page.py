@@ -12,6 +12,8 @@ fed by the usage record of the current period (spendgate.policy.usage_report, th
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import html
 import time
 from collections.abc import Iterable, Sequence
@@ -49,11 +51,17 @@ td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
 .card{background:#fff;border:1px solid #e3e6eb;border-radius:6px;padding:10px 14px;min-width:150px}
 .card .label{font-size:.8rem;color:#5b6475}.card .value{font-size:1.2rem;font-weight:600}
 .ok{color:#17753a}.warn{color:#a15c00}.bad{color:#b3261e}
-.bar{background:#e3e6eb;border-radius:3px;height:10px;width:120px;display:inline-block;vertical-align:middle}
-.bar span{display:block;height:10px;border-radius:3px;background:#3d6fd6}
-.bar span.over{background:#b3261e}
+svg.bar{vertical-align:middle}
 form input[type=search]{padding:6px;width:260px}
+header form.sign-out{margin-left:auto}
 """
+# The Content-Security-Policy source that allows the one inline stylesheet above (and no other style, and no script).
+STYLE_CSP_SOURCE: Final[str] = "'sha256-" + base64.b64encode(hashlib.sha256(STYLE.encode()).digest()).decode() + "'"
+SIGN_OUT_FORM: Final[str] = (
+    '<form class="sign-out" method="post" action="/logout"><button type="submit">Sign out</button></form>'
+)
+BAR_WIDTH: Final[int] = 120
+BAR_HEIGHT: Final[int] = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,11 +131,19 @@ def duration(ms: int) -> str:
 
 
 def bar(part: int, whole: int) -> str:
-    """A small horizontal bar of part/whole (red past 100 %)."""
+    """A small horizontal bar of part/whole (red past 100 %), as SVG: its width is an attribute, not an inline style,
+    which the Content-Security-Policy refuses."""
     share = 0.0 if whole <= 0 else part / whole
-    over = " over" if share > 1 else ""
-    width = min(100.0, share * 100)
-    return f'<span class="bar" aria-hidden="true"><span class="{over.strip()}" style="width:{width:.0f}%"></span></span>'
+    fill = "#b3261e" if share > 1 else "#3d6fd6"
+    width = BAR_WIDTH * min(1.0, share)
+    return (f'<svg class="bar" aria-hidden="true" width="{BAR_WIDTH}" height="{BAR_HEIGHT}">'
+            f'<rect width="{BAR_WIDTH}" height="{BAR_HEIGHT}" rx="3" fill="#e3e6eb"/>'
+            f'<rect width="{width:.0f}" height="{BAR_HEIGHT}" rx="3" fill="{fill}"/></svg>')
+
+
+def with_sign_out(document: str) -> str:
+    """A page from layout() with a sign-out button at the end of its header (for a signed-in session)."""
+    return document.replace("</header>", SIGN_OUT_FORM + "</header>", 1)
 
 
 def layout(title: str, body: str, query: str = "") -> str:

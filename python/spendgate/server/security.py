@@ -11,7 +11,8 @@ call is allowed (the default, on loopback).
 
 The safe default: the sidecar listens on 127.0.0.1. On any other address it needs TLS (tokens and money data must not
 cross a network in plaintext) and a way to tell clients apart (tokens, or mTLS client certificates), unless
-`allow_insecure_non_loopback` says otherwise. The same holds for `http_listen` (the operator page and /metrics).
+`allow_insecure_non_loopback` says otherwise. The same holds for `http_listen` (the operator page and /metrics), and
+the operator page on a non-loopback address needs tokens or mTLS in every case (check_page_exposure).
 """
 
 from __future__ import annotations
@@ -62,6 +63,26 @@ class Tokens:
         if is_admin:
             return Role.ADMIN
         return Role.APP if is_app else None
+
+
+class TokenSource:
+    """The tokens in force, re-read from the settings (and their files) by reload(): rotating a token without a
+    restart. Everything that checks tokens reads `current` per request, so a reload takes effect at once, and an
+    operator page session made from a removed token ends with it (spendgate.server.sessions)."""
+
+    def __init__(self, settings: Settings, tokens: Tokens) -> None:
+        self._settings = settings
+        self.current = tokens
+
+    def reload(self) -> Tokens:
+        """Read the tokens again. Raises ConfigError (and keeps the old ones) for a bad file, or for a change that
+        would turn tokens on or off: that changes which checks run at all, so it needs a restart."""
+        tokens = load_tokens(self._settings)
+        if tokens.enabled != self.current.enabled:
+            raise ConfigError("a reload cannot turn tokens on or off (it decides which checks run): restart the "
+                              "sidecar for that; the tokens in force are unchanged")
+        self.current = tokens
+        return tokens
 
 
 def _matches_any(presented: bytes, known: tuple[bytes, ...]) -> bool:
@@ -137,14 +158,20 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 
 def http_ssl_context(settings: Settings) -> ssl.SSLContext | None:
-    """A server TLS context for the HTTP port from the same certificate, or None when TLS is off. The HTTP port checks
-    tokens, not client certificates (browsers and scrapers rarely hold one)."""
+    """A server TLS context for the HTTP port from the same certificate, or None when TLS is off.
+
+    With tls_client_ca_file the handshake asks for a client certificate and refuses one that CA did not sign, but lets a
+    client without one in (CERT_OPTIONAL): Stripe's webhook (when it shares the port) and an open /metrics have none.
+    Every route that needs credentials then checks that the connection carried a verified certificate (ops_http)."""
     if not settings.tls_cert_file:
         return None
-    return _checked_context(settings, with_client_ca=False)
+    context = _checked_context(settings)
+    if settings.tls_client_ca_file:
+        context.verify_mode = ssl.CERT_OPTIONAL
+    return context
 
 
-def _checked_context(settings: Settings, *, with_client_ca: bool = True) -> ssl.SSLContext:
+def _checked_context(settings: Settings) -> ssl.SSLContext:
     """A server context loaded from the TLS settings; ConfigError naming the setting whose file is unusable."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
@@ -156,7 +183,7 @@ def _checked_context(settings: Settings, *, with_client_ca: bool = True) -> ssl.
         raise ConfigError(f"setting 'tls_cert_file': {settings.tls_cert_file} with the key {settings.tls_key_file} is "
                           f"not a usable certificate and key pair ({error}); pass a PEM certificate chain and its "
                           "private key", "tls_cert_file") from None
-    if with_client_ca and settings.tls_client_ca_file:
+    if settings.tls_client_ca_file:
         try:
             context.load_verify_locations(settings.tls_client_ca_file)
         except (OSError, ssl.SSLError) as error:
@@ -185,8 +212,12 @@ def is_loopback(host: str) -> bool:
 def check_exposure(settings: Settings, tokens: Tokens) -> None:
     """Refuse to serve on a non-loopback address without TLS and client authentication, unless told to. Raises
     ConfigError saying what to add."""
-    if settings.allow_insecure_non_loopback:
-        return
+    if not settings.allow_insecure_non_loopback:
+        _check_transport_exposure(settings, tokens)
+    check_page_exposure(settings, tokens)
+
+
+def _check_transport_exposure(settings: Settings, tokens: Tokens) -> None:
     if settings.proxy_listen and not is_loopback(host_of(settings.proxy_listen)):
         raise ConfigError(
             f"setting 'proxy_listen': {settings.proxy_listen} is not a loopback address, and the proxy serves plain "
@@ -211,6 +242,33 @@ def check_exposure(settings: Settings, tokens: Tokens) -> None:
             f"{flag('allow_insecure_non_loopback')} if something in front of it (a mesh, a firewall) does that job",
             name,
         )
+
+
+def check_page_exposure(settings: Settings, tokens: Tokens) -> None:
+    """The operator page shows every customer's spend and Stripe ids: on a non-loopback http_listen it needs client
+    authentication of its own (tokens, or mTLS client certificates), also with allow_insecure_non_loopback, which
+    speaks for the transport (a mesh, a firewall), not for who may read the page. Raises ConfigError saying what to do."""
+    address = settings.http_listen
+    if not address or not settings.http_operator_page or is_loopback(host_of(address)):
+        return
+    if tokens.enabled or settings.tls_client_ca_file:
+        return
+    raise ConfigError(
+        f"setting 'http_listen': {address} is not a loopback address, and the operator page on it would show every "
+        "customer's spend and Stripe ids to anyone who can reach it: configure admin_tokens (or tls_client_ca_file "
+        f"for client certificates), listen on 127.0.0.1, or pass --no-{flag('http_operator_page')[2:]} to serve only "
+        "/metrics there",
+        "http_listen",
+    )
+
+
+def http_access_summary(settings: Settings, tokens: Tokens) -> str:
+    """How the operator page is protected, for the start-up log line."""
+    needs = [part for part, on in (("a client certificate", bool(settings.tls_client_ca_file)),
+                                   ("an admin token", tokens.enabled)) if on]
+    if needs:
+        return " and ".join(needs)
+    return "nothing but a loopback or allowed Host (no tokens: anyone who can reach the port)"
 
 
 def startup_problems(settings: Settings) -> list[str]:

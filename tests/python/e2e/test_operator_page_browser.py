@@ -39,6 +39,7 @@ def browser() -> Iterator[WebDriver]:
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                      f"--window-size={WINDOW}"):
         options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # to see Content-Security-Policy violations
     # Both paths given, so selenium never looks for (or downloads) a browser or a driver of its own.
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
     driver.set_page_load_timeout(PAGE_LOAD_GUARD_S)
@@ -102,6 +103,19 @@ def test_a_person_signs_in_searches_and_opens_a_customer(browser: WebDriver, ope
     assert "26.7 % (1,334,567 of 5,000,000 units spent or held)" in customer
     assert "Included quota 2,000,000" in customer and "Projected spend this period" in customer
     assert "not available" not in customer
+
+    # The Content-Security-Policy allows the page's stylesheet (by its hash) and blocks nothing it uses.
+    header = browser.find_element(By.TAG_NAME, "header")
+    assert header.value_of_css_property("background-color") == "rgba(29, 35, 48, 1)"
+    assert browser.find_elements(By.CSS_SELECTOR, "svg.bar rect"), "the usage bars are drawn"
+    violations = [entry["message"] for entry in browser.get_log("browser") if "Content Security Policy" in
+                  entry["message"]]
+    assert violations == []
+
+    browser.find_element(By.CSS_SELECTOR, "header form.sign-out button").click()
+    arrive(browser, "Sign in")
+    browser.get(f"{operator_sidecar.http_url}/customers/acme-eu")  # the session is over on the server
+    assert "1,234,567" not in arrive(browser, "Sign in")
 
 
 def test_the_page_refuses_a_wrong_token_in_the_browser_too(browser: WebDriver, operator_sidecar: Sidecar) -> None:

@@ -1,5 +1,5 @@
 """Test certificates made with the `openssl` command (Debian's): a CA, a server certificate for 127.0.0.1 and
-localhost, a client certificate it signed, and a second CA that signed nothing the server trusts."""
+localhost, two client certificates it signed, and a second CA that signed nothing the server trusts."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ class Certs:
     client_key: Path
     stranger_cert: Path  # a client certificate from another CA
     stranger_key: Path
+    second_client_cert: Path  # another client the CA signed (a second identity)
+    second_client_key: Path
 
     def read(self, name: str) -> bytes:
         return Path(getattr(self, name)).read_bytes()
@@ -56,4 +58,5 @@ def make_certs(directory: Path) -> Certs:
     server = _signed(directory, "server", ca, SUBJECT_ALT_NAMES)
     client = _signed(directory, "client", ca, None)
     stranger = _signed(directory, "stranger", _ca(directory, "other-ca"), None)
-    return Certs(ca[0], server[0], server[1], client[0], client[1], stranger[0], stranger[1])
+    second = _signed(directory, "second-client", ca, None)
+    return Certs(ca[0], server[0], server[1], client[0], client[1], stranger[0], stranger[1], second[0], second[1])

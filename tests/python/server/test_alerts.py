@@ -9,17 +9,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
+import grpc.aio
 import pytest
 
 from spendgate import _core
 from spendgate.alerts import KINDS, START_SEQ_METADATA_KEY
 from spendgate.client import AsyncClient
 from spendgate.server.alerts import ALERT_KIND_BY_NAME
+from spendgate.server.app import Sidecar
 from spendgate.v1 import spendgate_pb2 as pb
 from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 from tests.python.e2e._support import new_customer
 from tests.python.server._alerting import WATCH_DEADLINE_S, Alerting, Watch, kinds_of, offline_engine, sidecar_env, \
     stream_error, wait_until
+from tests.python.server._certs import make_certs
+from tests.python.server.test_app import settings_for
+from tests.python.server.test_security import run
 
 if TYPE_CHECKING:
     from tests.conftest import SidecarFactory
@@ -228,6 +233,89 @@ def test_watchers_past_the_bound_are_refused_until_one_leaves(sidecar_factory: S
 
         wait_until(try_again, lambda code: code == grpc.StatusCode.OK, what="a watcher slot after one left")
         second.cancel()
+
+
+def test_one_token_gets_at_most_its_share_of_the_watcher_slots(sidecar_factory: SidecarFactory) -> None:
+    greedy, other = "app-token-for-the-watch-share-0001", "app-token-for-the-watch-share-0002"
+    sidecar = sidecar_factory(
+        "share", extra_args=["--alert-max-watchers", "3", "--alert-max-watchers-per-client", "2"],
+        env=sidecar_env(SPENDGATE_APP_TOKENS=f"{greedy},{other}", SPENDGATE_ADMIN_TOKENS="admin-token-for-share-0003"))
+    with Alerting(sidecar.target) as conn:
+
+        def watch(authorization: str) -> grpc.Call:
+            return conn.budget.WatchAlerts(pb.WatchAlertsRequest(), timeout=WATCH_DEADLINE_S,
+                                           metadata=(("authorization", authorization),))
+
+        def opened(authorization: str) -> grpc.Call:
+            call = watch(authorization)
+            assert START_SEQ_METADATA_KEY in dict(call.initial_metadata() or ())
+            return call
+
+        first, second = opened(f"Bearer {greedy}"), opened(f"Bearer {greedy}")
+        for spelling in (f"Bearer {greedy}", f"bearer   {greedy}  "):  # the same token, however it is written
+            _, error = stream_error(watch(spelling))
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+            assert "alert_max_watchers_per_client" in error.details() and "its token" in error.details()
+        theirs = opened(f"Bearer {other}")  # another app still gets a slot
+        _, error = stream_error(watch(f"Bearer {other}"))  # now the whole is full
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "(alert_max_watchers)" in error.details()
+        first.cancel()
+
+        def try_again() -> grpc.StatusCode:
+            attempt = watch(f"Bearer {other}")
+            if attempt.initial_metadata():
+                attempt.cancel()
+                return grpc.StatusCode.OK
+            return stream_error(attempt)[1].code()
+
+        wait_until(try_again, lambda code: code == grpc.StatusCode.OK, what="a slot for the other app")
+        second.cancel()
+        theirs.cancel()
+
+
+def test_without_tokens_the_share_is_per_client_address(sidecar_factory: SidecarFactory) -> None:
+    sidecar = sidecar_factory("peer-share", extra_args=["--alert-max-watchers-per-client", "1"], env=sidecar_env())
+    with Alerting(sidecar.target) as conn, Alerting(sidecar.target) as another_connection:
+        first = open_stream(conn, pb.WatchAlertsRequest())
+        # A second connection from the same address is the same client: connections are cheap to open.
+        _, error = stream_error(another_connection.budget.WatchAlerts(pb.WatchAlertsRequest(),
+                                                                      timeout=WATCH_DEADLINE_S))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "alert_max_watchers_per_client" in error.details() and "address ipv4:127.0.0.1" in error.details()
+        first.cancel()
+
+
+def test_under_mtls_without_tokens_the_share_is_per_client_certificate(tmp_path: Path) -> None:
+    # In process: the sidecar harness dials plaintext to see it serving.
+    certs = make_certs(tmp_path / "certs")
+    settings = settings_for(tmp_path, alert_max_watchers_per_client=1, tls_cert_file=str(certs.server_cert),
+                            tls_key_file=str(certs.server_key), tls_client_ca_file=str(certs.ca))
+
+    def channel(sidecar: Sidecar, name: str) -> grpc.aio.Channel:
+        credentials = grpc.ssl_channel_credentials(certs.read("ca"), certs.read(f"{name}_key"),
+                                                   certs.read(f"{name}_cert"))
+        return grpc.aio.secure_channel(sidecar.address, credentials)
+
+    async def opened(stub: pb_grpc.BudgetStub) -> grpc.aio.UnaryStreamCall:
+        call = stub.WatchAlerts(pb.WatchAlertsRequest(), timeout=WATCH_DEADLINE_S)
+        assert START_SEQ_METADATA_KEY in dict(await call.initial_metadata() or ())
+        return call
+
+    async def body(sidecar: Sidecar) -> grpc.aio.AioRpcError:
+        async with channel(sidecar, "client") as one, channel(sidecar, "client") as same, \
+                channel(sidecar, "second_client") as other:
+            first = await opened(pb_grpc.BudgetStub(one))
+            refused = pb_grpc.BudgetStub(same).WatchAlerts(pb.WatchAlertsRequest(), timeout=WATCH_DEADLINE_S)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in refused:
+                    pass
+            second = await opened(pb_grpc.BudgetStub(other))  # another certificate: its own share
+            first.cancel()
+            second.cancel()
+            return caught.value
+
+    error = run(settings, body)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "its client certificate" in error.details()
 
 
 def test_shutdown_ends_open_streams_with_unavailable_and_does_not_hold_the_drain(

@@ -103,7 +103,7 @@ def test_every_value_is_escaped(tmp_path: Path) -> None:
         assert "<script>" not in page and "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
 
 
-def test_with_tokens_the_page_needs_an_admin_token_by_header_or_sign_in_cookie(tmp_path: Path) -> None:
+def test_with_tokens_the_page_needs_an_admin_token_by_header_or_a_signed_in_session(tmp_path: Path) -> None:
     async def body(sidecar: Sidecar, _: grpc.aio.Channel) -> dict[str, object]:
         seen: dict[str, object] = {}
         seen["anonymous"] = await get(sidecar, "/budgets?q=x")
@@ -127,8 +127,9 @@ def test_with_tokens_the_page_needs_an_admin_token_by_header_or_sign_in_cookie(t
     assert seen["app"] == 401 and seen["header"] == 200 and seen["wrong"] == 401
     signed_status, landed, cookies = seen["signed_in"]  # type: ignore[misc]
     assert signed_status == 200 and landed == "/budgets?q=x"
-    cookie = cookies["spendgate_token"]
-    assert cookie["httponly"] and cookie["samesite"] == "Strict"
+    cookie = cookies["spendgate_session"]
+    assert cookie["httponly"] and cookie["samesite"] == "Strict" and not cookie["secure"]  # plain HTTP on loopback
+    assert ADMIN_TOKEN not in cookie.value and len(cookie.value) >= 43  # a random session id, never the token
     assert seen["away"] == ("127.0.0.1", "/")  # a sign-in never sends the browser to another site
 
 
