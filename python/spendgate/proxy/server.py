@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import json
 import logging
 from collections.abc import Callable, Coroutine, Mapping
@@ -35,12 +36,13 @@ import aiohttp
 from aiohttp import web
 
 from spendgate._core import EngineError
-from spendgate.config import ConfigError, Settings
+from spendgate.config import ConfigError, Settings, allowed_hosts
 from spendgate.policy.prices import PriceError, TokenUsage, UnknownModelError
 from spendgate.policy.providers import usage_from_anthropic, usage_from_openai, usage_from_openai_responses
 from spendgate.proxy.estimate import CHAT, MESSAGES, RESPONSES, EstimateError, bound_call
 from spendgate.proxy.wire import ANTHROPIC, OPENAI, EventSplitter, UsageTracker, error_body, response_usage
 from spendgate.service.budgets import BudgetService, ReserveResult, TokenEstimate, Usage, reason_name
+from spendgate.server.http_guard import host_name, is_loopback_host
 from spendgate.service.virtual_keys import VirtualKeys, looks_like_key
 
 log = logging.getLogger("spendgate.proxy")
@@ -103,6 +105,8 @@ class ProxySettings:
     max_connections: int
     drain_timeout_ms: int
     max_drains: int
+    # Host names (besides loopback names and IP addresses) a call that names its customer may be addressed to.
+    allowed_hosts: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, settings: Settings) -> ProxySettings:
@@ -115,6 +119,7 @@ class ProxySettings:
             settings.proxy_hold_ttl_ms or settings.max_ttl_ms,
             settings.proxy_upstream_connect_timeout_ms, settings.proxy_upstream_read_timeout_ms,
             settings.proxy_max_upstream_connections, settings.proxy_drain_timeout_ms, settings.proxy_max_drains,
+            allowed_hosts(settings),
         )  # fmt: skip
 
 
@@ -238,6 +243,12 @@ class Proxy:
                 raise ProxyError(401, "unknown or revoked spendgate virtual key: create one with `spendgate key "
                                       "create CUSTOMER` (Admin.CreateVirtualKey)", "invalid_api_key")
             return customer_id, self._provider_auth(provider)
+        if not _host_may_name_a_customer(request.headers.get("Host"), self._settings.allowed_hosts):
+            # A web page the operator visits could rebind its own name to this address (DNS rebinding) and spend any
+            # customer's budget by naming it; a virtual key is a secret such a page cannot know.
+            raise ProxyError(421, f"Host {request.headers.get('Host')!r} may not name a customer: address the proxy "
+                                  "by a loopback name or an IP address, list the name in http_allowed_hosts, or use "
+                                  "a spendgate virtual key as the API key", "misdirected_request")
         customer_id = request.headers.get(CUSTOMER_HEADER, "").strip()
         if customer_id:
             return customer_id, {}
@@ -495,6 +506,18 @@ def _credential(headers: Mapping[str, str]) -> str:
         return api_key
     scheme, _, token = headers.get("authorization", "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def _host_may_name_a_customer(host_header: str | None, allowed: frozenset[str]) -> bool:
+    """Loopback names, IP literals (DNS rebinding always comes with a name) and the listed names; no Host: no browser."""
+    if host_header is None:
+        return True
+    name = host_name(host_header)
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return is_loopback_host(name) or name in allowed
 
 
 def _body_customer(provider: str, document: Mapping[str, Any]) -> str:

@@ -303,3 +303,21 @@ def test_every_call_is_counted_by_outcome(rig: Rig) -> None:
     metrics = httpx2.get(rig.sidecar.http_url + "/metrics").text
     assert 'spendgate_proxy_calls_total{api="chat",outcome="committed_exact"}' in metrics
     assert 'spendgate_proxy_calls_total{api="chat",outcome="denied"}' in metrics
+
+
+def test_a_call_that_names_its_customer_is_refused_through_a_foreign_host_name(rig: Rig) -> None:
+    """DNS rebinding: a web page the operator visits could point its own name at the proxy and bill any customer by
+    naming it. Such a page sends its own name as the Host; loopback names and IP addresses pass."""
+    who = customer(rig, "rebind-victim")
+    def through(host: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=rig.sidecar.proxy_url + "/v1", api_key="sk-client",
+                             default_headers={"x-spendgate-customer-id": who, "Host": host})
+
+    foreign = through("rebind.attacker.example")
+    with pytest.raises(openai.APIStatusError) as refused:
+        foreign.chat.completions.create(model=OPENAI_MODEL, messages=MESSAGES, max_completion_tokens=10)
+    assert refused.value.status_code == 421 and "http_allowed_hosts" in refused.value.message
+    assert rig.client.balance(who).spent == 0 and rig.client.balance(who).reserved == 0
+    for host in ("localhost", "127.0.0.1"):
+        through(host).chat.completions.create(model=OPENAI_MODEL, messages=MESSAGES, max_completion_tokens=10)
+    assert rig.client.balance(who).spent > 0
