@@ -83,6 +83,11 @@ class Metrics:
             "spendgate_stripe_errors", "Failed Stripe calls, by Stripe error code (or http_<status>, connection).",
             ["code"], registry=registry,
         )
+        self.settle_duplicates = Counter(
+            "spendgate_settle_duplicates", "Meter events Stripe answered as already recorded, by what the settler "
+            "made of it: delivered (sent before by this sidecar) or refused (never sent by it: a copied data dir).",
+            ["outcome"], registry=registry,
+        )
         self.settlement_lag = Histogram(
             "spendgate_settlement_lag_seconds", "From a usage's commit to Stripe accepting it.",
             buckets=LAG_BUCKETS_S, registry=registry,
@@ -118,6 +123,9 @@ class Metrics:
 
     def stripe_error(self, code: str) -> None:
         self.stripe_errors.labels(code=code).inc()
+
+    def settle_duplicate(self, outcome: str, n: int = 1) -> None:
+        self.settle_duplicates.labels(outcome=outcome).inc(n)
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition format and its content type."""

@@ -23,8 +23,15 @@ from typing import TYPE_CHECKING, Final
 if TYPE_CHECKING:
     import stripe
 
-_DUPLICATE_V1: Final = re.compile(r"An event already exists with identifier")
+# Stripe's duplicate answer, recognised by more than one signal, since the v1 wording is not in the spec
+# (research/stripe-fidelity.md D4): the v2 error code, the v1 message as observed, and the wordings Stripe uses for
+# a repeated identifier elsewhere ("...duplicate identifier has already been submitted" on v2).
+_DUPLICATE_MESSAGES: Final = re.compile(
+    r"an event already exists with identifier|duplicate identifier|identifier .* already (?:exists|been submitted)",
+    re.IGNORECASE,
+)
 DUPLICATE_V2_CODE: Final[str] = "duplicate_meter_event"
+DUPLICATE_CODES: Final[frozenset[str]] = frozenset({DUPLICATE_V2_CODE, "duplicate_meter_event_identifier"})
 # Longest reason the engine stores with a dead letter.
 MAX_REASON_BYTES: Final[int] = 1024
 
@@ -91,7 +98,7 @@ def classify(error: BaseException) -> Classified:
         return Classified(Verdict.SESSION_EXPIRED, reason)
     status = error.http_status
     message = error.user_message or ""
-    if status == 400 and (_DUPLICATE_V1.search(message) or error.code == DUPLICATE_V2_CODE):
+    if is_duplicate(status, error.code, message):
         return Classified(Verdict.DELIVERED, reason)
     if isinstance(error, stripe.APIConnectionError) or status is None:
         return Classified(Verdict.RETRY, reason)
@@ -103,6 +110,13 @@ def classify(error: BaseException) -> Classified:
     if status in (401, 403, 404, 405):
         return Classified(Verdict.RETRY_LATER, f"{reason} (check STRIPE_API_KEY, its permissions and STRIPE_API_BASE)")
     return Classified(Verdict.PERMANENT, reason)
+
+
+def is_duplicate(status: int | None, code: str | None, message: str) -> bool:
+    """Whether a Stripe refusal says the event is already recorded (a 400 or 409 with a duplicate code or wording)."""
+    if status not in (400, 409):
+        return False
+    return (code or "") in DUPLICATE_CODES or bool(_DUPLICATE_MESSAGES.search(message))
 
 
 def truncate_reason(reason: str) -> str:

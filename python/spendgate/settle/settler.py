@@ -60,6 +60,8 @@ class SettleMetrics(Protocol):
 
     def stripe_error(self, code: str) -> None: ...
 
+    def settle_duplicate(self, outcome: str, n: int = 1) -> None: ...
+
     @property
     def settlement_lag(self) -> Any: ...  # a prometheus_client Histogram: .observe(seconds)
 
@@ -397,6 +399,8 @@ class Settler:
         it means another sender used the same identifier (a copied data dir shares its instance id): not delivered."""
         ours = attempts > 1 or all(e.claimed or e.restored for e in events)
         ids = ", ".join(e.identifier for e in events[:3]) + (" ..." if len(events) > 3 else "")
+        if self._metrics is not None:
+            self._metrics.settle_duplicate("delivered" if ours else "refused", len(events))
         if ours:
             log.warning("Stripe already has %s (sent before and not acknowledged then): counted as delivered: %s",
                         ids, failure.reason)

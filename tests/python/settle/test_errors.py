@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import stripe
 
-from spendgate.settle.errors import Verdict, classify, truncate_reason
+from spendgate.settle.errors import Verdict, classify, is_duplicate, truncate_reason
 from spendgate.testing.fake_stripe import FakeStripe
 
 CUSTOMER = "cus_errors"
@@ -41,6 +41,28 @@ def test_a_repeated_identifier_counts_as_delivered(fake: FakeStripe) -> None:
     error = error_of(lambda: client.v1.billing.meter_events.create(event("e-1")))  # type: ignore[arg-type]
     assert error.http_status == 400 and error.code is None  # Stripe sends no code: the message is what tells
     assert classify(error).verdict is Verdict.DELIVERED
+
+
+@pytest.mark.parametrize(("status", "code", "message"), [
+    (400, None, "An event already exists with identifier sg-rsv_1."),  # v1, as observed
+    (400, "duplicate_meter_event", "A meter event with a duplicate identifier has already been submitted."),  # v2
+    (400, None, "A meter event with a duplicate identifier has already been submitted."),  # the same words, no code
+    (400, "duplicate_meter_event", "worded some other way"),  # the code alone
+    (409, None, "An event with identifier sg-rsv_1 already exists."),  # another wording, another status
+])
+def test_stripes_duplicate_answer_is_recognised_by_more_than_one_signal(status: int, code: str | None,
+                                                                        message: str) -> None:
+    assert is_duplicate(status, code, message)
+
+
+@pytest.mark.parametrize(("status", "code", "message"), [
+    (400, None, "No such customer: 'cus_x'"),
+    (400, "resource_missing", "No active meter found for event name \"x\"."),
+    (500, None, "An event already exists with identifier sg-rsv_1."),  # a 5xx is never a delivery
+    (409, None, "There is currently another in-progress request using this Stripe-Idempotent-Key."),
+])
+def test_other_refusals_are_not_duplicates(status: int, code: str | None, message: str) -> None:
+    assert not is_duplicate(status, code, message)
 
 
 @pytest.mark.parametrize(("fault", "verdict"), [

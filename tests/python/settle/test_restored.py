@@ -81,3 +81,27 @@ def test_with_pre_aggregation_on_a_restored_unclaimed_entry_is_held_back(tmp_pat
         assert "pre-aggregation" in letters[0]["reason"] and fake.totals_by_customer() == {}
     finally:
         engine.close()
+
+
+def test_a_copied_data_dir_sees_stripes_duplicate_answer_as_a_refusal_not_a_delivery(
+    tmp_path: Path, fake: FakeStripe
+) -> None:
+    """A data dir copied (not restored) keeps its instance id: its first send of an identifier the original already
+    sent is answered "already exists". That is not this sidecar's delivery: it goes to the dead letters."""
+    import shutil
+
+    with engine_with_budgets(tmp_path / "original", ["cus_acme"]) as original:
+        commit(original, "acme", 5)
+    shutil.copytree(tmp_path / "original", tmp_path / "copy")
+    (tmp_path / "copy" / "spendgate.lock").unlink()
+    for name in ("original", "copy"):
+        engine = _core.Engine(str(tmp_path / name), durability="relaxed")
+        try:
+            rounds(engine, fake, 1)
+            letters = engine.dead_letters()
+        finally:
+            engine.close()
+    assert fake.totals_by_customer() == {"cus_acme": 5}, "the original's event, once"
+    (letter,) = letters
+    assert letter["fate_unknown"]
+    assert "was sending for the first time" in letter["reason"] and "spendgate reconcile" in letter["reason"]
