@@ -462,6 +462,18 @@ def build_event(event_type: str, data_object: Mapping[str, Any] | None = None, *
 # The HTTP plumbing: one listening server per base address
 # ---------------------------------------------------------------------------------------------------------------------
 
+# A payload value of a meter event: `additionalProperties {maxLength: 100, type: string}` (billing.meter_event.payload).
+MAX_PAYLOAD_VALUE_CHARS: Final[int] = 100
+
+
+def _check_payload_values(payload: Mapping[str, Any]) -> None:
+    for key, value in payload.items():
+        if isinstance(value, str) and len(value) > MAX_PAYLOAD_VALUE_CHARS:
+            raise _ApiError(400, "invalid_request_error",
+                            f"Invalid payload[{key}]: must be at most {MAX_PAYLOAD_VALUE_CHARS} characters",
+                            code="parameter_invalid_string", param=f"payload[{key}]")
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     server_version = "FakeStripe/1.0"
     sys_version = ""
@@ -586,6 +598,7 @@ class FakeStripe:
         fail_after_record_mode: str = "500",
         rate_limit_code: str = "rate_limit",
         fault_paths: Iterable[str] | None = None,
+        visibility_delay_seconds: float = 0.0,
         start: bool = True,
     ) -> None:
         """
@@ -598,6 +611,9 @@ class FakeStripe:
         same_host: serve the meter-events base address from the API port too.
         clock: the wall clock the fake's time is based on; advance_time() adds an offset to it.
         seed, rate_*, latency_seconds, fail_after_record_*, rate_limit_code, fault_paths: see set_faults().
+        visibility_delay_seconds: Stripe's event summaries and cancellations are eventually consistent: an accepted event
+            counts in the summaries, and a cancellation takes effect there, only this long after it was received
+            (0: at once, as most tests want). totals_by_customer() and events() always show everything received.
         start: start listening now (else call start()).
         """
         self._lock = threading.RLock()
@@ -605,6 +621,7 @@ class FakeStripe:
         self._offset = 0.0
         self._session_ttl = float(session_ttl_seconds)
         self._dedup_window = float(dedup_window_seconds)
+        self._visibility_delay = float(visibility_delay_seconds)
         self._api_keys = frozenset(api_keys) if api_keys is not None else None
         self._same_host = same_host
         self._ports = (port, meter_events_port)
@@ -729,6 +746,20 @@ class FakeStripe:
         """Create a customer with a chosen id (Stripe picks ids itself; tests need spendgate's ids to exist)."""
         with self._lock:
             return copy.deepcopy(self._create_customer({**fields}, customer_id))
+
+    def delete_customer(self, customer_id: str) -> None:
+        """Delete a customer as the Dashboard would (DELETE /v1/customers/{id}); retrieving it then answers the
+        deleted_customer object {"id", "object": "customer", "deleted": true}."""
+        with self._lock:
+            self._delete_customer(customer_id)
+
+    def deactivate_meter(self, event_name: str) -> None:
+        """Deactivate the active meter of an event name (POST /v1/billing/meters/{id}/deactivate)."""
+        with self._lock:
+            meter = self._active_meter(event_name)
+            if meter is None:
+                raise KeyError(event_name)
+            self._set_meter_status(meter, "inactive")
 
     def meter(self, event_name: str) -> dict[str, Any]:
         """The `billing.meter` object for an event name."""
@@ -1079,6 +1110,9 @@ class FakeStripe:
         ("api", "GET", re.compile(r"^/v1/billing/meters/(?P<id>[^/]+)/event_summaries$"), "_v1_event_summaries"),
         ("api", "POST", re.compile(r"^/v1/customers$"), "_v1_create_customer"),
         ("api", "GET", re.compile(r"^/v1/customers/(?P<id>[^/]+)$"), "_v1_get_customer"),
+        ("api", "DELETE", re.compile(r"^/v1/customers/(?P<id>[^/]+)$"), "_v1_delete_customer"),
+        ("api", "POST", re.compile(r"^/v1/billing/meters/(?P<id>[^/]+)/deactivate$"), "_v1_deactivate_meter"),
+        ("api", "POST", re.compile(r"^/v1/billing/meters/(?P<id>[^/]+)/reactivate$"), "_v1_reactivate_meter"),
         ("api", "POST", re.compile(r"^/v2/billing/meter_event_session$"), "_v2_session"),
         ("api", "POST", re.compile(r"^/v2/billing/meter_events$"), "_v2_meter_event"),
         ("api", "POST", re.compile(r"^/v2/billing/meter_event_adjustments$"), "_v2_adjustment"),
@@ -1320,6 +1354,29 @@ class FakeStripe:
         with self._lock:
             return 200, copy.deepcopy(self._get_meter_or_404(m["id"])), {}
 
+    def _set_meter_status(self, meter: dict[str, Any], status: str) -> None:
+        # billing.meter status enum [active, inactive]; status_transitions.deactivated_at
+        # (https://docs.stripe.com/api/billing/meter/deactivate: "no more meter events will be accepted").
+        meter["status"] = status
+        meter["status_transitions"] = {"deactivated_at": int(self.now()) if status == "inactive" else None}
+        meter["updated"] = int(self.now())
+
+    def _v1_deactivate_meter(self, req: _Request, m: re.Match[str], params: dict[str, Any]) -> _Handled:
+        with self._lock:
+            meter = self._get_meter_or_404(m["id"])
+            self._set_meter_status(meter, "inactive")
+            return 200, copy.deepcopy(meter), {}
+
+    def _v1_reactivate_meter(self, req: _Request, m: re.Match[str], params: dict[str, Any]) -> _Handled:
+        with self._lock:
+            meter = self._get_meter_or_404(m["id"])
+            self._set_meter_status(meter, "active")
+            return 200, copy.deepcopy(meter), {}
+
+    def _inactive_meter(self, event_name: str) -> dict[str, Any] | None:
+        return next((x for x in self._meters.values() if x["event_name"] == event_name and x["status"] != "active"),
+                    None)
+
     @staticmethod
     def _page(items: list[dict[str, Any]], params: Mapping[str, Any], url: str) -> dict[str, Any]:
         # The list object and cursor params: https://docs.stripe.com/api/pagination (limit 1..100, default 10).
@@ -1423,7 +1480,12 @@ class FakeStripe:
         """Accepted events of a meter; for a pre-aggregated meter (event_time_window) only the last one received in
         each hour/day window counts ("A newer event sent within the same hourly or daily window overwrites the
         previous one", https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage)."""
-        events = [ev for ev in self._events if ev["meter"] == meter["id"] and ev["status"] == "accepted"]
+        # Eventually consistent, as Stripe's summaries are: an event counts once it is visible, and a cancellation
+        # takes effect once it is visible too (visibility_delay_seconds after each was received).
+        visible_before = self.now() - self._visibility_delay
+        events = [ev for ev in self._events if ev["meter"] == meter["id"] and ev["received_at"] <= visible_before
+                  and (ev["status"] == "accepted"
+                       or (ev["status"] == "cancelled" and ev["cancelled_at"] > visible_before))]
         window = {"hour": 3600, "day": 86_400}.get(meter.get("event_time_window") or "", 0)
         if not window:
             return events
@@ -1463,6 +1525,19 @@ class FakeStripe:
     def _v1_create_customer(self, req: _Request, m: re.Match[str], params: dict[str, Any]) -> _Handled:
         with self._lock:
             return 200, copy.deepcopy(self._create_customer(params)), {}
+
+    def _delete_customer(self, customer_id: str) -> dict[str, Any]:
+        if customer_id not in self._customers:
+            raise _ApiError(404, "invalid_request_error", f"No such customer: '{customer_id}'",
+                            code="resource_missing", param="id")
+        # deleted_customer: required [deleted, id, object]; deleted enum [true] (stripe/openapi spec3).
+        deleted = {"id": customer_id, "object": "customer", "deleted": True}
+        self._customers[customer_id] = deleted
+        return deleted
+
+    def _v1_delete_customer(self, req: _Request, m: re.Match[str], params: dict[str, Any]) -> _Handled:
+        with self._lock:
+            return 200, copy.deepcopy(self._delete_customer(m["id"])), {}
 
     def _v1_get_customer(self, req: _Request, m: re.Match[str], params: dict[str, Any]) -> _Handled:
         with self._lock:
@@ -1572,6 +1647,7 @@ class FakeStripe:
             if meter is None:
                 raise _ApiError(400, "invalid_request_error", _V1_NO_METER_MESSAGE.format(event_name=event_name),
                                 param="event_name")
+            _check_payload_values(payload)
             if timestamp < now - MAX_EVENT_AGE_S:
                 raise _ApiError(400, "invalid_request_error",
                                 "Timestamp must be within the past 35 calendar days or up to 5 minutes in the future.",
@@ -1619,9 +1695,13 @@ class FakeStripe:
                     raise _ApiError(400, "invalid_request_error", "timestamp must be an RFC 3339 date-time.",
                                     code="invalid_fields", param="timestamp", cacheable=False) from None
             meter = self._active_meter(event_name)
+            if meter is None and self._inactive_meter(event_name) is not None:
+                raise _ApiError(400, "invalid_request_error", "The meter must be Active to submit events.",
+                                code="archived_meter", param="event_name")  # v2.error.archived_meter
             if meter is None:
                 raise _ApiError(400, "invalid_request_error", "A meter must exist to submit events.", code="no_meter",
                                 param="event_name")
+            _check_payload_values(payload)
             if not payload.get(meter["customer_mapping"]["event_payload_key"]):
                 raise _ApiError(400, "invalid_request_error", "The payload must have a reference to the customer.",
                                 code="payload_no_customer_defined", param="payload")

@@ -105,3 +105,14 @@ def test_a_copied_data_dir_sees_stripes_duplicate_answer_as_a_refusal_not_a_deli
     (letter,) = letters
     assert letter["fate_unknown"]
     assert "was sending for the first time" in letter["reason"] and "spendgate reconcile" in letter["reason"]
+
+
+def test_usage_of_a_customer_deleted_in_stripe_is_held_back_by_the_preflight(tmp_path: Path, fake: FakeStripe) -> None:
+    """The preflight's guard against a deleted customer, now that the fake can delete one."""
+    with engine_with_budgets(tmp_path / "data", ["cus_acme"]) as engine:
+        fake.delete_customer("cus_acme")
+        commit(engine, "acme", 5)
+        rounds(engine, fake, 1)
+        (letter,) = engine.dead_letters()
+        assert "deleted" in letter["reason"] and not letter["fate_unknown"], letter
+        assert fake.totals_by_customer() == {}

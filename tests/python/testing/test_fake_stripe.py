@@ -924,3 +924,67 @@ def test_cli_serves_until_interrupted(tmp_path: Path) -> None:
         proc.wait(timeout=10)
         stderr.close()
     assert (tmp_path / "fake_stripe.stderr").read_text() == ""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What Stripe does that tests must be able to meet: deleted customers, inactive meters, eventual consistency, refusals
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_a_deleted_customer_is_retrieved_as_stripes_deleted_customer_object(fake: FakeStripe,
+                                                                              client: stripe.StripeClient) -> None:
+    deleted = client.v1.customers.delete(CUSTOMER)
+    assert (deleted.id, deleted.object, deleted.deleted) == (CUSTOMER, "customer", True)
+    again = client.v1.customers.retrieve(CUSTOMER)
+    assert again.deleted is True and getattr(again, "email", None) is None
+    fake.delete_customer(OTHER)
+    assert client.v1.customers.retrieve(OTHER).deleted is True
+    with pytest.raises(stripe.InvalidRequestError) as missing:
+        client.v1.customers.delete("cus_never")
+    assert missing.value.http_status == 404 and missing.value.code == "resource_missing"
+
+
+def test_a_deactivated_meter_refuses_events_until_reactivated(fake: FakeStripe, client: stripe.StripeClient) -> None:
+    meter_id = fake.meter(METER)["id"]
+    inactive = client.v1.billing.meters.deactivate(meter_id)
+    assert inactive.status == "inactive" and inactive.status_transitions.deactivated_at
+    with pytest.raises(stripe.InvalidRequestError) as v1:
+        send(client, "off-1")
+    assert v1.value.http_status == 400 and "No active meter found" in str(v1.value.user_message)
+    with pytest.raises(stripe.StripeError) as v2:
+        client.v2.billing.meter_events.create({"event_name": METER, "identifier": "off-2",  # type: ignore[arg-type]
+                                               "payload": {"stripe_customer_id": CUSTOMER, "value": "1"}})
+    assert v2.value.code == "archived_meter"
+    assert client.v1.billing.meters.reactivate(meter_id).status == "active"
+    send(client, "on-1", 3)
+    assert fake.totals_by_customer() == {CUSTOMER: 3}
+
+
+def test_summaries_and_cancellations_land_after_the_visibility_delay(make_fake: MakeFake) -> None:
+    fake = make_fake(visibility_delay_seconds=120)
+    client = fake.client()
+    meter_id = fake.meter(METER)["id"]
+    now = int(fake.now())
+    day = now - now % 86_400
+    send(client, "late-1", 10, timestamp=now - 60)
+
+    def summed() -> float:
+        listed = client.v1.billing.meters.event_summaries.list(
+            meter_id, {"customer": CUSTOMER, "start_time": day - 86_400, "end_time": day + 86_400})
+        return sum(s.aggregated_value for s in listed.data)
+
+    assert summed() == 0, "accepted, not yet in the summaries"
+    fake.advance_time(121)
+    assert summed() == 10
+    client.v1.billing.meter_event_adjustments.create({"event_name": METER, "type": "cancel",  # type: ignore[arg-type]
+                                                     "cancel": {"identifier": "late-1"}})
+    assert summed() == 10, "the cancellation is not visible yet"
+    fake.advance_time(121)
+    assert summed() == 0
+
+
+def test_a_payload_value_over_100_characters_is_refused(client: stripe.StripeClient) -> None:
+    with pytest.raises(stripe.InvalidRequestError) as refused:
+        client.v1.billing.meter_events.create({"event_name": METER, "identifier": "long-1",  # type: ignore[arg-type]
+                                               "payload": {"stripe_customer_id": CUSTOMER, "value": "1",
+                                                           "model": "m" * 101}})
+    assert refused.value.code == "parameter_invalid_string" and refused.value.param == "payload[model]"
