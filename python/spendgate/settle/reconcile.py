@@ -405,7 +405,29 @@ def notes(rows: Sequence[Row], tolerance_percent: float, unit: str = "units") ->
             "in flight: Stripe has more than the ledger settled, but no more than what was sent and not yet "
             "acknowledged; the settler acknowledges it when it resends (Stripe drops the duplicate)."
         )
+    out += dead_letter_verdicts(rows, unit)
     out.append(f"tolerance: {tolerance_percent:g}% of settled.")
+    return out
+
+
+def dead_letter_verdicts(rows: Sequence[Row], unit: str = "units") -> list[str]:
+    """For each customer with dead letters and nothing in flight: whether Stripe's total shows them missing (requeue
+    them with --confirmed-missing) or already there (a requeue under a fresh identifier would bill them twice)."""
+    out = []
+    for row in rows:
+        if not row.dead or row.in_flight or row.stripe is None:
+            continue
+        if row.stripe == row.settled:
+            out.append(f"dead letters of {row.stripe_customer_id}: Stripe has {row.stripe} {unit}, the settled usage "
+                       f"without the {row.dead} dead-lettered: they are missing at Stripe. Requeue them with "
+                       "`spendgate deadletter requeue SEQ --confirmed-missing`.")
+        elif row.stripe == row.settled + row.dead:
+            out.append(f"dead letters of {row.stripe_customer_id}: Stripe has {row.stripe} {unit}, the settled usage "
+                       f"plus the {row.dead} dead-lettered: Stripe has them already. Do not requeue them.")
+        else:
+            out.append(f"dead letters of {row.stripe_customer_id}: Stripe's {row.stripe} {unit} is neither the "
+                       f"settled {row.settled} nor that plus the {row.dead} dead-lettered: reconcile a shorter period "
+                       "(--start/--end) around the dead letters' times before requeueing.")
     return out
 
 

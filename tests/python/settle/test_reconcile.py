@@ -514,3 +514,22 @@ def test_with_the_token_meter_off_token_commits_count_as_units(engine: _core.Eng
     out = io.StringIO()
     assert reconcile.run(settings, Options(), client=fake.client(), out=out) == 0, out.getvalue()
     assert table_row(out.getvalue(), a)[2:4] == ["100", "100"] and "token meter" not in out.getvalue()
+
+
+@pytest.mark.parametrize("at_stripe", [False, True])
+def test_reconcile_says_whether_dead_letters_are_missing_at_stripe_or_there_already(
+        engine: _core.Engine, fake: FakeStripe, tmp_path: Path, at_stripe: bool) -> None:
+    """What an operator reads before `deadletter requeue --confirmed-missing` (a letter whose fate was unknown)."""
+    a = CUSTOMERS[0]
+    for amount in (100, 300):
+        commit(engine, a, amount)
+    first, second = engine.outbox_pending(10)
+    settle_one(engine, fake, first, ack=True)
+    if at_stripe:  # sent, recorded, and the answer was lost: then dead-lettered as fate unknown
+        send(fake, second["identifier"], second["stripe_customer_id"], second["amount"], second["ts_ms"])
+    engine.wait_durable(engine.outbox_dead_letter([second["seq"]], "unanswered, then refused", fate_unknown=True))
+    result = run_reconcile(tmp_path / "data", fake)
+    if at_stripe:
+        assert "Stripe has them already. Do not requeue them." in result.stdout, result.stdout
+    else:
+        assert "they are missing at Stripe" in result.stdout and "--confirmed-missing" in result.stdout, result.stdout
