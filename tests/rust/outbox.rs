@@ -184,3 +184,49 @@ fn a_frozen_budget_denies_reserves_until_unfrozen_and_stays_frozen_across_restar
     assert!(engine.reserve("cus", 1, "", 0).unwrap().granted);
     assert_eq!(engine.outbox_stats().unwrap().depth, 1, "the outbox depth is rebuilt on start");
 }
+
+/// A data dir made before instance ids: its open holds keep their old 16-digit ids, its outbox entries never sent are
+/// renamed to carry the new instance id, and an entry already sent keeps its identifier (a resend must dedupe).
+#[test]
+fn a_data_dir_from_before_instance_ids_is_upgraded_without_losing_a_hold_or_a_dedup() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path(), 1_000);
+    setup(&engine);
+    commit(&engine, "cus", 5);
+    commit(&engine, "cus", 6);
+    let open_hold = engine.reserve("cus", 7, "", 0).unwrap();
+    engine.wait_durable(open_hold.ticket, WAIT).unwrap();
+    let entries = engine.outbox_pending(10).unwrap();
+    engine.wait_durable(engine.outbox_claim(&[entries[0].seq], &entries[0].identifier).unwrap(), WAIT).unwrap();
+    let instance = engine.instance_id();
+    engine.close();
+    drop(engine);
+    // Rewrite it as the old release left it: no instance id, identifiers and reservation ids of 16 digits.
+    let store = spendgate::store::Store::open(dir.path(), 64, true).unwrap();
+    let legacy = |id: &str| id.replacen(&format!("{instance:016x}"), "", 1);
+    {
+        let mut wtxn = store.env.write_txn().unwrap();
+        store.meta.delete(&mut wtxn, "instance_id").unwrap();
+        store.meta.delete(&mut wtxn, "legacy_holds_below").unwrap();
+        for entry in &entries {
+            let mut old = store.outbox.get(&wtxn, &entry.seq).unwrap().unwrap();
+            old.identifier = legacy(&old.identifier);
+            store.outbox.put(&mut wtxn, &entry.seq, &old).unwrap();
+        }
+        wtxn.commit().unwrap();
+    }
+    drop(store);
+    let engine = open(dir.path(), 1_000);
+    assert_ne!(engine.instance_id(), instance);
+    let upgraded = engine.outbox_pending(10).unwrap();
+    assert_eq!(upgraded[0].identifier, legacy(&entries[0].identifier), "sent before: it keeps its identifier");
+    assert_eq!(
+        upgraded[1].identifier,
+        format!("sg-rsv_{:016x}{}", engine.instance_id(), &legacy(&entries[1].identifier)["sg-rsv_".len()..]),
+        "never sent: renamed"
+    );
+    let outcome = engine.commit(&legacy(&open_hold.reservation_id), 7).unwrap();
+    assert_eq!(outcome.charged, 7, "the open hold's old id still commits");
+    let fresh = engine.reserve("cus", 1, "", 0).unwrap();
+    assert_eq!(fresh.reservation_id.len(), 36);
+}
