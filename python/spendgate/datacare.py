@@ -109,9 +109,8 @@ def check_servable(data_dir: Path) -> None:
         )
     if data_dir.exists():
         return
-    traces = sorted(
-        str(path) for path in data_dir.parent.glob(f"{data_dir.name}.before-restore-*")
-    ) + sorted(str(path) for path in data_dir.parent.glob(f".{data_dir.name}.restore-*"))
+    patterns = (f"{data_dir.name}.before-restore-*", f"{data_dir.name}.interrupted-restore-*", f".{data_dir.name}.restore-*")
+    traces = sorted(str(path) for pattern in patterns for path in data_dir.parent.glob(pattern))
     if traces:
         raise DataCareError(
             f"{data_dir} is missing, but {traces[0]} says it existed: starting empty would lose every budget and "
@@ -194,8 +193,7 @@ def _keep_leftovers(data_dir: Path) -> None:
             continue
         kept = _aside_name(data_dir, "interrupted-restore")
         leftover.rename(kept)
-        log_line = f"an interrupted restore left {leftover}; kept as {kept}"
-        print(log_line, file=sys.stderr)
+        print(f"an interrupted restore left {leftover}; kept as {kept}", file=sys.stderr)
     _fsync_dir(data_dir.parent)
 
 
