@@ -53,6 +53,9 @@ KINDS: Final[tuple[str, ...]] = (
     "frozen",
     "unfrozen",
     "settlement_dead_letter",
+    "invoice_spike",
+    "reconcile_divergence",
+    "clock_step",
 )
 """Every alert kind, as the engine names it (spendgate.v1.AlertKind without its prefix, lower case)."""
 START_SEQ_METADATA_KEY: Final[str] = "spendgate-alert-start-seq"

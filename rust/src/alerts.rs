@@ -19,21 +19,31 @@ pub enum AlertKind {
     Frozen,
     Unfrozen,
     SettlementDeadLetter,
+    /// A Stripe draft invoice much larger than the customer's previous invoice (raised by the webhook handler).
+    InvoiceSpike,
+    /// The ledger and Stripe's meter summaries disagree past the tolerance (raised by the scheduled reconcile).
+    ReconcileDivergence,
+    /// The wall clock stepped against the monotonic clock past `max_clock_step_ms` (raised by the engine).
+    ClockStep,
 }
 
 impl AlertKind {
-    pub const ALL: [AlertKind; 6] = [
+    pub const ALL: [AlertKind; 9] = [
         AlertKind::SoftLimitCrossed,
         AlertKind::LimitReached,
         AlertKind::BreakerTripped,
         AlertKind::Frozen,
         AlertKind::Unfrozen,
         AlertKind::SettlementDeadLetter,
+        AlertKind::InvoiceSpike,
+        AlertKind::ReconcileDivergence,
+        AlertKind::ClockStep,
     ];
 
     /// The kinds that code outside the engine may raise (`Engine::raise_alert`): the others mark a budget's state
     /// and are raised only where the engine decides them.
-    pub const RAISED_OUTSIDE: [AlertKind; 1] = [AlertKind::SettlementDeadLetter];
+    pub const RAISED_OUTSIDE: [AlertKind; 3] =
+        [AlertKind::SettlementDeadLetter, AlertKind::InvoiceSpike, AlertKind::ReconcileDivergence];
 
     /// The stored name, the same as spendgate.v1.AlertKind without its prefix, lower case.
     pub fn as_str(self) -> &'static str {
@@ -44,6 +54,9 @@ impl AlertKind {
             AlertKind::Frozen => "frozen",
             AlertKind::Unfrozen => "unfrozen",
             AlertKind::SettlementDeadLetter => "settlement_dead_letter",
+            AlertKind::InvoiceSpike => "invoice_spike",
+            AlertKind::ReconcileDivergence => "reconcile_divergence",
+            AlertKind::ClockStep => "clock_step",
         }
     }
 

@@ -66,6 +66,9 @@ ALERT_KIND_BY_NAME: Final[Mapping[str, pb.AlertKind.ValueType]] = {
     "frozen": pb.ALERT_KIND_FROZEN,
     "unfrozen": pb.ALERT_KIND_UNFROZEN,
     "settlement_dead_letter": pb.ALERT_KIND_SETTLEMENT_DEAD_LETTER,
+    "invoice_spike": pb.ALERT_KIND_INVOICE_SPIKE,
+    "reconcile_divergence": pb.ALERT_KIND_RECONCILE_DIVERGENCE,
+    "clock_step": pb.ALERT_KIND_CLOCK_STEP,
 }
 assert tuple(ALERT_KIND_BY_NAME) == KINDS, "spendgate.alerts.KINDS and this table name the same kinds"
 assert set(ALERT_KIND_BY_NAME.values()) == set(pb.AlertKind.values()) - {pb.ALERT_KIND_UNSPECIFIED}, (

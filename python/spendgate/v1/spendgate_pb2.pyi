@@ -47,6 +47,9 @@ class AlertKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ALERT_KIND_FROZEN: _ClassVar[AlertKind]
     ALERT_KIND_UNFROZEN: _ClassVar[AlertKind]
     ALERT_KIND_SETTLEMENT_DEAD_LETTER: _ClassVar[AlertKind]
+    ALERT_KIND_INVOICE_SPIKE: _ClassVar[AlertKind]
+    ALERT_KIND_RECONCILE_DIVERGENCE: _ClassVar[AlertKind]
+    ALERT_KIND_CLOCK_STEP: _ClassVar[AlertKind]
 DENY_REASON_UNSPECIFIED: DenyReason
 DENY_REASON_INSUFFICIENT_BUDGET: DenyReason
 DENY_REASON_TOO_MANY_HOLDS: DenyReason
@@ -73,6 +76,9 @@ ALERT_KIND_BREAKER_TRIPPED: AlertKind
 ALERT_KIND_FROZEN: AlertKind
 ALERT_KIND_UNFROZEN: AlertKind
 ALERT_KIND_SETTLEMENT_DEAD_LETTER: AlertKind
+ALERT_KIND_INVOICE_SPIKE: AlertKind
+ALERT_KIND_RECONCILE_DIVERGENCE: AlertKind
+ALERT_KIND_CLOCK_STEP: AlertKind
 
 class Period(_message.Message):
     __slots__ = ("kind", "anchor_ms", "start_ms", "end_ms")

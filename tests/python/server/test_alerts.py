@@ -98,20 +98,27 @@ def test_watch_delivers_every_kind_live_then_replays_them_all_in_order(sidecar_f
     # A settlement dead letter (the settler's to raise), stored in the stopped sidecar's data dir by the engine.
     sidecar.terminate()
 
-    def dead_letter(engine: _core.Engine) -> int:
-        return engine.raise_alert("settlement_dead_letter", soft, "Stripe refused a usage for good", {"seq": 7})
+    # And the other kinds raised outside the engine (the invoice guard's, the scheduled reconcile's).
+    def raised_outside(engine: _core.Engine) -> int:
+        engine.raise_alert("settlement_dead_letter", soft, "Stripe refused a usage for good", {"seq": 7})
+        engine.raise_alert("invoice_spike", soft, "draft invoice 80% above the previous one", {"percent": 80})
+        return engine.raise_alert("reconcile_divergence", soft, "ledger 600, Stripe 500", {"ledger": 600})
 
-    offline_engine(sidecar.data_dir, dead_letter)
+    offline_engine(sidecar.data_dir, raised_outside)
     sidecar.restart()
     replay = Watch(sidecar.target, from_start=True)
     try:
-        everything = replay.wait_for(6)
+        everything = replay.wait_for(8)
     finally:
         replay.close()
     assert_contiguous(everything, 1)
     assert everything[:5] == got
-    assert kinds_of(everything[5:]) == ["ALERT_KIND_SETTLEMENT_DEAD_LETTER"] and everything[5].values["seq"] == 7
-    assert {a.kind for a in everything} == set(pb.AlertKind.values()) - {pb.ALERT_KIND_UNSPECIFIED}
+    assert kinds_of(everything[5:]) == ["ALERT_KIND_SETTLEMENT_DEAD_LETTER", "ALERT_KIND_INVOICE_SPIKE",
+                                        "ALERT_KIND_RECONCILE_DIVERGENCE"]
+    assert everything[5].values["seq"] == 7 and everything[6].values["percent"] == 80
+    # clock_step is the engine's own, raised on a stepped wall clock: tests/python/e2e/test_clock.py shows it.
+    every_kind = set(pb.AlertKind.values()) - {pb.ALERT_KIND_UNSPECIFIED, pb.ALERT_KIND_CLOCK_STEP}
+    assert {a.kind for a in everything} == every_kind
 
 
 # -- resume ------------------------------------------------------------------------------------------------------------
