@@ -15,6 +15,8 @@ MAX_ID_BYTES: Final[int]
 MAX_AMOUNT_UNITS: Final[int]
 """Largest amount or limit (2**53)."""
 MAX_TTL_MS_CEILING: Final[int]
+OTHER_VALUE: Final[str]
+"""What a usage record sums labels past its tracking bounds under (as a value, or as a key)."""
 """The largest max_ttl_ms an Engine accepts."""
 
 # DenyReason numbers, the same as spendgate.v1.DenyReason.
@@ -209,6 +211,9 @@ class Engine:
         data_dir: str,
         *,
         map_size_mb: int = 1024,
+        map_max_mb: int = 0,
+        disk_reserve_mb: int = 256,
+        ledger_retention_days: int = 180,
         durability: str = "fsync",
         default_ttl_ms: int = 60_000,
         max_ttl_ms: int = 3_600_000,
@@ -336,7 +341,7 @@ class Engine:
         """Expire due holds now (the engine also does this itself every reap_interval_ms). Returns how many."""
     def stats(self) -> dict[str, int]:
         """Counters for metrics: budgets, active_holds, queue_depth, durable_ticket, map_size_bytes,
-        map_used_bytes, expired_total, batches_total, ops_total, outbox_depth, breaker_trips_total,
+        map_used_bytes (pages holding data), map_high_water_bytes, map_capacity_bytes, expired_total, batches_total, ops_total, outbox_depth, breaker_trips_total,
         periods_rolled_total, alert_seq."""
     def check_invariants(self) -> None:
         """Verify the in-memory books (held equals the sum of open holds; available == limit - spent - held;

@@ -46,7 +46,7 @@ commands:
   spendgate reconcile [--period YYYY-MM]          compare the ledger with Stripe's meter totals (exit 3: they differ)
   spendgate backup DEST                           a running sidecar writes a consistent copy of its data to DEST
   spendgate restore SRC --data-dir DIR [--force]  put a backup in place (only while no sidecar runs on DIR)
-  spendgate inspect [--data-dir DIR] [SECTION]    print budgets, holds, outbox, ledger tail, dead letters (read-only)
+  spendgate inspect [--data-dir DIR] [SECTION]    print budgets, holds, outbox, ledger tail, archive, dead letters
   spendgate check-config FILE                     validate a config file offline; problems point to their line
   spendgate health [--target HOST:PORT]           exit 0 when the sidecar's gRPC health says SERVING (probes)
 
@@ -286,7 +286,7 @@ def _add_data_care_commands(commands: Any, config_parent: argparse.ArgumentParse
 
 
 # Sections of `spendgate inspect` (spendgate.datacare.INSPECT_SECTIONS, repeated here so that --help stays light).
-INSPECT_SECTIONS: Final[tuple[str, ...]] = ("budgets", "holds", "outbox", "ledger", "deadletters")
+INSPECT_SECTIONS: Final[tuple[str, ...]] = ("budgets", "holds", "outbox", "ledger", "archive", "deadletters")
 # A backup of a large environment takes a while; the sidecar keeps serving meanwhile.
 BACKUP_TIMEOUT_S: Final[float] = 3600.0
 
@@ -535,6 +535,9 @@ def format_usage(usage: Any) -> str:
     if usage.by_dimension:
         rows = [(d.key, d.value, d.units) for d in usage.by_dimension]
         parts += ["", "by dimension", _table(("dimension", "value", "units"), rows)]
+    if usage.folded_dimension_keys:
+        keys = ", ".join(usage.folded_dimension_keys)
+        parts += ["", f"past the tracking bound, further values are summed as (other): {keys}"]
     return "\n".join(parts)
 
 
@@ -898,6 +901,7 @@ def run_inspect(args: argparse.Namespace, settings: config.Settings) -> int:
     from pathlib import Path
 
     from spendgate.datacare import format_sections, inspect
+    from spendgate.ledger_archive import ArchiveError
     from spendgate.store_reader import StoreReadError
 
     if args.limit < 1 or args.limit > 2048:
@@ -906,7 +910,7 @@ def run_inspect(args: argparse.Namespace, settings: config.Settings) -> int:
     try:
         sections = inspect(Path(settings.data_dir), args.sections or INSPECT_SECTIONS, limit=args.limit,
                            all_holds=args.all)
-    except StoreReadError as error:
+    except (StoreReadError, ArchiveError) as error:
         print(f"{PROG}: inspect: {error}", file=sys.stderr)
         return EXIT_ERROR
     print(format_sections(sections, as_json=args.json))

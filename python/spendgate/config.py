@@ -85,7 +85,23 @@ class Settings:
     data_dir: str = _setting(
         "./spendgate-data", "Directory of the LMDB environment, created if missing; one sidecar process per directory."
     )
-    map_size_mb: int = _setting(1024, "LMDB map size: the most the data may grow to, in MiB.", minimum=1)
+    map_size_mb: int = _setting(
+        1024, "LMDB map size to start with, in MiB; the sidecar grows it by itself up to map_max_mb.", minimum=1
+    )
+    map_max_mb: int = _setting(
+        0,
+        "The most the LMDB map may grow to, in MiB; 0: whatever the disk can spare beyond disk_reserve_mb.",
+        minimum=0,
+    )
+    disk_reserve_mb: int = _setting(
+        256, "Disk space (MiB) the data never takes: the map stops growing this far from a full disk.", minimum=0
+    )
+    ledger_retention_days: int = _setting(
+        180,
+        "Settled ledger entries of closed periods move from LMDB to the compressed archive (archive/ in the data dir) "
+        "after this many days; 180 covers the card networks' 120-day dispute window.",
+        minimum=0,
+    )
     backup_dir: str = _setting(
         "",
         "When set, Admin.Backup writes only into new or empty directories under this one (symlinks resolved); empty: "
@@ -389,6 +405,9 @@ class Settings:
 # Settings passed to the engine as keyword arguments (data_dir is its positional argument).
 ENGINE_SETTINGS: Final[tuple[str, ...]] = (
     "map_size_mb",
+    "map_max_mb",
+    "disk_reserve_mb",
+    "ledger_retention_days",
     "durability",
     "default_ttl_ms",
     "max_ttl_ms",

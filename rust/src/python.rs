@@ -249,7 +249,7 @@ pub struct PyEngine {
 impl PyEngine {
     #[new]
     #[pyo3(signature = (
-        data_dir, *, map_size_mb = 1024, durability = "fsync", default_ttl_ms = 60_000, max_ttl_ms = 3_600_000,
+        data_dir, *, map_size_mb = 1024, map_max_mb = 0, disk_reserve_mb = 256, ledger_retention_days = 180, durability = "fsync", default_ttl_ms = 60_000, max_ttl_ms = 3_600_000,
         max_holds_per_budget = 10_000, max_active_holds = 1_000_000, max_budgets = 1_000_000,
         write_queue_capacity = 65_536, reap_interval_ms = 100, resolved_retention_ms = 604_800_000,
         max_outbox_entries = 10_000_000, default_period = "month", breaker_multiplier = 10,
@@ -260,6 +260,9 @@ impl PyEngine {
         py: Python<'_>,
         data_dir: PathBuf,
         map_size_mb: u64,
+        map_max_mb: u64,
+        disk_reserve_mb: u64,
+        ledger_retention_days: u64,
         durability: &str,
         default_ttl_ms: u64,
         max_ttl_ms: u64,
@@ -287,6 +290,9 @@ impl PyEngine {
         };
         let mut config = EngineConfig::new(data_dir);
         config.map_size_mb = map_size_mb;
+        config.map_max_mb = map_max_mb;
+        config.disk_reserve_mb = disk_reserve_mb;
+        config.ledger_retention_days = ledger_retention_days;
         config.relaxed = relaxed;
         config.default_ttl_ms = default_ttl_ms;
         config.max_ttl_ms = max_ttl_ms;
@@ -638,6 +644,8 @@ impl PyEngine {
         dict.set_item("durable_ticket", s.durable_ticket)?;
         dict.set_item("map_size_bytes", s.map_size_bytes)?;
         dict.set_item("map_used_bytes", s.map_used_bytes)?;
+        dict.set_item("map_capacity_bytes", s.map_capacity_bytes)?;
+        dict.set_item("map_high_water_bytes", s.map_high_water_bytes)?;
         dict.set_item("expired_total", s.expired_total)?;
         dict.set_item("batches_total", s.batches_total)?;
         dict.set_item("ops_total", s.ops_total)?;
@@ -812,6 +820,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MAX_ID_BYTES", MAX_ID_BYTES)?;
     m.add("MAX_AMOUNT_UNITS", MAX_AMOUNT_UNITS)?;
     m.add("MAX_TTL_MS_CEILING", MAX_TTL_MS_CEILING)?;
+    m.add("OTHER_VALUE", crate::usage::OTHER_VALUE)?;
     m.add("DENY_NONE", 0)?;
     m.add("DENY_INSUFFICIENT_BUDGET", 1)?;
     m.add("DENY_TOO_MANY_HOLDS", 2)?;

@@ -17,7 +17,7 @@ Read from the engine when scraped (EngineCollector):
   spendgate_breaker_trips_total (budgets the circuit breaker froze), spendgate_periods_rolled_total
 - spendgate_outbox_depth, spendgate_outbox_max_entries, spendgate_outbox_oldest_age_seconds, spendgate_dead_letters
 - spendgate_lmdb_map_size_bytes, spendgate_lmdb_map_used_bytes, spendgate_lmdb_map_used_ratio,
-  spendgate_lmdb_file_bytes
+  spendgate_lmdb_map_high_water_bytes, spendgate_lmdb_map_capacity_bytes, spendgate_lmdb_file_bytes
 - spendgate_settlement_enabled, spendgate_settlement_last_success_timestamp_seconds, spendgate_settlement_failing
 - spendgate_engine_up (0 once the engine failed or closed: the other engine gauges are then absent)
 
@@ -200,11 +200,15 @@ def _outbox_families(outbox: _core.OutboxStats) -> Iterator[Metric]:
 
 
 def _lmdb_families(stats: dict[str, int], data_file: Path) -> Iterator[Metric]:
-    size, used = stats["map_size_bytes"], stats["map_used_bytes"]
-    yield _gauge("spendgate_lmdb_map_size_bytes", "The LMDB map size (map_size_mb).", size)
-    yield _gauge("spendgate_lmdb_map_used_bytes", "Bytes of the LMDB map in use.", used)
-    yield _gauge("spendgate_lmdb_map_used_ratio", "Map use: at 0.9 new reservations are refused.", used / size if size
-                 else 0.0)
+    size, used, capacity = stats["map_size_bytes"], stats["map_used_bytes"], stats["map_capacity_bytes"]
+    yield _gauge("spendgate_lmdb_map_size_bytes", "The LMDB map size now (it grows from map_size_mb).", size)
+    yield _gauge("spendgate_lmdb_map_used_bytes", "Bytes of LMDB pages holding data (free pages not counted).", used)
+    yield _gauge("spendgate_lmdb_map_used_ratio", "Data over what the map may grow to (map_max_mb, or the disk).",
+                 used / capacity if capacity else 0.0)
+    yield _gauge("spendgate_lmdb_map_high_water_bytes", "Bytes up to LMDB's highest page ever used.",
+                 stats["map_high_water_bytes"])
+    yield _gauge("spendgate_lmdb_map_capacity_bytes", "The most the map may grow to now (map_max_mb, or the disk's "
+                 "free space past disk_reserve_mb).", capacity)
     try:
         file_bytes = os.stat(data_file).st_size
     except OSError:

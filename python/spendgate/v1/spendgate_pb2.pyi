@@ -395,7 +395,7 @@ class DimensionUsage(_message.Message):
     def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ..., units: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("customer_id", "period_start_ms", "period_end_ms", "current", "total", "commits", "included", "limit", "overage", "included_remaining", "projected_total", "projected_overage", "daily", "by_model", "by_dimension", "reserved", "spent")
+    __slots__ = ("customer_id", "period_start_ms", "period_end_ms", "current", "total", "commits", "included", "limit", "overage", "included_remaining", "projected_total", "projected_overage", "daily", "by_model", "by_dimension", "reserved", "spent", "folded_dimension_keys")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     PERIOD_START_MS_FIELD_NUMBER: _ClassVar[int]
     PERIOD_END_MS_FIELD_NUMBER: _ClassVar[int]
@@ -413,6 +413,7 @@ class Usage(_message.Message):
     BY_DIMENSION_FIELD_NUMBER: _ClassVar[int]
     RESERVED_FIELD_NUMBER: _ClassVar[int]
     SPENT_FIELD_NUMBER: _ClassVar[int]
+    FOLDED_DIMENSION_KEYS_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     period_start_ms: int
     period_end_ms: int
@@ -430,7 +431,8 @@ class Usage(_message.Message):
     by_dimension: _containers.RepeatedCompositeFieldContainer[DimensionUsage]
     reserved: int
     spent: int
-    def __init__(self, customer_id: _Optional[str] = ..., period_start_ms: _Optional[int] = ..., period_end_ms: _Optional[int] = ..., current: _Optional[bool] = ..., total: _Optional[int] = ..., commits: _Optional[int] = ..., included: _Optional[int] = ..., limit: _Optional[int] = ..., overage: _Optional[int] = ..., included_remaining: _Optional[int] = ..., projected_total: _Optional[int] = ..., projected_overage: _Optional[int] = ..., daily: _Optional[_Iterable[_Union[DayUsage, _Mapping]]] = ..., by_model: _Optional[_Iterable[_Union[ModelUsage, _Mapping]]] = ..., by_dimension: _Optional[_Iterable[_Union[DimensionUsage, _Mapping]]] = ..., reserved: _Optional[int] = ..., spent: _Optional[int] = ...) -> None: ...
+    folded_dimension_keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, customer_id: _Optional[str] = ..., period_start_ms: _Optional[int] = ..., period_end_ms: _Optional[int] = ..., current: _Optional[bool] = ..., total: _Optional[int] = ..., commits: _Optional[int] = ..., included: _Optional[int] = ..., limit: _Optional[int] = ..., overage: _Optional[int] = ..., included_remaining: _Optional[int] = ..., projected_total: _Optional[int] = ..., projected_overage: _Optional[int] = ..., daily: _Optional[_Iterable[_Union[DayUsage, _Mapping]]] = ..., by_model: _Optional[_Iterable[_Union[ModelUsage, _Mapping]]] = ..., by_dimension: _Optional[_Iterable[_Union[DimensionUsage, _Mapping]]] = ..., reserved: _Optional[int] = ..., spent: _Optional[int] = ..., folded_dimension_keys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class WatchAlertsRequest(_message.Message):
     __slots__ = ("after_seq", "from_start", "customer_ids")

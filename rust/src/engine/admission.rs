@@ -85,9 +85,7 @@ impl Shared {
     }
 
     fn check_room(&self) -> Result<(), EngineError> {
-        if self.map_full.load(SeqCst) {
-            return Err(self.map_full_error());
-        }
+        self.check_map_room(crate::capacity::HOLD_WORST_CASE_BYTES)?;
         if self.outbox_depth.load(SeqCst) >= self.config.max_outbox_entries {
             return Err(EngineError::exhausted(format!(
                 "{} committed usages are waiting for settlement to Stripe (max_outbox_entries): new reservations are \

@@ -24,6 +24,7 @@ use dashmap::DashMap;
 use crate::alerts::{AlertKind, PendingAlert, MAX_ALERTS_BATCH};
 use crate::breaker::BreakerConfig;
 use crate::budget::Budget;
+use crate::capacity::{mib, room_needed_bytes, MapUsage};
 use crate::clock::{Clock, SystemClock};
 use crate::error::EngineError;
 use crate::hold::{truncate_for_message, DenyReason, HoldSlot, HoldState};
@@ -32,7 +33,7 @@ use crate::limits::*;
 use crate::period::PeriodRule;
 use crate::records::{AlertRecord, BudgetRecord, DeadLetter, Dimensions, HoldRecord, OutboxEntry, UsageDetail};
 use crate::store::{idempotency_key, Store};
-use crate::writer::{Op, Ticketed, Writer};
+use crate::writer::{MapLimits, Op, Ticketed, Writer};
 
 pub use policy::BudgetUpdate;
 pub use views::{BalanceView, UsageView};
@@ -40,7 +41,12 @@ pub use views::{BalanceView, UsageView};
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     pub data_dir: PathBuf,
+    /// Where the LMDB map starts; the writer grows it up to `map_max_mb` (crate::capacity).
     pub map_size_mb: u64,
+    /// The most the map may grow to, in MiB; 0: whatever the disk can spare beyond `disk_reserve_mb`.
+    pub map_max_mb: u64,
+    /// Disk space left to everything else when `map_max_mb` is 0, and subtracted from the disk's free space always.
+    pub disk_reserve_mb: u64,
     /// false: fsync every transaction (survives power loss). true: no fsync (survives kill -9, not power loss).
     pub relaxed: bool,
     pub default_ttl_ms: u64,
@@ -54,6 +60,8 @@ pub struct EngineConfig {
     /// How long a resolved hold (and its idempotency key) stays answerable for idempotent retries.
     pub resolved_retention_ms: u64,
     pub prune_interval_ms: u64,
+    /// Settled ledger entries of closed periods older than this move to the archive (crate::archive).
+    pub ledger_retention_days: u64,
     /// Committed usage waiting for settlement. At the bound new reservations are refused (commits of existing holds
     /// still go in), so an outage at Stripe can never fill the disk unnoticed.
     pub max_outbox_entries: u64,
@@ -68,6 +76,8 @@ impl EngineConfig {
         EngineConfig {
             data_dir: data_dir.into(),
             map_size_mb: 1024,
+            map_max_mb: 0,
+            disk_reserve_mb: crate::capacity::DEFAULT_DISK_RESERVE_MB,
             relaxed: false,
             default_ttl_ms: 60_000,
             max_ttl_ms: 3_600_000,
@@ -78,6 +88,7 @@ impl EngineConfig {
             reap_interval_ms: 100,
             resolved_retention_ms: 7 * 86_400_000,
             prune_interval_ms: 60_000,
+            ledger_retention_days: DEFAULT_LEDGER_RETENTION_DAYS,
             max_outbox_entries: 10_000_000,
             default_period: PeriodRule::CALENDAR_MONTH,
             breaker: BreakerConfig { multiplier: 10, recent_ms: 3_600_000, window_ms: 86_400_000, min_units: 0 },
@@ -112,6 +123,24 @@ impl EngineConfig {
             return Err(EngineError::invalid(format!(
                 "default_ttl_ms ({}) is above max_ttl_ms ({}); lower it or raise max_ttl_ms",
                 self.default_ttl_ms, self.max_ttl_ms
+            )));
+        }
+        if self.map_max_mb != 0 && !(self.map_size_mb..=MAX_MAP_SIZE_MB).contains(&self.map_max_mb) {
+            return Err(EngineError::invalid(format!(
+                "map_max_mb is {}; it must be 0 (as much as the disk can spare) or in map_size_mb ({})..={MAX_MAP_SIZE_MB}",
+                self.map_max_mb, self.map_size_mb
+            )));
+        }
+        if self.ledger_retention_days > MAX_LEDGER_RETENTION_DAYS {
+            return Err(EngineError::invalid(format!(
+                "ledger_retention_days is {}; it must be at most {MAX_LEDGER_RETENTION_DAYS}",
+                self.ledger_retention_days
+            )));
+        }
+        if self.disk_reserve_mb > MAX_MAP_SIZE_MB {
+            return Err(EngineError::invalid(format!(
+                "disk_reserve_mb is {}; it must be at most {MAX_MAP_SIZE_MB}",
+                self.disk_reserve_mb
             )));
         }
         self.default_period.validate()?;
@@ -181,6 +210,8 @@ pub struct EngineStats {
     pub durable_ticket: u64,
     pub map_size_bytes: u64,
     pub map_used_bytes: u64,
+    pub map_capacity_bytes: u64,
+    pub map_high_water_bytes: u64,
     pub expired_total: u64,
     pub batches_total: u64,
     pub ops_total: u64,
@@ -247,9 +278,11 @@ pub struct Shared {
     failed: AtomicBool,
     closing: AtomicBool,
     writer_done: AtomicBool,
-    map_full: AtomicBool,
     map_size_bytes: AtomicU64,
     map_used_bytes: AtomicU64,
+    /// The most the map may grow to (crate::capacity::capacity_bytes), as the writer last measured it.
+    map_capacity_bytes: AtomicU64,
+    map_high_water_bytes: AtomicU64,
     expired_total: AtomicU64,
     batches_total: AtomicU64,
     ops_total: AtomicU64,
@@ -258,6 +291,8 @@ pub struct Shared {
     periods_rolled_total: AtomicU64,
     /// The newest durable alert's sequence number (0: none).
     alert_seq: AtomicU64,
+    /// The last archiving pass stopped at its bound: the reaper sends the next one without waiting a prune interval.
+    archive_backlog: AtomicBool,
     /// The earliest end of any budget's period: the reaper looks for roll-overs only once it has passed.
     next_roll_ms: AtomicI64,
     /// Serializes linking members to orgs (admin calls only).
@@ -288,7 +323,7 @@ impl Engine {
             UnixStream::pair().map_err(|err| EngineError::internal(format!("socketpair: {err}")))?;
         notify_tx.set_nonblocking(true).map_err(|err| EngineError::internal(format!("notify pipe: {err}")))?;
         notify_rx.set_nonblocking(true).map_err(|err| EngineError::internal(format!("notify pipe: {err}")))?;
-        let (map_size_bytes, map_used_bytes) = store.map_usage_bytes();
+        let map_usage = store.map_usage(config.map_max_mb, config.disk_reserve_mb)?;
         let shared = Arc::new(Shared {
             clock,
             store: std::sync::RwLock::new(Some(store.clone())),
@@ -310,9 +345,10 @@ impl Engine {
             failed: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             writer_done: AtomicBool::new(false),
-            map_full: AtomicBool::new(false),
-            map_size_bytes: AtomicU64::new(map_size_bytes),
-            map_used_bytes: AtomicU64::new(map_used_bytes),
+            map_size_bytes: AtomicU64::new(map_usage.size_bytes),
+            map_used_bytes: AtomicU64::new(map_usage.used_bytes),
+            map_capacity_bytes: AtomicU64::new(map_usage.capacity_bytes),
+            map_high_water_bytes: AtomicU64::new(map_usage.high_water_bytes),
             expired_total: AtomicU64::new(0),
             batches_total: AtomicU64::new(0),
             ops_total: AtomicU64::new(0),
@@ -320,13 +356,23 @@ impl Engine {
             breaker_trips_total: AtomicU64::new(0),
             periods_rolled_total: AtomicU64::new(0),
             alert_seq: AtomicU64::new(recovered.next_alert_seq - 1),
+            archive_backlog: AtomicBool::new(false),
             next_roll_ms: AtomicI64::new(i64::MAX),
             hierarchy: Mutex::new(()),
             config,
         });
         shared.rebuild(recovered.budgets, recovered.active_holds)?;
-        shared.update_map_usage((map_size_bytes, map_used_bytes));
-        let writer = Writer::new(shared.clone(), store, rx, recovered.next_ledger_seq, recovered.next_alert_seq);
+        let map_limits =
+            MapLimits { map_max_mb: shared.config.map_max_mb, disk_reserve_mb: shared.config.disk_reserve_mb };
+        let writer = Writer::new(
+            shared.clone(),
+            store,
+            rx,
+            recovered.next_ledger_seq,
+            recovered.next_alert_seq,
+            map_limits,
+            map_usage,
+        );
         let writer = std::thread::Builder::new()
             .name("spendgate-writer".into())
             .spawn(move || writer.run())
@@ -594,11 +640,13 @@ impl Engine {
             .map_err(|err| {
                 EngineError::invalid(format!("cannot create {} (it must not exist yet): {err}", path.display()))
             })?;
-        self.shared.with_store(|store| Ok(store.env.copy_to_file(&mut file, heed::CompactionOption::Enabled)?))?;
+        self.shared.with_store(|store| store.copy_to_file(&mut file))?;
         file.sync_all().map_err(|err| EngineError::internal(format!("fsync of {}: {err}", path.display())))?;
         let size_bytes =
             file.metadata().map_err(|err| EngineError::internal(format!("{}: {err}", path.display())))?.len();
-        Ok(size_bytes)
+        let data_dir = self.shared.with_store(|store| Ok(store.dir().to_path_buf()))?;
+        let archive_bytes = crate::archive::copy_all(&data_dir, dest_dir)?;
+        Ok(size_bytes + archive_bytes)
     }
 
     /// This data dir's instance id (in every reservation id it issues).
@@ -637,6 +685,8 @@ impl Engine {
             durable_ticket: s.durable_ticket.load(SeqCst),
             map_size_bytes: s.map_size_bytes.load(SeqCst),
             map_used_bytes: s.map_used_bytes.load(SeqCst),
+            map_capacity_bytes: s.map_capacity_bytes.load(SeqCst),
+            map_high_water_bytes: s.map_high_water_bytes.load(SeqCst),
             expired_total: s.expired_total.load(SeqCst),
             batches_total: s.batches_total.load(SeqCst),
             ops_total: s.ops_total.load(SeqCst),
@@ -898,25 +948,38 @@ impl Shared {
         self.config.breaker
     }
 
-    fn map_full_error(&self) -> EngineError {
-        EngineError::exhausted(format!(
-            "the LMDB map is {MAP_HIGH_WATER_PERCENT}% full ({} of {} MiB): new reservations and budgets are refused \
-             so that existing holds can still commit; raise map_size_mb (--map-size-mb or SPENDGATE_MAP_SIZE_MB) and \
-             restart",
-            self.map_used_bytes.load(SeqCst) >> 20,
-            self.map_size_bytes.load(SeqCst) >> 20
-        ))
+    /// Refuse new work (a hold, a budget) that would leave the map too little room for what is already granted:
+    /// every open hold's resolution and every outbox entry's acknowledgement (crate::capacity).
+    fn check_map_room(&self, new_work_bytes: u64) -> Result<(), EngineError> {
+        let used = self.map_used_bytes.load(SeqCst);
+        let capacity = self.map_capacity_bytes.load(SeqCst);
+        let needed = room_needed_bytes(self.active_holds.load(SeqCst), self.outbox_depth.load(SeqCst))
+            .saturating_add(new_work_bytes);
+        if used.saturating_add(needed) <= capacity {
+            return Ok(());
+        }
+        Err(EngineError::exhausted(format!(
+            "the data may grow to {} MiB (map_max_mb, or the disk's free space past disk_reserve_mb) and uses {} MiB; \
+             the {} open holds and {} unsettled commits may still need {} MiB, so new reservations and budgets are \
+             refused while commits and releases go on. Free disk space or raise map_max_mb; settled history is \
+             archived after ledger_retention_days",
+            mib(capacity),
+            mib(used),
+            self.active_holds.load(SeqCst),
+            self.outbox_depth.load(SeqCst),
+            mib(needed)
+        )))
     }
 
-    fn update_map_usage(&self, (size_bytes, used_bytes): (u64, u64)) {
-        self.map_size_bytes.store(size_bytes, SeqCst);
-        self.map_used_bytes.store(used_bytes, SeqCst);
-        let full = used_bytes.saturating_mul(100) >= size_bytes.saturating_mul(MAP_HIGH_WATER_PERCENT);
-        self.map_full.store(full, SeqCst);
+    fn update_map_usage(&self, usage: MapUsage) {
+        self.map_size_bytes.store(usage.size_bytes, SeqCst);
+        self.map_used_bytes.store(usage.used_bytes, SeqCst);
+        self.map_capacity_bytes.store(usage.capacity_bytes, SeqCst);
+        self.map_high_water_bytes.store(usage.high_water_bytes, SeqCst);
     }
 
     /// Called by the writer after a batch is durable.
-    pub(crate) fn publish_durable(&self, last_ticket: u64, ops: usize, map_usage: (u64, u64), alert_seq: u64) {
+    pub(crate) fn publish_durable(&self, last_ticket: u64, ops: usize, map_usage: MapUsage, alert_seq: u64) {
         let alert_before = self.alert_seq.swap(alert_seq, SeqCst);
         assert!(alert_seq >= alert_before, "alert seq went backwards: {alert_before} -> {alert_seq}");
         let before = self.durable_ticket.swap(last_ticket, SeqCst);
@@ -942,6 +1005,10 @@ impl Shared {
                 self.idempotency.remove_if(key.as_ref(), |_, id| *id == hold_id);
             }
         }
+    }
+
+    pub(crate) fn set_archive_backlog(&self, backlog: bool) {
+        self.archive_backlog.store(backlog, SeqCst);
     }
 
     pub(crate) fn outbox_grew(&self, entries: u64) {
@@ -999,13 +1066,20 @@ impl Shared {
         let interval = Duration::from_millis(self.config.reap_interval_ms);
         let prune_every = Duration::from_millis(self.config.prune_interval_ms);
         let mut last_prune = Instant::now();
+        let mut prune_ticket = 0;
         while !self.closing.load(SeqCst) {
             self.reap_expired();
             self.roll_due();
-            if last_prune.elapsed() >= prune_every && self.check_open().is_ok() && self.acquire_queue_slot().is_ok() {
-                let before_ms = self.clock.now_ms() - self.config.resolved_retention_ms as i64;
+            // One prune in flight at a time: a pass slower than the interval must not pile up ahead of commits.
+            let idle = self.durable_ticket.load(SeqCst) >= prune_ticket;
+            let due = idle && (last_prune.elapsed() >= prune_every || self.archive_backlog.swap(false, SeqCst));
+            if due && self.check_open().is_ok() && self.acquire_queue_slot().is_ok() {
+                let now_ms = self.clock.now_ms();
+                let before_ms = now_ms - self.config.resolved_retention_ms as i64;
+                let archive_before_ms = now_ms - self.config.ledger_retention_days as i64 * crate::period::DAY_MS;
                 let ticket = self.take_ticket();
-                self.send(ticket, Op::Prune { before_ms });
+                self.send(ticket, Op::Prune { before_ms, archive_before_ms });
+                prune_ticket = ticket;
                 last_prune = Instant::now();
             }
             std::thread::park_timeout(interval);

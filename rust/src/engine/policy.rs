@@ -151,9 +151,7 @@ impl Shared {
                 truncate_for_message(customer_id)
             ))
         })?;
-        if self.map_full.load(SeqCst) {
-            return Err(self.map_full_error());
-        }
+        self.check_map_room(crate::capacity::BUDGET_WORST_CASE_BYTES)?;
         let parent = update.parent.as_deref().map(|id| self.org_for(id)).transpose()?;
         let Entry::Vacant(entry) = self.budgets.entry(customer_id.into()) else { return Ok(None) };
         if self.budget_count.load(SeqCst) >= self.config.max_budgets {
