@@ -47,6 +47,11 @@ pub trait Clock: Send + Sync + 'static {
     /// The kernel boot's id: boot_ms readings compare only under the same id. "" when unknown (every start is then
     /// treated as a new boot).
     fn boot_id(&self) -> String;
+
+    /// The wall clock's raw reading (tests). The engine goes by TimeKeeper::now_ms, the trusted wall time.
+    fn now_ms(&self) -> i64 {
+        self.wall_ms()
+    }
 }
 
 pub struct SystemClock;
@@ -111,11 +116,6 @@ impl ManualClock {
         self.wall_ms.fetch_add(downtime_ms, Ordering::SeqCst);
         self.boot_ms.store(1_000, Ordering::SeqCst);
         self.boots.fetch_add(1, Ordering::SeqCst);
-    }
-
-    /// The wall clock's reading.
-    pub fn now_ms(&self) -> i64 {
-        self.wall_ms()
     }
 }
 
