@@ -281,7 +281,13 @@ impl TimeKeeper {
     pub fn checkpoint(&self) -> ClockCheckpoint {
         let state = self.state.lock().expect("clock state lock");
         let (mono_ms, wall_ms) = self.mono_and_now();
-        ClockCheckpoint { boot_id: self.boot_id.clone(), offset_ms: self.offset_ms, mono_ms, wall_ms, pending: state.pending }
+        ClockCheckpoint {
+            boot_id: self.boot_id.clone(),
+            offset_ms: self.offset_ms,
+            mono_ms,
+            wall_ms,
+            pending: state.pending,
+        }
     }
 
     /// Steps seen since the engine opened.

@@ -25,12 +25,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import pytest
-
 from spendgate.testing import Sidecar
 from spendgate.v1 import spendgate_pb2 as pb
+
 from tests.python.server._alerting import Watch, sidecar_env
 
-from ._support import INSUFFICIENT, LONG_TTL_MS, Conn, assert_balance_consistent, new_customer, wait_until
+from ._support import (
+    INSUFFICIENT,
+    LONG_TTL_MS,
+    Conn,
+    assert_balance_consistent,
+    new_customer,
+    wait_until,
+)
 
 if TYPE_CHECKING:
     from tests.conftest import SidecarFactory
