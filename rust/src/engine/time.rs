@@ -44,9 +44,9 @@ impl Shared {
             ClockEvent::Stepped { step_ms, alert: true } => (
                 format!(
                     "the wall clock stepped {} against the monotonic clock (more than max_clock_step_ms, {max_ms} \
-                     ms): budget periods, the circuit breaker and timestamps keep the monotonic clock's time until \
-                     the step has held for clock_step_confirm_ms ({} s); hold lifetimes are monotonic and unaffected. \
-                     Check the host's time synchronization (NTP)",
+                     ms): budget periods, the circuit breaker and timestamps go on with the wall time last agreed, \
+                     extrapolated on the monotonic clock, until the step has held for clock_step_confirm_ms ({} s); \
+                     hold lifetimes are monotonic and unaffected. Check the host's time synchronization (NTP)",
                     signed_duration(step_ms),
                     confirm_ms / 1000
                 ),
