@@ -300,3 +300,32 @@ impl Fixture {
         self.clock.now_ms()
     }
 }
+
+#[test]
+fn the_breaker_s_windows_do_not_move_on_a_pending_step() {
+    // The default breaker: 10x the typical hour of the trailing day. A +2-day step that the windows followed would
+    // age the whole history out, and a runaway right after it would find no "typical" to compare with.
+    let f = Fixture::new();
+    let update = BudgetUpdate { limit: Some(1_000_000_000), period: Some(PeriodRule::Lifetime), ..Default::default() };
+    f.engine().wait_durable(f.engine().update_budget("cus", &update).unwrap().ticket, WAIT).unwrap();
+    for _ in 0..6 * 12 {
+        let hold = f.reserve("cus", 100, 600_000);
+        assert!(!f.commit(&hold.reservation_id, 100).breaker_tripped);
+        f.clock.advance_ms(300_000);
+    }
+    f.clock.step_wall_ms(2 * DAY_MS);
+    f.tick();
+    assert_eq!(f.engine().stats().clock_step_pending_ms, 2 * DAY_MS);
+    let mut tripped = 0;
+    for _ in 0..12 {
+        let hold = f.reserve("cus", 5_000, 600_000);
+        if !hold.granted {
+            assert_eq!(hold.reason, DenyReason::Frozen);
+            break;
+        }
+        tripped += usize::from(f.commit(&hold.reservation_id, 5_000).breaker_tripped);
+        f.clock.advance_ms(60_000);
+    }
+    assert_eq!(tripped, 1, "the runaway is measured against the history it really has");
+    assert!(f.engine().balance("cus").unwrap().frozen);
+}
