@@ -229,6 +229,8 @@ class Engine:
         breaker_recent_ms: int = 3_600_000,
         breaker_window_ms: int = 86_400_000,
         breaker_min_units: int = 0,
+        max_clock_step_ms: int = 1_000,
+        clock_step_confirm_ms: int = 900_000,
     ) -> None: ...
     def reserve(
         self,
@@ -341,8 +343,10 @@ class Engine:
         """Expire due holds now (the engine also does this itself every reap_interval_ms). Returns how many."""
     def stats(self) -> dict[str, int]:
         """Counters for metrics: budgets, active_holds, queue_depth, durable_ticket, map_size_bytes,
-        map_used_bytes (pages holding data), map_high_water_bytes, map_capacity_bytes, expired_total, batches_total, ops_total, outbox_depth, breaker_trips_total,
-        periods_rolled_total, alert_seq."""
+        map_used_bytes (pages holding data), map_high_water_bytes, map_capacity_bytes, expired_total, batches_total,
+        ops_total, outbox_depth, breaker_trips_total, periods_rolled_total, alert_seq, clock_steps_total (wall-clock
+        steps seen since the start), clock_step_pending_ms (the step not yet followed, wall minus trusted time; 0 while
+        the clocks agree)."""
     def check_invariants(self) -> None:
         """Verify the in-memory books (held equals the sum of open holds; available == limit - spent - held;
         spent + held <= limit + overdraft). Raises EngineError("internal") naming the first broken one."""

@@ -147,6 +147,18 @@ class Settings:
     breaker_min_units: int = _setting(
         0, "Circuit breaker: never trip below this many units in the recent window (and, without history, trip above it)."
     )
+    max_clock_step_ms: int = _setting(
+        1_000,
+        "A wall clock further than this from the monotonic clock has stepped: alerted (clock_step) and counted; periods "
+        "and the breaker ignore the step until it has held for clock_step_confirm_ms. Holds never see the wall clock.",
+        minimum=1,
+    )
+    clock_step_confirm_ms: int = _setting(
+        900_000,
+        "How long (monotonic) a wall-clock step must hold before periods, the breaker and timestamps follow it; one "
+        "undone sooner never counts.",
+        minimum=1,
+    )
     # The gRPC server, again.
     max_message_bytes: int = _setting(4 * 1024 * 1024, "Largest gRPC message received or sent.", minimum=1)
     max_concurrent_rpcs: int = _setting(10_000, "RPCs in flight at once; more get RESOURCE_EXHAUSTED.", minimum=1)
@@ -423,6 +435,8 @@ ENGINE_SETTINGS: Final[tuple[str, ...]] = (
     "breaker_recent_ms",
     "breaker_window_ms",
     "breaker_min_units",
+    "max_clock_step_ms",
+    "clock_step_confirm_ms",
 )
 
 FIELDS: Final[Mapping[str, dataclasses.Field[Any]]] = {f.name: f for f in dataclasses.fields(Settings)}

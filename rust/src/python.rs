@@ -253,7 +253,8 @@ impl PyEngine {
         max_holds_per_budget = 10_000, max_active_holds = 1_000_000, max_budgets = 1_000_000,
         write_queue_capacity = 65_536, reap_interval_ms = 100, resolved_retention_ms = 604_800_000,
         max_outbox_entries = 10_000_000, default_period = "month", breaker_multiplier = 10,
-        breaker_recent_ms = 3_600_000, breaker_window_ms = 86_400_000, breaker_min_units = 0
+        breaker_recent_ms = 3_600_000, breaker_window_ms = 86_400_000, breaker_min_units = 0,
+        max_clock_step_ms = 1_000, clock_step_confirm_ms = 900_000
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -278,6 +279,8 @@ impl PyEngine {
         breaker_recent_ms: u64,
         breaker_window_ms: u64,
         breaker_min_units: i64,
+        max_clock_step_ms: u64,
+        clock_step_confirm_ms: u64,
     ) -> PyResult<Self> {
         let relaxed = match durability {
             "fsync" => false,
@@ -318,6 +321,8 @@ impl PyEngine {
             window_ms: breaker_window_ms,
             min_units: breaker_min_units,
         };
+        config.max_clock_step_ms = max_clock_step_ms;
+        config.clock_step_confirm_ms = clock_step_confirm_ms;
         let inner = py.detach(|| Engine::open(config)).map_err(to_py_err)?;
         Ok(PyEngine { inner })
     }
@@ -653,6 +658,8 @@ impl PyEngine {
         dict.set_item("breaker_trips_total", s.breaker_trips_total)?;
         dict.set_item("periods_rolled_total", s.periods_rolled_total)?;
         dict.set_item("alert_seq", s.alert_seq)?;
+        dict.set_item("clock_steps_total", s.clock_steps_total)?;
+        dict.set_item("clock_step_pending_ms", s.clock_step_pending_ms)?;
         Ok(dict)
     }
 

@@ -162,7 +162,12 @@ pub struct HoldRecord {
     pub amount: i64,
     pub status: HoldStatus,
     pub created_ms: i64,
+    /// When the hold ends on the wall clock as estimated at Reserve (shown to clients). Holds end on engine time.
     pub expires_ms: i64,
+    /// When the hold ends in engine time (crate::clock: monotonic, continued across restarts). None in holds made
+    /// before it existed: they end at `expires_ms`, by the wall clock, at most their TTL after the upgrade.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_mono_ms: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
     /// Set once committed: the actual units posted.

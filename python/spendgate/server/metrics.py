@@ -14,7 +14,8 @@ Recorded per call by the gRPC interceptor (spendgate.server.interceptors), from 
 Read from the engine when scraped (EngineCollector):
 - spendgate_budgets, spendgate_active_holds, spendgate_expired_holds_total (reclaimed by the TTL reaper),
   spendgate_write_queue_depth, spendgate_write_batches_total, spendgate_write_ops_total,
-  spendgate_breaker_trips_total (budgets the circuit breaker froze), spendgate_periods_rolled_total
+  spendgate_breaker_trips_total (budgets the circuit breaker froze), spendgate_periods_rolled_total,
+  spendgate_clock_steps_total (wall-clock steps past max_clock_step_ms), spendgate_clock_step_pending_seconds
 - spendgate_outbox_depth, spendgate_outbox_max_entries, spendgate_outbox_oldest_age_seconds, spendgate_dead_letters
 - spendgate_lmdb_map_size_bytes, spendgate_lmdb_map_used_bytes, spendgate_lmdb_map_used_ratio,
   spendgate_lmdb_map_high_water_bytes, spendgate_lmdb_map_capacity_bytes, spendgate_lmdb_file_bytes
@@ -188,6 +189,11 @@ def _engine_families(stats: dict[str, int]) -> Iterator[Metric]:
                               value=stats["breaker_trips_total"])
     yield CounterMetricFamily("spendgate_periods_rolled", "Budget periods rolled over (since the start).",
                               value=stats["periods_rolled_total"])
+    yield CounterMetricFamily("spendgate_clock_steps", "Wall-clock steps against the monotonic clock larger than "
+                              "max_clock_step_ms (since the start).", value=stats["clock_steps_total"])
+    yield _gauge("spendgate_clock_step_pending_seconds", "The wall-clock step that periods and the breaker do not "
+                 "follow yet (wall minus trusted time); 0 while the clocks agree.",
+                 stats["clock_step_pending_ms"] / 1000)
 
 
 def _outbox_families(outbox: _core.OutboxStats) -> Iterator[Metric]:
