@@ -55,6 +55,7 @@ from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 if TYPE_CHECKING:
     from spendgate.proxy import Proxy
     from spendgate.webhooks import WebhookReceiver
+    from spendgate.webhooks.invoices import InvoiceGuard
 
 log = logging.getLogger("spendgate")
 
@@ -95,6 +96,7 @@ class Sidecar:
         self._proxy: Proxy | None = None  # the HTTP proxy (proxy_listen), and its server
         self._proxy_http: HttpServer | None = None
         self.proxy_address = ""
+        self.invoice_guard: InvoiceGuard | None = None  # invoice.created and Admin.ReleaseInvoice
 
     async def start(self) -> None:
         assert self._engine is None, "start() runs once"
@@ -115,6 +117,7 @@ class Sidecar:
             self._alerts = AlertService(self._engine, self._waiter, settings, self.metrics,
                                         by_token=self.tokens.enabled)
             self.virtual_keys = VirtualKeys(self._engine, self._waiter.wait)  # the proxy's, managed by Admin RPCs
+            self.invoice_guard = _invoice_guard(settings, self._engine, self._waiter)
             self._health = grpc_health.aio.HealthServicer()
             self._server = self._build_server(self._engine, self._waiter, self._health)
             port = (self._server.add_secure_port(settings.listen, credentials) if credentials is not None
@@ -180,7 +183,7 @@ class Sidecar:
         from spendgate.webhooks import WEBHOOK_PATH, add_webhook_routes, build_receiver  # noqa: PLC0415 - aiohttp
 
         settings = self.settings
-        self.webhooks = build_receiver(settings, engine, waiter.wait)
+        self.webhooks = build_receiver(settings, engine, waiter.wait, self.invoice_guard)
         if app is not None:
             add_webhook_routes(app, self.webhooks)
             return
@@ -267,6 +270,7 @@ class Sidecar:
         pb_grpc.add_BudgetServicer_to_server(budget, server)
         admin = AdminServicer(engine, waiter, self._settlement, backup_dir=self.settings.backup_dir)
         admin.virtual_keys = self.virtual_keys
+        admin.invoice_guard = self.invoice_guard
         pb_grpc.add_AdminServicer_to_server(admin, server)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         if settings.reflection:
@@ -356,6 +360,12 @@ class Sidecar:
             task = asyncio.get_running_loop().create_task(self._health.enter_graceful_shutdown())
             self._health_tasks.add(task)  # the loop keeps only weak references to tasks
             task.add_done_callback(self._health_tasks.discard)
+
+
+def _invoice_guard(settings: Settings, engine: _core.Engine, waiter: DurabilityWaiter) -> InvoiceGuard:
+    from spendgate.webhooks.invoices import build_guard  # noqa: PLC0415 - the webhooks package needs aiohttp
+
+    return build_guard(settings, engine, waiter.wait)
 
 
 def _redact(tokens: Tokens) -> None:
