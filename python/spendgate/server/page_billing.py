@@ -37,8 +37,8 @@ def _spike_row(invoice_id: str, record: Mapping[str, Any], now_ms: int) -> str:
     cells = [
         f"<td>{esc(invoice_id)}</td>", f"<td>{esc(record.get('customer', ''))}</td>",
         f'<td class="num">{esc(units(int(record.get("draft_total") or 0)))} {esc(currency)}</td>',
-        f'<td class="num">{esc(units(previous) if isinstance(previous, int) else "-")} '
-        f"{esc(record.get('previous_id', ''))}</td>",
+        (f'<td class="num">{esc(units(previous) if isinstance(previous, int) else "-")} '
+         f"{esc(record.get('previous_id', ''))}</td>"),
         f"<td>{esc(state)}</td>", f"<td>{esc(age(int(record.get('ts_ms') or 0), now_ms))}</td>",
     ]
     return "<tr>" + "".join(cells) + "</tr>"
