@@ -4,8 +4,8 @@ period in the ledger with Stripe's meter event summaries, with the same code as 
 for a customer that differs by more than `reconcile_tolerance_percent`.
 
 Who. An active customer is a Stripe customer billed by a budget that has spent or holds something in its current
-period. Its window is [the earliest current-period start of its budgets, rounded up to a minute; now, rounded down to
-a minute): Stripe's summaries take whole minutes, and both sides are read over the same window.
+period. Its window is [the earliest current-period start of its budgets, rounded up to a minute; the next minute):
+Stripe's summaries take whole minutes, and both sides are read over the same window (as `spendgate reconcile` does).
 
 What is allowed for (as `spendgate reconcile` does, plus one rule):
 - pending usage (committed, not yet acknowledged by Stripe: still in the outbox) is not expected at Stripe: Stripe is
@@ -225,7 +225,7 @@ class ScheduledReconcile:
     def _select(self, now_s: float) -> tuple[dict[str, reconcile.Period], dict[str, tuple[str, ...]]]:
         """The windows of this run's Stripe customers (at most reconcile_max_customers, after the cursor), and their
         budgets."""
-        end_s = int(now_s) // 60 * 60
+        end_s = (int(now_s) // 60 + 1) * 60  # the next minute, as `spendgate reconcile` (Stripe takes no later end)
         starts: dict[str, int] = {}
         budgets: dict[str, list[str]] = {}
         for view in self._engine.list_budgets("", LIST_LIMIT):

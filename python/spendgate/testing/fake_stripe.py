@@ -774,7 +774,45 @@ _INVOICE_ROUTES: Final[list[tuple[str, str, re.Pattern[str], str]]] = [
 ]
 
 
-class FakeStripe(_FakeInvoices):
+# ---------------------------------------------------------------------------------------------------------------------
+# Divergence injection, for reconciliation tests (a mixin of FakeStripe, kept apart from the meter code)
+# ---------------------------------------------------------------------------------------------------------------------
+
+class _FakeMeterInjection:
+    """Meter data Stripe has that spendgate never sent: what a second sender, or a bug, leaves on an invoice."""
+
+    _lock: threading.RLock
+    _visibility_delay: float
+
+    if TYPE_CHECKING:  # FakeStripe's own
+        def now(self) -> float: ...
+
+        def _active_meter(self, event_name: str) -> dict[str, Any] | None: ...
+
+        def _store_event(self, *, event_name: str, identifier: str, payload: Mapping[str, Any], timestamp: int,
+                         source: str, meter: Mapping[str, Any] | None) -> dict[str, Any]: ...
+
+    def inject_meter_event(self, event_name: str, customer: str, value: int, *, timestamp: int | None = None,
+                           identifier: str | None = None, visible_now: bool = True) -> dict[str, Any]:
+        """Add an accepted meter event straight to the meter's data (no HTTP request, no request log entry), as if
+        another system had sent it. visible_now: counted by the summaries at once, despite visibility_delay_seconds
+        (else it becomes visible like any event). Returns a copy of the stored event."""
+        with self._lock:
+            meter = self._active_meter(event_name)
+            if meter is None:
+                raise KeyError(event_name)
+            ev = self._store_event(
+                event_name=event_name, identifier=identifier or f"injected-{_rand(16)}",
+                payload={meter["customer_mapping"]["event_payload_key"]: customer,
+                         meter["value_settings"]["event_payload_key"]: str(value)},
+                timestamp=int(self.now()) if timestamp is None else timestamp, source="injected", meter=meter,
+            )
+            if visible_now:
+                ev["received_at"] -= self._visibility_delay
+            return copy.deepcopy(ev)
+
+
+class FakeStripe(_FakeInvoices, _FakeMeterInjection):
     """See the module docstring. All public methods are thread-safe."""
 
     _outage: str | None
