@@ -59,5 +59,5 @@ def reconcile_section(result: Mapping[str, Any] | None, now_ms: int) -> str:
         card("Reconciled", age(int(result["ts_ms"]), now_ms)),
     ])
     return (f"<h2>Reconciled with Stripe</h2><p>Stripe customer {esc(result['stripe_customer_id'])}, "
-            f"{esc(result['unit'])} of the current period up to {esc(result['window_end'])}.</p>"
+            f"{esc(result['unit'])} committed since {esc(result['window_start'])} (its current period), up to now.</p>"
             f'<div class="cards">{cards}</div>')

@@ -87,7 +87,8 @@ class CustomerResult:
 
     def as_dict(self) -> dict[str, Any]:
         body = dataclasses.asdict(self)
-        body.update(divergent=self.divergent, difference=self.difference, window_end=_iso(self.window_end_s))
+        body.update(divergent=self.divergent, difference=self.difference, window_start=_iso(self.window_start_s),
+                    window_end=_iso(self.window_end_s))
         return body
 
 

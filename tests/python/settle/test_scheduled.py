@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
 from spendgate import _core
 from spendgate.client import Client
 from spendgate.config import Settings
@@ -24,6 +23,7 @@ from spendgate.settle.scheduled import Pacer, ScheduledReconcile
 from spendgate.testing import Sidecar
 from spendgate.testing.fake_stripe import FakeStripe
 from spendgate.v1 import spendgate_pb2 as pb
+
 from tests.python.server._alerting import Watch
 
 from ._sidecar import create_budgets, wait_drained
@@ -45,9 +45,10 @@ def fake() -> Iterator[FakeStripe]:
         yield running
 
 
-def reconciling(sidecar_factory: SidecarFactory, fake: FakeStripe, name: str, **settings: object) -> Sidecar:
-    env = sidecar_env(fake, reconcile_interval_ms=INTERVAL_MS, **settings)
-    sidecar = sidecar_factory(name, env=env, http=True)
+def reconciling(sidecar_factory: SidecarFactory, fake: FakeStripe, data_dir_name: str, **settings: object) -> Sidecar:
+    env = sidecar_env(fake, reconcile_interval_ms=INTERVAL_MS)
+    env.update({f"SPENDGATE_{name.upper()}": str(value) for name, value in settings.items()})
+    sidecar = sidecar_factory(data_dir_name, env=env, http=True)
     create_budgets(sidecar.target, CUSTOMERS)
     return sidecar
 

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pytest
-
 from spendgate.testing import Sidecar
 from spendgate.testing.fake_stripe import DEFAULT_API_KEY, FakeStripe, WebhookDelivery
 from spendgate.v1 import spendgate_pb2 as pb
 from spendgate.webhooks.invoices import compare
-from tests.python.server._alerting import WEBHOOK_SECRET, AlertReceiver, Alerting, Watch
+
+from tests.python.server._alerting import WEBHOOK_SECRET, Alerting, AlertReceiver, Watch
 from tests.python.settle._support import spendgate_cli
 from tests.python.webhooks.test_webhooks import SECRET, sidecar_env, webhook_url
 
