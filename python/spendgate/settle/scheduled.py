@@ -17,7 +17,8 @@ What is allowed for (as `spendgate reconcile` does, plus one rule):
 Commits priced from tokens are compared on the token meter, in tokens, when settle_token_event_name is set.
 
 Alerts. A customer (and meter) raises one alert when it becomes divergent, and another only when its difference
-changes; a customer back within tolerance is forgotten. The alert's values carry both figures (`stripe`, `settled`) and
+changes; a customer back within tolerance is forgotten. This is remembered in memory: after a restart, a divergence
+that persists is alerted once more. The alert's values carry both figures (`stripe`, `settled`) and
 the rest (`ledger`, `pending`, `in_flight`, `difference`, the window).
 
 Bounds. At most `reconcile_max_customers` Stripe customers a run, in id order, each run going on after the last one
@@ -193,6 +194,9 @@ class ScheduledReconcile:
                 self._count_run("error")
                 log.error("scheduled reconcile stops: the engine is unavailable: %s", error.message)
                 return
+            except Exception:  # a bug: say so loudly, and keep the schedule (one bad run must not end them all)
+                self._count_run("error")
+                log.exception("scheduled reconcile failed unexpectedly (the next run is in %d ms)", self.interval_ms)
             elapsed_ms = (time.monotonic() - started) * 1000
             await asyncio.sleep(max(0.0, self.interval_ms - elapsed_ms) / 1000)
 

@@ -581,7 +581,8 @@ class _Outage:
 # stripe/params/_invoice_list_params.py, _invoice_update_params.py, stripe/_invoice.py):
 # - GET /v1/invoices "returned sorted by creation date, with the most recently created invoices appearing first";
 #   filters customer, status (draft|open|paid|uncollectible|void), subscription, collection_method, created; cursors
-#   starting_after / ending_before; limit 1..100, default 10. The list object is the usual {object, data, has_more, url}.
+#   starting_after / ending_before; limit 1..100, default 10. The list object is the usual {object, data, has_more,
+#   url}.
 # - GET /v1/invoices/{invoice}: the invoice; an unknown id is 404 resource_missing "No such invoice: 'in_...'".
 # - POST /v1/invoices/{invoice} (form encoded): "If you would like to stop the Stripe Billing engine from automatically
 #   finalizing ... invoices, pass auto_advance=false" (auto_advance: "Controls whether Stripe performs automatic

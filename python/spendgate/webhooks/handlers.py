@@ -451,15 +451,15 @@ class WebhookHandlers:
         return Outcome(200, "; ".join(a for a in actions if a) or f"{invoice_id} paid: nothing to change")
 
     async def _invoice_created(self, event_id: str, invoice: Mapping[str, Any], customer: str) -> Outcome:
-        from spendgate.webhooks.invoices import StripeUnavailable  # noqa: PLC0415 - with the guard only
+        from spendgate.webhooks.invoices import RetryLater  # noqa: PLC0415 - with the guard only
 
         assert self._invoice_guard is not None
         budget = _pick_budget(self._budgets_of(customer)[0], customer)  # the alert names the budget billed
         try:
             action = await self._invoice_guard.on_invoice_created(
                 event_id, invoice, budget.customer_id if budget is not None else customer)
-        except StripeUnavailable as error:
-            raise TransientError(f"cannot ask Stripe about invoice {invoice.get('id')} now: {error}") from None
+        except RetryLater as error:
+            raise TransientError(f"invoice {invoice.get('id')}: not now: {error}") from None
         self.stats.count("invoice_created")
         return Outcome(200, action)
 

@@ -37,6 +37,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from spendgate import _core
+from spendgate.webhooks.handlers import TRANSIENT_KINDS
 
 if TYPE_CHECKING:
     import stripe
@@ -62,8 +63,12 @@ REQUEST_TIMEOUT_S: Final[float] = 10.0
 FINALIZED_STATUSES: Final[frozenset[str]] = frozenset({"open", "paid", "uncollectible"})
 
 
-class StripeUnavailable(Exception):
-    """Stripe could not be asked now (connection, 429, 5xx); the caller retries later (a webhook answers 503)."""
+class RetryLater(Exception):
+    """Not now: the caller retries later (a webhook answers 503, so that Stripe resends)."""
+
+
+class StripeUnavailable(RetryLater):
+    """Stripe could not be asked now (connection, 429, 5xx)."""
 
 
 class InvoiceNotFound(Exception):
@@ -84,7 +89,8 @@ class StripeInvoices:
         return [invoice.to_dict() for invoice in listed.data], bool(listed.has_more)
 
     def retrieve(self, invoice_id: str) -> dict[str, Any]:
-        return self._call(lambda: self._client.v1.invoices.retrieve(invoice_id)).to_dict()  # type: ignore[no-any-return]
+        invoice = self._call(lambda: self._client.v1.invoices.retrieve(invoice_id))
+        return invoice.to_dict()  # type: ignore[no-any-return]
 
     def set_auto_advance(self, invoice_id: str, value: bool) -> dict[str, Any]:
         updated = self._call(lambda: self._client.v1.invoices.update(invoice_id, {"auto_advance": value}))
@@ -183,7 +189,8 @@ class GuardState:
         except ValueError as error:
             raise ValueError(f"cannot read the invoice guard's document {STATE_DOCUMENT!r}: {error}") from None
         if not isinstance(document, dict) or document.get("version") != STATE_VERSION:
-            raise ValueError(f"the document {STATE_DOCUMENT!r} is not an invoice guard state of version {STATE_VERSION}")
+            raise ValueError(f"the document {STATE_DOCUMENT!r} is not an invoice guard state of version "
+                             f"{STATE_VERSION}")
         for invoice_id, record in document.get("invoices", []):
             state.put(str(invoice_id), dict(record))
         return state
@@ -263,11 +270,17 @@ class InvoiceGuard:
         }
         log.info("webhook %s: draft invoice %s of %s: %s%s", event_id, invoice_id, customer, verdict.reason,
                  ": INVOICE SPIKE" if verdict.spike else "")
-        if verdict.spike:
-            self._engine.raise_alert(ALERT_KIND, alert_customer_id, self._message(invoice_id, record, verdict),
-                                     self._values(record, verdict))
-        self._state.put(invoice_id, record)
-        await self._save()
+        try:
+            if verdict.spike:
+                self._engine.raise_alert(ALERT_KIND, alert_customer_id, self._message(invoice_id, record, verdict),
+                                         self._values(record, verdict))
+            self._state.put(invoice_id, record)
+            await self._save()
+        except _core.EngineError as error:
+            self._state.invoices.pop(invoice_id, None)  # not durable: Stripe's resend judges it again
+            if error.kind in TRANSIENT_KINDS:
+                raise RetryLater(f"cannot store the alert now: {error.kind}: {error.message}") from None
+            raise
         return record
 
     def _message(self, invoice_id: str, record: Mapping[str, Any], verdict: Verdict) -> str:
@@ -346,7 +359,11 @@ class InvoiceGuard:
             if record is not None:
                 record["released_ms"] = time.time_ns() // 1_000_000
                 self._state.put(invoice_id, record)
-                await self._save()
+                try:
+                    await self._save()
+                except RetryLater as error:  # Stripe has it released; a retry records it (and sets it again)
+                    record["released_ms"] = 0
+                    raise _core.EngineError("unavailable", f"{error}; try again") from None
         log.warning("invoice-spike guard: draft invoice %s released (auto_advance true)%s", invoice_id,
                     "" if was_held else "; the guard had not held it")
         return Release(invoice_id, _id_of(updated.get("customer")), str(updated.get("status") or ""),
@@ -362,7 +379,14 @@ class InvoiceGuard:
         return self._invoices
 
     async def _save(self) -> None:
-        await self._wait_durable(self._engine.put_document(STATE_DOCUMENT, self._state.to_json()))
+        """The records, durably. RetryLater when the engine cannot now."""
+        try:
+            await self._wait_durable(self._engine.put_document(STATE_DOCUMENT, self._state.to_json()))
+        except _core.EngineError as error:
+            if error.kind in TRANSIENT_KINDS:
+                raise RetryLater(f"cannot store the invoice guard's records now: {error.kind}: {error.message}") \
+                    from None
+            raise
 
 
 def _id_of(value: Any) -> str:

@@ -169,7 +169,7 @@ def test_an_injected_divergence_raises_one_alert_with_both_figures(sidecar_facto
     fake.advance_time(HOUR_S)
     wait_for_page(sidecar, "acct-drift", {"Verdict": "ok", "Stripe's meter total": "1,000"})
 
-    # Usage spendgate never sent (timestamped by the wall clock, which the sidecar reads; the fake's runs an hour ahead).
+    # Usage spendgate never sent (timestamped by the wall clock, which the sidecar reads: the fake's is an hour ahead).
     fake.inject_meter_event("spendgate_usage", "cus_sched_drift", 500, timestamp=int(time.time()))
     cards = wait_for_page(sidecar, "acct-drift", {"Verdict": "OVER", "Stripe's meter total": "1,500",
                                                   "Ledger, settled": "1,000"})

@@ -29,7 +29,7 @@ DAY_S = 86_400
 MARKER = "cus_marker_budget"  # toggled to mark "every alert raised so far has been read"
 
 
-# -- the comparison -----------------------------------------------------------------------------------------------------
+# -- the comparison ----------------------------------------------------------------------------------------------------
 
 
 def invoice(total: int, currency: str = "usd") -> dict[str, Any]:
