@@ -8,6 +8,7 @@
     spendgate settle status                              settlement status of a running sidecar
     spendgate deadletter list | requeue SEQ... | requeue --all     dead letters of a running sidecar
     spendgate reconcile [--period YYYY-MM | --start DATE [--end DATE]] [--fix ...]   the ledger against Stripe
+    spendgate invoices release INVOICE                   let Stripe finalize a draft the invoice-spike guard held
     spendgate backup DEST | restore SRC --data-dir DIR [--force] | inspect [SECTION]   data care (spendgate.datacare)
     spendgate check-config FILE                          validate a TOML config file offline (exit 2: problems)
 

@@ -2,6 +2,7 @@
 
 - server.py: the HTTP endpoint (POST /stripe/webhook): signature verification, status codes.
 - handlers.py: what each event does to the budgets, idempotently.
+- invoices.py: the invoice-spike guard (invoice.created; Admin.ReleaseInvoice).
 
     receiver = build_receiver(settings, engine, waiter.wait)
     add_webhook_routes(app, receiver)
