@@ -23,7 +23,8 @@ the rest (`ledger`, `pending`, `in_flight`, `difference`, the window).
 
 Bounds. At most `reconcile_max_customers` Stripe customers a run, in id order, each run going on after the last one
 compared (so every customer gets its turn); at most `reconcile_max_requests_per_second` Stripe calls a second (one or
-two per customer, and one a run to find each meter). The ledger is read once a run (spendgate.store_reader, in a child
+two per customer, and one a run to find each meter); the budgets looked at are the first LIST_LIMIT (10,000) the
+engine lists. The ledger is read once a run (spendgate.store_reader, in a child
 process). Metrics: spendgate_reconcile_runs_total{outcome}, spendgate_reconcile_divergent_customers,
 spendgate_reconcile_last_success_timestamp_seconds. The operator page shows each customer's last result and its age.
 """

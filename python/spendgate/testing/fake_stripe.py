@@ -794,17 +794,19 @@ class _FakeMeterInjection:
                          source: str, meter: Mapping[str, Any] | None) -> dict[str, Any]: ...
 
     def inject_meter_event(self, event_name: str, customer: str, value: int, *, timestamp: int | None = None,
-                           identifier: str | None = None, visible_now: bool = True) -> dict[str, Any]:
+                           identifier: str | None = None, visible_now: bool = True,
+                           dimensions: Mapping[str, str] | None = None) -> dict[str, Any]:
         """Add an accepted meter event straight to the meter's data (no HTTP request, no request log entry), as if
         another system had sent it. visible_now: counted by the summaries at once, despite visibility_delay_seconds
-        (else it becomes visible like any event). Returns a copy of the stored event."""
+        (else it becomes visible like any event). dimensions: more payload keys (model and token_type on the
+        token-billing meter). Returns a copy of the stored event."""
         with self._lock:
             meter = self._active_meter(event_name)
             if meter is None:
                 raise KeyError(event_name)
             ev = self._store_event(
                 event_name=event_name, identifier=identifier or f"injected-{_rand(16)}",
-                payload={meter["customer_mapping"]["event_payload_key"]: customer,
+                payload={**(dimensions or {}), meter["customer_mapping"]["event_payload_key"]: customer,
                          meter["value_settings"]["event_payload_key"]: str(value)},
                 timestamp=int(self.now()) if timestamp is None else timestamp, source="injected", meter=meter,
             )

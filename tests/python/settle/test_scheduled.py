@@ -225,3 +225,29 @@ def test_the_pacer_spaces_calls_to_the_rate() -> None:
     for _ in range(5):
         pacer.wait()
     assert slept == [0.25, 0.25, 0.25, 0.25] and pacer.calls == 5
+
+
+def test_token_commits_are_reconciled_in_tokens_on_the_token_meter(sidecar_factory: SidecarFactory,
+                                                                   fake: FakeStripe) -> None:
+    sidecar = reconciling(sidecar_factory, fake, "tokens")
+    with Client(sidecar.target) as client:
+        reserved = client.reserve_raw("acct-calm", estimate=pb.TokenEstimate(model="gpt-6-sol", input_tokens=1_000,
+                                                                              max_output_tokens=200))
+        assert reserved.granted, reserved
+        client.commit(reserved.reservation_id, usage=pb.TokenUsage(input_tokens=900, output_tokens=150,
+                                                                   reasoning_tokens=50))
+    wait_drained(sidecar.target)
+    fake.advance_time(HOUR_S)
+    wait_runs(sidecar, 2)
+    assert divergence_alerts(sidecar) == []
+
+    fake.inject_meter_event("token-billing-tokens", "cus_sched_calm", 5_000, timestamp=int(time.time()),
+                            dimensions={"model": "gpt-6-sol", "token_type": "input"})
+    deadline = time.monotonic() + GUARD_S
+    while not (alerts := divergence_alerts(sidecar)):
+        assert time.monotonic() < deadline, sidecar.log_tail()
+        time.sleep(0.1)
+    assert len(alerts) == 1, alerts
+    alert = alerts[0]
+    assert (alert.values["stripe"], alert.values["settled"]) == (6_100, 1_100)
+    assert "token-billing-tokens shows 6100 tokens for cus_sched_calm" in alert.message
