@@ -290,8 +290,8 @@ class Engine:
     def roll_due(self) -> int:
         """Start the periods that have ended (the engine does this itself every reap_interval_ms)."""
     def raise_alert(self, kind: str, customer_id: str, message: str, values: dict[str, int] | None = None) -> int:
-        """Store an alert durably; only "settlement_dead_letter" may be raised from outside (the engine raises the
-        others itself). Returns a ticket."""
+        """Store an alert durably; only "settlement_dead_letter", "invoice_spike" and "reconcile_divergence" may be
+        raised from outside (the engine raises the others itself). Returns a ticket."""
     def alerts_after(self, after_seq: int, limit: int = 1000) -> list[AlertEntry]:
         """Durable alerts with seq > after_seq, oldest first (limit 1..=10_000)."""
     def alert_seq(self) -> int:

@@ -8,6 +8,7 @@
     spendgate settle status                              settlement status of a running sidecar
     spendgate deadletter list | requeue SEQ... | requeue --all     dead letters of a running sidecar
     spendgate reconcile [--period YYYY-MM | --start DATE [--end DATE]] [--fix ...]   the ledger against Stripe
+    spendgate invoices release INVOICE                   let Stripe finalize a draft the invoice-spike guard held
     spendgate backup DEST | restore SRC --data-dir DIR [--force] | inspect [SECTION]   data care (spendgate.datacare)
     spendgate check-config FILE                          validate a TOML config file offline (exit 2: problems)
 
@@ -47,6 +48,7 @@ commands:
   spendgate backup DEST                           a running sidecar writes a consistent copy of its data to DEST
   spendgate restore SRC --data-dir DIR [--force]  put a backup in place (only while no sidecar runs on DIR)
   spendgate inspect [--data-dir DIR] [SECTION]    print budgets, holds, outbox, ledger tail, archive, dead letters
+  spendgate invoices release INVOICE              let Stripe finalize a draft the invoice-spike guard held
   spendgate check-config FILE                     validate a config file offline; problems point to their line
   spendgate health [--target HOST:PORT]           exit 0 when the sidecar's gRPC health says SERVING (probes)
 
@@ -280,6 +282,14 @@ def _add_data_care_commands(commands: Any, config_parent: argparse.ArgumentParse
     key_revoke.add_argument("key_id", metavar="ID")
     key_revoke.set_defaults(run=run_key_revoke)
 
+    invoices = commands.add_parser("invoices", help="Stripe draft invoices the invoice-spike guard held")
+    invoice_commands = invoices.add_subparsers(dest="invoices_command", metavar="COMMAND", required=True)
+    invoice_release = invoice_commands.add_parser(
+        "release", parents=[target_parent],
+        help="let Stripe finalize a held draft invoice (the sidecar sets its auto_advance back to true)")
+    invoice_release.add_argument("invoice_id", metavar="INVOICE", help="the Stripe invoice id (in_...)")
+    invoice_release.set_defaults(run=run_invoices_release)
+
     check = commands.add_parser("check-config", help="validate a TOML config file offline (exit 2 on problems)")
     check.add_argument("file", metavar="FILE")
     check.set_defaults(run=run_check_config, without_settings=True)
@@ -378,6 +388,23 @@ def run_key_list(args: argparse.Namespace, settings: config.Settings) -> int:
         return EXIT_ERROR
     for key in reply.virtual_keys:
         print(f"{key.key_id}  {key.customer_id}  created_ms={key.created_ms}")
+    return EXIT_OK
+
+
+def run_invoices_release(args: argparse.Namespace, settings: config.Settings) -> int:
+    """Admin.ReleaseInvoice: the sidecar holds the Stripe key and the guard's records, so it makes the call."""
+    from spendgate.v1 import spendgate_pb2 as pb
+    from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
+
+    request = pb.ReleaseInvoiceRequest(invoice_id=args.invoice_id)
+    reply = _call(args, settings, lambda channel: pb_grpc.AdminStub(channel).ReleaseInvoice(request,
+                                                                                        timeout=RPC_TIMEOUT_S))
+    if reply is None:
+        return EXIT_ERROR
+    held = "" if reply.was_held else " (the guard had not held it, or it was released already)"
+    print(f"released {reply.invoice_id} of {reply.stripe_customer_id}: {reply.total} {reply.currency}, status "
+          f"{reply.status}, auto_advance {'true' if reply.auto_advance else 'false'}: Stripe finalizes it on its own "
+          f"schedule now{held}")
     return EXIT_OK
 
 

@@ -34,6 +34,7 @@ OTHER_ENV_VARS: Final[frozenset[str]] = frozenset({CONFIG_ENV_VAR, TOKEN_ENV_VAR
 DURABILITY_CHOICES: Final[tuple[str, ...]] = ("fsync", "relaxed")
 LOG_LEVEL_CHOICES: Final[tuple[str, ...]] = ("debug", "info", "warning", "error")
 PAYMENT_FAILED_ACTIONS: Final[tuple[str, ...]] = ("flag", "freeze")
+INVOICE_SPIKE_ACTIONS: Final[tuple[str, ...]] = ("alert", "hold")
 SETTLE_TRANSPORTS: Final[tuple[str, ...]] = ("v1", "v2")
 PERIOD_CHOICES: Final[tuple[str, ...]] = ("month", "lifetime")
 LOG_FORMAT_CHOICES: Final[tuple[str, ...]] = ("json", "text")
@@ -237,6 +238,36 @@ class Settings:
         "flag",
         "On invoice.payment_failed: `freeze` the budget (its invoice.paid unfreezes it) or `flag` it (log and count).",
         choices=PAYMENT_FAILED_ACTIONS,
+    )
+    # The invoice-spike guard (spendgate.webhooks.invoices), on Stripe's invoice.created.
+    invoice_spike_percent: int = _setting(
+        50, "invoice.created: raise an invoice_spike alert when the draft's total is more than this many percent above "
+        "the customer's previous invoice's (any draft above a previous 0 is a spike).",
+    )
+    invoice_spike_action: str = _setting(
+        "alert", "On an invoice spike: `alert` only, or `hold` the draft too (auto_advance false, so Stripe does not "
+        "finalize it) until `spendgate invoices release INVOICE`.", choices=INVOICE_SPIKE_ACTIONS,
+    )
+    # Reconciliation on a schedule (spendgate.settle.scheduled): the ledger against Stripe's meter event summaries.
+    reconcile_interval_ms: int = _setting(
+        3_600_000, "How often the sidecar reconciles each active customer's current period with Stripe (needs "
+        "STRIPE_API_KEY); 0: never.",
+    )
+    reconcile_tolerance_percent: int = _setting(
+        1, "Scheduled reconcile: a customer whose Stripe total differs from the settled ledger by more than this "
+        "percent (beyond what is in flight or not yet visible) raises a reconcile_divergence alert.",
+    )
+    reconcile_max_customers: int = _setting(
+        1_000, "Scheduled reconcile: Stripe customers compared per run; the next run goes on where one stopped.",
+        minimum=1,
+    )
+    reconcile_max_requests_per_second: int = _setting(
+        5, "Scheduled reconcile: Stripe API calls per second at most (Stripe's read rate limit is shared with the "
+        "settler and everything else using the key).", minimum=1,
+    )
+    reconcile_visibility_allowance_ms: int = _setting(
+        600_000, "Scheduled reconcile: usage Stripe acknowledged this recently may be missing from its summaries "
+        "(Stripe aggregates asynchronously) without counting as a divergence.",
     )
 
     # Operating it: the HTTP port, logs, security and per-connection limits (README "Operating it").

@@ -20,6 +20,7 @@ from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
     from spendgate.settle import SettlementService
+    from spendgate.webhooks.invoices import InvoiceGuard
 
 # Quoted: grpc.aio.ServicerContext is generic only in the type stubs.
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
@@ -135,6 +136,19 @@ class AdminServicer(pb_grpc.AdminServicer):
             raise _core.EngineError("not_found", f"no virtual key has id or customer {request.key_id_or_customer_id!r}"
                                                  " (spendgate key list)")
         return pb.RevokeVirtualKeyResponse(revoked=[_virtual_key(r) for r in gone])
+
+    # Set by the app: the invoice-spike guard (spendgate.webhooks.invoices); None in a server built without it.
+    invoice_guard: InvoiceGuard | None = None
+
+    @grpc_errors
+    async def ReleaseInvoice(self, request: pb.ReleaseInvoiceRequest, context: Context) -> pb.ReleaseInvoiceResponse:
+        if self.invoice_guard is None:
+            raise _core.EngineError("failed_precondition", "this server was built without the invoice-spike guard")
+        done = await self.invoice_guard.release(request.invoice_id)
+        return pb.ReleaseInvoiceResponse(
+            invoice_id=done.invoice_id, stripe_customer_id=done.stripe_customer_id, status=done.status,
+            auto_advance=done.auto_advance, was_held=done.was_held, total=done.total, currency=done.currency,
+        )
 
 
 def _virtual_key(record: KeyRecord) -> pb.VirtualKey:

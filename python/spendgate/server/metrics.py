@@ -28,6 +28,8 @@ The API for events other code owns (call these; they are plain prometheus_client
 - `metrics.settlement_lag.observe(seconds)`            commit-to-Stripe-acceptance time of a delivered usage (the
                                                        settler calls it)
 - `metrics.alerts.labels(kind=...).inc()`              an alert raised (outbox filling, budget threshold, ...)
+- `metrics.reconcile_runs.labels(outcome=...).inc()`, `metrics.reconcile_divergent.set(n)`,
+  `metrics.reconcile_last_success.set(unix_s)`           the scheduled reconcile (spendgate.settle.scheduled)
 - `metrics.proxy_calls.labels(api=..., outcome=...).inc()` a call through the HTTP proxy (spendgate.proxy calls it
                                                        through the `observe` hook the app gives it)
 The settler reaches the first two through `SettleMetrics` (spendgate.settle.settler), which this class satisfies.
@@ -41,7 +43,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -94,6 +102,19 @@ class Metrics:
             buckets=LAG_BUCKETS_S, registry=registry,
         )
         self.alerts = Counter("spendgate_alerts", "Alerts raised, by kind.", ["kind"], registry=registry)
+        # The scheduled reconcile (spendgate.settle.scheduled); no per-customer labels: the alerts name them.
+        self.reconcile_runs = Counter(
+            "spendgate_reconcile_runs", "Scheduled reconciliations with Stripe, by outcome (ok, error).", ["outcome"],
+            registry=registry,
+        )
+        self.reconcile_divergent = Gauge(
+            "spendgate_reconcile_divergent_customers", "Stripe customers whose last scheduled reconciliation diverged "
+            "past reconcile_tolerance_percent.", registry=registry,
+        )
+        self.reconcile_last_success = Gauge(
+            "spendgate_reconcile_last_success_timestamp_seconds", "Unix time of the last scheduled reconciliation "
+            "that ran to the end (0: none since start).", registry=registry,
+        )
         self._collector: EngineCollector | None = None
         # Bounded: methods x decisions x reasons, each a small fixed set.
         self._call_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}

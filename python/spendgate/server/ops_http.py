@@ -15,13 +15,14 @@ carries the security headers of spendgate.server.http_guard.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
 from spendgate import _core
-from spendgate.server import page
+from spendgate.server import page, page_billing
 from spendgate.server.http_guard import host_allowed, same_origin, security_headers
 from spendgate.server.metrics import Metrics
 from spendgate.server.security import Role, Tokens, TokenSource
@@ -29,6 +30,8 @@ from spendgate.server.sessions import Sessions
 
 if TYPE_CHECKING:
     from spendgate.settle import SettlementService
+    from spendgate.settle.scheduled import ScheduledReconcile
+    from spendgate.webhooks.invoices import InvoiceGuard
 
 log = logging.getLogger("spendgate.http")
 
@@ -133,8 +136,16 @@ class OpsRoutes:
         response.headers["Content-Type"] = content_type
         return response
 
+    # Set by the app: the invoice-spike guard and the scheduled reconcile, for the billing sections (None: none).
+    invoice_guard: InvoiceGuard | None = None
+    reconciler: ScheduledReconcile | None = None
+
     async def overview(self, request: web.Request) -> web.Response:
-        return self._page(request, page.overview_page(self._engine, self._snapshot()))
+        extra = ""
+        if self.invoice_guard is not None:
+            extra = page_billing.invoice_spikes_section(self.invoice_guard.records(page_billing.SPIKES_SHOWN),
+                                                        time.time_ns() // 1_000_000)
+        return self._page(request, page.overview_page(self._engine, self._snapshot(), extra))
 
     async def budgets(self, request: web.Request) -> web.Response:
         return self._page(request, page.budgets_page(self._engine, request.query.get("q", "")))
@@ -147,7 +158,11 @@ class OpsRoutes:
             if error.kind not in ("not_found", "invalid_argument"):
                 raise
             return self._page(request, page.not_found_page(customer_id), status=404)
-        return self._page(request, page.customer_page(usage))
+        extra = ""
+        if self.reconciler is not None and self.reconciler.enabled:
+            extra = page_billing.reconcile_section(self.reconciler.last_result(usage.stripe_customer_id),
+                                                   time.time_ns() // 1_000_000)
+        return self._page(request, page.customer_page(usage, extra))
 
     async def login(self, request: web.Request) -> web.Response:
         """The sign-in form's POST: a valid admin token starts a session, and the browser goes back to where it was."""

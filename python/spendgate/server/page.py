@@ -238,7 +238,8 @@ def dead_letter_table(letters: Iterable[_core.DeadLetterEntry]) -> str:
             f"<th class=\"num\">Units</th><th>Reason</th></tr></thead><tbody>{rows}</tbody></table>")
 
 
-def overview_page(engine: _core.Engine, snapshot: dict[str, Any]) -> str:
+def overview_page(engine: _core.Engine, snapshot: dict[str, Any], extra: str = "") -> str:
+    """extra: more sections (already escaped HTML), after settlement health (spendgate.server.page_billing)."""
     stats = engine.stats()
     now_ms = time.time_ns() // 1_000_000
     totals = '<div class="cards">' + card("Budgets", f"{stats['budgets']:,}") + card(
@@ -247,7 +248,8 @@ def overview_page(engine: _core.Engine, snapshot: dict[str, Any]) -> str:
     letters = engine.dead_letters(DEAD_LETTERS_SHOWN)
     views = engine.list_budgets("", OVERVIEW_BUDGETS)
     more = f'<p><a href="/budgets">All budgets ({stats["budgets"]:,})</a></p>' if stats["budgets"] > len(views) else ""
-    body = totals + settlement_section(snapshot, letters, now_ms) + "<h2>Budgets</h2>" + budget_table(views) + more
+    body = totals + settlement_section(snapshot, letters, now_ms) + extra + "<h2>Budgets</h2>" + budget_table(views) \
+        + more
     return layout("Overview", body)
 
 
@@ -273,7 +275,8 @@ def budgets_page(engine: _core.Engine, query: str) -> str:
     return layout("Budgets", summary + budget_table(views) + tail, query)
 
 
-def customer_page(usage: Usage) -> str:
+def customer_page(usage: Usage, extra: str = "") -> str:
+    """extra: more sections (already escaped HTML), at the end (spendgate.server.page_billing)."""
     used = usage.spent + usage.reserved
     included = usage.included_units
     cards = "".join([
@@ -295,7 +298,7 @@ def customer_page(usage: Usage) -> str:
     )
     chart = daily_chart_svg(usage.daily_units) if usage.daily_units is not None else f"<p>{esc(NOT_AVAILABLE)}</p>"
     body = (f"<p>Stripe customer: {esc(usage.stripe_customer_id)}</p><div class=\"cards\">{cards}</div>{against}"
-            f"<h2>Daily usage</h2>{chart}")
+            f"<h2>Daily usage</h2>{chart}{extra}")
     return layout(f"Customer {usage.customer_id}", body)
 
 

@@ -636,3 +636,27 @@ class RevokeVirtualKeyResponse(_message.Message):
     REVOKED_FIELD_NUMBER: _ClassVar[int]
     revoked: _containers.RepeatedCompositeFieldContainer[VirtualKey]
     def __init__(self, revoked: _Optional[_Iterable[_Union[VirtualKey, _Mapping]]] = ...) -> None: ...
+
+class ReleaseInvoiceRequest(_message.Message):
+    __slots__ = ("invoice_id",)
+    INVOICE_ID_FIELD_NUMBER: _ClassVar[int]
+    invoice_id: str
+    def __init__(self, invoice_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseInvoiceResponse(_message.Message):
+    __slots__ = ("invoice_id", "stripe_customer_id", "status", "auto_advance", "was_held", "total", "currency")
+    INVOICE_ID_FIELD_NUMBER: _ClassVar[int]
+    STRIPE_CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    AUTO_ADVANCE_FIELD_NUMBER: _ClassVar[int]
+    WAS_HELD_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    invoice_id: str
+    stripe_customer_id: str
+    status: str
+    auto_advance: bool
+    was_held: bool
+    total: int
+    currency: str
+    def __init__(self, invoice_id: _Optional[str] = ..., stripe_customer_id: _Optional[str] = ..., status: _Optional[str] = ..., auto_advance: _Optional[bool] = ..., was_held: _Optional[bool] = ..., total: _Optional[int] = ..., currency: _Optional[str] = ...) -> None: ...

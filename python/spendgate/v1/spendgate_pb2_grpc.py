@@ -427,6 +427,11 @@ class AdminStub:
                 request_serializer=spendgate_dot_v1_dot_spendgate__pb2.RevokeVirtualKeyRequest.SerializeToString,
                 response_deserializer=spendgate_dot_v1_dot_spendgate__pb2.RevokeVirtualKeyResponse.FromString,
                 _registered_method=True)
+        self.ReleaseInvoice = channel.unary_unary(
+                '/spendgate.v1.Admin/ReleaseInvoice',
+                request_serializer=spendgate_dot_v1_dot_spendgate__pb2.ReleaseInvoiceRequest.SerializeToString,
+                response_deserializer=spendgate_dot_v1_dot_spendgate__pb2.ReleaseInvoiceResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -509,6 +514,16 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleaseInvoice(self, request, context):
+        """The invoice-spike guard: let Stripe finalize a draft invoice again, setting its auto_advance back to true (the
+        guard sets it to false on a spike with invoice_spike_action = "hold"). The sidecar calls Stripe with its
+        STRIPE_API_KEY. FAILED_PRECONDITION without a key or when the invoice is no longer a draft; NOT_FOUND when Stripe
+        has no such invoice; UNAVAILABLE when Stripe cannot be reached (retry).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -561,6 +576,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.RevokeVirtualKey,
                     request_deserializer=spendgate_dot_v1_dot_spendgate__pb2.RevokeVirtualKeyRequest.FromString,
                     response_serializer=spendgate_dot_v1_dot_spendgate__pb2.RevokeVirtualKeyResponse.SerializeToString,
+            ),
+            'ReleaseInvoice': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseInvoice,
+                    request_deserializer=spendgate_dot_v1_dot_spendgate__pb2.ReleaseInvoiceRequest.FromString,
+                    response_serializer=spendgate_dot_v1_dot_spendgate__pb2.ReleaseInvoiceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -834,6 +854,33 @@ class Admin:
             '/spendgate.v1.Admin/RevokeVirtualKey',
             spendgate_dot_v1_dot_spendgate__pb2.RevokeVirtualKeyRequest.SerializeToString,
             spendgate_dot_v1_dot_spendgate__pb2.RevokeVirtualKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseInvoice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spendgate.v1.Admin/ReleaseInvoice',
+            spendgate_dot_v1_dot_spendgate__pb2.ReleaseInvoiceRequest.SerializeToString,
+            spendgate_dot_v1_dot_spendgate__pb2.ReleaseInvoiceResponse.FromString,
             options,
             channel_credentials,
             insecure,
