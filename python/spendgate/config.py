@@ -557,8 +557,9 @@ def _usage_page_problems(settings: Settings) -> list[tuple[str, str]]:
     base = settings.usage_link_base_url
     scheme, _, rest = base.partition("://")
     if base and (scheme.lower() not in ("http", "https") or not rest.strip("/") or "?" in base or "#" in base):
-        problems.append(("usage_link_base_url", f"expected an http:// or https:// URL without query or fragment (such "
-                                                f"as https://usage.example.com), got {base!r}"))
+        why = ("expected an http:// or https:// URL without query or fragment (such as https://usage.example.com), "
+               f"got {base!r}")
+        problems.append(("usage_link_base_url", why))
     return problems
 
 

@@ -30,8 +30,9 @@ MAX_NAME_CHARS: Final[int] = 24
 # Longest amount text parse() looks at (a form field).
 MAX_AMOUNT_CHARS: Final[int] = 40
 _CURRENCY: Final[re.Pattern[str]] = re.compile(r"^([a-z]{3})_(micros|cents)$")
-_NAMED: Final[re.Pattern[str]] = re.compile(r"^([A-Za-z][A-Za-z0-9 _-]{0,%d})(?:/(1(?:0{0,%d})))?$"
-                                            % (MAX_NAME_CHARS - 1, MAX_SCALE_DIGITS))
+_NAMED: Final[re.Pattern[str]] = re.compile(
+    rf"^([A-Za-z][A-Za-z0-9 -]{{0,{MAX_NAME_CHARS - 1}}})(?:/(1(?:0{{0,{MAX_SCALE_DIGITS}}})))?$"
+)
 ACCEPTED: Final[str] = (
     "`units`, `<currency>_micros` or `<currency>_cents` (such as `usd_micros`), or `NAME` or `NAME/SCALE` with "
     "SCALE a power of ten (such as `credits/1000`)"

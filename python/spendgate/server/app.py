@@ -37,7 +37,6 @@ from spendgate.server.http import HttpServer, new_http_app, parse_listen
 from spendgate.server.interceptors import ObservingInterceptor
 from spendgate.server.metrics import Metrics
 from spendgate.server.ops_http import HttpAccess, OpsRoutes
-from spendgate.server.usage_http import UsageRoutes
 from spendgate.server.security import (
     Tokens,
     TokenSource,
@@ -48,8 +47,14 @@ from spendgate.server.security import (
     server_credentials,
 )
 from spendgate.server.sessions import Sessions
+from spendgate.server.usage_http import UsageRoutes
 from spendgate.service.budgets import BudgetService
-from spendgate.service.usage_links import UsageLinks, UsageLinkSigner, load_or_create_secret, secret_path
+from spendgate.service.usage_links import (
+    UsageLinks,
+    UsageLinkSigner,
+    load_or_create_secret,
+    secret_path,
+)
 from spendgate.service.virtual_keys import VirtualKeys
 from spendgate.settle import SettlementService
 from spendgate.v1 import spendgate_pb2 as pb

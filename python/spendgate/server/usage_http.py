@@ -23,7 +23,12 @@ from spendgate import _core
 from spendgate.display import DisplayUnit
 from spendgate.server import usage_page, usage_view
 from spendgate.server.http_guard import security_headers
-from spendgate.service.usage_links import LinkGrant, LinkRefused, UsageLinkSigner, set_stop_at
+from spendgate.service.usage_links import (
+    LinkGrant,
+    LinkRefused,
+    UsageLinkSigner,
+    set_stop_at,
+)
 
 log = logging.getLogger("spendgate.http")
 

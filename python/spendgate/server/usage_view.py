@@ -23,7 +23,12 @@ from typing import Final
 
 from spendgate import _core
 from spendgate.display import DisplayUnit
-from spendgate.policy.usage_report import DAY_MS, MIN_ELAPSED_FOR_PROJECTION_MS, NEVER_MS, usage_report
+from spendgate.policy.usage_report import (
+    DAY_MS,
+    MIN_ELAPSED_FOR_PROJECTION_MS,
+    NEVER_MS,
+    usage_report,
+)
 
 CHART_DAYS: Final[int] = 30
 TOP_ROWS: Final[int] = 10
@@ -260,8 +265,8 @@ def daily_chart_svg(days: tuple[tuple[str, int, bool], ...] | list[tuple[str, in
     base = CHART_TOP + plot_h
     slot = plot_w / len(days)
     parts = [f'<line x1="{CHART_LEFT}" y1="{base}" x2="{CHART_WIDTH - CHART_RIGHT}" y2="{base}" stroke="#c5cad3"/>',
-             f'<text x="{CHART_LEFT - 6}" y="{base}" font-size="11" text-anchor="end" fill="#5b6475">'
-             f"{esc(unit.format(0))}</text>"]
+             (f'<text x="{CHART_LEFT - 6}" y="{base}" font-size="11" text-anchor="end" fill="#5b6475">'
+              f"{esc(unit.format(0))}</text>")]
     if peak:
         y = base - plot_h * peak / top
         parts.append(f'<line x1="{CHART_LEFT}" y1="{y:.1f}" x2="{CHART_WIDTH - CHART_RIGHT}" y2="{y:.1f}" '

@@ -26,10 +26,15 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.wait import WebDriverWait
-
 from spendgate.client import BudgetExceeded, Client
-from spendgate.service.usage_links import SECRET_FILE_NAME, LinkGrant, UsageLinkSigner, link_target
+from spendgate.service.usage_links import (
+    SECRET_FILE_NAME,
+    LinkGrant,
+    UsageLinkSigner,
+    link_target,
+)
 from spendgate.testing import Sidecar
+
 from tests.conftest import SidecarFactory
 
 CHROMIUM = "/usr/bin/chromium"
@@ -68,7 +73,7 @@ class AppOrigin:
         origin = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            def do_GET(self) -> None:
                 body = (f'<!doctype html><title>App settings</title><h1>Your plan</h1>'
                         f'<iframe id="usage" src="{origin.frame_src}" width="900" height="1200"></iframe>').encode()
                 self.send_response(200)
