@@ -235,6 +235,7 @@ def test_the_stop_at_control_within_and_past_the_ceiling_and_reserve_denies_at_i
         assert client.balance("org-acme").limit == 50 * DOLLAR  # the operator's limit is untouched
         denied = client.reserve_raw("alice", 2_300_000)
         assert not denied.granted and denied.decided_by == "org-acme" and denied.remaining == 2_200_000
+        assert "under the stop-at of 10000000 units its customer set on the usage page" in denied.message
         with pytest.raises(BudgetExceeded):
             client.reserve("bob", 2_300_000)
         client.reserve("bob", 2_200_000).release()
