@@ -51,6 +51,7 @@ PREVIOUS_FILL: Final[str] = "#b7c6e8"
 OVER_FILL: Final[str] = "#b3261e"
 QUOTA_STROKE: Final[str] = "#a15c00"
 TRACK_FILL: Final[str] = "#e3e6eb"
+QUOTA_STOPS: Final[str] = "the included quota"
 
 STYLE: Final[str] = """
 .dash section{background:#fff;border:1px solid #e3e6eb;border-radius:8px;padding:14px 18px;margin:0 0 14px}
@@ -217,14 +218,15 @@ def projection(board: Dashboard, unit: DisplayUnit) -> str:
     line += (f" (usage stops there; at this rate it would be {esc(unit.format(board.projected))})." if stopped
              else ".")
     limit = f"{limit_name(board)} of {unit.format(board.enforced)}"
+    blocked = " Usage past the included quota is blocked." if limit_name(board) == QUOTA_STOPS else ""
     if board.used + board.reserved >= board.enforced:
-        reach = f'<p class="bad">{esc(limit[0].upper() + limit[1:])} is reached: new usage is refused.</p>'
+        reach = f'<p class="bad">{esc(limit[0].upper() + limit[1:])} is reached: new usage is refused.{blocked}</p>'
     elif board.limit_reached_ms is not None:
         when = date_text(board.limit_reached_ms)
         when = "today" if when == date_text(time.time_ns() // 1_000_000) else f"on {when}"
-        reach = f'<p>At this rate {esc(limit)} is reached <strong class="warn">{esc(when)}</strong>.</p>'
+        reach = f'<p>At this rate {esc(limit)} is reached <strong class="warn">{esc(when)}</strong>.{blocked}</p>'
     else:
-        reach = f"<p>At this rate {esc(limit)} is not reached this period.</p>"
+        reach = f"<p>At this rate {esc(limit)} is not reached this period.{blocked}</p>"
     return f'<section class="projection"><h2>Projection</h2><p id="projection">{line}</p>{reach}</section>'
 
 
@@ -233,7 +235,7 @@ def limit_name(board: Dashboard) -> str:
     if board.stop_at and board.enforced == board.stop_at and board.stop_at < board.limit:
         return "your stop-at"
     if board.block_overage and board.enforced == board.included and board.included < board.limit:
-        return "the included quota (usage past it is blocked)"
+        return QUOTA_STOPS
     return "the limit"
 
 
