@@ -34,6 +34,7 @@ from spendgate.service.usage_links import (
     link_target,
 )
 from spendgate.testing import Sidecar
+from spendgate.v1 import spendgate_pb2 as pb
 
 from tests.conftest import SidecarFactory
 
@@ -44,6 +45,7 @@ PAGE_LOAD_GUARD_S = 60  # a hang guard, not a timing assertion
 WINDOW = "1100,1700"
 SCREENSHOTS = Path("/tmp")
 DOLLAR = 1_000_000  # display_unit usd_micros: a unit is a millionth of a dollar
+DAY_MS = 86_400_000
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +113,11 @@ def usage_sidecar(sidecar_factory: SidecarFactory, app_origin: AppOrigin) -> Sid
         "--admin-tokens", ADMIN_TOKEN, "--display-unit", "usd_micros",
         "--usage-page-frame-ancestors", app_origin.url,
     ])
+    # A fixed 30-day period that started two days ago: no month boundary can fall inside a test run.
+    now_ms = time.time_ns() // 1_000_000
+    period = pb.Period(kind=pb.PERIOD_KIND_FIXED, start_ms=now_ms - 2 * DAY_MS, end_ms=now_ms + 28 * DAY_MS)
     with Client(sidecar.target, token=ADMIN_TOKEN) as client:
-        client.set_budget("org-acme", 50 * DOLLAR, "cus_AcmeSecret", included=20 * DOLLAR)
+        client.set_budget("org-acme", 50 * DOLLAR, "cus_AcmeSecret", included=20 * DOLLAR, period=period)
         for member in ("alice", "bob"):
             client.set_budget(member, 50 * DOLLAR, parent_id="org-acme")
         client.set_budget("globex", 9 * DOLLAR, "cus_Globex")
@@ -170,9 +175,12 @@ def test_a_valid_link_shows_the_customer_its_numbers_first(browser: WebDriver, u
     assert "On track for $" in text and "this period" in text
     # The chart: 30 days, today's bar carrying the whole $7.80, and the included quota's line.
     days = browser.find_elements(By.CSS_SELECTOR, "svg.daily g.day")
-    today = time.strftime("%Y-%m-%d", time.gmtime())
-    assert len(days) == 30 and days[-1].find_element(By.TAG_NAME, "title").get_attribute("textContent") == \
-        f"{today}: $7.80"
+    titles = [day.find_element(By.TAG_NAME, "title").get_attribute("textContent") or "" for day in days]
+    spent_on = [title for title in titles if not title.endswith(": $0.00")]
+    # All of it on the day of the commits: today, or yesterday if midnight passed since.
+    commit_days = {time.strftime("%Y-%m-%d", time.gmtime(time.time() - back_s)) for back_s in (0, 86_400)}
+    assert len(days) == 30 and len(spent_on) == 1 and spent_on[0].endswith(": $7.80")
+    assert spent_on[0].split(":")[0] in commit_days and titles.index(spent_on[0]) >= 28
     assert browser.find_elements(By.CSS_SELECTOR, "svg.daily line.quota")
     # What drives it: actions and members, largest first, with shares of the total.
     actions = [row.text for row in browser.find_elements(By.CSS_SELECTOR, "#by-action tbody tr")]
