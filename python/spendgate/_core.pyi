@@ -110,6 +110,9 @@ class BalanceView:
     """2**63 - 1 for a lifetime period."""
     breaker_multiplier: int | None
     """None: the server's breaker_multiplier."""
+    stop_at: int
+    """The customer's own stop-at (0: none): Reserve admits at most up to it, in either mode; it never raises
+    enforcement past `limit`."""
 
 class PeriodSpec(TypedDict, total=False):
     """{"kind": "monthly", "anchor_ms": ...}, {"kind": "fixed", "anchor_ms": ..., "length_ms": ...} or
@@ -277,9 +280,11 @@ class Engine:
         parent_id: str | None = None,
         period: PeriodSpec | None = None,
         breaker_multiplier: int | None = None,
+        stop_at: int | None = None,
     ) -> SetBudgetOutcome:
         """Create a budget (limit required) or change what is given; None leaves a setting unchanged. mode: "hard" or
-        "soft"; breaker_multiplier: -1 the server's, 0 off, 2..=1000. A period starting later than the current one
+        "soft"; breaker_multiplier: -1 the server's, 0 off, 2..=1000; stop_at: the customer's own stop-at, 0 removes it
+        (it caps what Reserve admits, in either mode, and never raises it past limit). A period starting later than the current one
         starts now (the old one is closed and kept)."""
     def freeze(self, customer_id: str, frozen: bool, reason: str) -> SetBudgetOutcome:
         """Freeze or unfreeze, saying why (kept with the budget and put in the alert)."""

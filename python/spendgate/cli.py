@@ -39,6 +39,7 @@ commands:
   spendgate budget show CUSTOMER                  print a budget's counters and policy
   spendgate budget freeze|unfreeze CUSTOMER       deny every Reserve (or allow them again)
   spendgate usage CUSTOMER [--period P]           usage of a period: quota, projection, daily series, breakdowns
+  spendgate usage-link CUSTOMER [--ttl 1h]        a signed link to the customer's own usage page (--allow-limit)
   spendgate budget list [--prefix P]              list budgets, one a line
   spendgate settle [FLAGS] [--follow]             drain the outbox to Stripe (only while no sidecar runs)
   spendgate settle status                         settlement to Stripe of a running sidecar
@@ -134,6 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     usage.add_argument("--top", type=int, default=10, metavar="N", help="largest values per dimension (default 10)")
     usage.set_defaults(run=run_usage)
+
+    usage_link = commands.add_parser(
+        "usage-link", parents=[target_parent], help="print a signed link to the customer's own usage page"
+    )
+    usage_link.description = (
+        "Ask a running sidecar for a link to CUSTOMER's usage page on its http_listen, signed with its "
+        "usage-link key. Prints the URL (stdout) and when it expires (stderr). Hand it to that customer only."
+    )
+    usage_link.add_argument("customer_id", metavar="CUSTOMER")
+    usage_link.add_argument("--ttl", type=_duration_ms, default=3_600_000, metavar="DURATION",
+                            help="how long the link opens the page: 90s, 30m, 1h (default), 7d; 1 min to 31 days")
+    usage_link.add_argument("--allow-limit", action="store_true",
+                            help="the page may set the customer's own stop-at (it only ever lowers enforcement)")
+    usage_link.add_argument("--ceiling", type=int, default=0, metavar="UNITS",
+                            help="with --allow-limit: the highest stop-at the customer may set, in units")
+    usage_link.set_defaults(run=run_usage_link)
 
     health = commands.add_parser(
         "health", parents=[target_parent], help="exit 0 when the sidecar reports SERVING (for exec probes)"
@@ -757,6 +774,52 @@ def format_budget_list(budgets: Sequence[Any]) -> str:
         rest = (f"{cell:>{width}}" for cell, width in zip(cells[1:], widths[1:]))
         return "  ".join([first, *rest])
     return "\n".join([line(LIST_COLUMNS), *(line(row) for row in rows)] or [])
+
+
+DURATION_UNITS_MS: Final[dict[str, int]] = {"ms": 1, "s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def _duration_ms(text: str) -> int:
+    """90s, 30m, 1h, 7d, 500ms, or plain seconds -> milliseconds (argparse type)."""
+    stripped = text.strip().lower()
+    number, suffix = stripped, "s"
+    for unit in sorted(DURATION_UNITS_MS, key=len, reverse=True):
+        if stripped.endswith(unit):
+            number, suffix = stripped[: -len(unit)], unit
+            break
+    try:
+        value = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a duration such as 90s, 30m, 1h or 7d, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"a duration must be positive, got {text!r}")
+    return round(value * DURATION_UNITS_MS[suffix])
+
+
+def run_usage_link(args: argparse.Namespace, settings: config.Settings) -> int:
+    import time
+
+    from spendgate.v1 import spendgate_pb2 as pb
+    from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
+
+    if args.ceiling and not args.allow_limit:
+        print(f"{PROG}: --ceiling applies only with --allow-limit", file=sys.stderr)
+        return EXIT_USAGE
+    if args.allow_limit and args.ceiling <= 0:
+        print(f"{PROG}: --allow-limit needs --ceiling UNITS: the highest stop-at the customer may set",
+              file=sys.stderr)
+        return EXIT_USAGE
+    request = pb.CreateUsageLinkRequest(customer_id=args.customer_id, ttl_ms=args.ttl, allow_limit=args.allow_limit,
+                                        ceiling=args.ceiling)
+    reply = _call(args, settings,
+                  lambda channel: pb_grpc.AdminStub(channel).CreateUsageLink(request, timeout=RPC_TIMEOUT_S))
+    if reply is None:
+        return EXIT_ERROR
+    print(reply.url)
+    expires = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(reply.expires_at_ms // 1000))
+    scope = f"view and set the stop-at up to {reply.ceiling:,} units" if reply.scope == "limit" else "view only"
+    print(f"{PROG}: the link opens {args.customer_id}'s usage page until {expires} ({scope})", file=sys.stderr)
+    return EXIT_OK
 
 
 def _call(args: argparse.Namespace, settings: config.Settings, rpc: Any) -> Any:

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from spendgate.display import parse_display_unit
+
 ENV_PREFIX: Final[str] = "SPENDGATE_"
 CONFIG_ENV_VAR: Final[str] = "SPENDGATE_CONFIG"
 # SPENDGATE_* variables that are not settings but are read elsewhere. Any other SPENDGATE_* variable is an error, so that
@@ -301,6 +303,29 @@ class Settings:
         "CSP frame-ancestors of the HTTP pages: the origins that may frame them, space-separated (e.g. `'self' "
         "https://app.example.com`); `'none'`: no one.",
     )
+    # The customer usage page (README "The usage page"): served on http_listen at signed links.
+    usage_link_secret_file: str = _setting(
+        "",
+        "File holding the key that signs usage-page links (>= 32 bytes, e.g. `openssl rand -hex 32`); empty: the "
+        "sidecar makes `usage-link.key` (0600) in data_dir. Replacing it ends every link.",
+        optional=True,
+    )
+    usage_link_base_url: str = _setting(
+        "",
+        "Where customers reach http_listen, e.g. `https://usage.example.com` (a proxy in front); usage links start "
+        "with it. Empty: the HTTP port's own address.",
+        optional=True,
+    )
+    usage_page_frame_ancestors: str = _setting(
+        "'none'",
+        "CSP frame-ancestors of the usage page: the app origins that may frame it, space-separated (e.g. "
+        "`https://app.example.com`); `'none'`: no one.",
+    )
+    display_unit: str = _setting(
+        "units",
+        "How the pages show amounts: `units`, `usd_micros`/`usd_cents` (any ISO code: `eur_cents`), or `NAME` or "
+        "`NAME/SCALE` (SCALE units make one NAME, a power of ten, e.g. `credits/1000`).",
+    )
     log_format: str = _setting(
         "json", "`json`: one JSON object a line (ts, level, logger, msg, request_id, ...); `text`: for people.",
         choices=LOG_FORMAT_CHOICES,
@@ -577,11 +602,28 @@ def _http_problems(settings: Settings) -> list[tuple[str, str]]:
             why = (f"{part!r} is not a host name or an IP address: list names such as `spendgate.internal` or "
                    "addresses, comma-separated, without scheme, port or path")
             problems.append(("http_allowed_hosts", why))
-    ancestors = settings.http_frame_ancestors
-    if not ancestors.strip() or any(breaker in ancestors for breaker in _CSP_BREAKERS):
-        why = (f"expected CSP sources separated by spaces (such as `'self' https://app.example.com`, or `'none'`), "
-               f"without ';' or ',', got {ancestors!r}")
-        problems.append(("http_frame_ancestors", why))
+    for name in ("http_frame_ancestors", "usage_page_frame_ancestors"):
+        ancestors = getattr(settings, name)
+        if not ancestors.strip() or any(breaker in ancestors for breaker in _CSP_BREAKERS):
+            why = (f"expected CSP sources separated by spaces (such as `'self' https://app.example.com`, or "
+                   f"`'none'`), without ';' or ',', got {ancestors!r}")
+            problems.append((name, why))
+    problems.extend(_usage_page_problems(settings))
+    return problems
+
+
+def _usage_page_problems(settings: Settings) -> list[tuple[str, str]]:
+    problems = []
+    try:
+        parse_display_unit(settings.display_unit)
+    except ValueError as error:
+        problems.append(("display_unit", str(error)))
+    base = settings.usage_link_base_url
+    scheme, _, rest = base.partition("://")
+    if base and (scheme.lower() not in ("http", "https") or not rest.strip("/") or "?" in base or "#" in base):
+        why = ("expected an http:// or https:// URL without query or fragment (such as https://usage.example.com), "
+               f"got {base!r}")
+        problems.append(("usage_link_base_url", why))
     return problems
 
 

@@ -161,6 +161,8 @@ pub struct PyBalanceView {
     period_end_ms: i64,
     /// None: the server's multiplier.
     breaker_multiplier: Option<u64>,
+    /// The customer's own stop-at (0: none).
+    stop_at: i64,
 }
 
 /// A value in a period dict: its kind's name, or a number of milliseconds.
@@ -228,6 +230,7 @@ impl From<BalanceView> for PyBalanceView {
             period_start_ms: v.period_start_ms,
             period_end_ms: v.period_end_ms,
             breaker_multiplier: v.breaker_multiplier,
+            stop_at: v.stop_at,
         }
     }
 }
@@ -433,10 +436,11 @@ impl PyEngine {
     }
 
     /// Create a budget or change its settings; None leaves a setting unchanged. `mode`: "hard" or "soft"; `period`:
-    /// a period dict (see BalanceView.period); `breaker_multiplier`: -1 for the server's, 0 off, or 2..=1000.
+    /// a period dict (see BalanceView.period); `breaker_multiplier`: -1 for the server's, 0 off, or 2..=1000;
+    /// `stop_at`: the customer's own stop-at, 0 to remove it (it only ever lowers what Reserve admits).
     #[pyo3(signature = (
         customer_id, *, limit = None, stripe_customer_id = None, included = None, soft_limit = None, mode = None,
-        block_overage = None, parent_id = None, period = None, breaker_multiplier = None
+        block_overage = None, parent_id = None, period = None, breaker_multiplier = None, stop_at = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn update_budget(
@@ -452,6 +456,7 @@ impl PyEngine {
         parent_id: Option<String>,
         period: Option<&Bound<'_, PyDict>>,
         breaker_multiplier: Option<i64>,
+        stop_at: Option<i64>,
     ) -> PyResult<PySetBudgetOutcome> {
         let update = BudgetUpdate {
             limit,
@@ -463,6 +468,7 @@ impl PyEngine {
             parent: parent_id.filter(|id| !id.is_empty()),
             period: period.map(parse_period).transpose()?,
             breaker_multiplier: breaker_multiplier.map(parse_multiplier).transpose().map_err(to_py_err)?,
+            stop_at,
         };
         let o = self.inner.update_budget(customer_id, &update).map_err(to_py_err)?;
         Ok(PySetBudgetOutcome {

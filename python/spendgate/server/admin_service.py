@@ -14,6 +14,7 @@ from spendgate._core import EngineError
 from spendgate.server.budget_service import balance_message
 from spendgate.server.durability import DurabilityWaiter
 from spendgate.server.status import grpc_errors
+from spendgate.service.usage_links import UsageLinks
 from spendgate.service.virtual_keys import KeyRecord, VirtualKeys
 from spendgate.v1 import spendgate_pb2 as pb
 from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
@@ -149,6 +150,25 @@ class AdminServicer(pb_grpc.AdminServicer):
             invoice_id=done.invoice_id, stripe_customer_id=done.stripe_customer_id, status=done.status,
             auto_advance=done.auto_advance, was_held=done.was_held, total=done.total, currency=done.currency,
         )
+
+    # Set by the app once http_listen is bound; None: no HTTP port, so no usage page to link to.
+    usage_links: UsageLinks | None = None
+
+    @grpc_errors
+    async def CreateUsageLink(self, request: pb.CreateUsageLinkRequest,
+                              context: Context) -> pb.CreateUsageLinkResponse:
+        if self.usage_links is None:
+            raise _no_usage_links()
+        url, path, grant = self.usage_links.create(
+            self._engine, request.customer_id, ttl_ms=request.ttl_ms, allow_limit=request.allow_limit,
+            ceiling=request.ceiling, now_ms=time.time_ns() // 1_000_000)
+        return pb.CreateUsageLinkResponse(url=url, path=path, expires_at_ms=grant.expires_at_s * 1000,
+                                          scope=grant.scope, ceiling=grant.ceiling)
+
+
+def _no_usage_links() -> EngineError:
+    return EngineError("failed_precondition", "this sidecar serves no usage page: set http_listen (the usage page is "
+                       "served there, at the links Admin.CreateUsageLink makes)")
 
 
 def _virtual_key(record: KeyRecord) -> pb.VirtualKey:

@@ -589,6 +589,32 @@ class BackupResponse(_message.Message):
     duration_ms: int
     def __init__(self, dest_dir: _Optional[str] = ..., size_bytes: _Optional[int] = ..., durable_ticket: _Optional[int] = ..., started_ms: _Optional[int] = ..., duration_ms: _Optional[int] = ...) -> None: ...
 
+class CreateUsageLinkRequest(_message.Message):
+    __slots__ = ("customer_id", "ttl_ms", "allow_limit", "ceiling")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    CEILING_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    ttl_ms: int
+    allow_limit: bool
+    ceiling: int
+    def __init__(self, customer_id: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., allow_limit: _Optional[bool] = ..., ceiling: _Optional[int] = ...) -> None: ...
+
+class CreateUsageLinkResponse(_message.Message):
+    __slots__ = ("url", "path", "expires_at_ms", "scope", "ceiling")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    CEILING_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    path: str
+    expires_at_ms: int
+    scope: str
+    ceiling: int
+    def __init__(self, url: _Optional[str] = ..., path: _Optional[str] = ..., expires_at_ms: _Optional[int] = ..., scope: _Optional[str] = ..., ceiling: _Optional[int] = ...) -> None: ...
+
 class VirtualKey(_message.Message):
     __slots__ = ("key_id", "customer_id", "created_ms")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]

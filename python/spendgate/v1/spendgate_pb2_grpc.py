@@ -412,6 +412,11 @@ class AdminStub:
                 request_serializer=spendgate_dot_v1_dot_spendgate__pb2.BackupRequest.SerializeToString,
                 response_deserializer=spendgate_dot_v1_dot_spendgate__pb2.BackupResponse.FromString,
                 _registered_method=True)
+        self.CreateUsageLink = channel.unary_unary(
+                '/spendgate.v1.Admin/CreateUsageLink',
+                request_serializer=spendgate_dot_v1_dot_spendgate__pb2.CreateUsageLinkRequest.SerializeToString,
+                response_deserializer=spendgate_dot_v1_dot_spendgate__pb2.CreateUsageLinkResponse.FromString,
+                _registered_method=True)
         self.CreateVirtualKey = channel.unary_unary(
                 '/spendgate.v1.Admin/CreateVirtualKey',
                 request_serializer=spendgate_dot_v1_dot_spendgate__pb2.CreateVirtualKeyRequest.SerializeToString,
@@ -492,6 +497,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateUsageLink(self, request, context):
+        """A signed link to one customer's usage page on http_listen, for the app to hand to that customer (README "The
+        usage page"). NOT_FOUND for a customer without a budget; FAILED_PRECONDITION when http_listen is off.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateVirtualKey(self, request, context):
         """The HTTP proxy's per-customer virtual API keys (stored hashed in LMDB). Create returns the key, this once;
         NOT_FOUND for a customer without a budget.
@@ -561,6 +574,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Backup,
                     request_deserializer=spendgate_dot_v1_dot_spendgate__pb2.BackupRequest.FromString,
                     response_serializer=spendgate_dot_v1_dot_spendgate__pb2.BackupResponse.SerializeToString,
+            ),
+            'CreateUsageLink': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateUsageLink,
+                    request_deserializer=spendgate_dot_v1_dot_spendgate__pb2.CreateUsageLinkRequest.FromString,
+                    response_serializer=spendgate_dot_v1_dot_spendgate__pb2.CreateUsageLinkResponse.SerializeToString,
             ),
             'CreateVirtualKey': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateVirtualKey,
@@ -773,6 +791,33 @@ class Admin:
             '/spendgate.v1.Admin/Backup',
             spendgate_dot_v1_dot_spendgate__pb2.BackupRequest.SerializeToString,
             spendgate_dot_v1_dot_spendgate__pb2.BackupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateUsageLink(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spendgate.v1.Admin/CreateUsageLink',
+            spendgate_dot_v1_dot_spendgate__pb2.CreateUsageLinkRequest.SerializeToString,
+            spendgate_dot_v1_dot_spendgate__pb2.CreateUsageLinkResponse.FromString,
             options,
             channel_credentials,
             insecure,
