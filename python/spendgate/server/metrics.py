@@ -23,13 +23,16 @@ Read from the engine when scraped (EngineCollector):
 
 The API for events other code owns (call these; they are plain prometheus_client metrics):
 - `metrics.stripe_errors.labels(code=...).inc()`      a failed Stripe call, by Stripe's error code, else the HTTP
-                                                       status ("http_503"), else "connection" (the settler calls it)
+                                                       status ("http_503"), else "timeout" (no answer within
+                                                       settle_request_timeout_ms, or a call found running past it) or
+                                                       "connection" (the settler calls it)
+- `metrics.settle_probes.labels(outcome=...).inc()`    a probe while settlement fails: answered or failed (the settler)
 - `metrics.settlement_lag.observe(seconds)`            commit-to-Stripe-acceptance time of a delivered usage (the
                                                        settler calls it)
 - `metrics.alerts.labels(kind=...).inc()`              an alert raised (outbox filling, budget threshold, ...)
 - `metrics.proxy_calls.labels(api=..., outcome=...).inc()` a call through the HTTP proxy (spendgate.proxy calls it
                                                        through the `observe` hook the app gives it)
-The settler reaches the first two through `SettleMetrics` (spendgate.settle.settler), which this class satisfies.
+The settler reaches these through `SettleMetrics` (spendgate.settle.settler), which this class satisfies.
 """
 
 from __future__ import annotations
@@ -88,6 +91,10 @@ class Metrics:
             "made of it: delivered (sent before by this sidecar) or refused (never sent by it: a copied data dir).",
             ["outcome"], registry=registry,
         )
+        self.settle_probes = Counter(
+            "spendgate_settle_probes", "Probes the settler sent to Stripe while settlement was failing, by outcome: "
+            "answered (settlement resumes at once) or failed.", ["outcome"], registry=registry,
+        )
         self.settlement_lag = Histogram(
             "spendgate_settlement_lag_seconds", "From a usage's commit to Stripe accepting it.",
             buckets=LAG_BUCKETS_S, registry=registry,
@@ -126,6 +133,9 @@ class Metrics:
 
     def settle_duplicate(self, outcome: str, n: int = 1) -> None:
         self.settle_duplicates.labels(outcome=outcome).inc(n)
+
+    def settle_probe(self, outcome: str) -> None:
+        self.settle_probes.labels(outcome=outcome).inc()
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition format and its content type."""

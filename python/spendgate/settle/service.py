@@ -13,7 +13,15 @@ from typing import Any, Final
 
 from spendgate import _core
 from spendgate.settle.monitor import OutboxMonitor
-from spendgate.settle.settler import SettleMetrics, SettlementStatus, SettleOptions, Settler, Transport, wall_ms
+from spendgate.settle.settler import (
+    PROBE_TIMEOUT_MS,
+    SettlementStatus,
+    SettleMetrics,
+    SettleOptions,
+    Settler,
+    Transport,
+    wall_ms,
+)
 
 log = logging.getLogger("spendgate.settle")
 
@@ -55,6 +63,7 @@ class SettlementService:
         if not self.enabled:
             return
         preflight = None
+        probe: Callable[[], object] | None = None
         if transport is None:
             from spendgate.settle import stripe_client  # noqa: PLC0415 - imports the SDK
             from spendgate.settle.preflight import Preflight  # noqa: PLC0415
@@ -71,6 +80,8 @@ class SettlementService:
             )
             transport = make_transport(client, self.options)
             preflight = Preflight(client, self.options.event_name, check_meter=not transport.validates_meter)
+            probe_timeout_s = min(PROBE_TIMEOUT_MS, self.options.request_timeout_ms) / 1000
+            probe = make_probe(stripe_client.make_client(api_key, self._api_base, timeout_s=probe_timeout_s))
         self.settler = Settler(
             engine,
             transport,
@@ -81,6 +92,7 @@ class SettlementService:
             monitor=self.monitor,
             clock_ms=clock_ms,
             metrics=metrics,
+            probe=probe,
         )
 
     def log_start(self) -> None:
@@ -143,6 +155,11 @@ class SettlementService:
     def close(self) -> None:
         if self.settler is not None:
             self.settler.close()
+
+
+def make_probe(client: Any) -> Callable[[], object]:
+    """The settler's probe while Stripe fails: a list of one meter, a read that changes nothing at Stripe."""
+    return lambda: client.v1.billing.meters.list({"limit": 1})
 
 
 def make_transport(client: Any, options: SettleOptions) -> Transport:

@@ -22,6 +22,18 @@ One round:
 
 Between rounds: at once while there is work; `settle_interval_ms` when the outbox is empty; while Stripe fails, rounds
 back off (full jitter up to `settle_backoff_max_ms`) and send a single probe call until one succeeds.
+
+Failing, and recovering, are seen as they happen:
+- Every failed attempt of a call updates the status's `last_error` at once, and a request past its timeout (the SDK's
+  timeout, or a call the watchdog finds running OVERDUE_GRACE_MS past it) declares settlement failing at once (the
+  status, the "failing" warning, the `timeout` Stripe error metric): one hung round must not hide for minutes. A
+  timed-out call is not retried within its round (the next round resends it, the claim makes that safe), so a hanging
+  Stripe holds a round for one request timeout, not settle_max_attempts of them.
+- While failing, the pause between rounds (and the claims' own backoff) ends early when a cheap probe (a one-meter
+  list) is answered: probes go at most every PROBE_INTERVAL_MS, each waiting at most PROBE_TIMEOUT_MS, so settlement
+  resumes within about PROBE_INTERVAL_MS of Stripe answering again instead of after a backoff of up to 30 s. When a
+  probe is answered but the round after it still fails (PROBE_MISLEADS_MAX times in a row: Stripe answers reads and
+  refuses the events), the probes say nothing about this failure and the rounds keep their plain backoff until it ends.
 """
 
 from __future__ import annotations
@@ -36,8 +48,21 @@ from typing import Any, Final, Protocol
 
 from spendgate import _core
 from spendgate.settle import rules
-from spendgate.settle.aggregate import EventNames, MeterEvent, claimed_events, fresh_events
-from spendgate.settle.errors import Classified, Verdict, classify, error_code, truncate_reason
+from spendgate.settle.aggregate import (
+    EventNames,
+    MeterEvent,
+    claimed_events,
+    fresh_events,
+)
+from spendgate.settle.errors import (
+    TIMEOUT_CODE,
+    Classified,
+    Verdict,
+    classify,
+    error_code,
+    is_timeout,
+    truncate_reason,
+)
 from spendgate.settle.monitor import OutboxMonitor
 from spendgate.settle.pool import DaemonThreadPool
 from spendgate.settle.preflight import Preflight
@@ -53,6 +78,15 @@ DEAD_LETTER_ALERT: Final[str] = "settlement_dead_letter"
 DEFAULT_TOKEN_EVENT_NAME: Final[str] = "token-billing-tokens"
 # Stripe: event_name "The maximum length is 100 characters."
 MAX_EVENT_NAME_CHARS: Final[int] = 100
+# While settlement fails, at most one probe this often: settlement resumes within about this long of Stripe answering.
+PROBE_INTERVAL_MS: Final[int] = 500
+# The longest a probe waits for Stripe (a hanging Stripe must not hold it for a whole request timeout).
+PROBE_TIMEOUT_MS: Final[int] = 2_000
+# Rounds in a row that failed right after an answered probe before the probes are ignored until the failure ends.
+PROBE_MISLEADS_MAX: Final[int] = 3
+# A call still running this long past settle_request_timeout_ms counts as timed out (the HTTP library bounds each
+# connect and read by the timeout, not a whole request: a server trickling bytes could hold one longer).
+OVERDUE_GRACE_MS: Final[int] = 1_000
 
 
 class SettleMetrics(Protocol):
@@ -61,6 +95,8 @@ class SettleMetrics(Protocol):
     def stripe_error(self, code: str) -> None: ...
 
     def settle_duplicate(self, outcome: str, n: int = 1) -> None: ...
+
+    def settle_probe(self, outcome: str) -> None: ...
 
     @property
     def settlement_lag(self) -> Any: ...  # a prometheus_client Histogram: .observe(seconds)
@@ -184,7 +220,9 @@ class Settler:
         clock_ms: Callable[[], int] = wall_ms,
         rng: random.Random | None = None,
         metrics: SettleMetrics | None = None,
+        probe: Callable[[], object] | None = None,
     ) -> None:
+        """probe: a cheap blocking Stripe call (raises the SDK's error) sent while settlement fails; None: no probes."""
         self._engine = engine
         self._metrics = metrics
         self._transport = transport
@@ -196,6 +234,13 @@ class Settler:
         self._clock_ms = clock_ms
         self._rng = rng or random.Random()
         self._pool = DaemonThreadPool(options.concurrency)
+        self._probe = probe
+        # Its own thread: the send threads may all be held by hanging requests.
+        self._probe_pool = DaemonThreadPool(1, "spendgate-settle-probe") if probe is not None else None
+        self._last_probe_s = float("-inf")  # loop time of the last probe
+        self._probe_answered_last = False  # the pause before this round ended on an answered probe
+        self._probe_misleads = 0  # rounds in a row that failed right after an answered probe
+        self._overdue_s = (options.request_timeout_ms + OVERDUE_GRACE_MS) / 1000
         self._stalls = 0  # rounds in a row that made no progress because calls failed
         self._failures: dict[str, tuple[int, float]] = {}  # claim -> (failed rounds, not before: loop time)
         # Claims with an attempt Stripe did not answer (this round): their fate is unknown if they are refused later.
@@ -218,17 +263,60 @@ class Settler:
                 result = RoundResult(failed=1)
             if until_empty and result.fetched == 0:
                 return
-            await asyncio.sleep(self._delay_after(result))
+            await self._pause(self._delay_after(result))
 
     def _delay_after(self, result: RoundResult) -> float:
+        if result.failed and not result.delivered:
+            # Zero-value entries acknowledged (or local dead letters) beside the failures are no sign that Stripe is
+            # back: back off, or a steady trickle of them would resend the failing claims without pause.
+            return self._backoff_s(self._stalls)
         if result.progressed:
             return 0.0
-        if result.failed:
-            return self._backoff_s(self._stalls)
         idle = self.options.interval_ms / 1000
         if result.retry_in_s is not None:
             return max(0.01, min(idle, result.retry_in_s))
         return idle
+
+    async def _pause(self, delay_s: float) -> None:
+        """Sleep delay_s; while settlement fails, probe Stripe (at most every PROBE_INTERVAL_MS) and end the pause, and
+        the claims' own backoff, at the first probe Stripe answers."""
+        self._probe_answered_last = False
+        if self._probe is None or self.status.failing_since_ms == 0 or self._probe_misleads >= PROBE_MISLEADS_MAX:
+            await asyncio.sleep(delay_s)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + delay_s
+        interval_s = PROBE_INTERVAL_MS / 1000
+        while (now := loop.time()) < deadline:
+            next_probe = self._last_probe_s + interval_s
+            if next_probe >= deadline:
+                await asyncio.sleep(deadline - now)
+                return
+            await asyncio.sleep(max(0.0, next_probe - now))
+            self._last_probe_s = loop.time()
+            if await self._probe_answered():
+                self._probe_answered_last = True
+                self._failures = {claim: (count, 0.0) for claim, (count, _) in self._failures.items()}
+                return
+        await asyncio.sleep(0)
+
+    async def _probe_answered(self) -> bool:
+        """One probe: True when Stripe answered it (a success, or a definite refusal), False when it failed as Stripe
+        fails while down (5xx, 429, no answer, a timeout: see errors.classify)."""
+        assert self._probe is not None and self._probe_pool is not None
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._probe_pool, self._probe)
+            answered = True
+        except Exception as error:  # noqa: BLE001 - every failure is classified
+            failure = classify(error)
+            answered = failure.verdict in (Verdict.DELIVERED, Verdict.PERMANENT)
+            if not answered:
+                self.status.last_error, self.status.last_error_ms = f"probe: {failure.reason}", self._clock_ms()
+        if self._metrics is not None:
+            self._metrics.settle_probe("answered" if answered else "failed")
+        if answered:
+            log.info("settlement: Stripe answered a probe; resuming at once")
+        return answered
 
     async def run_once(self) -> RoundResult:
         """One round (see the module docstring)."""
@@ -416,24 +504,82 @@ class Settler:
             "only if it shows this usage missing"))
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> tuple[Any, Classified | None, int]:
-        """fn(*args) in the thread pool, retried on RETRY (and on SESSION_EXPIRED) up to settle_max_attempts.
-        Returns (result, failure, attempts made)."""
-        loop = asyncio.get_running_loop()
+        """fn(*args) in the thread pool, retried on RETRY (and on SESSION_EXPIRED) up to settle_max_attempts, except
+        after a timeout (the next round resends). Returns (result, failure, attempts made)."""
         attempt = 0
         while True:
             attempt += 1
             try:
-                return await loop.run_in_executor(self._pool, fn, *args), None, attempt
+                return await self._watched(fn, *args), None, attempt
             except Exception as error:  # noqa: BLE001 - every failure is classified; CancelledError passes
                 failure = classify(error)
-                if self._metrics is not None and failure.verdict is not Verdict.DELIVERED:
-                    self._metrics.stripe_error(error_code(error))
+                timed_out = is_timeout(error)
+                if failure.verdict is not Verdict.DELIVERED:
+                    if self._metrics is not None:
+                        self._metrics.stripe_error(error_code(error))
+                    if failure.verdict is not Verdict.PERMANENT:
+                        self._failed_attempt(failure.reason, timed_out=timed_out)
                 if failure.verdict is Verdict.RETRY_LATER and not _is_stripe_error(error):
                     log.error("unexpected error while talking to Stripe", exc_info=error)
-                retriable = failure.verdict in (Verdict.RETRY, Verdict.SESSION_EXPIRED)
+                retriable = failure.verdict in (Verdict.RETRY, Verdict.SESSION_EXPIRED) and not timed_out
                 if not retriable or attempt >= self.options.max_attempts:
                     return None, failure, attempt
                 await asyncio.sleep(self._backoff_s(attempt))
+
+    async def _watched(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) in the thread pool; a watchdog declares settlement failing if the call runs OVERDUE_GRACE_MS
+        past settle_request_timeout_ms (counted from when a thread took it, not from when it was queued)."""
+        loop = asyncio.get_running_loop()
+        started: list[float] = []
+
+        def timed() -> Any:
+            started.append(loop.time())
+            return fn(*args)
+
+        future = loop.run_in_executor(self._pool, timed)
+        handle: list[asyncio.TimerHandle] = []
+
+        def watch() -> None:
+            if future.done():
+                return
+            if started and loop.time() - started[0] >= self._overdue_s:
+                if self._metrics is not None:
+                    self._metrics.stripe_error(TIMEOUT_CODE)
+                self._failed_attempt(
+                    f"a Stripe request has been running for {loop.time() - started[0]:.1f} s, past "
+                    f"settle_request_timeout_ms ({self.options.request_timeout_ms} ms)", timed_out=True)
+                return
+            due = started[0] + self._overdue_s - loop.time() if started else self._overdue_s
+            handle[:] = [loop.call_later(max(due, 0.001), watch)]
+
+        handle.append(loop.call_later(self._overdue_s, watch))
+        try:
+            return await future
+        finally:
+            handle[0].cancel()
+
+    def _failed_attempt(self, reason: str, *, timed_out: bool) -> None:
+        """A call failed (for now): the status shows it at once; a timeout also declares settlement failing."""
+        status = self.status
+        status.last_error, status.last_error_ms = reason, self._clock_ms()
+        if timed_out:
+            self._declare_failing("a request to Stripe timed out")
+
+    def _declare_failing(self, why: str, waiting: int | None = None) -> None:
+        status = self.status
+        if status.failing_since_ms:
+            return
+        status.failing_since_ms = self._clock_ms()
+        try:
+            depth = waiting if waiting is not None else self._engine.outbox_stats()["depth"]
+        except _core.EngineError:
+            depth = 0
+        log.warning(
+            "settlement to Stripe is failing (%s): %s; %d+ entries wait in the outbox (nothing is lost); retrying "
+            "with backoff up to %d ms%s",
+            why, status.last_error, depth, self.options.backoff_max_ms,
+            f", probing every {PROBE_INTERVAL_MS} ms" if self._probe is not None else "",
+        )
 
     async def _settle(self, delivered: list[Claim], dead: list[tuple[Claim, str]],
                       entries: dict[int, _core.OutboxEntry]) -> None:
@@ -509,23 +655,20 @@ class Settler:
         status.dead_lettered_entries += sum(claim[0].size for claim, _ in dead)
         if retry:
             status.last_error, status.last_error_ms = retry[0][1].reason, now_ms
-        if result.failed and not result.progressed:
-            if self._stalls == 0:
-                status.failing_since_ms = now_ms
-                log.warning(
-                    "settlement to Stripe is failing: %s; %d+ entries wait in the outbox (nothing is lost); retrying "
-                    "with backoff up to %d ms",
-                    status.last_error, result.fetched, self.options.backoff_max_ms,
-                )
+        if result.failed and not result.delivered:
+            self._declare_failing("no event delivered in a round", result.fetched)
             self._stalls += 1
-        elif result.progressed:
-            if self._stalls > 0:
+            if self._probe_answered_last:
+                self._probe_misleads += 1
+        elif result.delivered:  # Stripe took events (acknowledging zero-value ones alone asks nothing of Stripe)
+            if status.failing_since_ms:
                 log.warning(
                     "settlement to Stripe recovered after %d failed rounds (%.1f s)",
                     self._stalls, (now_ms - status.failing_since_ms) / 1000,
                 )
                 status.failing_since_ms = 0
             self._stalls = 0
+            self._probe_misleads = 0
         log.debug("settle round: %s", result)
 
     def _forget_failures_except(self, claims: dict[str, Claim]) -> None:
@@ -543,6 +686,8 @@ class Settler:
         if not self._closed:
             self._closed = True
             self._pool.shutdown(wait=False, cancel_futures=True)
+            if self._probe_pool is not None:
+                self._probe_pool.shutdown(wait=False, cancel_futures=True)
             self._transport.close()
 
 
