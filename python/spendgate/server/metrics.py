@@ -18,7 +18,8 @@ Read from the engine when scraped (EngineCollector):
 - spendgate_outbox_depth, spendgate_outbox_max_entries, spendgate_outbox_oldest_age_seconds, spendgate_dead_letters
 - spendgate_lmdb_map_size_bytes, spendgate_lmdb_map_used_bytes, spendgate_lmdb_map_used_ratio,
   spendgate_lmdb_file_bytes
-- spendgate_settlement_enabled, spendgate_settlement_last_success_timestamp_seconds, spendgate_settlement_failing
+- spendgate_settlement_enabled, spendgate_settlement_last_success_timestamp_seconds, spendgate_settlement_failing,
+  spendgate_settlement_auto_aggregating
 - spendgate_engine_up (0 once the engine failed or closed: the other engine gauges are then absent)
 
 The API for events other code owns (call these; they are plain prometheus_client metrics):
@@ -230,3 +231,6 @@ def _settlement_families(settlement: SettlementService) -> Iterator[Metric]:
                  "Unix time of the last event Stripe accepted (0: none since start).", status.last_success_ms / 1000)
     yield _gauge("spendgate_settlement_failing", "1 while settlement fails without progress.",
                  int(status.failing_since_ms > 0))
+    settler = settlement.settler
+    yield _gauge("spendgate_settlement_auto_aggregating", "1 while a backlog is sent as one event per Stripe customer "
+                 "per second (settle_auto_aggregate).", int(settler is not None and settler.auto_aggregating))

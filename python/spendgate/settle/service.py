@@ -76,7 +76,8 @@ class SettlementService:
                 raise SettlementConfigError(f"STRIPE_API_KEY: {problem}")
             self._key_kind = stripe_client.key_kind(api_key)
             client = stripe_client.make_client(
-                api_key, self._api_base, timeout_s=self.options.request_timeout_ms / 1000
+                api_key, self._api_base, timeout_s=self.options.request_timeout_ms / 1000,
+                pool_connections=max(stripe_client.DEFAULT_POOL_CONNECTIONS, self.options.concurrency),
             )
             transport = make_transport(client, self.options)
             preflight = Preflight(client, self.options.event_name, check_meter=not transport.validates_meter)
@@ -113,7 +114,9 @@ class SettlementService:
             f"on event_name {options.token_event_name}" if options.token_event_name else "as units",
             self._key_kind or "a test transport",
             f"STRIPE_API_BASE {self._api_base}" if self._api_base else "Stripe's own base addresses",
-            f"per {options.aggregate_window_ms} ms window" if options.aggregate_window_ms else "off",
+            f"per {options.aggregate_window_ms} ms window" if options.aggregate_window_ms
+            else "per customer per second while a backlog waits (settle_auto_aggregate)" if options.auto_aggregate
+            else "off",
             stats["depth"], stats["dead_letters"],
         )
 
