@@ -88,7 +88,7 @@ PROBE_MISLEADS_MAX: Final[int] = 3
 # the outbox, one event per Stripe customer (and model) per AUTO_AGGREGATE_WINDOW_MS, until the outbox is back under
 # AUTO_AGGREGATE_OFF_ROUNDS rounds' worth. One event per commit costs a request each on v1 (Stripe: 1,000/s; the
 # settler: ~2 ms of CPU each), which falls behind a sidecar that commits ~1,100/s; per customer per second it does not.
-AUTO_AGGREGATE_ON_ROUNDS: Final[int] = 4
+AUTO_AGGREGATE_ON_ROUNDS: Final[int] = 2
 AUTO_AGGREGATE_OFF_ROUNDS: Final[int] = 1
 # Whole seconds: v1 timestamps are Unix seconds, so an aggregate carries the timestamp each of its members' own events
 # would have had (and never moves usage across an invoice's period boundary, which falls on a second).
