@@ -84,12 +84,15 @@ PROBE_INTERVAL_MS: Final[int] = 500
 PROBE_TIMEOUT_MS: Final[int] = 2_000
 # Rounds in a row that failed right after an answered probe before the probes are ignored until the failure ends.
 PROBE_MISLEADS_MAX: Final[int] = 3
-# Automatic pre-aggregation (settle_auto_aggregate): once this many rounds' worth of entries (fetch_limit each) wait in
-# the outbox, one event per Stripe customer (and model) per AUTO_AGGREGATE_WINDOW_MS, until the outbox is back under
-# AUTO_AGGREGATE_OFF_ROUNDS rounds' worth. One event per commit costs a request each on v1 (Stripe: 1,000/s; the
-# settler: ~2 ms of CPU each), which falls behind a sidecar that commits ~1,100/s; per customer per second it does not.
-AUTO_AGGREGATE_ON_ROUNDS: Final[int] = 2
-AUTO_AGGREGATE_OFF_ROUNDS: Final[int] = 1
+# Automatic pre-aggregation (settle_auto_aggregate): once a round's worth of entries (fetch_limit) waits in the outbox,
+# one event per Stripe customer (and model) per AUTO_AGGREGATE_WINDOW_MS, until a quarter of a round's worth is left.
+# One event per commit costs a request each on v1 (Stripe: 1,000/s; the settler: ~1.3 ms of the sidecar's CPU, under
+# the GIL the RPCs need too), so at a high commit rate it both falls behind and slows the commits down (bench/RESULTS.md
+# section 4); per customer per second it does neither. Aggregated, the outbox holds about a second of commits (the
+# window that is still open): the gap between the two bounds keeps a sidecar committing a few hundred a second from
+# switching back and forth.
+AUTO_AGGREGATE_ON_ROUNDS: Final[float] = 1.0
+AUTO_AGGREGATE_OFF_ROUNDS: Final[float] = 0.25
 # Whole seconds: v1 timestamps are Unix seconds, so an aggregate carries the timestamp each of its members' own events
 # would have had (and never moves usage across an invoice's period boundary, which falls on a second).
 AUTO_AGGREGATE_WINDOW_MS: Final[int] = 1_000
@@ -358,6 +361,12 @@ class Settler:
         if auto:
             claims = _first_claims(claims, self.options.fetch_limit)
         result.waiting = len(entries) - sum(claim[0].size for claim in claims.values())
+        if window_ms and result.waiting:
+            # Entries of a window still open: the next round when the first one closes, not an idle interval later.
+            opens = [(e["ts_ms"] // window_ms + 1) * window_ms for e in entries if e["sent_as"] is None]
+            closes_in_ms = min(opens, default=now_ms) - now_ms
+            if closes_in_ms > 0:
+                result.retry_in_s = closes_in_ms / 1000
 
         dead: list[tuple[Claim, str]] = []
         zero: list[Claim] = []
@@ -415,7 +424,8 @@ class Settler:
         AUTO_AGGREGATE_OFF_ROUNDS (the gap keeps a depth near one bound from switching every round)."""
         if not self.options.auto_aggregate or self.options.aggregate_window_ms > 0:
             return False
-        on_at, off_at = (n * self.options.fetch_limit for n in (AUTO_AGGREGATE_ON_ROUNDS, AUTO_AGGREGATE_OFF_ROUNDS))
+        on_at, off_at = (round(n * self.options.fetch_limit)
+                         for n in (AUTO_AGGREGATE_ON_ROUNDS, AUTO_AGGREGATE_OFF_ROUNDS))
         if not self.auto_aggregating and depth >= on_at:
             self.auto_aggregating = True
             log.warning("settlement: %d entries wait in the outbox: sending one event per Stripe customer (and model) "

@@ -37,7 +37,7 @@ def test_a_backlog_goes_out_per_customer_per_second_exactly_once_across_kill_9(
     busy = list(CUSTOMERS)[:2]
     load = CommitLoad(sidecar.target, busy, threads=4, pause_s=0.0, seed=31, token_share=0.3).start()
     try:
-        backlog = 4 * AUTO_AGGREGATE_ON_ROUNDS * ROUND
+        backlog = round(8 * AUTO_AGGREGATE_ON_ROUNDS * ROUND)
         wait_for_status(sidecar.target, lambda s: s.outbox_depth >= backlog, f"a backlog of {backlog} entries")
     finally:
         load.stop()
