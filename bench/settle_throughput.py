@@ -141,12 +141,12 @@ def _keep_up_once(label: str, flags: tuple[str, ...], load_s: float) -> dict[str
     from pathlib import Path  # noqa: PLC0415
 
     import grpc  # noqa: PLC0415
-
-    from bench import grpc_latency  # noqa: PLC0415
     from spendgate.store_reader import StoreReader  # noqa: PLC0415
     from spendgate.testing.sidecar import Sidecar  # noqa: PLC0415
     from spendgate.v1 import spendgate_pb2 as pb  # noqa: PLC0415
     from spendgate.v1 import spendgate_pb2_grpc as pb_grpc  # noqa: PLC0415
+
+    from bench import grpc_latency  # noqa: PLC0415
 
     fake, url = _start_fake(KEEP_UP_CUSTOMERS)
     try:
@@ -228,8 +228,9 @@ def run_backlog_drain(quick: bool, log: Callable[[str], None]) -> dict[str, Any]
     import shutil  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
 
-    from bench import grpc_latency  # noqa: PLC0415
     from spendgate.testing.sidecar import Sidecar  # noqa: PLC0415
+
+    from bench import grpc_latency  # noqa: PLC0415
 
     fill_s = BACKLOG_QUICK_FILL_S if quick else BACKLOG_FILL_S
     base_env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("SPENDGATE_", "STRIPE_"))}
@@ -274,7 +275,6 @@ def run_backlog_drain(quick: bool, log: Callable[[str], None]) -> dict[str, Any]
 
 def _set_budgets(target: str, budgets: list[str]) -> None:
     import grpc  # noqa: PLC0415
-
     from spendgate.v1 import spendgate_pb2 as pb  # noqa: PLC0415
     from spendgate.v1 import spendgate_pb2_grpc as pb_grpc  # noqa: PLC0415
 
@@ -288,7 +288,6 @@ def _set_budgets(target: str, budgets: list[str]) -> None:
 def _wait_first_delivery(target: str) -> tuple[float, int]:
     """(monotonic time, outbox depth) when GetSettlementStatus first shows a delivered event."""
     import grpc  # noqa: PLC0415
-
     from spendgate.v1 import spendgate_pb2 as pb  # noqa: PLC0415
     from spendgate.v1 import spendgate_pb2_grpc as pb_grpc  # noqa: PLC0415
 
@@ -304,7 +303,6 @@ def _wait_first_delivery(target: str) -> tuple[float, int]:
 
 def _wait_depth_zero(target: str, deadline: float) -> int:
     import grpc  # noqa: PLC0415
-
     from spendgate.v1 import spendgate_pb2 as pb  # noqa: PLC0415
     from spendgate.v1 import spendgate_pb2_grpc as pb_grpc  # noqa: PLC0415
 

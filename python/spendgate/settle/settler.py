@@ -324,17 +324,19 @@ class Settler:
         await asyncio.sleep(0)
 
     async def _probe_answered(self) -> bool:
-        """One probe: True when Stripe answered it (a success, or a definite refusal), False when it failed as Stripe
-        fails while down (5xx, 429, no answer, a timeout: see errors.classify)."""
+        """One probe: True when Stripe answered it (a success, or any refusal but 429: a restricted key without the
+        permission to read meters gets a 403, and Stripe is up), False when it failed as Stripe fails while down (5xx,
+        429, no answer, a timeout)."""
         assert self._probe is not None and self._probe_pool is not None
         try:
             await asyncio.get_running_loop().run_in_executor(self._probe_pool, self._probe)
             answered = True
         except Exception as error:  # noqa: BLE001 - every failure is classified
-            failure = classify(error)
-            answered = failure.verdict in (Verdict.DELIVERED, Verdict.PERMANENT)
+            status = getattr(error, "http_status", None)
+            answered = _is_stripe_error(error) and status is not None and status < 500 and status != 429
             if not answered:
-                self.status.last_error, self.status.last_error_ms = f"probe: {failure.reason}", self._clock_ms()
+                reason = classify(error).reason
+                self.status.last_error, self.status.last_error_ms = f"probe: {reason}", self._clock_ms()
         if self._metrics is not None:
             self._metrics.settle_probe("answered" if answered else "failed")
         if answered:

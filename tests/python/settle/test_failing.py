@@ -11,6 +11,7 @@ from spendgate.settle.settler import PROBE_INTERVAL_MS, PROBE_TIMEOUT_MS
 from spendgate.testing.fake_stripe import FakeStripe
 
 from tests.conftest import SidecarFactory
+
 from ..server.test_metrics import Samples, parse, sample
 from ._load import CommitLoad
 from ._sidecar import create_budgets, spent, wait_drained, wait_for_status

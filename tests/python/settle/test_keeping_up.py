@@ -7,16 +7,19 @@ from __future__ import annotations
 import random
 import re
 import time
+from collections.abc import Iterator
 
+import pytest
 from spendgate.settle.aggregate import parse_aggregate_identifier
 from spendgate.settle.settler import AUTO_AGGREGATE_ON_ROUNDS, AUTO_AGGREGATE_WINDOW_MS
 from spendgate.testing.fake_stripe import FakeStripe
 
 from tests.conftest import SidecarFactory
+
 from ._load import CommitLoad
 from ._sidecar import create_budgets, spent, wait_drained, wait_for_status
 from ._support import sidecar_env
-from .test_exactly_once import CUSTOMERS, fake  # noqa: F401 - the fixture: Stripe failing requests
+from .test_exactly_once import CUSTOMERS
 
 # Small rounds, so that a backlog worth aggregating builds in seconds: a round reads batch x concurrency entries.
 BATCH, CONCURRENCY = 10, 2
@@ -25,6 +28,14 @@ KILLS = 3
 # A token aggregate's events: <first member's identifier>-tagg<count>-<token type> (aggregate.py).
 TOKEN_AGGREGATE = re.compile(r"^(?P<base>.+-tagg(?P<count>\d+))-[a-z_]+$")
 EVENT_PATHS = ("/v1/billing/meter_events", "/v2/billing/meter_event_stream")
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeStripe]:
+    """Stripe failing requests, as in test_exactly_once: 429s, 500s, and failures after recording."""
+    with FakeStripe(customers=CUSTOMERS.values(), same_host=True, seed=2024, rate_429=0.10, rate_500=0.05,
+                    fail_after_record_rate=0.05, latency_seconds=0.002) as running:
+        yield running
 
 
 def test_a_backlog_goes_out_per_customer_per_second_exactly_once_across_kill_9(
