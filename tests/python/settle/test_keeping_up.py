@@ -38,10 +38,11 @@ def fake() -> Iterator[FakeStripe]:
         yield running
 
 
+@pytest.mark.parametrize("transport", ["v1", "v2"])
 def test_a_backlog_goes_out_per_customer_per_second_exactly_once_across_kill_9(
-        sidecar_factory: SidecarFactory, fake: FakeStripe) -> None:
-    sidecar = sidecar_factory("keeping-up", env=sidecar_env(fake, settle_batch_size=BATCH,
-                                                            settle_concurrency=CONCURRENCY))
+        sidecar_factory: SidecarFactory, fake: FakeStripe, transport: str) -> None:
+    sidecar = sidecar_factory(f"keeping-up-{transport}", env=sidecar_env(
+        fake, settle_transport=transport, settle_batch_size=BATCH, settle_concurrency=CONCURRENCY))
     create_budgets(sidecar.target, CUSTOMERS)
     fake.start_outage("503")  # the backlog builds while Stripe is down
     # Two busy customers: many commits per customer and second, as a sidecar near its top rate has.
