@@ -153,6 +153,8 @@ class SettlementService:
             "delivered_entries": status.delivered_entries,
             "dead_lettered_entries": status.dead_lettered_entries,
             "failing_since_ms": status.failing_since_ms,
+            "auto_aggregate": self.options.auto_aggregate and not self.options.aggregate_window_ms,
+            "auto_aggregating": self.settler is not None and self.settler.auto_aggregating,
         }
 
     def close(self) -> None:

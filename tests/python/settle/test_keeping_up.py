@@ -17,7 +17,7 @@ from spendgate.testing.fake_stripe import FakeStripe
 from tests.conftest import SidecarFactory
 
 from ._load import CommitLoad
-from ._sidecar import create_budgets, spent, wait_drained, wait_for_status
+from ._sidecar import create_budgets, spent, wait_for_status
 from ._support import sidecar_env
 from .test_exactly_once import CUSTOMERS
 
@@ -51,6 +51,8 @@ def test_a_backlog_goes_out_per_customer_per_second_exactly_once_across_kill_9(
     try:
         backlog = round(8 * AUTO_AGGREGATE_ON_ROUNDS * ROUND)
         wait_for_status(sidecar.target, lambda s: s.outbox_depth >= backlog, f"a backlog of {backlog} entries")
+        shown = wait_for_status(sidecar.target, lambda s: s.auto_aggregating, "the status showing the aggregation")
+        assert shown.auto_aggregate
     finally:
         load.stop()
         back = fake.now()
@@ -60,7 +62,9 @@ def test_a_backlog_goes_out_per_customer_per_second_exactly_once_across_kill_9(
         time.sleep(rng.uniform(0.05, 0.4))  # aggregates claimed, sent, answered or failing, acknowledged
         sidecar.kill9()
         sidecar.start()
-    status = wait_drained(sidecar.target)
+    status = wait_for_status(sidecar.target, lambda s: s.outbox_depth == 0 and not s.auto_aggregating,
+                             "the backlog drained and one event per commit again")
+    assert status.auto_aggregate
 
     books = spent(sidecar.target, busy)
     assert books == load.acked
