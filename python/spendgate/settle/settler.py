@@ -264,6 +264,7 @@ class Settler:
         self._probe_misleads = 0  # rounds in a row that failed right after an answered probe
         self._overdue_s = (options.request_timeout_ms + OVERDUE_GRACE_MS) / 1000
         self.auto_aggregating = False  # settle_auto_aggregate: on while a backlog waits (see _auto_aggregate)
+        self._waited = True  # the loop waited before this round (False right after a round that made progress)
         self._stalls = 0  # rounds in a row that made no progress because calls failed
         self._failures: dict[str, tuple[int, float]] = {}  # claim -> (failed rounds, not before: loop time)
         # Claims with an attempt Stripe did not answer (this round): their fate is unknown if they are refused later.
@@ -286,7 +287,9 @@ class Settler:
                 result = RoundResult(failed=1)
             if until_empty and result.fetched == 0:
                 return
-            await self._pause(self._delay_after(result))
+            delay_s = self._delay_after(result)
+            self._waited = delay_s > 0
+            await self._pause(delay_s)
 
     def _delay_after(self, result: RoundResult) -> float:
         if result.failed and not result.delivered:
@@ -347,7 +350,7 @@ class Settler:
         """One round (see the module docstring)."""
         stats = self._engine.outbox_stats()
         self._monitor.check(stats)
-        auto = self._auto_aggregate(stats["depth"])
+        auto = self._auto_aggregate(stats["depth"], may_stop=self._waited)
         fetch_limit = max(self.options.fetch_limit, AUTO_AGGREGATE_FETCH_ENTRIES) if auto else self.options.fetch_limit
         entries = self._engine.outbox_pending(fetch_limit)
         result = RoundResult(fetched=len(entries))
@@ -421,9 +424,12 @@ class Settler:
         self._record(result, delivered, dead, retry, {e["seq"]: e["ts_ms"] for e in entries})
         return result
 
-    def _auto_aggregate(self, depth: int) -> bool:
+    def _auto_aggregate(self, depth: int, *, may_stop: bool) -> bool:
         """settle_auto_aggregate: on at AUTO_AGGREGATE_ON_ROUNDS rounds' worth of entries waiting, off again at
-        AUTO_AGGREGATE_OFF_ROUNDS (the gap keeps a depth near one bound from switching every round)."""
+        AUTO_AGGREGATE_OFF_ROUNDS (the gap keeps a depth near one bound from switching every round). It stops only in a
+        round the loop waited for (may_stop): aggregating, that is the round when a window closes, whose depth is about
+        a second of commits; the round right after one that sent the closed windows finds little but the open one,
+        at any commit rate."""
         if not self.options.auto_aggregate or self.options.aggregate_window_ms > 0:
             return False
         on_at, off_at = (round(n * self.options.fetch_limit)
@@ -433,7 +439,7 @@ class Settler:
             log.warning("settlement: %d entries wait in the outbox: sending one event per Stripe customer (and model) "
                         "per %d ms until fewer than %d wait (settle_auto_aggregate)", depth, AUTO_AGGREGATE_WINDOW_MS,
                         off_at)
-        elif self.auto_aggregating and depth <= off_at:
+        elif self.auto_aggregating and depth <= off_at and may_stop:
             self.auto_aggregating = False
             log.warning("settlement: %d entries wait in the outbox: one event per commit again", depth)
         return self.auto_aggregating
