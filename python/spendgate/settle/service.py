@@ -20,6 +20,7 @@ from spendgate.settle.settler import (
     SettleOptions,
     Settler,
     Transport,
+    claim_each,
     wall_ms,
 )
 
@@ -51,6 +52,7 @@ class SettlementService:
         except ValueError as error:
             raise SettlementConfigError(f"setting {error}") from None
         self._engine = engine
+        self._wait_durable = wait_durable
         api_key: str = settings.stripe_api_key
         self._api_base: str = settings.stripe_api_base
         self.enabled = bool(api_key) or transport is not None
@@ -156,6 +158,14 @@ class SettlementService:
             "auto_aggregate": self.options.auto_aggregate and not self.options.aggregate_window_ms,
             "auto_aggregating": self.settler is not None and self.settler.auto_aggregating,
         }
+
+    async def prepare_backup(self) -> int:
+        """Before Admin.Backup: claim each unclaimed entry under its own event (settler.claim_each), between rounds."""
+        if self.settler is not None:
+            return await self.settler.claim_for_backup()
+        count, ticket = claim_each(self._engine, self.options.event_names, wall_ms())
+        await self._wait_durable(ticket)
+        return count
 
     def close(self) -> None:
         if self.settler is not None:

@@ -265,6 +265,7 @@ class Settler:
         self._overdue_s = (options.request_timeout_ms + OVERDUE_GRACE_MS) / 1000
         self.auto_aggregating = False  # settle_auto_aggregate: on while a backlog waits (see _auto_aggregate)
         self._waited = True  # the loop waited before this round (False right after a round that made progress)
+        self._round_lock = asyncio.Lock()
         self._stalls = 0  # rounds in a row that made no progress because calls failed
         self._failures: dict[str, tuple[int, float]] = {}  # claim -> (failed rounds, not before: loop time)
         # Claims with an attempt Stripe did not answer (this round): their fate is unknown if they are refused later.
@@ -348,6 +349,17 @@ class Settler:
 
     async def run_once(self) -> RoundResult:
         """One round (see the module docstring)."""
+        async with self._round_lock:  # never beside claim_for_backup: an entry keeps its first claim
+            return await self._run_once()
+
+    async def claim_for_backup(self) -> int:
+        """Between rounds, claim each unclaimed entry under its own event (see claim_each); returns the count."""
+        async with self._round_lock:
+            count, ticket = claim_each(self._engine, self.options.event_names, self._clock_ms())
+            await self._wait_durable(ticket)
+            return count
+
+    async def _run_once(self) -> RoundResult:
         stats = self._engine.outbox_stats()
         self._monitor.check(stats)
         auto = self._auto_aggregate(stats["depth"], may_stop=self._waited)
@@ -749,6 +761,18 @@ class Settler:
             if self._probe_pool is not None:
                 self._probe_pool.shutdown(wait=False, cancel_futures=True)
             self._transport.close()
+
+
+def claim_each(engine: _core.Engine, names: EventNames, now_ms: int) -> tuple[int, int]:
+    """Claim each unclaimed entry of the outbox's head (at most MAX_ENGINE_BATCH) under the events it would have
+    alone (its own identifier; a token entry's -tokens claim), before a backup: the backup then holds no entry the
+    data dir could later send in an aggregate the backup does not know, so a restored copy resends each exactly as it
+    may have gone (rules.restored_unsure). Returns (entries claimed, ticket)."""
+    unclaimed = [e for e in engine.outbox_pending(MAX_ENGINE_BATCH) if e["sent_as"] is None]
+    ticket = 0
+    for claim in _by_claim(fresh_events(unclaimed, 0, now_ms, names)).values():
+        ticket = max(ticket, engine.outbox_claim(list(claim[0].seqs), claim[0].claim_id))
+    return len(unclaimed), ticket
 
 
 def _is_stripe_error(error: BaseException) -> bool:
