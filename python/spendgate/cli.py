@@ -730,7 +730,9 @@ def format_settlement_status(status: Any) -> str:
         ("enabled", "yes" if status.enabled else "NO (no STRIPE_API_KEY: usage accumulates in the outbox)"),
         ("transport", status.transport or "-"),
         ("event_name", status.event_name or "-"),
-        ("aggregate_window_ms", str(status.aggregate_window_ms) if status.aggregate_window_ms else "off"),
+        ("aggregate_window_ms", str(status.aggregate_window_ms) if status.aggregate_window_ms
+         else "per customer per second now (a backlog waits)" if status.auto_aggregating
+         else "off (per customer per second while a backlog waits)" if status.auto_aggregate else "off"),
         ("outbox_depth", f"{status.outbox_depth} of {status.max_outbox_entries}"),
         ("oldest_age_ms", str(status.oldest_age_ms)),
         ("dead_letters", str(status.dead_letters)),

@@ -203,6 +203,11 @@ class Settings:
     settle_aggregate_window_ms: int = _setting(
         0, "Pre-aggregation: one event per Stripe customer per window of this length; 0: one event per commit."
     )
+    settle_auto_aggregate: bool = _setting(
+        True, "With settle_aggregate_window_ms 0: once a backlog builds in the outbox (a round's worth of entries), send "
+        "one event per Stripe customer (and model) per second until it is drained; off: always one event per commit "
+        "(then a restored backup's unsent entries can be resent under their own identifiers).",
+    )
     settle_max_attempts: int = _setting(
         5, "Tries of one Stripe call (429, 5xx, connection errors) before it waits for a later round.", minimum=1
     )

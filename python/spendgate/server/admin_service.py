@@ -102,6 +102,10 @@ class AdminServicer(pb_grpc.AdminServicer):
         if self._backup_dir and not _is_under(request.dest_dir, self._backup_dir):
             raise _core.EngineError("invalid_argument", f"dest_dir {request.dest_dir!r} is not under backup_dir "
                                     f"{self._backup_dir!r}: pass a directory inside it (the setting confines backups)")
+        if self._settlement is not None:
+            # With aggregation possible, an entry unclaimed in the backup might later leave in an aggregate the
+            # restored copy cannot repeat: claimed now, it leaves alone under its own identifier in both.
+            await self._settlement.prepare_backup()
         durable_ticket = self._engine.durable_ticket()  # every acknowledged change is at or below it
         started_ms = time.time_ns() // 1_000_000
         # In a thread: copying a large environment takes a while, and the loop keeps serving meanwhile.

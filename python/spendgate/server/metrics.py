@@ -19,12 +19,16 @@ Read from the engine when scraped (EngineCollector):
 - spendgate_outbox_depth, spendgate_outbox_max_entries, spendgate_outbox_oldest_age_seconds, spendgate_dead_letters
 - spendgate_lmdb_map_size_bytes, spendgate_lmdb_map_used_bytes, spendgate_lmdb_map_used_ratio,
   spendgate_lmdb_map_high_water_bytes, spendgate_lmdb_map_capacity_bytes, spendgate_lmdb_file_bytes
-- spendgate_settlement_enabled, spendgate_settlement_last_success_timestamp_seconds, spendgate_settlement_failing
+- spendgate_settlement_enabled, spendgate_settlement_last_success_timestamp_seconds, spendgate_settlement_failing,
+  spendgate_settlement_auto_aggregating
 - spendgate_engine_up (0 once the engine failed or closed: the other engine gauges are then absent)
 
 The API for events other code owns (call these; they are plain prometheus_client metrics):
 - `metrics.stripe_errors.labels(code=...).inc()`      a failed Stripe call, by Stripe's error code, else the HTTP
-                                                       status ("http_503"), else "connection" (the settler calls it)
+                                                       status ("http_503"), else "timeout" (no answer within
+                                                       settle_request_timeout_ms, or a call found running past it) or
+                                                       "connection" (the settler calls it)
+- `metrics.settle_probes.labels(outcome=...).inc()`    a probe while settlement fails: answered or failed (the settler)
 - `metrics.settlement_lag.observe(seconds)`            commit-to-Stripe-acceptance time of a delivered usage (the
                                                        settler calls it)
 - `metrics.alerts.labels(kind=...).inc()`              an alert raised (outbox filling, budget threshold, ...)
@@ -32,7 +36,7 @@ The API for events other code owns (call these; they are plain prometheus_client
   `metrics.reconcile_last_success.set(unix_s)`           the scheduled reconcile (spendgate.settle.scheduled)
 - `metrics.proxy_calls.labels(api=..., outcome=...).inc()` a call through the HTTP proxy (spendgate.proxy calls it
                                                        through the `observe` hook the app gives it)
-The settler reaches the first two through `SettleMetrics` (spendgate.settle.settler), which this class satisfies.
+The settler reaches these through `SettleMetrics` (spendgate.settle.settler), which this class satisfies.
 """
 
 from __future__ import annotations
@@ -97,6 +101,10 @@ class Metrics:
             "made of it: delivered (sent before by this sidecar) or refused (never sent by it: a copied data dir).",
             ["outcome"], registry=registry,
         )
+        self.settle_probes = Counter(
+            "spendgate_settle_probes", "Probes the settler sent to Stripe while settlement was failing, by outcome: "
+            "answered (settlement resumes at once) or failed.", ["outcome"], registry=registry,
+        )
         self.settlement_lag = Histogram(
             "spendgate_settlement_lag_seconds", "From a usage's commit to Stripe accepting it.",
             buckets=LAG_BUCKETS_S, registry=registry,
@@ -148,6 +156,9 @@ class Metrics:
 
     def settle_duplicate(self, outcome: str, n: int = 1) -> None:
         self.settle_duplicates.labels(outcome=outcome).inc(n)
+
+    def settle_probe(self, outcome: str) -> None:
+        self.settle_probes.labels(outcome=outcome).inc()
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition format and its content type."""
@@ -251,3 +262,6 @@ def _settlement_families(settlement: SettlementService) -> Iterator[Metric]:
                  "Unix time of the last event Stripe accepted (0: none since start).", status.last_success_ms / 1000)
     yield _gauge("spendgate_settlement_failing", "1 while settlement fails without progress.",
                  int(status.failing_since_ms > 0))
+    settler = settlement.settler
+    yield _gauge("spendgate_settlement_auto_aggregating", "1 while a backlog is sent as one event per Stripe customer "
+                 "per second (settle_auto_aggregate).", int(settler is not None and settler.auto_aggregating))

@@ -576,7 +576,7 @@ def _fix(settings: Settings, options: Options, period: Period, client: stripe.St
         return EXIT_MISMATCH if under else EXIT_OK
     with StoreReader(settings.data_dir) as store:
         ledger_hours, own = _ledger_hours_and_owners(store, period, {r.stripe_customer_id for r in over},
-                                                     options.cancel)
+                                                     options.cancel, units_of(bool(settings.settle_token_event_name)))
     for row in over:
         hours = stripe_hours(client, meter_id, row.stripe_customer_id, period.start_s, period.end_s)
         extra = [(hour, value - ledger_hours.get((row.stripe_customer_id, hour), 0)) for hour, value in hours.items()]
@@ -627,10 +627,12 @@ def _fix(settings: Settings, options: Options, period: Period, client: stripe.St
     return EXIT_MISMATCH if still else EXIT_OK
 
 
-def _ledger_hours_and_owners(store: StoreReader, period: Period, customers: set[str],
-                             identifiers: Sequence[str]) -> tuple[dict[tuple[str, int], int], dict[str, str]]:
-    """Settled units per (customer, hour) in the period, and for each identifier to cancel why the ledger owns it
-    ("" when it does not)."""
+def _ledger_hours_and_owners(store: StoreReader, period: Period, customers: set[str], identifiers: Sequence[str],
+                             measure: Callable[[Mapping[str, Any]], int | None],
+                             ) -> tuple[dict[tuple[str, int], int], dict[str, str]]:
+    """Settled units of the units meter per (customer, hour) in the period, each entry counted as `measure` says (a
+    commit settled on the token meter is not on this meter: counting its units here would hide an over-count in its
+    hour), and for each identifier to cancel why the ledger owns it ("" when it does not)."""
     reservations = {m["reservation_id"]: i for i in identifiers if (m := _OWN_IDENTIFIER.match(i))}
     owners: dict[str, str] = {identifier: "" for identifier in identifiers}
 
@@ -644,10 +646,11 @@ def _ledger_hours_and_owners(store: StoreReader, period: Period, customers: set[
             own(identifier, f"it is the ledger's own event for reservation {entry['reservation_id']} "
                             f"({entry['amount']} units of {entry['customer_id']}), and cancelling it would remove real "
                             "usage from the invoice")
+        amount = measure(entry)
         if entry["stripe_customer_id"] in customers and entry.get("settled_ms") is not None \
-                and period.start_ms <= entry["ts_ms"] < period.end_ms:
+                and period.start_ms <= entry["ts_ms"] < period.end_ms and amount is not None:
             key = (entry["stripe_customer_id"], entry["ts_ms"] // 3_600_000 * 3600)
-            hours[key] = hours.get(key, 0) + entry["amount"]
+            hours[key] = hours.get(key, 0) + amount
     wanted = set(identifiers)
     for entry in store.outbox():
         for identifier in {entry.get("identifier"), entry.get("sent_as")} & wanted:

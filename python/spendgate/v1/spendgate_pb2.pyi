@@ -536,7 +536,7 @@ class GetSettlementStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SettlementStatus(_message.Message):
-    __slots__ = ("enabled", "transport", "event_name", "aggregate_window_ms", "outbox_depth", "max_outbox_entries", "oldest_age_ms", "dead_letters", "last_success_ms", "last_error", "last_error_ms", "delivered_events", "delivered_entries", "dead_lettered_entries", "failing_since_ms")
+    __slots__ = ("enabled", "transport", "event_name", "aggregate_window_ms", "outbox_depth", "max_outbox_entries", "oldest_age_ms", "dead_letters", "last_success_ms", "last_error", "last_error_ms", "delivered_events", "delivered_entries", "dead_lettered_entries", "failing_since_ms", "auto_aggregate", "auto_aggregating")
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     EVENT_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -552,6 +552,8 @@ class SettlementStatus(_message.Message):
     DELIVERED_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     DEAD_LETTERED_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     FAILING_SINCE_MS_FIELD_NUMBER: _ClassVar[int]
+    AUTO_AGGREGATE_FIELD_NUMBER: _ClassVar[int]
+    AUTO_AGGREGATING_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
     transport: str
     event_name: str
@@ -567,7 +569,9 @@ class SettlementStatus(_message.Message):
     delivered_entries: int
     dead_lettered_entries: int
     failing_since_ms: int
-    def __init__(self, enabled: _Optional[bool] = ..., transport: _Optional[str] = ..., event_name: _Optional[str] = ..., aggregate_window_ms: _Optional[int] = ..., outbox_depth: _Optional[int] = ..., max_outbox_entries: _Optional[int] = ..., oldest_age_ms: _Optional[int] = ..., dead_letters: _Optional[int] = ..., last_success_ms: _Optional[int] = ..., last_error: _Optional[str] = ..., last_error_ms: _Optional[int] = ..., delivered_events: _Optional[int] = ..., delivered_entries: _Optional[int] = ..., dead_lettered_entries: _Optional[int] = ..., failing_since_ms: _Optional[int] = ...) -> None: ...
+    auto_aggregate: bool
+    auto_aggregating: bool
+    def __init__(self, enabled: _Optional[bool] = ..., transport: _Optional[str] = ..., event_name: _Optional[str] = ..., aggregate_window_ms: _Optional[int] = ..., outbox_depth: _Optional[int] = ..., max_outbox_entries: _Optional[int] = ..., oldest_age_ms: _Optional[int] = ..., dead_letters: _Optional[int] = ..., last_success_ms: _Optional[int] = ..., last_error: _Optional[str] = ..., last_error_ms: _Optional[int] = ..., delivered_events: _Optional[int] = ..., delivered_entries: _Optional[int] = ..., dead_lettered_entries: _Optional[int] = ..., failing_since_ms: _Optional[int] = ..., auto_aggregate: _Optional[bool] = ..., auto_aggregating: _Optional[bool] = ...) -> None: ...
 
 class BackupRequest(_message.Message):
     __slots__ = ("dest_dir",)
