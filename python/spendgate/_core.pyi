@@ -269,6 +269,7 @@ class Engine:
         write_queue_capacity: int = 65_536,
         reap_interval_ms: int = 100,
         resolved_retention_ms: int = 7 * 86_400_000,
+        prune_interval_ms: int = 60_000,
         max_outbox_entries: int = 10_000_000,
         default_period: str = "month",
         breaker_multiplier: int = 10,

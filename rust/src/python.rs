@@ -257,6 +257,7 @@ impl PyEngine {
         data_dir, *, map_size_mb = 1024, map_max_mb = 0, disk_reserve_mb = 256, ledger_retention_days = 180, durability = "fsync", default_ttl_ms = 60_000, max_ttl_ms = 3_600_000,
         max_holds_per_budget = 10_000, max_active_holds = 1_000_000, max_budgets = 1_000_000,
         write_queue_capacity = 65_536, reap_interval_ms = 100, resolved_retention_ms = 604_800_000,
+        prune_interval_ms = 60_000,
         max_outbox_entries = 10_000_000, default_period = "month", breaker_multiplier = 10,
         breaker_recent_ms = 3_600_000, breaker_window_ms = 86_400_000, breaker_min_units = 0
     ))]
@@ -277,6 +278,7 @@ impl PyEngine {
         write_queue_capacity: u64,
         reap_interval_ms: u64,
         resolved_retention_ms: u64,
+        prune_interval_ms: u64,
         max_outbox_entries: u64,
         default_period: &str,
         breaker_multiplier: u64,
@@ -307,6 +309,7 @@ impl PyEngine {
         config.write_queue_capacity = write_queue_capacity;
         config.reap_interval_ms = reap_interval_ms;
         config.resolved_retention_ms = resolved_retention_ms;
+        config.prune_interval_ms = prune_interval_ms;
         config.max_outbox_entries = max_outbox_entries;
         config.default_period = match default_period {
             "month" => PeriodRule::CALENDAR_MONTH,
@@ -796,7 +799,8 @@ fn usage_dict<'py>(py: Python<'py>, view: &UsageView) -> PyResult<Bound<'py, PyD
 
 fn ledger_page_dict<'py>(py: Python<'py>, page: &LedgerPage) -> PyResult<Bound<'py, PyDict>> {
     let dict = PyDict::new(py);
-    let rows: Vec<Bound<'py, PyDict>> = page.rows.iter().map(|row| ledger_row_dict(py, row)).collect::<PyResult<_>>()?;
+    let rows: Vec<Bound<'py, PyDict>> =
+        page.rows.iter().map(|row| ledger_row_dict(py, row)).collect::<PyResult<_>>()?;
     dict.set_item("entries", rows)?;
     dict.set_item("next_after", page.next_after)?;
     dict.set_item("more", page.more)?;

@@ -240,7 +240,11 @@ fn ledger_snapshot(store: &Store, selector: &Selector<'_>, after: u64, limit: us
     Ok(Snapshot { rows, covered, last_seen, scanned, lengths })
 }
 
-fn lmdb_row(store: &Store, rtxn: &heed::RoTxn<'_, heed::WithoutTls>, entry: LedgerEntry) -> Result<LedgerRow, EngineError> {
+fn lmdb_row(
+    store: &Store,
+    rtxn: &heed::RoTxn<'_, heed::WithoutTls>,
+    entry: LedgerEntry,
+) -> Result<LedgerRow, EngineError> {
     if entry.settled_ms.is_some() {
         return Ok(LedgerRow { archived: false, ..archived_row(entry) });
     }
@@ -275,7 +279,14 @@ fn archived_row(mut entry: LedgerEntry) -> LedgerRow {
     debug_assert!(entry.settled_ms.is_some(), "only settled entries are archived");
     let identifier = entry.identifier.take().unwrap_or_else(|| entry.base_identifier());
     let claim = entry.sent_as.take();
-    LedgerRow { entry, state: SettlementState::Sent, identifier, claim, dead_letter_reason: String::new(), archived: true }
+    LedgerRow {
+        entry,
+        state: SettlementState::Sent,
+        identifier,
+        claim,
+        dead_letter_reason: String::new(),
+        archived: true,
+    }
 }
 
 /// Archive file name -> its member index, kept by the engine between pages (indexing reads a file once).

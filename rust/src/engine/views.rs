@@ -141,9 +141,10 @@ impl Engine {
         }
         let at = at_ms.expect("a past period has a time");
         let closed = self.closed_periods(customer_id, MAX_PERIODS_LISTED)?;
-        let period = closed.into_iter().find(|p| p.start_ms <= at && at < p.end_ms.max(p.closed_ms)).ok_or_else(|| {
-            EngineError::not_found(format!("budget {customer_id:?} has no period containing {at} ms"))
-        })?;
+        let period =
+            closed.into_iter().find(|p| p.start_ms <= at && at < p.end_ms.max(p.closed_ms)).ok_or_else(|| {
+                EngineError::not_found(format!("budget {customer_id:?} has no period containing {at} ms"))
+            })?;
         Ok((period.start_ms, period.end_ms, false, period.limit, period.included))
     }
 
