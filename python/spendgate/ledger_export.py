@@ -121,10 +121,10 @@ def export(list_ledger: ListLedger, customer_id: str, period: str, fmt: str, out
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r}: use one of {', '.join(FORMATS)}")
     writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n") if fmt == "csv" else None
-    if writer is not None:
-        writer.writeheader()
     count = total = start_ms = end_ms = 0
-    for page in pages(list_ledger, customer_id, period):
+    for number, page in enumerate(pages(list_ledger, customer_id, period)):
+        if number == 0 and writer is not None:
+            writer.writeheader()  # once the sidecar accepted the request: a refusal writes nothing
         start_ms, end_ms = page.period_start_ms, page.period_end_ms
         for entry in page.entries:
             record = entry_record(entry)
