@@ -6,7 +6,8 @@
 //! database, written in the same transaction that deletes the archived entries: bytes past it (a crash between the
 //! append and the commit, whose entries are therefore still in LMDB) are cut off before the next append, so each
 //! entry is in exactly one of the two once a transaction commits. A reader of a live data dir may meet such a tail:
-//! it skips entries it also finds in LMDB (by seq) and stops at a torn member.
+//! it skips entries it also finds in LMDB (by seq) and stops at a torn member. The audit trail (Engine::list_ledger)
+//! indexes a file's members by seq (`FileIndex`) and decodes only those a page needs.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
@@ -122,7 +123,7 @@ pub fn copy_all(data_dir: &Path, dest_dir: &Path) -> Result<u64, EngineError> {
     Ok(copied_bytes)
 }
 
-/// Every entry in one archive file up to `len` bytes (tests and tools; the sidecar never reads the archive back).
+/// Every entry in one archive file up to `len` bytes (tests and tools; the audit trail reads members: `read_member`).
 pub fn read(path: &Path, len: u64) -> Result<Vec<LedgerEntry>, EngineError> {
     use std::io::{BufRead, BufReader, Read};
     let file = File::open(path).map_err(|err| io_error(path, "open", err))?;

@@ -31,7 +31,7 @@ DEFAULT_LIST_LIMIT: Final[int] = 100
 # ListLedger: the engine's page bounds (a limit past the most is INVALID_ARGUMENT, 0 means the default).
 DEFAULT_LEDGER_PAGE: Final[int] = _core.DEFAULT_LEDGER_PAGE
 MAX_LEDGER_PAGE: Final[int] = _core.MAX_LEDGER_PAGE
-SETTLEMENT_STATES: Final[dict[str, int]] = {
+SETTLEMENT_STATES: Final[dict[str, pb.SettlementState]] = {
     "pending": pb.SETTLEMENT_STATE_PENDING, "sent": pb.SETTLEMENT_STATE_SENT,
     "dead_letter": pb.SETTLEMENT_STATE_DEAD_LETTER,
 }  # fmt: skip

@@ -166,7 +166,7 @@ impl Engine {
         {
             let mut indexes = self.archive_index.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             for (file, (name, committed_len)) in files.iter().enumerate() {
-                let index = indexes.entry(name.clone()).or_insert_with(FileIndex::default);
+                let index = indexes.entry(name.clone()).or_default();
                 index.extend(&dir.join(name), *committed_len)?;
                 spans.extend(
                     index
