@@ -8,6 +8,7 @@
     spendgate settle status                              settlement status of a running sidecar
     spendgate deadletter list | requeue SEQ... | requeue --all     dead letters of a running sidecar
     spendgate reconcile [--period YYYY-MM | --start DATE [--end DATE]] [--fix ...]   the ledger against Stripe
+    spendgate invoices release INVOICE                   let Stripe finalize a draft the invoice-spike guard held
     spendgate backup DEST | restore SRC --data-dir DIR [--force] | inspect [SECTION]   data care (spendgate.datacare)
     spendgate ledger export CUSTOMER [--period P] --format csv|jsonl [--output FILE]   the audit trail of a period
     spendgate check-config FILE                          validate a TOML config file offline (exit 2: problems)
@@ -39,6 +40,7 @@ commands:
   spendgate budget show CUSTOMER                  print a budget's counters and policy
   spendgate budget freeze|unfreeze CUSTOMER       deny every Reserve (or allow them again)
   spendgate usage CUSTOMER [--period P]           usage of a period: quota, projection, daily series, breakdowns
+  spendgate usage-link CUSTOMER [--ttl 1h]        a signed link to the customer's own usage page (--allow-limit)
   spendgate budget list [--prefix P]              list budgets, one a line
   spendgate settle [FLAGS] [--follow]             drain the outbox to Stripe (only while no sidecar runs)
   spendgate settle status                         settlement to Stripe of a running sidecar
@@ -51,6 +53,7 @@ commands:
   spendgate backup DEST                           a running sidecar writes a consistent copy of its data to DEST
   spendgate restore SRC --data-dir DIR [--force]  put a backup in place (only while no sidecar runs on DIR)
   spendgate inspect [--data-dir DIR] [SECTION]    print budgets, holds, outbox, ledger tail, archive, dead letters
+  spendgate invoices release INVOICE              let Stripe finalize a draft the invoice-spike guard held
   spendgate check-config FILE                     validate a config file offline; problems point to their line
   spendgate health [--target HOST:PORT]           exit 0 when the sidecar's gRPC health says SERVING (probes)
 
@@ -136,6 +139,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     usage.add_argument("--top", type=int, default=10, metavar="N", help="largest values per dimension (default 10)")
     usage.set_defaults(run=run_usage)
+
+    usage_link = commands.add_parser(
+        "usage-link", parents=[target_parent], help="print a signed link to the customer's own usage page"
+    )
+    usage_link.description = (
+        "Ask a running sidecar for a link to CUSTOMER's usage page on its http_listen, signed with its "
+        "usage-link key. Prints the URL (stdout) and when it expires (stderr). Hand it to that customer only."
+    )
+    usage_link.add_argument("customer_id", metavar="CUSTOMER")
+    usage_link.add_argument("--ttl", type=_duration_ms, default=3_600_000, metavar="DURATION",
+                            help="how long the link opens the page: 90s, 30m, 1h (default), 7d; 1 min to 31 days")
+    usage_link.add_argument("--allow-limit", action="store_true",
+                            help="the page may set the customer's own stop-at (it only ever lowers enforcement)")
+    usage_link.add_argument("--ceiling", type=int, default=0, metavar="UNITS",
+                            help="with --allow-limit: the highest stop-at the customer may set, in units")
+    usage_link.set_defaults(run=run_usage_link)
 
     health = commands.add_parser(
         "health", parents=[target_parent], help="exit 0 when the sidecar reports SERVING (for exec probes)"
@@ -359,6 +378,14 @@ def _add_data_care_commands(commands: Any, config_parent: argparse.ArgumentParse
     key_revoke.add_argument("key_id", metavar="ID")
     key_revoke.set_defaults(run=run_key_revoke)
 
+    invoices = commands.add_parser("invoices", help="Stripe draft invoices the invoice-spike guard held")
+    invoice_commands = invoices.add_subparsers(dest="invoices_command", metavar="COMMAND", required=True)
+    invoice_release = invoice_commands.add_parser(
+        "release", parents=[target_parent],
+        help="let Stripe finalize a held draft invoice (the sidecar sets its auto_advance back to true)")
+    invoice_release.add_argument("invoice_id", metavar="INVOICE", help="the Stripe invoice id (in_...)")
+    invoice_release.set_defaults(run=run_invoices_release)
+
     check = commands.add_parser("check-config", help="validate a TOML config file offline (exit 2 on problems)")
     check.add_argument("file", metavar="FILE")
     check.set_defaults(run=run_check_config, without_settings=True)
@@ -457,6 +484,23 @@ def run_key_list(args: argparse.Namespace, settings: config.Settings) -> int:
         return EXIT_ERROR
     for key in reply.virtual_keys:
         print(f"{key.key_id}  {key.customer_id}  created_ms={key.created_ms}")
+    return EXIT_OK
+
+
+def run_invoices_release(args: argparse.Namespace, settings: config.Settings) -> int:
+    """Admin.ReleaseInvoice: the sidecar holds the Stripe key and the guard's records, so it makes the call."""
+    from spendgate.v1 import spendgate_pb2 as pb
+    from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
+
+    request = pb.ReleaseInvoiceRequest(invoice_id=args.invoice_id)
+    reply = _call(args, settings, lambda channel: pb_grpc.AdminStub(channel).ReleaseInvoice(request,
+                                                                                        timeout=RPC_TIMEOUT_S))
+    if reply is None:
+        return EXIT_ERROR
+    held = "" if reply.was_held else " (the guard had not held it, or it was released already)"
+    print(f"released {reply.invoice_id} of {reply.stripe_customer_id}: {reply.total} {reply.currency}, status "
+          f"{reply.status}, auto_advance {'true' if reply.auto_advance else 'false'}: Stripe finalizes it on its own "
+          f"schedule now{held}")
     return EXIT_OK
 
 
@@ -765,7 +809,9 @@ def format_settlement_status(status: Any) -> str:
         ("enabled", "yes" if status.enabled else "NO (no STRIPE_API_KEY: usage accumulates in the outbox)"),
         ("transport", status.transport or "-"),
         ("event_name", status.event_name or "-"),
-        ("aggregate_window_ms", str(status.aggregate_window_ms) if status.aggregate_window_ms else "off"),
+        ("aggregate_window_ms", str(status.aggregate_window_ms) if status.aggregate_window_ms
+         else "per customer per second now (a backlog waits)" if status.auto_aggregating
+         else "off (per customer per second while a backlog waits)" if status.auto_aggregate else "off"),
         ("outbox_depth", f"{status.outbox_depth} of {status.max_outbox_entries}"),
         ("oldest_age_ms", str(status.oldest_age_ms)),
         ("dead_letters", str(status.dead_letters)),
@@ -809,6 +855,52 @@ def format_budget_list(budgets: Sequence[Any]) -> str:
         rest = (f"{cell:>{width}}" for cell, width in zip(cells[1:], widths[1:]))
         return "  ".join([first, *rest])
     return "\n".join([line(LIST_COLUMNS), *(line(row) for row in rows)] or [])
+
+
+DURATION_UNITS_MS: Final[dict[str, int]] = {"ms": 1, "s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def _duration_ms(text: str) -> int:
+    """90s, 30m, 1h, 7d, 500ms, or plain seconds -> milliseconds (argparse type)."""
+    stripped = text.strip().lower()
+    number, suffix = stripped, "s"
+    for unit in sorted(DURATION_UNITS_MS, key=len, reverse=True):
+        if stripped.endswith(unit):
+            number, suffix = stripped[: -len(unit)], unit
+            break
+    try:
+        value = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a duration such as 90s, 30m, 1h or 7d, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"a duration must be positive, got {text!r}")
+    return round(value * DURATION_UNITS_MS[suffix])
+
+
+def run_usage_link(args: argparse.Namespace, settings: config.Settings) -> int:
+    import time
+
+    from spendgate.v1 import spendgate_pb2 as pb
+    from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
+
+    if args.ceiling and not args.allow_limit:
+        print(f"{PROG}: --ceiling applies only with --allow-limit", file=sys.stderr)
+        return EXIT_USAGE
+    if args.allow_limit and args.ceiling <= 0:
+        print(f"{PROG}: --allow-limit needs --ceiling UNITS: the highest stop-at the customer may set",
+              file=sys.stderr)
+        return EXIT_USAGE
+    request = pb.CreateUsageLinkRequest(customer_id=args.customer_id, ttl_ms=args.ttl, allow_limit=args.allow_limit,
+                                        ceiling=args.ceiling)
+    reply = _call(args, settings,
+                  lambda channel: pb_grpc.AdminStub(channel).CreateUsageLink(request, timeout=RPC_TIMEOUT_S))
+    if reply is None:
+        return EXIT_ERROR
+    print(reply.url)
+    expires = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(reply.expires_at_ms // 1000))
+    scope = f"view and set the stop-at up to {reply.ceiling:,} units" if reply.scope == "limit" else "view only"
+    print(f"{PROG}: the link opens {args.customer_id}'s usage page until {expires} ({scope})", file=sys.stderr)
+    return EXIT_OK
 
 
 def _call(args: argparse.Namespace, settings: config.Settings, rpc: Any) -> Any:

@@ -166,6 +166,8 @@ pub struct PyBalanceView {
     period_end_ms: i64,
     /// None: the server's multiplier.
     breaker_multiplier: Option<u64>,
+    /// The customer's own stop-at (0: none).
+    stop_at: i64,
 }
 
 /// A value in a period dict: its kind's name, or a number of milliseconds.
@@ -233,6 +235,7 @@ impl From<BalanceView> for PyBalanceView {
             period_start_ms: v.period_start_ms,
             period_end_ms: v.period_end_ms,
             breaker_multiplier: v.breaker_multiplier,
+            stop_at: v.stop_at,
         }
     }
 }
@@ -259,7 +262,8 @@ impl PyEngine {
         write_queue_capacity = 65_536, reap_interval_ms = 100, resolved_retention_ms = 604_800_000,
         prune_interval_ms = 60_000,
         max_outbox_entries = 10_000_000, default_period = "month", breaker_multiplier = 10,
-        breaker_recent_ms = 3_600_000, breaker_window_ms = 86_400_000, breaker_min_units = 0
+        breaker_recent_ms = 3_600_000, breaker_window_ms = 86_400_000, breaker_min_units = 0,
+        max_clock_step_ms = 1_000, clock_step_confirm_ms = 900_000
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -285,6 +289,8 @@ impl PyEngine {
         breaker_recent_ms: u64,
         breaker_window_ms: u64,
         breaker_min_units: i64,
+        max_clock_step_ms: u64,
+        clock_step_confirm_ms: u64,
     ) -> PyResult<Self> {
         let relaxed = match durability {
             "fsync" => false,
@@ -326,6 +332,8 @@ impl PyEngine {
             window_ms: breaker_window_ms,
             min_units: breaker_min_units,
         };
+        config.max_clock_step_ms = max_clock_step_ms;
+        config.clock_step_confirm_ms = clock_step_confirm_ms;
         let inner = py.detach(|| Engine::open(config)).map_err(to_py_err)?;
         Ok(PyEngine { inner })
     }
@@ -436,10 +444,11 @@ impl PyEngine {
     }
 
     /// Create a budget or change its settings; None leaves a setting unchanged. `mode`: "hard" or "soft"; `period`:
-    /// a period dict (see BalanceView.period); `breaker_multiplier`: -1 for the server's, 0 off, or 2..=1000.
+    /// a period dict (see BalanceView.period); `breaker_multiplier`: -1 for the server's, 0 off, or 2..=1000;
+    /// `stop_at`: the customer's own stop-at, 0 to remove it (it only ever lowers what Reserve admits).
     #[pyo3(signature = (
         customer_id, *, limit = None, stripe_customer_id = None, included = None, soft_limit = None, mode = None,
-        block_overage = None, parent_id = None, period = None, breaker_multiplier = None
+        block_overage = None, parent_id = None, period = None, breaker_multiplier = None, stop_at = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn update_budget(
@@ -455,6 +464,7 @@ impl PyEngine {
         parent_id: Option<String>,
         period: Option<&Bound<'_, PyDict>>,
         breaker_multiplier: Option<i64>,
+        stop_at: Option<i64>,
     ) -> PyResult<PySetBudgetOutcome> {
         let update = BudgetUpdate {
             limit,
@@ -466,6 +476,7 @@ impl PyEngine {
             parent: parent_id.filter(|id| !id.is_empty()),
             period: period.map(parse_period).transpose()?,
             breaker_multiplier: breaker_multiplier.map(parse_multiplier).transpose().map_err(to_py_err)?,
+            stop_at,
         };
         let o = self.inner.update_budget(customer_id, &update).map_err(to_py_err)?;
         Ok(PySetBudgetOutcome {
@@ -676,6 +687,8 @@ impl PyEngine {
         dict.set_item("breaker_trips_total", s.breaker_trips_total)?;
         dict.set_item("periods_rolled_total", s.periods_rolled_total)?;
         dict.set_item("alert_seq", s.alert_seq)?;
+        dict.set_item("clock_steps_total", s.clock_steps_total)?;
+        dict.set_item("clock_step_pending_ms", s.clock_step_pending_ms)?;
         Ok(dict)
     }
 

@@ -55,6 +55,7 @@ pub struct PolicyState {
     pub period_start_ms: i64,
     pub period_end_ms: i64,
     pub breaker_multiplier: Option<u64>,
+    pub stop_at: i64,
     /// Re-arm this period's soft-limit or limit alert (the threshold moved above what is spent).
     pub rearm_soft_alert: bool,
     pub rearm_limit_alert: bool,
@@ -498,6 +499,7 @@ impl Writer {
         record.period = policy.period;
         record.period_end_ms = policy.period_end_ms;
         record.breaker_multiplier = policy.breaker_multiplier;
+        record.stop_at = policy.stop_at;
         record.soft_alerted &= !policy.rearm_soft_alert;
         record.limit_alerted &= !policy.rearm_limit_alert;
         record.updated_ms = now_ms;

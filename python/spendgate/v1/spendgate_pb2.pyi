@@ -547,7 +547,7 @@ class GetSettlementStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SettlementStatus(_message.Message):
-    __slots__ = ("enabled", "transport", "event_name", "aggregate_window_ms", "outbox_depth", "max_outbox_entries", "oldest_age_ms", "dead_letters", "last_success_ms", "last_error", "last_error_ms", "delivered_events", "delivered_entries", "dead_lettered_entries", "failing_since_ms")
+    __slots__ = ("enabled", "transport", "event_name", "aggregate_window_ms", "outbox_depth", "max_outbox_entries", "oldest_age_ms", "dead_letters", "last_success_ms", "last_error", "last_error_ms", "delivered_events", "delivered_entries", "dead_lettered_entries", "failing_since_ms", "auto_aggregate", "auto_aggregating")
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     EVENT_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -563,6 +563,8 @@ class SettlementStatus(_message.Message):
     DELIVERED_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     DEAD_LETTERED_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     FAILING_SINCE_MS_FIELD_NUMBER: _ClassVar[int]
+    AUTO_AGGREGATE_FIELD_NUMBER: _ClassVar[int]
+    AUTO_AGGREGATING_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
     transport: str
     event_name: str
@@ -578,7 +580,9 @@ class SettlementStatus(_message.Message):
     delivered_entries: int
     dead_lettered_entries: int
     failing_since_ms: int
-    def __init__(self, enabled: _Optional[bool] = ..., transport: _Optional[str] = ..., event_name: _Optional[str] = ..., aggregate_window_ms: _Optional[int] = ..., outbox_depth: _Optional[int] = ..., max_outbox_entries: _Optional[int] = ..., oldest_age_ms: _Optional[int] = ..., dead_letters: _Optional[int] = ..., last_success_ms: _Optional[int] = ..., last_error: _Optional[str] = ..., last_error_ms: _Optional[int] = ..., delivered_events: _Optional[int] = ..., delivered_entries: _Optional[int] = ..., dead_lettered_entries: _Optional[int] = ..., failing_since_ms: _Optional[int] = ...) -> None: ...
+    auto_aggregate: bool
+    auto_aggregating: bool
+    def __init__(self, enabled: _Optional[bool] = ..., transport: _Optional[str] = ..., event_name: _Optional[str] = ..., aggregate_window_ms: _Optional[int] = ..., outbox_depth: _Optional[int] = ..., max_outbox_entries: _Optional[int] = ..., oldest_age_ms: _Optional[int] = ..., dead_letters: _Optional[int] = ..., last_success_ms: _Optional[int] = ..., last_error: _Optional[str] = ..., last_error_ms: _Optional[int] = ..., delivered_events: _Optional[int] = ..., delivered_entries: _Optional[int] = ..., dead_lettered_entries: _Optional[int] = ..., failing_since_ms: _Optional[int] = ..., auto_aggregate: _Optional[bool] = ..., auto_aggregating: _Optional[bool] = ...) -> None: ...
 
 class ListLedgerRequest(_message.Message):
     __slots__ = ("customer_id", "period", "after", "limit")
@@ -681,6 +685,32 @@ class BackupResponse(_message.Message):
     duration_ms: int
     def __init__(self, dest_dir: _Optional[str] = ..., size_bytes: _Optional[int] = ..., durable_ticket: _Optional[int] = ..., started_ms: _Optional[int] = ..., duration_ms: _Optional[int] = ...) -> None: ...
 
+class CreateUsageLinkRequest(_message.Message):
+    __slots__ = ("customer_id", "ttl_ms", "allow_limit", "ceiling")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    CEILING_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    ttl_ms: int
+    allow_limit: bool
+    ceiling: int
+    def __init__(self, customer_id: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., allow_limit: _Optional[bool] = ..., ceiling: _Optional[int] = ...) -> None: ...
+
+class CreateUsageLinkResponse(_message.Message):
+    __slots__ = ("url", "path", "expires_at_ms", "scope", "ceiling")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    CEILING_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    path: str
+    expires_at_ms: int
+    scope: str
+    ceiling: int
+    def __init__(self, url: _Optional[str] = ..., path: _Optional[str] = ..., expires_at_ms: _Optional[int] = ..., scope: _Optional[str] = ..., ceiling: _Optional[int] = ...) -> None: ...
+
 class VirtualKey(_message.Message):
     __slots__ = ("key_id", "customer_id", "created_ms")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
@@ -728,3 +758,27 @@ class RevokeVirtualKeyResponse(_message.Message):
     REVOKED_FIELD_NUMBER: _ClassVar[int]
     revoked: _containers.RepeatedCompositeFieldContainer[VirtualKey]
     def __init__(self, revoked: _Optional[_Iterable[_Union[VirtualKey, _Mapping]]] = ...) -> None: ...
+
+class ReleaseInvoiceRequest(_message.Message):
+    __slots__ = ("invoice_id",)
+    INVOICE_ID_FIELD_NUMBER: _ClassVar[int]
+    invoice_id: str
+    def __init__(self, invoice_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseInvoiceResponse(_message.Message):
+    __slots__ = ("invoice_id", "stripe_customer_id", "status", "auto_advance", "was_held", "total", "currency")
+    INVOICE_ID_FIELD_NUMBER: _ClassVar[int]
+    STRIPE_CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    AUTO_ADVANCE_FIELD_NUMBER: _ClassVar[int]
+    WAS_HELD_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    invoice_id: str
+    stripe_customer_id: str
+    status: str
+    auto_advance: bool
+    was_held: bool
+    total: int
+    currency: str
+    def __init__(self, invoice_id: _Optional[str] = ..., stripe_customer_id: _Optional[str] = ..., status: _Optional[str] = ..., auto_advance: _Optional[bool] = ..., was_held: _Optional[bool] = ..., total: _Optional[int] = ..., currency: _Optional[str] = ...) -> None: ...

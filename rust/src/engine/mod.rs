@@ -2,12 +2,14 @@
 //!
 //! - `admission.rs`: Reserve, Commit, Release and expiry (the hot paths).
 //! - `policy.rs`: budget settings, periods and their roll-over, freezing, the circuit breaker, alerts.
+//! - `time.rs`: the clocks (crate::clock) in the engine: the checkpoint, clock-step alerts, restored deadlines.
 //! - `views.rs`: balances, usage per period, closed periods, alerts to read.
 //! - `ledger.rs`: the audit trail, LMDB's ledger and the archive's, a page at a time.
 
 mod admission;
 mod ledger;
 mod policy;
+mod time;
 mod views;
 
 use std::fs::File;
@@ -27,7 +29,10 @@ use crate::alerts::{AlertKind, PendingAlert, MAX_ALERTS_BATCH};
 use crate::breaker::BreakerConfig;
 use crate::budget::Budget;
 use crate::capacity::{mib, room_needed_bytes, MapUsage};
-use crate::clock::{Clock, SystemClock};
+use crate::clock::{
+    Clock, SystemClock, TimeKeeper, CLOCK_CHECKPOINT_INTERVAL_MS, MAX_CLOCK_STEP_CONFIRM_MS_CEILING,
+    MAX_CLOCK_STEP_MS_CEILING,
+};
 use crate::error::EngineError;
 use crate::hold::{truncate_for_message, DenyReason, HoldSlot, HoldState};
 use crate::identity::Identity;
@@ -38,6 +43,8 @@ use crate::store::{idempotency_key, Store};
 use crate::writer::{MapLimits, Op, Ticketed, Writer};
 
 pub use ledger::{LedgerPage, LedgerRow, SettlementState};
+use time::clock_checkpoint;
+
 pub use policy::BudgetUpdate;
 pub use views::{BalanceView, UsageView};
 
@@ -72,6 +79,10 @@ pub struct EngineConfig {
     pub default_period: PeriodRule,
     /// The circuit breaker's defaults (a budget may set its own multiplier).
     pub breaker: BreakerConfig,
+    /// A wall clock further than this from the monotonic clock's extrapolation has stepped (crate::clock).
+    pub max_clock_step_ms: u64,
+    /// How long (monotonic) a step must hold before periods, the breaker and timestamps follow it.
+    pub clock_step_confirm_ms: u64,
 }
 
 impl EngineConfig {
@@ -95,6 +106,8 @@ impl EngineConfig {
             max_outbox_entries: 10_000_000,
             default_period: PeriodRule::CALENDAR_MONTH,
             breaker: BreakerConfig { multiplier: 10, recent_ms: 3_600_000, window_ms: 86_400_000, min_units: 0 },
+            max_clock_step_ms: 1_000,
+            clock_step_confirm_ms: 900_000,
         }
     }
 
@@ -110,6 +123,8 @@ impl EngineConfig {
             ("resolved_retention_ms", self.resolved_retention_ms),
             ("prune_interval_ms", self.prune_interval_ms),
             ("max_outbox_entries", self.max_outbox_entries),
+            ("max_clock_step_ms", self.max_clock_step_ms),
+            ("clock_step_confirm_ms", self.clock_step_confirm_ms),
         ];
         for (name, value) in positive {
             if value == 0 || value > i64::MAX as u64 {
@@ -144,6 +159,19 @@ impl EngineConfig {
             return Err(EngineError::invalid(format!(
                 "disk_reserve_mb is {}; it must be at most {MAX_MAP_SIZE_MB}",
                 self.disk_reserve_mb
+            )));
+        }
+        if self.max_clock_step_ms > MAX_CLOCK_STEP_MS_CEILING {
+            return Err(EngineError::invalid(format!(
+                "max_clock_step_ms is {}; it must be at most {MAX_CLOCK_STEP_MS_CEILING} (a day: a larger step would \
+                 go unnoticed)",
+                self.max_clock_step_ms
+            )));
+        }
+        if self.clock_step_confirm_ms > MAX_CLOCK_STEP_CONFIRM_MS_CEILING {
+            return Err(EngineError::invalid(format!(
+                "clock_step_confirm_ms is {}; it must be at most {MAX_CLOCK_STEP_CONFIRM_MS_CEILING} (7 days)",
+                self.clock_step_confirm_ms
             )));
         }
         self.default_period.validate()?;
@@ -222,6 +250,10 @@ pub struct EngineStats {
     pub breaker_trips_total: u64,
     pub periods_rolled_total: u64,
     pub alert_seq: u64,
+    /// Wall-clock steps seen since the start (crate::clock).
+    pub clock_steps_total: u64,
+    /// The step not yet accepted (wall minus trusted time, ms), 0 while the clocks agree.
+    pub clock_step_pending_ms: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -260,7 +292,8 @@ pub struct Shared {
     config: EngineConfig,
     /// This data dir's instance id: in every reservation id it issues, and what parses them back.
     pub(crate) identity: Identity,
-    clock: Arc<dyn Clock>,
+    /// Engine time (holds) and trusted wall time (everything else): see crate::clock.
+    clock: TimeKeeper,
     /// `None` once closed, so that the LMDB environment really closes and the data dir can be reopened.
     store: std::sync::RwLock<Option<Store>>,
     budgets: DashMap<Box<str>, Arc<Budget>>,
@@ -329,6 +362,9 @@ impl Engine {
         notify_tx.set_nonblocking(true).map_err(|err| EngineError::internal(format!("notify pipe: {err}")))?;
         notify_rx.set_nonblocking(true).map_err(|err| EngineError::internal(format!("notify pipe: {err}")))?;
         let map_usage = store.map_usage(config.map_max_mb, config.disk_reserve_mb)?;
+        let checkpoint = clock_checkpoint(&store)?;
+        let (clock, first_event) =
+            TimeKeeper::open(clock, checkpoint.as_ref(), config.max_clock_step_ms, config.clock_step_confirm_ms);
         let shared = Arc::new(Shared {
             clock,
             store: std::sync::RwLock::new(Some(store.clone())),
@@ -366,7 +402,7 @@ impl Engine {
             hierarchy: Mutex::new(()),
             config,
         });
-        shared.rebuild(recovered.budgets, recovered.active_holds)?;
+        shared.rebuild(recovered.budgets, recovered.active_holds, checkpoint.is_some())?;
         let map_limits =
             MapLimits { map_max_mb: shared.config.map_max_mb, disk_reserve_mb: shared.config.disk_reserve_mb };
         let writer = Writer::new(
@@ -382,6 +418,11 @@ impl Engine {
             .name("spendgate-writer".into())
             .spawn(move || writer.run())
             .map_err(|err| EngineError::internal(format!("cannot start the writer thread: {err}")))?;
+        // Before any op that uses this run's engine time: a durable hold's deadline implies a durable timeline.
+        shared.save_clock()?;
+        if let Some(event) = first_event {
+            shared.clock_event(event);
+        }
         let reaper_shared = shared.clone();
         let reaper = std::thread::Builder::new()
             .name("spendgate-reaper".into())
@@ -462,9 +503,16 @@ impl Engine {
         self.shared.freeze(&budget, frozen, reason)
     }
 
-    /// Start the periods that have ended (the reaper does this by itself every reap interval). Returns how many.
+    /// Start the periods that have ended (the reaper does this by itself every reap interval), after comparing the
+    /// wall clock with the monotonic clock as the reaper does. Returns how many.
     pub fn roll_due(&self) -> u64 {
+        self.shared.observe_clock();
         self.shared.roll_due()
+    }
+
+    /// The trusted wall time (crate::clock): what periods, the breaker and timestamps go by.
+    pub fn now_ms(&self) -> i64 {
+        self.shared.clock.now_ms()
     }
 
     /// Record an alert raised outside the engine (a settlement dead letter, ...). Returns its durability ticket.
@@ -700,6 +748,8 @@ impl Engine {
             breaker_trips_total: s.breaker_trips_total.load(SeqCst),
             periods_rolled_total: s.periods_rolled_total.load(SeqCst),
             alert_seq: s.alert_seq.load(SeqCst),
+            clock_steps_total: s.clock.steps_total(),
+            clock_step_pending_ms: s.clock.pending_step_ms(),
         }
     }
 
@@ -713,10 +763,12 @@ impl Engine {
             reaper.thread().unpark();
             let _ = reaper.join();
         }
-        // Shutdown bypasses the queue bound: it must always get through.
-        let ticket = s.last_ticket.fetch_add(1, SeqCst) + 1;
-        s.queue_depth.fetch_add(1, SeqCst);
-        let _ = s.tx.send(Ticketed { ticket, op: Op::Shutdown });
+        // The last checkpoint and Shutdown bypass the queue bound: they must always get through.
+        for op in [s.clock_op(), Op::Shutdown] {
+            let ticket = s.last_ticket.fetch_add(1, SeqCst) + 1;
+            s.queue_depth.fetch_add(1, SeqCst);
+            let _ = s.tx.send(Ticketed { ticket, op });
+        }
         if let Some(writer) = self.writer.lock().expect("writer lock").take() {
             let _ = writer.join();
         }
@@ -814,7 +866,14 @@ pub(crate) fn validate_amount(field: &str, value: i64, min: i64) -> Result<(), E
 }
 
 impl Shared {
-    fn rebuild(&self, budgets: Vec<(String, BudgetRecord)>, active: Vec<(u64, HoldRecord)>) -> Result<(), EngineError> {
+    /// `timeline_known`: the data dir has a clock checkpoint, so the holds' engine-time deadlines are on this run's
+    /// timeline.
+    fn rebuild(
+        &self,
+        budgets: Vec<(String, BudgetRecord)>,
+        active: Vec<(u64, HoldRecord)>,
+        timeline_known: bool,
+    ) -> Result<(), EngineError> {
         // An org's held and open holds include its members' holds.
         let mut per_budget: std::collections::HashMap<&str, (i64, i64)> = Default::default();
         for (_, hold) in &active {
@@ -853,12 +912,12 @@ impl Shared {
         }
         self.budget_count.store(budgets.len() as u64, SeqCst);
         for (hold_id, hold) in active {
-            self.restore_hold(hold_id, hold)?;
+            self.restore_hold(hold_id, hold, timeline_known)?;
         }
         Ok(())
     }
 
-    fn restore_hold(&self, hold_id: u64, hold: HoldRecord) -> Result<(), EngineError> {
+    fn restore_hold(&self, hold_id: u64, hold: HoldRecord, timeline_known: bool) -> Result<(), EngineError> {
         let missing =
             || EngineError::internal(format!("the data dir is inconsistent: hold {hold_id} names a missing budget"));
         let budget = self.budget(&hold.customer_id).map_err(|_| missing())?;
@@ -876,6 +935,7 @@ impl Shared {
             extras: crate::hold::HoldExtras::boxed(&hold.model, &hold.dimensions, &hold.fingerprint),
             amount: hold.amount,
             expires_ms: hold.expires_ms,
+            deadline_mono_ms: self.restored_deadline(&hold, timeline_known),
             idem_key: idem_key.map(String::into_boxed_str),
             resolution: None,
             ticket: 0,
@@ -1071,11 +1131,17 @@ impl Shared {
     fn reap_loop(self: Arc<Self>) {
         let interval = Duration::from_millis(self.config.reap_interval_ms);
         let prune_every = Duration::from_millis(self.config.prune_interval_ms);
+        let checkpoint_every = Duration::from_millis(CLOCK_CHECKPOINT_INTERVAL_MS);
         let mut last_prune = Instant::now();
         let mut prune_ticket = 0;
+        let mut last_checkpoint = Instant::now();
         while !self.closing.load(SeqCst) {
+            self.observe_clock();
             self.reap_expired();
             self.roll_due();
+            if last_checkpoint.elapsed() >= checkpoint_every && self.save_clock().is_ok() {
+                last_checkpoint = Instant::now();
+            }
             // One prune in flight at a time: a pass slower than the interval must not pile up ahead of commits.
             let idle = self.durable_ticket.load(SeqCst) >= prune_ticket;
             let due = idle && (last_prune.elapsed() >= prune_every || self.archive_backlog.swap(false, SeqCst));

@@ -38,6 +38,8 @@ pub struct BudgetUpdate {
     pub period: Option<PeriodRule>,
     /// Some(None): back to the server's multiplier; Some(Some(0)): off for this budget.
     pub breaker_multiplier: Option<Option<u64>>,
+    /// The customer's own stop-at; 0 removes it. It can only lower what Reserve admits (see BudgetRecord::stop_at).
+    pub stop_at: Option<i64>,
 }
 
 impl BudgetUpdate {
@@ -50,6 +52,9 @@ impl BudgetUpdate {
         }
         if let Some(soft_limit) = self.soft_limit {
             validate_amount("soft_limit", soft_limit, 0)?;
+        }
+        if let Some(stop_at) = self.stop_at {
+            validate_amount("stop_at", stop_at, 0)?;
         }
         if let Some(stripe) = &self.stripe_customer_id {
             validate_id("stripe_customer_id", stripe)?;
@@ -95,6 +100,9 @@ impl BudgetUpdate {
         }
         if let Some(multiplier) = self.breaker_multiplier {
             admin.breaker_multiplier = multiplier;
+        }
+        if let Some(stop_at) = self.stop_at {
+            admin.stop_at = stop_at;
         }
     }
 }
@@ -176,6 +184,7 @@ impl Shared {
         record.block_overage = update.block_overage.unwrap_or(false);
         record.parent = parent.as_ref().map(|p| p.customer_id.to_string());
         record.breaker_multiplier = update.breaker_multiplier.flatten();
+        record.stop_at = update.stop_at.unwrap_or(0);
         let budget = Arc::new(Budget::from_record(customer_id, &record, 0));
         if let Some(parent) = &parent {
             parent.members.fetch_add(1, SeqCst);
@@ -395,6 +404,7 @@ fn policy_state(
         period_start_ms,
         period_end_ms,
         breaker_multiplier: admin.breaker_multiplier,
+        stop_at: admin.stop_at,
         rearm_soft_alert,
         rearm_limit_alert,
     })

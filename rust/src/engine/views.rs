@@ -38,6 +38,8 @@ pub struct BalanceView {
     pub period_start_ms: i64,
     pub period_end_ms: i64,
     pub breaker_multiplier: Option<u64>,
+    /// The customer's own stop-at (0: none): Reserve admits at most up to it.
+    pub stop_at: i64,
 }
 
 /// A budget's usage in one period: the writer's record (exactly the ledger's entries of that period), with the
@@ -82,6 +84,7 @@ impl Budget {
             period_start_ms,
             period_end_ms,
             breaker_multiplier: admin.breaker_multiplier,
+            stop_at: admin.stop_at,
         }
     }
 }
