@@ -578,12 +578,17 @@ fn commits_racing_roll_overs_count_in_exactly_one_period_on_both_levels() {
         );
     }
     let done = AtomicBool::new(false);
-    let (engine, clock) = (f.engine(), f.clock.clone());
+    // The workers go on until the clock has crossed this many period ends, however fast they are (a release build
+    // ran its 400 calls each before a second roll-over).
+    const ADVANCES_FOR_ROLL_OVERS: u64 = 6 * 1_000 / 97;
+    let advances = std::sync::atomic::AtomicU64::new(0);
+    let (engine, clock, advances) = (f.engine(), f.clock.clone(), &advances);
     let acked: Vec<[i64; 3]> = std::thread::scope(|scope| {
         scope.spawn(|| {
             while !done.load(Ordering::SeqCst) {
                 clock.advance_ms(97);
                 engine.roll_due();
+                advances.fetch_add(1, Ordering::SeqCst);
                 std::thread::sleep(Duration::from_millis(3));
             }
         });
@@ -592,7 +597,9 @@ fn commits_racing_roll_overs_count_in_exactly_one_period_on_both_levels() {
                 scope.spawn(move || {
                     let mut rng = rand::rngs::StdRng::seed_from_u64(t);
                     let mut spent = [0i64; 3];
-                    for _ in 0..400 {
+                    let mut calls = 0;
+                    while calls < 400 || advances.load(Ordering::SeqCst) < ADVANCES_FOR_ROLL_OVERS {
+                        calls += 1;
                         let m = rng.random_range(0..3);
                         let hold = engine.reserve(members[m], rng.random_range(1..=50), "", 60_000).unwrap();
                         if !hold.granted {
