@@ -15,9 +15,17 @@ MAX_ID_BYTES: Final[int]
 MAX_AMOUNT_UNITS: Final[int]
 """Largest amount or limit (2**53)."""
 MAX_TTL_MS_CEILING: Final[int]
+"""The largest max_ttl_ms an Engine accepts."""
+MAX_LEDGER_PAGE: Final[int]
+"""Most ledger entries one list_ledger page returns (1_000)."""
+DEFAULT_LEDGER_PAGE: Final[int]
+"""list_ledger's page size when none is given (100)."""
+MAX_LEDGER_SCAN_PER_PAGE: Final[int]
+"""LMDB ledger entries one list_ledger page looks at before it ends early with a cursor (20_000)."""
+MAX_ARCHIVE_SCAN_PER_PAGE: Final[int]
+"""Archived entries one list_ledger page decodes, in whole gzip members past it (20_000)."""
 OTHER_VALUE: Final[str]
 """What a usage record sums labels past its tracking bounds under (as a value, or as a key)."""
-"""The largest max_ttl_ms an Engine accepts."""
 
 # DenyReason numbers, the same as spendgate.v1.DenyReason.
 DENY_NONE: Final[int]
@@ -197,6 +205,44 @@ class DeadLetterEntry(OutboxEntry):
     fate_unknown: bool
     """The event may be at Stripe already: a requeue needs confirmed_missing."""
 
+class LedgerRow(TypedDict):
+    """One ledger entry with its settlement state (list_ledger)."""
+
+    seq: int
+    reservation_id: str
+    customer_id: str
+    stripe_customer_id: str
+    parent: str
+    """The org the entry's budget is a member of ("" for none)."""
+    amount: int
+    reserved: int
+    excess: int
+    ts_ms: int
+    settled_ms: int | None
+    period_start_ms: int
+    usage: UsageDetail | None
+    dimensions: dict[str, str]
+    state: str
+    """"pending" (in the outbox), "sent" (accepted by Stripe) or "dead_letter"."""
+    identifier: str
+    """The entry's own meter event identifier (sg-<reservation id>, -requeue<n> once requeued)."""
+    claim: str | None
+    """The claim its meter event(s) went out under (spendgate.settle.aggregate.event_identifiers); None until it is
+    first sent, or for an entry settled before claims were kept."""
+    dead_letter_reason: str
+    archived: bool
+    """Read from the ledger archive (settled, closed period past ledger_retention_days)."""
+
+class LedgerPage(TypedDict):
+    entries: list[LedgerRow]
+    next_after: int
+    """The cursor for the next page (when more is false: the last seq looked at)."""
+    more: bool
+    period_start_ms: int
+    period_end_ms: int
+    scanned: int
+    """Entries looked at (LMDB's and the archive's)."""
+
 class OutboxStats(TypedDict):
     depth: int
     oldest_ts_ms: int | None
@@ -226,6 +272,7 @@ class Engine:
         write_queue_capacity: int = 65_536,
         reap_interval_ms: int = 100,
         resolved_retention_ms: int = 7 * 86_400_000,
+        prune_interval_ms: int = 60_000,
         max_outbox_entries: int = 10_000_000,
         default_period: str = "month",
         breaker_multiplier: int = 10,
@@ -290,6 +337,11 @@ class Engine:
         """Freeze or unfreeze, saying why (kept with the budget and put in the alert)."""
     def usage(self, customer_id: str, at_ms: int | None = None) -> UsageRecord:
         """Usage of the period containing at_ms (None: the current one); durable commits only."""
+    def list_ledger(self, customer_id: str, at_ms: int | None = None, after: int = 0,
+                    limit: int = 100) -> LedgerPage:
+        """The ledger entries of the period containing at_ms (None: the current one) with seq > after, oldest first,
+        LMDB's and the archive's, at most limit (1..=MAX_LEDGER_PAGE); an org's include its members'. Page on with
+        next_after while more is true."""
     def closed_periods(self, customer_id: str, limit: int = 100) -> list[ClosedPeriod]:
         """The budget's closed periods, newest first (limit 1..=1000)."""
     def roll_due(self) -> int:

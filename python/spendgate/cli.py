@@ -10,6 +10,7 @@
     spendgate reconcile [--period YYYY-MM | --start DATE [--end DATE]] [--fix ...]   the ledger against Stripe
     spendgate invoices release INVOICE                   let Stripe finalize a draft the invoice-spike guard held
     spendgate backup DEST | restore SRC --data-dir DIR [--force] | inspect [SECTION]   data care (spendgate.datacare)
+    spendgate ledger export CUSTOMER [--period P] --format csv|jsonl [--output FILE]   the audit trail of a period
     spendgate check-config FILE                          validate a TOML config file offline (exit 2: problems)
 
 Only argparse and spendgate.config are imported up front; grpc, the engine and the generated code are imported inside
@@ -46,6 +47,9 @@ commands:
   spendgate deadletter list                       usages Stripe refused, with the reason
   spendgate deadletter requeue SEQ...             send them again after fixing the cause (or --all)
   spendgate reconcile [--period YYYY-MM]          compare the ledger with Stripe's meter totals (exit 3: they differ)
+  spendgate ledger export CUSTOMER --format csv|jsonl [--period P] [--output FILE]
+                                                  every ledger entry of a period (archived ones too), with its Stripe
+                                                  identifiers and settlement state; count and total on stderr
   spendgate backup DEST                           a running sidecar writes a consistent copy of its data to DEST
   spendgate restore SRC --data-dir DIR [--force]  put a backup in place (only while no sidecar runs on DIR)
   spendgate inspect [--data-dir DIR] [SECTION]    print budgets, holds, outbox, ledger tail, archive, dead letters
@@ -242,7 +246,82 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile.add_argument("--yes", action="store_true", help="with --fix: do not ask for confirmation")
     reconcile.set_defaults(run=run_reconcile)
     _add_data_care_commands(commands, config_parent, target_parent)
+    _add_ledger_commands(commands, target_parent)
     return parser
+
+
+def _add_ledger_commands(commands: Any, target_parent: argparse.ArgumentParser) -> None:
+    ledger = commands.add_parser("ledger", help="the audit trail of a running sidecar (Admin.ListLedger)")
+    ledger_commands = ledger.add_subparsers(dest="ledger_command", metavar="COMMAND", required=True)
+    export = ledger_commands.add_parser(
+        "export", parents=[target_parent],
+        help="write every ledger entry of a budget period, archived ones included, as CSV or JSON lines",
+    )  # fmt: skip
+    export.description = (
+        "Page through Admin.ListLedger and write every entry of the period: time, reservation id, amount, model and "
+        "tokens by type, dimensions, the Stripe customer and meter event identifiers, and the settlement state "
+        "(pending, sent, dead_letter). An org's period includes its members' entries. Prints the count and the "
+        "total to stderr beside GetUsage's for the same period; exit 1 when a closed period's differ."
+    )
+    export.add_argument("customer_id", metavar="CUSTOMER")
+    export.add_argument(
+        "--period", default="", metavar="P", help='"" or current (default), previous, or an ISO date in the period'
+    )
+    export.add_argument("--format", required=True, choices=("csv", "jsonl"), dest="export_format")
+    export.add_argument("--output", "-o", metavar="FILE", help="write here instead of stdout (replaced atomically)")
+    export.set_defaults(run=run_ledger_export)
+
+
+def run_ledger_export(args: argparse.Namespace, settings: config.Settings) -> int:
+    import os
+    import tempfile
+
+    from spendgate import ledger_export
+    from spendgate.v1 import spendgate_pb2 as pb
+    from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
+
+    def run(channel: Any) -> tuple[Any, Any]:
+        admin = pb_grpc.AdminStub(channel)
+
+        def list_ledger(request: Any) -> Any:
+            return admin.ListLedger(request, timeout=RPC_TIMEOUT_S)
+
+        if args.output is None:
+            summary = ledger_export.export(list_ledger, args.customer_id, args.period, args.export_format, sys.stdout)
+            sys.stdout.flush()
+        else:
+            directory = os.path.dirname(os.path.abspath(args.output))
+            with tempfile.NamedTemporaryFile("w", dir=directory, prefix=".ledger-", delete=False,
+                                             newline="") as out:
+                try:
+                    summary = ledger_export.export(list_ledger, args.customer_id, args.period, args.export_format, out)
+                except BaseException:
+                    os.unlink(out.name)
+                    raise
+            os.replace(out.name, args.output)
+        request = pb.GetUsageRequest(customer_id=args.customer_id,
+                                     period=ledger_export.inside_period(summary.period_start_ms))
+        return summary, pb_grpc.BudgetStub(channel).GetUsage(request, timeout=RPC_TIMEOUT_S)
+
+    try:
+        done = _call(args, settings, run)
+    except ledger_export.ExportError as error:
+        print(f"{PROG}: ledger export: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    if done is None:
+        return EXIT_ERROR
+    summary, usage = done
+    print(f"exported {summary.entries} entries, total {summary.total} units; GetUsage for the period: "
+          f"{usage.commits} commits, total {usage.total} units", file=sys.stderr)
+    if (summary.entries, summary.total) != (usage.commits, usage.total):
+        if usage.current:
+            print("the period is still open: commits made during the export are in GetUsage, not in the export",
+                  file=sys.stderr)
+        else:
+            print(f"{PROG}: ledger export: the closed period's entries do not add up to GetUsage's total: report "
+                  "this as a bug", file=sys.stderr)
+            return EXIT_ERROR
+    return EXIT_OK
 
 
 def _add_client_security_flags(parser: argparse.ArgumentParser) -> None:

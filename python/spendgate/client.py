@@ -508,6 +508,15 @@ class Client:
         response: pb.Usage = self._call(self._budget.GetUsage, request, retryable=True, timeout_s=timeout_s)
         return response
 
+    def list_ledger(self, customer_id: str, period: str = "", *, after: int = 0, limit: int = 0,
+                    timeout_s: float | None = None) -> pb.ListLedgerResponse:
+        """One page of the audit trail (Admin): the period's ledger entries with seq > after, oldest first, with their
+        settlement state; page on with after=response.next_after while response.more."""
+        request = pb.ListLedgerRequest(customer_id=customer_id, period=period, after=after, limit=limit)
+        response: pb.ListLedgerResponse = self._call(self._admin.ListLedger, request, retryable=True,
+                                                     timeout_s=timeout_s)
+        return response
+
     def usage_link(self, customer_id: str, *, ttl_s: float = 3600, allow_limit: bool = False, ceiling: int = 0,
                    timeout_s: float | None = None) -> pb.CreateUsageLinkResponse:
         """A signed link to the customer's usage page (Admin.CreateUsageLink): `.url`, `.expires_at_ms`. It opens
@@ -722,6 +731,14 @@ class AsyncClient:
                     timeout_s: float | None = None) -> pb.Usage:
         request = pb.GetUsageRequest(customer_id=customer_id, period=period, top=top)
         response: pb.Usage = await self._call(self._budget.GetUsage, request, retryable=True, timeout_s=timeout_s)
+        return response
+
+    async def list_ledger(self, customer_id: str, period: str = "", *, after: int = 0, limit: int = 0,
+                          timeout_s: float | None = None) -> pb.ListLedgerResponse:
+        """As Client.list_ledger."""
+        request = pb.ListLedgerRequest(customer_id=customer_id, period=period, after=after, limit=limit)
+        response: pb.ListLedgerResponse = await self._call(self._admin.ListLedger, request, retryable=True,
+                                                           timeout_s=timeout_s)
         return response
 
     async def usage_link(self, customer_id: str, *, ttl_s: float = 3600, allow_limit: bool = False, ceiling: int = 0,

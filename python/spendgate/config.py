@@ -128,6 +128,12 @@ class Settings:
     resolved_retention_ms: int = _setting(
         7 * 86_400_000, "How long ended holds are kept so that retried calls replay instead of failing."
     )
+    prune_interval_ms: int = _setting(
+        60_000,
+        "How often the engine drops ended holds past resolved_retention_ms and moves settled ledger entries past "
+        "ledger_retention_days to the archive (a pass is bounded; a backlog runs again at once).",
+        minimum=1,
+    )
     max_outbox_entries: int = _setting(
         10_000_000,
         "Committed usages waiting for settlement to Stripe; at the bound new Reserves fail (commits still go in).",
@@ -490,6 +496,7 @@ ENGINE_SETTINGS: Final[tuple[str, ...]] = (
     "write_queue_capacity",
     "reap_interval_ms",
     "resolved_retention_ms",
+    "prune_interval_ms",
     "max_outbox_entries",
     "default_period",
     "breaker_multiplier",

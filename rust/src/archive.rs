@@ -6,7 +6,8 @@
 //! database, written in the same transaction that deletes the archived entries: bytes past it (a crash between the
 //! append and the commit, whose entries are therefore still in LMDB) are cut off before the next append, so each
 //! entry is in exactly one of the two once a transaction commits. A reader of a live data dir may meet such a tail:
-//! it skips entries it also finds in LMDB (by seq) and stops at a torn member.
+//! it skips entries it also finds in LMDB (by seq) and stops at a torn member. The audit trail (Engine::list_ledger)
+//! indexes a file's members by seq (`FileIndex`) and decodes only those a page needs.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
@@ -122,7 +123,7 @@ pub fn copy_all(data_dir: &Path, dest_dir: &Path) -> Result<u64, EngineError> {
     Ok(copied_bytes)
 }
 
-/// Every entry in one archive file up to `len` bytes (tests and tools; the sidecar never reads the archive back).
+/// Every entry in one archive file up to `len` bytes (tests and tools; the audit trail reads members: `read_member`).
 pub fn read(path: &Path, len: u64) -> Result<Vec<LedgerEntry>, EngineError> {
     use std::io::{BufRead, BufReader, Read};
     let file = File::open(path).map_err(|err| io_error(path, "open", err))?;
@@ -136,6 +137,101 @@ pub fn read(path: &Path, len: u64) -> Result<Vec<LedgerEntry>, EngineError> {
         );
     }
     Ok(entries)
+}
+
+/// One gzip member of an archive file (one archiving transaction's entries, in seq order) and the seqs it holds, so
+/// that a reader of one seq range decodes only the members that overlap it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberSpan {
+    pub offset: u64,
+    pub len: u64,
+    pub min_seq: u64,
+    pub max_seq: u64,
+    pub entries: u64,
+}
+
+/// The members of an archive file's committed part, indexed so far (the file is append-only below its committed
+/// length, so an index only ever grows at its end).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FileIndex {
+    pub indexed_len: u64,
+    pub members: Vec<MemberSpan>,
+}
+
+impl FileIndex {
+    /// Index the members between what is indexed and `committed_len` (a shorter committed length than indexed
+    /// means another data dir: start again).
+    pub fn extend(&mut self, path: &Path, committed_len: u64) -> Result<(), EngineError> {
+        if committed_len < self.indexed_len {
+            *self = FileIndex::default();
+        }
+        if committed_len > self.indexed_len {
+            self.members.extend(index_members(path, self.indexed_len, committed_len)?);
+            self.indexed_len = committed_len;
+        }
+        Ok(())
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct SeqOnly {
+    seq: u64,
+}
+
+/// The gzip members in bytes [from, to) of an archive file, each with the seqs it holds.
+fn index_members(path: &Path, from: u64, to: u64) -> Result<Vec<MemberSpan>, EngineError> {
+    use std::io::{BufRead, BufReader, Read};
+    let mut file = File::open(path).map_err(|err| missing(path, to, err))?;
+    file.seek(SeekFrom::Start(from)).map_err(|err| io_error(path, "seek", err))?;
+    let mut reader = BufReader::new(file.take(to - from));
+    let mut spans = Vec::new();
+    let mut offset = from;
+    while !reader.fill_buf().map_err(|err| io_error(path, "read", err))?.is_empty() {
+        let (mut min_seq, mut max_seq, mut entries) = (u64::MAX, 0, 0);
+        // bufread's decoder consumes exactly one member (header to trailer) and leaves the rest buffered.
+        for line in BufReader::new(flate2::bufread::GzDecoder::new(&mut reader)).lines() {
+            let line = line.map_err(|err| damaged(path, to, &err.to_string()))?;
+            let seq = serde_json::from_str::<SeqOnly>(&line).map_err(|err| damaged(path, to, &err.to_string()))?.seq;
+            (min_seq, max_seq, entries) = (min_seq.min(seq), max_seq.max(seq), entries + 1);
+        }
+        let end = to - reader.get_ref().limit() - reader.buffer().len() as u64;
+        assert!(end > offset, "a gzip member of {} consumed no bytes", path.display());
+        if entries > 0 {
+            spans.push(MemberSpan { offset, len: end - offset, min_seq, max_seq, entries });
+        }
+        offset = end;
+    }
+    Ok(spans)
+}
+
+/// The entries of one indexed member.
+pub fn read_member(path: &Path, span: &MemberSpan) -> Result<Vec<LedgerEntry>, EngineError> {
+    use std::io::{BufRead, BufReader, Read};
+    let end = span.offset + span.len;
+    let mut file = File::open(path).map_err(|err| missing(path, end, err))?;
+    file.seek(SeekFrom::Start(span.offset)).map_err(|err| io_error(path, "seek", err))?;
+    let decoder = flate2::bufread::GzDecoder::new(BufReader::new(file.take(span.len)));
+    let mut entries = Vec::with_capacity(usize::try_from(span.entries).unwrap_or(0).min(1 << 16));
+    for line in BufReader::new(decoder).lines() {
+        let line = line.map_err(|err| damaged(path, end, &err.to_string()))?;
+        entries.push(serde_json::from_str(&line).map_err(|err| damaged(path, end, &err.to_string()))?);
+    }
+    Ok(entries)
+}
+
+fn missing(path: &Path, committed_len: u64, err: std::io::Error) -> EngineError {
+    EngineError::unavailable(format!(
+        "cannot open the ledger archive {} ({err}), which LMDB says holds {committed_len} committed bytes: restore the \
+         data dir's archive/ from its backup",
+        path.display()
+    ))
+}
+
+fn damaged(path: &Path, committed_len: u64, why: &str) -> EngineError {
+    EngineError::internal(format!(
+        "the ledger archive {} is damaged within its committed {committed_len} bytes ({why}): restore it from a backup",
+        path.display()
+    ))
 }
 
 #[cfg(test)]
@@ -157,6 +253,9 @@ mod tests {
             parent: None,
             usage: None,
             dimensions: Default::default(),
+            parent_period_start_ms: None,
+            sent_as: None,
+            identifier: None,
         }
     }
 
@@ -178,6 +277,25 @@ mod tests {
         let seqs: Vec<u64> = read(&path, second).unwrap().iter().map(|e| e.seq).collect();
         assert_eq!(seqs, [1, 2, 3, 4]);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), second);
+    }
+
+    #[test]
+    fn the_index_finds_each_member_and_grows_with_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = file_name(0);
+        let path = archive_dir(dir.path()).join(&name);
+        let first = append(dir.path(), &name, 0, &[entry(1), entry(3)]).unwrap();
+        let mut index = FileIndex::default();
+        index.extend(&path, first).unwrap();
+        // An uncommitted tail past `second` is never indexed.
+        let second = append(dir.path(), &name, first, &[entry(2), entry(9)]).unwrap();
+        append(dir.path(), &name, second, &[entry(10)]).unwrap();
+        index.extend(&path, second).unwrap();
+        let spans: Vec<(u64, u64, u64)> = index.members.iter().map(|m| (m.min_seq, m.max_seq, m.entries)).collect();
+        assert_eq!(spans, [(1, 3, 2), (2, 9, 2)]);
+        assert_eq!(index.members[1].offset, first);
+        let seqs: Vec<u64> = read_member(&path, &index.members[1]).unwrap().iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [2, 9]);
     }
 
     #[test]

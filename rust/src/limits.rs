@@ -66,3 +66,13 @@ pub const MAX_DOCUMENT_BYTES: usize = 4 * 1024 * 1024;
 
 /// Longest reason kept with a dead letter, in bytes.
 pub const MAX_REASON_BYTES: usize = 1_024;
+
+/// Ledger entries one `list_ledger` page returns at most, and how many a request without a limit gets.
+pub const MAX_LEDGER_PAGE: usize = 1_000;
+pub const DEFAULT_LEDGER_PAGE: usize = 100;
+/// LMDB ledger entries one `list_ledger` page looks at (the ledger is in seq order for every customer at once): a
+/// page that reaches it ends early with a cursor to go on from, so one call never holds a read transaction long.
+pub const MAX_LEDGER_SCAN_PER_PAGE: usize = 20_000;
+/// Archived entries one `list_ledger` page decodes, in whole gzip members (at most MAX_ARCHIVE_PER_TXN entries
+/// each) past it; members spanning the cursor are always decoded, so that every page makes progress.
+pub const MAX_ARCHIVE_SCAN_PER_PAGE: usize = 20_000;

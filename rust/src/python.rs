@@ -13,9 +13,14 @@ use std::collections::BTreeMap;
 use pyo3::types::PyList;
 
 use crate::breaker::BreakerConfig;
-use crate::engine::{BalanceView, BudgetUpdate, CommitArgs, Engine, EngineConfig, ReserveArgs, UsageView};
+use crate::engine::{
+    BalanceView, BudgetUpdate, CommitArgs, Engine, EngineConfig, LedgerPage, LedgerRow, ReserveArgs, UsageView,
+};
 use crate::error::EngineError;
-use crate::limits::{MAX_AMOUNT_UNITS, MAX_ID_BYTES, MAX_TTL_MS_CEILING};
+use crate::limits::{
+    DEFAULT_LEDGER_PAGE, MAX_AMOUNT_UNITS, MAX_ARCHIVE_SCAN_PER_PAGE, MAX_ID_BYTES, MAX_LEDGER_PAGE,
+    MAX_LEDGER_SCAN_PER_PAGE, MAX_TTL_MS_CEILING,
+};
 use crate::period::PeriodRule;
 use crate::records::{AlertRecord, Dimensions, EnforcementMode, OutboxEntry, PeriodRecord, UsageDetail, UsagePart};
 
@@ -255,6 +260,7 @@ impl PyEngine {
         data_dir, *, map_size_mb = 1024, map_max_mb = 0, disk_reserve_mb = 256, ledger_retention_days = 180, durability = "fsync", default_ttl_ms = 60_000, max_ttl_ms = 3_600_000,
         max_holds_per_budget = 10_000, max_active_holds = 1_000_000, max_budgets = 1_000_000,
         write_queue_capacity = 65_536, reap_interval_ms = 100, resolved_retention_ms = 604_800_000,
+        prune_interval_ms = 60_000,
         max_outbox_entries = 10_000_000, default_period = "month", breaker_multiplier = 10,
         breaker_recent_ms = 3_600_000, breaker_window_ms = 86_400_000, breaker_min_units = 0,
         max_clock_step_ms = 1_000, clock_step_confirm_ms = 900_000
@@ -276,6 +282,7 @@ impl PyEngine {
         write_queue_capacity: u64,
         reap_interval_ms: u64,
         resolved_retention_ms: u64,
+        prune_interval_ms: u64,
         max_outbox_entries: u64,
         default_period: &str,
         breaker_multiplier: u64,
@@ -308,6 +315,7 @@ impl PyEngine {
         config.write_queue_capacity = write_queue_capacity;
         config.reap_interval_ms = reap_interval_ms;
         config.resolved_retention_ms = resolved_retention_ms;
+        config.prune_interval_ms = prune_interval_ms;
         config.max_outbox_entries = max_outbox_entries;
         config.default_period = match default_period {
             "month" => PeriodRule::CALENDAR_MONTH,
@@ -495,6 +503,21 @@ impl PyEngine {
     fn usage<'py>(&self, py: Python<'py>, customer_id: &str, at_ms: Option<i64>) -> PyResult<Bound<'py, PyDict>> {
         let view = self.inner.usage(customer_id, at_ms).map_err(to_py_err)?;
         usage_dict(py, &view)
+    }
+
+    /// A page of the ledger of the budget's period containing `at_ms` (None: the current one), entries with a seq
+    /// above `after`, LMDB's and the archive's, with their settlement state. Reads files: the GIL is released.
+    #[pyo3(signature = (customer_id, at_ms = None, after = 0, limit = DEFAULT_LEDGER_PAGE))]
+    fn list_ledger<'py>(
+        &self,
+        py: Python<'py>,
+        customer_id: &str,
+        at_ms: Option<i64>,
+        after: u64,
+        limit: usize,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let page = py.detach(|| self.inner.list_ledger(customer_id, at_ms, after, limit)).map_err(to_py_err)?;
+        ledger_page_dict(py, &page)
     }
 
     #[pyo3(signature = (customer_id, limit = 100))]
@@ -787,6 +810,46 @@ fn usage_dict<'py>(py: Python<'py>, view: &UsageView) -> PyResult<Bound<'py, PyD
     Ok(dict)
 }
 
+fn ledger_page_dict<'py>(py: Python<'py>, page: &LedgerPage) -> PyResult<Bound<'py, PyDict>> {
+    let dict = PyDict::new(py);
+    let rows: Vec<Bound<'py, PyDict>> =
+        page.rows.iter().map(|row| ledger_row_dict(py, row)).collect::<PyResult<_>>()?;
+    dict.set_item("entries", rows)?;
+    dict.set_item("next_after", page.next_after)?;
+    dict.set_item("more", page.more)?;
+    dict.set_item("period_start_ms", page.period_start_ms)?;
+    dict.set_item("period_end_ms", page.period_end_ms)?;
+    dict.set_item("scanned", page.scanned)?;
+    Ok(dict)
+}
+
+fn ledger_row_dict<'py>(py: Python<'py>, row: &LedgerRow) -> PyResult<Bound<'py, PyDict>> {
+    let dict = PyDict::new(py);
+    let entry = &row.entry;
+    dict.set_item("seq", entry.seq)?;
+    dict.set_item("reservation_id", &entry.reservation_id)?;
+    dict.set_item("customer_id", &entry.customer_id)?;
+    dict.set_item("stripe_customer_id", &entry.stripe_customer_id)?;
+    dict.set_item("parent", entry.parent.as_deref().unwrap_or(""))?;
+    dict.set_item("amount", entry.amount)?;
+    dict.set_item("reserved", entry.reserved)?;
+    dict.set_item("excess", entry.excess)?;
+    dict.set_item("ts_ms", entry.ts_ms)?;
+    dict.set_item("settled_ms", entry.settled_ms)?;
+    dict.set_item("period_start_ms", entry.period_start_ms)?;
+    match &entry.usage {
+        Some(usage) => dict.set_item("usage", usage_detail_dict(py, usage)?)?,
+        None => dict.set_item("usage", py.None())?,
+    }
+    dict.set_item("dimensions", entry.dimensions.clone())?;
+    dict.set_item("state", row.state.as_str())?;
+    dict.set_item("identifier", &row.identifier)?;
+    dict.set_item("claim", row.claim.as_deref())?;
+    dict.set_item("dead_letter_reason", &row.dead_letter_reason)?;
+    dict.set_item("archived", row.archived)?;
+    Ok(dict)
+}
+
 fn period_record_dict<'py>(py: Python<'py>, period: &PeriodRecord) -> PyResult<Bound<'py, PyDict>> {
     let dict = PyDict::new(py);
     dict.set_item("customer_id", &period.customer_id)?;
@@ -833,6 +896,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MAX_ID_BYTES", MAX_ID_BYTES)?;
     m.add("MAX_AMOUNT_UNITS", MAX_AMOUNT_UNITS)?;
     m.add("MAX_TTL_MS_CEILING", MAX_TTL_MS_CEILING)?;
+    m.add("MAX_LEDGER_PAGE", MAX_LEDGER_PAGE)?;
+    m.add("DEFAULT_LEDGER_PAGE", DEFAULT_LEDGER_PAGE)?;
+    m.add("MAX_LEDGER_SCAN_PER_PAGE", MAX_LEDGER_SCAN_PER_PAGE)?;
+    m.add("MAX_ARCHIVE_SCAN_PER_PAGE", MAX_ARCHIVE_SCAN_PER_PAGE)?;
     m.add("OTHER_VALUE", crate::usage::OTHER_VALUE)?;
     m.add("DENY_NONE", 0)?;
     m.add("DENY_INSUFFICIENT_BUDGET", 1)?;

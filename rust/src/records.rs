@@ -253,6 +253,23 @@ pub struct LedgerEntry {
     pub usage: Option<UsageDetail>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub dimensions: Dimensions,
+    /// A member's commit: the start of the org's period it counted in too (the org's ledger lists it there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_period_start_ms: Option<i64>,
+    /// Set at acknowledgement: the claim its meter event(s) went out under (OutboxEntry::sent_as), from which the
+    /// settler's rules derive the events' identifiers (spendgate.settle.aggregate.event_identifiers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_as: Option<String>,
+    /// Set at acknowledgement when the entry's own identifier was not `sg-<reservation id>` (a requeue's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identifier: Option<String>,
+}
+
+impl LedgerEntry {
+    /// The identifier its outbox entry was made with.
+    pub fn base_identifier(&self) -> String {
+        format!("sg-{}", self.reservation_id)
+    }
 }
 
 /// What the settler must deliver to Stripe; removed once Stripe has accepted it. Written in the same transaction as

@@ -264,12 +264,17 @@ impl Store {
         }
         let stored_next = self.meta.get(&rtxn, META_NEXT_HOLD_ID)?.unwrap_or(1);
         let next_hold_id = stored_next.max(max_hold_id.map_or(1, |id| id + 1));
-        let after_last = self.ledger.last(&rtxn)?.map_or(1, |(seq, _)| seq + 1);
-        let next_ledger_seq = after_last.max(self.meta.get(&rtxn, META_NEXT_LEDGER_SEQ)?.unwrap_or(1));
+        let next_ledger_seq = self.next_ledger_seq(&rtxn)?;
         let outbox_depth = self.outbox.len(&rtxn)?;
         let next_alert_seq = self.alerts.last(&rtxn)?.map_or(1, |(seq, _)| seq + 1);
         let identity = self.identity(&rtxn)?;
         Ok(Recovered { identity, budgets, active_holds, next_hold_id, next_ledger_seq, outbox_depth, next_alert_seq })
+    }
+
+    /// The seq the next ledger entry will get (every seq below it was issued once).
+    pub fn next_ledger_seq(&self, rtxn: &RoTxn<'_, WithoutTls>) -> Result<u64, EngineError> {
+        let after_last = self.ledger.last(rtxn)?.map_or(1, |(seq, _)| seq + 1);
+        Ok(after_last.max(self.meta.get(rtxn, META_NEXT_LEDGER_SEQ)?.unwrap_or(1)))
     }
 
     pub fn get_hold(&self, hold_id: u64) -> Result<Option<HoldRecord>, EngineError> {

@@ -619,6 +619,9 @@ impl Writer {
             parent: hold.parent.clone(),
             usage: commit.usage.clone(),
             dimensions: commit.dimensions.clone(),
+            parent_period_start_ms: hold.parent.as_ref().map(|_| commit.parent_period_start_ms),
+            sent_as: None,
+            identifier: None,
         };
         self.store.ledger.put(wtxn, &seq, &entry)?;
         let outbox = OutboxEntry {
@@ -833,12 +836,16 @@ impl Writer {
 
     fn apply_ack(&mut self, wtxn: &mut RwTxn, seqs: &[u64], now_ms: i64) -> Result<(), EngineError> {
         for seq in seqs {
-            if !self.store.outbox.delete(wtxn, seq)? {
+            let Some(sent) = self.store.outbox.get(wtxn, seq)? else {
                 continue; // acknowledged twice: the second is a no-op
-            }
+            };
+            self.store.outbox.delete(wtxn, seq)?;
             self.outbox_delta -= 1;
             if let Some(mut entry) = self.store.ledger.get(wtxn, seq)? {
+                // Kept for the audit trail (Engine::list_ledger): which meter events settled it.
                 entry.settled_ms = Some(now_ms);
+                entry.sent_as = sent.sent_as;
+                entry.identifier = (sent.identifier != entry.base_identifier()).then_some(sent.identifier);
                 self.store.ledger.put(wtxn, seq, &entry)?;
             }
         }

@@ -251,6 +251,29 @@ def test_async_commit_release_and_clean_exit(sidecar: Sidecar, admin: CreateBudg
     assert_settled(asyncio.run(scenario()), spent=150)
 
 
+def test_list_ledger_pages_the_audit_trail_in_both_clients(client: Client, sidecar: Sidecar,
+                                                             admin: CreateBudget) -> None:
+    customer = admin(1_000)
+    for amount in (3, 4, 5):
+        with client.reserve(customer, amount=amount) as hold:
+            hold.commit(amount)
+    first = client.list_ledger(customer, limit=2)
+    assert [e.amount for e in first.entries] == [3, 4] and first.more
+    rest = client.list_ledger(customer, after=first.next_after, limit=2)
+    assert [e.amount for e in rest.entries] == [5] and not rest.more
+
+    async def scenario() -> list[int]:
+        async with AsyncClient(sidecar.target) as async_client:
+            page = await async_client.list_ledger(customer, "current")
+            return [e.amount for e in page.entries]
+
+    assert asyncio.run(scenario()) == [3, 4, 5]
+    with pytest.raises(InvalidArgument, match="1..=1000"):
+        client.list_ledger(customer, limit=5_000)
+    with pytest.raises(NotFound):
+        client.list_ledger("cus_test_nobody_here")
+
+
 def test_async_denial_raises_before_the_block_runs(sidecar: Sidecar, admin: CreateBudget) -> None:
     customer = admin(100)
     body_ran = False

@@ -41,7 +41,7 @@ assert _core.HOLD_RELEASED == pb.HOLD_STATE_RELEASED
 assert _core.HOLD_EXPIRED == pb.HOLD_STATE_EXPIRED
 assert all(pb.HoldState.Name(n).removeprefix("HOLD_STATE_").lower() == w for n, w in HOLD_STATE_WORDS.items())
 
-__all__ = ["BudgetServicer", "balance_message", "deny_message", "usage_message"]  # deny_message: moved, re-exported
+__all__ = ["BudgetServicer", "balance_message", "deny_message", "period_at", "usage_message"]  # deny_message: moved, re-exported
 
 MODE_BY_NAME: Final[dict[str, int]] = {"hard": pb.ENFORCEMENT_MODE_HARD, "soft": pb.ENFORCEMENT_MODE_SOFT}
 
@@ -129,16 +129,20 @@ def wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def period_at(engine: _core.Engine, customer_id: str, period: str) -> int | None:
+    """The time inside the period a request's `period` names (None: the current one); GetUsage's rules."""
+    closed = engine.closed_periods(customer_id, 1) if period.strip() == "previous" else []
+    try:
+        return period_at_ms(period, previous_start_ms=closed[0]["start_ms"] if closed else None)
+    except ValueError as error:
+        raise invalid(str(error)) from None
+
+
 def usage_message(engine: _core.Engine, customer_id: str, period: str, top: int) -> pb.Usage:
     """GetUsage's reply (also what `spendgate usage` prints)."""
     if top > MAX_TOP:
         raise invalid(f"top is {top}; ask for at most {MAX_TOP}")
-    closed = engine.closed_periods(customer_id, 1) if period.strip() == "previous" else []
-    try:
-        at_ms = period_at_ms(period, previous_start_ms=closed[0]["start_ms"] if closed else None)
-    except ValueError as error:
-        raise invalid(str(error)) from None
-    raw = engine.usage(customer_id, at_ms)
+    raw = engine.usage(customer_id, period_at(engine, customer_id, period))
     balance = engine.balance(customer_id)
     report = usage_report(raw, now_ms=wall_ms(), top=top or DEFAULT_TOP)
     return pb.Usage(

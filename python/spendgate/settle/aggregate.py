@@ -157,6 +157,20 @@ def token_counts(usage: UsageDetail | None) -> tuple[int, ...]:
     return tuple(counts.values())
 
 
+def event_identifiers(claim: str | None, usage: UsageDetail | None) -> list[str]:
+    """The identifiers of the meter events that carry an entry claimed under `claim` (its usage: the entry's own), by
+    the claim rules above: what the audit trail shows. [] before the entry is claimed."""
+    if not claim:
+        return []
+    if (tokens := parse_token_aggregate_claim(claim)) is not None:
+        base = f"{tokens.base}-tagg{tokens.count}"
+        return [f"{base}-{t}" for t, n in zip(TOKEN_WIRE_TYPES, tokens.tokens, strict=True) if n > 0]
+    if claim.endswith(TOKEN_CLAIM_SUFFIX):
+        base = claim.removesuffix(TOKEN_CLAIM_SUFFIX)
+        return [f"{base}-{t}" for t, n in zip(TOKEN_WIRE_TYPES, token_counts(usage), strict=True) if n > 0]
+    return [claim]  # a units event: its own identifier, or a pre-aggregated event's
+
+
 def settles_as_tokens(entry: OutboxEntry, names: EventNames) -> bool:
     """An entry that becomes token events: it has usage with tokens, and the token meter is on."""
     return bool(names.tokens) and any(token_counts(entry["usage"]))

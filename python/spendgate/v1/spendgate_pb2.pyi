@@ -50,6 +50,13 @@ class AlertKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ALERT_KIND_INVOICE_SPIKE: _ClassVar[AlertKind]
     ALERT_KIND_RECONCILE_DIVERGENCE: _ClassVar[AlertKind]
     ALERT_KIND_CLOCK_STEP: _ClassVar[AlertKind]
+
+class SettlementState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SETTLEMENT_STATE_UNSPECIFIED: _ClassVar[SettlementState]
+    SETTLEMENT_STATE_PENDING: _ClassVar[SettlementState]
+    SETTLEMENT_STATE_SENT: _ClassVar[SettlementState]
+    SETTLEMENT_STATE_DEAD_LETTER: _ClassVar[SettlementState]
 DENY_REASON_UNSPECIFIED: DenyReason
 DENY_REASON_INSUFFICIENT_BUDGET: DenyReason
 DENY_REASON_TOO_MANY_HOLDS: DenyReason
@@ -79,6 +86,10 @@ ALERT_KIND_SETTLEMENT_DEAD_LETTER: AlertKind
 ALERT_KIND_INVOICE_SPIKE: AlertKind
 ALERT_KIND_RECONCILE_DIVERGENCE: AlertKind
 ALERT_KIND_CLOCK_STEP: AlertKind
+SETTLEMENT_STATE_UNSPECIFIED: SettlementState
+SETTLEMENT_STATE_PENDING: SettlementState
+SETTLEMENT_STATE_SENT: SettlementState
+SETTLEMENT_STATE_DEAD_LETTER: SettlementState
 
 class Period(_message.Message):
     __slots__ = ("kind", "anchor_ms", "start_ms", "end_ms")
@@ -576,6 +587,87 @@ class SettlementStatus(_message.Message):
     auto_aggregate: bool
     auto_aggregating: bool
     def __init__(self, enabled: _Optional[bool] = ..., transport: _Optional[str] = ..., event_name: _Optional[str] = ..., aggregate_window_ms: _Optional[int] = ..., outbox_depth: _Optional[int] = ..., max_outbox_entries: _Optional[int] = ..., oldest_age_ms: _Optional[int] = ..., dead_letters: _Optional[int] = ..., last_success_ms: _Optional[int] = ..., last_error: _Optional[str] = ..., last_error_ms: _Optional[int] = ..., delivered_events: _Optional[int] = ..., delivered_entries: _Optional[int] = ..., dead_lettered_entries: _Optional[int] = ..., failing_since_ms: _Optional[int] = ..., auto_aggregate: _Optional[bool] = ..., auto_aggregating: _Optional[bool] = ...) -> None: ...
+
+class ListLedgerRequest(_message.Message):
+    __slots__ = ("customer_id", "period", "after", "limit")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    period: str
+    after: int
+    limit: int
+    def __init__(self, customer_id: _Optional[str] = ..., period: _Optional[str] = ..., after: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class LedgerEntry(_message.Message):
+    __slots__ = ("seq", "ts_ms", "reservation_id", "customer_id", "parent", "amount", "reserved", "excess", "model", "parts", "cache_hit", "dimensions", "stripe_customer_id", "identifier", "meter_event_identifiers", "state", "settled_ms", "dead_letter_reason", "archived", "period_start_ms", "claim")
+    class DimensionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    TS_MS_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    PARENT_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_FIELD_NUMBER: _ClassVar[int]
+    EXCESS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
+    DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    STRIPE_CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    IDENTIFIER_FIELD_NUMBER: _ClassVar[int]
+    METER_EVENT_IDENTIFIERS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SETTLED_MS_FIELD_NUMBER: _ClassVar[int]
+    DEAD_LETTER_REASON_FIELD_NUMBER: _ClassVar[int]
+    ARCHIVED_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_START_MS_FIELD_NUMBER: _ClassVar[int]
+    CLAIM_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    ts_ms: int
+    reservation_id: str
+    customer_id: str
+    parent: str
+    amount: int
+    reserved: int
+    excess: int
+    model: str
+    parts: _containers.RepeatedCompositeFieldContainer[UsagePart]
+    cache_hit: bool
+    dimensions: _containers.ScalarMap[str, str]
+    stripe_customer_id: str
+    identifier: str
+    meter_event_identifiers: _containers.RepeatedScalarFieldContainer[str]
+    state: SettlementState
+    settled_ms: int
+    dead_letter_reason: str
+    archived: bool
+    period_start_ms: int
+    claim: str
+    def __init__(self, seq: _Optional[int] = ..., ts_ms: _Optional[int] = ..., reservation_id: _Optional[str] = ..., customer_id: _Optional[str] = ..., parent: _Optional[str] = ..., amount: _Optional[int] = ..., reserved: _Optional[int] = ..., excess: _Optional[int] = ..., model: _Optional[str] = ..., parts: _Optional[_Iterable[_Union[UsagePart, _Mapping]]] = ..., cache_hit: _Optional[bool] = ..., dimensions: _Optional[_Mapping[str, str]] = ..., stripe_customer_id: _Optional[str] = ..., identifier: _Optional[str] = ..., meter_event_identifiers: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[SettlementState, str]] = ..., settled_ms: _Optional[int] = ..., dead_letter_reason: _Optional[str] = ..., archived: _Optional[bool] = ..., period_start_ms: _Optional[int] = ..., claim: _Optional[str] = ...) -> None: ...
+
+class ListLedgerResponse(_message.Message):
+    __slots__ = ("entries", "next_after", "more", "period_start_ms", "period_end_ms", "scanned")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_START_MS_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_END_MS_FIELD_NUMBER: _ClassVar[int]
+    SCANNED_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[LedgerEntry]
+    next_after: int
+    more: bool
+    period_start_ms: int
+    period_end_ms: int
+    scanned: int
+    def __init__(self, entries: _Optional[_Iterable[_Union[LedgerEntry, _Mapping]]] = ..., next_after: _Optional[int] = ..., more: _Optional[bool] = ..., period_start_ms: _Optional[int] = ..., period_end_ms: _Optional[int] = ..., scanned: _Optional[int] = ...) -> None: ...
 
 class BackupRequest(_message.Message):
     __slots__ = ("dest_dir",)

@@ -407,6 +407,11 @@ class AdminStub:
                 request_serializer=spendgate_dot_v1_dot_spendgate__pb2.GetSettlementStatusRequest.SerializeToString,
                 response_deserializer=spendgate_dot_v1_dot_spendgate__pb2.SettlementStatus.FromString,
                 _registered_method=True)
+        self.ListLedger = channel.unary_unary(
+                '/spendgate.v1.Admin/ListLedger',
+                request_serializer=spendgate_dot_v1_dot_spendgate__pb2.ListLedgerRequest.SerializeToString,
+                response_deserializer=spendgate_dot_v1_dot_spendgate__pb2.ListLedgerResponse.FromString,
+                _registered_method=True)
         self.Backup = channel.unary_unary(
                 '/spendgate.v1.Admin/Backup',
                 request_serializer=spendgate_dot_v1_dot_spendgate__pb2.BackupRequest.SerializeToString,
@@ -483,6 +488,18 @@ class AdminServicer:
 
     def GetSettlementStatus(self, request, context):
         """Settlement to Stripe: on or off, the outbox's depth and age, dead letters, the last success and the last error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLedger(self, request, context):
+        """The audit trail: the ledger entries of one budget period, oldest (lowest seq) first, with the Stripe identifiers
+        and the settlement state of each, the archived ones (ledger_retention_days) included. An org's period lists its
+        members' entries that counted in it too (its usage counts them). Page on with `after = next_after` while `more`:
+        no entry is skipped or repeated while commits, settlement and archiving go on. The entries of a period add up to
+        GetUsage's total. NOT_FOUND for an unknown budget or period; INVALID_ARGUMENT for a bad period, a limit past
+        1000 or a cursor past the ledger's end.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -569,6 +586,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetSettlementStatus,
                     request_deserializer=spendgate_dot_v1_dot_spendgate__pb2.GetSettlementStatusRequest.FromString,
                     response_serializer=spendgate_dot_v1_dot_spendgate__pb2.SettlementStatus.SerializeToString,
+            ),
+            'ListLedger': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLedger,
+                    request_deserializer=spendgate_dot_v1_dot_spendgate__pb2.ListLedgerRequest.FromString,
+                    response_serializer=spendgate_dot_v1_dot_spendgate__pb2.ListLedgerResponse.SerializeToString,
             ),
             'Backup': grpc.unary_unary_rpc_method_handler(
                     servicer.Backup,
@@ -764,6 +786,33 @@ class Admin:
             '/spendgate.v1.Admin/GetSettlementStatus',
             spendgate_dot_v1_dot_spendgate__pb2.GetSettlementStatusRequest.SerializeToString,
             spendgate_dot_v1_dot_spendgate__pb2.SettlementStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLedger(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spendgate.v1.Admin/ListLedger',
+            spendgate_dot_v1_dot_spendgate__pb2.ListLedgerRequest.SerializeToString,
+            spendgate_dot_v1_dot_spendgate__pb2.ListLedgerResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,8 +4,10 @@
 //! - `policy.rs`: budget settings, periods and their roll-over, freezing, the circuit breaker, alerts.
 //! - `time.rs`: the clocks (crate::clock) in the engine: the checkpoint, clock-step alerts, restored deadlines.
 //! - `views.rs`: balances, usage per period, closed periods, alerts to read.
+//! - `ledger.rs`: the audit trail, LMDB's ledger and the archive's, a page at a time.
 
 mod admission;
+mod ledger;
 mod policy;
 mod time;
 mod views;
@@ -40,6 +42,7 @@ use crate::records::{AlertRecord, BudgetRecord, DeadLetter, Dimensions, HoldReco
 use crate::store::{idempotency_key, Store};
 use crate::writer::{MapLimits, Op, Ticketed, Writer};
 
+pub use ledger::{LedgerPage, LedgerRow, SettlementState};
 use time::clock_checkpoint;
 
 pub use policy::BudgetUpdate;
@@ -340,6 +343,8 @@ pub struct Engine {
     notify_rx: UnixStream,
     /// Held until close: one process owns the environment.
     lock_file: Mutex<Option<File>>,
+    /// The archive files' member indexes, built as list_ledger reads them.
+    archive_index: Mutex<ledger::ArchiveIndexes>,
 }
 
 impl Engine {
@@ -430,6 +435,7 @@ impl Engine {
             reaper: Mutex::new(Some(reaper)),
             notify_rx,
             lock_file: Mutex::new(Some(lock_file)),
+            archive_index: Mutex::new(Default::default()),
         })
     }
 

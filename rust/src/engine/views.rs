@@ -113,20 +113,7 @@ impl Engine {
     /// The usage of the period containing `at_ms` (None: the current period). Durable commits only: a commit is in
     /// it once its reply could leave.
     pub fn usage(&self, customer_id: &str, at_ms: Option<i64>) -> Result<UsageView, EngineError> {
-        validate_id("customer_id", customer_id)?;
-        let view = self.shared.budget(customer_id)?.view();
-        let current = at_ms.is_none_or(|at| at >= view.period_start_ms);
-        let (start_ms, end_ms, limit, included) = if current {
-            (view.period_start_ms, view.period_end_ms, view.limit, view.included)
-        } else {
-            let at = at_ms.expect("a past period has a time");
-            let closed = self.closed_periods(customer_id, MAX_PERIODS_LISTED)?;
-            let period =
-                closed.into_iter().find(|p| p.start_ms <= at && at < p.end_ms.max(p.closed_ms)).ok_or_else(|| {
-                    EngineError::not_found(format!("budget {customer_id:?} has no period containing {at} ms"))
-                })?;
-            (period.start_ms, period.end_ms, period.limit, period.included)
-        };
+        let (start_ms, end_ms, current, limit, included) = self.period_of(customer_id, at_ms)?;
         let record = self.shared.with_store(|store| store.get_usage(customer_id, start_ms))?.unwrap_or_else(|| {
             UsageRecord { customer_id: customer_id.to_string(), period_start_ms: start_ms, ..Default::default() }
         });
@@ -139,6 +126,29 @@ impl Engine {
             included,
             record,
         })
+    }
+
+    /// (start, end, current) of the budget's period containing `at_ms` (None: the current one).
+    pub(super) fn period_bounds(&self, customer_id: &str, at_ms: Option<i64>) -> Result<(i64, i64, bool), EngineError> {
+        let (start_ms, end_ms, current, _, _) = self.period_of(customer_id, at_ms)?;
+        Ok((start_ms, end_ms, current))
+    }
+
+    /// (start, end, current, limit, included) of the period containing `at_ms` (None: the current one).
+    fn period_of(&self, customer_id: &str, at_ms: Option<i64>) -> Result<(i64, i64, bool, i64, i64), EngineError> {
+        validate_id("customer_id", customer_id)?;
+        let view = self.shared.budget(customer_id)?.view();
+        let current = at_ms.is_none_or(|at| at >= view.period_start_ms);
+        if current {
+            return Ok((view.period_start_ms, view.period_end_ms, true, view.limit, view.included));
+        }
+        let at = at_ms.expect("a past period has a time");
+        let closed = self.closed_periods(customer_id, MAX_PERIODS_LISTED)?;
+        let period =
+            closed.into_iter().find(|p| p.start_ms <= at && at < p.end_ms.max(p.closed_ms)).ok_or_else(|| {
+                EngineError::not_found(format!("budget {customer_id:?} has no period containing {at} ms"))
+            })?;
+        Ok((period.start_ms, period.end_ms, false, period.limit, period.included))
     }
 
     /// The budget's closed periods, newest first.

@@ -12,6 +12,7 @@ from spendgate.settle.aggregate import (
     TokenAggregateId,
     aggregate_identifier,
     claimed_events,
+    event_identifiers,
     fresh_events,
     parse_aggregate_identifier,
     parse_token_aggregate_claim,
@@ -202,3 +203,20 @@ def test_a_token_aggregate_never_exceeds_stripes_largest_value_nor_the_engines_i
                                     253_402_214_400_000)
     assert len(longest.encode()) <= MAX_CLAIM_BYTES == _core.MAX_ID_BYTES
     assert max(len(f"sg-rsv_ffffffffffffffff-requeue999-tagg10000-{t}") for t in TOKEN_WIRE_TYPES) <= 100
+
+
+def test_event_identifiers_name_each_entrys_events_as_the_claim_builds_them() -> None:
+    """The audit trail's identifiers (from an entry's claim alone) are those of the events the settler sends."""
+    usage = {"model": "m", "parts": [("input", 50, 5), ("reasoning", 3, 1)], "cache_hit": False, "fallback": False}
+    no_output = {"model": "m", "parts": [("input", 7, 1)], "cache_hit": False, "fallback": False}
+    entries = [entry(1, 5, 1100), entry(2, 7, 1200), entry(3, 6, 1300, usage=usage),
+               entry(4, 1, 1400, usage=no_output), entry(5, 2, 1500, customer="cus_b"),
+               entry(6, 6, 1600, customer="cus_b", usage=usage)]
+    for window in (0, WINDOW):
+        events = fresh_events(entries, window, now_ms=5000, names=NAMES)
+        for one in entries:
+            carrying = [e for e in events if one["seq"] in e.seqs]
+            assert carrying, one
+            claim = carrying[0].claim_id
+            assert sorted(event_identifiers(claim, one["usage"])) == sorted(e.identifier for e in carrying), window
+    assert event_identifiers(None, None) == [] and event_identifiers("", usage) == []  # type: ignore[arg-type]
