@@ -200,3 +200,56 @@ def test_inspect_prints_tables_and_says_what_is_wrong_with_a_bad_data_dir(sideca
     assert missing.returncode == 1 and "is not a spendgate data dir (no data.mdb)" in missing.stderr
     bad_limit = spendgate_cli("inspect", "--limit", "0", "--data-dir", str(sidecar.data_dir))
     assert bad_limit.returncode == 2 and "--limit must be 1..2048" in bad_limit.stderr
+
+
+def archived_books(archive_commits: int, data_dir: Path) -> list[str]:
+    """`archive_commits` settled commits of a closed fixed period, moved to the ledger archive by the engine's own
+    prune pass; returns their reservation ids. The engine is closed again before this returns."""
+    engine = _core.Engine(str(data_dir), durability="relaxed", ledger_retention_days=0, prune_interval_ms=100)
+    try:
+        now_ms = time.time_ns() // 1_000_000
+        period: _core.PeriodSpec = {"kind": "fixed", "anchor_ms": now_ms, "length_ms": 1_000}
+        engine.wait_durable(engine.update_budget("cus_archived", limit=10**9, period=period).ticket)
+        ids = []
+        for n in range(archive_commits):
+            hold = engine.reserve("cus_archived", 1 + n % 3)
+            engine.commit(hold.reservation_id, 1 + n % 3)
+            ids.append(hold.reservation_id)
+        while batch := engine.outbox_pending(1_000):
+            seqs = [entry["seq"] for entry in batch]
+            engine.outbox_claim(seqs, f"test-{seqs[0]}")
+            engine.wait_durable(engine.outbox_ack(seqs))
+        deadline = time.monotonic() + GUARD_S
+        while not list((data_dir / "archive").glob("ledger-*.jsonl.gz")):
+            assert time.monotonic() < deadline, "nothing was archived"
+            time.sleep(0.1)
+        with StoreReader(data_dir) as store:
+            while list(store.ledger()):
+                assert time.monotonic() < deadline, "the archive pass did not take every entry"
+                time.sleep(0.1)
+    finally:
+        engine.close()
+        del engine
+    return ids
+
+
+def test_a_backup_carries_the_ledger_archive_a_restore_puts_it_back_and_inspect_reads_it(
+        sidecar_factory: SidecarFactory, tmp_path: Path) -> None:
+    source = sidecar_factory("archived", start=False)
+    source.data_dir.mkdir(parents=True)
+    ids = archived_books(300, source.data_dir)
+    source.start()
+    assert spendgate_cli("backup", str(tmp_path / "copy"), "--target", source.target).returncode == 0
+    assert list((tmp_path / "copy" / "archive").glob("ledger-*.jsonl.gz")), "the backup left the archive behind"
+    source.stop()
+    restored_dir = tmp_path / "restored-archive"
+    done = spendgate_cli("restore", str(tmp_path / "copy"), "--data-dir", str(restored_dir))
+    assert done.returncode == 0, done.stderr
+    shown = spendgate_cli("inspect", "archive", "--data-dir", str(restored_dir), "--json", "--limit", "2048")
+    assert shown.returncode == 0, shown.stderr
+    rows = [json.loads(line) for line in shown.stdout.splitlines()]
+    assert sorted(row["reservation_id"] for row in rows) == sorted(ids)
+    assert sum(row["amount"] for row in rows) == sum(1 + n % 3 for n in range(300))
+    restored = sidecar_factory("restored-archive")  # serves the restored data dir
+    with Client(restored.target) as client:
+        assert client.balance("cus_archived").limit == 10**9
