@@ -70,14 +70,21 @@ pub struct BudgetAdmin {
     pub frozen_reason: String,
     pub breaker_multiplier: Option<u64>,
     pub created_ms: i64,
+    /// Granted credits still unused (Admin.GrantCredits): on top of `limit`, drawn after it.
+    pub credits: i64,
 }
 
 impl BudgetAdmin {
+    /// The limit with the credits: what Balance shows as the limit.
+    pub fn limit_with_credits(&self) -> i64 {
+        self.limit + self.credits
+    }
+
     pub fn effective_limit(&self) -> i64 {
         if self.block_overage {
-            self.limit.min(self.included)
+            self.limit_with_credits().min(self.included)
         } else {
-            self.limit
+            self.limit_with_credits()
         }
     }
 }
@@ -114,7 +121,7 @@ impl Budget {
             frozen: AtomicBool::new(record.frozen),
             soft_mode: AtomicBool::new(record.mode == EnforcementMode::Soft),
             block_overage: AtomicBool::new(record.block_overage),
-            configured_limit: AtomicI64::new(record.limit),
+            configured_limit: AtomicI64::new(record.limit + record.credits),
             soft_limit: AtomicI64::new(record.soft_limit),
             breaker_multiplier: AtomicU64::new(record.breaker_multiplier.unwrap_or(NO_OVERRIDE)),
             soft_alerted: AtomicBool::new(record.soft_alerted),
@@ -136,6 +143,7 @@ impl Budget {
                 frozen_reason: record.frozen_reason.clone(),
                 breaker_multiplier: record.breaker_multiplier,
                 created_ms: record.created_ms,
+                credits: record.credits,
             }),
             ring: Mutex::new(record.ring.clone()),
         }
@@ -169,21 +177,37 @@ impl Budget {
     }
 
     /// Admission under this budget's policy: Ok(false) taken within the limit, Ok(true) taken past it (soft mode),
-    /// Err when refused. The kill switch refuses in either mode.
+    /// Err when refused. The kill switch refuses in either mode. One compare-and-swap on `available`, decided by
+    /// `judge`, the same rule a Quote applies without taking anything.
     pub fn admit(&self, amount: i64) -> Result<bool, Refusal> {
-        if self.try_take(amount) {
+        debug_assert!(amount > 0);
+        let mut verdict = Err(Refusal::Insufficient);
+        let _ = self.available.fetch_update(SeqCst, SeqCst, |available| {
+            verdict = self.judge(available, amount);
+            verdict.is_ok().then(|| available - amount)
+        });
+        verdict
+    }
+
+    /// What `admit` would answer now, taking nothing: the dry run of a Quote.
+    pub fn would_admit(&self, amount: i64) -> Result<bool, Refusal> {
+        self.judge(self.available.load(SeqCst), amount)
+    }
+
+    /// The admission rule, for a budget with `available` units left.
+    fn judge(&self, available: i64, amount: i64) -> Result<bool, Refusal> {
+        if available >= amount {
             return Ok(false);
         }
         let blocking = self.block_overage.load(SeqCst);
         if self.soft_mode.load(SeqCst) && !blocking {
-            self.available.fetch_sub(amount, SeqCst);
             return Ok(true);
         }
         if !blocking {
             return Err(Refusal::Insufficient);
         }
         // Blocked: would the amount have fitted under the configured limit, without the kill switch?
-        let headroom = self.configured_limit.load(SeqCst) - self.limit.load(SeqCst) + self.available.load(SeqCst);
+        let headroom = self.configured_limit.load(SeqCst) - self.limit.load(SeqCst) + available;
         if self.soft_mode.load(SeqCst) || headroom >= amount {
             Err(Refusal::OverageBlocked)
         } else {
@@ -204,6 +228,11 @@ impl Budget {
     /// Count one more open hold if fewer than `max` are open.
     pub fn try_open_hold(&self, max: i64) -> bool {
         self.active_holds.fetch_update(SeqCst, SeqCst, |open| (open < max).then_some(open + 1)).is_ok()
+    }
+
+    /// Whether `try_open_hold(max)` would succeed now (a Quote's dry run).
+    pub fn has_hold_room(&self, max: i64) -> bool {
+        self.active_holds.load(SeqCst) < max
     }
 
     /// Count one more open hold without a bound: an org counts its members' holds, bounded per member.
@@ -263,7 +292,7 @@ impl Budget {
 
     /// Publish the admin settings that the hot paths read from atomics. Call with the admin lock held.
     pub fn publish_policy(&self, admin: &BudgetAdmin) {
-        self.configured_limit.store(admin.limit, SeqCst);
+        self.configured_limit.store(admin.limit_with_credits(), SeqCst);
         self.block_overage.store(admin.block_overage, SeqCst);
         self.soft_mode.store(admin.mode == EnforcementMode::Soft, SeqCst);
         self.soft_limit.store(admin.soft_limit, SeqCst);
@@ -278,12 +307,17 @@ impl Budget {
         }
     }
 
-    /// Start a new period: spent and overdraft start again from zero, holds carry over. Frees capacity (call after
-    /// the op has its ticket), with the period gate held exclusively. Returns (spent, overdraft) of the closed period.
-    pub fn start_period(&self, start_ms: i64, end_ms: i64) -> (i64, i64) {
+    /// Start a new period: spent and overdraft start again from zero, holds carry over, and the effective limit
+    /// becomes `new_limit` (lower by the credits the closed period used up, which are at most what it spent). Frees
+    /// capacity (call after the op has its ticket), with the period gate held exclusively. Returns (spent,
+    /// overdraft) of the closed period.
+    pub fn start_period(&self, start_ms: i64, end_ms: i64, new_limit: i64) -> (i64, i64) {
         let spent = self.spent.swap(0, SeqCst);
         let overdraft = self.overdraft.swap(0, SeqCst);
-        self.available.fetch_add(spent, SeqCst);
+        let old_limit = self.limit.swap(new_limit, SeqCst);
+        let limit_drop = old_limit - new_limit;
+        assert!((0..=spent).contains(&limit_drop), "a roll-over took capacity on {}", self.customer_id);
+        self.available.fetch_add(spent - limit_drop, SeqCst);
         self.limit_cut.store(false, SeqCst);
         self.period_start_ms.store(start_ms, SeqCst);
         self.period_end_ms.store(end_ms, SeqCst);
@@ -468,7 +502,7 @@ mod tests {
         assert!(b.try_take(5));
         b.add_hold(5);
         b.post(5, 5);
-        assert_eq!(b.start_period(100, 200), (5, 0));
+        assert_eq!(b.start_period(100, 200, 10), (5, 0));
         let c = b.counters();
         assert_eq!((c.spent, c.held, c.available), (0, 4, 6));
         assert_eq!(b.period(), (100, 200));

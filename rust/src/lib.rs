@@ -33,7 +33,7 @@ pub mod writer;
 mod python;
 
 pub use engine::{
-    BalanceView, BudgetUpdate, CommitArgs, CommitOutcome, Engine, EngineConfig, EngineStats, OutboxStats,
+    BalanceView, BudgetUpdate, CommitArgs, CommitOutcome, Engine, EngineConfig, EngineStats, GrantOutcome, OutboxStats,
     ReleaseOutcome, ReserveArgs, ReserveOutcome, SetBudgetOutcome, UsageView,
 };
 pub use error::{EngineError, ErrorKind};

@@ -5,6 +5,7 @@
 //! - `views.rs`: balances, usage per period, closed periods, alerts to read.
 
 mod admission;
+mod credits;
 mod policy;
 mod views;
 
@@ -34,6 +35,7 @@ use crate::records::{AlertRecord, BudgetRecord, DeadLetter, Dimensions, HoldReco
 use crate::store::{idempotency_key, Store};
 use crate::writer::{Op, Ticketed, Writer};
 
+pub use credits::GrantOutcome;
 pub use policy::BudgetUpdate;
 pub use views::{BalanceView, UsageView};
 
@@ -262,6 +264,8 @@ pub struct Shared {
     next_roll_ms: AtomicI64,
     /// Serializes linking members to orgs (admin calls only).
     hierarchy: Mutex<()>,
+    /// Credit grants by idempotency key until they are durable (then LMDB's `grants` answers).
+    grants: DashMap<String, credits::GrantMemo>,
 }
 
 pub struct Engine {
@@ -322,6 +326,7 @@ impl Engine {
             alert_seq: AtomicU64::new(recovered.next_alert_seq - 1),
             next_roll_ms: AtomicI64::new(i64::MAX),
             hierarchy: Mutex::new(()),
+            grants: DashMap::new(),
             config,
         });
         shared.rebuild(recovered.budgets, recovered.active_holds)?;
@@ -357,6 +362,12 @@ impl Engine {
 
     pub fn reserve_with(&self, args: &ReserveArgs<'_>) -> Result<ReserveOutcome, EngineError> {
         self.shared.reserve(args)
+    }
+
+    /// What a Reserve of `amount` would answer now, without holding anything (Budget.Quote): same checks, same
+    /// order, nothing changed. A granted quote has no reservation id; `ticket` is 0.
+    pub fn quote(&self, customer_id: &str, amount: i64) -> Result<ReserveOutcome, EngineError> {
+        self.shared.quote(customer_id, amount)
     }
 
     pub fn commit(&self, reservation_id: &str, amount: i64) -> Result<CommitOutcome, EngineError> {
@@ -395,6 +406,17 @@ impl Engine {
     /// Create a budget or change any of its settings; what `update` leaves None stays as it is.
     pub fn update_budget(&self, customer_id: &str, update: &BudgetUpdate) -> Result<SetBudgetOutcome, EngineError> {
         self.shared.update_budget(customer_id, update)
+    }
+
+    /// Add `amount` credits to a budget's limit, once per idempotency key (Admin.GrantCredits; see credits.rs).
+    pub fn grant_credits(
+        &self,
+        customer_id: &str,
+        amount: i64,
+        idempotency_key: &str,
+        reason: &str,
+    ) -> Result<GrantOutcome, EngineError> {
+        self.shared.grant_credits(customer_id, amount, idempotency_key, reason)
     }
 
     /// Freeze (deny every Reserve) or unfreeze a budget, by an operator. Commits of existing holds still post.
@@ -932,6 +954,7 @@ impl Shared {
     /// Called by the writer once an op is durable: a resolved hold no longer needs its memory slot.
     pub(crate) fn forget_resolved(&self, ticket: u64, op: &Op) {
         let hold_id = match op {
+            Op::Grant(grant) => return self.forget_grant(ticket, &grant.key),
             Op::Commit(commit) => commit.hold_id,
             Op::Release { hold_id, .. } | Op::Expire { hold_id, .. } => *hold_id,
             _ => return,

@@ -17,7 +17,8 @@ pub const MAX_PERIODS_LISTED: usize = 1_000;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BalanceView {
     pub customer_id: String,
-    /// The configured limit (the kill switch may cap what Reserve admits at the included quota).
+    /// The configured limit plus the unused granted credits (the kill switch may cap what Reserve admits at the
+    /// included quota).
     pub limit: i64,
     pub spent: i64,
     pub reserved: i64,
@@ -38,6 +39,8 @@ pub struct BalanceView {
     pub period_start_ms: i64,
     pub period_end_ms: i64,
     pub breaker_multiplier: Option<u64>,
+    /// Granted credits still unused (included in `limit`).
+    pub credits: i64,
 }
 
 /// A budget's usage in one period: the writer's record (exactly the ledger's entries of that period), with the
@@ -51,6 +54,8 @@ pub struct UsageView {
     pub current: bool,
     pub limit: i64,
     pub included: i64,
+    /// The unused credits in `limit`: now, or when a closed period closed.
+    pub credits: i64,
     pub record: UsageRecord,
 }
 
@@ -61,7 +66,7 @@ impl Budget {
         let (period_start_ms, period_end_ms) = self.period();
         BalanceView {
             customer_id: self.customer_id.to_string(),
-            limit: admin.limit,
+            limit: admin.limit_with_credits(),
             spent: counters.spent,
             reserved: counters.held,
             // From the same snapshot as spent and reserved, so that a reply always adds up. (The admission counter
@@ -82,6 +87,7 @@ impl Budget {
             period_start_ms,
             period_end_ms,
             breaker_multiplier: admin.breaker_multiplier,
+            credits: admin.credits,
         }
     }
 }
@@ -113,8 +119,8 @@ impl Engine {
         validate_id("customer_id", customer_id)?;
         let view = self.shared.budget(customer_id)?.view();
         let current = at_ms.is_none_or(|at| at >= view.period_start_ms);
-        let (start_ms, end_ms, limit, included) = if current {
-            (view.period_start_ms, view.period_end_ms, view.limit, view.included)
+        let (start_ms, end_ms, limit, included, credits) = if current {
+            (view.period_start_ms, view.period_end_ms, view.limit, view.included, view.credits)
         } else {
             let at = at_ms.expect("a past period has a time");
             let closed = self.closed_periods(customer_id, MAX_PERIODS_LISTED)?;
@@ -122,7 +128,7 @@ impl Engine {
                 closed.into_iter().find(|p| p.start_ms <= at && at < p.end_ms.max(p.closed_ms)).ok_or_else(|| {
                     EngineError::not_found(format!("budget {customer_id:?} has no period containing {at} ms"))
                 })?;
-            (period.start_ms, period.end_ms, period.limit, period.included)
+            (period.start_ms, period.end_ms, period.limit + period.credits, period.included, period.credits)
         };
         let record = self.shared.with_store(|store| store.get_usage(customer_id, start_ms))?.unwrap_or_else(|| {
             UsageRecord { customer_id: customer_id.to_string(), period_start_ms: start_ms, ..Default::default() }
@@ -134,6 +140,7 @@ impl Engine {
             current,
             limit,
             included,
+            credits,
             record,
         })
     }
