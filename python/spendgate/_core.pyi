@@ -108,6 +108,8 @@ class BalanceView:
     """2**63 - 1 for a lifetime period."""
     breaker_multiplier: int | None
     """None: the server's breaker_multiplier."""
+    credits: int
+    """Granted credits in `limit` this period (granted or carried in); min(credits, max(0, limit - spent)) are unused."""
 
 class PeriodSpec(TypedDict, total=False):
     """{"kind": "monthly", "anchor_ms": ...}, {"kind": "fixed", "anchor_ms": ..., "length_ms": ...} or
@@ -124,6 +126,20 @@ class SetBudgetOutcome:
     """The call closed the current period and started a new one."""
     ticket: int
 
+class GrantOutcome:
+    customer_id: str
+    amount: int
+    reason: str
+    """The reason the grant was made with (a replay's is the first call's)."""
+    granted_ms: int
+    limit_after: int
+    """The limit (with credits) right after the grant."""
+    credits_after: int
+    replayed: bool
+    """This call repeated an earlier grant under the same key: nothing was added."""
+    balance: BalanceView
+    ticket: int
+
 class UsageDetail(TypedDict):
     """The token usage behind a committed amount: parts are (token_type, tokens, units) and sum to the amount."""
 
@@ -138,7 +154,12 @@ class UsageRecord(TypedDict):
     period_end_ms: int
     current: bool
     limit: int
+    """With the unused credits (of the period's close, for a closed period)."""
     included: int
+    credits: int
+    granted: int
+    """Credits granted in the period (not usage: not in `units`)."""
+    grants: int
     units: int
     commits: int
     days: list[tuple[int, int]]
@@ -157,6 +178,8 @@ class ClosedPeriod(TypedDict):
     included: int
     spent: int
     overdraft: int
+    credits: int
+    """The unused credits when it closed: its limit was limit + credits."""
 
 class AlertEntry(TypedDict):
     seq: int
@@ -238,6 +261,8 @@ class Engine:
     ) -> ReserveOutcome:
         """Hold `amount` for the customer (and its org). `model` is remembered for the Commit; `fingerprint` replaces
         the amount in the idempotency check (a priced estimate: model and token counts)."""
+    def quote(self, customer_id: str, amount: int) -> ReserveOutcome:
+        """What reserve(customer_id, amount) would answer now, holding nothing: reservation_id "", ticket 0."""
     def commit(
         self,
         reservation_id: str,
@@ -274,6 +299,9 @@ class Engine:
         """Create a budget (limit required) or change what is given; None leaves a setting unchanged. mode: "hard" or
         "soft"; breaker_multiplier: -1 the server's, 0 off, 2..=1000. A period starting later than the current one
         starts now (the old one is closed and kept)."""
+    def grant_credits(self, customer_id: str, amount: int, idempotency_key: str, reason: str = "") -> GrantOutcome:
+        """Add `amount` credits to the budget's limit, once per idempotency key (keys are global); ALREADY_EXISTS for
+        a key used with another customer or amount."""
     def freeze(self, customer_id: str, frozen: bool, reason: str) -> SetBudgetOutcome:
         """Freeze or unfreeze, saying why (kept with the budget and put in the alert)."""
     def usage(self, customer_id: str, at_ms: int | None = None) -> UsageRecord:

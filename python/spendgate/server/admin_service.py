@@ -14,6 +14,7 @@ from spendgate._core import EngineError
 from spendgate.server.budget_service import balance_message
 from spendgate.server.durability import DurabilityWaiter
 from spendgate.server.status import grpc_errors
+from spendgate.service.budgets import grant_credits
 from spendgate.service.virtual_keys import KeyRecord, VirtualKeys
 from spendgate.v1 import spendgate_pb2 as pb
 from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
@@ -49,6 +50,16 @@ class AdminServicer(pb_grpc.AdminServicer):
         return pb.SetBudgetResponse(
             balance=balance_message(outcome.balance), created=outcome.created, rolled=outcome.rolled
         )
+
+    @grpc_errors
+    async def GrantCredits(self, request: pb.GrantCreditsRequest, context: Context) -> pb.GrantCreditsResponse:
+        outcome = await grant_credits(self._engine, self._waiter.wait, request.customer_id, request.amount,
+                                      request.idempotency_key, request.reason)
+        return pb.GrantCreditsResponse(
+            customer_id=outcome.customer_id, amount=outcome.amount, reason=outcome.reason,
+            granted_ms=outcome.granted_ms, limit_after=outcome.limit_after, credits_after=outcome.credits_after,
+            replayed=outcome.replayed, balance=balance_message(outcome.balance),
+        )  # fmt: skip
 
     @grpc_errors
     async def FreezeBudget(self, request: pb.FreezeBudgetRequest, context: Context) -> pb.SetBudgetResponse:

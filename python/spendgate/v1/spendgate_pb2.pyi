@@ -154,7 +154,7 @@ class ReserveRequest(_message.Message):
     def __init__(self, customer_id: _Optional[str] = ..., amount: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., estimate: _Optional[_Union[TokenEstimate, _Mapping]] = ..., dimensions: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("granted", "reservation_id", "remaining", "reason", "expires_at_ms", "replayed", "amount", "message", "state", "over_limit", "decided_by", "priced_model", "fallback_price")
+    __slots__ = ("granted", "reservation_id", "remaining", "reason", "expires_at_ms", "replayed", "amount", "message", "state", "over_limit", "decided_by", "priced_model", "fallback_price", "parts")
     GRANTED_FIELD_NUMBER: _ClassVar[int]
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     REMAINING_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +168,7 @@ class ReserveResponse(_message.Message):
     DECIDED_BY_FIELD_NUMBER: _ClassVar[int]
     PRICED_MODEL_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_PRICE_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
     granted: bool
     reservation_id: str
     remaining: int
@@ -181,7 +182,42 @@ class ReserveResponse(_message.Message):
     decided_by: str
     priced_model: str
     fallback_price: bool
-    def __init__(self, granted: _Optional[bool] = ..., reservation_id: _Optional[str] = ..., remaining: _Optional[int] = ..., reason: _Optional[_Union[DenyReason, str]] = ..., expires_at_ms: _Optional[int] = ..., replayed: _Optional[bool] = ..., amount: _Optional[int] = ..., message: _Optional[str] = ..., state: _Optional[_Union[HoldState, str]] = ..., over_limit: _Optional[bool] = ..., decided_by: _Optional[str] = ..., priced_model: _Optional[str] = ..., fallback_price: _Optional[bool] = ...) -> None: ...
+    parts: _containers.RepeatedCompositeFieldContainer[UsagePart]
+    def __init__(self, granted: _Optional[bool] = ..., reservation_id: _Optional[str] = ..., remaining: _Optional[int] = ..., reason: _Optional[_Union[DenyReason, str]] = ..., expires_at_ms: _Optional[int] = ..., replayed: _Optional[bool] = ..., amount: _Optional[int] = ..., message: _Optional[str] = ..., state: _Optional[_Union[HoldState, str]] = ..., over_limit: _Optional[bool] = ..., decided_by: _Optional[str] = ..., priced_model: _Optional[str] = ..., fallback_price: _Optional[bool] = ..., parts: _Optional[_Iterable[_Union[UsagePart, _Mapping]]] = ...) -> None: ...
+
+class QuoteRequest(_message.Message):
+    __slots__ = ("customer_id", "amount", "estimate")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATE_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    amount: int
+    estimate: TokenEstimate
+    def __init__(self, customer_id: _Optional[str] = ..., amount: _Optional[int] = ..., estimate: _Optional[_Union[TokenEstimate, _Mapping]] = ...) -> None: ...
+
+class QuoteResponse(_message.Message):
+    __slots__ = ("granted", "reason", "message", "amount", "parts", "priced_model", "fallback_price", "remaining", "over_limit", "decided_by")
+    GRANTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    PRICED_MODEL_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_PRICE_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    OVER_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_BY_FIELD_NUMBER: _ClassVar[int]
+    granted: bool
+    reason: DenyReason
+    message: str
+    amount: int
+    parts: _containers.RepeatedCompositeFieldContainer[UsagePart]
+    priced_model: str
+    fallback_price: bool
+    remaining: int
+    over_limit: bool
+    decided_by: str
+    def __init__(self, granted: _Optional[bool] = ..., reason: _Optional[_Union[DenyReason, str]] = ..., message: _Optional[str] = ..., amount: _Optional[int] = ..., parts: _Optional[_Iterable[_Union[UsagePart, _Mapping]]] = ..., priced_model: _Optional[str] = ..., fallback_price: _Optional[bool] = ..., remaining: _Optional[int] = ..., over_limit: _Optional[bool] = ..., decided_by: _Optional[str] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
     __slots__ = ("reservation_id", "amount", "usage", "dimensions")
@@ -253,7 +289,7 @@ class GetBalanceRequest(_message.Message):
     def __init__(self, customer_id: _Optional[str] = ...) -> None: ...
 
 class Balance(_message.Message):
-    __slots__ = ("customer_id", "limit", "spent", "reserved", "remaining", "active_holds", "stripe_customer_id", "overdraft", "frozen", "frozen_reason", "included", "soft_limit", "mode", "block_overage", "parent_id", "members", "period", "period_start_ms", "period_end_ms", "breaker_multiplier")
+    __slots__ = ("customer_id", "limit", "spent", "reserved", "remaining", "active_holds", "stripe_customer_id", "overdraft", "frozen", "frozen_reason", "included", "soft_limit", "mode", "block_overage", "parent_id", "members", "period", "period_start_ms", "period_end_ms", "breaker_multiplier", "credits")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     SPENT_FIELD_NUMBER: _ClassVar[int]
@@ -274,6 +310,7 @@ class Balance(_message.Message):
     PERIOD_START_MS_FIELD_NUMBER: _ClassVar[int]
     PERIOD_END_MS_FIELD_NUMBER: _ClassVar[int]
     BREAKER_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     limit: int
     spent: int
@@ -294,7 +331,8 @@ class Balance(_message.Message):
     period_start_ms: int
     period_end_ms: int
     breaker_multiplier: int
-    def __init__(self, customer_id: _Optional[str] = ..., limit: _Optional[int] = ..., spent: _Optional[int] = ..., reserved: _Optional[int] = ..., remaining: _Optional[int] = ..., active_holds: _Optional[int] = ..., stripe_customer_id: _Optional[str] = ..., overdraft: _Optional[int] = ..., frozen: _Optional[bool] = ..., frozen_reason: _Optional[str] = ..., included: _Optional[int] = ..., soft_limit: _Optional[int] = ..., mode: _Optional[_Union[EnforcementMode, str]] = ..., block_overage: _Optional[bool] = ..., parent_id: _Optional[str] = ..., members: _Optional[int] = ..., period: _Optional[_Union[Period, _Mapping]] = ..., period_start_ms: _Optional[int] = ..., period_end_ms: _Optional[int] = ..., breaker_multiplier: _Optional[int] = ...) -> None: ...
+    credits: int
+    def __init__(self, customer_id: _Optional[str] = ..., limit: _Optional[int] = ..., spent: _Optional[int] = ..., reserved: _Optional[int] = ..., remaining: _Optional[int] = ..., active_holds: _Optional[int] = ..., stripe_customer_id: _Optional[str] = ..., overdraft: _Optional[int] = ..., frozen: _Optional[bool] = ..., frozen_reason: _Optional[str] = ..., included: _Optional[int] = ..., soft_limit: _Optional[int] = ..., mode: _Optional[_Union[EnforcementMode, str]] = ..., block_overage: _Optional[bool] = ..., parent_id: _Optional[str] = ..., members: _Optional[int] = ..., period: _Optional[_Union[Period, _Mapping]] = ..., period_start_ms: _Optional[int] = ..., period_end_ms: _Optional[int] = ..., breaker_multiplier: _Optional[int] = ..., credits: _Optional[int] = ...) -> None: ...
 
 class SetBudgetRequest(_message.Message):
     __slots__ = ("customer_id", "limit", "stripe_customer_id", "included", "soft_limit", "mode", "block_overage", "parent_id", "period", "breaker_multiplier")
@@ -395,7 +433,7 @@ class DimensionUsage(_message.Message):
     def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ..., units: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("customer_id", "period_start_ms", "period_end_ms", "current", "total", "commits", "included", "limit", "overage", "included_remaining", "projected_total", "projected_overage", "daily", "by_model", "by_dimension", "reserved", "spent")
+    __slots__ = ("customer_id", "period_start_ms", "period_end_ms", "current", "total", "commits", "included", "limit", "overage", "included_remaining", "projected_total", "projected_overage", "daily", "by_model", "by_dimension", "reserved", "spent", "credits_granted", "grants", "credits")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     PERIOD_START_MS_FIELD_NUMBER: _ClassVar[int]
     PERIOD_END_MS_FIELD_NUMBER: _ClassVar[int]
@@ -413,6 +451,9 @@ class Usage(_message.Message):
     BY_DIMENSION_FIELD_NUMBER: _ClassVar[int]
     RESERVED_FIELD_NUMBER: _ClassVar[int]
     SPENT_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_GRANTED_FIELD_NUMBER: _ClassVar[int]
+    GRANTS_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     period_start_ms: int
     period_end_ms: int
@@ -430,7 +471,10 @@ class Usage(_message.Message):
     by_dimension: _containers.RepeatedCompositeFieldContainer[DimensionUsage]
     reserved: int
     spent: int
-    def __init__(self, customer_id: _Optional[str] = ..., period_start_ms: _Optional[int] = ..., period_end_ms: _Optional[int] = ..., current: _Optional[bool] = ..., total: _Optional[int] = ..., commits: _Optional[int] = ..., included: _Optional[int] = ..., limit: _Optional[int] = ..., overage: _Optional[int] = ..., included_remaining: _Optional[int] = ..., projected_total: _Optional[int] = ..., projected_overage: _Optional[int] = ..., daily: _Optional[_Iterable[_Union[DayUsage, _Mapping]]] = ..., by_model: _Optional[_Iterable[_Union[ModelUsage, _Mapping]]] = ..., by_dimension: _Optional[_Iterable[_Union[DimensionUsage, _Mapping]]] = ..., reserved: _Optional[int] = ..., spent: _Optional[int] = ...) -> None: ...
+    credits_granted: int
+    grants: int
+    credits: int
+    def __init__(self, customer_id: _Optional[str] = ..., period_start_ms: _Optional[int] = ..., period_end_ms: _Optional[int] = ..., current: _Optional[bool] = ..., total: _Optional[int] = ..., commits: _Optional[int] = ..., included: _Optional[int] = ..., limit: _Optional[int] = ..., overage: _Optional[int] = ..., included_remaining: _Optional[int] = ..., projected_total: _Optional[int] = ..., projected_overage: _Optional[int] = ..., daily: _Optional[_Iterable[_Union[DayUsage, _Mapping]]] = ..., by_model: _Optional[_Iterable[_Union[ModelUsage, _Mapping]]] = ..., by_dimension: _Optional[_Iterable[_Union[DimensionUsage, _Mapping]]] = ..., reserved: _Optional[int] = ..., spent: _Optional[int] = ..., credits_granted: _Optional[int] = ..., grants: _Optional[int] = ..., credits: _Optional[int] = ...) -> None: ...
 
 class WatchAlertsRequest(_message.Message):
     __slots__ = ("after_seq", "from_start", "customer_ids")
@@ -634,3 +678,35 @@ class RevokeVirtualKeyResponse(_message.Message):
     REVOKED_FIELD_NUMBER: _ClassVar[int]
     revoked: _containers.RepeatedCompositeFieldContainer[VirtualKey]
     def __init__(self, revoked: _Optional[_Iterable[_Union[VirtualKey, _Mapping]]] = ...) -> None: ...
+
+class GrantCreditsRequest(_message.Message):
+    __slots__ = ("customer_id", "amount", "idempotency_key", "reason")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    amount: int
+    idempotency_key: str
+    reason: str
+    def __init__(self, customer_id: _Optional[str] = ..., amount: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class GrantCreditsResponse(_message.Message):
+    __slots__ = ("customer_id", "amount", "reason", "granted_ms", "limit_after", "credits_after", "replayed", "balance")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    GRANTED_MS_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_AFTER_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    amount: int
+    reason: str
+    granted_ms: int
+    limit_after: int
+    credits_after: int
+    replayed: bool
+    balance: Balance
+    def __init__(self, customer_id: _Optional[str] = ..., amount: _Optional[int] = ..., reason: _Optional[str] = ..., granted_ms: _Optional[int] = ..., limit_after: _Optional[int] = ..., credits_after: _Optional[int] = ..., replayed: _Optional[bool] = ..., balance: _Optional[_Union[Balance, _Mapping]] = ...) -> None: ...
