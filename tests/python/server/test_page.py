@@ -150,3 +150,19 @@ def test_the_daily_chart_is_an_svg_with_a_bar_and_a_label_per_day() -> None:
     assert "<title>2026-12-01: 4,500 units</title>" in svg and ">12-01</text>" in svg
     assert 'aria-label="Daily usage, peak 4,500 units"' in svg
     assert "No usage recorded yet" in daily_chart_svg([])
+
+
+def test_a_customer_page_shows_the_credits_in_the_limit_what_is_unused_and_the_grants(tmp_path: Path) -> None:
+    async def body(sidecar: Sidecar, channel: grpc.aio.Channel) -> str:
+        await create_budget(channel, "cus_credits", 1_000)
+        admin = pb_grpc.AdminStub(channel)
+        for key, amount in (("pack-1", 300), ("pack-2", 200)):
+            await admin.GrantCredits(pb.GrantCreditsRequest(customer_id="cus_credits", amount=amount,
+                                                            idempotency_key=key))
+        await spend(channel, "cus_credits", 1_100)  # the configured 1,000, then 100 of the credits
+        return (await get(sidecar, "/customers/cus_credits"))[1]
+
+    text = text_of(with_sidecar(settings_for(tmp_path, http_listen="127.0.0.1:0"), body))
+    assert "Limit 1,500 (with 500 credits)" in text, text
+    assert "Credits unused 400 of 500" in text and "Credits granted this period 500 in 2 grants" in text
+    assert "Remaining 400" in text
