@@ -200,6 +200,8 @@ def render(result: dict[str, Any], plots: list[str] | None = None) -> str:
     from bench import settle_throughput  # noqa: PLC0415  (bench/ is a package run from the repo root)
 
     lines += settle_throughput.render(result.get("settlement", []))
+    lines += settle_throughput.render_backlog(result.get("settlement_backlog"))
+    lines += settle_throughput.render_keeping_up(result.get("settlement_keeping_up", []))
     checks = result.get("checks", {})
     if checks:
         lines += ["## Checks (correctness, never speed)", ""]

@@ -368,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
 
         log("4. settlement throughput to the fake Stripe")
         result["settlement"] = settle_throughput.run(args.quick, log=log)
+        log("4. settlement: draining a backlog committed at the top rate, and keeping up while committing")
+        result["settlement_backlog"] = settle_throughput.run_backlog_drain(args.quick, log=log)
+        result["settlement_keeping_up"] = settle_throughput.run_keeping_up(args.quick, log=log)
     if not args.skip_baselines:
         if any(m in missing for m in ("postgresql", "redis-server", "asyncpg", "redis")):
             log("3. baselines skipped: Postgres/Redis or their clients are missing (bash bench/setup.sh)")

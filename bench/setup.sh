@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything `python bench/run.py` and the test suite need beyond the spendgate package itself, in one place:
 #   - Debian packages: postgresql and redis-server (the baselines), nghttp2-client (h2load), linux-perf (the profile),
-#     chromium and chromium-driver (the operator page's browser test, tests/python/e2e/test_operator_page_browser.py)
+#     chromium and chromium-driver (the operator page's browser test, tests/python/e2e/test_operator_page_browser.py),
+#     libfaketime (the stepped wall clock of tests/python/e2e/test_clock.py)
 #   - Python packages: the `bench` extra of pyproject.toml (asyncpg, redis, matplotlib, pytest-benchmark, py-spy)
 # run.py calls this by itself when something is missing and it runs as root; otherwise run it yourself:
 #   sudo bash bench/setup.sh        (or as root: bash bench/setup.sh)
@@ -9,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(postgresql redis-server nghttp2-client linux-perf chromium chromium-driver)
+APT_PACKAGES=(postgresql redis-server nghttp2-client linux-perf chromium chromium-driver libfaketime)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -15,6 +15,8 @@ MAX_ID_BYTES: Final[int]
 MAX_AMOUNT_UNITS: Final[int]
 """Largest amount or limit (2**53)."""
 MAX_TTL_MS_CEILING: Final[int]
+OTHER_VALUE: Final[str]
+"""What a usage record sums labels past its tracking bounds under (as a value, or as a key)."""
 """The largest max_ttl_ms an Engine accepts."""
 
 # DenyReason numbers, the same as spendgate.v1.DenyReason.
@@ -110,6 +112,9 @@ class BalanceView:
     """None: the server's breaker_multiplier."""
     credits: int
     """Granted credits in `limit` this period (granted or carried in); min(credits, max(0, limit - spent)) are unused."""
+    stop_at: int
+    """The customer's own stop-at (0: none): Reserve admits at most up to it, in either mode; it never raises
+    enforcement past `limit`."""
 
 class PeriodSpec(TypedDict, total=False):
     """{"kind": "monthly", "anchor_ms": ...}, {"kind": "fixed", "anchor_ms": ..., "length_ms": ...} or
@@ -232,6 +237,9 @@ class Engine:
         data_dir: str,
         *,
         map_size_mb: int = 1024,
+        map_max_mb: int = 0,
+        disk_reserve_mb: int = 256,
+        ledger_retention_days: int = 180,
         durability: str = "fsync",
         default_ttl_ms: int = 60_000,
         max_ttl_ms: int = 3_600_000,
@@ -247,6 +255,8 @@ class Engine:
         breaker_recent_ms: int = 3_600_000,
         breaker_window_ms: int = 86_400_000,
         breaker_min_units: int = 0,
+        max_clock_step_ms: int = 1_000,
+        clock_step_confirm_ms: int = 900_000,
     ) -> None: ...
     def reserve(
         self,
@@ -295,9 +305,11 @@ class Engine:
         parent_id: str | None = None,
         period: PeriodSpec | None = None,
         breaker_multiplier: int | None = None,
+        stop_at: int | None = None,
     ) -> SetBudgetOutcome:
         """Create a budget (limit required) or change what is given; None leaves a setting unchanged. mode: "hard" or
-        "soft"; breaker_multiplier: -1 the server's, 0 off, 2..=1000. A period starting later than the current one
+        "soft"; breaker_multiplier: -1 the server's, 0 off, 2..=1000; stop_at: the customer's own stop-at, 0 removes it
+        (it caps what Reserve admits, in either mode, and never raises it past limit). A period starting later than the current one
         starts now (the old one is closed and kept)."""
     def grant_credits(self, customer_id: str, amount: int, idempotency_key: str, reason: str = "") -> GrantOutcome:
         """Add `amount` credits to the budget's limit, once per idempotency key (keys are global); ALREADY_EXISTS for
@@ -311,8 +323,8 @@ class Engine:
     def roll_due(self) -> int:
         """Start the periods that have ended (the engine does this itself every reap_interval_ms)."""
     def raise_alert(self, kind: str, customer_id: str, message: str, values: dict[str, int] | None = None) -> int:
-        """Store an alert durably; only "settlement_dead_letter" may be raised from outside (the engine raises the
-        others itself). Returns a ticket."""
+        """Store an alert durably; only "settlement_dead_letter", "invoice_spike" and "reconcile_divergence" may be
+        raised from outside (the engine raises the others itself). Returns a ticket."""
     def alerts_after(self, after_seq: int, limit: int = 1000) -> list[AlertEntry]:
         """Durable alerts with seq > after_seq, oldest first (limit 1..=10_000)."""
     def alert_seq(self) -> int:
@@ -364,8 +376,10 @@ class Engine:
         """Expire due holds now (the engine also does this itself every reap_interval_ms). Returns how many."""
     def stats(self) -> dict[str, int]:
         """Counters for metrics: budgets, active_holds, queue_depth, durable_ticket, map_size_bytes,
-        map_used_bytes, expired_total, batches_total, ops_total, outbox_depth, breaker_trips_total,
-        periods_rolled_total, alert_seq."""
+        map_used_bytes (pages holding data), map_high_water_bytes, map_capacity_bytes, expired_total, batches_total,
+        ops_total, outbox_depth, breaker_trips_total, periods_rolled_total, alert_seq, clock_steps_total (wall-clock
+        steps seen since the start), clock_step_pending_ms (the step not yet followed, wall minus trusted time; 0 while
+        the clocks agree)."""
     def check_invariants(self) -> None:
         """Verify the in-memory books (held equals the sum of open holds; available == limit - spent - held;
         spent + held <= limit + overdraft). Raises EngineError("internal") naming the first broken one."""

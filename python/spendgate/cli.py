@@ -9,6 +9,7 @@
     spendgate settle status                              settlement status of a running sidecar
     spendgate deadletter list | requeue SEQ... | requeue --all     dead letters of a running sidecar
     spendgate reconcile [--period YYYY-MM | --start DATE [--end DATE]] [--fix ...]   the ledger against Stripe
+    spendgate invoices release INVOICE                   let Stripe finalize a draft the invoice-spike guard held
     spendgate backup DEST | restore SRC --data-dir DIR [--force] | inspect [SECTION]   data care (spendgate.datacare)
     spendgate check-config FILE                          validate a TOML config file offline (exit 2: problems)
 
@@ -40,6 +41,7 @@ commands:
   spendgate budget freeze|unfreeze CUSTOMER       deny every Reserve (or allow them again)
   spendgate budget grant CUSTOMER AMOUNT --key K  add prepaid credits on top of the limit, once per key
   spendgate usage CUSTOMER [--period P]           usage of a period: quota, projection, daily series, breakdowns
+  spendgate usage-link CUSTOMER [--ttl 1h]        a signed link to the customer's own usage page (--allow-limit)
   spendgate budget list [--prefix P]              list budgets, one a line
   spendgate settle [FLAGS] [--follow]             drain the outbox to Stripe (only while no sidecar runs)
   spendgate settle status                         settlement to Stripe of a running sidecar
@@ -48,7 +50,8 @@ commands:
   spendgate reconcile [--period YYYY-MM]          compare the ledger with Stripe's meter totals (exit 3: they differ)
   spendgate backup DEST                           a running sidecar writes a consistent copy of its data to DEST
   spendgate restore SRC --data-dir DIR [--force]  put a backup in place (only while no sidecar runs on DIR)
-  spendgate inspect [--data-dir DIR] [SECTION]    print budgets, holds, outbox, ledger tail, dead letters (read-only)
+  spendgate inspect [--data-dir DIR] [SECTION]    print budgets, holds, outbox, ledger tail, archive, dead letters
+  spendgate invoices release INVOICE              let Stripe finalize a draft the invoice-spike guard held
   spendgate check-config FILE                     validate a config file offline; problems point to their line
   spendgate health [--target HOST:PORT]           exit 0 when the sidecar's gRPC health says SERVING (probes)
 
@@ -150,6 +153,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     usage.add_argument("--top", type=int, default=10, metavar="N", help="largest values per dimension (default 10)")
     usage.set_defaults(run=run_usage)
+
+    usage_link = commands.add_parser(
+        "usage-link", parents=[target_parent], help="print a signed link to the customer's own usage page"
+    )
+    usage_link.description = (
+        "Ask a running sidecar for a link to CUSTOMER's usage page on its http_listen, signed with its "
+        "usage-link key. Prints the URL (stdout) and when it expires (stderr). Hand it to that customer only."
+    )
+    usage_link.add_argument("customer_id", metavar="CUSTOMER")
+    usage_link.add_argument("--ttl", type=_duration_ms, default=3_600_000, metavar="DURATION",
+                            help="how long the link opens the page: 90s, 30m, 1h (default), 7d; 1 min to 31 days")
+    usage_link.add_argument("--allow-limit", action="store_true",
+                            help="the page may set the customer's own stop-at (it only ever lowers enforcement)")
+    usage_link.add_argument("--ceiling", type=int, default=0, metavar="UNITS",
+                            help="with --allow-limit: the highest stop-at the customer may set, in units")
+    usage_link.set_defaults(run=run_usage_link)
 
     health = commands.add_parser(
         "health", parents=[target_parent], help="exit 0 when the sidecar reports SERVING (for exec probes)"
@@ -298,13 +317,21 @@ def _add_data_care_commands(commands: Any, config_parent: argparse.ArgumentParse
     key_revoke.add_argument("key_id", metavar="ID")
     key_revoke.set_defaults(run=run_key_revoke)
 
+    invoices = commands.add_parser("invoices", help="Stripe draft invoices the invoice-spike guard held")
+    invoice_commands = invoices.add_subparsers(dest="invoices_command", metavar="COMMAND", required=True)
+    invoice_release = invoice_commands.add_parser(
+        "release", parents=[target_parent],
+        help="let Stripe finalize a held draft invoice (the sidecar sets its auto_advance back to true)")
+    invoice_release.add_argument("invoice_id", metavar="INVOICE", help="the Stripe invoice id (in_...)")
+    invoice_release.set_defaults(run=run_invoices_release)
+
     check = commands.add_parser("check-config", help="validate a TOML config file offline (exit 2 on problems)")
     check.add_argument("file", metavar="FILE")
     check.set_defaults(run=run_check_config, without_settings=True)
 
 
 # Sections of `spendgate inspect` (spendgate.datacare.INSPECT_SECTIONS, repeated here so that --help stays light).
-INSPECT_SECTIONS: Final[tuple[str, ...]] = ("budgets", "holds", "outbox", "ledger", "deadletters")
+INSPECT_SECTIONS: Final[tuple[str, ...]] = ("budgets", "holds", "outbox", "ledger", "archive", "deadletters")
 # A backup of a large environment takes a while; the sidecar keeps serving meanwhile.
 BACKUP_TIMEOUT_S: Final[float] = 3600.0
 
@@ -396,6 +423,23 @@ def run_key_list(args: argparse.Namespace, settings: config.Settings) -> int:
         return EXIT_ERROR
     for key in reply.virtual_keys:
         print(f"{key.key_id}  {key.customer_id}  created_ms={key.created_ms}")
+    return EXIT_OK
+
+
+def run_invoices_release(args: argparse.Namespace, settings: config.Settings) -> int:
+    """Admin.ReleaseInvoice: the sidecar holds the Stripe key and the guard's records, so it makes the call."""
+    from spendgate.v1 import spendgate_pb2 as pb
+    from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
+
+    request = pb.ReleaseInvoiceRequest(invoice_id=args.invoice_id)
+    reply = _call(args, settings, lambda channel: pb_grpc.AdminStub(channel).ReleaseInvoice(request,
+                                                                                        timeout=RPC_TIMEOUT_S))
+    if reply is None:
+        return EXIT_ERROR
+    held = "" if reply.was_held else " (the guard had not held it, or it was released already)"
+    print(f"released {reply.invoice_id} of {reply.stripe_customer_id}: {reply.total} {reply.currency}, status "
+          f"{reply.status}, auto_advance {'true' if reply.auto_advance else 'false'}: Stripe finalizes it on its own "
+          f"schedule now{held}")
     return EXIT_OK
 
 
@@ -570,6 +614,9 @@ def format_usage(usage: Any) -> str:
     if usage.by_dimension:
         rows = [(d.key, d.value, d.units) for d in usage.by_dimension]
         parts += ["", "by dimension", _table(("dimension", "value", "units"), rows)]
+    if usage.folded_dimension_keys:
+        keys = ", ".join(usage.folded_dimension_keys)
+        parts += ["", f"past the tracking bound, further values are summed as (other): {keys}"]
     return "\n".join(parts)
 
 
@@ -718,7 +765,9 @@ def format_settlement_status(status: Any) -> str:
         ("enabled", "yes" if status.enabled else "NO (no STRIPE_API_KEY: usage accumulates in the outbox)"),
         ("transport", status.transport or "-"),
         ("event_name", status.event_name or "-"),
-        ("aggregate_window_ms", str(status.aggregate_window_ms) if status.aggregate_window_ms else "off"),
+        ("aggregate_window_ms", str(status.aggregate_window_ms) if status.aggregate_window_ms
+         else "per customer per second now (a backlog waits)" if status.auto_aggregating
+         else "off (per customer per second while a backlog waits)" if status.auto_aggregate else "off"),
         ("outbox_depth", f"{status.outbox_depth} of {status.max_outbox_entries}"),
         ("oldest_age_ms", str(status.oldest_age_ms)),
         ("dead_letters", str(status.dead_letters)),
@@ -762,6 +811,52 @@ def format_budget_list(budgets: Sequence[Any]) -> str:
         rest = (f"{cell:>{width}}" for cell, width in zip(cells[1:], widths[1:]))
         return "  ".join([first, *rest])
     return "\n".join([line(LIST_COLUMNS), *(line(row) for row in rows)] or [])
+
+
+DURATION_UNITS_MS: Final[dict[str, int]] = {"ms": 1, "s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def _duration_ms(text: str) -> int:
+    """90s, 30m, 1h, 7d, 500ms, or plain seconds -> milliseconds (argparse type)."""
+    stripped = text.strip().lower()
+    number, suffix = stripped, "s"
+    for unit in sorted(DURATION_UNITS_MS, key=len, reverse=True):
+        if stripped.endswith(unit):
+            number, suffix = stripped[: -len(unit)], unit
+            break
+    try:
+        value = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a duration such as 90s, 30m, 1h or 7d, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"a duration must be positive, got {text!r}")
+    return round(value * DURATION_UNITS_MS[suffix])
+
+
+def run_usage_link(args: argparse.Namespace, settings: config.Settings) -> int:
+    import time
+
+    from spendgate.v1 import spendgate_pb2 as pb
+    from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
+
+    if args.ceiling and not args.allow_limit:
+        print(f"{PROG}: --ceiling applies only with --allow-limit", file=sys.stderr)
+        return EXIT_USAGE
+    if args.allow_limit and args.ceiling <= 0:
+        print(f"{PROG}: --allow-limit needs --ceiling UNITS: the highest stop-at the customer may set",
+              file=sys.stderr)
+        return EXIT_USAGE
+    request = pb.CreateUsageLinkRequest(customer_id=args.customer_id, ttl_ms=args.ttl, allow_limit=args.allow_limit,
+                                        ceiling=args.ceiling)
+    reply = _call(args, settings,
+                  lambda channel: pb_grpc.AdminStub(channel).CreateUsageLink(request, timeout=RPC_TIMEOUT_S))
+    if reply is None:
+        return EXIT_ERROR
+    print(reply.url)
+    expires = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(reply.expires_at_ms // 1000))
+    scope = f"view and set the stop-at up to {reply.ceiling:,} units" if reply.scope == "limit" else "view only"
+    print(f"{PROG}: the link opens {args.customer_id}'s usage page until {expires} ({scope})", file=sys.stderr)
+    return EXIT_OK
 
 
 def _call(args: argparse.Namespace, settings: config.Settings, rpc: Any) -> Any:
@@ -934,6 +1029,7 @@ def run_inspect(args: argparse.Namespace, settings: config.Settings) -> int:
     from pathlib import Path
 
     from spendgate.datacare import format_sections, inspect
+    from spendgate.ledger_archive import ArchiveError
     from spendgate.store_reader import StoreReadError
 
     if args.limit < 1 or args.limit > 2048:
@@ -942,7 +1038,7 @@ def run_inspect(args: argparse.Namespace, settings: config.Settings) -> int:
     try:
         sections = inspect(Path(settings.data_dir), args.sections or INSPECT_SECTIONS, limit=args.limit,
                            all_holds=args.all)
-    except StoreReadError as error:
+    except (StoreReadError, ArchiveError) as error:
         print(f"{PROG}: inspect: {error}", file=sys.stderr)
         return EXIT_ERROR
     print(format_sections(sections, as_json=args.json))

@@ -543,6 +543,16 @@ class Client:
         response: pb.Usage = self._call(self._budget.GetUsage, request, retryable=True, timeout_s=timeout_s)
         return response
 
+    def usage_link(self, customer_id: str, *, ttl_s: float = 3600, allow_limit: bool = False, ceiling: int = 0,
+                   timeout_s: float | None = None) -> pb.CreateUsageLinkResponse:
+        """A signed link to the customer's usage page (Admin.CreateUsageLink): `.url`, `.expires_at_ms`. It opens
+        for `ttl_s` seconds (60 to 31 days); with `allow_limit` the page may set the customer's own stop-at up to
+        `ceiling` units. Hand it to that customer (a redirect, or the src of an iframe)."""
+        request = _usage_link_request(customer_id, ttl_s, allow_limit, ceiling)
+        response: pb.CreateUsageLinkResponse = self._call(self._admin.CreateUsageLink, request, retryable=True,
+                                                          timeout_s=timeout_s)
+        return response
+
     def ping(self, *, timeout_s: float | None = None) -> None:
         self._call(self._budget.Ping, pb.PingRequest(), retryable=False, timeout_s=timeout_s)
 
@@ -765,6 +775,14 @@ class AsyncClient:
         response: pb.Usage = await self._call(self._budget.GetUsage, request, retryable=True, timeout_s=timeout_s)
         return response
 
+    async def usage_link(self, customer_id: str, *, ttl_s: float = 3600, allow_limit: bool = False, ceiling: int = 0,
+                         timeout_s: float | None = None) -> pb.CreateUsageLinkResponse:
+        """The async twin of Client.usage_link."""
+        request = _usage_link_request(customer_id, ttl_s, allow_limit, ceiling)
+        response: pb.CreateUsageLinkResponse = await self._call(self._admin.CreateUsageLink, request,
+                                                                retryable=True, timeout_s=timeout_s)
+        return response
+
     async def ping(self, *, timeout_s: float | None = None) -> None:
         await self._call(self._budget.Ping, pb.PingRequest(), retryable=False, timeout_s=timeout_s)
 
@@ -801,6 +819,11 @@ class AsyncClient:
                 call.cancel()
             await asyncio.sleep(self._retry.backoff_s(attempt))
             attempt += 1
+
+
+def _usage_link_request(customer_id: str, ttl_s: float, allow_limit: bool, ceiling: int) -> pb.CreateUsageLinkRequest:
+    return pb.CreateUsageLinkRequest(customer_id=customer_id, ttl_ms=round(ttl_s * 1000), allow_limit=allow_limit,
+                                     ceiling=ceiling)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from spendgate.display import parse_display_unit
+
 ENV_PREFIX: Final[str] = "SPENDGATE_"
 CONFIG_ENV_VAR: Final[str] = "SPENDGATE_CONFIG"
 # SPENDGATE_* variables that are not settings but are read elsewhere. Any other SPENDGATE_* variable is an error, so that
@@ -34,6 +36,7 @@ OTHER_ENV_VARS: Final[frozenset[str]] = frozenset({CONFIG_ENV_VAR, TOKEN_ENV_VAR
 DURABILITY_CHOICES: Final[tuple[str, ...]] = ("fsync", "relaxed")
 LOG_LEVEL_CHOICES: Final[tuple[str, ...]] = ("debug", "info", "warning", "error")
 PAYMENT_FAILED_ACTIONS: Final[tuple[str, ...]] = ("flag", "freeze")
+INVOICE_SPIKE_ACTIONS: Final[tuple[str, ...]] = ("alert", "hold")
 SETTLE_TRANSPORTS: Final[tuple[str, ...]] = ("v1", "v2")
 PERIOD_CHOICES: Final[tuple[str, ...]] = ("month", "lifetime")
 LOG_FORMAT_CHOICES: Final[tuple[str, ...]] = ("json", "text")
@@ -85,7 +88,23 @@ class Settings:
     data_dir: str = _setting(
         "./spendgate-data", "Directory of the LMDB environment, created if missing; one sidecar process per directory."
     )
-    map_size_mb: int = _setting(1024, "LMDB map size: the most the data may grow to, in MiB.", minimum=1)
+    map_size_mb: int = _setting(
+        1024, "LMDB map size to start with, in MiB; the sidecar grows it by itself up to map_max_mb.", minimum=1
+    )
+    map_max_mb: int = _setting(
+        0,
+        "The most the LMDB map may grow to, in MiB; 0: whatever the disk can spare beyond disk_reserve_mb.",
+        minimum=0,
+    )
+    disk_reserve_mb: int = _setting(
+        256, "Disk space (MiB) the data never takes: the map stops growing this far from a full disk.", minimum=0
+    )
+    ledger_retention_days: int = _setting(
+        180,
+        "Settled ledger entries of closed periods move from LMDB to the compressed archive (archive/ in the data dir) "
+        "after this many days; 180 covers the card networks' 120-day dispute window.",
+        minimum=0,
+    )
     backup_dir: str = _setting(
         "",
         "When set, Admin.Backup writes only into new or empty directories under this one (symlinks resolved); empty: "
@@ -131,6 +150,18 @@ class Settings:
     breaker_min_units: int = _setting(
         0, "Circuit breaker: never trip below this many units in the recent window (and, without history, trip above it)."
     )
+    max_clock_step_ms: int = _setting(
+        1_000,
+        "A wall clock further than this from the monotonic clock has stepped: alerted (clock_step) and counted; periods "
+        "and the breaker ignore the step until it has held for clock_step_confirm_ms. Holds never see the wall clock.",
+        minimum=1,
+    )
+    clock_step_confirm_ms: int = _setting(
+        900_000,
+        "How long (monotonic) a wall-clock step must hold before periods, the breaker and timestamps follow it; one "
+        "undone sooner never counts.",
+        minimum=1,
+    )
     # The gRPC server, again.
     max_message_bytes: int = _setting(4 * 1024 * 1024, "Largest gRPC message received or sent.", minimum=1)
     max_concurrent_rpcs: int = _setting(10_000, "RPCs in flight at once; more get RESOURCE_EXHAUSTED.", minimum=1)
@@ -172,6 +203,11 @@ class Settings:
     settle_aggregate_window_ms: int = _setting(
         0, "Pre-aggregation: one event per Stripe customer per window of this length; 0: one event per commit."
     )
+    settle_auto_aggregate: bool = _setting(
+        True, "With settle_aggregate_window_ms 0: once a backlog builds in the outbox (a round's worth of entries), send "
+        "one event per Stripe customer (and model) per second until it is drained; off: always one event per commit "
+        "(then a restored backup's unsent entries can be resent under their own identifiers).",
+    )
     settle_max_attempts: int = _setting(
         5, "Tries of one Stripe call (429, 5xx, connection errors) before it waits for a later round.", minimum=1
     )
@@ -210,6 +246,36 @@ class Settings:
         "On invoice.payment_failed: `freeze` the budget (its invoice.paid unfreezes it) or `flag` it (log and count).",
         choices=PAYMENT_FAILED_ACTIONS,
     )
+    # The invoice-spike guard (spendgate.webhooks.invoices), on Stripe's invoice.created.
+    invoice_spike_percent: int = _setting(
+        50, "invoice.created: raise an invoice_spike alert when the draft's total is more than this many percent above "
+        "the customer's previous invoice's (any draft above a previous 0 is a spike).",
+    )
+    invoice_spike_action: str = _setting(
+        "alert", "On an invoice spike: `alert` only, or `hold` the draft too (auto_advance false, so Stripe does not "
+        "finalize it) until `spendgate invoices release INVOICE`.", choices=INVOICE_SPIKE_ACTIONS,
+    )
+    # Reconciliation on a schedule (spendgate.settle.scheduled): the ledger against Stripe's meter event summaries.
+    reconcile_interval_ms: int = _setting(
+        3_600_000, "How often the sidecar reconciles each active customer's current period with Stripe (needs "
+        "STRIPE_API_KEY); 0: never.",
+    )
+    reconcile_tolerance_percent: int = _setting(
+        1, "Scheduled reconcile: a customer whose Stripe total differs from the settled ledger by more than this "
+        "percent (beyond what is in flight or not yet visible) raises a reconcile_divergence alert.",
+    )
+    reconcile_max_customers: int = _setting(
+        1_000, "Scheduled reconcile: Stripe customers compared per run; the next run goes on where one stopped.",
+        minimum=1,
+    )
+    reconcile_max_requests_per_second: int = _setting(
+        5, "Scheduled reconcile: Stripe API calls per second at most (Stripe's read rate limit is shared with the "
+        "settler and everything else using the key).", minimum=1,
+    )
+    reconcile_visibility_allowance_ms: int = _setting(
+        600_000, "Scheduled reconcile: usage Stripe acknowledged this recently may be missing from its summaries "
+        "(Stripe aggregates asynchronously) without counting as a divergence.",
+    )
 
     # Operating it: the HTTP port, logs, security and per-connection limits (README "Operating it").
     http_listen: str = _setting(
@@ -241,6 +307,29 @@ class Settings:
         "'none'",
         "CSP frame-ancestors of the HTTP pages: the origins that may frame them, space-separated (e.g. `'self' "
         "https://app.example.com`); `'none'`: no one.",
+    )
+    # The customer usage page (README "The usage page"): served on http_listen at signed links.
+    usage_link_secret_file: str = _setting(
+        "",
+        "File holding the key that signs usage-page links (>= 32 bytes, e.g. `openssl rand -hex 32`); empty: the "
+        "sidecar makes `usage-link.key` (0600) in data_dir. Replacing it ends every link.",
+        optional=True,
+    )
+    usage_link_base_url: str = _setting(
+        "",
+        "Where customers reach http_listen, e.g. `https://usage.example.com` (a proxy in front); usage links start "
+        "with it. Empty: the HTTP port's own address.",
+        optional=True,
+    )
+    usage_page_frame_ancestors: str = _setting(
+        "'none'",
+        "CSP frame-ancestors of the usage page: the app origins that may frame it, space-separated (e.g. "
+        "`https://app.example.com`); `'none'`: no one.",
+    )
+    display_unit: str = _setting(
+        "units",
+        "How the pages show amounts: `units`, `usd_micros`/`usd_cents` (any ISO code: `eur_cents`), or `NAME` or "
+        "`NAME/SCALE` (SCALE units make one NAME, a power of ten, e.g. `credits/1000`).",
     )
     log_format: str = _setting(
         "json", "`json`: one JSON object a line (ts, level, logger, msg, request_id, ...); `text`: for people.",
@@ -389,6 +478,9 @@ class Settings:
 # Settings passed to the engine as keyword arguments (data_dir is its positional argument).
 ENGINE_SETTINGS: Final[tuple[str, ...]] = (
     "map_size_mb",
+    "map_max_mb",
+    "disk_reserve_mb",
+    "ledger_retention_days",
     "durability",
     "default_ttl_ms",
     "max_ttl_ms",
@@ -404,6 +496,8 @@ ENGINE_SETTINGS: Final[tuple[str, ...]] = (
     "breaker_recent_ms",
     "breaker_window_ms",
     "breaker_min_units",
+    "max_clock_step_ms",
+    "clock_step_confirm_ms",
 )
 
 FIELDS: Final[Mapping[str, dataclasses.Field[Any]]] = {f.name: f for f in dataclasses.fields(Settings)}
@@ -513,11 +607,28 @@ def _http_problems(settings: Settings) -> list[tuple[str, str]]:
             why = (f"{part!r} is not a host name or an IP address: list names such as `spendgate.internal` or "
                    "addresses, comma-separated, without scheme, port or path")
             problems.append(("http_allowed_hosts", why))
-    ancestors = settings.http_frame_ancestors
-    if not ancestors.strip() or any(breaker in ancestors for breaker in _CSP_BREAKERS):
-        why = (f"expected CSP sources separated by spaces (such as `'self' https://app.example.com`, or `'none'`), "
-               f"without ';' or ',', got {ancestors!r}")
-        problems.append(("http_frame_ancestors", why))
+    for name in ("http_frame_ancestors", "usage_page_frame_ancestors"):
+        ancestors = getattr(settings, name)
+        if not ancestors.strip() or any(breaker in ancestors for breaker in _CSP_BREAKERS):
+            why = (f"expected CSP sources separated by spaces (such as `'self' https://app.example.com`, or "
+                   f"`'none'`), without ';' or ',', got {ancestors!r}")
+            problems.append((name, why))
+    problems.extend(_usage_page_problems(settings))
+    return problems
+
+
+def _usage_page_problems(settings: Settings) -> list[tuple[str, str]]:
+    problems = []
+    try:
+        parse_display_unit(settings.display_unit)
+    except ValueError as error:
+        problems.append(("display_unit", str(error)))
+    base = settings.usage_link_base_url
+    scheme, _, rest = base.partition("://")
+    if base and (scheme.lower() not in ("http", "https") or not rest.strip("/") or "?" in base or "#" in base):
+        why = ("expected an http:// or https:// URL without query or fragment (such as https://usage.example.com), "
+               f"got {base!r}")
+        problems.append(("usage_link_base_url", why))
     return problems
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from spendgate.ledger_archive import ARCHIVE_DIR, ARCHIVE_GLOB, archived_entries, committed_lengths
 from spendgate.store_reader import StoreReader
 
 LOCK_FILE: Final[str] = "spendgate.lock"  # the engine's (rust/src/engine.rs lock_data_dir)
@@ -39,7 +40,7 @@ DATA_FILE: Final[str] = "data.mdb"
 MIB: Final[int] = 1024 * 1024
 # The verification opens the copy with at least this much map room over its size (the engine's own floor is 1 MiB).
 VERIFY_MAP_HEADROOM: Final[int] = 2
-INSPECT_SECTIONS: Final[tuple[str, ...]] = ("budgets", "holds", "outbox", "ledger", "deadletters")
+INSPECT_SECTIONS: Final[tuple[str, ...]] = ("budgets", "holds", "outbox", "ledger", "archive", "deadletters")
 
 
 class DataCareError(RuntimeError):
@@ -143,6 +144,7 @@ def restore(source: Path, data_dir: Path, *, force: bool, map_size_mb: int) -> R
         staging.mkdir(parents=True, mode=0o700)
         try:
             _copy_durably(backup_file, staging / DATA_FILE)
+            _copy_archive(source, staging)
             _reached("copied")
             _core_renew(staging, map_size_mb=max(map_size_mb, VERIFY_MAP_HEADROOM * _size_mb(backup_file)))
             _reached("renewed")
@@ -219,6 +221,19 @@ def _copy_durably(source: Path, dest: Path) -> None:
         os.fsync(dst.fileno())
 
 
+def _copy_archive(source: Path, staging: Path) -> None:
+    """The backup's ledger archive (settled history moved out of LMDB) goes with its data.mdb: without it those
+    entries would be gone from the restored books."""
+    archived = sorted((source / ARCHIVE_DIR).glob(ARCHIVE_GLOB))
+    if not archived:
+        return
+    (staging / ARCHIVE_DIR).mkdir(mode=0o700)
+    for path in archived:
+        _copy_durably(path, staging / ARCHIVE_DIR / path.name)
+    _fsync_dir(staging / ARCHIVE_DIR)
+    _fsync_dir(staging)
+
+
 def verify(data_dir: Path, *, map_size_mb: int) -> int:
     """Open a copy with the engine and check its books (held equals the open holds, spent and held within the
     limits); returns its budget count. Raises DataCareError saying what is wrong."""
@@ -293,7 +308,7 @@ def _fsync_dir(path: Path) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Section:
-    name: str  # as asked: budgets, holds, outbox, ledger, deadletters
+    name: str  # as asked: budgets, holds, outbox, ledger, archive, deadletters
     title: str
     columns: tuple[str, ...]
     rows: list[dict[str, Any]]
@@ -309,6 +324,9 @@ def inspect(data_dir: Path, sections: Sequence[str], *, limit: int, all_holds: b
              if all_holds or record["status"] == "active"), limit)),
         "outbox": lambda store: Section("outbox", "outbox", OUTBOX_COLUMNS, _first(store.outbox(), limit)),
         "ledger": lambda store: Section("ledger", f"ledger (last {limit})", LEDGER_COLUMNS, store.tail("ledger", limit)),
+        "archive": lambda store: Section("archive", "archived ledger (first {limit})".format(limit=limit),
+                                         LEDGER_COLUMNS, _first(archived_entries(data_dir,
+                                                                                 committed_lengths(store.meta())), limit)),
         "deadletters": lambda store: Section("deadletters", "dead letters", DEAD_LETTER_COLUMNS, _first(
             ({**letter["entry"], "reason": letter["reason"]} for letter in store.dead_letters()), limit)),
     }

@@ -121,10 +121,14 @@ class StoreReader:
     def holds(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """(reservation_id, HoldRecord) in id order: active holds and the ended ones kept for idempotent retries
         (`status` says which: active, committed, released, expired)."""
-        meta = {key.decode("utf-8"): value for key, value in self._scan("meta")}
+        meta = self.meta()
         instance_id, legacy_below = int(meta.get("instance_id", 0)), int(meta.get("legacy_holds_below", 0))
         for key, value in self._scan("holds"):
             yield reservation_id(key, instance_id, legacy_below), value
+
+    def meta(self) -> dict[str, Any]:
+        """The meta database: instance id, id counters, the archive files' committed lengths."""
+        return {key.decode("utf-8"): value for key, value in self._scan("meta")}
 
     def ledger(self, after_seq: int = 0) -> Iterator[dict[str, Any]]:
         """LedgerEntry dicts with seq > after_seq, in seq order."""

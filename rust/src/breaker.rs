@@ -8,6 +8,11 @@
 //! and, with no active hour in the window yet (a new or long-idle customer), only when `min_units > 0` and
 //! recent > min_units: without history there is nothing to call "typical", and a hard limit still applies.
 //!
+//! Times are the engine's trusted wall time (crate::clock): a step of the wall clock moves the windows only once it
+//! has held for clock_step_confirm_ms. An accepted step forward ages the history out (the breaker then has none); an
+//! accepted step back would put the history in the future, so the ring shifts it back by whole recent windows to end
+//! at the new time (`rebase`).
+//!
 //! The ring is sparse and bounded (at most FINE_BUCKETS + 1 fine and MAX_WINDOW_HOURS + 1 hourly buckets), small
 //! enough to persist with the budget record on every commit, so that a restart keeps the history.
 
@@ -95,6 +100,7 @@ impl UsageRing {
         if units == 0 {
             return;
         }
+        self.rebase(config, at_ms);
         let start = at_ms - at_ms.rem_euclid(config.fine_ms());
         match self.fine.binary_search_by_key(&start, |(bucket, _)| *bucket) {
             Ok(index) => self.fine[index].1 = self.fine[index].1.saturating_add(units),
@@ -124,6 +130,23 @@ impl UsageRing {
         assert!(self.hours.len() as u64 <= MAX_WINDOW_HOURS + 2, "hour buckets overflow: {}", self.hours.len());
     }
 
+    /// When `now_ms` is more than a recent window before the newest usage (the clock was set back), shift the whole
+    /// history back by whole recent windows so that it ends at or before `now_ms`: its shape is kept, alignment too
+    /// (a fine bucket divides a recent window), and no usage counts as recent for longer than it was. A small step
+    /// back (within the recent window) changes nothing: that usage is still recent.
+    fn rebase(&mut self, config: &BreakerConfig, now_ms: i64) {
+        let recent_ms = config.recent_ms as i64;
+        let newest = self.newest_ms().max(self.hours.last().map_or(i64::MIN, |(hour, _)| *hour));
+        if newest == i64::MIN || newest - now_ms <= recent_ms {
+            return;
+        }
+        let shift_ms = (newest - now_ms).div_euclid(recent_ms).saturating_add(1).saturating_mul(recent_ms);
+        for (start, _) in self.fine.iter_mut().chain(self.hours.iter_mut()) {
+            *start -= shift_ms;
+        }
+        debug_assert!(self.newest_ms() <= now_ms, "rebased to {} > {now_ms}", self.newest_ms());
+    }
+
     fn newest_ms(&self) -> i64 {
         self.fine.last().map_or(i64::MIN, |(start, _)| *start)
     }
@@ -133,6 +156,7 @@ impl UsageRing {
         if multiplier == 0 {
             return None;
         }
+        self.rebase(config, now_ms);
         self.age(config, now_ms);
         let recent_units: i64 = self.fine.iter().map(|(_, units)| *units).sum();
         // Only whole hours: the hour that the recent window is still sliding out of is partly counted there. And not
@@ -164,6 +188,7 @@ mod tests {
     use super::*;
 
     const HOUR: i64 = 3_600_000;
+    const DAY: i64 = 24 * HOUR;
 
     fn config() -> BreakerConfig {
         BreakerConfig { multiplier: 10, recent_ms: HOUR as u64, window_ms: 24 * HOUR as u64, min_units: 0 }
@@ -246,6 +271,37 @@ mod tests {
             ring.add(&config, minute * 60_000, 7);
         }
         assert!(ring.fine.len() <= 13 && ring.hours.len() <= 26, "{} {}", ring.fine.len(), ring.hours.len());
+    }
+
+    #[test]
+    fn a_clock_set_back_a_day_keeps_the_history_s_shape_and_counts_nothing_as_recent_twice() {
+        let config = config();
+        let mut ring = UsageRing::default();
+        let mut at = 0;
+        for _ in 0..(30 * 12) {
+            ring.add(&config, at, 100); // 1,200 an hour for 30 hours
+            at += HOUR / 12;
+        }
+        let before = ring.clone();
+        at -= DAY;
+        ring.add(&config, at, 100);
+        assert!(ring.newest_ms() <= at, "no usage in the future");
+        let recent: i64 = ring.fine.iter().map(|(_, units)| units).sum();
+        let recent_before: i64 = before.fine.iter().map(|(_, units)| units).sum();
+        assert!(recent <= recent_before + 100, "recent {recent}, before the step {recent_before}");
+        assert_eq!(ring.check(&config, 10, at), None, "a steady customer does not trip after the step");
+        let hours: i64 = ring.hours.iter().map(|(_, units)| units).sum();
+        assert!(hours >= before.hours.iter().map(|(_, units)| units).sum::<i64>() - 1_200, "the history is kept");
+    }
+
+    #[test]
+    fn a_small_step_back_changes_nothing() {
+        let config = config();
+        let mut ring = UsageRing::default();
+        ring.add(&config, 10 * HOUR, 100);
+        let before = ring.clone();
+        ring.rebase(&config, 10 * HOUR - 1_000);
+        assert_eq!(ring, before);
     }
 
     #[test]

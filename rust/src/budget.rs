@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use crate::breaker::UsageRing;
 use crate::limits::MAX_BOOKED_UNITS;
 use crate::period::PeriodRule;
-use crate::records::{BudgetRecord, EnforcementMode};
+use crate::records::{effective_limit, BudgetRecord, EnforcementMode};
 
 /// `breaker_multiplier` when the budget has no multiplier of its own.
 const NO_OVERRIDE: u64 = u64::MAX;
@@ -35,6 +35,8 @@ pub struct Budget {
     soft_mode: AtomicBool,
     block_overage: AtomicBool,
     configured_limit: AtomicI64,
+    /// The customer's stop-at (0: none): while set, admission is hard at the effective limit in either mode.
+    stop_at: AtomicI64,
     soft_limit: AtomicI64,
     /// This budget's breaker multiplier; NO_OVERRIDE: the server's.
     breaker_multiplier: AtomicU64,
@@ -69,6 +71,8 @@ pub struct BudgetAdmin {
     pub period: PeriodRule,
     pub frozen_reason: String,
     pub breaker_multiplier: Option<u64>,
+    /// The customer's own stop-at (0: none); see BudgetRecord::stop_at.
+    pub stop_at: i64,
     pub created_ms: i64,
     /// Granted credits still unused (Admin.GrantCredits): on top of `limit`, drawn after it.
     pub credits: i64,
@@ -81,11 +85,7 @@ impl BudgetAdmin {
     }
 
     pub fn effective_limit(&self) -> i64 {
-        if self.block_overage {
-            self.limit_with_credits().min(self.included)
-        } else {
-            self.limit_with_credits()
-        }
+        effective_limit(self.limit_with_credits(), self.block_overage, self.included, self.stop_at)
     }
 }
 
@@ -122,6 +122,7 @@ impl Budget {
             soft_mode: AtomicBool::new(record.mode == EnforcementMode::Soft),
             block_overage: AtomicBool::new(record.block_overage),
             configured_limit: AtomicI64::new(record.limit + record.credits),
+            stop_at: AtomicI64::new(record.stop_at),
             soft_limit: AtomicI64::new(record.soft_limit),
             breaker_multiplier: AtomicU64::new(record.breaker_multiplier.unwrap_or(NO_OVERRIDE)),
             soft_alerted: AtomicBool::new(record.soft_alerted),
@@ -142,6 +143,7 @@ impl Budget {
                 period: record.period,
                 frozen_reason: record.frozen_reason.clone(),
                 breaker_multiplier: record.breaker_multiplier,
+                stop_at: record.stop_at,
                 created_ms: record.created_ms,
                 credits: record.credits,
             }),
@@ -177,8 +179,9 @@ impl Budget {
     }
 
     /// Admission under this budget's policy: Ok(false) taken within the limit, Ok(true) taken past it (soft mode),
-    /// Err when refused. The kill switch refuses in either mode. One compare-and-swap on `available`, decided by
-    /// `judge`, the same rule a Quote applies without taking anything.
+    /// Err when refused. The kill switch and the customer's stop-at refuse in either mode: soft mode is the
+    /// operator's promise not to break a conversation, a stop-at is the customer's explicit wish that it does. One
+    /// compare-and-swap on `available`, decided by `judge`, the same rule a Quote applies without taking anything.
     pub fn admit(&self, amount: i64) -> Result<bool, Refusal> {
         debug_assert!(amount > 0);
         let mut verdict = Err(Refusal::Insufficient);
@@ -200,15 +203,19 @@ impl Budget {
             return Ok(false);
         }
         let blocking = self.block_overage.load(SeqCst);
-        if self.soft_mode.load(SeqCst) && !blocking {
+        let stop_at = self.stop_at.load(SeqCst);
+        let soft = self.soft_mode.load(SeqCst) && stop_at == 0;
+        if soft && !blocking {
             return Ok(true);
         }
         if !blocking {
             return Err(Refusal::Insufficient);
         }
-        // Blocked: would the amount have fitted under the configured limit, without the kill switch?
-        let headroom = self.configured_limit.load(SeqCst) - self.limit.load(SeqCst) + available;
-        if self.soft_mode.load(SeqCst) || headroom >= amount {
+        // Blocked: would the amount have fitted under the configured limit (and the stop-at), without the kill switch?
+        let configured = self.configured_limit.load(SeqCst);
+        let ceiling = if stop_at > 0 { configured.min(stop_at) } else { configured };
+        let headroom = ceiling - self.limit.load(SeqCst) + available;
+        if soft || headroom >= amount {
             Err(Refusal::OverageBlocked)
         } else {
             Err(Refusal::Insufficient)
@@ -293,6 +300,7 @@ impl Budget {
     /// Publish the admin settings that the hot paths read from atomics. Call with the admin lock held.
     pub fn publish_policy(&self, admin: &BudgetAdmin) {
         self.configured_limit.store(admin.limit_with_credits(), SeqCst);
+        self.stop_at.store(admin.stop_at, SeqCst);
         self.block_overage.store(admin.block_overage, SeqCst);
         self.soft_mode.store(admin.mode == EnforcementMode::Soft, SeqCst);
         self.soft_limit.store(admin.soft_limit, SeqCst);
@@ -492,6 +500,40 @@ mod tests {
                 assert_eq!(b.admit(71), Err(Refusal::Insufficient));
             }
         }
+    }
+
+    #[test]
+    fn a_stop_at_lowers_admission_in_either_mode_and_never_raises_it() {
+        for mode in [EnforcementMode::Hard, EnforcementMode::Soft] {
+            let mut r = record(100);
+            r.stop_at = 40;
+            r.mode = mode;
+            let b = Budget::from_record("c", &r, 0);
+            assert_eq!(b.counters().limit, 40);
+            assert_eq!(b.admit(40), Ok(false));
+            b.add_hold(40);
+            assert_eq!(b.admit(1), Err(Refusal::Insufficient), "{mode:?}");
+            assert_identity(&b);
+        }
+        let mut r = record(100);
+        r.stop_at = 500; // above the operator's limit: no effect
+        assert_eq!(Budget::from_record("c", &r, 0).counters().limit, 100);
+        r.stop_at = 0;
+        assert_eq!(Budget::from_record("c", &r, 0).counters().limit, 100);
+    }
+
+    #[test]
+    fn a_stop_at_under_the_kill_switch_reports_which_refused() {
+        let mut r = record(100);
+        r.included = 50;
+        r.block_overage = true;
+        r.stop_at = 60;
+        let b = Budget::from_record("c", &r, 0);
+        assert_eq!(b.counters().limit, 50);
+        assert_eq!(b.admit(50), Ok(false));
+        b.add_hold(50);
+        assert_eq!(b.admit(10), Err(Refusal::OverageBlocked)); // fits the stop-at of 60, not the quota
+        assert_eq!(b.admit(11), Err(Refusal::Insufficient)); // past the stop-at too
     }
 
     #[test]

@@ -66,12 +66,19 @@ impl fmt::Display for EngineError {
 
 impl std::error::Error for EngineError {}
 
+/// LMDB's MAP_FULL, as the writer sees it in the middle of a batch: it grows the map and applies the batch again.
+const MAP_FULL_MESSAGE: &str = "the LMDB map is full";
+
+impl EngineError {
+    pub fn is_map_full(&self) -> bool {
+        self.kind == ErrorKind::ResourceExhausted && self.message == MAP_FULL_MESSAGE
+    }
+}
+
 impl From<heed::Error> for EngineError {
     fn from(err: heed::Error) -> Self {
         if let heed::Error::Mdb(heed::MdbError::MapFull) = err {
-            return EngineError::exhausted(
-                "the LMDB map is full; raise map_size_mb (--map-size-mb or SPENDGATE_MAP_SIZE_MB) and restart",
-            );
+            return EngineError::exhausted(MAP_FULL_MESSAGE);
         }
         EngineError::internal(format!("LMDB: {err}"))
     }

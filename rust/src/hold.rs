@@ -78,7 +78,10 @@ pub struct HoldSlot {
     pub extras: Option<Box<HoldExtras>>,
     /// Units held; 0 for a slot that only claims an already expired hold for a late commit.
     pub amount: i64,
+    /// The wall-clock estimate of its end, as the Reserve answered it.
     pub expires_ms: i64,
+    /// When it ends, in engine time (crate::clock): the reaper expires it then, whatever the wall clock says.
+    pub deadline_mono_ms: i64,
     /// The composite idempotency key (customer NUL key), if the Reserve had one.
     pub idem_key: Option<Box<str>>,
     /// `None` while active; set by the one call that resolves the hold.

@@ -15,8 +15,10 @@
 //! it won the compare-and-swap. So any op that used freed capacity is serialized after the op that freed it.
 
 pub mod alerts;
+pub mod archive;
 pub mod breaker;
 pub mod budget;
+pub mod capacity;
 pub mod clock;
 pub mod engine;
 pub mod error;

@@ -27,13 +27,19 @@ pub const MAX_LIST_BUDGETS: usize = 10_000;
 /// Resolved holds (and their idempotency keys) pruned per write transaction, so pruning never stalls commits.
 pub const MAX_PRUNE_PER_TXN: usize = 2_000;
 
+/// Ledger entries moved to the archive per write transaction, and ledger entries looked at to find them, so that
+/// archiving never stalls commits (crate::archive).
+pub const MAX_ARCHIVE_PER_TXN: usize = 5_000;
+pub const MAX_ARCHIVE_SCAN_PER_TXN: usize = 20_000;
+/// Default `ledger_retention_days`: card networks take disputes up to 120 days after a charge; 180 days keeps every
+/// entry a dispute can name in LMDB (and the archive keeps them all after).
+pub const DEFAULT_LEDGER_RETENTION_DAYS: u64 = 180;
+/// Longest `ledger_retention_days`: ten years.
+pub const MAX_LEDGER_RETENTION_DAYS: u64 = 3_660;
+
 /// Smallest and largest LMDB map, in MiB.
 pub const MIN_MAP_SIZE_MB: u64 = 8;
 pub const MAX_MAP_SIZE_MB: u64 = 1 << 20;
-
-/// Reserve and budget creation are refused once the LMDB map is this full (percent), leaving the rest for commits and
-/// releases of holds that already exist, so that nothing already granted is ever stranded.
-pub const MAP_HIGH_WATER_PERCENT: u64 = 90;
 
 /// LMDB sub-databases: meta, budgets, holds, idempotency, ledger, outbox (+ room for the settlement issue).
 pub const MAX_DBS: u32 = 16;

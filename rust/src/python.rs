@@ -161,8 +161,10 @@ pub struct PyBalanceView {
     period_end_ms: i64,
     /// None: the server's multiplier.
     breaker_multiplier: Option<u64>,
-    /// Granted credits still unused (included in `limit`).
+    /// Granted credits in `limit` this period (granted in it or carried into it).
     credits: i64,
+    /// The customer's own stop-at (0: none).
+    stop_at: i64,
 }
 
 /// A value in a period dict: its kind's name, or a number of milliseconds.
@@ -231,6 +233,7 @@ impl From<BalanceView> for PyBalanceView {
             period_end_ms: v.period_end_ms,
             breaker_multiplier: v.breaker_multiplier,
             credits: v.credits,
+            stop_at: v.stop_at,
         }
     }
 }
@@ -265,17 +268,21 @@ pub struct PyEngine {
 impl PyEngine {
     #[new]
     #[pyo3(signature = (
-        data_dir, *, map_size_mb = 1024, durability = "fsync", default_ttl_ms = 60_000, max_ttl_ms = 3_600_000,
+        data_dir, *, map_size_mb = 1024, map_max_mb = 0, disk_reserve_mb = 256, ledger_retention_days = 180, durability = "fsync", default_ttl_ms = 60_000, max_ttl_ms = 3_600_000,
         max_holds_per_budget = 10_000, max_active_holds = 1_000_000, max_budgets = 1_000_000,
         write_queue_capacity = 65_536, reap_interval_ms = 100, resolved_retention_ms = 604_800_000,
         max_outbox_entries = 10_000_000, default_period = "month", breaker_multiplier = 10,
-        breaker_recent_ms = 3_600_000, breaker_window_ms = 86_400_000, breaker_min_units = 0
+        breaker_recent_ms = 3_600_000, breaker_window_ms = 86_400_000, breaker_min_units = 0,
+        max_clock_step_ms = 1_000, clock_step_confirm_ms = 900_000
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         data_dir: PathBuf,
         map_size_mb: u64,
+        map_max_mb: u64,
+        disk_reserve_mb: u64,
+        ledger_retention_days: u64,
         durability: &str,
         default_ttl_ms: u64,
         max_ttl_ms: u64,
@@ -291,6 +298,8 @@ impl PyEngine {
         breaker_recent_ms: u64,
         breaker_window_ms: u64,
         breaker_min_units: i64,
+        max_clock_step_ms: u64,
+        clock_step_confirm_ms: u64,
     ) -> PyResult<Self> {
         let relaxed = match durability {
             "fsync" => false,
@@ -303,6 +312,9 @@ impl PyEngine {
         };
         let mut config = EngineConfig::new(data_dir);
         config.map_size_mb = map_size_mb;
+        config.map_max_mb = map_max_mb;
+        config.disk_reserve_mb = disk_reserve_mb;
+        config.ledger_retention_days = ledger_retention_days;
         config.relaxed = relaxed;
         config.default_ttl_ms = default_ttl_ms;
         config.max_ttl_ms = max_ttl_ms;
@@ -328,6 +340,8 @@ impl PyEngine {
             window_ms: breaker_window_ms,
             min_units: breaker_min_units,
         };
+        config.max_clock_step_ms = max_clock_step_ms;
+        config.clock_step_confirm_ms = clock_step_confirm_ms;
         let inner = py.detach(|| Engine::open(config)).map_err(to_py_err)?;
         Ok(PyEngine { inner })
     }
@@ -430,10 +444,11 @@ impl PyEngine {
     }
 
     /// Create a budget or change its settings; None leaves a setting unchanged. `mode`: "hard" or "soft"; `period`:
-    /// a period dict (see BalanceView.period); `breaker_multiplier`: -1 for the server's, 0 off, or 2..=1000.
+    /// a period dict (see BalanceView.period); `breaker_multiplier`: -1 for the server's, 0 off, or 2..=1000;
+    /// `stop_at`: the customer's own stop-at, 0 to remove it (it only ever lowers what Reserve admits).
     #[pyo3(signature = (
         customer_id, *, limit = None, stripe_customer_id = None, included = None, soft_limit = None, mode = None,
-        block_overage = None, parent_id = None, period = None, breaker_multiplier = None
+        block_overage = None, parent_id = None, period = None, breaker_multiplier = None, stop_at = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn update_budget(
@@ -449,6 +464,7 @@ impl PyEngine {
         parent_id: Option<String>,
         period: Option<&Bound<'_, PyDict>>,
         breaker_multiplier: Option<i64>,
+        stop_at: Option<i64>,
     ) -> PyResult<PySetBudgetOutcome> {
         let update = BudgetUpdate {
             limit,
@@ -460,6 +476,7 @@ impl PyEngine {
             parent: parent_id.filter(|id| !id.is_empty()),
             period: period.map(parse_period).transpose()?,
             breaker_multiplier: breaker_multiplier.map(parse_multiplier).transpose().map_err(to_py_err)?,
+            stop_at,
         };
         let o = self.inner.update_budget(customer_id, &update).map_err(to_py_err)?;
         Ok(PySetBudgetOutcome {
@@ -670,6 +687,8 @@ impl PyEngine {
         dict.set_item("durable_ticket", s.durable_ticket)?;
         dict.set_item("map_size_bytes", s.map_size_bytes)?;
         dict.set_item("map_used_bytes", s.map_used_bytes)?;
+        dict.set_item("map_capacity_bytes", s.map_capacity_bytes)?;
+        dict.set_item("map_high_water_bytes", s.map_high_water_bytes)?;
         dict.set_item("expired_total", s.expired_total)?;
         dict.set_item("batches_total", s.batches_total)?;
         dict.set_item("ops_total", s.ops_total)?;
@@ -677,6 +696,8 @@ impl PyEngine {
         dict.set_item("breaker_trips_total", s.breaker_trips_total)?;
         dict.set_item("periods_rolled_total", s.periods_rolled_total)?;
         dict.set_item("alert_seq", s.alert_seq)?;
+        dict.set_item("clock_steps_total", s.clock_steps_total)?;
+        dict.set_item("clock_step_pending_ms", s.clock_step_pending_ms)?;
         Ok(dict)
     }
 
@@ -865,6 +886,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MAX_ID_BYTES", MAX_ID_BYTES)?;
     m.add("MAX_AMOUNT_UNITS", MAX_AMOUNT_UNITS)?;
     m.add("MAX_TTL_MS_CEILING", MAX_TTL_MS_CEILING)?;
+    m.add("OTHER_VALUE", crate::usage::OTHER_VALUE)?;
     m.add("DENY_NONE", 0)?;
     m.add("DENY_INSUFFICIENT_BUDGET", 1)?;
     m.add("DENY_TOO_MANY_HOLDS", 2)?;

@@ -36,6 +36,10 @@ fn never() -> i64 {
     NEVER_MS
 }
 
+fn is_zero_units(value: &i64) -> bool {
+    *value == 0
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BudgetRecord {
     /// The configured limit of a period (the hard cap, overage included).
@@ -83,6 +87,10 @@ pub struct BudgetRecord {
     /// Per-budget breaker multiplier; None: the server's breaker_multiplier.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub breaker_multiplier: Option<u64>,
+    /// The customer's own stop-at (set from the usage page): Reserve admits at most up to it, in either mode. It can
+    /// only lower enforcement, never raise it past `limit`. 0: none.
+    #[serde(default, skip_serializing_if = "is_zero_units")]
+    pub stop_at: i64,
     /// Recent usage, for the breaker.
     #[serde(default, skip_serializing_if = "UsageRing::is_empty")]
     pub ring: UsageRing,
@@ -123,20 +131,27 @@ impl BudgetRecord {
             soft_alerted: false,
             limit_alerted: false,
             breaker_multiplier: None,
+            stop_at: 0,
             ring: UsageRing::default(),
             credits: 0,
         }
     }
 
-    /// The limit Reserve admits against: the limit plus unused credits, which the kill switch caps at the included
-    /// quota.
+    /// The limit Reserve admits against: the limit plus the credits, which the kill switch caps at the included
+    /// quota and a stop-at at itself.
     pub fn effective_limit(&self) -> i64 {
-        let limit = self.limit + self.credits;
-        if self.block_overage {
-            limit.min(self.included)
-        } else {
-            limit
-        }
+        effective_limit(self.limit + self.credits, self.block_overage, self.included, self.stop_at)
+    }
+}
+
+/// The limit admission counts against: `limit` (with any credits), capped at `included` by the kill switch and at a
+/// stop-at (> 0).
+pub fn effective_limit(limit: i64, block_overage: bool, included: i64, stop_at: i64) -> i64 {
+    let capped = if block_overage { limit.min(included) } else { limit };
+    if stop_at > 0 {
+        capped.min(stop_at)
+    } else {
+        capped
     }
 }
 
@@ -179,7 +194,12 @@ pub struct HoldRecord {
     pub amount: i64,
     pub status: HoldStatus,
     pub created_ms: i64,
+    /// When the hold ends on the wall clock as estimated at Reserve (shown to clients). Holds end on engine time.
     pub expires_ms: i64,
+    /// When the hold ends in engine time (crate::clock: monotonic, continued across restarts). None in holds made
+    /// before it existed: they end at `expires_ms`, by the wall clock, at most their TTL after the upgrade.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_mono_ms: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
     /// Set once committed: the actual units posted.

@@ -1,11 +1,15 @@
 //! The LMDB environment and its schema (through heed). One `Store` per process; only the writer thread writes.
 
+use std::ops::Deref;
 use std::path::Path;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
 
 use heed::byteorder::BigEndian;
 use heed::types::{SerdeJson, Str, U64};
 use heed::{Database, Env, EnvFlags, EnvOpenOptions, RoTxn, RwTxn, WithoutTls};
 
+use crate::capacity::{capacity_bytes, disk_free_bytes, MapUsage};
 use crate::error::EngineError;
 use crate::identity::{random_instance_id, Identity};
 use crate::limits::{MAX_DBS, MAX_MAP_SIZE_MB, MIN_MAP_SIZE_MB};
@@ -18,6 +22,8 @@ pub type Key64 = U64<BigEndian>;
 
 const META_SCHEMA_VERSION: &str = "schema_version";
 const META_NEXT_HOLD_ID: &str = "next_hold_id";
+/// The next ledger sequence number: the ledger's last entry may have been archived, and a seq is never reused.
+const META_NEXT_LEDGER_SEQ: &str = "next_ledger_seq";
 /// The data dir's random instance id (crate::identity), made with it and renewed by every restore.
 const META_INSTANCE_ID: &str = "instance_id";
 /// Holds below this id were issued before the data dir had an instance id (see Identity::legacy_holds_below).
@@ -48,7 +54,30 @@ pub struct Store {
     /// Credit grants by idempotency key (Admin.GrantCredits), kept like the ledger they are in.
     pub grants: Database<Str, SerdeJson<GrantRecord>>,
     page_size_bytes: u64,
+    /// Read transactions hold it shared; a map resize takes it exclusively, because LMDB requires that no
+    /// transaction of this process is active while the map changes size (mdb_env_set_mapsize).
+    resize_lock: Arc<RwLock<()>>,
+    dir: std::path::PathBuf,
 }
+
+/// A read transaction that keeps the map from being resized under it. Fields drop in order: the transaction ends
+/// before the guard is released.
+pub struct ReadTxn<'a> {
+    txn: RoTxn<'a, WithoutTls>,
+    _resize: RwLockReadGuard<'a, ()>,
+}
+
+impl<'a> Deref for ReadTxn<'a> {
+    type Target = RoTxn<'a, WithoutTls>;
+    fn deref(&self) -> &Self::Target {
+        &self.txn
+    }
+}
+
+/// How long the writer waits for read transactions to end before it gives up one attempt to resize the map. Readers
+/// are short (one lookup or one page of a listing), so this is only ever reached under a stuck reader.
+const RESIZE_WAIT_MS: u64 = 2_000;
+const MIB: u64 = 1024 * 1024;
 
 /// Everything the engine needs to rebuild its counters after a start.
 pub struct Recovered {
@@ -114,6 +143,8 @@ impl Store {
             documents,
             grants,
             page_size_bytes,
+            resize_lock: Arc::new(RwLock::new(())),
+            dir: dir.to_path_buf(),
         };
         store.check_schema(&mut wtxn)?;
         store.ensure_identity(&mut wtxn)?;
@@ -192,8 +223,31 @@ impl Store {
         Ok(Identity { instance_id, legacy_holds_below })
     }
 
-    pub fn read_txn(&self) -> Result<RoTxn<'_, WithoutTls>, EngineError> {
-        Ok(self.env.read_txn()?)
+    pub fn read_txn(&self) -> Result<ReadTxn<'_>, EngineError> {
+        let guard = self.resize_lock.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        Ok(ReadTxn { txn: self.env.read_txn()?, _resize: guard })
+    }
+
+    /// Grow the map to `new_size_bytes` (a multiple of the OS page size). Only the writer thread calls it, between
+    /// write transactions; it waits for this process's read transactions to end. Ok(false): they did not end in time.
+    pub fn resize_map(&self, new_size_bytes: u64) -> Result<bool, EngineError> {
+        let deadline = Instant::now() + Duration::from_millis(RESIZE_WAIT_MS);
+        let guard = loop {
+            match self.resize_lock.try_write() {
+                Ok(guard) => break guard,
+                Err(std::sync::TryLockError::Poisoned(poisoned)) => break poisoned.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
+            }
+        };
+        let size = usize::try_from(new_size_bytes).expect("map size fits in usize");
+        // SAFETY: the writer thread is the only one that opens write transactions and it has none open now; the
+        // exclusive guard proves no read transaction of this process is open either.
+        unsafe { self.env.resize(size) }?;
+        drop(guard);
+        Ok(true)
     }
 
     pub fn recover(&self) -> Result<Recovered, EngineError> {
@@ -214,7 +268,8 @@ impl Store {
         }
         let stored_next = self.meta.get(&rtxn, META_NEXT_HOLD_ID)?.unwrap_or(1);
         let next_hold_id = stored_next.max(max_hold_id.map_or(1, |id| id + 1));
-        let next_ledger_seq = self.ledger.last(&rtxn)?.map_or(1, |(seq, _)| seq + 1);
+        let after_last = self.ledger.last(&rtxn)?.map_or(1, |(seq, _)| seq + 1);
+        let next_ledger_seq = after_last.max(self.meta.get(&rtxn, META_NEXT_LEDGER_SEQ)?.unwrap_or(1));
         let outbox_depth = self.outbox.len(&rtxn)?;
         let next_alert_seq = self.alerts.last(&rtxn)?.map_or(1, |(seq, _)| seq + 1);
         let identity = self.identity(&rtxn)?;
@@ -306,11 +361,49 @@ impl Store {
         Ok(())
     }
 
+    pub fn put_next_ledger_seq(&self, wtxn: &mut RwTxn, next_ledger_seq: u64) -> Result<(), EngineError> {
+        Ok(self.meta.put(wtxn, META_NEXT_LEDGER_SEQ, &next_ledger_seq)?)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// (map size, bytes up to the highest page in use), both in bytes.
     pub fn map_usage_bytes(&self) -> (u64, u64) {
         let info = self.env.info();
         let used = (info.last_page_number as u64 + 1) * self.page_size_bytes;
         (info.map_size as u64, used)
+    }
+
+    /// The map's size and use, and the most it may grow to now (crate::capacity::capacity_bytes).
+    /// Only the writer thread calls it, between write transactions (it opens its own read transaction).
+    pub fn map_usage(&self, map_max_mb: u64, disk_reserve_mb: u64) -> Result<MapUsage, EngineError> {
+        let (size_bytes, high_water_bytes) = self.map_usage_bytes();
+        let file_bytes =
+            std::fs::metadata(self.dir.join("data.mdb")).map(|meta| meta.len()).unwrap_or(high_water_bytes);
+        let free_bytes = disk_free_bytes(&self.dir)?;
+        let capacity_bytes =
+            capacity_bytes(map_max_mb.saturating_mul(MIB), disk_reserve_mb.saturating_mul(MIB), file_bytes, free_bytes);
+        Ok(MapUsage {
+            size_bytes,
+            used_bytes: self.data_bytes()?,
+            high_water_bytes,
+            capacity_bytes: capacity_bytes.max(high_water_bytes),
+        })
+    }
+
+    /// A compacted copy of the data (a backup), under the resize lock: LMDB must not resize while its read runs.
+    pub fn copy_to_file(&self, file: &mut std::fs::File) -> Result<(), EngineError> {
+        let _no_resize = self.resize_lock.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.env.copy_to_file(file, heed::CompactionOption::Enabled)?;
+        Ok(())
+    }
+
+    /// Bytes of the pages that hold data: every database's pages and the two meta pages, not the free ones.
+    pub fn data_bytes(&self) -> Result<u64, EngineError> {
+        let _no_resize = self.resize_lock.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        Ok(self.env.non_free_pages_size()? + 2 * self.page_size_bytes)
     }
 }
 

@@ -3,17 +3,26 @@
 
 use crate::error::EngineError;
 use crate::hold::truncate_for_message;
+use std::collections::BTreeMap;
+
 use crate::records::{Dimensions, UsageDetail, UsageRecord};
 
 /// Labels one call may carry, and their sizes in UTF-8 bytes.
 pub const MAX_DIMENSIONS: usize = 16;
 pub const MAX_DIMENSION_KEY_BYTES: usize = 64;
 pub const MAX_DIMENSION_VALUE_BYTES: usize = 128;
-/// Distinct values of one dimension, and distinct models, tracked per period; the rest are summed under OTHER_VALUE,
-/// so that a dimension fed with request ids cannot grow a usage record without bound.
-pub const MAX_TRACKED_VALUES: usize = 1_000;
-pub const MAX_TRACKED_MODELS: usize = 256;
+/// What one period's usage record tracks by name; the rest is summed under OTHER_VALUE, so that labels fed with
+/// request ids cannot grow a record that every batch rewrites whole. Values of one dimension key, distinct
+/// (key, value) pairs of all keys, dimension keys (keys past it count as (OTHER_VALUE, OTHER_VALUE)), models, and
+/// token types of one model. With the label sizes below these keep a record under MAX_USAGE_RECORD_BYTES.
+pub const MAX_TRACKED_VALUES: usize = 64;
+pub const MAX_TRACKED_DIMENSION_PAIRS: usize = 256;
+pub const MAX_TRACKED_DIMENSION_KEYS: usize = 32;
+pub const MAX_TRACKED_MODELS: usize = 32;
+pub const MAX_TRACKED_TOKEN_TYPES: usize = 8;
 pub const OTHER_VALUE: &str = "(other)";
+/// The most a usage record takes as stored (JSON), whatever clients send; a test builds the worst case.
+pub const MAX_USAGE_RECORD_BYTES: usize = 128 * 1024;
 pub const MAX_MODEL_BYTES: usize = 128;
 pub const MAX_TOKEN_TYPE_BYTES: usize = 32;
 /// Priced parts of one call (input, cached input, cache write, output, reasoning, and room for more).
@@ -30,9 +39,10 @@ pub fn validate_dimensions(dimensions: &Dimensions) -> Result<(), EngineError> {
     }
     for (key, value) in dimensions {
         check_label("dimension key", key, MAX_DIMENSION_KEY_BYTES)?;
-        if value.len() > MAX_DIMENSION_VALUE_BYTES || value.contains('\0') {
+        if value.len() > MAX_DIMENSION_VALUE_BYTES || value.chars().any(char::is_control) {
             return Err(EngineError::invalid(format!(
-                "dimension {key:?} has a value of {} bytes; give at most {MAX_DIMENSION_VALUE_BYTES} bytes without NUL",
+                "dimension {key:?} has a value of {} bytes; give at most {MAX_DIMENSION_VALUE_BYTES} bytes without \
+                 control characters",
                 value.len()
             )));
         }
@@ -41,9 +51,9 @@ pub fn validate_dimensions(dimensions: &Dimensions) -> Result<(), EngineError> {
 }
 
 fn check_label(what: &str, text: &str, max_bytes: usize) -> Result<(), EngineError> {
-    if text.is_empty() || text.len() > max_bytes || text.contains('\0') {
+    if text.is_empty() || text.len() > max_bytes || text.chars().any(char::is_control) {
         return Err(EngineError::invalid(format!(
-            "{what} {:?} must be 1..={max_bytes} bytes without NUL",
+            "{what} {:?} must be 1..={max_bytes} bytes without control characters",
             truncate_for_message(text)
         )));
     }
@@ -86,22 +96,41 @@ impl UsageRecord {
         let day = ts_ms.div_euclid(crate::period::DAY_MS);
         *self.days.entry(day).or_default() += amount;
         if let Some(detail) = usage {
-            let tracked = self.models.len() < MAX_TRACKED_MODELS || self.models.contains_key(&detail.model);
-            let model = if tracked { detail.model.as_str() } else { OTHER_VALUE };
-            let types = self.models.entry(model.to_string()).or_default();
-            for part in &detail.parts {
-                let totals = types.entry(part.token_type.clone()).or_default();
-                totals.tokens = totals.tokens.saturating_add(part.tokens);
-                totals.units = totals.units.saturating_add(part.units);
-            }
+            self.add_model(detail);
         }
         for (key, value) in dimensions {
-            let values = self.dimensions.entry(key.clone()).or_default();
-            let tracked = values.len() < MAX_TRACKED_VALUES || values.contains_key(value);
-            let value = if tracked { value.as_str() } else { OTHER_VALUE };
-            *values.entry(value.to_string()).or_default() += amount;
+            self.add_dimension(key, value, amount);
         }
         debug_assert_eq!(self.days.values().sum::<i64>(), self.units);
+    }
+
+    fn add_model(&mut self, detail: &UsageDetail) {
+        let tracked = self.models.len() < MAX_TRACKED_MODELS || self.models.contains_key(&detail.model);
+        let model = if tracked { detail.model.as_str() } else { OTHER_VALUE };
+        let types = self.models.entry(model.to_string()).or_default();
+        for part in &detail.parts {
+            let tracked = types.len() < MAX_TRACKED_TOKEN_TYPES || types.contains_key(&part.token_type);
+            let token_type = if tracked { part.token_type.as_str() } else { OTHER_VALUE };
+            let totals = types.entry(token_type.to_string()).or_default();
+            totals.tokens = totals.tokens.saturating_add(part.tokens);
+            totals.units = totals.units.saturating_add(part.units);
+        }
+    }
+
+    /// Count `amount` under (key, value), or under OTHER_VALUE once the key, the record or the key count is full.
+    fn add_dimension(&mut self, key: &str, value: &str, amount: i64) {
+        let key_tracked = self.dimensions.len() < MAX_TRACKED_DIMENSION_KEYS || self.dimensions.contains_key(key);
+        let key = if key_tracked { key } else { OTHER_VALUE };
+        let pairs: usize = self.dimensions.values().map(BTreeMap::len).sum();
+        let values = self.dimensions.entry(key.to_string()).or_default();
+        let room = values.len() < MAX_TRACKED_VALUES && pairs < MAX_TRACKED_DIMENSION_PAIRS;
+        let value = if key_tracked && (room || values.contains_key(value)) { value } else { OTHER_VALUE };
+        *values.entry(value.to_string()).or_default() += amount;
+    }
+
+    /// The dimension keys whose values are no longer all tracked by name in this period.
+    pub fn folded_dimension_keys(&self) -> impl Iterator<Item = &str> {
+        self.dimensions.iter().filter(|(_, values)| values.contains_key(OTHER_VALUE)).map(|(key, _)| key.as_str())
     }
 }
 
@@ -147,6 +176,57 @@ mod tests {
         }
         assert_eq!(record.dimensions["request"].len(), MAX_TRACKED_VALUES + 1);
         assert_eq!(record.dimensions["request"][OTHER_VALUE], 5);
+        assert_eq!(record.folded_dimension_keys().collect::<Vec<_>>(), ["request"]);
+        assert_eq!(record.dimensions["request"].values().sum::<i64>(), (MAX_TRACKED_VALUES + 5) as i64);
+    }
+
+    #[test]
+    fn keys_and_pairs_past_their_bounds_fold_into_other() {
+        let mut record = UsageRecord::default();
+        for n in 0..MAX_TRACKED_DIMENSION_KEYS + 3 {
+            for v in 0..MAX_TRACKED_VALUES {
+                record.add(0, 1, None, &[(format!("k{n}"), format!("v{v}"))].into());
+            }
+        }
+        let pairs: usize = record.dimensions.values().map(BTreeMap::len).sum();
+        assert!(pairs <= MAX_TRACKED_DIMENSION_PAIRS + MAX_TRACKED_DIMENSION_KEYS + 1, "{pairs} pairs");
+        assert_eq!(record.dimensions.len(), MAX_TRACKED_DIMENSION_KEYS + 1);
+        assert_eq!(record.dimensions[OTHER_VALUE].len(), 1);
+        let total: i64 = record.dimensions.values().flat_map(BTreeMap::values).sum();
+        assert_eq!(total, record.units);
+    }
+
+    #[test]
+    fn the_worst_record_a_client_can_cause_fits_its_stated_bound() {
+        // The widest labels, made of the character JSON escapes, fresh on every call, over the longest period.
+        let mut record = UsageRecord { customer_id: "c".repeat(crate::limits::MAX_ID_BYTES), ..Default::default() };
+        let label = |n: usize, bytes: usize| format!("{n}{}", "\"".repeat(bytes - n.to_string().len()));
+        let days = crate::period::MAX_PERIOD_MS / crate::period::DAY_MS + 1;
+        for n in 0..4_000_usize {
+            let dims: Dimensions = (0..MAX_DIMENSIONS)
+                .map(|k| (label(n * MAX_DIMENSIONS + k, MAX_DIMENSION_KEY_BYTES), label(n, MAX_DIMENSION_VALUE_BYTES)))
+                .collect();
+            let parts = (0..MAX_USAGE_PARTS)
+                .map(|p| crate::records::UsagePart {
+                    token_type: label(n * MAX_USAGE_PARTS + p, MAX_TOKEN_TYPE_BYTES),
+                    tokens: i64::MAX,
+                    units: -1,
+                })
+                .collect();
+            let usage = UsageDetail { model: label(n, MAX_MODEL_BYTES), parts, cache_hit: false, fallback: false };
+            let day = (n as i64 % days) * crate::period::DAY_MS;
+            record.add(day, -1, Some(&usage), &dims);
+        }
+        // The longest numbers JSON can hold.
+        record.units = i64::MIN;
+        record.commits = u64::MAX;
+        record.days.values_mut().for_each(|units| *units = i64::MIN);
+        for totals in record.models.values_mut().flat_map(BTreeMap::values_mut) {
+            (totals.tokens, totals.units) = (i64::MIN, i64::MIN);
+        }
+        record.dimensions.values_mut().flat_map(BTreeMap::values_mut).for_each(|units| *units = i64::MIN);
+        let bytes = serde_json::to_vec(&record).unwrap().len();
+        assert!(bytes <= MAX_USAGE_RECORD_BYTES, "a usage record took {bytes} bytes");
     }
 
     #[test]

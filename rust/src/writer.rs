@@ -8,15 +8,17 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use heed::RwTxn;
 
 use crate::alerts::{AlertKind, PendingAlert, MAX_ALERTS_KEPT};
+use crate::archive::META_ARCHIVE_LEN_PREFIX;
+use crate::capacity::{mib, next_map_size_bytes, MapUsage, DISK_CHECK_INTERVAL_MS};
 use crate::engine::Shared;
 use crate::error::EngineError;
-use crate::limits::{MAX_BATCH_OPS, MAX_PRUNE_PER_TXN};
+use crate::limits::{MAX_ARCHIVE_PER_TXN, MAX_ARCHIVE_SCAN_PER_TXN, MAX_BATCH_OPS, MAX_PRUNE_PER_TXN};
 use crate::period::PeriodRule;
 use crate::records::{
     AlertRecord, BudgetRecord, DeadLetter, Dimensions, EnforcementMode, GrantRecord, HoldRecord, HoldStatus,
@@ -29,6 +31,15 @@ use crate::usage::MEMBER_DIMENSION;
 const IDLE_WAIT_MS: u64 = 50;
 /// Alerts pruned per op past MAX_ALERTS_KEPT, so pruning never stalls a batch.
 const MAX_ALERT_PRUNE_PER_OP: usize = 64;
+/// Attempts to resize the map after MAP_FULL (each waits up to the store's RESIZE_WAIT_MS for readers to finish).
+const MAX_RESIZE_ATTEMPTS: u32 = 15;
+
+/// How far the writer may grow the map (EngineConfig's map_max_mb and disk_reserve_mb).
+#[derive(Debug, Clone, Copy)]
+pub struct MapLimits {
+    pub map_max_mb: u64,
+    pub disk_reserve_mb: u64,
+}
 
 /// A budget's settings as an admin call left them: the writer copies them into the record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +55,7 @@ pub struct PolicyState {
     pub period_start_ms: i64,
     pub period_end_ms: i64,
     pub breaker_multiplier: Option<u64>,
+    pub stop_at: i64,
     /// Re-arm this period's soft-limit or limit alert (the threshold moved above what is spent).
     pub rearm_soft_alert: bool,
     pub rearm_limit_alert: bool,
@@ -70,9 +82,11 @@ pub enum Op {
         hold_id: u64,
         now_ms: i64,
     },
-    /// Delete holds resolved before `before_ms`, with their idempotency keys.
+    /// Delete holds resolved before `before_ms`, with their idempotency keys; move settled ledger entries of closed
+    /// periods made before `archive_before_ms` to the archive.
     Prune {
         before_ms: i64,
+        archive_before_ms: i64,
     },
     Freeze {
         customer_id: String,
@@ -180,7 +194,15 @@ pub struct Writer {
     next_ledger_seq: u64,
     next_alert_seq: u64,
     prune_cursor: u64,
+    /// The ledger seq the next archiving pass starts from.
+    archive_cursor: u64,
     cache: BatchCache,
+    /// Outbox entries added minus removed by the batch being written, published to the engine once it commits (a
+    /// batch that hits MAP_FULL is written again, and must not count twice).
+    outbox_delta: i64,
+    map_limits: MapLimits,
+    map_usage: MapUsage,
+    disk_checked_at: Instant,
 }
 
 impl Writer {
@@ -190,9 +212,15 @@ impl Writer {
         rx: Receiver<Ticketed>,
         next_ledger_seq: u64,
         next_alert_seq: u64,
+        map_limits: MapLimits,
+        map_usage: MapUsage,
     ) -> Writer {
         let next_ticket = shared.durable_ticket.load(SeqCst) + 1;
         Writer {
+            outbox_delta: 0,
+            map_limits,
+            map_usage,
+            disk_checked_at: Instant::now(),
             shared,
             store,
             rx,
@@ -201,6 +229,7 @@ impl Writer {
             next_ledger_seq,
             next_alert_seq,
             prune_cursor: 0,
+            archive_cursor: 0,
             cache: BatchCache::default(),
         }
     }
@@ -229,20 +258,109 @@ impl Writer {
             return Ok(true);
         }
         let last_ticket = batch.last().map(|(ticket, _)| *ticket).expect("batch is not empty");
-        let env = self.store.env.clone();
-        let mut wtxn = env.write_txn()?;
-        let mut shutdown = false;
-        for (_, op) in &batch {
-            shutdown |= matches!(op, Op::Shutdown);
-            self.apply(&mut wtxn, op)?;
-        }
-        self.flush(&mut wtxn)?;
-        wtxn.commit()?;
-        self.shared.publish_durable(last_ticket, batch.len(), self.store.map_usage_bytes(), self.next_alert_seq - 1);
+        let shutdown = batch.iter().any(|(_, op)| matches!(op, Op::Shutdown));
+        self.write_growing(&batch)?;
+        self.measure_map(false)?;
+        self.shared.publish_durable(last_ticket, batch.len(), self.map_usage, self.next_alert_seq - 1);
         for (ticket, op) in &batch {
             self.shared.forget_resolved(*ticket, op);
         }
+        if !shutdown {
+            self.grow_map(0)?; // ahead of need, while nobody waits on a batch
+        }
         Ok(!shutdown)
+    }
+
+    /// Write the batch; on MAP_FULL, grow the map and write it again from the same state. Only a disk that cannot
+    /// hold the data (the admission checks keep room for all granted work) stops the writer.
+    fn write_growing(&mut self, batch: &[(u64, Op)]) -> Result<(), EngineError> {
+        let counters = (self.next_ledger_seq, self.next_alert_seq, self.prune_cursor, self.archive_cursor);
+        loop {
+            match self.write_batch(batch) {
+                Ok(()) => break,
+                Err(err) if err.is_map_full() => {
+                    (self.next_ledger_seq, self.next_alert_seq, self.prune_cursor, self.archive_cursor) = counters;
+                    self.cache = BatchCache::default();
+                    self.outbox_delta = 0;
+                    let at_least = self.map_usage.size_bytes.saturating_mul(2);
+                    if !self.grow_map(at_least)? {
+                        return Err(self.disk_full_error());
+                    }
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        match std::mem::take(&mut self.outbox_delta) {
+            grew @ 1.. => self.shared.outbox_grew(grew.unsigned_abs()),
+            shrank @ ..=-1 => self.shared.outbox_shrank(shrank.unsigned_abs()),
+            0 => {}
+        }
+        Ok(())
+    }
+
+    fn write_batch(&mut self, batch: &[(u64, Op)]) -> Result<(), EngineError> {
+        let env = self.store.env.clone();
+        let mut wtxn = env.write_txn()?;
+        let next_ledger_seq = self.next_ledger_seq;
+        for (_, op) in batch {
+            self.apply(&mut wtxn, op)?;
+        }
+        if self.next_ledger_seq != next_ledger_seq {
+            self.store.put_next_ledger_seq(&mut wtxn, self.next_ledger_seq)?;
+        }
+        self.flush(&mut wtxn)?;
+        wtxn.commit()?;
+        Ok(())
+    }
+
+    /// Refresh the map's size and use (cheap), and the disk's free space (at most every DISK_CHECK_INTERVAL_MS
+    /// unless `force`).
+    fn measure_map(&mut self, force: bool) -> Result<(), EngineError> {
+        let stale = self.disk_checked_at.elapsed() >= Duration::from_millis(DISK_CHECK_INTERVAL_MS);
+        if force || stale {
+            self.map_usage = self.store.map_usage(self.map_limits.map_max_mb, self.map_limits.disk_reserve_mb)?;
+            self.disk_checked_at = Instant::now();
+        } else {
+            let (size_bytes, high_water_bytes) = self.store.map_usage_bytes();
+            self.map_usage.size_bytes = size_bytes;
+            self.map_usage.high_water_bytes = high_water_bytes;
+            self.map_usage.used_bytes = self.store.data_bytes()?;
+            self.map_usage.capacity_bytes = self.map_usage.capacity_bytes.max(high_water_bytes);
+        }
+        Ok(())
+    }
+
+    /// Grow the map when it is crowded, or to at least `at_least_bytes`. False: it cannot grow (at capacity).
+    fn grow_map(&mut self, at_least_bytes: u64) -> Result<bool, EngineError> {
+        self.measure_map(at_least_bytes > 0)?;
+        let MapUsage { size_bytes, high_water_bytes, capacity_bytes, .. } = self.map_usage;
+        let Some(target) = next_map_size_bytes(size_bytes, high_water_bytes, capacity_bytes, at_least_bytes) else {
+            return Ok(false);
+        };
+        for _ in 0..MAX_RESIZE_ATTEMPTS {
+            if self.store.resize_map(target)? {
+                self.measure_map(false)?;
+                assert!(self.map_usage.size_bytes >= target, "the map did not grow to {target} bytes");
+                return Ok(true);
+            }
+            if at_least_bytes == 0 {
+                return Ok(false); // growing ahead of need: try again after the next batch
+            }
+        }
+        Err(EngineError::unavailable(format!(
+            "the LMDB map must grow to {} MiB but a read transaction of this process stayed open for {} attempts",
+            mib(target),
+            MAX_RESIZE_ATTEMPTS
+        )))
+    }
+
+    fn disk_full_error(&self) -> EngineError {
+        EngineError::unavailable(format!(
+            "the disk is full: the data needs more than {} MiB (map_max_mb, or the disk's free space past \
+             disk_reserve_mb) and the writer cannot make granted work durable. Free disk space or raise map_max_mb, \
+             then restart",
+            mib(self.map_usage.capacity_bytes)
+        ))
     }
 
     /// Wait for the next op, then take whatever else is already queued. Returns false when idle.
@@ -288,7 +406,10 @@ impl Writer {
             Op::Commit(commit) => self.apply_commit(wtxn, commit),
             Op::Release { hold_id, now_ms } => self.apply_void(wtxn, *hold_id, HoldStatus::Released, *now_ms),
             Op::Expire { hold_id, now_ms } => self.apply_void(wtxn, *hold_id, HoldStatus::Expired, *now_ms),
-            Op::Prune { before_ms } => self.apply_prune(wtxn, *before_ms),
+            Op::Prune { before_ms, archive_before_ms } => {
+                self.apply_prune(wtxn, *before_ms)?;
+                self.apply_archive(wtxn, *archive_before_ms)
+            }
             Op::Freeze { customer_id, frozen, reason, now_ms } => {
                 let budget = self.budget_mut(wtxn, customer_id)?;
                 budget.frozen = *frozen;
@@ -399,6 +520,7 @@ impl Writer {
         record.period = policy.period;
         record.period_end_ms = policy.period_end_ms;
         record.breaker_multiplier = policy.breaker_multiplier;
+        record.stop_at = policy.stop_at;
         record.soft_alerted &= !policy.rearm_soft_alert;
         record.limit_alerted &= !policy.rearm_limit_alert;
         record.updated_ms = now_ms;
@@ -534,7 +656,7 @@ impl Writer {
             usage: entry.usage,
         };
         self.store.outbox.put(wtxn, &seq, &outbox)?;
-        self.shared.outbox_grew(1);
+        self.outbox_delta += 1;
         Ok(())
     }
 
@@ -734,6 +856,63 @@ impl Writer {
         Ok(self.store.grants.put(wtxn, &grant.key, &record)?)
     }
 
+    /// Move settled entries (and credit grants, which are never settled: nothing is sent for them) of closed periods
+    /// made before `before_ms` to the archive (crate::archive), looking at most MAX_ARCHIVE_SCAN_PER_TXN entries from
+    /// where the last pass stopped. A grant's replays read its GrantRecord, never its ledger entry. The ledger is in commit order, so a
+    /// pass stops at the first entry not old enough and the next starts from the beginning again.
+    fn apply_archive(&mut self, wtxn: &mut RwTxn, before_ms: i64) -> Result<(), EngineError> {
+        let mut by_file: BTreeMap<String, Vec<LedgerEntry>> = BTreeMap::new();
+        let (mut seen, mut taken, mut next_cursor) = (0usize, 0usize, 0u64);
+        let candidates: Vec<LedgerEntry> = self
+            .store
+            .ledger
+            .range(wtxn, &(self.archive_cursor..))?
+            .take(MAX_ARCHIVE_SCAN_PER_TXN)
+            .map(|item| item.map(|(_, entry)| entry))
+            .collect::<Result<_, _>>()?;
+        for entry in candidates {
+            seen += 1;
+            if entry.ts_ms >= before_ms {
+                next_cursor = 0;
+                break;
+            }
+            next_cursor = entry.seq + 1;
+            let done = entry.settled_ms.is_some() || entry.kind == LedgerKind::Grant;
+            if done && self.period_closed(wtxn, &entry)? {
+                by_file.entry(crate::archive::file_name(entry.period_start_ms)).or_default().push(entry);
+                taken += 1;
+                if taken >= MAX_ARCHIVE_PER_TXN {
+                    break;
+                }
+            }
+        }
+        if seen < MAX_ARCHIVE_SCAN_PER_TXN && taken < MAX_ARCHIVE_PER_TXN && next_cursor != 0 {
+            next_cursor = 0; // reached the end of the ledger
+        }
+        self.archive_cursor = next_cursor;
+        self.shared.set_archive_backlog(next_cursor != 0);
+        for (name, entries) in by_file {
+            let key = format!("{META_ARCHIVE_LEN_PREFIX}{name}");
+            let committed_len = self.store.meta.get(wtxn, &key)?.unwrap_or(0);
+            let new_len = crate::archive::append(self.store.dir(), &name, committed_len, &entries)?;
+            self.store.meta.put(wtxn, &key, &new_len)?;
+            for entry in &entries {
+                let deleted = self.store.ledger.delete(wtxn, &entry.seq)?;
+                assert!(deleted, "archived ledger entry {} was not in LMDB", entry.seq);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the entry's budget has moved past the period the entry counted in (a deleted budget has).
+    fn period_closed(&mut self, wtxn: &RwTxn, entry: &LedgerEntry) -> Result<bool, EngineError> {
+        let current_start_ms = match self.cache.budgets.get(&entry.customer_id) {
+            Some(budget) => Some(budget.period_start_ms),
+            None => self.store.budgets.get(wtxn, &entry.customer_id)?.map(|budget| budget.period_start_ms),
+        };
+        Ok(current_start_ms.is_none_or(|start_ms| start_ms > entry.period_start_ms))
+    }
+
     fn apply_claim(&self, wtxn: &mut RwTxn, seqs: &[u64], identifier: &str, now_ms: i64) -> Result<(), EngineError> {
         for seq in seqs {
             // Gone means acknowledged or dead-lettered meanwhile: nothing left to claim.
@@ -746,12 +925,12 @@ impl Writer {
         Ok(())
     }
 
-    fn apply_ack(&self, wtxn: &mut RwTxn, seqs: &[u64], now_ms: i64) -> Result<(), EngineError> {
+    fn apply_ack(&mut self, wtxn: &mut RwTxn, seqs: &[u64], now_ms: i64) -> Result<(), EngineError> {
         for seq in seqs {
             if !self.store.outbox.delete(wtxn, seq)? {
                 continue; // acknowledged twice: the second is a no-op
             }
-            self.shared.outbox_shrank(1);
+            self.outbox_delta -= 1;
             if let Some(mut entry) = self.store.ledger.get(wtxn, seq)? {
                 entry.settled_ms = Some(now_ms);
                 self.store.ledger.put(wtxn, seq, &entry)?;
@@ -761,7 +940,7 @@ impl Writer {
     }
 
     fn apply_dead_letter(
-        &self,
+        &mut self,
         wtxn: &mut RwTxn,
         seqs: &[u64],
         reason: &str,
@@ -776,12 +955,12 @@ impl Writer {
             let letter = DeadLetter { entry, reason: reason.to_string(), dead_ms: now_ms, requeues, fate_unknown };
             self.store.dead_letters.put(wtxn, seq, &letter)?;
             self.store.outbox.delete(wtxn, seq)?;
-            self.shared.outbox_shrank(1);
+            self.outbox_delta -= 1;
         }
         Ok(())
     }
 
-    fn apply_requeue(&self, wtxn: &mut RwTxn, seq: u64, _now_ms: i64) -> Result<(), EngineError> {
+    fn apply_requeue(&mut self, wtxn: &mut RwTxn, seq: u64, _now_ms: i64) -> Result<(), EngineError> {
         let Some(letter) = self.store.dead_letters.get(wtxn, &seq)? else { return Ok(()) };
         let mut entry = letter.entry;
         entry.requeues = letter.requeues.max(entry.requeues).saturating_add(1);
@@ -794,7 +973,7 @@ impl Writer {
         entry.attempts = 0;
         self.store.outbox.put(wtxn, &seq, &entry)?;
         self.store.dead_letters.delete(wtxn, &seq)?;
-        self.shared.outbox_grew(1);
+        self.outbox_delta += 1;
         Ok(())
     }
 }

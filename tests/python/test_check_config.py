@@ -60,6 +60,13 @@ def test_what_serve_would_refuse_at_start_is_a_problem_too(tmp_path: Path) -> No
                for p in problems)
 
 
+def test_an_unusable_usage_link_key_is_a_problem(tmp_path: Path) -> None:
+    short = tmp_path / "link.key"
+    short.write_text("short\n")
+    code, problems, _ = check(tmp_path, f'http_listen = "9100"\nusage_link_secret_file = "{short}"\n')
+    assert code == 2 and any("'usage_link_secret_file'" in p and "at least 32" in p for p in problems)
+
+
 @pytest.mark.parametrize(("text", "expected"), [("listen = \n", "not valid TOML"), (None, "cannot read it")])
 def test_a_file_that_is_not_toml_or_not_there_exits_2(tmp_path: Path, text: str | None, expected: str) -> None:
     if text is None:

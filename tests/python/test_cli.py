@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -327,3 +328,35 @@ def test_health_exits_0_on_a_serving_sidecar_and_1_without_one(server: Server) -
     assert (serving.returncode, serving.stdout.strip()) == (0, "SERVING")
     nobody = spendgate_cli("health", "--target", "127.0.0.1:1", "--timeout-s", "1")
     assert nobody.returncode == 1
+
+
+def test_usage_link_prints_a_signed_link_that_opens_the_customers_page(tmp_path: Path) -> None:
+    import urllib.request
+
+    from spendgate.client import AsyncClient, Client
+    from spendgate.testing import Sidecar
+
+    with Sidecar(tmp_path / "data", http=True) as sidecar:
+        with Client(sidecar.target) as client:
+            client.set_budget("cus_link", 1_000)
+            made = client.usage_link("cus_link", ttl_s=120, allow_limit=True, ceiling=500)
+        assert made.url.startswith(f"{sidecar.http_url}/usage/cus_link?") and made.scope == "limit"
+
+        async def async_link() -> str:
+            async with AsyncClient(sidecar.target) as client:
+                return (await client.usage_link("cus_link")).scope
+
+        assert asyncio.run(async_link()) == "view"
+        printed = spendgate_cli("usage-link", "cus_link", "--ttl", "30m", "--target", sidecar.target)
+        assert printed.returncode == 0, printed.stderr
+        url = printed.stdout.strip()
+        assert "view only" in printed.stderr and "&sig=" in url
+        with urllib.request.urlopen(url, timeout=30) as page:
+            assert page.status == 200 and "cus_link" in page.read().decode()
+        limited = spendgate_cli("usage-link", "cus_link", "--allow-limit", "--ceiling", "900", "--target",
+                                sidecar.target)
+        assert limited.returncode == 0 and "set the stop-at up to 900 units" in limited.stderr
+        assert spendgate_cli("usage-link", "cus_link", "--allow-limit", "--target", sidecar.target).returncode == 2
+        assert spendgate_cli("usage-link", "cus_link", "--ttl", "soon", "--target", sidecar.target).returncode == 2
+        unknown = spendgate_cli("usage-link", "cus_nobody", "--target", sidecar.target)
+        assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr

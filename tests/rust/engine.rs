@@ -284,36 +284,6 @@ fn a_data_dir_is_owned_by_one_engine_at_a_time() {
 }
 
 #[test]
-fn a_full_map_refuses_new_reservations_but_lets_existing_holds_commit() {
-    let f = Fixture::with_config(|c| {
-        c.map_size_mb = 8;
-        c.max_holds_per_budget = 1_000_000;
-        c.relaxed = true; // tens of thousands of single-op transactions; fsync would only slow the test
-    });
-    f.budget("cus", 1 << 50);
-    let mut ids = Vec::new();
-    let err = loop {
-        match f.engine().reserve("cus", 1, "", 0) {
-            Ok(o) => {
-                assert!(o.granted, "{o:?}");
-                f.engine().wait_durable(o.ticket, WAIT).unwrap();
-                ids.push(o.reservation_id);
-            }
-            Err(err) => break err,
-        }
-        assert!(ids.len() < 200_000, "the map never filled");
-    };
-    assert_eq!(err.kind, ErrorKind::ResourceExhausted);
-    assert!(err.message.contains("map_size_mb"), "{err}");
-    for id in ids.iter().rev().take(500) {
-        let o = f.engine().commit(id, 1).unwrap();
-        f.engine().wait_durable(o.ticket, WAIT).unwrap();
-    }
-    assert!(f.engine().failure().is_none());
-    f.engine().check_invariants().unwrap();
-}
-
-#[test]
 fn counters_after_a_restart_equal_what_lmdb_holds() {
     let mut f = Fixture::new();
     f.budget("a", 1_000);

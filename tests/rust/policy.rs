@@ -321,6 +321,40 @@ fn the_kill_switch_blocks_everything_past_the_included_quota() {
 }
 
 #[test]
+fn a_stop_at_lowers_admission_in_either_mode_survives_a_reopen_and_never_raises_it() {
+    let mut f = Fixture::new();
+    f.set("cus", BudgetUpdate { limit: Some(1_000), mode: Some(EnforcementMode::Soft), ..Default::default() });
+    f.spend("cus", 250);
+    let set = f.set("cus", BudgetUpdate { stop_at: Some(300), ..Default::default() });
+    assert_eq!((set.balance.limit, set.balance.stop_at, set.balance.remaining), (1_000, 300, 50));
+    let denied = f.reserve("cus", 51);
+    assert_eq!((denied.granted, denied.reason), (false, DenyReason::InsufficientBudget), "soft mode too");
+    f.reopen();
+    assert_eq!(f.engine().balance("cus").unwrap().stop_at, 300);
+    assert!(!f.reserve("cus", 51).granted, "the stop-at is durable");
+    assert!(f.reserve("cus", 50).granted);
+    // Above the operator's limit it changes nothing; 0 removes it (back to the limit, soft mode again).
+    let above = f.set("cus", BudgetUpdate { stop_at: Some(5_000), ..Default::default() });
+    assert_eq!(above.balance.remaining, 700);
+    f.set("cus", BudgetUpdate { stop_at: Some(0), ..Default::default() });
+    assert!(f.reserve("cus", 2_000).over_limit);
+    f.engine().check_invariants().unwrap();
+}
+
+#[test]
+fn a_stop_at_on_an_org_stops_its_members() {
+    let f = Fixture::new();
+    f.budget("org", 1_000);
+    f.set("m", member_of("org", 1_000));
+    f.spend("m", 100);
+    f.set("org", BudgetUpdate { stop_at: Some(150), ..Default::default() });
+    let denied = f.reserve("m", 51);
+    assert_eq!((denied.granted, denied.decided_by.as_str()), (false, "org"));
+    assert!(f.reserve("m", 50).granted);
+    f.engine().check_invariants().unwrap();
+}
+
+#[test]
 fn a_soft_limit_alerts_once_per_crossing_and_again_next_period() {
     let f = Fixture::new();
     let start = nov_10();

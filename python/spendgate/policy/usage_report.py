@@ -14,6 +14,8 @@ Shared by GetUsage, `spendgate usage` and the operator page, so that all three s
   period's end, zeros included, at most MAX_DAILY_DAYS (the latest).
 - by_model: (model, token type, tokens, units), largest units first.
 - by_dimension: per dimension key, its `top` largest values, largest first.
+- folded_dimension_keys: the keys past the record's tracking bounds in this period, whose further values are summed
+  under OTHER_VALUE ("(other)"; a key OTHER_VALUE sums keys past the bound on keys).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 from typing import TYPE_CHECKING, Final
+
+from spendgate._core import OTHER_VALUE
 
 if TYPE_CHECKING:
     from spendgate._core import UsageRecord
@@ -52,6 +56,7 @@ class UsageReport:
     daily: tuple[tuple[str, int], ...]
     by_model: tuple[tuple[str, str, int, int], ...]
     by_dimension: tuple[tuple[str, str, int], ...]
+    folded_dimension_keys: tuple[str, ...]
 
 
 def usage_report(raw: UsageRecord, *, now_ms: int, top: int = DEFAULT_TOP) -> UsageReport:
@@ -76,6 +81,7 @@ def usage_report(raw: UsageRecord, *, now_ms: int, top: int = DEFAULT_TOP) -> Us
         daily=_daily(raw["days"], start_ms, end_ms, now_ms),
         by_model=tuple(sorted(raw["models"], key=lambda row: (-row[3], row[0], row[1]))),
         by_dimension=_top_values(raw["dimensions"], top),
+        folded_dimension_keys=tuple(sorted({key for key, value, _ in raw["dimensions"] if value == OTHER_VALUE})),
     )
     assert sum(units for _, units in report.daily) <= total, "the daily series never exceeds the total"
     return report

@@ -15,12 +15,14 @@ from spendgate.server.budget_service import balance_message
 from spendgate.server.durability import DurabilityWaiter
 from spendgate.server.status import grpc_errors
 from spendgate.service.budgets import grant_credits
+from spendgate.service.usage_links import UsageLinks
 from spendgate.service.virtual_keys import KeyRecord, VirtualKeys
 from spendgate.v1 import spendgate_pb2 as pb
 from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
     from spendgate.settle import SettlementService
+    from spendgate.webhooks.invoices import InvoiceGuard
 
 # Quoted: grpc.aio.ServicerContext is generic only in the type stubs.
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
@@ -111,6 +113,10 @@ class AdminServicer(pb_grpc.AdminServicer):
         if self._backup_dir and not _is_under(request.dest_dir, self._backup_dir):
             raise _core.EngineError("invalid_argument", f"dest_dir {request.dest_dir!r} is not under backup_dir "
                                     f"{self._backup_dir!r}: pass a directory inside it (the setting confines backups)")
+        if self._settlement is not None:
+            # With aggregation possible, an entry unclaimed in the backup might later leave in an aggregate the
+            # restored copy cannot repeat: claimed now, it leaves alone under its own identifier in both.
+            await self._settlement.prepare_backup()
         durable_ticket = self._engine.durable_ticket()  # every acknowledged change is at or below it
         started_ms = time.time_ns() // 1_000_000
         # In a thread: copying a large environment takes a while, and the loop keeps serving meanwhile.
@@ -146,6 +152,38 @@ class AdminServicer(pb_grpc.AdminServicer):
             raise _core.EngineError("not_found", f"no virtual key has id or customer {request.key_id_or_customer_id!r}"
                                                  " (spendgate key list)")
         return pb.RevokeVirtualKeyResponse(revoked=[_virtual_key(r) for r in gone])
+
+    # Set by the app: the invoice-spike guard (spendgate.webhooks.invoices); None in a server built without it.
+    invoice_guard: InvoiceGuard | None = None
+
+    @grpc_errors
+    async def ReleaseInvoice(self, request: pb.ReleaseInvoiceRequest, context: Context) -> pb.ReleaseInvoiceResponse:
+        if self.invoice_guard is None:
+            raise _core.EngineError("failed_precondition", "this server was built without the invoice-spike guard")
+        done = await self.invoice_guard.release(request.invoice_id)
+        return pb.ReleaseInvoiceResponse(
+            invoice_id=done.invoice_id, stripe_customer_id=done.stripe_customer_id, status=done.status,
+            auto_advance=done.auto_advance, was_held=done.was_held, total=done.total, currency=done.currency,
+        )
+
+    # Set by the app once http_listen is bound; None: no HTTP port, so no usage page to link to.
+    usage_links: UsageLinks | None = None
+
+    @grpc_errors
+    async def CreateUsageLink(self, request: pb.CreateUsageLinkRequest,
+                              context: Context) -> pb.CreateUsageLinkResponse:
+        if self.usage_links is None:
+            raise _no_usage_links()
+        url, path, grant = self.usage_links.create(
+            self._engine, request.customer_id, ttl_ms=request.ttl_ms, allow_limit=request.allow_limit,
+            ceiling=request.ceiling, now_ms=time.time_ns() // 1_000_000)
+        return pb.CreateUsageLinkResponse(url=url, path=path, expires_at_ms=grant.expires_at_s * 1000,
+                                          scope=grant.scope, ceiling=grant.ceiling)
+
+
+def _no_usage_links() -> EngineError:
+    return EngineError("failed_precondition", "this sidecar serves no usage page: set http_listen (the usage page is "
+                       "served there, at the links Admin.CreateUsageLink makes)")
 
 
 def _virtual_key(record: KeyRecord) -> pb.VirtualKey:

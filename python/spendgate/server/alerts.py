@@ -75,6 +75,9 @@ assert set(ALERT_KIND_BY_NAME.values()) == set(pb.AlertKind.values()) - {pb.ALER
     "every spendgate.v1.AlertKind has an engine name"
 )
 
+# Server-wide alerts that no app owns (no customer): the operator's log shows them too.
+LOGGED_KINDS: Final[frozenset[str]] = frozenset({"clock_step"})
+
 # Alerts read from LMDB per engine call: by the hub per fan-out step (it yields to the loop between steps), and by a
 # stream's replay per read.
 FANOUT_BATCH_ALERTS: Final[int] = 1_000
@@ -214,6 +217,8 @@ class AlertHub:
                     watcher.offer(message)
             if self._metrics is not None:
                 self._metrics.alerts.labels(kind=entry["kind"]).inc()
+            if entry["kind"] in LOGGED_KINDS:
+                log.warning("alert %s (seq %d): %s", entry["kind"], entry["seq"], entry["message"])
         if batch:
             self.published_seq = batch[-1]["seq"]
             self._published.set_result(None)

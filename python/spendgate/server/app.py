@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from spendgate import _core, logs
 from spendgate.config import ConfigError, Settings, allowed_hosts
 from spendgate.datacare import check_servable
+from spendgate.display import parse_display_unit
 from spendgate.policy.metering import Meter
 from spendgate.policy.price_book import PriceBook
 from spendgate.server.admin_service import AdminServicer
@@ -46,7 +47,14 @@ from spendgate.server.security import (
     server_credentials,
 )
 from spendgate.server.sessions import Sessions
+from spendgate.server.usage_http import UsageRoutes
 from spendgate.service.budgets import BudgetService
+from spendgate.service.usage_links import (
+    UsageLinks,
+    UsageLinkSigner,
+    load_or_create_secret,
+    secret_path,
+)
 from spendgate.service.virtual_keys import VirtualKeys
 from spendgate.settle import SettlementService
 from spendgate.v1 import spendgate_pb2 as pb
@@ -54,7 +62,9 @@ from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
     from spendgate.proxy import Proxy
+    from spendgate.settle.scheduled import ScheduledReconcile
     from spendgate.webhooks import WebhookReceiver
+    from spendgate.webhooks.invoices import InvoiceGuard
 
 log = logging.getLogger("spendgate")
 
@@ -95,6 +105,9 @@ class Sidecar:
         self._proxy: Proxy | None = None  # the HTTP proxy (proxy_listen), and its server
         self._proxy_http: HttpServer | None = None
         self.proxy_address = ""
+        self.invoice_guard: InvoiceGuard | None = None  # invoice.created and Admin.ReleaseInvoice
+        self.reconciler: ScheduledReconcile | None = None  # reconcile_interval_ms
+        self._admin: AdminServicer | None = None
 
     async def start(self) -> None:
         assert self._engine is None, "start() runs once"
@@ -115,6 +128,8 @@ class Sidecar:
             self._alerts = AlertService(self._engine, self._waiter, settings, self.metrics,
                                         by_token=self.tokens.enabled)
             self.virtual_keys = VirtualKeys(self._engine, self._waiter.wait)  # the proxy's, managed by Admin RPCs
+            self.invoice_guard = _invoice_guard(settings, self._engine, self._waiter)
+            self.reconciler = _reconciler(settings, self._engine, self._waiter, self.metrics)
             self._health = grpc_health.aio.HealthServicer()
             self._server = self._build_server(self._engine, self._waiter, self._health)
             port = (self._server.add_secure_port(settings.listen, credentials) if credentials is not None
@@ -131,6 +146,7 @@ class Sidecar:
                     await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
             await self._server.start()
             self._start_settlement()
+            self._start_reconcile()
             self._start_price_reloads()
             self._install_sighup()
             assert self._alerts is not None
@@ -180,7 +196,7 @@ class Sidecar:
         from spendgate.webhooks import WEBHOOK_PATH, add_webhook_routes, build_receiver  # noqa: PLC0415 - aiohttp
 
         settings = self.settings
-        self.webhooks = build_receiver(settings, engine, waiter.wait)
+        self.webhooks = build_receiver(settings, engine, waiter.wait, self.invoice_guard)
         if app is not None:
             add_webhook_routes(app, self.webhooks)
             return
@@ -230,9 +246,16 @@ class Sidecar:
             client_certs=bool(settings.tls_client_ca_file), allowed_hosts=allowed_hosts(settings),
             secure_cookie=ssl_context is not None,
         )
-        OpsRoutes(engine, self.metrics, access, settlement=self._settlement,
-                  metrics_require_token=settings.metrics_require_token, operator_page=settings.http_operator_page,
-                  frame_ancestors=settings.http_frame_ancestors).add_to(app)
+        unit = parse_display_unit(settings.display_unit)
+        routes = OpsRoutes(engine, self.metrics, access, settlement=self._settlement,
+                           metrics_require_token=settings.metrics_require_token,
+                           operator_page=settings.http_operator_page, frame_ancestors=settings.http_frame_ancestors,
+                           display_unit=unit)
+        routes.invoice_guard, routes.reconciler = self.invoice_guard, self.reconciler
+        routes.add_to(app)
+        signer = self._usage_link_signer()
+        UsageRoutes(engine, waiter.wait, signer, unit,
+                    frame_ancestors=settings.usage_page_frame_ancestors).add_to(app)
         if settings.webhook_listen and self._webhooks_share_the_http_port():
             await self._start_webhooks(engine, waiter, app)
         self._ops_http = HttpServer(app, settings.http_listen, shutdown_grace_s=settings.shutdown_grace_ms / 1000,
@@ -240,11 +263,23 @@ class Sidecar:
         await self._ops_http.start()
         self.http_address = self._ops_http.address
         url = self._ops_http.url
+        if self._admin is not None:
+            self._admin.usage_links = UsageLinks(signer, settings.usage_link_base_url.rstrip("/") or url)
         if settings.http_operator_page:
             log.info("spendgate operator page on %s/ (it needs %s) and metrics on %s/metrics", url,
                      http_access_summary(settings, self.tokens), url)
         else:
             log.info("spendgate metrics on %s/metrics (the operator page is off: http_operator_page)", url)
+
+    def _usage_link_signer(self) -> UsageLinkSigner:
+        """The key of usage-page links: usage_link_secret_file, or one the sidecar keeps in its data dir (made the
+        first time). Raises ConfigError for an unreadable or short key."""
+        settings = self.settings
+        path = secret_path(settings.usage_link_secret_file, settings.data_dir)
+        try:
+            return UsageLinkSigner(load_or_create_secret(path, create=not settings.usage_link_secret_file))
+        except ValueError as error:
+            raise ConfigError(f"setting 'usage_link_secret_file': {error}", "usage_link_secret_file") from None
 
     def _build_server(
         self, engine: _core.Engine, waiter: DurabilityWaiter, health: grpc_health.aio.HealthServicer
@@ -267,6 +302,8 @@ class Sidecar:
         pb_grpc.add_BudgetServicer_to_server(budget, server)
         admin = AdminServicer(engine, waiter, self._settlement, backup_dir=self.settings.backup_dir)
         admin.virtual_keys = self.virtual_keys
+        admin.invoice_guard = self.invoice_guard
+        self._admin = admin  # its usage_links are set once the HTTP port is bound (they need its address)
         pb_grpc.add_AdminServicer_to_server(admin, server)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         if settings.reflection:
@@ -281,6 +318,13 @@ class Sidecar:
         if self.tokens.enabled:
             interceptors.append(TokenAuthInterceptor(self.token_source))
         return interceptors
+
+    def _start_reconcile(self) -> None:
+        """The scheduled reconcile as a background task (cancelled at stop), when it is on."""
+        if self.reconciler is None or not self.reconciler.enabled:
+            return
+        task = asyncio.get_running_loop().create_task(self.reconciler.run(), name="spendgate-reconcile")
+        self._background.add(task)
 
     def _start_price_reloads(self) -> None:
         """SIGHUP reloads the price file, and so does a change to it (polled every price_reload_interval_ms)."""
@@ -356,6 +400,19 @@ class Sidecar:
             task = asyncio.get_running_loop().create_task(self._health.enter_graceful_shutdown())
             self._health_tasks.add(task)  # the loop keeps only weak references to tasks
             task.add_done_callback(self._health_tasks.discard)
+
+
+def _invoice_guard(settings: Settings, engine: _core.Engine, waiter: DurabilityWaiter) -> InvoiceGuard:
+    from spendgate.webhooks.invoices import build_guard  # noqa: PLC0415 - the webhooks package needs aiohttp
+
+    return build_guard(settings, engine, waiter.wait)
+
+
+def _reconciler(settings: Settings, engine: _core.Engine, waiter: DurabilityWaiter,
+                metrics: Metrics) -> ScheduledReconcile:
+    from spendgate.settle.scheduled import ScheduledReconcile  # noqa: PLC0415 - imports the SDK when on
+
+    return ScheduledReconcile(engine, settings, waiter.wait, metrics=metrics)
 
 
 def _redact(tokens: Tokens) -> None:

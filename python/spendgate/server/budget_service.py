@@ -173,6 +173,7 @@ def usage_message(engine: _core.Engine, customer_id: str, period: str, top: int)
         daily=[pb.DayUsage(date=date, units=units) for date, units in report.daily],
         by_model=[pb.ModelUsage(model=m, token_type=t, tokens=n, units=u) for m, t, n, u in report.by_model],
         by_dimension=[pb.DimensionUsage(key=k, value=v, units=u) for k, v, u in report.by_dimension],
+        folded_dimension_keys=report.folded_dimension_keys,
         reserved=balance.reserved,
         spent=balance.spent,
         credits_granted=raw["granted"],

@@ -12,12 +12,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Final
 
+from spendgate.server import usage_view
 from spendgate.server.page import STYLE_CSP_SOURCE
 from spendgate.server.security import is_loopback
 
 # Sec-Fetch-Site values of a request the page itself made, or one a person typed (RFC: Fetch Metadata).
 SAME_SITE_FETCHES: Final[frozenset[str]] = frozenset({"same-origin", "none"})
 NO_FRAMING: Final[str] = "'none'"
+# The stylesheets of the operator page: its own and the usage dashboard's (each allowed by its hash).
+OPERATOR_STYLE_SOURCES: Final[tuple[str, ...]] = (STYLE_CSP_SOURCE, usage_view.STYLE_CSP_SOURCE)
 
 
 def host_name(host_header: str) -> str:
@@ -57,11 +60,14 @@ def same_origin(*, origin: str | None, fetch_site: str | None, scheme: str, host
     return origin.strip().lower() == f"{scheme}://{host.strip()}".lower()
 
 
-def security_headers(frame_ancestors: str) -> Mapping[str, str]:
+def security_headers(frame_ancestors: str,
+                     style_sources: tuple[str, ...] = OPERATOR_STYLE_SOURCES) -> Mapping[str, str]:
     """The headers every response of the HTTP port carries. The pages need no script, so the policy allows none; the
-    one inline stylesheet is allowed by its hash; frame-ancestors comes from http_frame_ancestors."""
+    inline stylesheets are allowed by their hashes; frame-ancestors comes from http_frame_ancestors (the usage page:
+    usage_page_frame_ancestors)."""
     policy = (
-        f"default-src 'none'; style-src {STYLE_CSP_SOURCE}; img-src 'self'; form-action 'self'; base-uri 'none'; "
+        f"default-src 'none'; style-src {' '.join(style_sources)}; img-src 'self'; form-action 'self'; "
+        "base-uri 'none'; "
         f"frame-ancestors {frame_ancestors}"
     )
     headers = {

@@ -14,22 +14,29 @@ Recorded per call by the gRPC interceptor (spendgate.server.interceptors), from 
 Read from the engine when scraped (EngineCollector):
 - spendgate_budgets, spendgate_active_holds, spendgate_expired_holds_total (reclaimed by the TTL reaper),
   spendgate_write_queue_depth, spendgate_write_batches_total, spendgate_write_ops_total,
-  spendgate_breaker_trips_total (budgets the circuit breaker froze), spendgate_periods_rolled_total
+  spendgate_breaker_trips_total (budgets the circuit breaker froze), spendgate_periods_rolled_total,
+  spendgate_clock_steps_total (wall-clock steps past max_clock_step_ms), spendgate_clock_step_pending_seconds
 - spendgate_outbox_depth, spendgate_outbox_max_entries, spendgate_outbox_oldest_age_seconds, spendgate_dead_letters
 - spendgate_lmdb_map_size_bytes, spendgate_lmdb_map_used_bytes, spendgate_lmdb_map_used_ratio,
-  spendgate_lmdb_file_bytes
-- spendgate_settlement_enabled, spendgate_settlement_last_success_timestamp_seconds, spendgate_settlement_failing
+  spendgate_lmdb_map_high_water_bytes, spendgate_lmdb_map_capacity_bytes, spendgate_lmdb_file_bytes
+- spendgate_settlement_enabled, spendgate_settlement_last_success_timestamp_seconds, spendgate_settlement_failing,
+  spendgate_settlement_auto_aggregating
 - spendgate_engine_up (0 once the engine failed or closed: the other engine gauges are then absent)
 
 The API for events other code owns (call these; they are plain prometheus_client metrics):
 - `metrics.stripe_errors.labels(code=...).inc()`      a failed Stripe call, by Stripe's error code, else the HTTP
-                                                       status ("http_503"), else "connection" (the settler calls it)
+                                                       status ("http_503"), else "timeout" (no answer within
+                                                       settle_request_timeout_ms, or a call found running past it) or
+                                                       "connection" (the settler calls it)
+- `metrics.settle_probes.labels(outcome=...).inc()`    a probe while settlement fails: answered or failed (the settler)
 - `metrics.settlement_lag.observe(seconds)`            commit-to-Stripe-acceptance time of a delivered usage (the
                                                        settler calls it)
 - `metrics.alerts.labels(kind=...).inc()`              an alert raised (outbox filling, budget threshold, ...)
+- `metrics.reconcile_runs.labels(outcome=...).inc()`, `metrics.reconcile_divergent.set(n)`,
+  `metrics.reconcile_last_success.set(unix_s)`           the scheduled reconcile (spendgate.settle.scheduled)
 - `metrics.proxy_calls.labels(api=..., outcome=...).inc()` a call through the HTTP proxy (spendgate.proxy calls it
                                                        through the `observe` hook the app gives it)
-The settler reaches the first two through `SettleMetrics` (spendgate.settle.settler), which this class satisfies.
+The settler reaches these through `SettleMetrics` (spendgate.settle.settler), which this class satisfies.
 """
 
 from __future__ import annotations
@@ -40,7 +47,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -88,11 +101,28 @@ class Metrics:
             "made of it: delivered (sent before by this sidecar) or refused (never sent by it: a copied data dir).",
             ["outcome"], registry=registry,
         )
+        self.settle_probes = Counter(
+            "spendgate_settle_probes", "Probes the settler sent to Stripe while settlement was failing, by outcome: "
+            "answered (settlement resumes at once) or failed.", ["outcome"], registry=registry,
+        )
         self.settlement_lag = Histogram(
             "spendgate_settlement_lag_seconds", "From a usage's commit to Stripe accepting it.",
             buckets=LAG_BUCKETS_S, registry=registry,
         )
         self.alerts = Counter("spendgate_alerts", "Alerts raised, by kind.", ["kind"], registry=registry)
+        # The scheduled reconcile (spendgate.settle.scheduled); no per-customer labels: the alerts name them.
+        self.reconcile_runs = Counter(
+            "spendgate_reconcile_runs", "Scheduled reconciliations with Stripe, by outcome (ok, error).", ["outcome"],
+            registry=registry,
+        )
+        self.reconcile_divergent = Gauge(
+            "spendgate_reconcile_divergent_customers", "Stripe customers whose last scheduled reconciliation diverged "
+            "past reconcile_tolerance_percent.", registry=registry,
+        )
+        self.reconcile_last_success = Gauge(
+            "spendgate_reconcile_last_success_timestamp_seconds", "Unix time of the last scheduled reconciliation "
+            "that ran to the end (0: none since start).", registry=registry,
+        )
         self._collector: EngineCollector | None = None
         # Bounded: methods x decisions x reasons, each a small fixed set.
         self._call_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
@@ -126,6 +156,9 @@ class Metrics:
 
     def settle_duplicate(self, outcome: str, n: int = 1) -> None:
         self.settle_duplicates.labels(outcome=outcome).inc(n)
+
+    def settle_probe(self, outcome: str) -> None:
+        self.settle_probes.labels(outcome=outcome).inc()
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition format and its content type."""
@@ -188,6 +221,11 @@ def _engine_families(stats: dict[str, int]) -> Iterator[Metric]:
                               value=stats["breaker_trips_total"])
     yield CounterMetricFamily("spendgate_periods_rolled", "Budget periods rolled over (since the start).",
                               value=stats["periods_rolled_total"])
+    yield CounterMetricFamily("spendgate_clock_steps", "Wall-clock steps against the monotonic clock larger than "
+                              "max_clock_step_ms (since the start).", value=stats["clock_steps_total"])
+    yield _gauge("spendgate_clock_step_pending_seconds", "The wall-clock step that periods and the breaker do not "
+                 "follow yet (wall minus trusted time); 0 while the clocks agree.",
+                 stats["clock_step_pending_ms"] / 1000)
 
 
 def _outbox_families(outbox: _core.OutboxStats) -> Iterator[Metric]:
@@ -200,11 +238,15 @@ def _outbox_families(outbox: _core.OutboxStats) -> Iterator[Metric]:
 
 
 def _lmdb_families(stats: dict[str, int], data_file: Path) -> Iterator[Metric]:
-    size, used = stats["map_size_bytes"], stats["map_used_bytes"]
-    yield _gauge("spendgate_lmdb_map_size_bytes", "The LMDB map size (map_size_mb).", size)
-    yield _gauge("spendgate_lmdb_map_used_bytes", "Bytes of the LMDB map in use.", used)
-    yield _gauge("spendgate_lmdb_map_used_ratio", "Map use: at 0.9 new reservations are refused.", used / size if size
-                 else 0.0)
+    size, used, capacity = stats["map_size_bytes"], stats["map_used_bytes"], stats["map_capacity_bytes"]
+    yield _gauge("spendgate_lmdb_map_size_bytes", "The LMDB map size now (it grows from map_size_mb).", size)
+    yield _gauge("spendgate_lmdb_map_used_bytes", "Bytes of LMDB pages holding data (free pages not counted).", used)
+    yield _gauge("spendgate_lmdb_map_used_ratio", "Data over what the map may grow to (map_max_mb, or the disk).",
+                 used / capacity if capacity else 0.0)
+    yield _gauge("spendgate_lmdb_map_high_water_bytes", "Bytes up to LMDB's highest page ever used.",
+                 stats["map_high_water_bytes"])
+    yield _gauge("spendgate_lmdb_map_capacity_bytes", "The most the map may grow to now (map_max_mb, or the disk's "
+                 "free space past disk_reserve_mb).", capacity)
     try:
         file_bytes = os.stat(data_file).st_size
     except OSError:
@@ -220,3 +262,6 @@ def _settlement_families(settlement: SettlementService) -> Iterator[Metric]:
                  "Unix time of the last event Stripe accepted (0: none since start).", status.last_success_ms / 1000)
     yield _gauge("spendgate_settlement_failing", "1 while settlement fails without progress.",
                  int(status.failing_since_ms > 0))
+    settler = settlement.settler
+    yield _gauge("spendgate_settlement_auto_aggregating", "1 while a backlog is sent as one event per Stripe customer "
+                 "per second (settle_auto_aggregate).", int(settler is not None and settler.auto_aggregating))

@@ -15,13 +15,15 @@ carries the security headers of spendgate.server.http_guard.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
 from spendgate import _core
-from spendgate.server import page
+from spendgate.display import DEFAULT_DISPLAY_UNIT, DisplayUnit, parse_display_unit
+from spendgate.server import page, page_billing, usage_view
 from spendgate.server.http_guard import host_allowed, same_origin, security_headers
 from spendgate.server.metrics import Metrics
 from spendgate.server.security import Role, Tokens, TokenSource
@@ -29,6 +31,8 @@ from spendgate.server.sessions import Sessions
 
 if TYPE_CHECKING:
     from spendgate.settle import SettlementService
+    from spendgate.settle.scheduled import ScheduledReconcile
+    from spendgate.webhooks.invoices import InvoiceGuard
 
 log = logging.getLogger("spendgate.http")
 
@@ -93,7 +97,8 @@ class OpsRoutes:
 
     def __init__(self, engine: _core.Engine, metrics: Metrics, access: HttpAccess, *,
                  settlement: SettlementService | None = None, metrics_require_token: bool = False,
-                 operator_page: bool = True, frame_ancestors: str = "'none'") -> None:
+                 operator_page: bool = True, frame_ancestors: str = "'none'",
+                 display_unit: DisplayUnit | None = None) -> None:
         self._engine = engine
         self._metrics = metrics
         self._access = access
@@ -101,6 +106,7 @@ class OpsRoutes:
         self._metrics_require_token = metrics_require_token
         self._operator_page = operator_page
         self._headers: Mapping[str, str] = security_headers(frame_ancestors)
+        self._unit = display_unit or parse_display_unit(DEFAULT_DISPLAY_UNIT)
 
     def add_to(self, app: web.Application) -> None:
         app.on_response_prepare.append(self._add_security_headers)
@@ -114,6 +120,8 @@ class OpsRoutes:
         app.router.add_post("/logout", self.logout)
 
     async def _add_security_headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        if "Content-Security-Policy" in response.headers:
+            return  # a page with a policy of its own (the usage page, framed by other origins) sets all of them
         for name, value in self._headers.items():
             response.headers.setdefault(name, value)
 
@@ -133,8 +141,16 @@ class OpsRoutes:
         response.headers["Content-Type"] = content_type
         return response
 
+    # Set by the app: the invoice-spike guard and the scheduled reconcile, for the billing sections (None: none).
+    invoice_guard: InvoiceGuard | None = None
+    reconciler: ScheduledReconcile | None = None
+
     async def overview(self, request: web.Request) -> web.Response:
-        return self._page(request, page.overview_page(self._engine, self._snapshot()))
+        extra = ""
+        if self.invoice_guard is not None:
+            extra = page_billing.invoice_spikes_section(self.invoice_guard.records(page_billing.SPIKES_SHOWN),
+                                                        time.time_ns() // 1_000_000)
+        return self._page(request, page.overview_page(self._engine, self._snapshot(), extra))
 
     async def budgets(self, request: web.Request) -> web.Response:
         return self._page(request, page.budgets_page(self._engine, request.query.get("q", "")))
@@ -143,11 +159,17 @@ class OpsRoutes:
         customer_id = request.match_info["customer_id"]
         try:
             usage = page.usage_for(self._engine, customer_id)
+            board = usage_view.dashboard_for(self._engine, customer_id, now_ms=time.time_ns() // 1_000_000)
         except _core.EngineError as error:
             if error.kind not in ("not_found", "invalid_argument"):
                 raise
             return self._page(request, page.not_found_page(customer_id), status=404)
-        return self._page(request, page.customer_page(usage))
+        dashboard = usage_view.dashboard_sections(board, self._unit) + usage_view.limit_section(board, self._unit)
+        extra = ""
+        if self.reconciler is not None and self.reconciler.enabled:
+            extra = page_billing.reconcile_section(self.reconciler.last_result(usage.stripe_customer_id),
+                                                   time.time_ns() // 1_000_000)
+        return self._page(request, page.customer_page(usage, dashboard, extra))
 
     async def login(self, request: web.Request) -> web.Response:
         """The sign-in form's POST: a valid admin token starts a session, and the browser goes back to where it was."""

@@ -3,7 +3,9 @@
     GET /                      settlement health, totals, the first budgets, a search box
     GET /budgets?q=TEXT        budgets whose customer or Stripe customer id contains TEXT (any case)
     GET /customers/{id}        one customer: usage against the included quota and the limit, granted credits (unused,
-                               and granted this period), projected spend, a daily chart (an inline SVG bar chart)
+                               and granted this period), projected spend, and the same dashboard its customer sees
+                               (spendgate.server.usage_view: the daily chart with the quota line, the top actions,
+                               members and models, the limit and the customer's stop-at)
 
 Every value that reaches the HTML goes through html.escape; numbers carry thousands separators. The data comes from
 the engine (read-only calls) and the settlement service; per-customer usage goes through `usage_for`, the one place
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from spendgate import _core
+from spendgate.server.usage_view import STYLE as DASHBOARD_STYLE
 
 if TYPE_CHECKING:
     from spendgate.settle import SettlementService
@@ -33,10 +36,6 @@ SEARCH_SCAN_BUDGETS: Final[int] = 10_000
 MAX_QUERY_CHARS: Final[int] = 128
 DEAD_LETTERS_SHOWN: Final[int] = 20
 NOT_AVAILABLE: Final[str] = "not available yet"
-# The daily chart's drawing box, in SVG user units (CSS pixels).
-CHART_WIDTH: Final[int] = 640
-CHART_HEIGHT: Final[int] = 180
-CHART_LABEL_HEIGHT: Final[int] = 20
 
 STYLE: Final[str] = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
@@ -154,7 +153,7 @@ def layout(title: str, body: str, query: str = "") -> str:
     """The whole document: header with navigation and the search form, then `body` (already escaped HTML)."""
     return (
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<title>{esc(title)} - spendgate</title><style>{STYLE}</style></head><body>"
+        f"<title>{esc(title)} - spendgate</title><style>{STYLE}</style><style>{DASHBOARD_STYLE}</style></head><body>"
         '<header><a href="/">spendgate</a><a href="/budgets">Budgets</a>'
         '<form method="get" action="/budgets" role="search">'
         f'<input type="search" name="q" value="{esc(query)}" placeholder="Search customers" aria-label="Search '
@@ -242,7 +241,8 @@ def dead_letter_table(letters: Iterable[_core.DeadLetterEntry]) -> str:
             f"<th class=\"num\">Units</th><th>Reason</th></tr></thead><tbody>{rows}</tbody></table>")
 
 
-def overview_page(engine: _core.Engine, snapshot: dict[str, Any]) -> str:
+def overview_page(engine: _core.Engine, snapshot: dict[str, Any], extra: str = "") -> str:
+    """extra: more sections (already escaped HTML), after settlement health (spendgate.server.page_billing)."""
     stats = engine.stats()
     now_ms = time.time_ns() // 1_000_000
     totals = '<div class="cards">' + card("Budgets", f"{stats['budgets']:,}") + card(
@@ -251,7 +251,8 @@ def overview_page(engine: _core.Engine, snapshot: dict[str, Any]) -> str:
     letters = engine.dead_letters(DEAD_LETTERS_SHOWN)
     views = engine.list_budgets("", OVERVIEW_BUDGETS)
     more = f'<p><a href="/budgets">All budgets ({stats["budgets"]:,})</a></p>' if stats["budgets"] > len(views) else ""
-    body = totals + settlement_section(snapshot, letters, now_ms) + "<h2>Budgets</h2>" + budget_table(views) + more
+    body = totals + settlement_section(snapshot, letters, now_ms) + extra + "<h2>Budgets</h2>" + budget_table(views) \
+        + more
     return layout("Overview", body)
 
 
@@ -277,7 +278,9 @@ def budgets_page(engine: _core.Engine, query: str) -> str:
     return layout("Budgets", summary + budget_table(views) + tail, query)
 
 
-def customer_page(usage: Usage) -> str:
+def customer_page(usage: Usage, dashboard: str = "", extra: str = "") -> str:
+    """The operator's view of one customer; `dashboard` is the customer's own (usage_view sections, already HTML);
+    `extra`: more sections (already escaped HTML), at the end (spendgate.server.page_billing)."""
     used = usage.spent + usage.reserved
     included = usage.included_units
     cards = "".join([
@@ -300,36 +303,14 @@ def customer_page(usage: Usage) -> str:
         + (f"{bar(usage.spent, included)} {esc(percent(usage.spent, included))}" if included is not None
            else esc(NOT_AVAILABLE)) + "</p>"
     )
-    chart = daily_chart_svg(usage.daily_units) if usage.daily_units is not None else f"<p>{esc(NOT_AVAILABLE)}</p>"
     body = (f"<p>Stripe customer: {esc(usage.stripe_customer_id)}</p><div class=\"cards\">{cards}</div>{against}"
-            f"<h2>Daily usage</h2>{chart}")
+            f'{extra}<h2>What the customer sees</h2><div class="dash">{dashboard}</div>')
     return layout(f"Customer {usage.customer_id}", body)
 
 
 def unused_credits(usage: Usage) -> int:
     """The credits not yet drawn: spend draws the configured limit (limit - credits) first, then the credits."""
     return min(usage.credits, max(0, usage.limit - usage.spent))
-
-
-def daily_chart_svg(days: Sequence[tuple[str, int]]) -> str:
-    """An inline SVG bar chart, one bar per day, each with a <title> (its date and units) and the date below it."""
-    if not days:
-        return "<p>No usage recorded yet.</p>"
-    peak = max(value for _, value in days) or 1
-    slot = CHART_WIDTH / len(days)
-    plot = CHART_HEIGHT - CHART_LABEL_HEIGHT
-    bars = []
-    for index, (day, value) in enumerate(days):
-        height = plot * value / peak
-        x = index * slot + slot * 0.1
-        bars.append(
-            f'<g class="day"><title>{esc(day)}: {value:,} units</title>'
-            f'<rect x="{x:.1f}" y="{plot - height:.1f}" width="{slot * 0.8:.1f}" height="{height:.1f}" fill="#3d6fd6"/>'
-            f'<text x="{x + slot * 0.4:.1f}" y="{CHART_HEIGHT - 5}" font-size="10" text-anchor="middle">'
-            f"{esc(day[5:])}</text></g>"
-        )
-    return (f'<svg role="img" aria-label="Daily usage, peak {peak:,} units" width="{CHART_WIDTH}" '
-            f'height="{CHART_HEIGHT}" viewBox="0 0 {CHART_WIDTH} {CHART_HEIGHT}">{"".join(bars)}</svg>')
 
 
 def not_found_page(customer_id: str) -> str:

@@ -280,9 +280,21 @@ def startup_problems(settings: Settings) -> list[str]:
         tokens = load_tokens(settings)
     except ConfigError as error:
         problems.append(str(error))
-    for check in (lambda: server_credentials(settings), lambda: check_exposure(settings, tokens)):
+    for check in (lambda: server_credentials(settings), lambda: check_exposure(settings, tokens),
+                  lambda: check_usage_link_key(settings)):
         try:
             check()
         except ConfigError as error:
             problems.append(str(error))
     return problems
+
+
+def check_usage_link_key(settings: Settings) -> None:
+    """A configured usage_link_secret_file must hold a usable key (one the sidecar makes itself is made at start)."""
+    from spendgate.service.usage_links import load_or_create_secret  # noqa: PLC0415 - check-config only
+
+    if settings.usage_link_secret_file and settings.http_listen:
+        try:
+            load_or_create_secret(Path(settings.usage_link_secret_file), create=False)
+        except ValueError as error:
+            raise ConfigError(f"setting 'usage_link_secret_file': {error}", "usage_link_secret_file") from None

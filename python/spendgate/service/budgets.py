@@ -219,7 +219,8 @@ class BudgetService:
             reservation_id=outcome.reservation_id,
             remaining=outcome.remaining,
             reason=outcome.reason,
-            message=deny_message(customer_id, priced.amount, outcome),
+            message=deny_message(customer_id, priced.amount, outcome,
+                                 stop_at=self._binding_stop_at(customer_id, outcome)),
             expires_at_ms=outcome.expires_at_ms,
             replayed=outcome.replayed,
             amount=outcome.amount,
@@ -244,7 +245,8 @@ class BudgetService:
         return QuoteResult(
             granted=outcome.granted,
             reason=outcome.reason,
-            message=deny_message(customer_id, priced.amount, outcome),
+            message=deny_message(customer_id, priced.amount, outcome,
+                                 stop_at=self._binding_stop_at(customer_id, outcome)),
             amount=outcome.amount,
             remaining=outcome.remaining,
             over_limit=outcome.over_limit,
@@ -253,6 +255,13 @@ class BudgetService:
             fallback_price=priced.estimate.fallback if priced.estimate else False,
             parts=priced.parts,
         )
+
+    def _binding_stop_at(self, customer_id: str, outcome: _core.ReserveOutcome) -> int:
+        """The stop-at that refused this Reserve (0: none did), so the message names it. Denials only."""
+        if outcome.granted or outcome.reason != _core.DENY_INSUFFICIENT_BUDGET:
+            return 0
+        view = self._engine.balance(outcome.decided_by or customer_id)
+        return view.stop_at if 0 < view.stop_at < view.limit else 0
 
     def _unknown_model(self, customer_id: str, why: str) -> ReserveResult:
         balance = self._engine.balance(customer_id)  # NOT_FOUND first for a customer without a budget
@@ -338,13 +347,19 @@ def reason_name(reason: int) -> str:
     return REASON_NAMES.get(reason, f"DENY_REASON_{reason}")
 
 
-def deny_message(customer_id: str, amount: int, outcome: _core.ReserveOutcome) -> str:
-    """The human-readable reason for a denial ("" when granted). The engine gives only the reason's number."""
+def deny_message(customer_id: str, amount: int, outcome: _core.ReserveOutcome, *, stop_at: int = 0) -> str:
+    """The human-readable reason for a denial ("" when granted). The engine gives only the reason's number.
+    `stop_at`: the deciding budget's own stop-at when it (not the limit) is what refused."""
     if outcome.granted:
         assert outcome.reason == _core.DENY_NONE, outcome.reason
         return ""
     who = outcome.decided_by or customer_id
     level = f"budget {who!r}" if who == customer_id else f"org budget {who!r} (of {customer_id!r})"
+    if outcome.reason == _core.DENY_INSUFFICIENT_BUDGET and stop_at:
+        return (
+            f"{level} has {outcome.remaining} units left, fewer than the {amount} asked for, under the stop-at of "
+            f"{stop_at} units its customer set on the usage page: the customer can raise or remove it there"
+        )
     if outcome.reason == _core.DENY_INSUFFICIENT_BUDGET:
         return (
             f"{level} has {outcome.remaining} units left, fewer than the {amount} asked for: raise its limit or wait"

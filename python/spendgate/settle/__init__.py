@@ -8,6 +8,7 @@
 - transport_v1.py, transport_v2.py: the two Stripe APIs
 - monitor.py: the outbox alarm; pool.py: the threads the blocking SDK runs in
 - stripe_client.py: the StripeClient; service.py: settlement as `serve` and `settle` run it
+- reconcile.py: `spendgate reconcile`; scheduled.py: the same comparison every reconcile_interval_ms in the sidecar
 """
 
 from spendgate.settle.service import SettlementConfigError, SettlementService

@@ -32,6 +32,8 @@ _DUPLICATE_MESSAGES: Final = re.compile(
 )
 DUPLICATE_V2_CODE: Final[str] = "duplicate_meter_event"
 DUPLICATE_CODES: Final[frozenset[str]] = frozenset({DUPLICATE_V2_CODE, "duplicate_meter_event_identifier"})
+# The metrics' label of a request that got no answer within its timeout (and of a call found running past it).
+TIMEOUT_CODE: Final[str] = "timeout"
 # Longest reason the engine stores with a dead letter.
 MAX_REASON_BYTES: Final[int] = 1024
 
@@ -75,6 +77,9 @@ def describe(error: BaseException) -> str:
 
     if not isinstance(error, stripe.StripeError):
         return f"{type(error).__name__}: {error}"
+    if is_timeout(error):
+        cause = error.__cause__
+        return f"Stripe did not answer within the request timeout (settle_request_timeout_ms): {type(cause).__name__}: {cause}"
     parts = []
     if error.http_status is not None:
         parts.append(f"HTTP {error.http_status}")
@@ -129,6 +134,16 @@ def truncate_reason(reason: str) -> str:
     return data[: MAX_REASON_BYTES - 3].decode("utf-8", "ignore") + "..."
 
 
+def is_timeout(error: BaseException) -> bool:
+    """A request that ran past its timeout with no answer: the SDK's APIConnectionError caused by the HTTP library's
+    timeout (requests' ConnectTimeout and ReadTimeout both derive from requests.exceptions.Timeout)."""
+    import stripe  # noqa: PLC0415
+
+    cause = error.__cause__
+    return isinstance(error, stripe.APIConnectionError) and cause is not None and any(
+        klass.__name__ == "Timeout" for klass in type(cause).__mro__)
+
+
 def is_not_found(error: BaseException) -> bool:
     """A 404 for an object that does not exist (`resource_missing`), as opposed to a URL Stripe does not know."""
     return getattr(error, "http_status", None) == 404 and getattr(error, "code", None) == "resource_missing"
@@ -140,7 +155,8 @@ def is_permission_denied(error: BaseException) -> bool:
 
 def error_code(error: BaseException) -> str:
     """A short label for a failed Stripe call, for the metrics: Stripe's error code, else `http_<status>`, else
-    `connection` (no HTTP answer) or the exception's class name (a bug or an unexpected library error)."""
+    `timeout` (no answer within the request timeout), `connection` (no HTTP answer) or the exception's class name (a
+    bug or an unexpected library error)."""
     code = getattr(error, "code", None)
     if isinstance(code, str) and code:
         return code
@@ -149,4 +165,6 @@ def error_code(error: BaseException) -> str:
         return f"http_{status}"
     import stripe  # noqa: PLC0415
 
+    if is_timeout(error):
+        return TIMEOUT_CODE
     return "connection" if isinstance(error, stripe.APIConnectionError) else type(error).__name__

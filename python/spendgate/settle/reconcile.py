@@ -72,6 +72,9 @@ _OWN_IDENTIFIER: Final = re.compile(r"^sg-(?P<reservation_id>rsv_[0-9A-Za-z]+)")
 
 STATUS_OK: Final[str] = "ok"
 STATUS_IN_FLIGHT: Final[str] = "in flight"
+# Stripe has less than the ledger settled, but no less than what it acknowledged only recently: its summaries are
+# "an eventually consistent view of the reported usage" (billing.meter_event_summary), so that part may not show yet.
+STATUS_NOT_VISIBLE: Final[str] = "not visible yet"
 STATUS_OVER: Final[str] = "OVER"
 STATUS_UNDER: Final[str] = "UNDER"
 STATUS_ERROR: Final[str] = "error"
@@ -178,6 +181,7 @@ class Row:
     pending: int = 0
     in_flight: int = 0
     dead: int = 0
+    recent: int = 0  # settled, but acknowledged by Stripe so recently that its summaries may not show it yet
     stripe: int | float | None = None
     status: str = ""
 
@@ -217,18 +221,24 @@ def is_commit(entry: Mapping[str, Any]) -> bool:
     return entry.get("kind", LEDGER_KIND_COMMIT) == LEDGER_KIND_COMMIT
 
 
-def ledger_rows(store: StoreReader, period: Period, customers: Iterable[str] = (),
-                measure: Callable[[Mapping[str, Any]], int | None] = units_of(False)) -> dict[str, Row]:
+def ledger_rows(store: StoreReader, period: Period | None, customers: Iterable[str] = (),
+                measure: Callable[[Mapping[str, Any]], int | None] = units_of(False), *,
+                windows: Mapping[str, Period] | None = None, recent_after_ms: int | None = None) -> dict[str, Row]:
     """Per Stripe customer: ledger, settled, pending (in flight, dead-lettered) amounts committed in the period, each
     entry counted as `measure` says (None: not on this meter; default: every entry's units).
-    `customers`: only these Stripe customers (every one with entries when empty; each named one gets a row)."""
-    only = set(customers)
+    `customers`: only these Stripe customers (every one with entries when empty; each named one gets a row).
+    `windows`: instead of one period for all, each of these Stripe customers (and only they) over its own period.
+    `recent_after_ms`: settled entries Stripe acknowledged after it also count in `recent` (not visible yet)."""
+    only = set(customers) | set(windows or ())
     rows: dict[str, Row] = {customer: Row(customer) for customer in only}
     pending: dict[int, tuple[Row, int]] = {}
     for entry in store.ledger():
-        if not is_commit(entry) or not period.start_ms <= entry["ts_ms"] < period.end_ms:
+        if not is_commit(entry):
             continue
         customer = entry["stripe_customer_id"]
+        window = period if windows is None else windows.get(customer)
+        if window is None or not window.start_ms <= entry["ts_ms"] < window.end_ms:
+            continue
         amount = measure(entry)
         if (only and customer not in only) or amount is None:
             continue
@@ -239,6 +249,8 @@ def ledger_rows(store: StoreReader, period: Period, customers: Iterable[str] = (
         row.ledger += amount
         if entry.get("settled_ms") is not None:
             row.settled += amount
+            if recent_after_ms is not None and entry["settled_ms"] > recent_after_ms:
+                row.recent += amount
         else:
             row.pending += amount
             pending[entry["seq"]] = (row, amount)
@@ -339,13 +351,16 @@ def _number(value: Any) -> int | float:
 
 
 def judge(row: Row, tolerance_percent: float) -> str:
-    """ok, in flight (the excess is covered by units sent but not yet acknowledged), OVER or UNDER."""
+    """ok, in flight (the excess is covered by units sent but not yet acknowledged), not visible yet (the shortfall is
+    covered by units Stripe acknowledged recently), OVER or UNDER."""
     allowed = row.settled * tolerance_percent / 100
     diff = row.diff
     if abs(diff) <= allowed:
         return STATUS_OK
     if 0 < diff <= row.in_flight + allowed:
         return STATUS_IN_FLIGHT
+    if -(row.recent + allowed) <= diff < 0:
+        return STATUS_NOT_VISIBLE
     return STATUS_OVER if diff > 0 else STATUS_UNDER
 
 
@@ -483,7 +498,7 @@ def _run(settings: Settings, options: Options, period: Period, client: stripe.St
     client = client if client is not None else make_client(settings)
     meter = find_meter(client, settings.settle_event_name)
     meter_id = str(meter["id"])
-    _check_sum(meter)
+    check_sum(meter)
     token_name = settings.settle_token_event_name
     with StoreReader(settings.data_dir) as store:
         rows = ledger_rows(store, period, options.customers, units_of(bool(token_name)))
@@ -515,7 +530,7 @@ def _run(settings: Settings, options: Options, period: Period, client: stripe.St
     return EXIT_MISMATCH if mismatched else EXIT_ERROR if errors else EXIT_OK
 
 
-def _check_sum(meter: Mapping[str, Any]) -> None:
+def check_sum(meter: Mapping[str, Any]) -> None:
     aggregation = (meter.get("default_aggregation") or {}).get("formula")
     if aggregation != "sum":
         raise ReconcileError(f"meter {meter['id']} aggregates with {aggregation!r}; only a `sum` meter can be "
@@ -542,7 +557,7 @@ def _reconcile_tokens(client: stripe.StripeClient, token_name: str, rows: Sequen
     """The token meter's table; returns the errors (a missing token meter is one: those tokens are not compared)."""
     try:
         meter = find_meter(client, token_name)
-        _check_sum(meter)
+        check_sum(meter)
     except ReconcileError as error:
         for row in rows:
             row.status = STATUS_ERROR
@@ -570,7 +585,7 @@ def _fix(settings: Settings, options: Options, period: Period, client: stripe.St
         return EXIT_MISMATCH if under else EXIT_OK
     with StoreReader(settings.data_dir) as store:
         ledger_hours, own = _ledger_hours_and_owners(store, period, {r.stripe_customer_id for r in over},
-                                                     options.cancel)
+                                                     options.cancel, units_of(bool(settings.settle_token_event_name)))
     for row in over:
         hours = stripe_hours(client, meter_id, row.stripe_customer_id, period.start_s, period.end_s)
         extra = [(hour, value - ledger_hours.get((row.stripe_customer_id, hour), 0)) for hour, value in hours.items()]
@@ -621,10 +636,12 @@ def _fix(settings: Settings, options: Options, period: Period, client: stripe.St
     return EXIT_MISMATCH if still else EXIT_OK
 
 
-def _ledger_hours_and_owners(store: StoreReader, period: Period, customers: set[str],
-                             identifiers: Sequence[str]) -> tuple[dict[tuple[str, int], int], dict[str, str]]:
-    """Settled units per (customer, hour) in the period, and for each identifier to cancel why the ledger owns it
-    ("" when it does not)."""
+def _ledger_hours_and_owners(store: StoreReader, period: Period, customers: set[str], identifiers: Sequence[str],
+                             measure: Callable[[Mapping[str, Any]], int | None],
+                             ) -> tuple[dict[tuple[str, int], int], dict[str, str]]:
+    """Settled units of the units meter per (customer, hour) in the period, each entry counted as `measure` says (a
+    commit settled on the token meter is not on this meter: counting its units here would hide an over-count in its
+    hour), and for each identifier to cancel why the ledger owns it ("" when it does not)."""
     reservations = {m["reservation_id"]: i for i in identifiers if (m := _OWN_IDENTIFIER.match(i))}
     owners: dict[str, str] = {identifier: "" for identifier in identifiers}
 
@@ -640,10 +657,11 @@ def _ledger_hours_and_owners(store: StoreReader, period: Period, customers: set[
             own(identifier, f"it is the ledger's own event for reservation {entry['reservation_id']} "
                             f"({entry['amount']} units of {entry['customer_id']}), and cancelling it would remove real "
                             "usage from the invoice")
+        amount = measure(entry)
         if entry["stripe_customer_id"] in customers and entry.get("settled_ms") is not None \
-                and period.start_ms <= entry["ts_ms"] < period.end_ms:
+                and period.start_ms <= entry["ts_ms"] < period.end_ms and amount is not None:
             key = (entry["stripe_customer_id"], entry["ts_ms"] // 3_600_000 * 3600)
-            hours[key] = hours.get(key, 0) + entry["amount"]
+            hours[key] = hours.get(key, 0) + amount
     wanted = set(identifiers)
     for entry in store.outbox():
         for identifier in {entry.get("identifier"), entry.get("sent_as")} & wanted:

@@ -13,7 +13,16 @@ from typing import Any, Final
 
 from spendgate import _core
 from spendgate.settle.monitor import OutboxMonitor
-from spendgate.settle.settler import SettleMetrics, SettlementStatus, SettleOptions, Settler, Transport, wall_ms
+from spendgate.settle.settler import (
+    PROBE_TIMEOUT_MS,
+    SettlementStatus,
+    SettleMetrics,
+    SettleOptions,
+    Settler,
+    Transport,
+    claim_each,
+    wall_ms,
+)
 
 log = logging.getLogger("spendgate.settle")
 
@@ -43,6 +52,7 @@ class SettlementService:
         except ValueError as error:
             raise SettlementConfigError(f"setting {error}") from None
         self._engine = engine
+        self._wait_durable = wait_durable
         api_key: str = settings.stripe_api_key
         self._api_base: str = settings.stripe_api_base
         self.enabled = bool(api_key) or transport is not None
@@ -55,6 +65,7 @@ class SettlementService:
         if not self.enabled:
             return
         preflight = None
+        probe: Callable[[], object] | None = None
         if transport is None:
             from spendgate.settle import stripe_client  # noqa: PLC0415 - imports the SDK
             from spendgate.settle.preflight import Preflight  # noqa: PLC0415
@@ -67,10 +78,13 @@ class SettlementService:
                 raise SettlementConfigError(f"STRIPE_API_KEY: {problem}")
             self._key_kind = stripe_client.key_kind(api_key)
             client = stripe_client.make_client(
-                api_key, self._api_base, timeout_s=self.options.request_timeout_ms / 1000
+                api_key, self._api_base, timeout_s=self.options.request_timeout_ms / 1000,
+                pool_connections=max(stripe_client.DEFAULT_POOL_CONNECTIONS, self.options.concurrency),
             )
             transport = make_transport(client, self.options)
             preflight = Preflight(client, self.options.event_name, check_meter=not transport.validates_meter)
+            probe_timeout_s = min(PROBE_TIMEOUT_MS, self.options.request_timeout_ms) / 1000
+            probe = make_probe(stripe_client.make_client(api_key, self._api_base, timeout_s=probe_timeout_s))
         self.settler = Settler(
             engine,
             transport,
@@ -81,6 +95,7 @@ class SettlementService:
             monitor=self.monitor,
             clock_ms=clock_ms,
             metrics=metrics,
+            probe=probe,
         )
 
     def log_start(self) -> None:
@@ -101,7 +116,9 @@ class SettlementService:
             f"on event_name {options.token_event_name}" if options.token_event_name else "as units",
             self._key_kind or "a test transport",
             f"STRIPE_API_BASE {self._api_base}" if self._api_base else "Stripe's own base addresses",
-            f"per {options.aggregate_window_ms} ms window" if options.aggregate_window_ms else "off",
+            f"per {options.aggregate_window_ms} ms window" if options.aggregate_window_ms
+            else "per customer per second while a backlog waits (settle_auto_aggregate)" if options.auto_aggregate
+            else "off",
             stats["depth"], stats["dead_letters"],
         )
 
@@ -138,11 +155,26 @@ class SettlementService:
             "delivered_entries": status.delivered_entries,
             "dead_lettered_entries": status.dead_lettered_entries,
             "failing_since_ms": status.failing_since_ms,
+            "auto_aggregate": self.options.auto_aggregate and not self.options.aggregate_window_ms,
+            "auto_aggregating": self.settler is not None and self.settler.auto_aggregating,
         }
+
+    async def prepare_backup(self) -> int:
+        """Before Admin.Backup: claim each unclaimed entry under its own event (settler.claim_each), between rounds."""
+        if self.settler is not None:
+            return await self.settler.claim_for_backup()
+        count, ticket = claim_each(self._engine, self.options.event_names, wall_ms())
+        await self._wait_durable(ticket)
+        return count
 
     def close(self) -> None:
         if self.settler is not None:
             self.settler.close()
+
+
+def make_probe(client: Any) -> Callable[[], object]:
+    """The settler's probe while Stripe fails: a list of one meter, a read that changes nothing at Stripe."""
+    return lambda: client.v1.billing.meters.list({"limit": 1})
 
 
 def make_transport(client: Any, options: SettleOptions) -> Transport:

@@ -22,6 +22,18 @@ One round:
 
 Between rounds: at once while there is work; `settle_interval_ms` when the outbox is empty; while Stripe fails, rounds
 back off (full jitter up to `settle_backoff_max_ms`) and send a single probe call until one succeeds.
+
+Failing, and recovering, are seen as they happen:
+- Every failed attempt of a call updates the status's `last_error` at once, and a request past its timeout (the SDK's
+  timeout, or a call the watchdog finds running OVERDUE_GRACE_MS past it) declares settlement failing at once (the
+  status, the "failing" warning, the `timeout` Stripe error metric): one hung round must not hide for minutes. A
+  timed-out call is not retried within its round (the next round resends it, the claim makes that safe), so a hanging
+  Stripe holds a round for one request timeout, not settle_max_attempts of them.
+- While failing, the pause between rounds (and the claims' own backoff) ends early when a cheap probe (a one-meter
+  list) is answered: probes go at most every PROBE_INTERVAL_MS, each waiting at most PROBE_TIMEOUT_MS, so settlement
+  resumes within about PROBE_INTERVAL_MS of Stripe answering again instead of after a backoff of up to 30 s. When a
+  probe is answered but the round after it still fails (PROBE_MISLEADS_MAX times in a row: Stripe answers reads and
+  refuses the events), the probes say nothing about this failure and the rounds keep their plain backoff until it ends.
 """
 
 from __future__ import annotations
@@ -36,8 +48,21 @@ from typing import Any, Final, Protocol
 
 from spendgate import _core
 from spendgate.settle import rules
-from spendgate.settle.aggregate import EventNames, MeterEvent, claimed_events, fresh_events
-from spendgate.settle.errors import Classified, Verdict, classify, error_code, truncate_reason
+from spendgate.settle.aggregate import (
+    EventNames,
+    MeterEvent,
+    claimed_events,
+    fresh_events,
+)
+from spendgate.settle.errors import (
+    TIMEOUT_CODE,
+    Classified,
+    Verdict,
+    classify,
+    error_code,
+    is_timeout,
+    truncate_reason,
+)
 from spendgate.settle.monitor import OutboxMonitor
 from spendgate.settle.pool import DaemonThreadPool
 from spendgate.settle.preflight import Preflight
@@ -53,6 +78,30 @@ DEAD_LETTER_ALERT: Final[str] = "settlement_dead_letter"
 DEFAULT_TOKEN_EVENT_NAME: Final[str] = "token-billing-tokens"
 # Stripe: event_name "The maximum length is 100 characters."
 MAX_EVENT_NAME_CHARS: Final[int] = 100
+# While settlement fails, at most one probe this often: settlement resumes within about this long of Stripe answering.
+PROBE_INTERVAL_MS: Final[int] = 500
+# The longest a probe waits for Stripe (a hanging Stripe must not hold it for a whole request timeout).
+PROBE_TIMEOUT_MS: Final[int] = 2_000
+# Rounds in a row that failed right after an answered probe before the probes are ignored until the failure ends.
+PROBE_MISLEADS_MAX: Final[int] = 3
+# Automatic pre-aggregation (settle_auto_aggregate): once a round's worth of entries (fetch_limit) waits in the outbox,
+# one event per Stripe customer (and model) per AUTO_AGGREGATE_WINDOW_MS, until a quarter of a round's worth is left.
+# One event per commit costs a request each on v1 (Stripe: 1,000/s; the settler: ~1.3 ms of the sidecar's CPU, under
+# the GIL the RPCs need too), so at a high commit rate it both falls behind and slows the commits down (bench/RESULTS.md
+# section 4); per customer per second it does neither. Aggregated, the outbox holds about a second of commits (the
+# window that is still open): the gap between the two bounds keeps a sidecar committing a few hundred a second from
+# switching back and forth.
+AUTO_AGGREGATE_ON_ROUNDS: Final[float] = 1.0
+AUTO_AGGREGATE_OFF_ROUNDS: Final[float] = 0.25
+# Whole seconds: v1 timestamps are Unix seconds, so an aggregate carries the timestamp each of its members' own events
+# would have had (and never moves usage across an invoice's period boundary, which falls on a second).
+AUTO_AGGREGATE_WINDOW_MS: Final[int] = 1_000
+# Entries read per round while aggregating (the engine's most per call), so that a round covers whole seconds; the
+# events sent per round stay at fetch_limit (the rest of the claims wait for the next round).
+AUTO_AGGREGATE_FETCH_ENTRIES: Final[int] = MAX_ENGINE_BATCH
+# A call still running this long past settle_request_timeout_ms counts as timed out (the HTTP library bounds each
+# connect and read by the timeout, not a whole request: a server trickling bytes could hold one longer).
+OVERDUE_GRACE_MS: Final[int] = 1_000
 
 
 class SettleMetrics(Protocol):
@@ -61,6 +110,8 @@ class SettleMetrics(Protocol):
     def stripe_error(self, code: str) -> None: ...
 
     def settle_duplicate(self, outcome: str, n: int = 1) -> None: ...
+
+    def settle_probe(self, outcome: str) -> None: ...
 
     @property
     def settlement_lag(self) -> Any: ...  # a prometheus_client Histogram: .observe(seconds)
@@ -92,6 +143,7 @@ class SettleOptions:
     backoff_base_ms: int = 100
     backoff_max_ms: int = 30_000
     request_timeout_ms: int = 30_000
+    auto_aggregate: bool = True
 
     def __post_init__(self) -> None:
         if self.transport not in ("v1", "v2"):
@@ -127,6 +179,12 @@ class SettleOptions:
     @property
     def event_names(self) -> EventNames:
         return EventNames(self.event_name, self.token_event_name)
+
+    @property
+    def aggregating(self) -> bool:
+        """Whether an entry may leave in an aggregate (an identifier of its own is then not the only one it may have
+        been sent under: see rules.restored_unsure)."""
+        return self.aggregate_window_ms > 0 or self.auto_aggregate
 
     @property
     def fetch_limit(self) -> int:
@@ -184,7 +242,9 @@ class Settler:
         clock_ms: Callable[[], int] = wall_ms,
         rng: random.Random | None = None,
         metrics: SettleMetrics | None = None,
+        probe: Callable[[], object] | None = None,
     ) -> None:
+        """probe: a cheap blocking Stripe call (raises the SDK's error) sent while settlement fails; None: no probes."""
         self._engine = engine
         self._metrics = metrics
         self._transport = transport
@@ -196,6 +256,16 @@ class Settler:
         self._clock_ms = clock_ms
         self._rng = rng or random.Random()
         self._pool = DaemonThreadPool(options.concurrency)
+        self._probe = probe
+        # Its own thread: the send threads may all be held by hanging requests.
+        self._probe_pool = DaemonThreadPool(1, "spendgate-settle-probe") if probe is not None else None
+        self._last_probe_s = float("-inf")  # loop time of the last probe
+        self._probe_answered_last = False  # the pause before this round ended on an answered probe
+        self._probe_misleads = 0  # rounds in a row that failed right after an answered probe
+        self._overdue_s = (options.request_timeout_ms + OVERDUE_GRACE_MS) / 1000
+        self.auto_aggregating = False  # settle_auto_aggregate: on while a backlog waits (see _auto_aggregate)
+        self._waited = True  # the loop waited before this round (False right after a round that made progress)
+        self._round_lock = asyncio.Lock()
         self._stalls = 0  # rounds in a row that made no progress because calls failed
         self._failures: dict[str, tuple[int, float]] = {}  # claim -> (failed rounds, not before: loop time)
         # Claims with an attempt Stripe did not answer (this round): their fate is unknown if they are refused later.
@@ -218,34 +288,102 @@ class Settler:
                 result = RoundResult(failed=1)
             if until_empty and result.fetched == 0:
                 return
-            await asyncio.sleep(self._delay_after(result))
+            delay_s = self._delay_after(result)
+            self._waited = delay_s > 0
+            await self._pause(delay_s)
 
     def _delay_after(self, result: RoundResult) -> float:
+        if result.failed and not result.delivered:
+            # Zero-value entries acknowledged (or local dead letters) beside the failures are no sign that Stripe is
+            # back: back off, or a steady trickle of them would resend the failing claims without pause.
+            return self._backoff_s(self._stalls)
         if result.progressed:
             return 0.0
-        if result.failed:
-            return self._backoff_s(self._stalls)
         idle = self.options.interval_ms / 1000
         if result.retry_in_s is not None:
             return max(0.01, min(idle, result.retry_in_s))
         return idle
 
+    async def _pause(self, delay_s: float) -> None:
+        """Sleep delay_s; while settlement fails, probe Stripe (at most every PROBE_INTERVAL_MS) and end the pause, and
+        the claims' own backoff, at the first probe Stripe answers."""
+        self._probe_answered_last = False
+        if self._probe is None or self.status.failing_since_ms == 0 or self._probe_misleads >= PROBE_MISLEADS_MAX:
+            await asyncio.sleep(delay_s)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + delay_s
+        interval_s = PROBE_INTERVAL_MS / 1000
+        while (now := loop.time()) < deadline:
+            next_probe = self._last_probe_s + interval_s
+            if next_probe >= deadline:
+                await asyncio.sleep(deadline - now)
+                return
+            await asyncio.sleep(max(0.0, next_probe - now))
+            self._last_probe_s = loop.time()
+            if await self._probe_answered():
+                self._probe_answered_last = True
+                self._failures = {claim: (count, 0.0) for claim, (count, _) in self._failures.items()}
+                return
+        await asyncio.sleep(0)
+
+    async def _probe_answered(self) -> bool:
+        """One probe: True when Stripe answered it (a success, or any refusal but 429: a restricted key without the
+        permission to read meters gets a 403, and Stripe is up), False when it failed as Stripe fails while down (5xx,
+        429, no answer, a timeout)."""
+        assert self._probe is not None and self._probe_pool is not None
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._probe_pool, self._probe)
+            answered = True
+        except Exception as error:  # noqa: BLE001 - every failure is classified
+            status = getattr(error, "http_status", None)
+            answered = _is_stripe_error(error) and status is not None and status < 500 and status != 429
+            if not answered:
+                reason = classify(error).reason
+                self.status.last_error, self.status.last_error_ms = f"probe: {reason}", self._clock_ms()
+        if self._metrics is not None:
+            self._metrics.settle_probe("answered" if answered else "failed")
+        if answered:
+            log.info("settlement: Stripe answered a probe; resuming at once")
+        return answered
+
     async def run_once(self) -> RoundResult:
         """One round (see the module docstring)."""
+        async with self._round_lock:  # never beside claim_for_backup: an entry keeps its first claim
+            return await self._run_once()
+
+    async def claim_for_backup(self) -> int:
+        """Between rounds, claim each unclaimed entry under its own event (see claim_each); returns the count."""
+        async with self._round_lock:
+            count, ticket = claim_each(self._engine, self.options.event_names, self._clock_ms())
+            await self._wait_durable(ticket)
+            return count
+
+    async def _run_once(self) -> RoundResult:
         stats = self._engine.outbox_stats()
         self._monitor.check(stats)
-        entries = self._engine.outbox_pending(self.options.fetch_limit)
+        auto = self._auto_aggregate(stats["depth"], may_stop=self._waited)
+        fetch_limit = max(self.options.fetch_limit, AUTO_AGGREGATE_FETCH_ENTRIES) if auto else self.options.fetch_limit
+        entries = self._engine.outbox_pending(fetch_limit)
         result = RoundResult(fetched=len(entries))
         if not entries:
             self._failures.clear()
             return result
         now_ms = self._clock_ms()
         names = self.options.event_names
-        events = claimed_events(entries, names) + fresh_events(entries, self.options.aggregate_window_ms, now_ms,
-                                                                names)
+        window_ms = self.options.aggregate_window_ms or (AUTO_AGGREGATE_WINDOW_MS if auto else 0)
+        events = claimed_events(entries, names) + fresh_events(entries, window_ms, now_ms, names)
         claims = _by_claim(events)
-        result.waiting = len(entries) - sum(claim[0].size for claim in claims.values())
         self._forget_failures_except(claims)
+        if auto:
+            claims = _first_claims(claims, self.options.fetch_limit)
+        result.waiting = len(entries) - sum(claim[0].size for claim in claims.values())
+        if window_ms and result.waiting:
+            # Entries of a window still open: the next round when the first one closes, not an idle interval later.
+            opens = [(e["ts_ms"] // window_ms + 1) * window_ms for e in entries if e["sent_as"] is None]
+            closes_in_ms = min(opens, default=now_ms) - now_ms
+            if closes_in_ms > 0:
+                result.retry_in_s = closes_in_ms / 1000
 
         dead: list[tuple[Claim, str]] = []
         zero: list[Claim] = []
@@ -295,8 +433,28 @@ class Settler:
         result.delivered = sum(len(c) for c in delivered)
         result.skipped, result.dead = sum(len(c) for c in zero), sum(len(c) for c, _ in dead)
         result.failed = sum(len(c) for c, _ in retry) + len(not_sent)
-        self._record(result, delivered, dead, retry)
+        self._record(result, delivered, dead, retry, {e["seq"]: e["ts_ms"] for e in entries})
         return result
+
+    def _auto_aggregate(self, depth: int, *, may_stop: bool) -> bool:
+        """settle_auto_aggregate: on at AUTO_AGGREGATE_ON_ROUNDS rounds' worth of entries waiting, off again at
+        AUTO_AGGREGATE_OFF_ROUNDS (the gap keeps a depth near one bound from switching every round). It stops only in a
+        round the loop waited for (may_stop): aggregating, that is the round when a window closes, whose depth is about
+        a second of commits; the round right after one that sent the closed windows finds little but the open one,
+        at any commit rate."""
+        if not self.options.auto_aggregate or self.options.aggregate_window_ms > 0:
+            return False
+        on_at, off_at = (round(n * self.options.fetch_limit)
+                         for n in (AUTO_AGGREGATE_ON_ROUNDS, AUTO_AGGREGATE_OFF_ROUNDS))
+        if not self.auto_aggregating and depth >= on_at:
+            self.auto_aggregating = True
+            log.warning("settlement: %d entries wait in the outbox: sending one event per Stripe customer (and model) "
+                        "per %d ms until fewer than %d wait (settle_auto_aggregate)", depth, AUTO_AGGREGATE_WINDOW_MS,
+                        off_at)
+        elif self.auto_aggregating and depth <= off_at and may_stop:
+            self.auto_aggregating = False
+            log.warning("settlement: %d entries wait in the outbox: one event per commit again", depth)
+        return self.auto_aggregating
 
     # -- the steps ------------------------------------------------------------------------------------------------
 
@@ -304,7 +462,7 @@ class Settler:
         return (
             rules.token_meter_off(event.event_name, event.claim_id, token_event=bool(event.dimensions))
             or rules.restored_unsure(event.restored, event.claimed, event.ts_ms, now_ms,
-                                     aggregating=self.options.aggregate_window_ms > 0)
+                                     aggregating=self.options.aggregating)
             or rules.resend_too_late(event.first_attempt_ms, now_ms)
             or rules.customer_missing(event.stripe_customer_id, event.customer_ids)
             or rules.timestamp_out_of_window(event.ts_ms, now_ms)
@@ -416,24 +574,82 @@ class Settler:
             "only if it shows this usage missing"))
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> tuple[Any, Classified | None, int]:
-        """fn(*args) in the thread pool, retried on RETRY (and on SESSION_EXPIRED) up to settle_max_attempts.
-        Returns (result, failure, attempts made)."""
-        loop = asyncio.get_running_loop()
+        """fn(*args) in the thread pool, retried on RETRY (and on SESSION_EXPIRED) up to settle_max_attempts, except
+        after a timeout (the next round resends). Returns (result, failure, attempts made)."""
         attempt = 0
         while True:
             attempt += 1
             try:
-                return await loop.run_in_executor(self._pool, fn, *args), None, attempt
+                return await self._watched(fn, *args), None, attempt
             except Exception as error:  # noqa: BLE001 - every failure is classified; CancelledError passes
                 failure = classify(error)
-                if self._metrics is not None and failure.verdict is not Verdict.DELIVERED:
-                    self._metrics.stripe_error(error_code(error))
+                timed_out = is_timeout(error)
+                if failure.verdict is not Verdict.DELIVERED:
+                    if self._metrics is not None:
+                        self._metrics.stripe_error(error_code(error))
+                    if failure.verdict is not Verdict.PERMANENT:
+                        self._failed_attempt(failure.reason, timed_out=timed_out)
                 if failure.verdict is Verdict.RETRY_LATER and not _is_stripe_error(error):
                     log.error("unexpected error while talking to Stripe", exc_info=error)
-                retriable = failure.verdict in (Verdict.RETRY, Verdict.SESSION_EXPIRED)
+                retriable = failure.verdict in (Verdict.RETRY, Verdict.SESSION_EXPIRED) and not timed_out
                 if not retriable or attempt >= self.options.max_attempts:
                     return None, failure, attempt
                 await asyncio.sleep(self._backoff_s(attempt))
+
+    async def _watched(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) in the thread pool; a watchdog declares settlement failing if the call runs OVERDUE_GRACE_MS
+        past settle_request_timeout_ms (counted from when a thread took it, not from when it was queued)."""
+        loop = asyncio.get_running_loop()
+        started: list[float] = []
+
+        def timed() -> Any:
+            started.append(loop.time())
+            return fn(*args)
+
+        future = loop.run_in_executor(self._pool, timed)
+        handle: list[asyncio.TimerHandle] = []
+
+        def watch() -> None:
+            if future.done():
+                return
+            if started and loop.time() - started[0] >= self._overdue_s:
+                if self._metrics is not None:
+                    self._metrics.stripe_error(TIMEOUT_CODE)
+                self._failed_attempt(
+                    f"a Stripe request has been running for {loop.time() - started[0]:.1f} s, past "
+                    f"settle_request_timeout_ms ({self.options.request_timeout_ms} ms)", timed_out=True)
+                return
+            due = started[0] + self._overdue_s - loop.time() if started else self._overdue_s
+            handle[:] = [loop.call_later(max(due, 0.001), watch)]
+
+        handle.append(loop.call_later(self._overdue_s, watch))
+        try:
+            return await future
+        finally:
+            handle[0].cancel()
+
+    def _failed_attempt(self, reason: str, *, timed_out: bool) -> None:
+        """A call failed (for now): the status shows it at once; a timeout also declares settlement failing."""
+        status = self.status
+        status.last_error, status.last_error_ms = reason, self._clock_ms()
+        if timed_out:
+            self._declare_failing("a request to Stripe timed out")
+
+    def _declare_failing(self, why: str, waiting: int | None = None) -> None:
+        status = self.status
+        if status.failing_since_ms:
+            return
+        status.failing_since_ms = self._clock_ms()
+        try:
+            depth = waiting if waiting is not None else self._engine.outbox_stats()["depth"]
+        except _core.EngineError:
+            depth = 0
+        log.warning(
+            "settlement to Stripe is failing (%s): %s; %d+ entries wait in the outbox (nothing is lost); retrying "
+            "with backoff up to %d ms%s",
+            why, status.last_error, depth, self.options.backoff_max_ms,
+            f", probing every {PROBE_INTERVAL_MS} ms" if self._probe is not None else "",
+        )
 
     async def _settle(self, delivered: list[Claim], dead: list[tuple[Claim, str]],
                       entries: dict[int, _core.OutboxEntry]) -> None:
@@ -490,7 +706,7 @@ class Settler:
     # -- bookkeeping ----------------------------------------------------------------------------------------------
 
     def _record(self, result: RoundResult, delivered: list[Claim], dead: list[tuple[Claim, str]],
-                retry: list[tuple[Claim, Classified]]) -> None:
+                retry: list[tuple[Claim, Classified]], ts_ms_of: dict[int, int]) -> None:
         status, now_ms = self.status, self._clock_ms()
         loop_now = asyncio.get_running_loop().time()
         for claim in delivered:
@@ -503,29 +719,28 @@ class Settler:
         if delivered:
             status.last_success_ms = now_ms
             for claim in delivered if self._metrics is not None else ():
-                self._metrics.settlement_lag.observe(max(0, now_ms - claim[0].ts_ms) / 1000)  # type: ignore[union-attr]
+                for seq in claim[0].seqs:  # each usage's own lag (an aggregate's timestamp is its newest member's)
+                    self._metrics.settlement_lag.observe(  # type: ignore[union-attr]
+                        max(0, now_ms - ts_ms_of.get(seq, claim[0].ts_ms)) / 1000)
             status.delivered_events += sum(len(claim) for claim in delivered)
             status.delivered_entries += sum(claim[0].size for claim in delivered)
         status.dead_lettered_entries += sum(claim[0].size for claim, _ in dead)
         if retry:
             status.last_error, status.last_error_ms = retry[0][1].reason, now_ms
-        if result.failed and not result.progressed:
-            if self._stalls == 0:
-                status.failing_since_ms = now_ms
-                log.warning(
-                    "settlement to Stripe is failing: %s; %d+ entries wait in the outbox (nothing is lost); retrying "
-                    "with backoff up to %d ms",
-                    status.last_error, result.fetched, self.options.backoff_max_ms,
-                )
+        if result.failed and not result.delivered:
+            self._declare_failing("no event delivered in a round", result.fetched)
             self._stalls += 1
-        elif result.progressed:
-            if self._stalls > 0:
+            if self._probe_answered_last:
+                self._probe_misleads += 1
+        elif result.delivered:  # Stripe took events (acknowledging zero-value ones alone asks nothing of Stripe)
+            if status.failing_since_ms:
                 log.warning(
                     "settlement to Stripe recovered after %d failed rounds (%.1f s)",
                     self._stalls, (now_ms - status.failing_since_ms) / 1000,
                 )
                 status.failing_since_ms = 0
             self._stalls = 0
+            self._probe_misleads = 0
         log.debug("settle round: %s", result)
 
     def _forget_failures_except(self, claims: dict[str, Claim]) -> None:
@@ -543,7 +758,21 @@ class Settler:
         if not self._closed:
             self._closed = True
             self._pool.shutdown(wait=False, cancel_futures=True)
+            if self._probe_pool is not None:
+                self._probe_pool.shutdown(wait=False, cancel_futures=True)
             self._transport.close()
+
+
+def claim_each(engine: _core.Engine, names: EventNames, now_ms: int) -> tuple[int, int]:
+    """Claim each unclaimed entry of the outbox's head (at most MAX_ENGINE_BATCH) under the events it would have
+    alone (its own identifier; a token entry's -tokens claim), before a backup: the backup then holds no entry the
+    data dir could later send in an aggregate the backup does not know, so a restored copy resends each exactly as it
+    may have gone (rules.restored_unsure). Returns (entries claimed, ticket)."""
+    unclaimed = [e for e in engine.outbox_pending(MAX_ENGINE_BATCH) if e["sent_as"] is None]
+    ticket = 0
+    for claim in _by_claim(fresh_events(unclaimed, 0, now_ms, names)).values():
+        ticket = max(ticket, engine.outbox_claim(list(claim[0].seqs), claim[0].claim_id))
+    return len(unclaimed), ticket
 
 
 def _is_stripe_error(error: BaseException) -> bool:
@@ -561,6 +790,18 @@ def _by_claim(events: Sequence[MeterEvent]) -> dict[str, Claim]:
     for event in events:
         claims.setdefault(event.claim_id, []).append(event)
     return claims
+
+
+def _first_claims(claims: dict[str, Claim], max_events: int) -> dict[str, Claim]:
+    """The first claims (resends first, then the oldest) up to max_events events (at least one claim)."""
+    kept: dict[str, Claim] = {}
+    events = 0
+    for claim_id, claim in claims.items():
+        if kept and events + len(claim) > max_events:
+            break
+        kept[claim_id] = claim
+        events += len(claim)
+    return kept
 
 
 def _refusal_reason(claim: Claim, refused: tuple[MeterEvent, Classified],

@@ -477,6 +477,12 @@ def _check_payload_values(payload: Mapping[str, Any]) -> None:
 class _Handler(http.server.BaseHTTPRequestHandler):
     server_version = "FakeStripe/1.0"
     sys_version = ""
+    # Keep-alive, as Stripe's API does (HTTP/1.0 would make every SDK request open a new TCP connection, and a settler
+    # measured against the fake would pay for connects Stripe never asks of it). With keep-alive, the status line and
+    # headers and then the body go out in two writes: without TCP_NODELAY, Nagle's algorithm holds the second until
+    # the client's delayed ACK (~40 ms), capping a keep-alive client at ~25 requests/s per connection.
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
     fake: FakeStripe
     hosts: tuple[str, ...]
 
@@ -516,6 +522,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024  # the default listen backlog of 5 resets connections under a burst of clients
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away (killed, or it timed out) from a kept-alive connection is no error of the fake."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
 
 
 class _Listener:
@@ -573,7 +585,249 @@ class _Outage:
 # The fake
 # ---------------------------------------------------------------------------------------------------------------------
 
-class FakeStripe:
+# ---------------------------------------------------------------------------------------------------------------------
+# Invoices: drafts, the invoice list, retrieve and update (auto_advance), and the `invoice.created` webhook. Kept in
+# this section (a mixin of FakeStripe) so that it stays apart from the meter code.
+#
+# Facts (stripe-python 16.1.0, generated from Stripe's OpenAPI spec: stripe/_invoice_service.py,
+# stripe/params/_invoice_list_params.py, _invoice_update_params.py, stripe/_invoice.py):
+# - GET /v1/invoices "returned sorted by creation date, with the most recently created invoices appearing first";
+#   filters customer, status (draft|open|paid|uncollectible|void), subscription, collection_method, created; cursors
+#   starting_after / ending_before; limit 1..100, default 10. The list object is the usual {object, data, has_more,
+#   url}.
+# - GET /v1/invoices/{invoice}: the invoice; an unknown id is 404 resource_missing "No such invoice: 'in_...'".
+# - POST /v1/invoices/{invoice} (form encoded): "If you would like to stop the Stripe Billing engine from automatically
+#   finalizing ... invoices, pass auto_advance=false" (auto_advance: "Controls whether Stripe performs automatic
+#   collection of the invoice. If false, the invoice's state doesn't automatically advance without an explicit action").
+# - Invoice fields used: id, object, customer, status, created, currency, total ("Total after discounts and taxes"),
+#   subtotal, amount_due, auto_advance.
+# - `invoice.created` is sent when a draft is made; Stripe finalizes a subscription's draft about an hour later, unless
+#   auto_advance is false. The fake finalizes only when a test asks (finalize_due_drafts()).
+# ---------------------------------------------------------------------------------------------------------------------
+
+INVOICE_STATUSES: Final[frozenset[str]] = frozenset({"draft", "open", "paid", "uncollectible", "void"})
+_INVOICE_LIST_PARAMS: Final[tuple[str, ...]] = (
+    "customer", "status", "subscription", "collection_method", "created", "limit", "starting_after", "ending_before",
+    "expand",
+)
+_INVOICE_UPDATE_PARAMS: Final[tuple[str, ...]] = ("auto_advance", "description", "metadata", "expand")
+# Form-encoded booleans, as the SDK sends them (stripe/_encode.py: True -> "true").
+_FORM_BOOLEANS: Final[Mapping[str, bool]] = {"true": True, "false": False}
+
+
+class _FakeInvoices:
+    """Invoices of FakeStripe (see the section comment). Needs the host's lock, clock, _page and send_event."""
+
+    _lock: threading.RLock
+    _invoices: dict[str, dict[str, Any]]
+    _invoice_order: int
+
+    if TYPE_CHECKING:  # FakeStripe's own
+        def now(self) -> float: ...
+
+        @staticmethod
+        def _page(items: list[dict[str, Any]], params: Mapping[str, Any], url: str) -> dict[str, Any]: ...
+
+        def send_event(self, url: str, event: Mapping[str, Any], secret: str, *, timestamp: int | None = None,
+                       timeout: float = 10.0) -> WebhookDelivery: ...
+
+    def _init_invoices(self) -> None:
+        self._invoices = {}
+        self._invoice_order = 0
+
+    # -- setup and inspection (thread-safe) -------------------------------------------------------------------------
+
+    def add_invoice(self, customer: str, total: int, *, status: str = "paid", created: int | None = None,
+                    currency: str = "usd", invoice_id: str | None = None, subscription_id: str | None = None,
+                    auto_advance: bool | None = None, **fields: Any) -> dict[str, Any]:
+        """Store an invoice of `customer` for `total` (smallest currency unit), as Stripe would have it: by default a
+        paid one created now (`created`: Unix seconds, for a customer's history). Returns a copy."""
+        if status not in INVOICE_STATUSES:
+            raise ValueError(f"status is one of {sorted(INVOICE_STATUSES)}")
+        if total < 0:
+            raise ValueError("an invoice total is >= 0")
+        with self._lock:
+            invoice_id = invoice_id or f"in_{_rand(24)}"
+            if invoice_id in self._invoices:
+                raise ValueError(f"invoice {invoice_id} exists")
+            when = int(self.now()) if created is None else int(created)
+            draft = status == "draft"
+            invoice = invoice_object(
+                customer, status=status, amount_due=total, subscription_id=subscription_id, invoice_id=invoice_id,
+                created=when, currency=currency, total=total, subtotal=total,
+                auto_advance=(status == "draft") if auto_advance is None else auto_advance,
+                attempted=not draft, attempt_count=0 if draft else 1, **fields,
+            )
+            invoice["period_start"], invoice["period_end"] = when - 30 * 86_400, when
+            self._invoice_order += 1
+            invoice["_order"] = self._invoice_order
+            self._invoices[invoice_id] = invoice
+            return self._invoice_view(invoice)
+
+    def create_draft_invoice(self, customer: str, total: int, **kwargs: Any) -> dict[str, Any]:
+        """A new draft (auto_advance true, as a subscription renewal's draft), as Stripe makes it before finalizing."""
+        return self.add_invoice(customer, total, status="draft", **kwargs)
+
+    def invoice(self, invoice_id: str) -> dict[str, Any]:
+        """The stored invoice (KeyError when unknown)."""
+        with self._lock:
+            return self._invoice_view(self._invoices[invoice_id])
+
+    def invoices(self, customer: str | None = None) -> list[dict[str, Any]]:
+        """Every invoice (of one customer), newest first, as GET /v1/invoices orders them."""
+        with self._lock:
+            return [self._invoice_view(x) for x in self._sorted_invoices() if customer is None or
+                    x["customer"] == customer]
+
+    def finalize_due_drafts(self) -> list[str]:
+        """What Stripe does about an hour after `invoice.created`: finalize every draft whose auto_advance is true
+        (status open). Returns the ids finalized; drafts on hold (auto_advance false) stay drafts."""
+        with self._lock:
+            done = []
+            for invoice in self._sorted_invoices():
+                if invoice["status"] == "draft" and invoice["auto_advance"]:
+                    invoice["status"] = "open"
+                    invoice["attempted"] = False
+                    done.append(invoice["id"])
+            return done
+
+    def invoice_created_event(self, invoice_id: str) -> dict[str, Any]:
+        """The snapshot `invoice.created` event of a stored invoice (the invoice as it is now in data.object)."""
+        return build_event("invoice.created", self.invoice(invoice_id))
+
+    def send_invoice_created(self, url: str, invoice_id: str, secret: str, *, timeout: float = 10.0) -> WebhookDelivery:
+        """POST a signed `invoice.created` for a stored invoice to `url`, as Stripe delivers it (see send_event)."""
+        return self.send_event(url, self.invoice_created_event(invoice_id), secret, timeout=timeout)
+
+    # -- internals (called with the lock held) ------------------------------------------------------------------------
+
+    def _sorted_invoices(self) -> list[dict[str, Any]]:
+        # Newest first; invoices created in the same second: the one stored later first.
+        return sorted(self._invoices.values(), key=lambda x: (x["created"], x["_order"]), reverse=True)
+
+    @staticmethod
+    def _invoice_view(invoice: Mapping[str, Any]) -> dict[str, Any]:
+        view = copy.deepcopy(dict(invoice))
+        view.pop("_order", None)
+        return view
+
+    def _invoice_or_404(self, invoice_id: str) -> dict[str, Any]:
+        invoice = self._invoices.get(invoice_id)
+        if invoice is None:
+            raise _ApiError(404, "invalid_request_error", f"No such invoice: '{invoice_id}'", code="resource_missing",
+                            param="id")
+        return invoice
+
+    # -- routes -------------------------------------------------------------------------------------------------------
+
+    def _v1_list_invoices(self, req: _Request, m: re.Match[str], params: dict[str, Any]) -> _Handled:
+        _check_unknown(params, _INVOICE_LIST_PARAMS)
+        status = params.get("status")
+        if status is not None and status not in INVOICE_STATUSES:
+            raise _ApiError(400, "invalid_request_error", f"Invalid status: must be one of "
+                            f"{', '.join(sorted(INVOICE_STATUSES))}", code="parameter_invalid_string", param="status")
+        created = params.get("created")
+        if created is not None and not isinstance(created, (str, dict)):
+            raise _ApiError(400, "invalid_request_error", "Invalid created", param="created")
+        with self._lock:
+            items = [self._invoice_view(x) for x in self._sorted_invoices() if _invoice_matches(x, params)]
+        return 200, self._page(items, params, "/v1/invoices"), {}
+
+    def _v1_get_invoice(self, req: _Request, m: re.Match[str], params: dict[str, Any]) -> _Handled:
+        _check_unknown(params, ("expand",))
+        with self._lock:
+            return 200, self._invoice_view(self._invoice_or_404(m["id"])), {}
+
+    def _v1_update_invoice(self, req: _Request, m: re.Match[str], params: dict[str, Any]) -> _Handled:
+        _check_unknown(params, _INVOICE_UPDATE_PARAMS)
+        changes: dict[str, Any] = {}
+        if "auto_advance" in params:
+            raw = params["auto_advance"]
+            if raw not in _FORM_BOOLEANS:
+                raise _ApiError(400, "invalid_request_error", f"Invalid boolean: {raw}",
+                                code="parameter_invalid_boolean", param="auto_advance")
+            changes["auto_advance"] = _FORM_BOOLEANS[raw]
+        if "description" in params:
+            changes["description"] = params["description"] or None
+        with self._lock:
+            invoice = self._invoice_or_404(m["id"])
+            invoice.update(changes)
+            if isinstance(params.get("metadata"), dict):
+                invoice.setdefault("metadata", {}).update(params["metadata"])
+            return 200, self._invoice_view(invoice), {}
+
+
+def _invoice_matches(invoice: Mapping[str, Any], params: Mapping[str, Any]) -> bool:
+    """The list filters: customer, status, subscription, collection_method, created (an int or gt/gte/lt/lte)."""
+    for name in ("customer", "status", "collection_method"):
+        if params.get(name) is not None and invoice.get(name) != params[name]:
+            return False
+    subscription = params.get("subscription")
+    parent = invoice.get("parent") or {}
+    if subscription is not None and (parent.get("subscription_details") or {}).get("subscription") != subscription:
+        return False
+    created = params.get("created")
+    if isinstance(created, str):
+        return bool(created.isdigit() and invoice["created"] == int(created))
+    if isinstance(created, dict):
+        bounds = {"gt": lambda a, b: a > b, "gte": lambda a, b: a >= b, "lt": lambda a, b: a < b,
+                  "lte": lambda a, b: a <= b}
+        for op, value in created.items():
+            if op not in bounds or not str(value).isdigit():
+                raise _ApiError(400, "invalid_request_error", f"Invalid created[{op}]", param=f"created[{op}]")
+            if not bounds[op](invoice["created"], int(value)):
+                return False
+    return True
+
+
+_INVOICE_ROUTES: Final[list[tuple[str, str, re.Pattern[str], str]]] = [
+    ("api", "GET", re.compile(r"^/v1/invoices$"), "_v1_list_invoices"),
+    ("api", "GET", re.compile(r"^/v1/invoices/(?P<id>[^/]+)$"), "_v1_get_invoice"),
+    ("api", "POST", re.compile(r"^/v1/invoices/(?P<id>[^/]+)$"), "_v1_update_invoice"),
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Divergence injection, for reconciliation tests (a mixin of FakeStripe, kept apart from the meter code)
+# ---------------------------------------------------------------------------------------------------------------------
+
+class _FakeMeterInjection:
+    """Meter data Stripe has that spendgate never sent: what a second sender, or a bug, leaves on an invoice."""
+
+    _lock: threading.RLock
+    _visibility_delay: float
+
+    if TYPE_CHECKING:  # FakeStripe's own
+        def now(self) -> float: ...
+
+        def _active_meter(self, event_name: str) -> dict[str, Any] | None: ...
+
+        def _store_event(self, *, event_name: str, identifier: str, payload: Mapping[str, Any], timestamp: int,
+                         source: str, meter: Mapping[str, Any] | None) -> dict[str, Any]: ...
+
+    def inject_meter_event(self, event_name: str, customer: str, value: int, *, timestamp: int | None = None,
+                           identifier: str | None = None, visible_now: bool = True,
+                           dimensions: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """Add an accepted meter event straight to the meter's data (no HTTP request, no request log entry), as if
+        another system had sent it. visible_now: counted by the summaries at once, despite visibility_delay_seconds
+        (else it becomes visible like any event). dimensions: more payload keys (model and token_type on the
+        token-billing meter). Returns a copy of the stored event."""
+        with self._lock:
+            meter = self._active_meter(event_name)
+            if meter is None:
+                raise KeyError(event_name)
+            ev = self._store_event(
+                event_name=event_name, identifier=identifier or f"injected-{_rand(16)}",
+                payload={**(dimensions or {}), meter["customer_mapping"]["event_payload_key"]: customer,
+                         meter["value_settings"]["event_payload_key"]: str(value)},
+                timestamp=int(self.now()) if timestamp is None else timestamp, source="injected", meter=meter,
+            )
+            if visible_now:
+                ev["received_at"] -= self._visibility_delay
+            return copy.deepcopy(ev)
+
+
+class FakeStripe(_FakeInvoices, _FakeMeterInjection):
     """See the module docstring. All public methods are thread-safe."""
 
     _outage: str | None
@@ -629,6 +883,7 @@ class FakeStripe:
 
         self._meters: dict[str, dict[str, Any]] = {}
         self._customers: dict[str, dict[str, Any]] = {}
+        self._init_invoices()
         self._initial_faults: dict[str, Any] = {}
         self._reset_state()
         for meter in meters:
@@ -1118,6 +1373,7 @@ class FakeStripe:
         ("api", "POST", re.compile(r"^/v2/billing/meter_event_adjustments$"), "_v2_adjustment"),
         ("api", "GET", re.compile(r"^/v2/core/events/(?P<id>[^/]+)$"), "_v2_get_event"),
         ("meter_events", "POST", re.compile(r"^/v2/billing/meter_event_stream$"), "_v2_stream"),
+        *_INVOICE_ROUTES,
     ]
     _RECORDING: Final = frozenset({"_v1_meter_event", "_v2_meter_event", "_v2_stream"})
 

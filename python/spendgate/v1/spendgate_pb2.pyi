@@ -433,7 +433,7 @@ class DimensionUsage(_message.Message):
     def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ..., units: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("customer_id", "period_start_ms", "period_end_ms", "current", "total", "commits", "included", "limit", "overage", "included_remaining", "projected_total", "projected_overage", "daily", "by_model", "by_dimension", "reserved", "spent", "credits_granted", "grants", "credits")
+    __slots__ = ("customer_id", "period_start_ms", "period_end_ms", "current", "total", "commits", "included", "limit", "overage", "included_remaining", "projected_total", "projected_overage", "daily", "by_model", "by_dimension", "reserved", "spent", "credits_granted", "grants", "credits", "folded_dimension_keys")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     PERIOD_START_MS_FIELD_NUMBER: _ClassVar[int]
     PERIOD_END_MS_FIELD_NUMBER: _ClassVar[int]
@@ -454,6 +454,7 @@ class Usage(_message.Message):
     CREDITS_GRANTED_FIELD_NUMBER: _ClassVar[int]
     GRANTS_FIELD_NUMBER: _ClassVar[int]
     CREDITS_FIELD_NUMBER: _ClassVar[int]
+    FOLDED_DIMENSION_KEYS_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     period_start_ms: int
     period_end_ms: int
@@ -474,7 +475,8 @@ class Usage(_message.Message):
     credits_granted: int
     grants: int
     credits: int
-    def __init__(self, customer_id: _Optional[str] = ..., period_start_ms: _Optional[int] = ..., period_end_ms: _Optional[int] = ..., current: _Optional[bool] = ..., total: _Optional[int] = ..., commits: _Optional[int] = ..., included: _Optional[int] = ..., limit: _Optional[int] = ..., overage: _Optional[int] = ..., included_remaining: _Optional[int] = ..., projected_total: _Optional[int] = ..., projected_overage: _Optional[int] = ..., daily: _Optional[_Iterable[_Union[DayUsage, _Mapping]]] = ..., by_model: _Optional[_Iterable[_Union[ModelUsage, _Mapping]]] = ..., by_dimension: _Optional[_Iterable[_Union[DimensionUsage, _Mapping]]] = ..., reserved: _Optional[int] = ..., spent: _Optional[int] = ..., credits_granted: _Optional[int] = ..., grants: _Optional[int] = ..., credits: _Optional[int] = ...) -> None: ...
+    folded_dimension_keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, customer_id: _Optional[str] = ..., period_start_ms: _Optional[int] = ..., period_end_ms: _Optional[int] = ..., current: _Optional[bool] = ..., total: _Optional[int] = ..., commits: _Optional[int] = ..., included: _Optional[int] = ..., limit: _Optional[int] = ..., overage: _Optional[int] = ..., included_remaining: _Optional[int] = ..., projected_total: _Optional[int] = ..., projected_overage: _Optional[int] = ..., daily: _Optional[_Iterable[_Union[DayUsage, _Mapping]]] = ..., by_model: _Optional[_Iterable[_Union[ModelUsage, _Mapping]]] = ..., by_dimension: _Optional[_Iterable[_Union[DimensionUsage, _Mapping]]] = ..., reserved: _Optional[int] = ..., spent: _Optional[int] = ..., credits_granted: _Optional[int] = ..., grants: _Optional[int] = ..., credits: _Optional[int] = ..., folded_dimension_keys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class WatchAlertsRequest(_message.Message):
     __slots__ = ("after_seq", "from_start", "customer_ids")
@@ -578,7 +580,7 @@ class GetSettlementStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SettlementStatus(_message.Message):
-    __slots__ = ("enabled", "transport", "event_name", "aggregate_window_ms", "outbox_depth", "max_outbox_entries", "oldest_age_ms", "dead_letters", "last_success_ms", "last_error", "last_error_ms", "delivered_events", "delivered_entries", "dead_lettered_entries", "failing_since_ms")
+    __slots__ = ("enabled", "transport", "event_name", "aggregate_window_ms", "outbox_depth", "max_outbox_entries", "oldest_age_ms", "dead_letters", "last_success_ms", "last_error", "last_error_ms", "delivered_events", "delivered_entries", "dead_lettered_entries", "failing_since_ms", "auto_aggregate", "auto_aggregating")
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     EVENT_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -594,6 +596,8 @@ class SettlementStatus(_message.Message):
     DELIVERED_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     DEAD_LETTERED_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     FAILING_SINCE_MS_FIELD_NUMBER: _ClassVar[int]
+    AUTO_AGGREGATE_FIELD_NUMBER: _ClassVar[int]
+    AUTO_AGGREGATING_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
     transport: str
     event_name: str
@@ -609,7 +613,9 @@ class SettlementStatus(_message.Message):
     delivered_entries: int
     dead_lettered_entries: int
     failing_since_ms: int
-    def __init__(self, enabled: _Optional[bool] = ..., transport: _Optional[str] = ..., event_name: _Optional[str] = ..., aggregate_window_ms: _Optional[int] = ..., outbox_depth: _Optional[int] = ..., max_outbox_entries: _Optional[int] = ..., oldest_age_ms: _Optional[int] = ..., dead_letters: _Optional[int] = ..., last_success_ms: _Optional[int] = ..., last_error: _Optional[str] = ..., last_error_ms: _Optional[int] = ..., delivered_events: _Optional[int] = ..., delivered_entries: _Optional[int] = ..., dead_lettered_entries: _Optional[int] = ..., failing_since_ms: _Optional[int] = ...) -> None: ...
+    auto_aggregate: bool
+    auto_aggregating: bool
+    def __init__(self, enabled: _Optional[bool] = ..., transport: _Optional[str] = ..., event_name: _Optional[str] = ..., aggregate_window_ms: _Optional[int] = ..., outbox_depth: _Optional[int] = ..., max_outbox_entries: _Optional[int] = ..., oldest_age_ms: _Optional[int] = ..., dead_letters: _Optional[int] = ..., last_success_ms: _Optional[int] = ..., last_error: _Optional[str] = ..., last_error_ms: _Optional[int] = ..., delivered_events: _Optional[int] = ..., delivered_entries: _Optional[int] = ..., dead_lettered_entries: _Optional[int] = ..., failing_since_ms: _Optional[int] = ..., auto_aggregate: _Optional[bool] = ..., auto_aggregating: _Optional[bool] = ...) -> None: ...
 
 class BackupRequest(_message.Message):
     __slots__ = ("dest_dir",)
@@ -630,6 +636,32 @@ class BackupResponse(_message.Message):
     started_ms: int
     duration_ms: int
     def __init__(self, dest_dir: _Optional[str] = ..., size_bytes: _Optional[int] = ..., durable_ticket: _Optional[int] = ..., started_ms: _Optional[int] = ..., duration_ms: _Optional[int] = ...) -> None: ...
+
+class CreateUsageLinkRequest(_message.Message):
+    __slots__ = ("customer_id", "ttl_ms", "allow_limit", "ceiling")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    CEILING_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    ttl_ms: int
+    allow_limit: bool
+    ceiling: int
+    def __init__(self, customer_id: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., allow_limit: _Optional[bool] = ..., ceiling: _Optional[int] = ...) -> None: ...
+
+class CreateUsageLinkResponse(_message.Message):
+    __slots__ = ("url", "path", "expires_at_ms", "scope", "ceiling")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    CEILING_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    path: str
+    expires_at_ms: int
+    scope: str
+    ceiling: int
+    def __init__(self, url: _Optional[str] = ..., path: _Optional[str] = ..., expires_at_ms: _Optional[int] = ..., scope: _Optional[str] = ..., ceiling: _Optional[int] = ...) -> None: ...
 
 class VirtualKey(_message.Message):
     __slots__ = ("key_id", "customer_id", "created_ms")
@@ -710,3 +742,27 @@ class GrantCreditsResponse(_message.Message):
     replayed: bool
     balance: Balance
     def __init__(self, customer_id: _Optional[str] = ..., amount: _Optional[int] = ..., reason: _Optional[str] = ..., granted_ms: _Optional[int] = ..., limit_after: _Optional[int] = ..., credits_after: _Optional[int] = ..., replayed: _Optional[bool] = ..., balance: _Optional[_Union[Balance, _Mapping]] = ...) -> None: ...
+
+class ReleaseInvoiceRequest(_message.Message):
+    __slots__ = ("invoice_id",)
+    INVOICE_ID_FIELD_NUMBER: _ClassVar[int]
+    invoice_id: str
+    def __init__(self, invoice_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseInvoiceResponse(_message.Message):
+    __slots__ = ("invoice_id", "stripe_customer_id", "status", "auto_advance", "was_held", "total", "currency")
+    INVOICE_ID_FIELD_NUMBER: _ClassVar[int]
+    STRIPE_CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    AUTO_ADVANCE_FIELD_NUMBER: _ClassVar[int]
+    WAS_HELD_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    invoice_id: str
+    stripe_customer_id: str
+    status: str
+    auto_advance: bool
+    was_held: bool
+    total: int
+    currency: str
+    def __init__(self, invoice_id: _Optional[str] = ..., stripe_customer_id: _Optional[str] = ..., status: _Optional[str] = ..., auto_advance: _Optional[bool] = ..., was_held: _Optional[bool] = ..., total: _Optional[int] = ..., currency: _Optional[str] = ...) -> None: ...

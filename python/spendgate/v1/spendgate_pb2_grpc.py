@@ -460,6 +460,11 @@ class AdminStub:
                 request_serializer=spendgate_dot_v1_dot_spendgate__pb2.BackupRequest.SerializeToString,
                 response_deserializer=spendgate_dot_v1_dot_spendgate__pb2.BackupResponse.FromString,
                 _registered_method=True)
+        self.CreateUsageLink = channel.unary_unary(
+                '/spendgate.v1.Admin/CreateUsageLink',
+                request_serializer=spendgate_dot_v1_dot_spendgate__pb2.CreateUsageLinkRequest.SerializeToString,
+                response_deserializer=spendgate_dot_v1_dot_spendgate__pb2.CreateUsageLinkResponse.FromString,
+                _registered_method=True)
         self.CreateVirtualKey = channel.unary_unary(
                 '/spendgate.v1.Admin/CreateVirtualKey',
                 request_serializer=spendgate_dot_v1_dot_spendgate__pb2.CreateVirtualKeyRequest.SerializeToString,
@@ -479,6 +484,11 @@ class AdminStub:
                 '/spendgate.v1.Admin/GrantCredits',
                 request_serializer=spendgate_dot_v1_dot_spendgate__pb2.GrantCreditsRequest.SerializeToString,
                 response_deserializer=spendgate_dot_v1_dot_spendgate__pb2.GrantCreditsResponse.FromString,
+                _registered_method=True)
+        self.ReleaseInvoice = channel.unary_unary(
+                '/spendgate.v1.Admin/ReleaseInvoice',
+                request_serializer=spendgate_dot_v1_dot_spendgate__pb2.ReleaseInvoiceRequest.SerializeToString,
+                response_deserializer=spendgate_dot_v1_dot_spendgate__pb2.ReleaseInvoiceResponse.FromString,
                 _registered_method=True)
 
 
@@ -540,6 +550,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateUsageLink(self, request, context):
+        """A signed link to one customer's usage page on http_listen, for the app to hand to that customer (README "The
+        usage page"). NOT_FOUND for a customer without a budget; FAILED_PRECONDITION when http_listen is off.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateVirtualKey(self, request, context):
         """The HTTP proxy's per-customer virtual API keys (stored hashed in LMDB). Create returns the key, this once;
         NOT_FOUND for a customer without a budget.
@@ -571,6 +589,16 @@ class AdminServicer:
         and the unused credits carry into the next period at a roll-over: credits never expire, they are used up. For a
         prepaid plan, use a lifetime period and grant each purchase. INVALID_ARGUMENT, with nothing changed, when
         limit + credits + amount would pass 2^53.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseInvoice(self, request, context):
+        """The invoice-spike guard: let Stripe finalize a draft invoice again, setting its auto_advance back to true (the
+        guard sets it to false on a spike with invoice_spike_action = "hold"). The sidecar calls Stripe with its
+        STRIPE_API_KEY. FAILED_PRECONDITION without a key or when the invoice is no longer a draft; NOT_FOUND when Stripe
+        has no such invoice; UNAVAILABLE when Stripe cannot be reached (retry).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -614,6 +642,11 @@ def add_AdminServicer_to_server(servicer, server):
                     request_deserializer=spendgate_dot_v1_dot_spendgate__pb2.BackupRequest.FromString,
                     response_serializer=spendgate_dot_v1_dot_spendgate__pb2.BackupResponse.SerializeToString,
             ),
+            'CreateUsageLink': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateUsageLink,
+                    request_deserializer=spendgate_dot_v1_dot_spendgate__pb2.CreateUsageLinkRequest.FromString,
+                    response_serializer=spendgate_dot_v1_dot_spendgate__pb2.CreateUsageLinkResponse.SerializeToString,
+            ),
             'CreateVirtualKey': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateVirtualKey,
                     request_deserializer=spendgate_dot_v1_dot_spendgate__pb2.CreateVirtualKeyRequest.FromString,
@@ -633,6 +666,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GrantCredits,
                     request_deserializer=spendgate_dot_v1_dot_spendgate__pb2.GrantCreditsRequest.FromString,
                     response_serializer=spendgate_dot_v1_dot_spendgate__pb2.GrantCreditsResponse.SerializeToString,
+            ),
+            'ReleaseInvoice': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseInvoice,
+                    request_deserializer=spendgate_dot_v1_dot_spendgate__pb2.ReleaseInvoiceRequest.FromString,
+                    response_serializer=spendgate_dot_v1_dot_spendgate__pb2.ReleaseInvoiceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -836,6 +874,33 @@ class Admin:
             _registered_method=True)
 
     @staticmethod
+    def CreateUsageLink(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spendgate.v1.Admin/CreateUsageLink',
+            spendgate_dot_v1_dot_spendgate__pb2.CreateUsageLinkRequest.SerializeToString,
+            spendgate_dot_v1_dot_spendgate__pb2.CreateUsageLinkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def CreateVirtualKey(request,
             target,
             options=(),
@@ -933,6 +998,33 @@ class Admin:
             '/spendgate.v1.Admin/GrantCredits',
             spendgate_dot_v1_dot_spendgate__pb2.GrantCreditsRequest.SerializeToString,
             spendgate_dot_v1_dot_spendgate__pb2.GrantCreditsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseInvoice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spendgate.v1.Admin/ReleaseInvoice',
+            spendgate_dot_v1_dot_spendgate__pb2.ReleaseInvoiceRequest.SerializeToString,
+            spendgate_dot_v1_dot_spendgate__pb2.ReleaseInvoiceResponse.FromString,
             options,
             channel_credentials,
             insecure,

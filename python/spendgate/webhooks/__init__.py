@@ -2,6 +2,7 @@
 
 - server.py: the HTTP endpoint (POST /stripe/webhook): signature verification, status codes.
 - handlers.py: what each event does to the budgets, idempotently.
+- invoices.py: the invoice-spike guard (invoice.created; Admin.ReleaseInvoice).
 
     receiver = build_receiver(settings, engine, waiter.wait)
     add_webhook_routes(app, receiver)
@@ -16,6 +17,7 @@ from typing import Any, Final
 from spendgate import _core
 from spendgate.config import ConfigError, Settings
 from spendgate.webhooks.handlers import STATE_FILE_NAME, WebhookHandlers
+from spendgate.webhooks.invoices import InvoiceGuard
 from spendgate.webhooks.server import WEBHOOK_PATH, WebhookReceiver, add_webhook_routes, parse_secrets
 
 __all__ = ["WEBHOOK_PATH", "WebhookReceiver", "add_webhook_routes", "build_receiver"]
@@ -24,9 +26,10 @@ __all__ = ["WEBHOOK_PATH", "WebhookReceiver", "add_webhook_routes", "build_recei
 FETCH_TIMEOUT_S: Final[float] = 10.0
 
 
-def build_receiver(settings: Settings, engine: _core.Engine,
-                   wait_durable: Callable[[int], Awaitable[None]]) -> WebhookReceiver:
-    """The webhook endpoint for these settings. Raises ConfigError when webhook_listen is set without a secret."""
+def build_receiver(settings: Settings, engine: _core.Engine, wait_durable: Callable[[int], Awaitable[None]],
+                   invoice_guard: InvoiceGuard | None = None) -> WebhookReceiver:
+    """The webhook endpoint for these settings. Raises ConfigError when webhook_listen is set without a secret.
+    invoice_guard: what invoice.created does (the sidecar's one guard, which Admin.ReleaseInvoice shares)."""
     secrets = parse_secrets(settings.webhook_secret)
     if not secrets:
         raise ConfigError(
@@ -40,6 +43,7 @@ def build_receiver(settings: Settings, engine: _core.Engine,
         payment_failed_action=settings.webhook_payment_failed_action,
         legacy_state_path=Path(settings.data_dir) / STATE_FILE_NAME,
         fetch_event=_event_fetcher(settings),
+        invoice_guard=invoice_guard,
     )
     return WebhookReceiver(handlers, secrets)
 

@@ -6,6 +6,7 @@ everything here runs only for an authentic event.
 | `customer.subscription.created` / `.updated` | limit = `webhook_plan_limits[price id or lookup_key of the first item]`, on the customer's budget (created, with customer_id = the Stripe customer id, if there is none); every budget billed to the customer gets the subscription's current period as its period (see Periods). An active or trialing subscription also unfreezes a budget that `.deleted` froze. |
 | `customer.subscription.deleted` | freeze the customer's budgets ("Stripe: subscription sub_... deleted"). |
 | `invoice.payment_failed` | `webhook_payment_failed_action`: `flag` (log and count) or `freeze` (remembering the invoice). |
+| `invoice.created` | the invoice-spike guard (spendgate.webhooks.invoices): compare the draft with the customer's previous invoice; past `invoice_spike_percent`, an `invoice_spike` alert, and with `invoice_spike_action = hold` the draft's auto_advance set to false (released by `spendgate invoices release`). |
 | `invoice.paid` | a subscription invoice whose subscription line starts a period later than a budget's current one rolls the budget over to it (see Periods); and unfreeze a budget that `invoice.payment_failed` froze, once every invoice that froze it is paid. |
 | `v1.billing.meter.error_report_triggered`, `v1.billing.meter.no_meter_found` (thin events) | log, count per error code, link the sample identifiers to dead letters and ledger reservations. |
 
@@ -54,9 +55,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from spendgate import _core
+
+if TYPE_CHECKING:
+    from spendgate.webhooks.invoices import InvoiceGuard
 
 log = logging.getLogger("spendgate.webhooks")
 
@@ -76,6 +80,7 @@ SUBSCRIPTION_CHANGED: Final[frozenset[str]] = frozenset({"customer.subscription.
 SUBSCRIPTION_DELETED: Final[str] = "customer.subscription.deleted"
 INVOICE_PAID: Final[str] = "invoice.paid"
 INVOICE_PAYMENT_FAILED: Final[str] = "invoice.payment_failed"
+INVOICE_CREATED: Final[str] = "invoice.created"
 # Thin (v2) events about meter events Stripe refused after accepting them (stripe/events/_v1_billing_meter_*).
 METER_ERROR_EVENTS: Final[frozenset[str]] = frozenset(
     {"v1.billing.meter.error_report_triggered", "v1.billing.meter.no_meter_found"}
@@ -196,9 +201,11 @@ class WebhookHandlers:
         payment_failed_action: str,
         legacy_state_path: Path | None = None,
         fetch_event: Callable[[str], Mapping[str, Any]] | None = None,
+        invoice_guard: InvoiceGuard | None = None,
     ) -> None:
         """fetch_event(id): the full v2 event behind a thin notification (a blocking Stripe call, run in a thread);
-        None when no STRIPE_API_KEY is set (then meter error reports are logged without their details)."""
+        None when no STRIPE_API_KEY is set (then meter error reports are logged without their details).
+        invoice_guard: what invoice.created does (None: nothing, the event is ignored)."""
         assert payment_failed_action in ("flag", "freeze"), payment_failed_action
         self._engine = engine
         self._wait_durable = wait_durable
@@ -206,6 +213,7 @@ class WebhookHandlers:
         self._payment_failed_action = payment_failed_action
         self._legacy_path = legacy_state_path
         self._fetch_event = fetch_event
+        self._invoice_guard = invoice_guard
         self._state = WebhookState.load(engine, legacy_state_path)
         self._lock = asyncio.Lock()
         self.stats = WebhookStats()
@@ -273,6 +281,8 @@ class WebhookHandlers:
             return await self._payment_failed(event_id, obj, customer)
         if event_type == INVOICE_PAID:
             return await self._invoice_paid(event_id, obj, customer)
+        if event_type == INVOICE_CREATED and self._invoice_guard is not None:
+            return await self._invoice_created(event_id, obj, customer)
         return None
 
     async def _dispatch_thin(self, event_id: str, event_type: str, note: Mapping[str, Any]) -> Outcome | None:
@@ -439,6 +449,19 @@ class WebhookHandlers:
             log.info("webhook %s: invoice %s paid: unfroze budget %s", event_id, invoice_id, budget_id)
             actions.append(f"unfroze {budget_id}")
         return Outcome(200, "; ".join(a for a in actions if a) or f"{invoice_id} paid: nothing to change")
+
+    async def _invoice_created(self, event_id: str, invoice: Mapping[str, Any], customer: str) -> Outcome:
+        from spendgate.webhooks.invoices import RetryLater  # noqa: PLC0415 - with the guard only
+
+        assert self._invoice_guard is not None
+        budget = _pick_budget(self._budgets_of(customer)[0], customer)  # the alert names the budget billed
+        try:
+            action = await self._invoice_guard.on_invoice_created(
+                event_id, invoice, budget.customer_id if budget is not None else customer)
+        except RetryLater as error:
+            raise TransientError(f"invoice {invoice.get('id')}: not now: {error}") from None
+        self.stats.count("invoice_created")
+        return Outcome(200, action)
 
     # -- meter errors ------------------------------------------------------------------------------------------------
 
@@ -643,7 +666,7 @@ def _mapping(value: Any) -> Mapping[str, Any]:
 
 def _acts_on(event_type: str) -> bool:
     return event_type in SUBSCRIPTION_CHANGED or event_type in (
-        SUBSCRIPTION_DELETED, INVOICE_PAID, INVOICE_PAYMENT_FAILED
+        SUBSCRIPTION_DELETED, INVOICE_PAID, INVOICE_PAYMENT_FAILED, INVOICE_CREATED
     )
 
 

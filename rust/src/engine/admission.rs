@@ -85,9 +85,7 @@ impl Shared {
     }
 
     fn check_room(&self) -> Result<(), EngineError> {
-        if self.map_full.load(SeqCst) {
-            return Err(self.map_full_error());
-        }
+        self.check_map_room(crate::capacity::HOLD_WORST_CASE_BYTES)?;
         if self.outbox_depth.load(SeqCst) >= self.config.max_outbox_entries {
             return Err(EngineError::exhausted(format!(
                 "{} committed usages are waiting for settlement to Stripe (max_outbox_entries): new reservations are \
@@ -145,7 +143,9 @@ impl Shared {
             parent.add_hold(amount);
         }
         let hold_id = self.next_hold_id.fetch_add(1, SeqCst);
-        let now_ms = self.clock.now_ms();
+        // The hold ends on engine time (monotonic); expires_ms is the wall-clock estimate the caller is shown.
+        let (mono_ms, now_ms) = self.clock.mono_and_now();
+        let deadline_mono_ms = mono_ms + ttl_ms as i64;
         let expires_ms = now_ms + ttl_ms as i64;
         let record = HoldRecord {
             customer_id: budget.customer_id.to_string(),
@@ -153,6 +153,7 @@ impl Shared {
             status: HoldStatus::Active,
             created_ms: now_ms,
             expires_ms,
+            deadline_mono_ms: Some(deadline_mono_ms),
             idempotency_key: composite_key.map(|_| args.idempotency_key.to_string()),
             committed_amount: None,
             excess: 0,
@@ -172,6 +173,7 @@ impl Shared {
             extras: HoldExtras::boxed(args.model, &args.dimensions, args.fingerprint),
             amount,
             expires_ms,
+            deadline_mono_ms,
             idem_key: composite_key.map(Into::into),
             resolution: None,
             ticket,
@@ -398,6 +400,7 @@ impl Shared {
                             extras: HoldExtras::boxed(&record.model, &record.dimensions, &record.fingerprint),
                             amount: record.amount,
                             expires_ms: record.expires_ms,
+                            deadline_mono_ms: record.deadline_mono_ms.unwrap_or(i64::MIN), // ended already
                             idem_key: None,
                             resolution: Some(Resolution::Expired),
                             ticket: 0,
@@ -589,12 +592,13 @@ impl Shared {
         if self.check_open().is_err() {
             return 0;
         }
-        let now_ms = self.clock.now_ms();
+        // Due by engine time alone: a step of the wall clock neither ends a hold early nor keeps it alive.
+        let (mono_ms, now_ms) = self.clock.mono_and_now();
         // Collect first: mutating while a DashMap iterator holds a shard lock would deadlock.
         let due: Vec<u64> = self
             .holds
             .iter()
-            .filter(|entry| entry.resolution.is_none() && entry.expires_ms <= now_ms)
+            .filter(|entry| entry.resolution.is_none() && entry.deadline_mono_ms <= mono_ms)
             .map(|entry| *entry.key())
             .collect();
         let mut expired = 0;

@@ -12,8 +12,6 @@
 //! - Each grant is a ledger entry of kind `grant` (never in the outbox: a grant is not billed) and counts in the
 //!   period's usage record (`granted`, `grants`), never in its usage.
 
-use std::sync::atomic::Ordering::SeqCst;
-
 use dashmap::mapref::entry::Entry;
 
 use super::{validate_amount, validate_id, BalanceView, Shared};
@@ -84,9 +82,7 @@ impl Shared {
                     drop(entry);
                     return replay_grant(key, customer_id, amount, memo_of(record), budget.view());
                 }
-                if self.map_full.load(SeqCst) {
-                    return Err(self.map_full_error());
-                }
+                self.check_map_room(crate::capacity::GRANT_WORST_CASE_BYTES)?;
                 let mut admin = budget.admin.lock().expect("budget admin lock");
                 let limit_after = admin.limit_with_credits().checked_add(amount).unwrap_or(i64::MAX);
                 if limit_after > MAX_AMOUNT_UNITS {

@@ -2,11 +2,13 @@
 //!
 //! - `admission.rs`: Reserve, Commit, Release and expiry (the hot paths).
 //! - `policy.rs`: budget settings, periods and their roll-over, freezing, the circuit breaker, alerts.
+//! - `time.rs`: the clocks (crate::clock) in the engine: the checkpoint, clock-step alerts, restored deadlines.
 //! - `views.rs`: balances, usage per period, closed periods, alerts to read.
 
 mod admission;
 mod credits;
 mod policy;
+mod time;
 mod views;
 
 use std::fs::File;
@@ -25,7 +27,11 @@ use dashmap::DashMap;
 use crate::alerts::{AlertKind, PendingAlert, MAX_ALERTS_BATCH};
 use crate::breaker::BreakerConfig;
 use crate::budget::Budget;
-use crate::clock::{Clock, SystemClock};
+use crate::capacity::{mib, room_needed_bytes, MapUsage};
+use crate::clock::{
+    Clock, SystemClock, TimeKeeper, CLOCK_CHECKPOINT_INTERVAL_MS, MAX_CLOCK_STEP_CONFIRM_MS_CEILING,
+    MAX_CLOCK_STEP_MS_CEILING,
+};
 use crate::error::EngineError;
 use crate::hold::{truncate_for_message, DenyReason, HoldSlot, HoldState};
 use crate::identity::Identity;
@@ -33,7 +39,9 @@ use crate::limits::*;
 use crate::period::PeriodRule;
 use crate::records::{AlertRecord, BudgetRecord, DeadLetter, Dimensions, HoldRecord, OutboxEntry, UsageDetail};
 use crate::store::{idempotency_key, Store};
-use crate::writer::{Op, Ticketed, Writer};
+use crate::writer::{MapLimits, Op, Ticketed, Writer};
+
+use time::clock_checkpoint;
 
 pub use credits::GrantOutcome;
 pub use policy::BudgetUpdate;
@@ -42,7 +50,12 @@ pub use views::{BalanceView, UsageView};
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     pub data_dir: PathBuf,
+    /// Where the LMDB map starts; the writer grows it up to `map_max_mb` (crate::capacity).
     pub map_size_mb: u64,
+    /// The most the map may grow to, in MiB; 0: whatever the disk can spare beyond `disk_reserve_mb`.
+    pub map_max_mb: u64,
+    /// Disk space left to everything else when `map_max_mb` is 0, and subtracted from the disk's free space always.
+    pub disk_reserve_mb: u64,
     /// false: fsync every transaction (survives power loss). true: no fsync (survives kill -9, not power loss).
     pub relaxed: bool,
     pub default_ttl_ms: u64,
@@ -56,6 +69,8 @@ pub struct EngineConfig {
     /// How long a resolved hold (and its idempotency key) stays answerable for idempotent retries.
     pub resolved_retention_ms: u64,
     pub prune_interval_ms: u64,
+    /// Settled ledger entries of closed periods older than this move to the archive (crate::archive).
+    pub ledger_retention_days: u64,
     /// Committed usage waiting for settlement. At the bound new reservations are refused (commits of existing holds
     /// still go in), so an outage at Stripe can never fill the disk unnoticed.
     pub max_outbox_entries: u64,
@@ -63,6 +78,10 @@ pub struct EngineConfig {
     pub default_period: PeriodRule,
     /// The circuit breaker's defaults (a budget may set its own multiplier).
     pub breaker: BreakerConfig,
+    /// A wall clock further than this from the monotonic clock's extrapolation has stepped (crate::clock).
+    pub max_clock_step_ms: u64,
+    /// How long (monotonic) a step must hold before periods, the breaker and timestamps follow it.
+    pub clock_step_confirm_ms: u64,
 }
 
 impl EngineConfig {
@@ -70,6 +89,8 @@ impl EngineConfig {
         EngineConfig {
             data_dir: data_dir.into(),
             map_size_mb: 1024,
+            map_max_mb: 0,
+            disk_reserve_mb: crate::capacity::DEFAULT_DISK_RESERVE_MB,
             relaxed: false,
             default_ttl_ms: 60_000,
             max_ttl_ms: 3_600_000,
@@ -80,9 +101,12 @@ impl EngineConfig {
             reap_interval_ms: 100,
             resolved_retention_ms: 7 * 86_400_000,
             prune_interval_ms: 60_000,
+            ledger_retention_days: DEFAULT_LEDGER_RETENTION_DAYS,
             max_outbox_entries: 10_000_000,
             default_period: PeriodRule::CALENDAR_MONTH,
             breaker: BreakerConfig { multiplier: 10, recent_ms: 3_600_000, window_ms: 86_400_000, min_units: 0 },
+            max_clock_step_ms: 1_000,
+            clock_step_confirm_ms: 900_000,
         }
     }
 
@@ -98,6 +122,8 @@ impl EngineConfig {
             ("resolved_retention_ms", self.resolved_retention_ms),
             ("prune_interval_ms", self.prune_interval_ms),
             ("max_outbox_entries", self.max_outbox_entries),
+            ("max_clock_step_ms", self.max_clock_step_ms),
+            ("clock_step_confirm_ms", self.clock_step_confirm_ms),
         ];
         for (name, value) in positive {
             if value == 0 || value > i64::MAX as u64 {
@@ -114,6 +140,37 @@ impl EngineConfig {
             return Err(EngineError::invalid(format!(
                 "default_ttl_ms ({}) is above max_ttl_ms ({}); lower it or raise max_ttl_ms",
                 self.default_ttl_ms, self.max_ttl_ms
+            )));
+        }
+        if self.map_max_mb != 0 && !(self.map_size_mb..=MAX_MAP_SIZE_MB).contains(&self.map_max_mb) {
+            return Err(EngineError::invalid(format!(
+                "map_max_mb is {}; it must be 0 (as much as the disk can spare) or in map_size_mb ({})..={MAX_MAP_SIZE_MB}",
+                self.map_max_mb, self.map_size_mb
+            )));
+        }
+        if self.ledger_retention_days > MAX_LEDGER_RETENTION_DAYS {
+            return Err(EngineError::invalid(format!(
+                "ledger_retention_days is {}; it must be at most {MAX_LEDGER_RETENTION_DAYS}",
+                self.ledger_retention_days
+            )));
+        }
+        if self.disk_reserve_mb > MAX_MAP_SIZE_MB {
+            return Err(EngineError::invalid(format!(
+                "disk_reserve_mb is {}; it must be at most {MAX_MAP_SIZE_MB}",
+                self.disk_reserve_mb
+            )));
+        }
+        if self.max_clock_step_ms > MAX_CLOCK_STEP_MS_CEILING {
+            return Err(EngineError::invalid(format!(
+                "max_clock_step_ms is {}; it must be at most {MAX_CLOCK_STEP_MS_CEILING} (a day: a larger step would \
+                 go unnoticed)",
+                self.max_clock_step_ms
+            )));
+        }
+        if self.clock_step_confirm_ms > MAX_CLOCK_STEP_CONFIRM_MS_CEILING {
+            return Err(EngineError::invalid(format!(
+                "clock_step_confirm_ms is {}; it must be at most {MAX_CLOCK_STEP_CONFIRM_MS_CEILING} (7 days)",
+                self.clock_step_confirm_ms
             )));
         }
         self.default_period.validate()?;
@@ -183,6 +240,8 @@ pub struct EngineStats {
     pub durable_ticket: u64,
     pub map_size_bytes: u64,
     pub map_used_bytes: u64,
+    pub map_capacity_bytes: u64,
+    pub map_high_water_bytes: u64,
     pub expired_total: u64,
     pub batches_total: u64,
     pub ops_total: u64,
@@ -190,6 +249,10 @@ pub struct EngineStats {
     pub breaker_trips_total: u64,
     pub periods_rolled_total: u64,
     pub alert_seq: u64,
+    /// Wall-clock steps seen since the start (crate::clock).
+    pub clock_steps_total: u64,
+    /// The step not yet accepted (wall minus trusted time, ms), 0 while the clocks agree.
+    pub clock_step_pending_ms: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -228,7 +291,8 @@ pub struct Shared {
     config: EngineConfig,
     /// This data dir's instance id: in every reservation id it issues, and what parses them back.
     pub(crate) identity: Identity,
-    clock: Arc<dyn Clock>,
+    /// Engine time (holds) and trusted wall time (everything else): see crate::clock.
+    clock: TimeKeeper,
     /// `None` once closed, so that the LMDB environment really closes and the data dir can be reopened.
     store: std::sync::RwLock<Option<Store>>,
     budgets: DashMap<Box<str>, Arc<Budget>>,
@@ -249,9 +313,11 @@ pub struct Shared {
     failed: AtomicBool,
     closing: AtomicBool,
     writer_done: AtomicBool,
-    map_full: AtomicBool,
     map_size_bytes: AtomicU64,
     map_used_bytes: AtomicU64,
+    /// The most the map may grow to (crate::capacity::capacity_bytes), as the writer last measured it.
+    map_capacity_bytes: AtomicU64,
+    map_high_water_bytes: AtomicU64,
     expired_total: AtomicU64,
     batches_total: AtomicU64,
     ops_total: AtomicU64,
@@ -260,6 +326,8 @@ pub struct Shared {
     periods_rolled_total: AtomicU64,
     /// The newest durable alert's sequence number (0: none).
     alert_seq: AtomicU64,
+    /// The last archiving pass stopped at its bound: the reaper sends the next one without waiting a prune interval.
+    archive_backlog: AtomicBool,
     /// The earliest end of any budget's period: the reaper looks for roll-overs only once it has passed.
     next_roll_ms: AtomicI64,
     /// Serializes linking members to orgs (admin calls only).
@@ -292,7 +360,10 @@ impl Engine {
             UnixStream::pair().map_err(|err| EngineError::internal(format!("socketpair: {err}")))?;
         notify_tx.set_nonblocking(true).map_err(|err| EngineError::internal(format!("notify pipe: {err}")))?;
         notify_rx.set_nonblocking(true).map_err(|err| EngineError::internal(format!("notify pipe: {err}")))?;
-        let (map_size_bytes, map_used_bytes) = store.map_usage_bytes();
+        let map_usage = store.map_usage(config.map_max_mb, config.disk_reserve_mb)?;
+        let checkpoint = clock_checkpoint(&store)?;
+        let (clock, first_event) =
+            TimeKeeper::open(clock, checkpoint.as_ref(), config.max_clock_step_ms, config.clock_step_confirm_ms);
         let shared = Arc::new(Shared {
             clock,
             store: std::sync::RwLock::new(Some(store.clone())),
@@ -314,9 +385,10 @@ impl Engine {
             failed: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             writer_done: AtomicBool::new(false),
-            map_full: AtomicBool::new(false),
-            map_size_bytes: AtomicU64::new(map_size_bytes),
-            map_used_bytes: AtomicU64::new(map_used_bytes),
+            map_size_bytes: AtomicU64::new(map_usage.size_bytes),
+            map_used_bytes: AtomicU64::new(map_usage.used_bytes),
+            map_capacity_bytes: AtomicU64::new(map_usage.capacity_bytes),
+            map_high_water_bytes: AtomicU64::new(map_usage.high_water_bytes),
             expired_total: AtomicU64::new(0),
             batches_total: AtomicU64::new(0),
             ops_total: AtomicU64::new(0),
@@ -324,18 +396,33 @@ impl Engine {
             breaker_trips_total: AtomicU64::new(0),
             periods_rolled_total: AtomicU64::new(0),
             alert_seq: AtomicU64::new(recovered.next_alert_seq - 1),
+            archive_backlog: AtomicBool::new(false),
             next_roll_ms: AtomicI64::new(i64::MAX),
             hierarchy: Mutex::new(()),
             grants: DashMap::new(),
             config,
         });
-        shared.rebuild(recovered.budgets, recovered.active_holds)?;
-        shared.update_map_usage((map_size_bytes, map_used_bytes));
-        let writer = Writer::new(shared.clone(), store, rx, recovered.next_ledger_seq, recovered.next_alert_seq);
+        shared.rebuild(recovered.budgets, recovered.active_holds, checkpoint.is_some())?;
+        let map_limits =
+            MapLimits { map_max_mb: shared.config.map_max_mb, disk_reserve_mb: shared.config.disk_reserve_mb };
+        let writer = Writer::new(
+            shared.clone(),
+            store,
+            rx,
+            recovered.next_ledger_seq,
+            recovered.next_alert_seq,
+            map_limits,
+            map_usage,
+        );
         let writer = std::thread::Builder::new()
             .name("spendgate-writer".into())
             .spawn(move || writer.run())
             .map_err(|err| EngineError::internal(format!("cannot start the writer thread: {err}")))?;
+        // Before any op that uses this run's engine time: a durable hold's deadline implies a durable timeline.
+        shared.save_clock()?;
+        if let Some(event) = first_event {
+            shared.clock_event(event);
+        }
         let reaper_shared = shared.clone();
         let reaper = std::thread::Builder::new()
             .name("spendgate-reaper".into())
@@ -432,9 +519,16 @@ impl Engine {
         self.shared.freeze(&budget, frozen, reason)
     }
 
-    /// Start the periods that have ended (the reaper does this by itself every reap interval). Returns how many.
+    /// Start the periods that have ended (the reaper does this by itself every reap interval), after comparing the
+    /// wall clock with the monotonic clock as the reaper does. Returns how many.
     pub fn roll_due(&self) -> u64 {
+        self.shared.observe_clock();
         self.shared.roll_due()
+    }
+
+    /// The trusted wall time (crate::clock): what periods, the breaker and timestamps go by.
+    pub fn now_ms(&self) -> i64 {
+        self.shared.clock.now_ms()
     }
 
     /// Record an alert raised outside the engine (a settlement dead letter, ...). Returns its durability ticket.
@@ -616,11 +710,13 @@ impl Engine {
             .map_err(|err| {
                 EngineError::invalid(format!("cannot create {} (it must not exist yet): {err}", path.display()))
             })?;
-        self.shared.with_store(|store| Ok(store.env.copy_to_file(&mut file, heed::CompactionOption::Enabled)?))?;
+        self.shared.with_store(|store| store.copy_to_file(&mut file))?;
         file.sync_all().map_err(|err| EngineError::internal(format!("fsync of {}: {err}", path.display())))?;
         let size_bytes =
             file.metadata().map_err(|err| EngineError::internal(format!("{}: {err}", path.display())))?.len();
-        Ok(size_bytes)
+        let data_dir = self.shared.with_store(|store| Ok(store.dir().to_path_buf()))?;
+        let archive_bytes = crate::archive::copy_all(&data_dir, dest_dir)?;
+        Ok(size_bytes + archive_bytes)
     }
 
     /// This data dir's instance id (in every reservation id it issues).
@@ -659,6 +755,8 @@ impl Engine {
             durable_ticket: s.durable_ticket.load(SeqCst),
             map_size_bytes: s.map_size_bytes.load(SeqCst),
             map_used_bytes: s.map_used_bytes.load(SeqCst),
+            map_capacity_bytes: s.map_capacity_bytes.load(SeqCst),
+            map_high_water_bytes: s.map_high_water_bytes.load(SeqCst),
             expired_total: s.expired_total.load(SeqCst),
             batches_total: s.batches_total.load(SeqCst),
             ops_total: s.ops_total.load(SeqCst),
@@ -666,6 +764,8 @@ impl Engine {
             breaker_trips_total: s.breaker_trips_total.load(SeqCst),
             periods_rolled_total: s.periods_rolled_total.load(SeqCst),
             alert_seq: s.alert_seq.load(SeqCst),
+            clock_steps_total: s.clock.steps_total(),
+            clock_step_pending_ms: s.clock.pending_step_ms(),
         }
     }
 
@@ -679,10 +779,12 @@ impl Engine {
             reaper.thread().unpark();
             let _ = reaper.join();
         }
-        // Shutdown bypasses the queue bound: it must always get through.
-        let ticket = s.last_ticket.fetch_add(1, SeqCst) + 1;
-        s.queue_depth.fetch_add(1, SeqCst);
-        let _ = s.tx.send(Ticketed { ticket, op: Op::Shutdown });
+        // The last checkpoint and Shutdown bypass the queue bound: they must always get through.
+        for op in [s.clock_op(), Op::Shutdown] {
+            let ticket = s.last_ticket.fetch_add(1, SeqCst) + 1;
+            s.queue_depth.fetch_add(1, SeqCst);
+            let _ = s.tx.send(Ticketed { ticket, op });
+        }
         if let Some(writer) = self.writer.lock().expect("writer lock").take() {
             let _ = writer.join();
         }
@@ -780,7 +882,14 @@ pub(crate) fn validate_amount(field: &str, value: i64, min: i64) -> Result<(), E
 }
 
 impl Shared {
-    fn rebuild(&self, budgets: Vec<(String, BudgetRecord)>, active: Vec<(u64, HoldRecord)>) -> Result<(), EngineError> {
+    /// `timeline_known`: the data dir has a clock checkpoint, so the holds' engine-time deadlines are on this run's
+    /// timeline.
+    fn rebuild(
+        &self,
+        budgets: Vec<(String, BudgetRecord)>,
+        active: Vec<(u64, HoldRecord)>,
+        timeline_known: bool,
+    ) -> Result<(), EngineError> {
         // An org's held and open holds include its members' holds.
         let mut per_budget: std::collections::HashMap<&str, (i64, i64)> = Default::default();
         for (_, hold) in &active {
@@ -819,12 +928,12 @@ impl Shared {
         }
         self.budget_count.store(budgets.len() as u64, SeqCst);
         for (hold_id, hold) in active {
-            self.restore_hold(hold_id, hold)?;
+            self.restore_hold(hold_id, hold, timeline_known)?;
         }
         Ok(())
     }
 
-    fn restore_hold(&self, hold_id: u64, hold: HoldRecord) -> Result<(), EngineError> {
+    fn restore_hold(&self, hold_id: u64, hold: HoldRecord, timeline_known: bool) -> Result<(), EngineError> {
         let missing =
             || EngineError::internal(format!("the data dir is inconsistent: hold {hold_id} names a missing budget"));
         let budget = self.budget(&hold.customer_id).map_err(|_| missing())?;
@@ -842,6 +951,7 @@ impl Shared {
             extras: crate::hold::HoldExtras::boxed(&hold.model, &hold.dimensions, &hold.fingerprint),
             amount: hold.amount,
             expires_ms: hold.expires_ms,
+            deadline_mono_ms: self.restored_deadline(&hold, timeline_known),
             idem_key: idem_key.map(String::into_boxed_str),
             resolution: None,
             ticket: 0,
@@ -920,25 +1030,38 @@ impl Shared {
         self.config.breaker
     }
 
-    fn map_full_error(&self) -> EngineError {
-        EngineError::exhausted(format!(
-            "the LMDB map is {MAP_HIGH_WATER_PERCENT}% full ({} of {} MiB): new reservations and budgets are refused \
-             so that existing holds can still commit; raise map_size_mb (--map-size-mb or SPENDGATE_MAP_SIZE_MB) and \
-             restart",
-            self.map_used_bytes.load(SeqCst) >> 20,
-            self.map_size_bytes.load(SeqCst) >> 20
-        ))
+    /// Refuse new work (a hold, a budget) that would leave the map too little room for what is already granted:
+    /// every open hold's resolution and every outbox entry's acknowledgement (crate::capacity).
+    fn check_map_room(&self, new_work_bytes: u64) -> Result<(), EngineError> {
+        let used = self.map_used_bytes.load(SeqCst);
+        let capacity = self.map_capacity_bytes.load(SeqCst);
+        let needed = room_needed_bytes(self.active_holds.load(SeqCst), self.outbox_depth.load(SeqCst))
+            .saturating_add(new_work_bytes);
+        if used.saturating_add(needed) <= capacity {
+            return Ok(());
+        }
+        Err(EngineError::exhausted(format!(
+            "the data may grow to {} MiB (map_max_mb, or the disk's free space past disk_reserve_mb) and uses {} MiB; \
+             the {} open holds and {} unsettled commits may still need {} MiB, so new reservations and budgets are \
+             refused while commits and releases go on. Free disk space or raise map_max_mb; settled history is \
+             archived after ledger_retention_days",
+            mib(capacity),
+            mib(used),
+            self.active_holds.load(SeqCst),
+            self.outbox_depth.load(SeqCst),
+            mib(needed)
+        )))
     }
 
-    fn update_map_usage(&self, (size_bytes, used_bytes): (u64, u64)) {
-        self.map_size_bytes.store(size_bytes, SeqCst);
-        self.map_used_bytes.store(used_bytes, SeqCst);
-        let full = used_bytes.saturating_mul(100) >= size_bytes.saturating_mul(MAP_HIGH_WATER_PERCENT);
-        self.map_full.store(full, SeqCst);
+    fn update_map_usage(&self, usage: MapUsage) {
+        self.map_size_bytes.store(usage.size_bytes, SeqCst);
+        self.map_used_bytes.store(usage.used_bytes, SeqCst);
+        self.map_capacity_bytes.store(usage.capacity_bytes, SeqCst);
+        self.map_high_water_bytes.store(usage.high_water_bytes, SeqCst);
     }
 
     /// Called by the writer after a batch is durable.
-    pub(crate) fn publish_durable(&self, last_ticket: u64, ops: usize, map_usage: (u64, u64), alert_seq: u64) {
+    pub(crate) fn publish_durable(&self, last_ticket: u64, ops: usize, map_usage: MapUsage, alert_seq: u64) {
         let alert_before = self.alert_seq.swap(alert_seq, SeqCst);
         assert!(alert_seq >= alert_before, "alert seq went backwards: {alert_before} -> {alert_seq}");
         let before = self.durable_ticket.swap(last_ticket, SeqCst);
@@ -965,6 +1088,10 @@ impl Shared {
                 self.idempotency.remove_if(key.as_ref(), |_, id| *id == hold_id);
             }
         }
+    }
+
+    pub(crate) fn set_archive_backlog(&self, backlog: bool) {
+        self.archive_backlog.store(backlog, SeqCst);
     }
 
     pub(crate) fn outbox_grew(&self, entries: u64) {
@@ -1021,14 +1148,27 @@ impl Shared {
     fn reap_loop(self: Arc<Self>) {
         let interval = Duration::from_millis(self.config.reap_interval_ms);
         let prune_every = Duration::from_millis(self.config.prune_interval_ms);
+        let checkpoint_every = Duration::from_millis(CLOCK_CHECKPOINT_INTERVAL_MS);
         let mut last_prune = Instant::now();
+        let mut prune_ticket = 0;
+        let mut last_checkpoint = Instant::now();
         while !self.closing.load(SeqCst) {
+            self.observe_clock();
             self.reap_expired();
             self.roll_due();
-            if last_prune.elapsed() >= prune_every && self.check_open().is_ok() && self.acquire_queue_slot().is_ok() {
-                let before_ms = self.clock.now_ms() - self.config.resolved_retention_ms as i64;
+            if last_checkpoint.elapsed() >= checkpoint_every && self.save_clock().is_ok() {
+                last_checkpoint = Instant::now();
+            }
+            // One prune in flight at a time: a pass slower than the interval must not pile up ahead of commits.
+            let idle = self.durable_ticket.load(SeqCst) >= prune_ticket;
+            let due = idle && (last_prune.elapsed() >= prune_every || self.archive_backlog.swap(false, SeqCst));
+            if due && self.check_open().is_ok() && self.acquire_queue_slot().is_ok() {
+                let now_ms = self.clock.now_ms();
+                let before_ms = now_ms - self.config.resolved_retention_ms as i64;
+                let archive_before_ms = now_ms - self.config.ledger_retention_days as i64 * crate::period::DAY_MS;
                 let ticket = self.take_ticket();
-                self.send(ticket, Op::Prune { before_ms });
+                self.send(ticket, Op::Prune { before_ms, archive_before_ms });
+                prune_ticket = ticket;
                 last_prune = Instant::now();
             }
             std::thread::park_timeout(interval);

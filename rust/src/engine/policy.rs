@@ -39,6 +39,8 @@ pub struct BudgetUpdate {
     pub period: Option<PeriodRule>,
     /// Some(None): back to the server's multiplier; Some(Some(0)): off for this budget.
     pub breaker_multiplier: Option<Option<u64>>,
+    /// The customer's own stop-at; 0 removes it. It can only lower what Reserve admits (see BudgetRecord::stop_at).
+    pub stop_at: Option<i64>,
 }
 
 impl BudgetUpdate {
@@ -51,6 +53,9 @@ impl BudgetUpdate {
         }
         if let Some(soft_limit) = self.soft_limit {
             validate_amount("soft_limit", soft_limit, 0)?;
+        }
+        if let Some(stop_at) = self.stop_at {
+            validate_amount("stop_at", stop_at, 0)?;
         }
         if let Some(stripe) = &self.stripe_customer_id {
             validate_id("stripe_customer_id", stripe)?;
@@ -96,6 +101,9 @@ impl BudgetUpdate {
         }
         if let Some(multiplier) = self.breaker_multiplier {
             admin.breaker_multiplier = multiplier;
+        }
+        if let Some(stop_at) = self.stop_at {
+            admin.stop_at = stop_at;
         }
     }
 }
@@ -152,9 +160,7 @@ impl Shared {
                 truncate_for_message(customer_id)
             ))
         })?;
-        if self.map_full.load(SeqCst) {
-            return Err(self.map_full_error());
-        }
+        self.check_map_room(crate::capacity::BUDGET_WORST_CASE_BYTES)?;
         let parent = update.parent.as_deref().map(|id| self.org_for(id)).transpose()?;
         let Entry::Vacant(entry) = self.budgets.entry(customer_id.into()) else { return Ok(None) };
         if self.budget_count.load(SeqCst) >= self.config.max_budgets {
@@ -179,6 +185,7 @@ impl Shared {
         record.block_overage = update.block_overage.unwrap_or(false);
         record.parent = parent.as_ref().map(|p| p.customer_id.to_string());
         record.breaker_multiplier = update.breaker_multiplier.flatten();
+        record.stop_at = update.stop_at.unwrap_or(0);
         let budget = Arc::new(Budget::from_record(customer_id, &record, 0));
         if let Some(parent) = &parent {
             parent.members.fetch_add(1, SeqCst);
@@ -422,6 +429,7 @@ fn policy_state(
         period_start_ms,
         period_end_ms,
         breaker_multiplier: admin.breaker_multiplier,
+        stop_at: admin.stop_at,
         rearm_soft_alert,
         rearm_limit_alert,
     })

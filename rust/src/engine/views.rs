@@ -39,8 +39,10 @@ pub struct BalanceView {
     pub period_start_ms: i64,
     pub period_end_ms: i64,
     pub breaker_multiplier: Option<u64>,
-    /// Granted credits still unused (included in `limit`).
+    /// Granted credits in `limit` this period (granted in it or carried into it).
     pub credits: i64,
+    /// The customer's own stop-at (0: none): Reserve admits at most up to it.
+    pub stop_at: i64,
 }
 
 /// A budget's usage in one period: the writer's record (exactly the ledger's entries of that period), with the
@@ -88,6 +90,7 @@ impl Budget {
             period_end_ms,
             breaker_multiplier: admin.breaker_multiplier,
             credits: admin.credits,
+            stop_at: admin.stop_at,
         }
     }
 }

@@ -10,7 +10,6 @@ import aiohttp
 import grpc.aio
 
 from spendgate.server.app import Sidecar
-from spendgate.server.page import daily_chart_svg
 from spendgate.v1 import spendgate_pb2 as pb
 from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 
@@ -142,14 +141,6 @@ def test_webhooks_share_the_http_port_when_both_settings_name_one_address(tmp_pa
     settings = settings_for(tmp_path, http_listen="127.0.0.1:0", webhook_listen="127.0.0.1:0",
                             webhook_secret="whsec_0123456789abcdef")
     assert with_sidecar(settings, body) == 400  # the webhook route answers (no signature), on the page's port
-
-
-def test_the_daily_chart_is_an_svg_with_a_bar_and_a_label_per_day() -> None:
-    svg = daily_chart_svg([("2026-11-29", 1_000), ("2026-11-30", 0), ("2026-12-01", 4_500)])
-    assert svg.startswith("<svg") and svg.count("<rect") == 3
-    assert "<title>2026-12-01: 4,500 units</title>" in svg and ">12-01</text>" in svg
-    assert 'aria-label="Daily usage, peak 4,500 units"' in svg
-    assert "No usage recorded yet" in daily_chart_svg([])
 
 
 def test_a_customer_page_shows_the_credits_in_the_limit_what_is_unused_and_the_grants(tmp_path: Path) -> None:

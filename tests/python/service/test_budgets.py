@@ -79,7 +79,7 @@ class FakeEngine:
 
     def balance(self, customer_id: str) -> Any:
         budget = self._budget(customer_id)
-        return SimpleNamespace(customer_id=customer_id, remaining=self._remaining(budget), **budget)
+        return SimpleNamespace(customer_id=customer_id, remaining=self._remaining(budget), stop_at=0, **budget)
 
     def hold_model(self, reservation_id: str) -> str:
         return str(self.holds[reservation_id]["model"])

@@ -315,6 +315,26 @@ def test_fix_without_identifiers_shows_the_hours_and_cancels_nothing(engine: _co
     assert fake.adjustments() == []
 
 
+def test_fix_hours_leave_out_token_commits_so_they_do_not_hide_an_over_count(engine: _core.Engine, fake: FakeStripe,
+                                                                              tmp_path: Path) -> None:
+    """A token commit settles on the token meter: its units must not count against the units meter's hours (a
+    300-unit token commit once hid a +100 over-count in its hour)."""
+    a = CUSTOMERS[0]
+    commit(engine, a, 1000)
+    commit_tokens(engine, a, token_usage("gpt-6-sol", input=3000))  # 300 units, settled as 3000 input tokens
+    token_ts_ms = max(e["ts_ms"] for e in engine.outbox_pending(10))
+    settle_with_settler(engine, fake)
+    send(fake, "stray-units-1", a, 100, token_ts_ms)  # in the token commit's hour
+    out = io.StringIO()
+    code = reconcile.run(settings_for(tmp_path), Options(fix=True), client=fake.client(), out=out)
+    assert code == reconcile.EXIT_MISMATCH
+    text = out.getvalue()
+    assert f"fix: {a} is over by 100 units" in text, text
+    hours = text.split("hours in which Stripe has more than the ledger settled (UTC):\n", 1)[1].splitlines()
+    hour = time.strftime("%Y-%m-%dT%H:00Z", time.gmtime(token_ts_ms // 1000))
+    assert hours[0].split() == [hour, "+100"], text
+
+
 def test_fix_asks_first_and_a_no_cancels_nothing(engine: _core.Engine, fake: FakeStripe, tmp_path: Path) -> None:
     a = CUSTOMERS[0]
     commit(engine, a, 1000)

@@ -44,7 +44,8 @@ def test_a_restored_entry_is_resent_alone_under_its_own_identifier_and_stripe_de
         fake.client().v1.billing.meter_events.create({  # type: ignore[arg-type]
             "event_name": "spendgate_usage", "identifier": identifiers[0],
             "payload": {"stripe_customer_id": "cus_acme", "value": "5"}})
-        rounds(engine, fake, 2, aggregate_window_ms=0)
+        # One event per commit, always (settle_auto_aggregate off): the old data dir sent it under its own identifier.
+        rounds(engine, fake, 2, aggregate_window_ms=0, auto_aggregate=False)
         assert engine.outbox_stats()["depth"] == 0 and engine.outbox_stats()["dead_letters"] == 0
         assert fake.totals_by_customer() == {"cus_acme": 12}, "the duplicate was not billed twice"
         assert fake.duplicates_rejected == 1
@@ -79,6 +80,22 @@ def test_with_pre_aggregation_on_a_restored_unclaimed_entry_is_held_back(tmp_pat
         letters = engine.dead_letters()
         assert len(letters) == 2 and all(letter["fate_unknown"] for letter in letters)
         assert "pre-aggregation" in letters[0]["reason"] and fake.totals_by_customer() == {}
+    finally:
+        engine.close()
+
+
+def test_with_automatic_pre_aggregation_possible_a_restored_unclaimed_entry_is_held_back(
+    tmp_path: Path, fake: FakeStripe
+) -> None:
+    """The defaults (settle_auto_aggregate on): the old data dir may have built a backlog after the backup and sent the
+    entry in a per-second aggregate, so a resend under its own identifier might count it twice."""
+    copy = restored_copy(tmp_path, [5, 7])
+    engine = _core.Engine(str(copy), durability="relaxed")
+    try:
+        rounds(engine, fake, 1)
+        letters = engine.dead_letters()
+        assert len(letters) == 2 and all(letter["fate_unknown"] for letter in letters)
+        assert "spendgate reconcile" in letters[0]["reason"] and fake.totals_by_customer() == {}
     finally:
         engine.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -12,10 +13,11 @@ from spendgate import _core
 from spendgate.server.durability import DurabilityWaiter
 from spendgate.settle import rules
 from spendgate.settle.aggregate import MeterEvent, parse_aggregate_identifier
-from spendgate.settle.settler import wall_ms
+from spendgate.settle.settler import Transport, wall_ms
 from spendgate.testing.fake_stripe import FakeStripe
 
 from ._support import (
+    HANG_GUARD_S,
     CrashAfterSend,
     CrashBeforeSend,
     budget,
@@ -342,4 +344,47 @@ def test_a_resend_refused_for_good_warns_that_stripe_may_have_the_first_send(
     (letter,) = engine.dead_letters(10)
     assert "No active meter found" in letter["reason"]
     assert "Stripe may have it already: check `spendgate reconcile` before requeueing" in letter["reason"]
+    assert fake.totals_by_customer() == {"cus_alpha": 5}
+
+
+class Stalled:
+    """A transport whose sends block until released, then go to Stripe for real: a request that neither answers nor
+    times out in the HTTP library (a server trickling bytes keeps each read alive)."""
+
+    def __init__(self, inner: Transport) -> None:
+        self.inner = inner
+        self.name, self.event_name = inner.name, inner.event_name
+        self.max_events_per_call, self.validates_meter = inner.max_events_per_call, inner.validates_meter
+        self.release = threading.Event()
+
+    def send(self, events: Sequence[MeterEvent]) -> None:
+        assert self.release.wait(HANG_GUARD_S)
+        self.inner.send(events)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_a_call_running_past_its_timeout_is_a_failure_even_when_the_http_library_does_not_end_it(
+        engine: _core.Engine, fake: FakeStripe) -> None:
+    commit(engine, "alpha", 5)
+    stalled: list[Stalled] = []
+
+    async def body(waiter: DurabilityWaiter) -> None:
+        settler = make_settler(engine, fake, waiter, request_timeout_ms=1_000,
+                               wrap=lambda t: stalled.append(Stalled(t)) or stalled[0])
+        task = asyncio.get_running_loop().create_task(settler.run())
+        try:
+            while not settler.status.failing_since_ms:  # the hang guard of run_async bounds this
+                await asyncio.sleep(0.01)
+            assert "past settle_request_timeout_ms (1000 ms)" in settler.status.last_error
+            assert fake.totals_by_customer() == {}
+            stalled[0].release.set()  # the request ends after all: delivered, and settlement recovers
+            while engine.outbox_stats()["depth"] or settler.status.failing_since_ms:
+                await asyncio.sleep(0.01)
+        finally:
+            task.cancel()
+            settler.close()
+
+    run_async(engine, body)
     assert fake.totals_by_customer() == {"cus_alpha": 5}

@@ -988,3 +988,82 @@ def test_a_payload_value_over_100_characters_is_refused(client: stripe.StripeCli
                                                "payload": {"stripe_customer_id": CUSTOMER, "value": "1",
                                                            "model": "m" * 101}})
     assert refused.value.code == "parameter_invalid_string" and refused.value.param == "payload[model]"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Invoices
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_the_invoice_list_is_newest_first_filtered_and_paged_like_stripe(fake: FakeStripe,
+                                                                         client: stripe.StripeClient) -> None:
+    now = int(time.time())
+    old = fake.add_invoice(CUSTOMER, 1_000, created=now - 60 * 86_400)["id"]
+    void = fake.add_invoice(CUSTOMER, 5, status="void", created=now - 45 * 86_400)["id"]
+    last = fake.add_invoice(CUSTOMER, 2_000, created=now - 30 * 86_400)["id"]
+    other = fake.add_invoice(OTHER, 7, created=now - 10)["id"]
+    draft = fake.create_draft_invoice(CUSTOMER, 3_000)["id"]
+
+    first = client.v1.invoices.list({"customer": CUSTOMER, "limit": 2})
+    assert [i.id for i in first.data] == [draft, last] and first.has_more
+    assert first.url == "/v1/invoices" and first.data[0].status == "draft" and first.data[0].auto_advance is True
+    rest = client.v1.invoices.list({"customer": CUSTOMER, "limit": 2, "starting_after": last})
+    assert [i.id for i in rest.data] == [void, old] and not rest.has_more
+    back = client.v1.invoices.list({"customer": CUSTOMER, "limit": 1, "ending_before": void})
+    assert [i.id for i in back.data] == [last]
+    assert [i.id for i in client.v1.invoices.list({"customer": CUSTOMER, "status": "paid"}).auto_paging_iter()] == [
+        last, old]
+    assert [i.id for i in client.v1.invoices.list().data] == [draft, other, last, void, old]
+    assert [i.id for i in client.v1.invoices.list({"created": {"gte": now - 31 * 86_400}}).data] == [draft, other,
+                                                                                                     last]
+    paid = client.v1.invoices.retrieve(last)
+    assert (paid.total, paid.amount_due, paid.currency, paid.customer, paid.object) == (2_000, 2_000, "usd", CUSTOMER,
+                                                                                      "invoice")
+    for bad in ({"limit": 101}, {"status": "late"}, {"colour": "red"}):
+        with pytest.raises(stripe.InvalidRequestError):
+            client.v1.invoices.list(bad)  # type: ignore[arg-type]
+
+
+def test_auto_advance_false_keeps_a_draft_from_being_finalized(fake: FakeStripe, client: stripe.StripeClient) -> None:
+    held = fake.create_draft_invoice(CUSTOMER, 3_000)["id"]
+    due = fake.create_draft_invoice(OTHER, 10)["id"]
+    assert client.v1.invoices.update(held, {"auto_advance": False}).auto_advance is False
+    assert fake.finalize_due_drafts() == [due]
+    assert fake.invoice(held)["status"] == "draft" and fake.invoice(due)["status"] == "open"
+    assert client.v1.invoices.update(held, {"auto_advance": True}).auto_advance is True
+    assert fake.finalize_due_drafts() == [held]
+    with pytest.raises(stripe.InvalidRequestError) as missing:
+        client.v1.invoices.retrieve("in_nope")
+    assert missing.value.http_status == 404 and missing.value.code == "resource_missing"
+    assert "No such invoice: 'in_nope'" in str(missing.value)
+    with pytest.raises(stripe.InvalidRequestError):
+        client.v1.invoices.update("in_nope", {"auto_advance": True})
+    with pytest.raises(stripe.InvalidRequestError):
+        client.v1.invoices.update(held, {"total": 5})  # type: ignore[typeddict-unknown-key]
+
+
+def test_invoice_created_is_delivered_signed_with_the_stored_draft(fake: FakeStripe, receiver: Receiver) -> None:
+    draft = fake.create_draft_invoice(CUSTOMER, 4_200)["id"]
+    delivery = fake.send_invoice_created(receiver.url, draft, SECRET)
+    assert delivery.status == 200
+    ((body, headers),) = receiver.received
+    event = stripe.Webhook.construct_event(body, headers["stripe-signature"], SECRET)
+    assert event.type == "invoice.created" and event.data.object.id == draft
+    assert (event.data.object.status, event.data.object.total, event.data.object.auto_advance) == ("draft", 4_200, True)
+
+
+def test_injected_usage_counts_in_the_summaries_despite_the_visibility_delay(make_fake: MakeFake) -> None:
+    fake = make_fake(visibility_delay_seconds=3_600)
+    client = fake.client()
+    meter = fake.meter(METER)["id"]
+    start = int(time.time()) // 60 * 60 - 3_600
+    send(client, "sent-1", 7)
+    fake.inject_meter_event(METER, CUSTOMER, 500)
+
+    def total() -> int:
+        params: Any = {"customer": CUSTOMER, "start_time": start, "end_time": start + 7_200}
+        return int(sum(s.aggregated_value for s in client.v1.billing.meters.event_summaries.list(meter, params)))
+
+    assert total() == 500  # the sent event is not visible for an hour; the injected one is
+    assert fake.totals_by_customer() == {CUSTOMER: 507}
+    fake.advance_time(3_600)
+    assert total() == 507
