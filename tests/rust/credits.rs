@@ -239,3 +239,77 @@ fn a_quote_answers_what_the_reserve_after_it_does_and_changes_nothing() {
     }
     assert!(seen.contains(&0) && seen.contains(&1), "{seen:?}");
 }
+
+#[test]
+fn a_customers_stop_at_caps_the_limit_with_its_credits_for_a_quote_and_a_reserve_alike() {
+    let f = Fixture::new();
+    f.set("c", limit(100));
+    f.grant("c", 50, "k");
+    f.set("c", BudgetUpdate { stop_at: Some(120), ..Default::default() });
+    for (amount, granted) in [(120, true), (121, false)] {
+        let quoted = f.engine().quote("c", amount).unwrap();
+        assert_eq!(quoted.granted, granted, "{amount}: {quoted:?}");
+        let reserved = f.engine().reserve("c", amount, "", 0).unwrap();
+        assert_eq!((reserved.granted, reserved.reason), (quoted.granted, quoted.reason), "{amount}");
+        if reserved.granted {
+            f.engine().release(&reserved.reservation_id).unwrap();
+        }
+    }
+    // Without the stop-at, the limit with the credits admits again; the credits were never touched.
+    f.set("c", BudgetUpdate { stop_at: Some(0), ..Default::default() });
+    assert!(f.engine().quote("c", 150).unwrap().granted && !f.engine().quote("c", 151).unwrap().granted);
+    assert_eq!(f.engine().balance("c").unwrap().credits, 50);
+}
+
+#[test]
+fn a_grant_of_a_closed_period_moves_to_the_archive_and_its_key_still_replays() {
+    use spendgate::archive::{archive_dir, file_name, read};
+    use std::time::Instant;
+
+    let dir = tempfile::tempdir().unwrap();
+    let start_ms = days_from_civil(2026, 11, 10) * DAY_MS;
+    let clock = Arc::new(ManualClock::new(start_ms));
+    let open = || {
+        let mut config = EngineConfig::new(dir.path());
+        config.map_size_mb = 64;
+        config.relaxed = true;
+        config.ledger_retention_days = 0;
+        config.prune_interval_ms = 50;
+        config.reap_interval_ms = 5;
+        Engine::open_with_clock(config, clock.clone()).unwrap()
+    };
+    let engine = open();
+    let period = PeriodRule::Fixed { anchor_ms: start_ms, length_ms: 1_000 };
+    let update = BudgetUpdate { limit: Some(100), period: Some(period), ..Default::default() };
+    engine.wait_durable(engine.update_budget("c", &update).unwrap().ticket, WAIT).unwrap();
+    let grant = engine.grant_credits("c", 7, "pack", "archived").unwrap();
+    engine.wait_durable(grant.ticket, WAIT).unwrap();
+    let hold = engine.reserve("c", 3, "", 0).unwrap();
+    engine.wait_durable(engine.commit(&hold.reservation_id, 3).unwrap().ticket, WAIT).unwrap();
+    let seqs: Vec<u64> = engine.outbox_pending(10).unwrap().iter().map(|e| e.seq).collect();
+    assert_eq!(seqs.len(), 1, "a grant is never in the outbox");
+    engine.wait_durable(engine.outbox_ack(&seqs).unwrap(), WAIT).unwrap();
+    clock.advance_ms(1_000);
+    engine.roll_due();
+    let file = archive_dir(dir.path()).join(file_name(start_ms));
+    let deadline = Instant::now() + WAIT;
+    let archived = loop {
+        let len = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+        let found = if len > 0 { read(&file, len).unwrap() } else { Vec::new() };
+        if found.len() >= 2 || Instant::now() > deadline {
+            break found;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let kinds: Vec<(i64, bool)> = archived.iter().map(|e| (e.amount, e.reservation_id.is_empty())).collect();
+    assert_eq!(kinds, vec![(7, true), (3, false)], "the grant and the settled commit, in ledger order");
+    assert_eq!(archived[0].reason, "archived");
+    // The key replays from its grant record, before and after a restart; the credits carried over (7 unused).
+    let replay = engine.grant_credits("c", 7, "pack", "").unwrap();
+    assert!(replay.replayed && replay.reason == "archived", "{replay:?}");
+    engine.close();
+    let engine = open();
+    assert!(engine.grant_credits("c", 7, "pack", "").unwrap().replayed);
+    assert_eq!(engine.balance("c").unwrap().credits, 7);
+    engine.close();
+}

@@ -14,8 +14,15 @@ from typing import Any
 
 import pytest
 
-from spendgate.client import (AlreadyExists, AsyncClient, Client, Estimate, InvalidArgument, NotFound,
-                              PermissionDenied)
+from spendgate.client import (
+    AlreadyExists,
+    AsyncClient,
+    Client,
+    Estimate,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from spendgate.testing import Sidecar
 from spendgate.v1 import spendgate_pb2 as pb
 
