@@ -1042,8 +1042,8 @@ impl Shared {
         }
         Err(EngineError::exhausted(format!(
             "the data may grow to {} MiB (map_max_mb, or the disk's free space past disk_reserve_mb) and uses {} MiB; \
-             the {} open holds and {} unsettled commits may still need {} MiB, so new reservations and budgets are \
-             refused while commits and releases go on. Free disk space or raise map_max_mb; settled history is \
+             the {} open holds and {} unsettled commits may still need {} MiB, so new reservations, budgets and credit \
+             grants are refused while commits and releases go on. Free disk space or raise map_max_mb; settled history is \
              archived after ledger_retention_days",
             mib(capacity),
             mib(used),

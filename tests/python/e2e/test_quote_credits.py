@@ -150,6 +150,25 @@ def test_a_quote_answers_what_the_reserve_right_after_it_does(app: Client, admin
     assert (quoted.granted, quoted.over_limit) == (True, True)
 
 
+def test_a_quote_is_decided_by_the_org_and_the_kill_switch_as_the_reserve_is(app: Client, admin: Client) -> None:
+    org, member = new_customer("org"), new_customer("member")
+    admin.set_budget(org, 1_000)
+    admin.set_budget(member, 5_000, parent_id=org)
+    quoted, reserved = quote_then_reserve(app, admin, member, amount=1_001)  # fits the member, not its org
+    assert_same_answer(quoted, reserved)
+    assert (quoted.granted, quoted.reason, quoted.decided_by) == (False, pb.DENY_REASON_INSUFFICIENT_BUDGET, org)
+    assert quoted.remaining == 1_000  # the lesser of the member's and the org's
+
+    capped = new_customer()
+    admin.set_budget(capped, 10_000, included=2_000, block_overage=True)
+    quoted, reserved = quote_then_reserve(app, admin, capped, amount=2_001)
+    assert_same_answer(quoted, reserved)
+    assert (quoted.granted, quoted.reason) == (False, pb.DENY_REASON_OVERAGE_BLOCKED)
+    quoted, reserved = quote_then_reserve(app, admin, capped, amount=2_000)
+    assert_same_answer(quoted, reserved)
+    assert quoted.granted
+
+
 def test_a_quote_of_what_an_open_hold_leaves_follows_the_hold(app: Client, admin: Client) -> None:
     customer = new_customer()
     admin.set_budget(customer, 20_000)
