@@ -96,8 +96,12 @@ def quote_then_reserve(app: Client, admin: Client, customer: str, **asked: Any) 
     before = books(admin, customer)
     quoted = app.quote(customer, **asked)
     assert books(admin, customer) == before, "a Quote must hold and change nothing"
-    assert quoted.remaining == before["balance"][3]
     reserved = app.reserve_raw(customer, ttl_ms=LONG_TTL_MS, **asked)
+    # What is available before the call (the lesser of the budget's and its org's), as the Reserve saw it.
+    if not reserved.granted:
+        assert quoted.remaining == reserved.remaining
+    elif not reserved.over_limit:
+        assert quoted.remaining - reserved.amount == reserved.remaining
     if reserved.granted:
         app.release(reserved.reservation_id)
     return quoted, reserved
@@ -117,7 +121,7 @@ def test_a_quote_answers_what_the_reserve_right_after_it_does(app: Client, admin
 
     quoted, reserved = quote_then_reserve(app, admin, customer, amount=500)
     assert_same_answer(quoted, reserved)
-    assert (quoted.granted, quoted.amount, parts(quoted)) == (True, 500, [])
+    assert (quoted.granted, quoted.amount, parts(quoted), quoted.remaining) == (True, 500, [], 20_000)
 
     quoted, reserved = quote_then_reserve(app, admin, customer, estimate=ESTIMATE)
     assert_same_answer(quoted, reserved)
