@@ -474,6 +474,8 @@ def _add_policy_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--period-start", metavar="DATE", help="fixed: ISO date-time the current period starts")
     parser.add_argument("--period-end", metavar="DATE", help="fixed: ISO date-time the current period ends")
     parser.add_argument("--breaker-multiplier", type=int, metavar="N", help="-1: the server's; 0: off; 2..1000")
+    parser.add_argument("--stop-at", type=int, metavar="N",
+                        help="the customer's own stop-at, as the usage page sets it (0: remove it)")
 
 
 def _iso_ms(text: str, flag: str) -> int:
@@ -514,7 +516,7 @@ def run_budget_set(args: argparse.Namespace, settings: config.Settings) -> int:
     request = _set_budget_request(
         args.customer_id, args.limit, args.stripe_customer_id, included=args.included, soft_limit=args.soft_limit,
         mode=args.mode, block_overage=args.block_overage, parent_id=args.parent, period=period,
-        breaker_multiplier=args.breaker_multiplier,
+        breaker_multiplier=args.breaker_multiplier, stop_at=args.stop_at,
     )  # fmt: skip
     reply = _call(args, settings, lambda channel: pb_grpc.AdminStub(channel).SetBudget(request, timeout=RPC_TIMEOUT_S))
     if reply is None:
@@ -985,6 +987,8 @@ def policy_rows(balance: Any) -> list[tuple[str, str]]:
         ("period", f"{kind}: {date(balance.period_start_ms)} .. {end}"),
         ("frozen", f"yes: {balance.frozen_reason}" if balance.frozen else "no"),
     ]
+    if balance.stop_at:
+        rows.append(("stop_at", f"{balance.stop_at:,} (the customer's own)"))
     if balance.parent_id:
         rows.append(("org", balance.parent_id))
     if balance.members:

@@ -327,11 +327,12 @@ def _set_budget_request(customer_id: str, limit: int | None, stripe_customer_id:
                         included: int | None = None, soft_limit: int | None = None, mode: str | None = None,
                         block_overage: bool | None = None, parent_id: str | None = None,
                         period: pb.Period | None = None,
-                        breaker_multiplier: int | None = None) -> pb.SetBudgetRequest:
+                        breaker_multiplier: int | None = None, stop_at: int | None = None) -> pb.SetBudgetRequest:
     request = pb.SetBudgetRequest(customer_id=customer_id, stripe_customer_id=stripe_customer_id or "",
                                   parent_id=parent_id or "", mode=_MODES[mode] if mode else 0)  # type: ignore[arg-type]
     for name, value in (("limit", limit), ("included", included), ("soft_limit", soft_limit),
-                        ("block_overage", block_overage), ("breaker_multiplier", breaker_multiplier)):
+                        ("block_overage", block_overage), ("breaker_multiplier", breaker_multiplier),
+                        ("stop_at", stop_at)):
         if value is not None:
             setattr(request, name, value)
     if period is not None:
@@ -522,7 +523,7 @@ class Client:
                    timeout_s: float | None = None, **policy: Any) -> pb.SetBudgetResponse:
         """Create the budget or change its settings (Admin; needs an admin token where tokens are configured).
         `policy`: included, soft_limit, mode ("hard"/"soft"), block_overage, parent_id, period (a pb.Period),
-        breaker_multiplier; what is not given stays unchanged."""
+        breaker_multiplier, stop_at (the customer's own, 0 removes it); what is not given stays unchanged."""
         request = _set_budget_request(customer_id, limit, stripe_customer_id, **policy)
         response: pb.SetBudgetResponse = self._call(self._admin.SetBudget, request, retryable=False,
                                                     timeout_s=timeout_s)

@@ -89,7 +89,7 @@ class Settings:
         "./spendgate-data", "Directory of the LMDB environment, created if missing; one sidecar process per directory."
     )
     map_size_mb: int = _setting(
-        1024, "LMDB map size to start with, in MiB; the sidecar grows it by itself up to map_max_mb.", minimum=1
+        1024, "LMDB map size to start with, in MiB; the sidecar grows it by itself up to map_max_mb.", minimum=8
     )
     map_max_mb: int = _setting(
         0,

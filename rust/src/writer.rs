@@ -408,7 +408,11 @@ impl Writer {
             Op::Expire { hold_id, now_ms } => self.apply_void(wtxn, *hold_id, HoldStatus::Expired, *now_ms),
             Op::Prune { before_ms, archive_before_ms } => {
                 self.apply_prune(wtxn, *before_ms)?;
-                self.apply_archive(wtxn, *archive_before_ms)
+                self.apply_archive(wtxn, *archive_before_ms)?;
+                // A pass that stopped at its bound goes on in the next one right away, so that pruning and archiving
+                // keep up with any commit rate instead of one bounded pass per prune interval.
+                self.shared.set_prune_backlog(self.prune_cursor != 0 || self.archive_cursor != 0);
+                Ok(())
             }
             Op::Freeze { customer_id, frozen, reason, now_ms } => {
                 let budget = self.budget_mut(wtxn, customer_id)?;
@@ -890,7 +894,6 @@ impl Writer {
             next_cursor = 0; // reached the end of the ledger
         }
         self.archive_cursor = next_cursor;
-        self.shared.set_archive_backlog(next_cursor != 0);
         for (name, entries) in by_file {
             let key = format!("{META_ARCHIVE_LEN_PREFIX}{name}");
             let committed_len = self.store.meta.get(wtxn, &key)?.unwrap_or(0);

@@ -40,7 +40,7 @@ def test_every_problem_is_reported_with_its_line(tmp_path: Path) -> None:
     ]) + "\n")
     assert code == 2
     assert len(problems) == 4
-    assert "line 2: setting 'map_size_mb': expected an integer >= 1, got -3" in problems[0]
+    assert "line 2: setting 'map_size_mb': expected an integer >= 8, got -3" in problems[0]
     assert "line 3: unknown setting 'durabilty'" in problems[1] and "durability" in problems[1]
     assert "line 4: setting 'log_format': expected one of json, text" in problems[2]
     assert "line 7: setting 'webhook_plan_limits': expected an integer >= 0 for 'price_pro'" in problems[3]

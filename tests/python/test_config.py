@@ -52,9 +52,9 @@ def test_defaults_apply_when_no_source_sets_a_value() -> None:
 
 
 def test_engine_kwargs_hold_every_engine_setting_and_nothing_else() -> None:
-    kwargs = Settings(map_size_mb=7).engine_kwargs()
+    kwargs = Settings(map_size_mb=9).engine_kwargs()
     assert set(kwargs) == set(config.ENGINE_SETTINGS)
-    assert kwargs["map_size_mb"] == 7
+    assert kwargs["map_size_mb"] == 9
     assert "data_dir" not in kwargs  # the engine's positional argument
 
 

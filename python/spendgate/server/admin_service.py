@@ -203,7 +203,7 @@ def budget_update(request: pb.SetBudgetRequest) -> dict[str, Any]:
     """The engine's update_budget keyword arguments: only what the request sets (the rest stays unchanged)."""
     update: dict[str, Any] = {
         name: getattr(request, name)
-        for name in ("limit", "included", "soft_limit", "block_overage", "breaker_multiplier")
+        for name in ("limit", "included", "soft_limit", "block_overage", "breaker_multiplier", "stop_at")
         if request.HasField(name)
     }
     if request.stripe_customer_id:

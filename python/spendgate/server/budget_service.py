@@ -216,4 +216,5 @@ def balance_message(view: _core.BalanceView) -> pb.Balance:
         period_end_ms=end_ms,
         breaker_multiplier=-1 if view.breaker_multiplier is None else view.breaker_multiplier,
         credits=view.credits,
+        stop_at=view.stop_at,
     )

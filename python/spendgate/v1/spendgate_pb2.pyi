@@ -289,7 +289,7 @@ class GetBalanceRequest(_message.Message):
     def __init__(self, customer_id: _Optional[str] = ...) -> None: ...
 
 class Balance(_message.Message):
-    __slots__ = ("customer_id", "limit", "spent", "reserved", "remaining", "active_holds", "stripe_customer_id", "overdraft", "frozen", "frozen_reason", "included", "soft_limit", "mode", "block_overage", "parent_id", "members", "period", "period_start_ms", "period_end_ms", "breaker_multiplier", "credits")
+    __slots__ = ("customer_id", "limit", "spent", "reserved", "remaining", "active_holds", "stripe_customer_id", "overdraft", "frozen", "frozen_reason", "included", "soft_limit", "mode", "block_overage", "parent_id", "members", "period", "period_start_ms", "period_end_ms", "breaker_multiplier", "credits", "stop_at")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     SPENT_FIELD_NUMBER: _ClassVar[int]
@@ -311,6 +311,7 @@ class Balance(_message.Message):
     PERIOD_END_MS_FIELD_NUMBER: _ClassVar[int]
     BREAKER_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     CREDITS_FIELD_NUMBER: _ClassVar[int]
+    STOP_AT_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     limit: int
     spent: int
@@ -332,10 +333,11 @@ class Balance(_message.Message):
     period_end_ms: int
     breaker_multiplier: int
     credits: int
-    def __init__(self, customer_id: _Optional[str] = ..., limit: _Optional[int] = ..., spent: _Optional[int] = ..., reserved: _Optional[int] = ..., remaining: _Optional[int] = ..., active_holds: _Optional[int] = ..., stripe_customer_id: _Optional[str] = ..., overdraft: _Optional[int] = ..., frozen: _Optional[bool] = ..., frozen_reason: _Optional[str] = ..., included: _Optional[int] = ..., soft_limit: _Optional[int] = ..., mode: _Optional[_Union[EnforcementMode, str]] = ..., block_overage: _Optional[bool] = ..., parent_id: _Optional[str] = ..., members: _Optional[int] = ..., period: _Optional[_Union[Period, _Mapping]] = ..., period_start_ms: _Optional[int] = ..., period_end_ms: _Optional[int] = ..., breaker_multiplier: _Optional[int] = ..., credits: _Optional[int] = ...) -> None: ...
+    stop_at: int
+    def __init__(self, customer_id: _Optional[str] = ..., limit: _Optional[int] = ..., spent: _Optional[int] = ..., reserved: _Optional[int] = ..., remaining: _Optional[int] = ..., active_holds: _Optional[int] = ..., stripe_customer_id: _Optional[str] = ..., overdraft: _Optional[int] = ..., frozen: _Optional[bool] = ..., frozen_reason: _Optional[str] = ..., included: _Optional[int] = ..., soft_limit: _Optional[int] = ..., mode: _Optional[_Union[EnforcementMode, str]] = ..., block_overage: _Optional[bool] = ..., parent_id: _Optional[str] = ..., members: _Optional[int] = ..., period: _Optional[_Union[Period, _Mapping]] = ..., period_start_ms: _Optional[int] = ..., period_end_ms: _Optional[int] = ..., breaker_multiplier: _Optional[int] = ..., credits: _Optional[int] = ..., stop_at: _Optional[int] = ...) -> None: ...
 
 class SetBudgetRequest(_message.Message):
-    __slots__ = ("customer_id", "limit", "stripe_customer_id", "included", "soft_limit", "mode", "block_overage", "parent_id", "period", "breaker_multiplier")
+    __slots__ = ("customer_id", "limit", "stripe_customer_id", "included", "soft_limit", "mode", "block_overage", "parent_id", "period", "breaker_multiplier", "stop_at")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     STRIPE_CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -346,6 +348,7 @@ class SetBudgetRequest(_message.Message):
     PARENT_ID_FIELD_NUMBER: _ClassVar[int]
     PERIOD_FIELD_NUMBER: _ClassVar[int]
     BREAKER_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    STOP_AT_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     limit: int
     stripe_customer_id: str
@@ -356,7 +359,8 @@ class SetBudgetRequest(_message.Message):
     parent_id: str
     period: Period
     breaker_multiplier: int
-    def __init__(self, customer_id: _Optional[str] = ..., limit: _Optional[int] = ..., stripe_customer_id: _Optional[str] = ..., included: _Optional[int] = ..., soft_limit: _Optional[int] = ..., mode: _Optional[_Union[EnforcementMode, str]] = ..., block_overage: _Optional[bool] = ..., parent_id: _Optional[str] = ..., period: _Optional[_Union[Period, _Mapping]] = ..., breaker_multiplier: _Optional[int] = ...) -> None: ...
+    stop_at: int
+    def __init__(self, customer_id: _Optional[str] = ..., limit: _Optional[int] = ..., stripe_customer_id: _Optional[str] = ..., included: _Optional[int] = ..., soft_limit: _Optional[int] = ..., mode: _Optional[_Union[EnforcementMode, str]] = ..., block_overage: _Optional[bool] = ..., parent_id: _Optional[str] = ..., period: _Optional[_Union[Period, _Mapping]] = ..., breaker_multiplier: _Optional[int] = ..., stop_at: _Optional[int] = ...) -> None: ...
 
 class SetBudgetResponse(_message.Message):
     __slots__ = ("balance", "created", "rolled")

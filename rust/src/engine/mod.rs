@@ -326,8 +326,9 @@ pub struct Shared {
     periods_rolled_total: AtomicU64,
     /// The newest durable alert's sequence number (0: none).
     alert_seq: AtomicU64,
-    /// The last archiving pass stopped at its bound: the reaper sends the next one without waiting a prune interval.
-    archive_backlog: AtomicBool,
+    /// The last prune or archive pass stopped at its bound: the reaper sends the next one without waiting a prune
+    /// interval.
+    prune_backlog: AtomicBool,
     /// The earliest end of any budget's period: the reaper looks for roll-overs only once it has passed.
     next_roll_ms: AtomicI64,
     /// Serializes linking members to orgs (admin calls only).
@@ -396,7 +397,7 @@ impl Engine {
             breaker_trips_total: AtomicU64::new(0),
             periods_rolled_total: AtomicU64::new(0),
             alert_seq: AtomicU64::new(recovered.next_alert_seq - 1),
-            archive_backlog: AtomicBool::new(false),
+            prune_backlog: AtomicBool::new(false),
             next_roll_ms: AtomicI64::new(i64::MAX),
             hierarchy: Mutex::new(()),
             grants: DashMap::new(),
@@ -1090,8 +1091,8 @@ impl Shared {
         }
     }
 
-    pub(crate) fn set_archive_backlog(&self, backlog: bool) {
-        self.archive_backlog.store(backlog, SeqCst);
+    pub(crate) fn set_prune_backlog(&self, backlog: bool) {
+        self.prune_backlog.store(backlog, SeqCst);
     }
 
     pub(crate) fn outbox_grew(&self, entries: u64) {
@@ -1161,7 +1162,7 @@ impl Shared {
             }
             // One prune in flight at a time: a pass slower than the interval must not pile up ahead of commits.
             let idle = self.durable_ticket.load(SeqCst) >= prune_ticket;
-            let due = idle && (last_prune.elapsed() >= prune_every || self.archive_backlog.swap(false, SeqCst));
+            let due = idle && (last_prune.elapsed() >= prune_every || self.prune_backlog.swap(false, SeqCst));
             if due && self.check_open().is_ok() && self.acquire_queue_slot().is_ok() {
                 let now_ms = self.clock.now_ms();
                 let before_ms = now_ms - self.config.resolved_retention_ms as i64;

@@ -6,13 +6,10 @@ Needs the Debian packages chromium and chromium-driver (bench/setup.sh installs 
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions
@@ -21,32 +18,16 @@ from selenium.webdriver.support.wait import WebDriverWait
 from spendgate.client import Client
 from spendgate.testing import Sidecar
 from tests.conftest import SidecarFactory
+from tests.python.e2e._browser import PAGE_LOAD_GUARD_S, headless_chromium
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 ADMIN_TOKEN = "admin-0123456789abcdef0123456789"
-PAGE_LOAD_GUARD_S = 60  # a hang guard, not a timing assertion
 WINDOW = "1280,1000"
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[WebDriver]:
-    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if shutil.which(path) is None]
-    assert not missing, f"{missing} not installed: run `bash bench/setup.sh` (it installs chromium and chromium-driver)"
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    # --no-sandbox: the tests run as root in a container, where Chromium's sandbox cannot start.
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     f"--window-size={WINDOW}"):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # to see Content-Security-Policy violations
-    # Both paths given, so selenium never looks for (or downloads) a browser or a driver of its own.
-    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-    driver.set_page_load_timeout(PAGE_LOAD_GUARD_S)
-    try:
+    with headless_chromium(WINDOW) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 @pytest.fixture

@@ -288,3 +288,19 @@ def test_the_price_file_reloads_while_serving_on_change_and_on_sighup(sidecar_fa
         os.kill(sidecar.pid, signal.SIGHUP)
         wait_until(priced_amount, lambda amount: amount == 27_500, what="SIGHUP to reload the table")
         assert conn.ping() is not None
+
+
+def test_an_operator_sets_and_removes_a_customers_stop_at_and_get_balance_shows_it(sidecar: Sidecar) -> None:
+    customer = new_customer()
+    with Conn(sidecar.target) as conn:
+        set_reply = conn.admin.SetBudget(pb.SetBudgetRequest(customer_id=customer, limit=1_000, stop_at=300),
+                                         timeout=RPC_TIMEOUT_S)
+        assert set_reply.balance.stop_at == 300
+        assert conn.balance(customer).stop_at == 300
+        assert conn.reserve(customer, 300).granted
+        denied = conn.reserve(customer, 1)
+        assert not denied.granted and "stop-at" in denied.message, denied
+        conn.admin.SetBudget(pb.SetBudgetRequest(customer_id=customer, stop_at=0), timeout=RPC_TIMEOUT_S)
+        assert conn.balance(customer).stop_at == 0
+        assert conn.reserve(customer, 700).granted, "without its stop-at the budget's limit is what binds"
+        assert not conn.reserve(customer, 1).granted

@@ -10,7 +10,6 @@ Needs the Debian packages chromium and chromium-driver (bench/setup.sh installs 
 from __future__ import annotations
 
 import http.server
-import shutil
 import threading
 import time
 import urllib.error
@@ -20,8 +19,6 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import pytest
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions
@@ -37,11 +34,9 @@ from spendgate.testing import Sidecar
 from spendgate.v1 import spendgate_pb2 as pb
 
 from tests.conftest import SidecarFactory
+from tests.python.e2e._browser import PAGE_LOAD_GUARD_S, headless_chromium
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 ADMIN_TOKEN = "admin-0123456789abcdef0123456789"
-PAGE_LOAD_GUARD_S = 60  # a hang guard, not a timing assertion
 WINDOW = "1100,1700"
 SCREENSHOTS = Path("/tmp")
 DOLLAR = 1_000_000  # display_unit usd_micros: a unit is a millionth of a dollar
@@ -50,20 +45,8 @@ DAY_MS = 86_400_000
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[WebDriver]:
-    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if shutil.which(path) is None]
-    assert not missing, f"{missing} not installed: run `bash bench/setup.sh` (it installs chromium and chromium-driver)"
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     f"--window-size={WINDOW}"):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # to see Content-Security-Policy violations
-    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-    driver.set_page_load_timeout(PAGE_LOAD_GUARD_S)
-    try:
+    with headless_chromium(WINDOW) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 class AppOrigin:
