@@ -118,6 +118,8 @@ class BalanceView:
     """2**63 - 1 for a lifetime period."""
     breaker_multiplier: int | None
     """None: the server's breaker_multiplier."""
+    credits: int
+    """Granted credits in `limit` this period (granted or carried in); min(credits, max(0, limit - spent)) are unused."""
     stop_at: int
     """The customer's own stop-at (0: none): Reserve admits at most up to it, in either mode; it never raises
     enforcement past `limit`."""
@@ -137,6 +139,20 @@ class SetBudgetOutcome:
     """The call closed the current period and started a new one."""
     ticket: int
 
+class GrantOutcome:
+    customer_id: str
+    amount: int
+    reason: str
+    """The reason the grant was made with (a replay's is the first call's)."""
+    granted_ms: int
+    limit_after: int
+    """The limit (with credits) right after the grant."""
+    credits_after: int
+    replayed: bool
+    """This call repeated an earlier grant under the same key: nothing was added."""
+    balance: BalanceView
+    ticket: int
+
 class UsageDetail(TypedDict):
     """The token usage behind a committed amount: parts are (token_type, tokens, units) and sum to the amount."""
 
@@ -151,7 +167,12 @@ class UsageRecord(TypedDict):
     period_end_ms: int
     current: bool
     limit: int
+    """With the unused credits (of the period's close, for a closed period)."""
     included: int
+    credits: int
+    granted: int
+    """Credits granted in the period (not usage: not in `units`)."""
+    grants: int
     units: int
     commits: int
     days: list[tuple[int, int]]
@@ -170,6 +191,8 @@ class ClosedPeriod(TypedDict):
     included: int
     spent: int
     overdraft: int
+    credits: int
+    """The unused credits when it closed: its limit was limit + credits."""
 
 class AlertEntry(TypedDict):
     seq: int
@@ -223,7 +246,11 @@ class LedgerRow(TypedDict):
     usage: UsageDetail | None
     dimensions: dict[str, str]
     state: str
-    """"pending" (in the outbox), "sent" (accepted by Stripe) or "dead_letter"."""
+    """"pending" (in the outbox), "sent" (accepted by Stripe), "dead_letter", or "credit" (a grant: never billed)."""
+    kind: str
+    """"commit" (usage) or "grant" (credits added by Admin.GrantCredits: not usage)."""
+    reason: str
+    """A grant's reason ("" for a commit)."""
     identifier: str
     """The entry's own meter event identifier (sg-<reservation id>, -requeue<n> once requeued)."""
     claim: str | None
@@ -295,6 +322,8 @@ class Engine:
     ) -> ReserveOutcome:
         """Hold `amount` for the customer (and its org). `model` is remembered for the Commit; `fingerprint` replaces
         the amount in the idempotency check (a priced estimate: model and token counts)."""
+    def quote(self, customer_id: str, amount: int) -> ReserveOutcome:
+        """What reserve(customer_id, amount) would answer now, holding nothing: reservation_id "", ticket 0."""
     def commit(
         self,
         reservation_id: str,
@@ -333,6 +362,9 @@ class Engine:
         "soft"; breaker_multiplier: -1 the server's, 0 off, 2..=1000; stop_at: the customer's own stop-at, 0 removes it
         (it caps what Reserve admits, in either mode, and never raises it past limit). A period starting later than the current one
         starts now (the old one is closed and kept)."""
+    def grant_credits(self, customer_id: str, amount: int, idempotency_key: str, reason: str = "") -> GrantOutcome:
+        """Add `amount` credits to the budget's limit, once per idempotency key (keys are global); ALREADY_EXISTS for
+        a key used with another customer or amount."""
     def freeze(self, customer_id: str, frozen: bool, reason: str) -> SetBudgetOutcome:
         """Freeze or unfreeze, saying why (kept with the budget and put in the alert)."""
     def usage(self, customer_id: str, at_ms: int | None = None) -> UsageRecord:

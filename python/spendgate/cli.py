@@ -3,6 +3,7 @@
     spendgate serve [--config FILE] [--listen HOST:PORT] [--data-dir DIR] ...   run the sidecar (a flag per setting)
     spendgate budget set CUSTOMER --limit N [--stripe-customer-id ID]            create a budget or change its limit
     spendgate budget show CUSTOMER                                               print a budget's counters
+    spendgate budget grant CUSTOMER AMOUNT --key K [--reason R]                  add credits, once per key
     spendgate budget list [--prefix P] [--limit N]                               list budgets, one a line
     spendgate settle [FLAGS] [--follow]                  drain the outbox to Stripe while the sidecar is stopped
     spendgate settle status                              settlement status of a running sidecar
@@ -39,6 +40,7 @@ commands:
   spendgate budget set CUSTOMER --limit N         create a budget or change its limit and policy (see --help)
   spendgate budget show CUSTOMER                  print a budget's counters and policy
   spendgate budget freeze|unfreeze CUSTOMER       deny every Reserve (or allow them again)
+  spendgate budget grant CUSTOMER AMOUNT --key K  add prepaid credits on top of the limit, once per key
   spendgate usage CUSTOMER [--period P]           usage of a period: quota, projection, daily series, breakdowns
   spendgate usage-link CUSTOMER [--ttl 1h]        a signed link to the customer's own usage page (--allow-limit)
   spendgate budget list [--prefix P]              list budgets, one a line
@@ -131,6 +133,22 @@ def build_parser() -> argparse.ArgumentParser:
         freeze.add_argument("customer_id", metavar="CUSTOMER")
         freeze.add_argument("--reason", default="", help="why (kept with the budget and put in the alert)")
         freeze.set_defaults(run=run_budget_freeze, frozen=frozen)
+
+    grant = budget_commands.add_parser(
+        "grant", parents=[target_parent], help="add prepaid credits on top of a budget's limit (once per --key)"
+    )
+    grant.description = (
+        "Add AMOUNT credits on top of the budget's limit (Admin.GrantCredits): relative, so two grants never undo "
+        "each other. Once per --key: running it again with the same key grants nothing more and says so."
+    )
+    grant.add_argument("customer_id", metavar="CUSTOMER")
+    grant.add_argument("amount", type=int, metavar="AMOUNT", help="credits to add, in budget units (> 0)")
+    grant.add_argument(
+        "--key", required=True, metavar="K",
+        help="idempotency key naming this grant (e.g. the payment's id); the same key again is a replay",
+    )  # fmt: skip
+    grant.add_argument("--reason", default="", metavar="R", help="why (kept in the ledger entry)")
+    grant.set_defaults(run=run_budget_grant)
 
     usage = commands.add_parser("usage", parents=[target_parent], help="a budget's usage in a period, as tables")
     usage.add_argument("customer_id", metavar="CUSTOMER")
@@ -311,7 +329,8 @@ def run_ledger_export(args: argparse.Namespace, settings: config.Settings) -> in
     if done is None:
         return EXIT_ERROR
     summary, usage = done
-    print(f"exported {summary.entries} entries, total {summary.total} units; GetUsage for the period: "
+    grants = f" (and {summary.grants} credit grants, which are not usage)" if summary.grants else ""
+    print(f"exported {summary.entries} entries, total {summary.total} units{grants}; GetUsage for the period: "
           f"{usage.commits} commits, total {usage.total} units", file=sys.stderr)
     if (summary.entries, summary.total) != (usage.commits, usage.total):
         if usage.current:
@@ -600,6 +619,22 @@ def run_budget_freeze(args: argparse.Namespace, settings: config.Settings) -> in
     return EXIT_OK
 
 
+def run_budget_grant(args: argparse.Namespace, settings: config.Settings) -> int:
+    from spendgate.client import _grant_request
+    from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
+
+    request = _grant_request(args.customer_id, args.amount, args.key, args.reason)
+    reply = _call(args, settings, lambda channel: pb_grpc.AdminStub(channel).GrantCredits(request, timeout=RPC_TIMEOUT_S))
+    if reply is None:
+        return EXIT_ERROR
+    if reply.replayed:
+        print(f"already granted under key {args.key}: {reply.amount:,} credits to {reply.customer_id} (nothing added)")
+    else:
+        print(f"granted {reply.amount:,} credits to {reply.customer_id}")
+    print(format_balance(reply.balance))
+    return EXIT_OK
+
+
 def run_health(args: argparse.Namespace, settings: config.Settings) -> int:
     """The standard grpc.health.v1 check of the whole server (service ""), as an exec probe: 0 SERVING, 1 not."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -650,6 +685,7 @@ def format_usage(usage: Any) -> str:
         ("period", f"{date(usage.period_start_ms)} .. {end}{'' if usage.current else ' (closed)'}"),
         ("total", usage.total), ("commits", usage.commits), ("included", usage.included),
         ("included_remaining", usage.included_remaining), ("overage", usage.overage), ("limit", usage.limit),
+        ("credits", usage.credits), ("credits_granted", usage.credits_granted), ("grants", usage.grants),
         ("projected_total", usage.projected_total), ("projected_overage", usage.projected_overage),
     ]  # fmt: skip
     parts = [f"usage of {usage.customer_id}", _table(("figure", "value"), summary)]
@@ -993,6 +1029,7 @@ BALANCE_ROWS: Final[tuple[str, ...]] = (
     "spent",
     "reserved",
     "remaining",
+    "credits",
     "active_holds",
     "overdraft",
     "included",

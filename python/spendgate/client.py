@@ -282,6 +282,23 @@ def _reserve_request(customer_id: str, amount: int, idempotency_key: str | None,
     return request
 
 
+def _quote_request(customer_id: str, amount: int, estimate: Estimate | None) -> pb.QuoteRequest:
+    request = pb.QuoteRequest(customer_id=customer_id, amount=amount)
+    if estimate is not None:
+        assert amount == 0, "pass an amount or an estimate, not both"
+        request.estimate.CopyFrom(pb.TokenEstimate(model=estimate.model, input_tokens=estimate.input_tokens,
+                                                   max_output_tokens=estimate.max_output_tokens))
+    return request
+
+
+def _grant_request(customer_id: str, amount: int, idempotency_key: str, reason: str) -> pb.GrantCreditsRequest:
+    # No automatic key, unlike Reserve: a retry of the caller's own (after a timeout, a restart) must send the key of
+    # the first attempt, or it grants twice. The caller names the grant (e.g. the payment's id); the server refuses
+    # an empty key (InvalidArgument).
+    return pb.GrantCreditsRequest(customer_id=customer_id, amount=amount, idempotency_key=idempotency_key,
+                                  reason=reason)
+
+
 def _token_usage(usage: Any) -> pb.TokenUsage:
     """A pb.TokenUsage from itself or from anything with its field names (spendgate.policy.TokenUsage, which the
     provider helpers in spendgate.policy.providers return)."""
@@ -481,6 +498,25 @@ class Client:
     def balance(self, customer_id: str, *, timeout_s: float | None = None) -> pb.Balance:
         request = pb.GetBalanceRequest(customer_id=customer_id)
         response: pb.Balance = self._call(self._budget.GetBalance, request, retryable=False, timeout_s=timeout_s)
+        return response
+
+    def quote(self, customer_id: str, amount: int = 0, *, estimate: Estimate | None = None,
+              timeout_s: float | None = None) -> pb.QuoteResponse:
+        """Budget.Quote: what a Reserve of `amount` (or the worst case of `estimate`) would hold, with its parts per
+        token type, and whether it would be granted now (`granted`; else `reason` and `message`). Holds nothing, so
+        it is retried like any read."""
+        request = _quote_request(customer_id, amount, estimate)
+        response: pb.QuoteResponse = self._call(self._budget.Quote, request, retryable=True, timeout_s=timeout_s)
+        return response
+
+    def grant_credits(self, customer_id: str, amount: int, idempotency_key: str, reason: str = "", *,
+                      timeout_s: float | None = None) -> pb.GrantCreditsResponse:
+        """Admin.GrantCredits: add `amount` credits on top of the budget's limit, once per `idempotency_key` (a
+        retry, by this client or yours, replays the first grant: `replayed`). AlreadyExists: the key granted another
+        customer or amount."""
+        request = _grant_request(customer_id, amount, idempotency_key, reason)
+        response: pb.GrantCreditsResponse = self._call(self._admin.GrantCredits, request, retryable=True,
+                                                       timeout_s=timeout_s)
         return response
 
     def set_budget(self, customer_id: str, limit: int | None = None, stripe_customer_id: str | None = None, *,
@@ -710,6 +746,22 @@ class AsyncClient:
         request = pb.GetBalanceRequest(customer_id=customer_id)
         response: pb.Balance = await self._call(self._budget.GetBalance, request, retryable=False,
                                                 timeout_s=timeout_s)
+        return response
+
+    async def quote(self, customer_id: str, amount: int = 0, *, estimate: Estimate | None = None,
+                    timeout_s: float | None = None) -> pb.QuoteResponse:
+        """Budget.Quote, as Client.quote: holds nothing."""
+        request = _quote_request(customer_id, amount, estimate)
+        response: pb.QuoteResponse = await self._call(self._budget.Quote, request, retryable=True,
+                                                      timeout_s=timeout_s)
+        return response
+
+    async def grant_credits(self, customer_id: str, amount: int, idempotency_key: str, reason: str = "", *,
+                            timeout_s: float | None = None) -> pb.GrantCreditsResponse:
+        """Admin.GrantCredits, as Client.grant_credits: once per idempotency_key."""
+        request = _grant_request(customer_id, amount, idempotency_key, reason)
+        response: pb.GrantCreditsResponse = await self._call(self._admin.GrantCredits, request, retryable=True,
+                                                             timeout_s=timeout_s)
         return response
 
     async def set_budget(self, customer_id: str, limit: int | None = None, stripe_customer_id: str | None = None,

@@ -323,10 +323,10 @@ def inspect(data_dir: Path, sections: Sequence[str], *, limit: int, all_holds: b
             ({"reservation_id": rid, **record} for rid, record in store.holds()
              if all_holds or record["status"] == "active"), limit)),
         "outbox": lambda store: Section("outbox", "outbox", OUTBOX_COLUMNS, _first(store.outbox(), limit)),
-        "ledger": lambda store: Section("ledger", f"ledger (last {limit})", LEDGER_COLUMNS, store.tail("ledger", limit)),
-        "archive": lambda store: Section("archive", "archived ledger (first {limit})".format(limit=limit),
-                                         LEDGER_COLUMNS, _first(archived_entries(data_dir,
-                                                                                 committed_lengths(store.meta())), limit)),
+        "ledger": lambda store: Section("ledger", f"ledger (last {limit})", LEDGER_COLUMNS,
+                                        [_with_kind(entry) for entry in store.tail("ledger", limit)]),
+        "archive": lambda store: Section("archive", f"archived ledger (first {limit})", LEDGER_COLUMNS, [
+            _with_kind(entry) for entry in _first(archived_entries(data_dir, committed_lengths(store.meta())), limit)]),
         "deadletters": lambda store: Section("deadletters", "dead letters", DEAD_LETTER_COLUMNS, _first(
             ({**letter["entry"], "reason": letter["reason"]} for letter in store.dead_letters()), limit)),
     }
@@ -337,9 +337,14 @@ def inspect(data_dir: Path, sections: Sequence[str], *, limit: int, all_holds: b
 BUDGET_COLUMNS: Final = ("customer_id", "stripe_customer_id", "limit", "spent", "held", "overdraft", "frozen")
 HOLD_COLUMNS: Final = ("reservation_id", "customer_id", "amount", "status", "expires_ms", "committed_amount")
 OUTBOX_COLUMNS: Final = ("seq", "customer_id", "stripe_customer_id", "amount", "ts_ms", "attempts", "sent_as")
-LEDGER_COLUMNS: Final = ("seq", "reservation_id", "customer_id", "amount", "reserved", "excess", "ts_ms",
+# kind: "commit" (usage; stored without the field) or "grant" (credits, Admin.GrantCredits: no reservation id).
+LEDGER_COLUMNS: Final = ("seq", "kind", "reservation_id", "customer_id", "amount", "reserved", "excess", "ts_ms",
                          "settled_ms")
 DEAD_LETTER_COLUMNS: Final = ("seq", "customer_id", "amount", "attempts", "reason")
+
+
+def _with_kind(entry: dict[str, Any]) -> dict[str, Any]:
+    return {**entry, "kind": entry.get("kind", "commit")}
 
 
 def _first(rows: Iterator[dict[str, Any]], limit: int) -> list[dict[str, Any]]:

@@ -25,12 +25,13 @@ FORMATS: Final[tuple[str, ...]] = ("csv", "jsonl")
 PAGE_LIMIT: Final[int] = 1_000
 STATE_WORDS: Final[dict[int, str]] = {
     pb.SETTLEMENT_STATE_PENDING: "pending", pb.SETTLEMENT_STATE_SENT: "sent",
-    pb.SETTLEMENT_STATE_DEAD_LETTER: "dead_letter",
+    pb.SETTLEMENT_STATE_DEAD_LETTER: "dead_letter", pb.SETTLEMENT_STATE_CREDIT: "credit",
 }  # fmt: skip
 CSV_COLUMNS: Final[tuple[str, ...]] = (
     "seq", "time", "ts_ms", "customer_id", "parent", "reservation_id", "amount", "reserved", "excess", "model",
     *(f"tokens_{t}" for t in TOKEN_TYPES), "cache_hit", "dimensions", "stripe_customer_id", "identifier",
-    "meter_event_identifiers", "state", "settled_ms", "dead_letter_reason", "archived", "period_start_ms",
+    "meter_event_identifiers", "state", "settled_ms", "dead_letter_reason", "archived", "period_start_ms", "kind",
+    "reason",
 )  # fmt: skip
 
 ListLedger = Callable[[pb.ListLedgerRequest], pb.ListLedgerResponse]
@@ -42,8 +43,9 @@ class ExportError(Exception):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ExportSummary:
-    entries: int
+    entries: int  # commits (usage); grants are counted apart
     total: int
+    grants: int
     period_start_ms: int
     period_end_ms: int
 
@@ -101,6 +103,8 @@ def entry_record(entry: pb.LedgerEntry) -> dict[str, Any]:
         "archived": entry.archived,
         "period_start_ms": entry.period_start_ms,
         "claim": entry.claim,
+        "kind": entry.kind or "commit",
+        "reason": entry.reason,
     }
 
 
@@ -117,11 +121,12 @@ def iso_ms(ms: int) -> str:
 
 
 def export(list_ledger: ListLedger, customer_id: str, period: str, fmt: str, out: IO[str]) -> ExportSummary:
-    """Write every entry of the period to `out`; returns how many and their total units."""
+    """Write every entry of the period to `out` (credit grants included, marked kind "grant"); returns how many
+    commits and their total units, which GetUsage's commits and total equal (a grant is not usage)."""
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r}: use one of {', '.join(FORMATS)}")
     writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n") if fmt == "csv" else None
-    count = total = start_ms = end_ms = 0
+    count = total = grants = start_ms = end_ms = 0
     for number, page in enumerate(pages(list_ledger, customer_id, period)):
         if number == 0 and writer is not None:
             writer.writeheader()  # once the sidecar accepted the request: a refusal writes nothing
@@ -132,6 +137,9 @@ def export(list_ledger: ListLedger, customer_id: str, period: str, fmt: str, out
                 writer.writerow(csv_row(record))
             else:
                 out.write(json.dumps(record, separators=(",", ":")) + "\n")
-            count += 1
-            total += entry.amount
-    return ExportSummary(entries=count, total=total, period_start_ms=start_ms, period_end_ms=end_ms)
+            if entry.kind == "grant":  # a grant adds credits: it is not usage, and GetUsage does not count it
+                grants += 1
+            else:
+                count += 1
+                total += entry.amount
+    return ExportSummary(entries=count, total=total, grants=grants, period_start_ms=start_ms, period_end_ms=end_ms)

@@ -256,6 +256,9 @@ mod tests {
             parent_period_start_ms: None,
             sent_as: None,
             identifier: None,
+            kind: Default::default(),
+            grant_key: String::new(),
+            reason: String::new(),
         }
     }
 

@@ -74,11 +74,18 @@ pub struct BudgetAdmin {
     /// The customer's own stop-at (0: none); see BudgetRecord::stop_at.
     pub stop_at: i64,
     pub created_ms: i64,
+    /// Granted credits still unused (Admin.GrantCredits): on top of `limit`, drawn after it.
+    pub credits: i64,
 }
 
 impl BudgetAdmin {
+    /// The limit with the credits: what Balance shows as the limit.
+    pub fn limit_with_credits(&self) -> i64 {
+        self.limit + self.credits
+    }
+
     pub fn effective_limit(&self) -> i64 {
-        effective_limit(self.limit, self.block_overage, self.included, self.stop_at)
+        effective_limit(self.limit_with_credits(), self.block_overage, self.included, self.stop_at)
     }
 }
 
@@ -114,7 +121,7 @@ impl Budget {
             frozen: AtomicBool::new(record.frozen),
             soft_mode: AtomicBool::new(record.mode == EnforcementMode::Soft),
             block_overage: AtomicBool::new(record.block_overage),
-            configured_limit: AtomicI64::new(record.limit),
+            configured_limit: AtomicI64::new(record.limit + record.credits),
             stop_at: AtomicI64::new(record.stop_at),
             soft_limit: AtomicI64::new(record.soft_limit),
             breaker_multiplier: AtomicU64::new(record.breaker_multiplier.unwrap_or(NO_OVERRIDE)),
@@ -138,6 +145,7 @@ impl Budget {
                 breaker_multiplier: record.breaker_multiplier,
                 stop_at: record.stop_at,
                 created_ms: record.created_ms,
+                credits: record.credits,
             }),
             ring: Mutex::new(record.ring.clone()),
         }
@@ -172,16 +180,32 @@ impl Budget {
 
     /// Admission under this budget's policy: Ok(false) taken within the limit, Ok(true) taken past it (soft mode),
     /// Err when refused. The kill switch and the customer's stop-at refuse in either mode: soft mode is the
-    /// operator's promise not to break a conversation, a stop-at is the customer's explicit wish that it does.
+    /// operator's promise not to break a conversation, a stop-at is the customer's explicit wish that it does. One
+    /// compare-and-swap on `available`, decided by `judge`, the same rule a Quote applies without taking anything.
     pub fn admit(&self, amount: i64) -> Result<bool, Refusal> {
-        if self.try_take(amount) {
+        debug_assert!(amount > 0);
+        let mut verdict = Err(Refusal::Insufficient);
+        let _ = self.available.fetch_update(SeqCst, SeqCst, |available| {
+            verdict = self.judge(available, amount);
+            verdict.is_ok().then(|| available - amount)
+        });
+        verdict
+    }
+
+    /// What `admit` would answer now, taking nothing: the dry run of a Quote.
+    pub fn would_admit(&self, amount: i64) -> Result<bool, Refusal> {
+        self.judge(self.available.load(SeqCst), amount)
+    }
+
+    /// The admission rule, for a budget with `available` units left.
+    fn judge(&self, available: i64, amount: i64) -> Result<bool, Refusal> {
+        if available >= amount {
             return Ok(false);
         }
         let blocking = self.block_overage.load(SeqCst);
         let stop_at = self.stop_at.load(SeqCst);
         let soft = self.soft_mode.load(SeqCst) && stop_at == 0;
         if soft && !blocking {
-            self.available.fetch_sub(amount, SeqCst);
             return Ok(true);
         }
         if !blocking {
@@ -190,7 +214,7 @@ impl Budget {
         // Blocked: would the amount have fitted under the configured limit (and the stop-at), without the kill switch?
         let configured = self.configured_limit.load(SeqCst);
         let ceiling = if stop_at > 0 { configured.min(stop_at) } else { configured };
-        let headroom = ceiling - self.limit.load(SeqCst) + self.available.load(SeqCst);
+        let headroom = ceiling - self.limit.load(SeqCst) + available;
         if soft || headroom >= amount {
             Err(Refusal::OverageBlocked)
         } else {
@@ -211,6 +235,11 @@ impl Budget {
     /// Count one more open hold if fewer than `max` are open.
     pub fn try_open_hold(&self, max: i64) -> bool {
         self.active_holds.fetch_update(SeqCst, SeqCst, |open| (open < max).then_some(open + 1)).is_ok()
+    }
+
+    /// Whether `try_open_hold(max)` would succeed now (a Quote's dry run).
+    pub fn has_hold_room(&self, max: i64) -> bool {
+        self.active_holds.load(SeqCst) < max
     }
 
     /// Count one more open hold without a bound: an org counts its members' holds, bounded per member.
@@ -270,7 +299,7 @@ impl Budget {
 
     /// Publish the admin settings that the hot paths read from atomics. Call with the admin lock held.
     pub fn publish_policy(&self, admin: &BudgetAdmin) {
-        self.configured_limit.store(admin.limit, SeqCst);
+        self.configured_limit.store(admin.limit_with_credits(), SeqCst);
         self.stop_at.store(admin.stop_at, SeqCst);
         self.block_overage.store(admin.block_overage, SeqCst);
         self.soft_mode.store(admin.mode == EnforcementMode::Soft, SeqCst);
@@ -286,12 +315,17 @@ impl Budget {
         }
     }
 
-    /// Start a new period: spent and overdraft start again from zero, holds carry over. Frees capacity (call after
-    /// the op has its ticket), with the period gate held exclusively. Returns (spent, overdraft) of the closed period.
-    pub fn start_period(&self, start_ms: i64, end_ms: i64) -> (i64, i64) {
+    /// Start a new period: spent and overdraft start again from zero, holds carry over, and the effective limit
+    /// becomes `new_limit` (lower by the credits the closed period used up, which are at most what it spent). Frees
+    /// capacity (call after the op has its ticket), with the period gate held exclusively. Returns (spent,
+    /// overdraft) of the closed period.
+    pub fn start_period(&self, start_ms: i64, end_ms: i64, new_limit: i64) -> (i64, i64) {
         let spent = self.spent.swap(0, SeqCst);
         let overdraft = self.overdraft.swap(0, SeqCst);
-        self.available.fetch_add(spent, SeqCst);
+        let old_limit = self.limit.swap(new_limit, SeqCst);
+        let limit_drop = old_limit - new_limit;
+        assert!((0..=spent).contains(&limit_drop), "a roll-over took capacity on {}", self.customer_id);
+        self.available.fetch_add(spent - limit_drop, SeqCst);
         self.limit_cut.store(false, SeqCst);
         self.period_start_ms.store(start_ms, SeqCst);
         self.period_end_ms.store(end_ms, SeqCst);
@@ -510,7 +544,7 @@ mod tests {
         assert!(b.try_take(5));
         b.add_hold(5);
         b.post(5, 5);
-        assert_eq!(b.start_period(100, 200), (5, 0));
+        assert_eq!(b.start_period(100, 200, 10), (5, 0));
         let c = b.counters();
         assert_eq!((c.spent, c.held, c.available), (0, 4, 6));
         assert_eq!(b.period(), (100, 200));

@@ -22,6 +22,10 @@ pub const HOLD_WORST_CASE_BYTES: u64 = 40 * 1024;
 pub const ACK_WORST_CASE_BYTES: u64 = 12 * 1024;
 /// A new budget: its record, its first usage record and their index pages.
 pub const BUDGET_WORST_CASE_BYTES: u64 = 16 * 1024;
+/// A credit grant: its ledger entry and its grant record (each under 3 KiB with a MAX_REASON_BYTES reason: an
+/// overflow page each), the rewrite of its budget record (two pages) and branch pages split on the way; the usage
+/// record's rewrite is the largest document's, in MAP_SLACK_BYTES.
+pub const GRANT_WORST_CASE_BYTES: u64 = 24 * 1024;
 /// Room that no count predicts: a rewrite of the largest document (old and new copies), alerts, period records, and
 /// the few reservations racing past the check at once (each check reads the counts before the hold is counted).
 pub const MAP_SLACK_BYTES: u64 = 2 * MAX_DOCUMENT_BYTES as u64 + 8 * MIB;

@@ -35,8 +35,8 @@ pub mod writer;
 mod python;
 
 pub use engine::{
-    BalanceView, BudgetUpdate, CommitArgs, CommitOutcome, Engine, EngineConfig, EngineStats, LedgerPage, LedgerRow,
-    OutboxStats, ReleaseOutcome, ReserveArgs, ReserveOutcome, SetBudgetOutcome, SettlementState, UsageView,
+    BalanceView, BudgetUpdate, CommitArgs, CommitOutcome, Engine, EngineConfig, EngineStats, GrantOutcome, LedgerPage,
+    LedgerRow, OutboxStats, ReleaseOutcome, ReserveArgs, ReserveOutcome, SetBudgetOutcome, SettlementState, UsageView,
 };
 pub use error::{EngineError, ErrorKind};
 pub use hold::{DenyReason, HoldState};

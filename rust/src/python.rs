@@ -166,6 +166,8 @@ pub struct PyBalanceView {
     period_end_ms: i64,
     /// None: the server's multiplier.
     breaker_multiplier: Option<u64>,
+    /// Granted credits in `limit` this period (granted in it or carried into it).
+    credits: i64,
     /// The customer's own stop-at (0: none).
     stop_at: i64,
 }
@@ -235,6 +237,7 @@ impl From<BalanceView> for PyBalanceView {
             period_start_ms: v.period_start_ms,
             period_end_ms: v.period_end_ms,
             breaker_multiplier: v.breaker_multiplier,
+            credits: v.credits,
             stop_at: v.stop_at,
         }
     }
@@ -245,6 +248,19 @@ pub struct PySetBudgetOutcome {
     balance: Py<PyBalanceView>,
     created: bool,
     rolled: bool,
+    ticket: u64,
+}
+
+#[pyclass(module = "spendgate._core", name = "GrantOutcome", frozen, get_all)]
+pub struct PyGrantOutcome {
+    customer_id: String,
+    amount: i64,
+    reason: String,
+    granted_ms: i64,
+    limit_after: i64,
+    credits_after: i64,
+    replayed: bool,
+    balance: Py<PyBalanceView>,
     ticket: u64,
 }
 
@@ -359,20 +375,12 @@ impl PyEngine {
             dimensions: dimensions.unwrap_or_default(),
             fingerprint,
         };
-        let o = self.inner.reserve_with(&args).map_err(to_py_err)?;
-        Ok(PyReserveOutcome {
-            granted: o.granted,
-            reservation_id: o.reservation_id,
-            remaining: o.remaining,
-            reason: o.reason as i32,
-            expires_at_ms: o.expires_at_ms,
-            replayed: o.replayed,
-            amount: o.amount,
-            state: o.state.map_or(0, |state| state as i32),
-            over_limit: o.over_limit,
-            decided_by: o.decided_by,
-            ticket: o.ticket,
-        })
+        Ok(reserve_outcome(self.inner.reserve_with(&args).map_err(to_py_err)?))
+    }
+
+    /// What a Reserve of `amount` would answer now, holding nothing (Budget.Quote): reservation_id "", ticket 0.
+    fn quote(&self, customer_id: &str, amount: i64) -> PyResult<PyReserveOutcome> {
+        Ok(reserve_outcome(self.inner.quote(customer_id, amount).map_err(to_py_err)?))
     }
 
     /// `usage`: {"model": str, "parts": [(token_type, tokens, units), ...], "cache_hit": bool, "fallback": bool}.
@@ -483,6 +491,30 @@ impl PyEngine {
             balance: Py::new(py, PyBalanceView::from(o.balance))?,
             created: o.created,
             rolled: o.rolled,
+            ticket: o.ticket,
+        })
+    }
+
+    /// Add `amount` credits to the budget's limit, once per idempotency key (a replay answers the first call's grant).
+    #[pyo3(signature = (customer_id, amount, idempotency_key, reason = ""))]
+    fn grant_credits(
+        &self,
+        py: Python<'_>,
+        customer_id: &str,
+        amount: i64,
+        idempotency_key: &str,
+        reason: &str,
+    ) -> PyResult<PyGrantOutcome> {
+        let o = self.inner.grant_credits(customer_id, amount, idempotency_key, reason).map_err(to_py_err)?;
+        Ok(PyGrantOutcome {
+            customer_id: o.customer_id,
+            amount: o.amount,
+            reason: o.reason,
+            granted_ms: o.granted_ms,
+            limit_after: o.limit_after,
+            credits_after: o.credits_after,
+            replayed: o.replayed,
+            balance: Py::new(py, PyBalanceView::from(o.balance))?,
             ticket: o.ticket,
         })
     }
@@ -702,6 +734,22 @@ impl PyEngine {
     }
 }
 
+fn reserve_outcome(o: crate::engine::ReserveOutcome) -> PyReserveOutcome {
+    PyReserveOutcome {
+        granted: o.granted,
+        reservation_id: o.reservation_id,
+        remaining: o.remaining,
+        reason: o.reason as i32,
+        expires_at_ms: o.expires_at_ms,
+        replayed: o.replayed,
+        amount: o.amount,
+        state: o.state.map_or(0, |state| state as i32),
+        over_limit: o.over_limit,
+        decided_by: o.decided_by,
+        ticket: o.ticket,
+    }
+}
+
 fn outbox_dict<'py>(py: Python<'py>, entry: &OutboxEntry) -> PyResult<Bound<'py, PyDict>> {
     let dict = PyDict::new(py);
     dict.set_item("seq", entry.seq)?;
@@ -790,6 +838,9 @@ fn usage_dict<'py>(py: Python<'py>, view: &UsageView) -> PyResult<Bound<'py, PyD
     dict.set_item("current", view.current)?;
     dict.set_item("limit", view.limit)?;
     dict.set_item("included", view.included)?;
+    dict.set_item("credits", view.credits)?;
+    dict.set_item("granted", record.granted)?;
+    dict.set_item("grants", record.grants)?;
     dict.set_item("units", record.units)?;
     dict.set_item("commits", record.commits)?;
     dict.set_item("days", record.days.iter().map(|(day, units)| (*day, *units)).collect::<Vec<_>>())?;
@@ -843,6 +894,8 @@ fn ledger_row_dict<'py>(py: Python<'py>, row: &LedgerRow) -> PyResult<Bound<'py,
     }
     dict.set_item("dimensions", entry.dimensions.clone())?;
     dict.set_item("state", row.state.as_str())?;
+    dict.set_item("kind", if entry.kind.is_commit() { "commit" } else { "grant" })?;
+    dict.set_item("reason", &entry.reason)?;
     dict.set_item("identifier", &row.identifier)?;
     dict.set_item("claim", row.claim.as_deref())?;
     dict.set_item("dead_letter_reason", &row.dead_letter_reason)?;
@@ -860,6 +913,7 @@ fn period_record_dict<'py>(py: Python<'py>, period: &PeriodRecord) -> PyResult<B
     dict.set_item("included", period.included)?;
     dict.set_item("spent", period.spent)?;
     dict.set_item("overdraft", period.overdraft)?;
+    dict.set_item("credits", period.credits)?;
     Ok(dict)
 }
 
@@ -893,6 +947,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyReleaseOutcome>()?;
     m.add_class::<PyBalanceView>()?;
     m.add_class::<PySetBudgetOutcome>()?;
+    m.add_class::<PyGrantOutcome>()?;
     m.add("MAX_ID_BYTES", MAX_ID_BYTES)?;
     m.add("MAX_AMOUNT_UNITS", MAX_AMOUNT_UNITS)?;
     m.add("MAX_TTL_MS_CEILING", MAX_TTL_MS_CEILING)?;

@@ -94,6 +94,10 @@ pub struct BudgetRecord {
     /// Recent usage, for the breaker.
     #[serde(default, skip_serializing_if = "UsageRing::is_empty")]
     pub ring: UsageRing,
+    /// Granted credits (Admin.GrantCredits) still unused: Reserve admits against `limit + credits`. Spend draws the
+    /// limit first; at roll-over the unused part carries into the next period (see `carried_credits`).
+    #[serde(default, skip_serializing_if = "is_zero_i64")]
+    pub credits: i64,
 }
 
 impl BudgetRecord {
@@ -129,16 +133,19 @@ impl BudgetRecord {
             breaker_multiplier: None,
             stop_at: 0,
             ring: UsageRing::default(),
+            credits: 0,
         }
     }
 
-    /// The limit Reserve admits against: the kill switch caps it at the included quota, a stop-at at itself.
+    /// The limit Reserve admits against: the limit plus the credits, which the kill switch caps at the included
+    /// quota and a stop-at at itself.
     pub fn effective_limit(&self) -> i64 {
-        effective_limit(self.limit, self.block_overage, self.included, self.stop_at)
+        effective_limit(self.limit + self.credits, self.block_overage, self.included, self.stop_at)
     }
 }
 
-/// The limit admission counts against: `limit`, capped at `included` by the kill switch and at a stop-at (> 0).
+/// The limit admission counts against: `limit` (with any credits), capped at `included` by the kill switch and at a
+/// stop-at (> 0).
 pub fn effective_limit(limit: i64, block_overage: bool, included: i64, stop_at: i64) -> i64 {
     let capped = if block_overage { limit.min(included) } else { limit };
     if stop_at > 0 {
@@ -146,6 +153,13 @@ pub fn effective_limit(limit: i64, block_overage: bool, included: i64, stop_at: 
     } else {
         capped
     }
+}
+
+/// The credits a period passes on to the next: spend draws the limit first, then the credits, so what is left of
+/// `credits` after `spent` (never below 0). Granted credits never expire; they are used up.
+pub fn carried_credits(limit: i64, credits: i64, spent: i64) -> i64 {
+    let used = (spent - limit).clamp(0, credits);
+    credits - used
 }
 
 /// A closed period of a budget, kept when the budget rolls over.
@@ -160,6 +174,9 @@ pub struct PeriodRecord {
     pub included: i64,
     pub spent: i64,
     pub overdraft: i64,
+    /// The unused credits the period had when it closed (its limit was `limit + credits`).
+    #[serde(default, skip_serializing_if = "is_zero_i64")]
+    pub credits: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -229,7 +246,25 @@ pub struct UsageDetail {
     pub fallback: bool,
 }
 
-/// One committed usage. Kept: it is the billing record that settlement and reconciliation read.
+/// What a ledger entry records. Absent in JSON for a commit (every entry written before grants existed reads as one).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LedgerKind {
+    /// Committed usage: billed (it has an outbox entry).
+    #[default]
+    Commit,
+    /// Credits added to the budget's limit (Admin.GrantCredits): never billed, never in the outbox, not usage.
+    Grant,
+}
+
+impl LedgerKind {
+    pub fn is_commit(&self) -> bool {
+        *self == LedgerKind::Commit
+    }
+}
+
+/// One committed usage, or a credit grant (`kind`). Kept: it is the billing record that settlement and
+/// reconciliation read (they count commits only).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LedgerEntry {
     pub seq: u64,
@@ -263,6 +298,13 @@ pub struct LedgerEntry {
     /// Set at acknowledgement when the entry's own identifier was not `sg-<reservation id>` (a requeue's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identifier: Option<String>,
+    #[serde(default, skip_serializing_if = "LedgerKind::is_commit")]
+    pub kind: LedgerKind,
+    /// A grant: its idempotency key and reason (reservation_id is empty, reserved and excess 0).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub grant_key: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
 }
 
 impl LedgerEntry {
@@ -270,6 +312,22 @@ impl LedgerEntry {
     pub fn base_identifier(&self) -> String {
         format!("sg-{}", self.reservation_id)
     }
+}
+
+/// A credit grant, by its idempotency key (keys are global: one key names one grant of one customer), so that a
+/// replay answers what the grant did, across restarts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantRecord {
+    pub customer_id: String,
+    pub amount: i64,
+    pub reason: String,
+    pub ts_ms: i64,
+    /// Its ledger entry.
+    pub seq: u64,
+    pub period_start_ms: i64,
+    /// The budget's limit (with credits) and its unused credits right after the grant.
+    pub limit_after: i64,
+    pub credits_after: i64,
 }
 
 /// What the settler must deliver to Stripe; removed once Stripe has accepted it. Written in the same transaction as
@@ -344,6 +402,11 @@ pub struct UsageRecord {
     /// dimension key -> value -> units. Past MAX_TRACKED_VALUES values of one key, the rest go to OTHER_VALUE.
     #[serde(default)]
     pub dimensions: BTreeMap<String, BTreeMap<String, i64>>,
+    /// Credits granted in the period (Admin.GrantCredits), and how many grants: not usage, not in `units`.
+    #[serde(default, skip_serializing_if = "is_zero_i64")]
+    pub granted: i64,
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub grants: u64,
 }
 
 /// Something an app or an operator should hear about: a soft limit crossed, a limit hit, a breaker trip ...
@@ -367,6 +430,14 @@ fn is_zero(value: &u32) -> bool {
     *value == 0
 }
 
+fn is_zero_i64(value: &i64) -> bool {
+    *value == 0
+}
+
+fn is_zero_u64(value: &u64) -> bool {
+    *value == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,5 +450,47 @@ mod tests {
         assert_eq!((record.period, record.period_end_ms), (PeriodRule::Lifetime, NEVER_MS));
         assert_eq!((record.mode, record.included, record.parent.clone()), (EnforcementMode::Hard, 0, None));
         assert_eq!(record.effective_limit(), 100);
+        assert_eq!(record.credits, 0);
+    }
+
+    #[test]
+    fn a_commit_entry_serializes_as_before_grants_and_old_entries_read_as_commits() {
+        let entry = LedgerEntry {
+            seq: 1,
+            reservation_id: "rsv_1".into(),
+            customer_id: "c".into(),
+            stripe_customer_id: "cus".into(),
+            amount: 5,
+            reserved: 5,
+            excess: 0,
+            ts_ms: 1,
+            settled_ms: None,
+            period_start_ms: 0,
+            parent: None,
+            usage: None,
+            dimensions: Dimensions::new(),
+            parent_period_start_ms: None,
+            sent_as: None,
+            identifier: None,
+            kind: LedgerKind::Commit,
+            grant_key: String::new(),
+            reason: String::new(),
+        };
+        let json = serde_json::to_string(&entry).unwrap();
+        assert!(!json.contains("kind") && !json.contains("grant_key") && !json.contains("reason"), "{json}");
+        let back: LedgerEntry = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.kind, LedgerKind::Commit);
+        let grant = LedgerEntry { kind: LedgerKind::Grant, ..entry };
+        assert!(serde_json::to_string(&grant).unwrap().contains(r#""kind":"grant""#));
+    }
+
+    #[test]
+    fn credits_are_drawn_after_the_limit_and_carry_what_is_left() {
+        assert_eq!(carried_credits(100, 50, 0), 50);
+        assert_eq!(carried_credits(100, 50, 100), 50);
+        assert_eq!(carried_credits(100, 50, 120), 30);
+        assert_eq!(carried_credits(100, 50, 150), 0);
+        assert_eq!(carried_credits(100, 50, 900), 0); // overdraft uses no more than there is
+        assert_eq!(carried_credits(100, 0, 120), 0);
     }
 }

@@ -14,8 +14,8 @@ use crate::error::EngineError;
 use crate::identity::{random_instance_id, Identity};
 use crate::limits::{MAX_DBS, MAX_MAP_SIZE_MB, MIN_MAP_SIZE_MB};
 use crate::records::{
-    AlertRecord, BudgetRecord, DeadLetter, HoldRecord, HoldStatus, LedgerEntry, OutboxEntry, PeriodRecord, UsageRecord,
-    SCHEMA_VERSION,
+    AlertRecord, BudgetRecord, DeadLetter, GrantRecord, HoldRecord, HoldStatus, LedgerEntry, OutboxEntry, PeriodRecord,
+    UsageRecord, SCHEMA_VERSION,
 };
 
 pub type Key64 = U64<BigEndian>;
@@ -51,6 +51,8 @@ pub struct Store {
     /// Small documents of the layers above, by name (the Stripe webhooks' state), so that they share the engine's
     /// durability and its backups.
     pub documents: Database<Str, Str>,
+    /// Credit grants by idempotency key (Admin.GrantCredits), kept like the ledger they are in.
+    pub grants: Database<Str, SerdeJson<GrantRecord>>,
     page_size_bytes: u64,
     /// Read transactions hold it shared; a map resize takes it exclusively, because LMDB requires that no
     /// transaction of this process is active while the map changes size (mdb_env_set_mapsize).
@@ -124,6 +126,7 @@ impl Store {
         let usage = env.create_database(&mut wtxn, Some("usage"))?;
         let alerts = env.create_database(&mut wtxn, Some("alerts"))?;
         let documents = env.create_database(&mut wtxn, Some("documents"))?;
+        let grants = env.create_database(&mut wtxn, Some("grants"))?;
         let page_size_bytes = u64::from(budgets.stat(&wtxn)?.page_size);
         let store = Store {
             env: env.clone(),
@@ -138,6 +141,7 @@ impl Store {
             usage,
             alerts,
             documents,
+            grants,
             page_size_bytes,
             resize_lock: Arc::new(RwLock::new(())),
             dir: dir.to_path_buf(),
@@ -337,6 +341,11 @@ impl Store {
             found.push(item?.1);
         }
         Ok(found)
+    }
+
+    pub fn get_grant(&self, key: &str) -> Result<Option<GrantRecord>, EngineError> {
+        let rtxn = self.read_txn()?;
+        Ok(self.grants.get(&rtxn, key)?)
     }
 
     pub fn document(&self, name: &str) -> Result<Option<String>, EngineError> {

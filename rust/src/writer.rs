@@ -21,8 +21,8 @@ use crate::error::EngineError;
 use crate::limits::{MAX_ARCHIVE_PER_TXN, MAX_ARCHIVE_SCAN_PER_TXN, MAX_BATCH_OPS, MAX_PRUNE_PER_TXN};
 use crate::period::PeriodRule;
 use crate::records::{
-    AlertRecord, BudgetRecord, DeadLetter, Dimensions, EnforcementMode, HoldRecord, HoldStatus, LedgerEntry,
-    OutboxEntry, PeriodRecord, UsageDetail, UsageRecord,
+    AlertRecord, BudgetRecord, DeadLetter, Dimensions, EnforcementMode, GrantRecord, HoldRecord, HoldStatus,
+    LedgerEntry, LedgerKind, OutboxEntry, PeriodRecord, UsageDetail, UsageRecord,
 };
 use crate::store::{idempotency_key, period_key, Store, META_ALERT_CURSOR};
 use crate::usage::MEMBER_DIMENSION;
@@ -100,6 +100,8 @@ pub enum Op {
         start_ms: i64,
         end_ms: i64,
         now_ms: i64,
+        /// The unused credits the new period starts with (records::carried_credits, as the engine computed it).
+        credits_after: i64,
     },
     Alert(Box<PendingAlert>),
     /// The alert webhook delivered every alert up to `seq`.
@@ -134,6 +136,24 @@ pub enum Op {
     },
     /// Stop after everything before it is durable.
     Shutdown,
+    /// Add credits to a budget's limit: a grant ledger entry (no outbox entry: a grant is never billed), the
+    /// period's usage record, and the grant by its key.
+    Grant(Box<GrantOp>),
+}
+
+#[derive(Debug, Clone)]
+pub struct GrantOp {
+    pub customer_id: String,
+    pub key: String,
+    pub amount: i64,
+    pub reason: String,
+    pub now_ms: i64,
+    /// The period the engine counted it in, checked against LMDB's.
+    pub period_start_ms: i64,
+    pub limit_after: i64,
+    pub credits_after: i64,
+    /// The effective limit went up: re-arm this period's limit alert.
+    pub rearm_limit_alert: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -404,8 +424,8 @@ impl Writer {
                 budget.updated_ms = *now_ms;
                 Ok(())
             }
-            Op::Roll { customer_id, start_ms, end_ms, now_ms } => {
-                self.apply_roll(wtxn, customer_id, *start_ms, *end_ms, *now_ms)
+            Op::Roll { customer_id, start_ms, end_ms, now_ms, credits_after } => {
+                self.apply_roll(wtxn, customer_id, *start_ms, *end_ms, *now_ms, *credits_after)
             }
             Op::Alert(alert) => self.apply_alert(wtxn, alert),
             Op::AlertCursor { seq } => {
@@ -420,6 +440,7 @@ impl Writer {
             Op::DeadLetterRequeue { seq, now_ms } => self.apply_requeue(wtxn, *seq, *now_ms),
             Op::PutDocument { name, body } => Ok(self.store.documents.put(wtxn, name, body)?),
             Op::Shutdown => Ok(()),
+            Op::Grant(grant) => self.apply_grant(wtxn, grant),
         }
     }
 
@@ -622,6 +643,9 @@ impl Writer {
             parent_period_start_ms: hold.parent.as_ref().map(|_| commit.parent_period_start_ms),
             sent_as: None,
             identifier: None,
+            kind: LedgerKind::Commit,
+            grant_key: String::new(),
+            reason: String::new(),
         };
         self.store.ledger.put(wtxn, &seq, &entry)?;
         let outbox = OutboxEntry {
@@ -675,6 +699,7 @@ impl Writer {
         start_ms: i64,
         end_ms: i64,
         now_ms: i64,
+        credits_after: i64,
     ) -> Result<(), EngineError> {
         let budget = self.budget_mut(wtxn, customer_id)?;
         if start_ms <= budget.period_start_ms {
@@ -692,7 +717,16 @@ impl Writer {
             included: budget.included,
             spent: budget.spent,
             overdraft: budget.overdraft,
+            credits: budget.credits,
         };
+        let carried = crate::records::carried_credits(budget.limit, budget.credits, budget.spent);
+        if carried != credits_after {
+            return Err(EngineError::internal(format!(
+                "invariant: the engine carried {credits_after} credits of {customer_id:?} into the period from \
+                 {start_ms}, LMDB's record carries {carried}"
+            )));
+        }
+        budget.credits = credits_after;
         budget.spent = 0;
         budget.overdraft = 0;
         budget.period_start_ms = start_ms;
@@ -768,8 +802,73 @@ impl Writer {
 }
 
 impl Writer {
-    /// Move settled entries of closed periods made before `before_ms` to the archive (crate::archive), looking at
-    /// most MAX_ARCHIVE_SCAN_PER_TXN entries from where the last pass stopped. The ledger is in commit order, so a
+    fn apply_grant(&mut self, wtxn: &mut RwTxn, grant: &GrantOp) -> Result<(), EngineError> {
+        let customer_id = grant.customer_id.as_str();
+        let budget = self.budget_mut(wtxn, customer_id)?;
+        if budget.period_start_ms != grant.period_start_ms {
+            return Err(EngineError::internal(format!(
+                "invariant: the engine counted a grant to {customer_id:?} in the period from {}, LMDB is in the one \
+                 from {}",
+                grant.period_start_ms, budget.period_start_ms
+            )));
+        }
+        budget.credits = checked(budget.credits.checked_add(grant.amount), "credits")?;
+        if budget.credits != grant.credits_after {
+            return Err(EngineError::internal(format!(
+                "invariant: a grant left {customer_id:?} with {} credits in LMDB, {} in the engine",
+                budget.credits, grant.credits_after
+            )));
+        }
+        budget.limit_alerted &= !grant.rearm_limit_alert;
+        budget.updated_ms = grant.now_ms;
+        let stripe_customer_id = budget.stripe_customer_id.clone();
+        let parent = budget.parent.clone();
+        let usage = self.usage_mut(wtxn, customer_id, grant.period_start_ms)?;
+        usage.granted = checked(usage.granted.checked_add(grant.amount), "granted")?;
+        usage.grants += 1;
+        if self.store.grants.get(wtxn, &grant.key)?.is_some() {
+            return Err(EngineError::internal(format!("invariant: grant key {:?} was applied twice", grant.key)));
+        }
+        let seq = self.next_ledger_seq;
+        self.next_ledger_seq += 1;
+        let entry = LedgerEntry {
+            seq,
+            reservation_id: String::new(),
+            customer_id: customer_id.to_string(),
+            stripe_customer_id,
+            amount: grant.amount,
+            reserved: 0,
+            excess: 0,
+            ts_ms: grant.now_ms,
+            settled_ms: None,
+            period_start_ms: grant.period_start_ms,
+            parent,
+            usage: None,
+            dimensions: Dimensions::new(),
+            parent_period_start_ms: None,
+            sent_as: None,
+            identifier: None,
+            kind: LedgerKind::Grant,
+            grant_key: grant.key.clone(),
+            reason: grant.reason.clone(),
+        };
+        self.store.ledger.put(wtxn, &seq, &entry)?;
+        let record = GrantRecord {
+            customer_id: customer_id.to_string(),
+            amount: grant.amount,
+            reason: grant.reason.clone(),
+            ts_ms: grant.now_ms,
+            seq,
+            period_start_ms: grant.period_start_ms,
+            limit_after: grant.limit_after,
+            credits_after: grant.credits_after,
+        };
+        Ok(self.store.grants.put(wtxn, &grant.key, &record)?)
+    }
+
+    /// Move settled entries (and credit grants, which are never settled: nothing is sent for them) of closed periods
+    /// made before `before_ms` to the archive (crate::archive), looking at most MAX_ARCHIVE_SCAN_PER_TXN entries from
+    /// where the last pass stopped. A grant's replays read its GrantRecord, never its ledger entry. The ledger is in commit order, so a
     /// pass stops at the first entry not old enough and the next starts from the beginning again.
     fn apply_archive(&mut self, wtxn: &mut RwTxn, before_ms: i64) -> Result<(), EngineError> {
         let mut by_file: BTreeMap<String, Vec<LedgerEntry>> = BTreeMap::new();
@@ -788,7 +887,8 @@ impl Writer {
                 break;
             }
             next_cursor = entry.seq + 1;
-            if entry.settled_ms.is_some() && self.period_closed(wtxn, &entry)? {
+            let done = entry.settled_ms.is_some() || entry.kind == LedgerKind::Grant;
+            if done && self.period_closed(wtxn, &entry)? {
                 by_file.entry(crate::archive::file_name(entry.period_start_ms)).or_default().push(entry);
                 taken += 1;
                 if taken >= MAX_ARCHIVE_PER_TXN {

@@ -101,7 +101,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
 def test_help_lists_every_command() -> None:
     result = spendgate_cli("--help")
     assert result.returncode == 0
-    for command in ("spendgate serve", "spendgate budget set", "spendgate budget show"):
+    for command in ("spendgate serve", "spendgate budget set", "spendgate budget show", "spendgate budget grant"):
         assert command in result.stdout
 
 
@@ -298,6 +298,29 @@ def test_usage_prints_the_period_the_daily_series_and_the_breakdowns(server: Ser
     assert "by dimension" in shown.stdout and "search" in shown.stdout
     bad = spendgate_cli("usage", "cus_u", "--period", "last month", "--target", server.address)
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "ISO date" in bad.stderr
+
+
+def test_budget_grant_adds_credits_once_per_key_and_usage_shows_them(server: Server) -> None:
+    spendgate_cli("budget", "set", "cus_g", "--limit", "1000", "--target", server.address)
+    granted = spendgate_cli("budget", "grant", "cus_g", "250", "--key", "pay_1", "--reason", "pack",
+                            "--target", server.address)
+    assert granted.returncode == 0, granted.stderr
+    assert "granted 250 credits to cus_g" in granted.stdout
+    rows = dict(line.split(None, 1) for line in granted.stdout.strip().splitlines()[1:])
+    assert (rows["limit"].strip(), rows["credits"].strip(), rows["remaining"].strip()) == ("1250", "250", "1250")
+
+    again = spendgate_cli("budget", "grant", "cus_g", "250", "--key", "pay_1", "--target", server.address)
+    assert again.returncode == 0, again.stderr
+    assert "already granted under key pay_1: 250 credits to cus_g (nothing added)" in again.stdout
+    other = spendgate_cli("budget", "grant", "cus_g", "300", "--key", "pay_1", "--target", server.address)
+    assert other.returncode == 1 and "ALREADY_EXISTS" in other.stderr and "new key" in other.stderr
+    keyless = spendgate_cli("budget", "grant", "cus_g", "300", "--target", server.address)
+    assert keyless.returncode == 2 and "--key" in keyless.stderr
+
+    shown = spendgate_cli("usage", "cus_g", "--target", server.address)
+    figures = dict(line.split(None, 1) for line in shown.stdout.split("daily")[0].splitlines()[2:] if line.strip())
+    assert (figures["limit"].strip(), figures["credits"].strip(), figures["credits_granted"].strip(),
+            figures["grants"].strip()) == ("1,250", "250", "250", "1")
 
 
 def test_health_exits_0_on_a_serving_sidecar_and_1_without_one(server: Server) -> None:

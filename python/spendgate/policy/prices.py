@@ -234,8 +234,19 @@ class ModelPrice:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class ChargeLine:
+    """One token type of a charge: its count and its share of the call's units."""
+
+    token_type: str
+    tokens: int
+    units: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Estimate:
-    """The worst case of a call, to Reserve. `model` is the table's key the requested name resolved to."""
+    """The worst case of a call, to Reserve. `model` is the table's key the requested name resolved to.
+    `breakdown`: (INPUT, input_tokens, units) and (OUTPUT, max_output_tokens, units), split like a Charge's and
+    summing to `units` (what Budget.Quote and Reserve show per token type)."""
 
     units: int
     model: str
@@ -243,15 +254,7 @@ class Estimate:
     input_tokens: int
     max_output_tokens: int
     fallback: bool = False
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ChargeLine:
-    """One token type of a charge: its count and its share of the call's units."""
-
-    token_type: str
-    tokens: int
-    units: int
+    breakdown: tuple[ChargeLine, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -332,10 +335,17 @@ class PriceTable:
         check_tokens("max_output_tokens", max_output_tokens)
         price, fallback = self.price_of(model)
         rates = price.rates_for(input_tokens)
-        cost = input_tokens * rates.worst_prompt_rate() + max_output_tokens * rates.worst_completion_rate()
-        units = _ceil_div(self._scale(cost), self._denominator())
+        shares = {
+            INPUT: self._scale(input_tokens * rates.worst_prompt_rate()),
+            OUTPUT: self._scale(max_output_tokens * rates.worst_completion_rate()),
+        }
+        units = _ceil_div(sum(shares.values()), self._denominator())
         _check_units(units, model)
-        return Estimate(units, price.model, model, input_tokens, max_output_tokens, fallback)
+        tokens = {INPUT: input_tokens, OUTPUT: max_output_tokens}
+        lines = tuple(
+            ChargeLine(t, tokens[t], u) for t, u in _allocate(shares, self._denominator(), units, (INPUT, OUTPUT))
+        )
+        return Estimate(units, price.model, model, input_tokens, max_output_tokens, fallback, lines)
 
     def charge(self, usage: TokenUsage) -> Charge:
         """The exact cost of a finished call: each token type at its own rate, markup applied, converted, rounded up
@@ -387,18 +397,19 @@ def _check_units(units: int, model: str) -> None:
         )
 
 
-def _allocate(shares: Mapping[str, int], denominator: int, total: int) -> list[tuple[str, int]]:
-    """Split `total` (= ceil(sum(shares) / denominator)) over the types: each gets the floor of its exact share; the
-    remainder goes one unit each to the largest dropped fractions, ties in TOKEN_TYPES order."""
-    floors = {t: shares[t] // denominator for t in TOKEN_TYPES}
-    fractions = {t: shares[t] % denominator for t in TOKEN_TYPES}
+def _allocate(shares: Mapping[str, int], denominator: int, total: int,
+              types: tuple[str, ...] = TOKEN_TYPES) -> list[tuple[str, int]]:
+    """Split `total` (= ceil(sum(shares) / denominator)) over `types`: each gets the floor of its exact share; the
+    remainder goes one unit each to the largest dropped fractions, ties in `types` order."""
+    floors = {t: shares[t] // denominator for t in types}
+    fractions = {t: shares[t] % denominator for t in types}
     remainder = total - sum(floors.values())
     # ceil(sum) - sum(floors) = ceil(sum of fractions / denominator): at most one unit per type with a fraction.
-    assert 0 <= remainder <= sum(1 for t in TOKEN_TYPES if fractions[t] > 0), (remainder, fractions)
-    by_fraction = sorted(TOKEN_TYPES, key=lambda t: (-fractions[t], TOKEN_TYPES.index(t)))
+    assert 0 <= remainder <= sum(1 for t in types if fractions[t] > 0), (remainder, fractions)
+    by_fraction = sorted(types, key=lambda t: (-fractions[t], types.index(t)))
     for token_type in by_fraction[:remainder]:
         floors[token_type] += 1
-    return [(t, floors[t]) for t in TOKEN_TYPES]
+    return [(t, floors[t]) for t in types]
 
 
 def _toml_key(name: str) -> str:

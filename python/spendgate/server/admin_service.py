@@ -15,6 +15,7 @@ from spendgate.policy.usage_report import NEVER_MS
 from spendgate.server.budget_service import balance_message, period_at
 from spendgate.server.durability import DurabilityWaiter
 from spendgate.server.status import grpc_errors
+from spendgate.service.budgets import grant_credits
 from spendgate.service.usage_links import UsageLinks
 from spendgate.service.virtual_keys import KeyRecord, VirtualKeys
 from spendgate.settle.aggregate import event_identifiers
@@ -35,7 +36,7 @@ DEFAULT_LEDGER_PAGE: Final[int] = _core.DEFAULT_LEDGER_PAGE
 MAX_LEDGER_PAGE: Final[int] = _core.MAX_LEDGER_PAGE
 SETTLEMENT_STATES: Final[dict[str, pb.SettlementState]] = {
     "pending": pb.SETTLEMENT_STATE_PENDING, "sent": pb.SETTLEMENT_STATE_SENT,
-    "dead_letter": pb.SETTLEMENT_STATE_DEAD_LETTER,
+    "dead_letter": pb.SETTLEMENT_STATE_DEAD_LETTER, "credit": pb.SETTLEMENT_STATE_CREDIT,
 }  # fmt: skip
 
 
@@ -60,6 +61,16 @@ class AdminServicer(pb_grpc.AdminServicer):
         return pb.SetBudgetResponse(
             balance=balance_message(outcome.balance), created=outcome.created, rolled=outcome.rolled
         )
+
+    @grpc_errors
+    async def GrantCredits(self, request: pb.GrantCreditsRequest, context: Context) -> pb.GrantCreditsResponse:
+        outcome = await grant_credits(self._engine, self._waiter.wait, request.customer_id, request.amount,
+                                      request.idempotency_key, request.reason)
+        return pb.GrantCreditsResponse(
+            customer_id=outcome.customer_id, amount=outcome.amount, reason=outcome.reason,
+            granted_ms=outcome.granted_ms, limit_after=outcome.limit_after, credits_after=outcome.credits_after,
+            replayed=outcome.replayed, balance=balance_message(outcome.balance),
+        )  # fmt: skip
 
     @grpc_errors
     async def FreezeBudget(self, request: pb.FreezeBudgetRequest, context: Context) -> pb.SetBudgetResponse:
@@ -224,6 +235,8 @@ def ledger_entry_message(row: _core.LedgerRow) -> pb.LedgerEntry:
         archived=row["archived"],
         period_start_ms=row["period_start_ms"],
         claim=row["claim"] or "",
+        kind=row["kind"],
+        reason=row["reason"],
     )
 
 

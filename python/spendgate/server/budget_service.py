@@ -63,19 +63,24 @@ class BudgetServicer(pb_grpc.BudgetServicer):
 
     @grpc_errors
     async def Reserve(self, request: pb.ReserveRequest, context: Context) -> pb.ReserveResponse:
-        estimate = None
-        if request.HasField("estimate"):
-            asked = request.estimate
-            estimate = TokenEstimate(asked.model, asked.input_tokens, asked.max_output_tokens)
         result = await self._service.reserve(
             request.customer_id,
             request.amount,
-            estimate=estimate,
+            estimate=token_estimate(request),
             idempotency_key=request.idempotency_key,
             ttl_ms=request.ttl_ms,
             dimensions=request.dimensions,
         )
-        return pb.ReserveResponse(**dataclasses.asdict(result))
+        fields = dataclasses.asdict(result)
+        fields["parts"] = parts_message(result.parts)
+        return pb.ReserveResponse(**fields)
+
+    @grpc_errors
+    async def Quote(self, request: pb.QuoteRequest, context: Context) -> pb.QuoteResponse:
+        result = self._service.quote(request.customer_id, request.amount, estimate=token_estimate(request))
+        fields = dataclasses.asdict(result)
+        fields["parts"] = parts_message(result.parts)
+        return pb.QuoteResponse(**fields)
 
     @grpc_errors
     async def Commit(self, request: pb.CommitRequest, context: Context) -> pb.CommitResponse:
@@ -95,7 +100,7 @@ class BudgetServicer(pb_grpc.BudgetServicer):
             request.reservation_id, request.amount, usage=usage, dimensions=request.dimensions
         )
         fields = dataclasses.asdict(result)
-        fields["parts"] = [pb.UsagePart(token_type=t, tokens=n, units=u) for t, n, u in result.parts]
+        fields["parts"] = parts_message(result.parts)
         return pb.CommitResponse(**fields)
 
     @grpc_errors
@@ -123,6 +128,17 @@ class BudgetServicer(pb_grpc.BudgetServicer):
         if self.alerts is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server was built without alerts")
         await self.alerts.watch(request, context)
+
+
+def token_estimate(request: pb.ReserveRequest | pb.QuoteRequest) -> TokenEstimate | None:
+    if not request.HasField("estimate"):
+        return None
+    asked = request.estimate
+    return TokenEstimate(asked.model, asked.input_tokens, asked.max_output_tokens)
+
+
+def parts_message(parts: tuple[tuple[str, int, int], ...]) -> list[pb.UsagePart]:
+    return [pb.UsagePart(token_type=t, tokens=n, units=u) for t, n, u in parts]
 
 
 def wall_ms() -> int:
@@ -164,6 +180,9 @@ def usage_message(engine: _core.Engine, customer_id: str, period: str, top: int)
         folded_dimension_keys=report.folded_dimension_keys,
         reserved=balance.reserved,
         spent=balance.spent,
+        credits_granted=raw["granted"],
+        grants=raw["grants"],
+        credits=raw["credits"],
     )
 
 
@@ -200,5 +219,6 @@ def balance_message(view: _core.BalanceView) -> pb.Balance:
         period_start_ms=view.period_start_ms,
         period_end_ms=end_ms,
         breaker_multiplier=-1 if view.breaker_multiplier is None else view.breaker_multiplier,
+        credits=view.credits,
         stop_at=view.stop_at,
     )

@@ -2,9 +2,10 @@
 
     GET /                      settlement health, totals, the first budgets, a search box
     GET /budgets?q=TEXT        budgets whose customer or Stripe customer id contains TEXT (any case)
-    GET /customers/{id}        one customer: usage against the included quota and the limit, projected spend, and the
-                               same dashboard its customer sees (spendgate.server.usage_view: the daily chart with the
-                               quota line, the top actions, members and models, the limit and the customer's stop-at)
+    GET /customers/{id}        one customer: usage against the included quota and the limit, granted credits (unused,
+                               and granted this period), projected spend, and the same dashboard its customer sees
+                               (spendgate.server.usage_view: the daily chart with the quota line, the top actions,
+                               members and models, the limit and the customer's stop-at)
 
 Every value that reaches the HTML goes through html.escape; numbers carry thousands separators. The data comes from
 the engine (read-only calls) and the settlement service; per-customer usage goes through `usage_for`, the one place
@@ -78,6 +79,9 @@ class Usage:
     included_units: int | None = None
     projected_units: int | None = None
     daily_units: tuple[tuple[str, int], ...] | None = None  # (YYYY-MM-DD, units committed that day), oldest first
+    credits: int = 0  # granted credits in `limit` this period (Admin.GrantCredits: granted or carried in)
+    credits_granted: int = 0  # credits granted this period, in `grants` grants
+    grants: int = 0
 
 
 def usage_for(engine: _core.Engine, customer_id: str, *, now_ms: int | None = None) -> Usage:
@@ -87,12 +91,13 @@ def usage_for(engine: _core.Engine, customer_id: str, *, now_ms: int | None = No
 
     view = engine.balance(customer_id)
     now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
-    report = usage_report(engine.usage(customer_id), now_ms=now)
+    raw = engine.usage(customer_id)
+    report = usage_report(raw, now_ms=now)
     return Usage(
         customer_id=view.customer_id, stripe_customer_id=view.stripe_customer_id, limit=view.limit, spent=view.spent,
         reserved=view.reserved, remaining=view.remaining, active_holds=view.active_holds, overdraft=view.overdraft,
         frozen=view.frozen, included_units=report.included, projected_units=report.projected_total,
-        daily_units=report.daily,
+        daily_units=report.daily, credits=view.credits, credits_granted=raw["granted"], grants=raw["grants"],
     )
 
 
@@ -283,7 +288,10 @@ def customer_page(usage: Usage, dashboard: str = "", extra: str = "") -> str:
         card("Reserved (open holds)", f"{usage.reserved:,} in {usage.active_holds:,} "
                                       f"hold{'' if usage.active_holds == 1 else 's'}"),
         card("Remaining", f"{usage.remaining:,}"),
-        card("Limit", f"{usage.limit:,}"),
+        card("Limit", f"{usage.limit:,}" + (f" (with {usage.credits:,} credits)" if usage.credits else "")),
+        card("Credits unused", f"{unused_credits(usage):,} of {usage.credits:,}"),
+        card("Credits granted this period", f"{usage.credits_granted:,} in {usage.grants:,} "
+                                            f"grant{'' if usage.grants == 1 else 's'}"),
         card("Included quota", units(included)),
         card("Projected spend this period", units(usage.projected_units)),
         card("Status", _status(usage), "bad" if usage.frozen or usage.overdraft else "ok"),
@@ -298,6 +306,11 @@ def customer_page(usage: Usage, dashboard: str = "", extra: str = "") -> str:
     body = (f"<p>Stripe customer: {esc(usage.stripe_customer_id)}</p><div class=\"cards\">{cards}</div>{against}"
             f'{extra}<h2>What the customer sees</h2><div class="dash">{dashboard}</div>')
     return layout(f"Customer {usage.customer_id}", body)
+
+
+def unused_credits(usage: Usage) -> int:
+    """The credits not yet drawn: spend draws the configured limit (limit - credits) first, then the credits."""
+    return min(usage.credits, max(0, usage.limit - usage.spent))
 
 
 def not_found_page(customer_id: str) -> str:

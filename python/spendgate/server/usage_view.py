@@ -96,6 +96,7 @@ class Dashboard:
     by_model: tuple[tuple[str, int], ...]  # (model, units), largest first
     by_dimension: tuple[tuple[str, str, int], ...]  # (key, value, units): the top values of each key
     members: int  # > 0: an org
+    credits: int = 0  # prepaid credits in `limit` this period (Admin.GrantCredits)
 
 
 def dashboard_for(engine: _core.Engine, customer_id: str, *, now_ms: int) -> Dashboard:
@@ -119,7 +120,7 @@ def dashboard_for(engine: _core.Engine, customer_id: str, *, now_ms: int) -> Das
                                      report.period_end_ms, now_ms, report.total),
         days=_last_days(engine, customer_id, report.daily, report.period_start_ms, now_ms),
         by_model=tuple(sorted(models.items(), key=lambda row: (-row[1], row[0]))),
-        by_dimension=report.by_dimension, members=view.members,
+        by_dimension=report.by_dimension, members=view.members, credits=view.credits,
     )
 
 
@@ -337,6 +338,10 @@ def limit_section(board: Dashboard, unit: DisplayUnit, *, control: str = "") -> 
     """The limit in force and why: the provider's limit, the customer's own stop-at, the kill switch; then `control`
     (the stop-at form, already HTML) when the link allows it."""
     rows = [("Limit set by your provider", unit.format(board.limit))]
+    if board.credits:
+        # Spend draws the provider's limit first, then the credits: what is left of them carries into the next period.
+        unused = min(board.credits, max(0, board.limit - board.used))
+        rows.append(("Prepaid credits in it", f"{unit.format(unused)} unused of {unit.format(board.credits)}"))
     rows.append(("Your own stop-at", unit.format(board.stop_at) if board.stop_at else "none"))
     if board.block_overage:
         rows.append(("Usage past the included quota", "blocked"))

@@ -9,11 +9,13 @@ from spendgate.service.budgets import (
     BudgetEngine,
     BudgetService,
     CommitResult,
+    QuoteResult,
     ReleaseResult,
     ReserveResult,
     TokenEstimate,
     Usage,
     deny_message,
+    grant_credits,
     reason_name,
 )
 
@@ -21,10 +23,12 @@ __all__ = [
     "BudgetEngine",
     "BudgetService",
     "CommitResult",
+    "QuoteResult",
     "ReleaseResult",
     "ReserveResult",
     "TokenEstimate",
     "Usage",
     "deny_message",
+    "grant_credits",
     "reason_name",
 ]

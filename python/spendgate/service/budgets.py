@@ -21,7 +21,7 @@ from typing import Final, Protocol
 from spendgate import _core
 from spendgate._core import EngineError
 from spendgate.policy.metering import Meter, fingerprint
-from spendgate.policy.prices import PriceError, TokenUsage, UnknownModelError
+from spendgate.policy.prices import Estimate, PriceError, TokenUsage, UnknownModelError
 
 # Waits until a durability ticket is durable (spendgate.server.durability.DurabilityWaiter.wait in the sidecar).
 WaitDurable = Callable[[int], Awaitable[None]]
@@ -56,9 +56,18 @@ class BudgetEngine(Protocol):
 
     def release(self, reservation_id: str) -> _core.ReleaseOutcome: ...
 
+    def quote(self, customer_id: str, amount: int) -> _core.ReserveOutcome: ...
+
     def balance(self, customer_id: str) -> _core.BalanceView: ...
 
     def hold_model(self, reservation_id: str) -> str: ...
+
+
+class CreditsEngine(Protocol):
+    """What grant_credits needs of the engine."""
+
+    def grant_credits(self, customer_id: str, amount: int, idempotency_key: str,
+                      reason: str = "") -> _core.GrantOutcome: ...
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -102,6 +111,39 @@ class ReserveResult:
     decided_by: str = ""
     priced_model: str = ""
     fallback_price: bool = False
+    parts: tuple[tuple[str, int, int], ...] = ()  # an estimate's worst case: (token_type, tokens, units), summing to amount
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QuoteResult:
+    """What a Reserve would answer now (Budget.Quote); nothing was held."""
+
+    granted: bool
+    reason: int  # a DENY_* number (DENY_NONE when it would be granted)
+    message: str
+    amount: int  # what the Reserve would hold
+    remaining: int  # available now, before the call
+    over_limit: bool = False
+    decided_by: str = ""
+    priced_model: str = ""
+    fallback_price: bool = False
+    parts: tuple[tuple[str, int, int], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Priced:
+    """A Reserve's or Quote's amount, from the request's amount or its estimate priced by the table in force."""
+
+    amount: int
+    model: str = ""  # the model the hold remembers for its Commit
+    fingerprint: str = ""
+    estimate: Estimate | None = None
+    unknown_model: str = ""  # why the estimate's model has no price: the call is denied, nothing is asked
+
+    @property
+    def parts(self) -> tuple[tuple[str, int, int], ...]:
+        lines = self.estimate.breakdown if self.estimate else ()
+        return tuple((line.token_type, line.tokens, line.units) for line in lines)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -139,27 +181,37 @@ class BudgetService:
         self._wait = wait_durable
         self.meter = meter
 
+    def _price(self, amount: int, estimate: TokenEstimate | None) -> _Priced:
+        """The amount to hold: `amount`, or the worst case of `estimate` (give one, not both). Reserve and Quote both
+        price here, so a Quote holds exactly what the Reserve would."""
+        if estimate is None:
+            return _Priced(amount)
+        if amount:
+            raise invalid("give either amount or estimate, not both (leave amount 0 with an estimate)")
+        try:
+            priced = self.meter.estimate(estimate.model, estimate.input_tokens, estimate.max_output_tokens)
+        except UnknownModelError as error:
+            return _Priced(0, unknown_model=str(error))
+        except PriceError as error:
+            raise invalid(str(error)) from None
+        return _Priced(
+            amount=priced.units,
+            model=priced.requested_model if priced.fallback else priced.model,
+            fingerprint=fingerprint(estimate.model, estimate.input_tokens, estimate.max_output_tokens),
+            estimate=priced,
+        )
+
     async def reserve(self, customer_id: str, amount: int = 0, *, estimate: TokenEstimate | None = None,
                       idempotency_key: str = "", ttl_ms: int = 0,
                       dimensions: Mapping[str, str] | None = None) -> ReserveResult:
         """Hold `amount`, or the worst case of `estimate` priced by the table (give one, not both)."""
-        model, print_, priced = "", "", None
-        if estimate is not None:
-            if amount:
-                raise invalid("give either amount or estimate, not both (leave amount 0 with an estimate)")
-            try:
-                priced = self.meter.estimate(estimate.model, estimate.input_tokens, estimate.max_output_tokens)
-            except UnknownModelError as error:
-                return self._unknown_model(customer_id, str(error))
-            except PriceError as error:
-                raise invalid(str(error)) from None
-            amount = priced.units
-            model = priced.requested_model if priced.fallback else priced.model
-            print_ = fingerprint(estimate.model, estimate.input_tokens, estimate.max_output_tokens)
+        priced = self._price(amount, estimate)
+        if priced.unknown_model:
+            return self._unknown_model(customer_id, priced.unknown_model)
         outcome = self._engine.reserve(
-            customer_id, amount, idempotency_key, ttl_ms, model=model,
+            customer_id, priced.amount, idempotency_key, ttl_ms, model=priced.model,
             dimensions=dict(dimensions) if dimensions else None,  # most calls carry none: skip the conversion
-            fingerprint=print_,
+            fingerprint=priced.fingerprint,
         )  # fmt: skip
         await self._wait(outcome.ticket)
         return ReserveResult(
@@ -167,15 +219,41 @@ class BudgetService:
             reservation_id=outcome.reservation_id,
             remaining=outcome.remaining,
             reason=outcome.reason,
-            message=deny_message(customer_id, amount, outcome, stop_at=self._binding_stop_at(customer_id, outcome)),
+            message=deny_message(customer_id, priced.amount, outcome,
+                                 stop_at=self._binding_stop_at(customer_id, outcome)),
             expires_at_ms=outcome.expires_at_ms,
             replayed=outcome.replayed,
             amount=outcome.amount,
             state=outcome.state,
             over_limit=outcome.over_limit,
             decided_by=outcome.decided_by,
-            priced_model=priced.model if priced else "",
-            fallback_price=priced.fallback if priced else False,
+            priced_model=priced.estimate.model if priced.estimate else "",
+            fallback_price=priced.estimate.fallback if priced.estimate else False,
+            parts=priced.parts if outcome.amount == priced.amount else (),  # a replay holds what it first held
+        )
+
+    def quote(self, customer_id: str, amount: int = 0, *, estimate: TokenEstimate | None = None) -> QuoteResult:
+        """What reserve(customer_id, amount, estimate=...) would answer now, holding nothing: priced here, decided by
+        the engine's admission checks without taking anything. Nothing to wait for: nothing changed."""
+        priced = self._price(amount, estimate)
+        if priced.unknown_model:
+            denial = self._unknown_model(customer_id, priced.unknown_model)
+            return QuoteResult(granted=False, reason=denial.reason, message=denial.message, amount=0,
+                               remaining=denial.remaining, decided_by=denial.decided_by)
+        outcome = self._engine.quote(customer_id, priced.amount)
+        assert outcome.ticket == 0 and not outcome.reservation_id, outcome
+        return QuoteResult(
+            granted=outcome.granted,
+            reason=outcome.reason,
+            message=deny_message(customer_id, priced.amount, outcome,
+                                 stop_at=self._binding_stop_at(customer_id, outcome)),
+            amount=outcome.amount,
+            remaining=outcome.remaining,
+            over_limit=outcome.over_limit,
+            decided_by=outcome.decided_by,
+            priced_model=priced.estimate.model if priced.estimate else "",
+            fallback_price=priced.estimate.fallback if priced.estimate else False,
+            parts=priced.parts,
         )
 
     def _binding_stop_at(self, customer_id: str, outcome: _core.ReserveOutcome) -> int:
@@ -241,6 +319,18 @@ class BudgetService:
     def balance(self, customer_id: str) -> _core.BalanceView:
         """The budget's live counters; EngineError("not_found") for a customer without a budget."""
         return self._engine.balance(customer_id)
+
+
+async def grant_credits(engine: CreditsEngine, wait_durable: WaitDurable, customer_id: str, amount: int,
+                        idempotency_key: str, reason: str = "") -> _core.GrantOutcome:
+    """Admin.GrantCredits: add `amount` credits to the budget's limit, once per key; returns once durable (a replay
+    waits for the first call's grant). Errors: invalid_argument (bad input, or limit + credits past
+    MAX_AMOUNT_UNITS), not_found (no budget), already_exists (the key granted another customer or amount)."""
+    if not idempotency_key:
+        raise invalid("idempotency_key is required: one key per grant, the same key again on a retry (--key on the CLI)")
+    outcome = engine.grant_credits(customer_id, amount, idempotency_key, reason)
+    await wait_durable(outcome.ticket)
+    return outcome
 
 
 def _token_usage(usage: Usage) -> TokenUsage:

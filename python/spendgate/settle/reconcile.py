@@ -65,6 +65,8 @@ RETRY_BASE_S: Final[float] = 0.5
 REQUEST_TIMEOUT_S: Final[float] = 30.0
 # Over-counted hours shown per customer by --fix.
 MAX_HOURS_SHOWN: Final[int] = 12
+# A ledger entry without "kind" is a commit (every entry written before grants existed); a grant says "grant".
+LEDGER_KIND_COMMIT: Final[str] = "commit"
 # A meter event identifier spendgate made: sg-<reservation id>, maybe with the settler's -requeue<n> or -agg... suffix.
 _OWN_IDENTIFIER: Final = re.compile(r"^sg-(?P<reservation_id>rsv_[0-9A-Za-z]+)")
 
@@ -214,6 +216,11 @@ def tokens_of(entry: Mapping[str, Any]) -> int | None:
     return ledger_tokens(entry) or None
 
 
+def is_commit(entry: Mapping[str, Any]) -> bool:
+    """A committed usage, billed to Stripe; not a credit grant (kind "grant": never sent, never on a meter)."""
+    return entry.get("kind", LEDGER_KIND_COMMIT) == LEDGER_KIND_COMMIT
+
+
 def ledger_rows(store: StoreReader, period: Period | None, customers: Iterable[str] = (),
                 measure: Callable[[Mapping[str, Any]], int | None] = units_of(False), *,
                 windows: Mapping[str, Period] | None = None, recent_after_ms: int | None = None) -> dict[str, Row]:
@@ -226,6 +233,8 @@ def ledger_rows(store: StoreReader, period: Period | None, customers: Iterable[s
     rows: dict[str, Row] = {customer: Row(customer) for customer in only}
     pending: dict[int, tuple[Row, int]] = {}
     for entry in store.ledger():
+        if not is_commit(entry):
+            continue
         customer = entry["stripe_customer_id"]
         window = period if windows is None else windows.get(customer)
         if window is None or not window.start_ms <= entry["ts_ms"] < window.end_ms:
@@ -641,6 +650,8 @@ def _ledger_hours_and_owners(store: StoreReader, period: Period, customers: set[
 
     hours: dict[tuple[str, int], int] = {}
     for entry in store.ledger():
+        if not is_commit(entry):
+            continue
         identifier = reservations.get(entry["reservation_id"])
         if identifier is not None:
             own(identifier, f"it is the ledger's own event for reservation {entry['reservation_id']} "

@@ -70,6 +70,11 @@ class BudgetStub:
                 request_serializer=spendgate_dot_v1_dot_spendgate__pb2.WatchAlertsRequest.SerializeToString,
                 response_deserializer=spendgate_dot_v1_dot_spendgate__pb2.Alert.FromString,
                 _registered_method=True)
+        self.Quote = channel.unary_unary(
+                '/spendgate.v1.Budget/Quote',
+                request_serializer=spendgate_dot_v1_dot_spendgate__pb2.QuoteRequest.SerializeToString,
+                response_deserializer=spendgate_dot_v1_dot_spendgate__pb2.QuoteResponse.FromString,
+                _registered_method=True)
 
 
 class BudgetServicer:
@@ -127,6 +132,17 @@ class BudgetServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Quote(self, request, context):
+        """What a Reserve of this amount or estimate would hold (the worst case, priced by the same code as Reserve, with
+        its parts per token type) and whether it would be granted right now, with the same deny reasons, decided by the
+        same admission checks (the budget and its org, freezes and the breaker, hard and soft mode, the kill switch, the
+        open-hold bounds). Holds nothing and changes nothing: no counter, ledger, alert or idempotency record. Show it
+        before an expensive action; a Reserve right after it answers the same unless something changed in between.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BudgetServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +180,11 @@ def add_BudgetServicer_to_server(servicer, server):
                     servicer.WatchAlerts,
                     request_deserializer=spendgate_dot_v1_dot_spendgate__pb2.WatchAlertsRequest.FromString,
                     response_serializer=spendgate_dot_v1_dot_spendgate__pb2.Alert.SerializeToString,
+            ),
+            'Quote': grpc.unary_unary_rpc_method_handler(
+                    servicer.Quote,
+                    request_deserializer=spendgate_dot_v1_dot_spendgate__pb2.QuoteRequest.FromString,
+                    response_serializer=spendgate_dot_v1_dot_spendgate__pb2.QuoteResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -366,6 +387,33 @@ class Budget:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Quote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spendgate.v1.Budget/Quote',
+            spendgate_dot_v1_dot_spendgate__pb2.QuoteRequest.SerializeToString,
+            spendgate_dot_v1_dot_spendgate__pb2.QuoteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class AdminStub:
     """Operator API. Needs an admin token where tokens are configured.
@@ -436,6 +484,11 @@ class AdminStub:
                 '/spendgate.v1.Admin/RevokeVirtualKey',
                 request_serializer=spendgate_dot_v1_dot_spendgate__pb2.RevokeVirtualKeyRequest.SerializeToString,
                 response_deserializer=spendgate_dot_v1_dot_spendgate__pb2.RevokeVirtualKeyResponse.FromString,
+                _registered_method=True)
+        self.GrantCredits = channel.unary_unary(
+                '/spendgate.v1.Admin/GrantCredits',
+                request_serializer=spendgate_dot_v1_dot_spendgate__pb2.GrantCreditsRequest.SerializeToString,
+                response_deserializer=spendgate_dot_v1_dot_spendgate__pb2.GrantCreditsResponse.FromString,
                 _registered_method=True)
         self.ReleaseInvoice = channel.unary_unary(
                 '/spendgate.v1.Admin/ReleaseInvoice',
@@ -544,6 +597,20 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GrantCredits(self, request, context):
+        """Prepaid credits: atomically add `amount` to a budget's limit (a relative top-up: concurrent grants never lose
+        one another, unlike two SetBudget calls with absolute limits). Idempotent per idempotency_key (keys are global):
+        a replay answers what the first call did, with replayed=true; the same key with another customer or amount is
+        ALREADY_EXISTS. Written to the ledger as a grant (never billed to Stripe) and shown by GetUsage. Credits sit on
+        top of the limit SetBudget sets (SetBudget never removes them); spend draws the limit first, then the credits,
+        and the unused credits carry into the next period at a roll-over: credits never expire, they are used up. For a
+        prepaid plan, use a lifetime period and grant each purchase. INVALID_ARGUMENT, with nothing changed, when
+        limit + credits + amount would pass 2^53.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReleaseInvoice(self, request, context):
         """The invoice-spike guard: let Stripe finalize a draft invoice again, setting its auto_advance back to true (the
         guard sets it to false on a spike with invoice_spike_action = "hold"). The sidecar calls Stripe with its
@@ -616,6 +683,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.RevokeVirtualKey,
                     request_deserializer=spendgate_dot_v1_dot_spendgate__pb2.RevokeVirtualKeyRequest.FromString,
                     response_serializer=spendgate_dot_v1_dot_spendgate__pb2.RevokeVirtualKeyResponse.SerializeToString,
+            ),
+            'GrantCredits': grpc.unary_unary_rpc_method_handler(
+                    servicer.GrantCredits,
+                    request_deserializer=spendgate_dot_v1_dot_spendgate__pb2.GrantCreditsRequest.FromString,
+                    response_serializer=spendgate_dot_v1_dot_spendgate__pb2.GrantCreditsResponse.SerializeToString,
             ),
             'ReleaseInvoice': grpc.unary_unary_rpc_method_handler(
                     servicer.ReleaseInvoice,
@@ -948,6 +1020,33 @@ class Admin:
             '/spendgate.v1.Admin/RevokeVirtualKey',
             spendgate_dot_v1_dot_spendgate__pb2.RevokeVirtualKeyRequest.SerializeToString,
             spendgate_dot_v1_dot_spendgate__pb2.RevokeVirtualKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GrantCredits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spendgate.v1.Admin/GrantCredits',
+            spendgate_dot_v1_dot_spendgate__pb2.GrantCreditsRequest.SerializeToString,
+            spendgate_dot_v1_dot_spendgate__pb2.GrantCreditsResponse.FromString,
             options,
             channel_credentials,
             insecure,

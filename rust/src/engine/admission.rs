@@ -107,15 +107,8 @@ impl Shared {
         let amount = args.amount;
         let parent = budget.parent.get().cloned();
         let remaining = || parent.as_ref().map_or(budget.remaining(), |p| p.remaining().min(budget.remaining()));
-        for level in std::iter::once(budget).chain(parent.as_ref()) {
-            if level.frozen() {
-                return Ok(denied(DenyReason::Frozen, remaining(), amount, &level.customer_id));
-            }
-        }
-        for level in std::iter::once(budget).chain(parent.as_ref()) {
-            if let Some(why) = level.booking_refused(amount, true) {
-                return Err(EngineError::invalid(why));
-            }
+        if let Some(denial) = pre_admission(budget, parent.as_ref(), amount, remaining())? {
+            return Ok(denial);
         }
         if !budget.try_open_hold(self.config.max_holds_per_budget as i64) {
             return Ok(denied(DenyReason::TooManyHolds, remaining(), amount, &budget.customer_id));
@@ -189,11 +182,7 @@ impl Shared {
         assert!(previous.is_none(), "hold id {hold_id} was handed out twice");
         self.send(ticket, Op::Reserve { hold_id, record: Box::new(record) });
         let over_limit = own_over || parent_over;
-        let decided_by = match (own_over, parent_over, &parent) {
-            (true, _, _) => budget.customer_id.to_string(),
-            (false, true, Some(parent)) => parent.customer_id.to_string(),
-            _ => String::new(),
-        };
+        let decided_by = passed_by(budget, parent.as_ref(), own_over, parent_over);
         if own_over {
             self.raise_limit_reached(budget, amount, true);
         }
@@ -232,11 +221,50 @@ impl Shared {
     /// A denial by `level`'s limit, raising its limit-reached alert the first time this period.
     fn refused(&self, level: &Budget, refusal: Refusal, amount: i64, remaining: i64) -> ReserveOutcome {
         self.raise_limit_reached(level, amount, false);
-        let reason = match refusal {
-            Refusal::Insufficient => DenyReason::InsufficientBudget,
-            Refusal::OverageBlocked => DenyReason::OverageBlocked,
+        denied(deny_reason(refusal), remaining, amount, &level.customer_id)
+    }
+
+    /// What a Reserve of `amount` for `customer_id` would answer now, holding nothing: the same checks in the same
+    /// order as `reserve_new`, each asked without taking (no counter, hold, ticket, alert or idempotency record
+    /// changes). Errors as Reserve would (a full outbox or map, an amount past MAX_BOOKED_UNITS). A granted quote
+    /// has no reservation id, expiry or state; `remaining` is what is available before the call.
+    pub(super) fn quote(&self, customer_id: &str, amount: i64) -> Result<ReserveOutcome, EngineError> {
+        self.check_open()?;
+        validate_id("customer_id", customer_id)?;
+        validate_amount("amount", amount, 1)?;
+        let budget = self.budget(customer_id)?;
+        self.check_room()?;
+        let parent = budget.parent.get().cloned();
+        let remaining = parent.as_ref().map_or(budget.remaining(), |p| p.remaining().min(budget.remaining()));
+        if let Some(denial) = pre_admission(&budget, parent.as_ref(), amount, remaining)? {
+            return Ok(denial);
+        }
+        let max_holds = self.config.max_holds_per_budget as i64;
+        if !budget.has_hold_room(max_holds) || self.active_holds.load(SeqCst) >= self.config.max_active_holds {
+            return Ok(denied(DenyReason::TooManyHolds, remaining, amount, &budget.customer_id));
+        }
+        let own_over = match budget.would_admit(amount) {
+            Ok(over) => over,
+            Err(refusal) => return Ok(denied(deny_reason(refusal), remaining, amount, &budget.customer_id)),
         };
-        denied(reason, remaining, amount, &level.customer_id)
+        let parent_over = match parent.as_ref().map(|p| (p, p.would_admit(amount))) {
+            None => false,
+            Some((_, Ok(over))) => over,
+            Some((p, Err(refusal))) => return Ok(denied(deny_reason(refusal), remaining, amount, &p.customer_id)),
+        };
+        Ok(ReserveOutcome {
+            granted: true,
+            reservation_id: String::new(),
+            remaining,
+            reason: DenyReason::None,
+            expires_at_ms: 0,
+            replayed: false,
+            amount,
+            state: None,
+            over_limit: own_over || parent_over,
+            decided_by: passed_by(&budget, parent.as_ref(), own_over, parent_over),
+            ticket: 0,
+        })
     }
 
     fn raise_limit_reached(&self, level: &Budget, amount: i64, granted: bool) {
@@ -589,6 +617,43 @@ impl Shared {
         }
         self.expired_total.fetch_add(expired, SeqCst);
         expired
+    }
+}
+
+/// The checks before admission, shared by Reserve and Quote: a frozen budget or org denies; an amount that would
+/// take either past MAX_BOOKED_UNITS is an error.
+fn pre_admission(
+    budget: &Arc<Budget>,
+    parent: Option<&Arc<Budget>>,
+    amount: i64,
+    remaining: i64,
+) -> Result<Option<ReserveOutcome>, EngineError> {
+    for level in std::iter::once(budget).chain(parent) {
+        if level.frozen() {
+            return Ok(Some(denied(DenyReason::Frozen, remaining, amount, &level.customer_id)));
+        }
+    }
+    for level in std::iter::once(budget).chain(parent) {
+        if let Some(why) = level.booking_refused(amount, true) {
+            return Err(EngineError::invalid(why));
+        }
+    }
+    Ok(None)
+}
+
+fn deny_reason(refusal: Refusal) -> DenyReason {
+    match refusal {
+        Refusal::Insufficient => DenyReason::InsufficientBudget,
+        Refusal::OverageBlocked => DenyReason::OverageBlocked,
+    }
+}
+
+/// The budget a soft grant went past: the customer's own first, else its org's ("" when within both limits).
+fn passed_by(budget: &Budget, parent: Option<&Arc<Budget>>, own_over: bool, parent_over: bool) -> String {
+    match (own_over, parent_over, parent) {
+        (true, _, _) => budget.customer_id.to_string(),
+        (false, true, Some(parent)) => parent.customer_id.to_string(),
+        _ => String::new(),
     }
 }
 

@@ -25,6 +25,8 @@ pub enum SettlementState {
     Sent,
     /// Refused for good, or held back: in the dead letters until an operator requeues it.
     DeadLetter,
+    /// A credit grant (Admin.GrantCredits): not usage, never sent to Stripe.
+    Credit,
 }
 
 impl SettlementState {
@@ -33,6 +35,7 @@ impl SettlementState {
             SettlementState::Pending => "pending",
             SettlementState::Sent => "sent",
             SettlementState::DeadLetter => "dead_letter",
+            SettlementState::Credit => "credit",
         }
     }
 }
@@ -245,7 +248,7 @@ fn lmdb_row(
     rtxn: &heed::RoTxn<'_, heed::WithoutTls>,
     entry: LedgerEntry,
 ) -> Result<LedgerRow, EngineError> {
-    if entry.settled_ms.is_some() {
+    if entry.settled_ms.is_some() || !entry.kind.is_commit() {
         return Ok(LedgerRow { archived: false, ..archived_row(entry) });
     }
     let seq = entry.seq;
@@ -274,9 +277,19 @@ fn lmdb_row(
     )))
 }
 
-/// A settled entry: its identifier and claim as kept at acknowledgement.
+/// A settled entry (its identifier and claim as kept at acknowledgement), or a grant (never billed: no identifier).
 fn archived_row(mut entry: LedgerEntry) -> LedgerRow {
-    debug_assert!(entry.settled_ms.is_some(), "only settled entries are archived");
+    if !entry.kind.is_commit() {
+        return LedgerRow {
+            entry,
+            state: SettlementState::Credit,
+            identifier: String::new(),
+            claim: None,
+            dead_letter_reason: String::new(),
+            archived: true,
+        };
+    }
+    debug_assert!(entry.settled_ms.is_some(), "only settled entries and grants are archived");
     let identifier = entry.identifier.take().unwrap_or_else(|| entry.base_identifier());
     let claim = entry.sent_as.take();
     LedgerRow {

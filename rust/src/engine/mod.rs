@@ -7,6 +7,7 @@
 //! - `ledger.rs`: the audit trail, LMDB's ledger and the archive's, a page at a time.
 
 mod admission;
+mod credits;
 mod ledger;
 mod policy;
 mod time;
@@ -45,6 +46,7 @@ use crate::writer::{MapLimits, Op, Ticketed, Writer};
 pub use ledger::{LedgerPage, LedgerRow, SettlementState};
 use time::clock_checkpoint;
 
+pub use credits::GrantOutcome;
 pub use policy::BudgetUpdate;
 pub use views::{BalanceView, UsageView};
 
@@ -334,6 +336,8 @@ pub struct Shared {
     next_roll_ms: AtomicI64,
     /// Serializes linking members to orgs (admin calls only).
     hierarchy: Mutex<()>,
+    /// Credit grants by idempotency key until they are durable (then LMDB's `grants` answers).
+    grants: DashMap<String, credits::GrantMemo>,
 }
 
 pub struct Engine {
@@ -401,6 +405,7 @@ impl Engine {
             prune_backlog: AtomicBool::new(false),
             next_roll_ms: AtomicI64::new(i64::MAX),
             hierarchy: Mutex::new(()),
+            grants: DashMap::new(),
             config,
         });
         shared.rebuild(recovered.budgets, recovered.active_holds, checkpoint.is_some())?;
@@ -453,6 +458,12 @@ impl Engine {
         self.shared.reserve(args)
     }
 
+    /// What a Reserve of `amount` would answer now, without holding anything (Budget.Quote): same checks, same
+    /// order, nothing changed. A granted quote has no reservation id; `ticket` is 0.
+    pub fn quote(&self, customer_id: &str, amount: i64) -> Result<ReserveOutcome, EngineError> {
+        self.shared.quote(customer_id, amount)
+    }
+
     pub fn commit(&self, reservation_id: &str, amount: i64) -> Result<CommitOutcome, EngineError> {
         self.shared.commit(CommitArgs { reservation_id, amount, ..Default::default() })
     }
@@ -489,6 +500,17 @@ impl Engine {
     /// Create a budget or change any of its settings; what `update` leaves None stays as it is.
     pub fn update_budget(&self, customer_id: &str, update: &BudgetUpdate) -> Result<SetBudgetOutcome, EngineError> {
         self.shared.update_budget(customer_id, update)
+    }
+
+    /// Add `amount` credits to a budget's limit, once per idempotency key (Admin.GrantCredits; see credits.rs).
+    pub fn grant_credits(
+        &self,
+        customer_id: &str,
+        amount: i64,
+        idempotency_key: &str,
+        reason: &str,
+    ) -> Result<GrantOutcome, EngineError> {
+        self.shared.grant_credits(customer_id, amount, idempotency_key, reason)
     }
 
     /// Freeze (deny every Reserve) or unfreeze a budget, by an operator. Commits of existing holds still post.
@@ -1027,8 +1049,8 @@ impl Shared {
         }
         Err(EngineError::exhausted(format!(
             "the data may grow to {} MiB (map_max_mb, or the disk's free space past disk_reserve_mb) and uses {} MiB; \
-             the {} open holds and {} unsettled commits may still need {} MiB, so new reservations and budgets are \
-             refused while commits and releases go on. Free disk space or raise map_max_mb; settled history is \
+             the {} open holds and {} unsettled commits may still need {} MiB, so new reservations, budgets and credit \
+             grants are refused while commits and releases go on. Free disk space or raise map_max_mb; settled history is \
              archived after ledger_retention_days",
             mib(capacity),
             mib(used),
@@ -1062,6 +1084,7 @@ impl Shared {
     /// Called by the writer once an op is durable: a resolved hold no longer needs its memory slot.
     pub(crate) fn forget_resolved(&self, ticket: u64, op: &Op) {
         let hold_id = match op {
+            Op::Grant(grant) => return self.forget_grant(ticket, &grant.key),
             Op::Commit(commit) => commit.hold_id,
             Op::Release { hold_id, .. } | Op::Expire { hold_id, .. } => *hold_id,
             _ => return,

@@ -16,8 +16,9 @@ use crate::breaker::{MAX_BREAKER_MULTIPLIER, MIN_BREAKER_MULTIPLIER};
 use crate::budget::{Budget, BudgetAdmin};
 use crate::error::EngineError;
 use crate::hold::truncate_for_message;
+use crate::limits::MAX_AMOUNT_UNITS;
 use crate::period::PeriodRule;
-use crate::records::{BudgetRecord, EnforcementMode};
+use crate::records::{carried_credits, BudgetRecord, EnforcementMode};
 use crate::writer::{Op, PolicyState};
 
 /// A change to a budget: None leaves a setting as it is (or, when creating, at its default).
@@ -212,12 +213,22 @@ impl Shared {
         self.check_parent_change(budget, update)?;
         let mut next = admin.clone();
         update.apply_to(&mut next);
+        if next.limit_with_credits() > MAX_AMOUNT_UNITS {
+            return Err(EngineError::invalid(format!(
+                "limit {} with the budget's {} unused credits would be {}, past {MAX_AMOUNT_UNITS} (MAX_AMOUNT_UNITS): \
+                 nothing was changed; pass a lower limit",
+                next.limit,
+                next.credits,
+                next.limit_with_credits()
+            )));
+        }
         let now_ms = self.clock.now_ms();
         let mut rolled = false;
         if let Some(rule) = update.period {
             let (start_ms, end_ms) = rule.containing(now_ms);
             if start_ms > budget.period().0 {
-                self.start_period(budget, start_ms, end_ms, now_ms)?;
+                self.start_period(budget, &mut admin, start_ms, end_ms, now_ms)?;
+                next.credits = admin.credits; // the roll used some up
                 rolled = true;
             } else {
                 // It started no later than the current period: keep what is spent, take the new end.
@@ -282,16 +293,28 @@ impl Shared {
         }
     }
 
-    /// Close the budget's current period and start [start_ms, end_ms). The caller holds the budget's admin lock.
-    fn start_period(&self, budget: &Budget, start_ms: i64, end_ms: i64, now_ms: i64) -> Result<(), EngineError> {
+    /// Close the budget's current period and start [start_ms, end_ms), carrying the unused credits over. The caller
+    /// holds the budget's admin lock and passes what it guards.
+    fn start_period(
+        &self,
+        budget: &Budget,
+        admin: &mut BudgetAdmin,
+        start_ms: i64,
+        end_ms: i64,
+        now_ms: i64,
+    ) -> Result<(), EngineError> {
         assert!(start_ms > budget.period().0, "a new period starts after the current one");
         self.acquire_queue_slot()?;
         // Exclusive: no commit is between counting its amount and taking its ticket.
         let _gate = budget.period_gate.write().expect("period gate");
-        // Frees capacity (what was spent): ticket first, then publish.
+        let credits_after = carried_credits(admin.limit, admin.credits, budget.spent());
+        // Frees capacity (what was spent, less the credits it used up): ticket first, then publish.
         let ticket = self.take_ticket();
-        self.send(ticket, Op::Roll { customer_id: budget.customer_id.to_string(), start_ms, end_ms, now_ms });
-        budget.start_period(start_ms, end_ms);
+        let customer_id = budget.customer_id.to_string();
+        self.send(ticket, Op::Roll { customer_id, start_ms, end_ms, now_ms, credits_after });
+        admin.credits = credits_after;
+        budget.start_period(start_ms, end_ms, admin.effective_limit());
+        budget.publish_policy(admin);
         self.periods_rolled_total.fetch_add(1, SeqCst);
         self.next_roll_ms.fetch_min(end_ms, SeqCst);
         Ok(())
@@ -309,9 +332,11 @@ impl Shared {
         let mut rolled = 0;
         for budget in budgets {
             if budget.period().1 <= now_ms {
-                let admin = budget.admin.lock().expect("budget admin lock");
+                let mut admin = budget.admin.lock().expect("budget admin lock");
                 let (start_ms, end_ms) = admin.period.containing(now_ms);
-                if budget.period().1 <= now_ms && self.start_period(&budget, start_ms, end_ms, now_ms).is_ok() {
+                if budget.period().1 <= now_ms
+                    && self.start_period(&budget, &mut admin, start_ms, end_ms, now_ms).is_ok()
+                {
                     rolled += 1;
                 }
             }

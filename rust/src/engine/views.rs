@@ -17,7 +17,8 @@ pub const MAX_PERIODS_LISTED: usize = 1_000;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BalanceView {
     pub customer_id: String,
-    /// The configured limit (the kill switch may cap what Reserve admits at the included quota).
+    /// The configured limit plus the unused granted credits (the kill switch may cap what Reserve admits at the
+    /// included quota).
     pub limit: i64,
     pub spent: i64,
     pub reserved: i64,
@@ -38,6 +39,8 @@ pub struct BalanceView {
     pub period_start_ms: i64,
     pub period_end_ms: i64,
     pub breaker_multiplier: Option<u64>,
+    /// Granted credits in `limit` this period (granted in it or carried into it).
+    pub credits: i64,
     /// The customer's own stop-at (0: none): Reserve admits at most up to it.
     pub stop_at: i64,
 }
@@ -53,6 +56,8 @@ pub struct UsageView {
     pub current: bool,
     pub limit: i64,
     pub included: i64,
+    /// The unused credits in `limit`: now, or when a closed period closed.
+    pub credits: i64,
     pub record: UsageRecord,
 }
 
@@ -63,7 +68,7 @@ impl Budget {
         let (period_start_ms, period_end_ms) = self.period();
         BalanceView {
             customer_id: self.customer_id.to_string(),
-            limit: admin.limit,
+            limit: admin.limit_with_credits(),
             spent: counters.spent,
             reserved: counters.held,
             // From the same snapshot as spent and reserved, so that a reply always adds up. (The admission counter
@@ -84,6 +89,7 @@ impl Budget {
             period_start_ms,
             period_end_ms,
             breaker_multiplier: admin.breaker_multiplier,
+            credits: admin.credits,
             stop_at: admin.stop_at,
         }
     }
@@ -113,7 +119,7 @@ impl Engine {
     /// The usage of the period containing `at_ms` (None: the current period). Durable commits only: a commit is in
     /// it once its reply could leave.
     pub fn usage(&self, customer_id: &str, at_ms: Option<i64>) -> Result<UsageView, EngineError> {
-        let (start_ms, end_ms, current, limit, included) = self.period_of(customer_id, at_ms)?;
+        let PeriodOf { start_ms, end_ms, current, limit, included, credits } = self.period_of(customer_id, at_ms)?;
         let record = self.shared.with_store(|store| store.get_usage(customer_id, start_ms))?.unwrap_or_else(|| {
             UsageRecord { customer_id: customer_id.to_string(), period_start_ms: start_ms, ..Default::default() }
         });
@@ -124,23 +130,31 @@ impl Engine {
             current,
             limit,
             included,
+            credits,
             record,
         })
     }
 
     /// (start, end, current) of the budget's period containing `at_ms` (None: the current one).
     pub(super) fn period_bounds(&self, customer_id: &str, at_ms: Option<i64>) -> Result<(i64, i64, bool), EngineError> {
-        let (start_ms, end_ms, current, _, _) = self.period_of(customer_id, at_ms)?;
-        Ok((start_ms, end_ms, current))
+        let period = self.period_of(customer_id, at_ms)?;
+        Ok((period.start_ms, period.end_ms, period.current))
     }
 
-    /// (start, end, current, limit, included) of the period containing `at_ms` (None: the current one).
-    fn period_of(&self, customer_id: &str, at_ms: Option<i64>) -> Result<(i64, i64, bool, i64, i64), EngineError> {
+    /// The period containing `at_ms` (None: the current one).
+    fn period_of(&self, customer_id: &str, at_ms: Option<i64>) -> Result<PeriodOf, EngineError> {
         validate_id("customer_id", customer_id)?;
         let view = self.shared.budget(customer_id)?.view();
         let current = at_ms.is_none_or(|at| at >= view.period_start_ms);
         if current {
-            return Ok((view.period_start_ms, view.period_end_ms, true, view.limit, view.included));
+            return Ok(PeriodOf {
+                start_ms: view.period_start_ms,
+                end_ms: view.period_end_ms,
+                current: true,
+                limit: view.limit,
+                included: view.included,
+                credits: view.credits,
+            });
         }
         let at = at_ms.expect("a past period has a time");
         let closed = self.closed_periods(customer_id, MAX_PERIODS_LISTED)?;
@@ -148,7 +162,14 @@ impl Engine {
             closed.into_iter().find(|p| p.start_ms <= at && at < p.end_ms.max(p.closed_ms)).ok_or_else(|| {
                 EngineError::not_found(format!("budget {customer_id:?} has no period containing {at} ms"))
             })?;
-        Ok((period.start_ms, period.end_ms, false, period.limit, period.included))
+        Ok(PeriodOf {
+            start_ms: period.start_ms,
+            end_ms: period.end_ms,
+            current: false,
+            limit: period.limit + period.credits,
+            included: period.included,
+            credits: period.credits,
+        })
     }
 
     /// The budget's closed periods, newest first.
@@ -160,4 +181,14 @@ impl Engine {
         self.shared.budget(customer_id)?;
         self.shared.with_store(|store| store.closed_periods(customer_id, limit))
     }
+}
+
+/// A budget's period as the views read it: bounds, and the limit (credits included), quota and credits in force.
+struct PeriodOf {
+    start_ms: i64,
+    end_ms: i64,
+    current: bool,
+    limit: i64,
+    included: i64,
+    credits: i64,
 }

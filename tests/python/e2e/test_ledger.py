@@ -293,3 +293,28 @@ def test_bad_input_is_a_clear_error(sidecar_factory: SidecarFactory) -> None:
     done = spendgate_cli("ledger", "export", "acme", "--format", "xml", "--target", sidecar.target,
                          env=no_stripe_env())
     assert done.returncode == 2 and "invalid choice: 'xml'" in done.stderr
+
+
+def test_a_credit_grant_is_listed_as_a_grant_never_billed_and_an_export_still_adds_up_to_get_usage(
+        sidecar_factory: SidecarFactory, fake: FakeStripe) -> None:
+    sidecar = sidecar_factory("grants", env=sidecar_env(fake))
+    channel, budget, admin = stubs(sidecar.target)
+    with channel:
+        create_budgets(sidecar.target, {"acme": "cus_acme"})
+        commit(budget, "acme", 7)
+        call_until_ok(admin.GrantCredits, pb.GrantCreditsRequest(customer_id="acme", amount=500, idempotency_key="g-1",
+                                                                 reason="goodwill"))
+        commit(budget, "acme", 5)
+        wait_drained(sidecar.target)
+        entries, _ = list_all(admin, "acme")
+        assert [(e.kind or "commit", e.amount) for e in entries] == [("commit", 7), ("grant", 500), ("commit", 5)]
+        grant = entries[1]
+        assert grant.state == pb.SETTLEMENT_STATE_CREDIT and grant.reason == "goodwill"
+        assert not grant.identifier and not grant.meter_event_identifiers, "a grant is never sent to Stripe"
+        acme = usage(budget, "acme")
+        assert (acme.commits, acme.total) == (2, 12)
+        out, err = export(sidecar.target, "acme", "jsonl")
+        records = [json.loads(line) for line in out.splitlines()]
+        assert [r["kind"] for r in records] == ["commit", "grant", "commit"]
+        assert "exported 2 entries, total 12 units (and 1 credit grants, which are not usage)" in err
+    assert fake.totals_by_customer() == {"cus_acme": 12}

@@ -141,3 +141,19 @@ def test_webhooks_share_the_http_port_when_both_settings_name_one_address(tmp_pa
     settings = settings_for(tmp_path, http_listen="127.0.0.1:0", webhook_listen="127.0.0.1:0",
                             webhook_secret="whsec_0123456789abcdef")
     assert with_sidecar(settings, body) == 400  # the webhook route answers (no signature), on the page's port
+
+
+def test_a_customer_page_shows_the_credits_in_the_limit_what_is_unused_and_the_grants(tmp_path: Path) -> None:
+    async def body(sidecar: Sidecar, channel: grpc.aio.Channel) -> str:
+        await create_budget(channel, "cus_credits", 1_000)
+        admin = pb_grpc.AdminStub(channel)
+        for key, amount in (("pack-1", 300), ("pack-2", 200)):
+            await admin.GrantCredits(pb.GrantCreditsRequest(customer_id="cus_credits", amount=amount,
+                                                            idempotency_key=key))
+        await spend(channel, "cus_credits", 1_100)  # the configured 1,000, then 100 of the credits
+        return (await get(sidecar, "/customers/cus_credits"))[1]
+
+    text = text_of(with_sidecar(settings_for(tmp_path, http_listen="127.0.0.1:0"), body))
+    assert "Limit 1,500 (with 500 credits)" in text, text
+    assert "Credits unused 400 of 500" in text and "Credits granted this period 500 in 2 grants" in text
+    assert "Remaining 400" in text

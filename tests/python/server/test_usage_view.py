@@ -60,3 +60,22 @@ def test_the_dashboard_of_an_org_from_the_engine(tmp_path: Path) -> None:
         assert usage_view._reached_at(6_000, 6_000, 0, DAY_MS, now_ms, 6_000) == now_ms
     finally:
         engine.close()
+
+
+def test_the_limit_section_shows_the_prepaid_credits_in_the_limit_and_what_is_unused(tmp_path: Path) -> None:
+    engine = _core.Engine(str(tmp_path / "data"), durability="relaxed")
+    try:
+        engine.update_budget("cus_prepaid", limit=1_000)
+        engine.wait_durable(engine.grant_credits("cus_prepaid", 500, "pack-1", "credit pack").ticket)
+        hold = engine.reserve("cus_prepaid", 1_200)
+        engine.wait_durable(engine.commit(hold.reservation_id, 1_200).ticket)  # the 1,000, then 200 of the credits
+        board = usage_view.dashboard_for(engine, "cus_prepaid", now_ms=time.time_ns() // 1_000_000)
+        assert (board.limit, board.credits, board.enforced, board.used) == (1_500, 500, 1_500, 1_200)
+        text = " ".join(re.sub(r"<[^>]+>", " ", usage_view.limit_section(board, UNITS)).split())
+        assert "Limit set by your provider 1,500 units Prepaid credits in it 300 units unused of 500 units" in text
+        assert "Left before it stops 300 units" in text
+        engine.update_budget("cus_plain", limit=1_000)
+        plain = usage_view.limit_section(usage_view.dashboard_for(engine, "cus_plain", now_ms=0), UNITS)
+        assert "Prepaid credits" not in plain
+    finally:
+        engine.close()

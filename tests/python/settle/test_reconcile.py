@@ -252,6 +252,22 @@ def test_pending_usage_is_split_into_in_flight_and_dead_lettered(engine: _core.E
     assert "200 are in flight" in result.stdout and "300 are dead-lettered" in result.stdout
 
 
+def test_a_credit_grant_is_in_the_ledger_but_never_counted_as_usage(engine: _core.Engine, fake: FakeStripe,
+                                                                     tmp_path: Path) -> None:
+    a = CUSTOMERS[0]
+    commit(engine, a, 100)
+    engine.wait_durable(engine.grant_credits(a, 5_000, "grant-reconcile", "prepaid").ticket)
+    settle(engine, fake, customer=a)
+
+    with StoreReader(tmp_path / "data") as store:
+        assert [e.get("kind") for e in store.ledger() if e["customer_id"] == a] == [None, "grant"]
+        rows = reconcile.ledger_rows(store, parse_period(None, None, None, time.time()))
+    assert (rows[a].ledger, rows[a].settled, rows[a].pending) == (100, 100, 0)
+    result = run_reconcile(tmp_path / "data", fake)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert table_row(result.stdout, a)[2:] == ["100", "100", "0", "100", "0", "0.00%", "ok"]
+
+
 def settle_one(engine: _core.Engine, fake: FakeStripe, entry: _core.OutboxEntry, *, ack: bool) -> None:
     engine.wait_durable(engine.outbox_claim([entry["seq"]], entry["identifier"]))
     send(fake, entry["identifier"], entry["stripe_customer_id"], entry["amount"], entry["ts_ms"])
