@@ -350,14 +350,19 @@ def _number(value: Any) -> int | float:
 # -- judging and showing ----------------------------------------------------------------------------------------------
 
 
-def judge(row: Row, tolerance_percent: float) -> str:
+def judge(row: Row, tolerance_percent: float, *, live: bool = False) -> str:
     """ok, in flight (the excess is covered by units sent but not yet acknowledged), not visible yet (the shortfall is
-    covered by units Stripe acknowledged recently), OVER or UNDER."""
+    covered by units Stripe acknowledged recently), OVER or UNDER.
+
+    live: the ledger was read from a running sidecar before Stripe was asked, so every unit still waiting in its outbox
+    (not dead-lettered) may have been sent and accepted in between; it covers an excess as in-flight units do."""
     allowed = row.settled * tolerance_percent / 100
     diff = row.diff
     if abs(diff) <= allowed:
         return STATUS_OK
-    if 0 < diff <= row.in_flight + allowed:
+    sendable = row.pending - row.dead if live else row.in_flight
+    assert sendable >= row.in_flight, (row.pending, row.dead, row.in_flight)
+    if 0 < diff <= sendable + allowed:
         return STATUS_IN_FLIGHT
     if -(row.recent + allowed) <= diff < 0:
         return STATUS_NOT_VISIBLE

@@ -290,7 +290,7 @@ class ScheduledReconcile:
             except reconcile.ReconcileError as error:  # one customer Stripe does not know must not hide the others
                 errors.append(str(error))
                 continue
-            row.status = reconcile.judge(row, tolerance)
+            row.status = reconcile.judge(row, tolerance, live=True)  # the ledger was read first, Stripe now
             results.append(CustomerResult(
                 stripe_customer_id=customer, budgets=budgets.get(customer, ()), unit=unit,
                 window_start_s=window.start_s, window_end_s=window.end_s, ledger=row.ledger, settled=row.settled,

@@ -569,3 +569,13 @@ def test_reconcile_says_whether_dead_letters_are_missing_at_stripe_or_there_alre
         assert "Stripe has them already. Do not requeue them." in result.stdout, result.stdout
     else:
         assert "they are missing at Stripe" in result.stdout and "--confirmed-missing" in result.stdout, result.stdout
+
+
+def test_a_live_judgement_lets_what_waits_in_the_outbox_cover_an_excess() -> None:
+    """The scheduled reconcile reads the ledger before Stripe: an entry that went out in between shows at Stripe while
+    the ledger still has it pending (a false divergence before). Dead letters never cover an excess."""
+    row = Row("cus", settled=0, pending=1100, in_flight=0, stripe=1100)
+    assert judge(row, 1.0) == "OVER"
+    assert judge(row, 1.0, live=True) == "in flight"
+    dead = Row("cus", settled=0, pending=1100, in_flight=0, dead=1100, stripe=1100)
+    assert judge(dead, 1.0, live=True) == "OVER"
