@@ -36,6 +36,30 @@ EXPIRED = pb.HOLD_STATE_EXPIRED
 
 T = TypeVar("T")
 
+
+def model_prices(markup_percent: int) -> str:
+    """A price table (TOML) with one model, "test-model": $3 input, $0.30 cached input, $3.75 cache write, $15
+    output, $20 reasoning per MTok, plus the markup; unknown models denied. Expected figures stay put when the bundled
+    prices move."""
+    return PRICE_TABLE.format(markup=markup_percent)
+
+
+PRICE_TABLE = """
+as_of = 2026-11-01
+markup_percent = "{markup}"
+use_bundled = false
+
+[unknown_model]
+policy = "deny"
+
+[models."test-model"]
+input = 3_000_000
+cached_input = 300_000
+cache_write = 3_750_000
+output = 15_000_000
+reasoning = 20_000_000
+"""
+
 CHANNEL_OPTIONS = (
     # Each Conn gets its own subchannel (its own TCP connection): "64 clients" means 64 connections, and a fresh Conn
     # after a restart never inherits a subchannel stuck in reconnect backoff.

@@ -26,27 +26,14 @@ from tests.python.e2e._support import (
     RPC_TIMEOUT_S,
     Conn,
     expect_rpc_error,
+    model_prices,
     new_customer,
     now_ms,
     wait_until,
 )
 
 # $3 input, $0.30 cached input, $3.75 cache write, $15 output, $20 reasoning (per MTok), plus a 10 % markup.
-PRICES = """
-as_of = 2026-11-01
-markup_percent = "10"
-use_bundled = false
-
-[unknown_model]
-policy = "deny"
-
-[models."test-model"]
-input = 3_000_000
-cached_input = 300_000
-cache_write = 3_750_000
-output = 15_000_000
-reasoning = 20_000_000
-"""
+PRICES = model_prices(markup_percent=10)
 
 
 @pytest.fixture

@@ -27,27 +27,13 @@ from spendgate.testing import Sidecar
 from spendgate.v1 import spendgate_pb2 as pb
 
 from tests.conftest import SidecarFactory
-from tests.python.e2e._support import LONG_TTL_MS, new_customer
+from tests.python.e2e._support import LONG_TTL_MS, model_prices, new_customer
 
 APP_TOKEN = "app-quote-0123456789abcdef012345"
 ADMIN_TOKEN = "admin-quote-0123456789abcdef0123"
 # Per MTok, no markup. The worst case of 1,000 input + 500 output tokens prices every input token at the dearest input
 # rate (cache write, $3.75: 3,750 units) and every output token at the dearest output rate (reasoning, $20: 10,000).
-PRICES = """
-as_of = 2026-11-01
-markup_percent = "0"
-use_bundled = false
-
-[unknown_model]
-policy = "deny"
-
-[models."test-model"]
-input = 3_000_000
-cached_input = 300_000
-cache_write = 3_750_000
-output = 15_000_000
-reasoning = 20_000_000
-"""
+PRICES = model_prices(markup_percent=0)
 ESTIMATE = Estimate("test-model", input_tokens=1_000, max_output_tokens=500)
 ESTIMATE_UNITS = 13_750
 THREADS = 32
