@@ -348,7 +348,7 @@ def _with_kind(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def _first(rows: Iterator[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
-    taken = []
+    taken: list[dict[str, Any]] = []
     for row in rows:
         if len(taken) == limit:
             break
