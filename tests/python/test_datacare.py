@@ -210,11 +210,12 @@ def archived_books(archive_commits: int, data_dir: Path) -> list[str]:
         now_ms = time.time_ns() // 1_000_000
         period: _core.PeriodSpec = {"kind": "fixed", "anchor_ms": now_ms, "length_ms": 1_000}
         engine.wait_durable(engine.update_budget("cus_archived", limit=10**9, period=period).ticket)
-        ids = []
+        ids, ticket = [], 0
         for n in range(archive_commits):
             hold = engine.reserve("cus_archived", 1 + n % 3)
-            engine.commit(hold.reservation_id, 1 + n % 3)
+            ticket = engine.commit(hold.reservation_id, 1 + n % 3).ticket
             ids.append(hold.reservation_id)
+        engine.wait_durable(ticket)  # the outbox lists durable entries only
         while batch := engine.outbox_pending(1_000):
             seqs = [entry["seq"] for entry in batch]
             engine.outbox_claim(seqs, f"test-{seqs[0]}")
