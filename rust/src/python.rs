@@ -894,7 +894,7 @@ fn ledger_row_dict<'py>(py: Python<'py>, row: &LedgerRow) -> PyResult<Bound<'py,
     }
     dict.set_item("dimensions", entry.dimensions.clone())?;
     dict.set_item("state", row.state.as_str())?;
-    dict.set_item("kind", if entry.kind.is_commit() { "commit" } else { "grant" })?;
+    dict.set_item("kind", entry.kind.as_str())?;
     dict.set_item("reason", &entry.reason)?;
     dict.set_item("identifier", &row.identifier)?;
     dict.set_item("claim", row.claim.as_deref())?;

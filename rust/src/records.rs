@@ -261,6 +261,14 @@ impl LedgerKind {
     pub fn is_commit(&self) -> bool {
         *self == LedgerKind::Commit
     }
+
+    /// Its name in JSON (serde's snake_case) and at the boundary.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LedgerKind::Commit => "commit",
+            LedgerKind::Grant => "grant",
+        }
+    }
 }
 
 /// One committed usage, or a credit grant (`kind`). Kept: it is the billing record that settlement and

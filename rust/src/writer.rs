@@ -331,8 +331,12 @@ impl Writer {
     }
 
     /// Grow the map when it is crowded, or to at least `at_least_bytes`. False: it cannot grow (at capacity).
+    /// Growing ahead of need (`at_least_bytes` 0) uses the measurement `step` just took: counting the data pages
+    /// walks LMDB's free list, once a batch is enough.
     fn grow_map(&mut self, at_least_bytes: u64) -> Result<bool, EngineError> {
-        self.measure_map(at_least_bytes > 0)?;
+        if at_least_bytes > 0 {
+            self.measure_map(true)?;
+        }
         let MapUsage { size_bytes, high_water_bytes, capacity_bytes, .. } = self.map_usage;
         let Some(target) = next_map_size_bytes(size_bytes, high_water_bytes, capacity_bytes, at_least_bytes) else {
             return Ok(false);
