@@ -50,13 +50,17 @@ def run_criterion(quick: bool, log: Any = print) -> dict[str, Any]:
         lo = estimates["mean"]["confidence_interval"]["lower_bound"]
         hi = estimates["mean"]["confidence_interval"]["upper_bound"]
         elements = (meta.get("throughput") or {}).get("Elements", 1)
-        rows.append({
-            "id": bench_id, "elements_per_iter": elements,
-            "ns_per_iter": per_iter_ns, "ns_per_iter_ci": [lo, hi],
-            "ns_per_op": per_iter_ns / elements,
-            "ops_per_s": elements * 1e9 / per_iter_ns,
-            "ops_per_s_ci": [elements * 1e9 / hi, elements * 1e9 / lo],
-        })
+        rows.append(
+            {
+                "id": bench_id,
+                "elements_per_iter": elements,
+                "ns_per_iter": per_iter_ns,
+                "ns_per_iter_ci": [lo, hi],
+                "ns_per_op": per_iter_ns / elements,
+                "ops_per_s": elements * 1e9 / per_iter_ns,
+                "ops_per_s_ci": [elements * 1e9 / hi, elements * 1e9 / lo],
+            }
+        )
         log(f"  {bench_id:<55} {rows[-1]['ops_per_s']:>14,.0f} ops/s  {rows[-1]['ns_per_op']:>10,.1f} ns/op")
     return {"rows": rows, "argv": " ".join(argv[1:]), "quick": quick}
 
@@ -66,10 +70,24 @@ def run_pytest_benchmark(out_json: Path, quick: bool, log: Any = print) -> dict[
         import pytest_benchmark  # noqa: F401, PLC0415
     except ImportError:
         return {"error": "pytest-benchmark is not installed: run `bash bench/setup.sh`"}
-    timing = (["--benchmark-max-time=0.05", "--benchmark-min-rounds=3", "--benchmark-warmup=off"] if quick
-              else ["--benchmark-max-time=1.0", "--benchmark-min-rounds=5", "--benchmark-warmup=on"])
-    argv = [sys.executable, "-m", "pytest", "bench/python", "--benchmark-only", "-q", "-p", "no:cacheprovider",
-            f"--benchmark-json={out_json}", "--benchmark-columns=min,median,mean,ops,rounds", *timing]
+    timing = (
+        ["--benchmark-max-time=0.05", "--benchmark-min-rounds=3", "--benchmark-warmup=off"]
+        if quick
+        else ["--benchmark-max-time=1.0", "--benchmark-min-rounds=5", "--benchmark-warmup=on"]
+    )
+    argv = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "bench/python",
+        "--benchmark-only",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        f"--benchmark-json={out_json}",
+        "--benchmark-columns=min,median,mean,ops,rounds",
+        *timing,
+    ]
     log(f"  $ python -m pytest bench/python --benchmark-only {' '.join(timing)}")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900, check=False, env=env)
@@ -80,10 +98,18 @@ def run_pytest_benchmark(out_json: Path, quick: bool, log: Any = print) -> dict[
     for b in data["benchmarks"]:
         per_call = b["extra_info"].get("ops_per_call", 1)
         s = b["stats"]
-        rows.append({
-            "name": b["name"], "figure": b["extra_info"].get("figure", b["name"]), "ops_per_call": per_call,
-            "mean_s": s["mean"], "median_s": s["median"], "min_s": s["min"], "rounds": s["rounds"],
-            "ops_per_s": per_call / s["mean"], "us_per_op_median": s["median"] / per_call * 1e6,
-        })
+        rows.append(
+            {
+                "name": b["name"],
+                "figure": b["extra_info"].get("figure", b["name"]),
+                "ops_per_call": per_call,
+                "mean_s": s["mean"],
+                "median_s": s["median"],
+                "min_s": s["min"],
+                "rounds": s["rounds"],
+                "ops_per_s": per_call / s["mean"],
+                "us_per_op_median": s["median"] / per_call * 1e6,
+            }
+        )
         log(f"  {rows[-1]['figure']:<80} {rows[-1]['ops_per_s']:>12,.0f} ops/s")
     return {"rows": rows, "machine_info": data.get("machine_info", {}).get("cpu", {}).get("brand_raw")}

@@ -44,8 +44,13 @@ from typing import Any
 from bench import machine, stats
 
 KINDS = ("ping", "reserve", "reserve_commit")
-KIND_LABELS = {"ping": "Ping", "reserve": "Reserve", "reserve_commit": "Reserve+Commit",
-               "reserve_in_rc": "Reserve (in R+C)", "commit": "Commit"}
+KIND_LABELS = {
+    "ping": "Ping",
+    "reserve": "Reserve",
+    "reserve_commit": "Reserve+Commit",
+    "reserve_in_rc": "Reserve (in R+C)",
+    "commit": "Commit",
+}
 MODES = ("closed", "open", "race")
 # Holds left open by the Reserve rows outlive the whole run, so that the check after it can count them (a hold's
 # lifetime changes nothing in what a Reserve costs).
@@ -92,8 +97,9 @@ class WorkerResult:
 # The load-generator process
 
 
-def _worker_main(scenario: Scenario, worker: int, coroutines: int, first_coroutine: int, ready: Any,
-                 start_at_ns: Any, results: Any) -> None:
+def _worker_main(
+    scenario: Scenario, worker: int, coroutines: int, first_coroutine: int, ready: Any, start_at_ns: Any, results: Any
+) -> None:
     try:
         result = asyncio.run(_worker(scenario, worker, coroutines, first_coroutine, ready, start_at_ns))
         results.put((worker, asdict(result), None))
@@ -101,8 +107,9 @@ def _worker_main(scenario: Scenario, worker: int, coroutines: int, first_corouti
         results.put((worker, None, f"{type(exc).__name__}: {exc}"))
 
 
-async def _worker(scenario: Scenario, worker: int, coroutines: int, first_coroutine: int, ready: Any,
-                  start_at_ns: Any) -> WorkerResult:
+async def _worker(
+    scenario: Scenario, worker: int, coroutines: int, first_coroutine: int, ready: Any, start_at_ns: Any
+) -> WorkerResult:
     import grpc  # noqa: PLC0415 - imported in the child only (spawn), never across a fork
     import grpc.aio  # noqa: PLC0415
 
@@ -140,8 +147,10 @@ async def _worker(scenario: Scenario, worker: int, coroutines: int, first_corout
             if scenario.kind == "ping":
                 await ping(ping_request, timeout=timeout)
                 return True
-            held = await reserve(pb.ReserveRequest(customer_id=customer, amount=amount, idempotency_key=key,
-                                                   ttl_ms=HOLD_TTL_MS), timeout=timeout)
+            held = await reserve(
+                pb.ReserveRequest(customer_id=customer, amount=amount, idempotency_key=key, ttl_ms=HOLD_TTL_MS),
+                timeout=timeout,
+            )
             if not held.granted:
                 result.denied += 1
                 return False
@@ -162,7 +171,7 @@ async def _worker(scenario: Scenario, worker: int, coroutines: int, first_corout
 
         async def closed(coroutine: int) -> None:
             # Each coroutine walks the budget pool from its own offset, so concurrent requests hit different budgets.
-            names = itertools.cycle(customers[coroutine % len(customers):] + customers[:coroutine % len(customers)])
+            names = itertools.cycle(customers[coroutine % len(customers) :] + customers[: coroutine % len(customers)])
             keys = itertools.count()
             failures = 0
             while True:
@@ -185,7 +194,7 @@ async def _worker(scenario: Scenario, worker: int, coroutines: int, first_corout
             # This process's share of the rate, its sends interleaved with the other processes' (offset by worker).
             interval = scenario.procs / scenario.rate_per_s * 1e9
             offset = worker / scenario.rate_per_s * 1e9
-            names = itertools.cycle(customers[worker % len(customers):] + customers[:worker % len(customers)])
+            names = itertools.cycle(customers[worker % len(customers) :] + customers[: worker % len(customers)])
             inflight: set[asyncio.Task[None]] = set()
 
             async def one(scheduled: int, n: int) -> None:
@@ -226,8 +235,7 @@ async def _worker(scenario: Scenario, worker: int, coroutines: int, first_corout
                         result.denied += 1
                         return  # nothing is ever released here: once denied, always denied
                     result.granted_units += amount
-                    await commit(pb.CommitRequest(reservation_id=held.reservation_id, amount=amount),
-                                 timeout=timeout)
+                    await commit(pb.CommitRequest(reservation_id=held.reservation_id, amount=amount), timeout=timeout)
                     result.committed_units += amount
                     result.committed += 1
                 except grpc.aio.AioRpcError as err:
@@ -267,8 +275,9 @@ def split(concurrency: int, procs: int) -> list[int]:
     return [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
 
 
-def run_scenario(scenario: Scenario, server_pid: int | None = None,
-                 backing_pids: list[int] | None = None) -> dict[str, Any]:
+def run_scenario(
+    scenario: Scenario, server_pid: int | None = None, backing_pids: list[int] | None = None
+) -> dict[str, Any]:
     """Run one scenario in fresh load-generator processes; returns its summary (JSON-ready). `backing_pids`: the
     processes a baseline server relies on (Postgres, Redis), whose CPU is reported apart from the rest of the
     machine's."""
@@ -284,8 +293,12 @@ def run_scenario(scenario: Scenario, server_pid: int | None = None,
     workers = []
     first = 0
     for i, share in enumerate(shares):
-        proc = ctx.Process(target=_worker_main, args=(scenario, i, share, first, ready, start_at_ns, results),
-                           name=f"bench-load-{i}", daemon=True)
+        proc = ctx.Process(
+            target=_worker_main,
+            args=(scenario, i, share, first, ready, start_at_ns, results),
+            name=f"bench-load-{i}",
+            daemon=True,
+        )
         proc.start()
         workers.append(proc)
         first += share
@@ -296,9 +309,11 @@ def run_scenario(scenario: Scenario, server_pid: int | None = None,
 
         # CPU used in the recorded window by the server and by the load generators (from /proc; sampled by the
         # parent at the window's edges, so roughly, +- one scheduler tick).
-        pids: dict[str, list[int]] = {"server": [server_pid] if server_pid else [],
-                                      "clients": [p.pid for p in workers if p.pid is not None],
-                                      "backing": list(backing_pids or [])}
+        pids: dict[str, list[int]] = {
+            "server": [server_pid] if server_pid else [],
+            "clients": [p.pid for p in workers if p.pid is not None],
+            "backing": list(backing_pids or []),
+        }
         window_start = start + int(scenario.warmup_s * 1e9)
         _sleep_until(window_start)
         cpu0 = {k: [machine.process_cpu_seconds(p) for p in v] for k, v in pids.items()}
@@ -418,16 +433,35 @@ def _sleep_until(t_ns: int) -> None:
         time.sleep(delay)
 
 
-def run_all(target: str, *, kinds: tuple[str, ...], concurrencies: tuple[int, ...], procs: int, warmup_s: float,
-            duration_s: float, customers: tuple[str, ...], idempotency_keys: bool, server_pid: int | None,
-            log: Any = print, backing_pids: Any = None) -> list[dict[str, Any]]:
+def run_all(
+    target: str,
+    *,
+    kinds: tuple[str, ...],
+    concurrencies: tuple[int, ...],
+    procs: int,
+    warmup_s: float,
+    duration_s: float,
+    customers: tuple[str, ...],
+    idempotency_keys: bool,
+    server_pid: int | None,
+    log: Any = print,
+    backing_pids: Any = None,
+) -> list[dict[str, Any]]:
     """Every (concurrency, kind), in that order: the kinds compared with each other run back to back, so that
     their ratio sees the same machine weather."""
     out = []
     for concurrency in concurrencies:
         for kind in kinds:
-            scenario = Scenario(target=target, kind=kind, concurrency=concurrency, procs=procs, warmup_s=warmup_s,
-                                duration_s=duration_s, customers=customers, idempotency_keys=idempotency_keys)
+            scenario = Scenario(
+                target=target,
+                kind=kind,
+                concurrency=concurrency,
+                procs=procs,
+                warmup_s=warmup_s,
+                duration_s=duration_s,
+                customers=customers,
+                idempotency_keys=idempotency_keys,
+            )
             res = run_scenario(scenario, server_pid, backing_pids() if backing_pids else None)
             _log_row(log, res, f"{res['label']} c={concurrency}")
             out.append(res)
@@ -455,31 +489,52 @@ def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _log_row(log: Any, res: dict[str, Any], what: str) -> None:
-    log(f"  {what:<28} {res['ops_per_s']:>9.0f} ops/s  p50 {res['p50_us']:>8.1f} us  p99 {res['p99_us']:>8.1f} us"
-        f"  n={res['count']}" + (f"  denied={res['denied']}" if res["denied"] else "")
+    log(
+        f"  {what:<28} {res['ops_per_s']:>9.0f} ops/s  p50 {res['p50_us']:>8.1f} us  p99 {res['p99_us']:>8.1f} us"
+        f"  n={res['count']}"
+        + (f"  denied={res['denied']}" if res["denied"] else "")
         + (f"  errors={res['errors']}" if res["errors"] else "")
         + (f"  late sends={res['late_sends']}" if res.get("late_sends") else "")
-        + (f"  [other CPU on the machine: {res['other_cpu_pct']:.0f}%]" if (res.get("other_cpu_pct") or 0) > 40
-           else ""))
+        + (f"  [other CPU on the machine: {res['other_cpu_pct']:.0f}%]" if (res.get("other_cpu_pct") or 0) > 40 else "")
+    )
 
 
-def run_open(target: str, *, kinds: tuple[str, ...], rates: tuple[float, ...], procs: int, warmup_s: float,
-             duration_s: float, customers: tuple[str, ...], server_pid: int | None,
-             log: Any = print) -> list[dict[str, Any]]:
+def run_open(
+    target: str,
+    *,
+    kinds: tuple[str, ...],
+    rates: tuple[float, ...],
+    procs: int,
+    warmup_s: float,
+    duration_s: float,
+    customers: tuple[str, ...],
+    server_pid: int | None,
+    log: Any = print,
+) -> list[dict[str, Any]]:
     """Open loop: every (rate, kind), latency from the scheduled send time."""
     out = []
     for rate in rates:
         for kind in kinds:
-            scenario = Scenario(target=target, kind=kind, concurrency=procs, procs=procs, warmup_s=warmup_s,
-                                duration_s=duration_s, customers=customers, mode="open", rate_per_s=rate)
+            scenario = Scenario(
+                target=target,
+                kind=kind,
+                concurrency=procs,
+                procs=procs,
+                warmup_s=warmup_s,
+                duration_s=duration_s,
+                customers=customers,
+                mode="open",
+                rate_per_s=rate,
+            )
             res = run_scenario(scenario, server_pid)
             _log_row(log, res, f"{res['label']} @ {rate:g}/s")
             out.append(res)
     return out
 
 
-def run_race(target: str, *, concurrency: int, procs: int, limit: int, amount: int, rounds: int, tag: str,
-             log: Any = print) -> dict[str, Any]:
+def run_race(
+    target: str, *, concurrency: int, procs: int, limit: int, amount: int, rounds: int, tag: str, log: Any = print
+) -> dict[str, Any]:
     """The overspend check: `rounds` races, each on a fresh budget of `limit` units, `concurrency` clients looping
     Reserve(amount) -> Commit(amount) until denied. Overspend = units granted - limit (summed over rounds), and the
     same from the server's own books (spent - limit)."""
@@ -489,12 +544,27 @@ def run_race(target: str, *, concurrency: int, procs: int, limit: int, amount: i
     for i in range(rounds):
         customer = f"race-{tag}-{i}-{time.time_ns()}"
         bench_server.create_budgets(target, [customer], limit=limit)
-        scenario = Scenario(target=target, kind="reserve_commit", concurrency=concurrency, procs=procs,
-                            warmup_s=0.0, duration_s=0.0, customers=(customer,), mode="race", amount=amount)
+        scenario = Scenario(
+            target=target,
+            kind="reserve_commit",
+            concurrency=concurrency,
+            procs=procs,
+            warmup_s=0.0,
+            duration_s=0.0,
+            customers=(customer,),
+            mode="race",
+            amount=amount,
+        )
         res = run_scenario(scenario)
         spent, reserved = bench_server.total_spent_and_reserved(target, [customer])
-        res.update(customer=customer, limit=limit, server_spent=spent, server_reserved=reserved,
-                   overspend_units=res["granted_units"] - limit, server_overspend_units=spent + reserved - limit)
+        res.update(
+            customer=customer,
+            limit=limit,
+            server_spent=spent,
+            server_reserved=reserved,
+            overspend_units=res["granted_units"] - limit,
+            server_overspend_units=spent + reserved - limit,
+        )
         per_round.append(res)
     granted = sum(r["granted_units"] for r in per_round)
     total_limit = limit * rounds
@@ -502,19 +572,39 @@ def run_race(target: str, *, concurrency: int, procs: int, limit: int, amount: i
     elapsed = sum(r["elapsed_s"] for r in per_round)
     ops = sum(r["committed_total"] for r in per_round)
     summary = {
-        "concurrency": concurrency, "limit": limit, "amount": amount, "rounds": rounds,
-        "granted_units": granted, "limit_total": total_limit,
+        "concurrency": concurrency,
+        "limit": limit,
+        "amount": amount,
+        "rounds": rounds,
+        "granted_units": granted,
+        "limit_total": total_limit,
         "overspend_units": granted - total_limit,
         "server_overspend_units": sum(r["server_overspend_units"] for r in per_round),
         "overspend_per_round": [r["overspend_units"] for r in per_round],
         "ops_per_s": ops / elapsed if elapsed else float("nan"),
-        "p50_us": stats.percentile(sorted(samples), 50), "p99_us": stats.percentile(sorted(samples), 99),
+        "p50_us": stats.percentile(sorted(samples), 50),
+        "p99_us": stats.percentile(sorted(samples), 99),
         "errors": dict(sum((Counter(r["errors"]) for r in per_round), Counter())),
-        "rounds_detail": [{k: r[k] for k in ("customer", "granted_units", "server_spent", "server_reserved",
-                                              "overspend_units", "server_overspend_units", "elapsed_s",
-                                              "committed_total")} for r in per_round],
+        "rounds_detail": [
+            {
+                k: r[k]
+                for k in (
+                    "customer",
+                    "granted_units",
+                    "server_spent",
+                    "server_reserved",
+                    "overspend_units",
+                    "server_overspend_units",
+                    "elapsed_s",
+                    "committed_total",
+                )
+            }
+            for r in per_round
+        ],
     }
-    log(f"  race x{rounds}: {concurrency} clients, limit {limit}, amount {amount}: granted {granted} of "
+    log(
+        f"  race x{rounds}: {concurrency} clients, limit {limit}, amount {amount}: granted {granted} of "
         f"{total_limit} units -> overspend {summary['overspend_units']} (server books: "
-        f"{summary['server_overspend_units']}), {summary['ops_per_s']:.0f} ops/s on one hot budget")
+        f"{summary['server_overspend_units']}), {summary['ops_per_s']:.0f} ops/s on one hot budget"
+    )
     return summary

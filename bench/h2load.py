@@ -52,8 +52,10 @@ def body_for(kind: str) -> bytes:
 
 
 _FINISHED = re.compile(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s")
-_REQUESTS = re.compile(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
-                       r"(\d+) errored, (\d+) timeout")
+_REQUESTS = re.compile(
+    r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+    r"(\d+) errored, (\d+) timeout"
+)
 
 
 def parse_summary(text: str) -> dict[str, Any]:
@@ -69,8 +71,9 @@ def parse_summary(text: str) -> dict[str, Any]:
     return out
 
 
-def run_one(target: str, kind: str, concurrency: int, warmup_s: float, duration_s: float,
-            server_pid: int | None = None) -> dict[str, Any]:
+def run_one(
+    target: str, kind: str, concurrency: int, warmup_s: float, duration_s: float, server_pid: int | None = None
+) -> dict[str, Any]:
     binary = available()
     if binary is None:
         raise RuntimeError("h2load is not installed: run `bash bench/setup.sh` (apt-get install nghttp2-client)")
@@ -78,9 +81,26 @@ def run_one(target: str, kind: str, concurrency: int, warmup_s: float, duration_
         body = Path(tmp) / "body.bin"
         body.write_bytes(body_for(kind))
         log_file = Path(tmp) / "requests.tsv"
-        argv = [binary, "-c", "1", "-m", str(concurrency), "-t", "1", "-D", f"{round(duration_s * 1000)}ms",
-                f"--warm-up-time={round(warmup_s * 1000)}ms", "-d", str(body), "-H", "content-type: application/grpc",
-                "-H", "te: trailers", f"--log-file={log_file}", f"http://{target}{PATHS[kind]}"]
+        argv = [
+            binary,
+            "-c",
+            "1",
+            "-m",
+            str(concurrency),
+            "-t",
+            "1",
+            "-D",
+            f"{round(duration_s * 1000)}ms",
+            f"--warm-up-time={round(warmup_s * 1000)}ms",
+            "-d",
+            str(body),
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+            f"--log-file={log_file}",
+            f"http://{target}{PATHS[kind]}",
+        ]
         cpu0 = machine.process_cpu_seconds(server_pid) if server_pid else None
         whole0 = machine.machine_cpu_seconds()
         children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -112,22 +132,38 @@ def run_one(target: str, kind: str, concurrency: int, warmup_s: float, duration_
         if whole0 and whole1:
             other_cpu = round(100.0 * ((whole1["busy"] - whole0["busy"]) - (cpu1 - cpu0) - client_cpu) / wall, 1)
     return {
-        "tool": "h2load", "kind": kind, "concurrency": concurrency, "warmup_s": warmup_s, "duration_s": duration_s,
-        "argv": " ".join(["h2load"] + argv[1:-1] + [f"http://HOST:PORT{PATHS[kind]}"]).replace(
-            str(body), "BODY.bin").replace(str(log_file), "LOG.tsv").replace(
-            "content-type: application/grpc", "'content-type: application/grpc'").replace("te: trailers",
-                                                                                      "'te: trailers'"),
-        **summary, **lat,
+        "tool": "h2load",
+        "kind": kind,
+        "concurrency": concurrency,
+        "warmup_s": warmup_s,
+        "duration_s": duration_s,
+        "argv": " ".join(["h2load"] + argv[1:-1] + [f"http://HOST:PORT{PATHS[kind]}"])
+        .replace(str(body), "BODY.bin")
+        .replace(str(log_file), "LOG.tsv")
+        .replace("content-type: application/grpc", "'content-type: application/grpc'")
+        .replace("te: trailers", "'te: trailers'"),
+        **summary,
+        **lat,
         # h2load's own rate (succeeded / measurement window) is the throughput; the log gives the latencies.
         "ops_per_s": summary.get("req_per_s", lat["ops_per_s"]),
-        "log_statuses": statuses, "server_cpu_pct": server_cpu, "client_cpu_pct": round(100.0 * client_cpu / wall, 1),
+        "log_statuses": statuses,
+        "server_cpu_pct": server_cpu,
+        "client_cpu_pct": round(100.0 * client_cpu / wall, 1),
         "other_cpu_pct": other_cpu,
         "samples_us": stats.sample_for_cdf(latencies_ns),
     }
 
 
-def run_all(target: str, *, kinds: tuple[str, ...], concurrencies: tuple[int, ...], warmup_s: float,
-            duration_s: float, server_pid: int | None, log: Any = print) -> list[dict[str, Any]]:
+def run_all(
+    target: str,
+    *,
+    kinds: tuple[str, ...],
+    concurrencies: tuple[int, ...],
+    warmup_s: float,
+    duration_s: float,
+    server_pid: int | None,
+    log: Any = print,
+) -> list[dict[str, Any]]:
     """Every (concurrency, kind). For Reserve, checks the server's books (see the module docstring)."""
     from bench import server as bench_server  # noqa: PLC0415
 
@@ -141,9 +177,15 @@ def run_all(target: str, *, kinds: tuple[str, ...], concurrencies: tuple[int, ..
                 grown = bench_server.total_spent_and_reserved(target, [H2LOAD_CUSTOMER])[1] - before
                 res["holds_made"] = grown
                 res["check_ok"] = grown >= res.get("requests_succeeded", 0) > 0
-            log(f"  h2load {kind:<8} c={concurrency:<3} {res['ops_per_s']:>9.0f} req/s  p50 {res['p50_us']:>8.1f} us"
+            log(
+                f"  h2load {kind:<8} c={concurrency:<3} {res['ops_per_s']:>9.0f} req/s  p50 {res['p50_us']:>8.1f} us"
                 f"  p99 {res['p99_us']:>8.1f} us  n={res['count']}"
-                + (f"  holds made {res['holds_made']} >= {res.get('requests_succeeded')} succeeded: "
-                   f"{'ok' if res['check_ok'] else 'MISMATCH'}" if kind == "reserve" else ""))
+                + (
+                    f"  holds made {res['holds_made']} >= {res.get('requests_succeeded')} succeeded: "
+                    f"{'ok' if res['check_ok'] else 'MISMATCH'}"
+                    if kind == "reserve"
+                    else ""
+                )
+            )
             out.append(res)
     return out

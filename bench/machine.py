@@ -52,7 +52,7 @@ def describe() -> dict[str, Any]:
         usable_cpus = os.cpu_count() or 0
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "git_commit": _git("rev-parse", "--short", "HEAD"),
         # Tracked files changed since that commit: the numbers are for the working tree, not exactly the commit.
         "git_dirty": bool(status) if status is not None else None,
@@ -101,8 +101,11 @@ def fsync_probe(directory: str | None = None, count: int = 200) -> dict[str, flo
             os.fsync(fd)
             samples.append(time.perf_counter_ns() - t0)
     samples.sort()
-    return {"count": count, "p50_us": samples[len(samples) // 2] / 1e3,
-            "p99_us": samples[min(len(samples) - 1, int(len(samples) * 0.99))] / 1e3}
+    return {
+        "count": count,
+        "p50_us": samples[len(samples) // 2] / 1e3,
+        "p99_us": samples[min(len(samples) - 1, int(len(samples) * 0.99))] / 1e3,
+    }
 
 
 def machine_cpu_seconds() -> dict[str, float] | None:

@@ -7,8 +7,12 @@ from typing import Any
 
 # One colour per system, the same in both plots; line style per RPC kind.
 COLORS = {"spendgate": "#1f77b4", "postgres": "#d62728", "redis": "#2ca02c", "naive": "#ff7f0e", "ping": "#7f7f7f"}
-NAMES = {"spendgate": "spendgate", "postgres": "Postgres baseline", "redis": "Redis baseline",
-         "naive": "naive check-then-write"}
+NAMES = {
+    "spendgate": "spendgate",
+    "postgres": "Postgres baseline",
+    "redis": "Redis baseline",
+    "naive": "naive check-then-write",
+}
 
 
 def _cdf(ax: Any, samples_us: list[float], label: str, color: str, style: str = "-") -> None:
@@ -107,8 +111,10 @@ def throughput_vs_concurrency(result: dict[str, Any], path: Path) -> None:
 
 def _subtitle(result: dict[str, Any]) -> str:
     m = result["machine"]
-    return (f"{m['date_utc'][:10]}, commit {m['git_commit']}{'+' if m.get('git_dirty') else ''}, {m['nproc']} CPUs "
-            f"({m['cpu_model']}); load generator and servers share the machine; fsync durability everywhere")
+    return (
+        f"{m['date_utc'][:10]}, commit {m['git_commit']}{'+' if m.get('git_dirty') else ''}, {m['nproc']} CPUs "
+        f"({m['cpu_model']}); load generator and servers share the machine; fsync durability everywhere"
+    )
 
 
 def render_all(result: dict[str, Any], out_dir: Path) -> list[Path]:

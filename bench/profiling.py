@@ -60,8 +60,26 @@ def summarize_pyspy(raw: str, top: int = 12) -> dict[str, Any]:
 
 
 def _perf_table(perf: str, data: Path, sort: str) -> list[dict[str, Any]]:
-    done = subprocess.run([perf, "report", "-i", str(data), "--no-children", "--sort", sort, "--stdio", "-g", "none",
-                           "--percent-limit", "0.5"], capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [
+            perf,
+            "report",
+            "-i",
+            str(data),
+            "--no-children",
+            "--sort",
+            sort,
+            "--stdio",
+            "-g",
+            "none",
+            "--percent-limit",
+            "0.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     rows = []
     for line in done.stdout.splitlines():
         line = line.strip()
@@ -99,13 +117,45 @@ def profile_server(pid: int, duration_s: float, drive: Any, log: Any = print) ->
         thread.join(timeout=2.5)
         if pyspy:
             procs["py-spy"] = subprocess.Popen(
-                [pyspy, "record", "--pid", str(pid), "--duration", str(int(duration_s)), "--rate", "250",
-                 "--format", "raw", "--nonblocking", "--output", str(raw)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                [
+                    pyspy,
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--duration",
+                    str(int(duration_s)),
+                    "--rate",
+                    "250",
+                    "--format",
+                    "raw",
+                    "--nonblocking",
+                    "--output",
+                    str(raw),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
         if perf:
             procs["perf"] = subprocess.Popen(
-                [perf, "record", "-F", "499", "-g", "-p", str(pid), "-o", str(data), "--", "sleep",
-                 str(int(duration_s))], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                [
+                    perf,
+                    "record",
+                    "-F",
+                    "499",
+                    "-g",
+                    "-p",
+                    str(pid),
+                    "-o",
+                    str(data),
+                    "--",
+                    "sleep",
+                    str(int(duration_s)),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
         for name, proc in procs.items():
             try:
                 _, err = proc.communicate(timeout=duration_s + 60)
@@ -117,8 +167,10 @@ def profile_server(pid: int, duration_s: float, drive: Any, log: Any = print) ->
         thread.join()
         if load_error:
             raise load_error[0]
-        out["load"] = {k: result.get(k) for k in ("label", "concurrency", "ops_per_s", "p50_us", "server_cpu_pct",
-                                                  "committed_total", "errors")}
+        out["load"] = {
+            k: result.get(k)
+            for k in ("label", "concurrency", "ops_per_s", "p50_us", "server_cpu_pct", "committed_total", "errors")
+        }
         if pyspy is None:
             out["py-spy_error"] = "py-spy is not installed (pip install py-spy)"
         elif raw.exists():
@@ -130,6 +182,8 @@ def profile_server(pid: int, duration_s: float, drive: Any, log: Any = print) ->
             out["perf_by_thread"] = _perf_table(perf, data, "comm")
             out["perf_by_thread_and_dso"] = _perf_table(perf, data, "comm,dso")[:10]
             out["perf_top_symbols"] = _perf_table(perf, data, "dso,sym")[:15]
-    log("  profile: " + ", ".join(
-        f"{c['what'].split(' (')[0]} {c['pct']}%" for c in out.get("pyspy", {}).get("categories", [])[:4]))
+    log(
+        "  profile: "
+        + ", ".join(f"{c['what'].split(' (')[0]} {c['pct']}%" for c in out.get("pyspy", {}).get("categories", [])[:4])
+    )
     return out

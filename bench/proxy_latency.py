@@ -51,8 +51,9 @@ def free_port() -> int:
 async def one(session: aiohttp.ClientSession, url: str, body: bytes, stream: bool) -> tuple[int, int]:
     """(ns to the first body byte, ns to the end) of one call."""
     started = time.perf_counter_ns()
-    async with session.post(url, data=body, headers={"content-type": "application/json",
-                                                     "x-spendgate-customer-id": CUSTOMER}) as response:
+    async with session.post(
+        url, data=body, headers={"content-type": "application/json", "x-spendgate-customer-id": CUSTOMER}
+    ) as response:
         first = 0
         async for _ in response.content.iter_any():
             first = first or time.perf_counter_ns()
@@ -77,22 +78,43 @@ async def measure(url: str, concurrency: int, requests: int, stream: bool) -> di
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         window = time.perf_counter() - started
     ttfb, total = sorted(s[0] for s in samples), sorted(s[1] for s in samples)
-    return {"p50_us": percentile(total, 50) / 1e3, "p99_us": percentile(total, 99) / 1e3,
-            "ttfb_p50_us": percentile(ttfb, 50) / 1e3, "ttfb_p99_us": percentile(ttfb, 99) / 1e3,
-            "ops_per_s": len(samples) / window}
+    return {
+        "p50_us": percentile(total, 50) / 1e3,
+        "p99_us": percentile(total, 99) / 1e3,
+        "ttfb_p50_us": percentile(ttfb, 50) / 1e3,
+        "ttfb_p99_us": percentile(ttfb, 99) / 1e3,
+        "ops_per_s": len(samples) / window,
+    }
 
 
 def run(requests: int, durability: str) -> list[dict[str, Any]]:
     port = free_port()
-    fake = subprocess.Popen([sys.executable, "-m", "spendgate.testing.fake_llm", str(port)], stdout=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(ROOT / "python")})
+    fake = subprocess.Popen(
+        [sys.executable, "-m", "spendgate.testing.fake_llm", str(port)],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "python")},
+    )
     assert fake.stdout is not None
     fake.stdout.readline()  # it prints its address once it listens
     upstream = f"http://127.0.0.1:{port}/v1"
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, Sidecar(Path(tmp) / "data", proxy=True, extra_args=[
-            "--proxy-openai-base-url", upstream, "--durability", durability, "--log-level", "warning",
-            "--max-holds-per-budget", "1000000"]) as sidecar:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        Sidecar(
+            Path(tmp) / "data",
+            proxy=True,
+            extra_args=[
+                "--proxy-openai-base-url",
+                upstream,
+                "--durability",
+                durability,
+                "--log-level",
+                "warning",
+                "--max-holds-per-budget",
+                "1000000",
+            ],
+        ) as sidecar,
+    ):
         with Client(sidecar.target) as client:
             client.set_budget(CUSTOMER, limit=2**53)
         proxied = sidecar.proxy_url + "/v1/chat/completions"
@@ -113,32 +135,40 @@ def row_text(row: dict[str, Any]) -> str:
     d, p = row["direct"], row["proxy"]
     kind = "streamed, time to first byte" if row["stream"] else "whole response"
     keys = ("ttfb_p50_us", "ttfb_p99_us") if row["stream"] else ("p50_us", "p99_us")
-    return (f"| {kind} | {row['concurrency']} | {d[keys[0]]:,.0f} / {d[keys[1]]:,.0f} | {p[keys[0]]:,.0f} / "
-            f"{p[keys[1]]:,.0f} | +{p[keys[0]] - d[keys[0]]:,.0f} / +{p[keys[1]] - d[keys[1]]:,.0f} | "
-            f"{d['ops_per_s']:,.0f} / {p['ops_per_s']:,.0f} |")
+    return (
+        f"| {kind} | {row['concurrency']} | {d[keys[0]]:,.0f} / {d[keys[1]]:,.0f} | {p[keys[0]]:,.0f} / "
+        f"{p[keys[1]]:,.0f} | +{p[keys[0]] - d[keys[0]]:,.0f} / +{p[keys[1]] - d[keys[1]]:,.0f} | "
+        f"{d['ops_per_s']:,.0f} / {p['ops_per_s']:,.0f} |"
+    )
 
 
 def section(rows: list[dict[str, Any]], requests: int, durability: str) -> str:
     added = [r["proxy"]["p50_us"] - r["direct"]["p50_us"] for r in rows if not r["stream"]]
     worst = max(added)
     status = "**met**" if worst < TARGET_ADDED_P50_US else f"missed: +{worst:,.0f} µs at p50"
-    return "\n".join([
-        BEGIN,
-        "## The HTTP proxy (`python bench/proxy_latency.py`)",
-        "",
-        (f"Chat Completions against the fake upstream (its own process, answering at once), straight and through the "
-         f"proxy; {requests} calls a row, durability {durability}, "
-         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Latency in µs in the client (p50 / p99)."),
-        "",
-        "| call | conc. | direct | through the proxy | added | calls/s direct / proxy |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-        *(row_text(r) for r in rows),
-        "",
-        (f"Target: under 1 ms added at p50, and no extra time to first byte beyond that: {status}. Through the proxy "
-         "a call waits for two durable LMDB writes (its Reserve before it is forwarded, its Commit before the reply "
-         "ends), which the direct call does not."),
-        END,
-    ])
+    return "\n".join(
+        [
+            BEGIN,
+            "## The HTTP proxy (`python bench/proxy_latency.py`)",
+            "",
+            (
+                f"Chat Completions against the fake upstream (its own process, answering at once), straight and through the "
+                f"proxy; {requests} calls a row, durability {durability}, "
+                f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Latency in µs in the client (p50 / p99)."
+            ),
+            "",
+            "| call | conc. | direct | through the proxy | added | calls/s direct / proxy |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            *(row_text(r) for r in rows),
+            "",
+            (
+                f"Target: under 1 ms added at p50, and no extra time to first byte beyond that: {status}. Through the proxy "
+                "a call waits for two durable LMDB writes (its Reserve before it is forwarded, its Commit before the reply "
+                "ends), which the direct call does not."
+            ),
+            END,
+        ]
+    )
 
 
 def main() -> None:

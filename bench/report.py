@@ -11,8 +11,11 @@ from bench.stats import PERCENTILES, pkey
 TARGET_RESERVE_P50_RATIO = 1.15
 TARGET_RC_TPUT_RATIO = 0.8
 TARGET_VS_POSTGRES = 2.0
-BASELINE_NAMES = {"postgres": "Postgres (guarded UPDATE)", "redis": "Redis (Lua script)",
-                  "naive": "naive check-then-write (Postgres SELECT, then UPDATE)"}
+BASELINE_NAMES = {
+    "postgres": "Postgres (guarded UPDATE)",
+    "redis": "Redis (Lua script)",
+    "naive": "naive check-then-write (Postgres SELECT, then UPDATE)",
+}
 
 
 def _num(x: Any, digits: int = 1) -> str:
@@ -39,8 +42,11 @@ def _load(avg: list[float] | None) -> str:
 def _table(header: list[str], rows: list[list[str]], align: str | None = None) -> list[str]:
     align = align or "l" + "r" * (len(header) - 1)
     sep = ["---:" if a == "r" else "---" for a in align]
-    return ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"] + [
-        "| " + " | ".join(r) + " |" for r in rows] + [""]
+    return (
+        ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
+        + ["| " + " | ".join(r) + " |" for r in rows]
+        + [""]
+    )
 
 
 def _by(rows: list[dict[str, Any]], kind: str, conc: int) -> dict[str, Any] | None:
@@ -77,24 +83,28 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 per_conc.append((f"h2load c={r['concurrency']}", ratio))
     if per_conc:
         worst = max(v for _, v in per_conc)
-        out.append({
-            "target": f"Reserve p50 ≤ {TARGET_RESERVE_P50_RATIO}× Ping p50 (same server)",
-            "measured": ", ".join(f"{k}: {v:.2f}×" for k, v in per_conc),
-            "met": worst <= TARGET_RESERVE_P50_RATIO,
-            "how_far": _over("worst", worst, TARGET_RESERVE_P50_RATIO, lower_is_better=True),
-        })
+        out.append(
+            {
+                "target": f"Reserve p50 ≤ {TARGET_RESERVE_P50_RATIO}× Ping p50 (same server)",
+                "measured": ", ".join(f"{k}: {v:.2f}×" for k, v in per_conc),
+                "met": worst <= TARGET_RESERVE_P50_RATIO,
+                "how_far": _over("worst", worst, TARGET_RESERVE_P50_RATIO, lower_is_better=True),
+            }
+        )
     # 2. Reserve+Commit throughput at 64 >= 0.8x the empty RPC's.
     c64 = max(concs) if concs else None
     rc, ping = (_by(rows, "reserve_commit", c64), _by(rows, "ping", c64)) if c64 else (None, None)
     ratio = _ratio(rc, ping, "ops_per_s")
     if ratio is not None and rc and ping:
-        out.append({
-            "target": f"Reserve+Commit throughput at c={c64} ≥ {TARGET_RC_TPUT_RATIO}× Ping throughput",
-            "measured": f"{rc['ops_per_s']:,.0f} pairs/s vs {ping['ops_per_s']:,.0f} Pings/s = {ratio:.2f}× "
-                        f"(in RPCs: {2 * ratio:.2f}×)" + _h2load_ping_note(result, rc, c64),
-            "met": ratio >= TARGET_RC_TPUT_RATIO,
-            "how_far": _over("", ratio, TARGET_RC_TPUT_RATIO, lower_is_better=False),
-        })
+        out.append(
+            {
+                "target": f"Reserve+Commit throughput at c={c64} ≥ {TARGET_RC_TPUT_RATIO}× Ping throughput",
+                "measured": f"{rc['ops_per_s']:,.0f} pairs/s vs {ping['ops_per_s']:,.0f} Pings/s = {ratio:.2f}× "
+                f"(in RPCs: {2 * ratio:.2f}×)" + _h2load_ping_note(result, rc, c64),
+                "met": ratio >= TARGET_RC_TPUT_RATIO,
+                "how_far": _over("", ratio, TARGET_RC_TPUT_RATIO, lower_is_better=False),
+            }
+        )
     # 3. >= 2x the Postgres baseline's throughput, with zero overspend.
     pg = result.get("baselines", {}).get("postgres")
     race = result.get("race")
@@ -103,25 +113,29 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         ratio = _ratio(rc, pg_rc, "ops_per_s")
         zero = race is not None and race["overspend_units"] == 0 and race["server_overspend_units"] == 0
         if ratio is not None and pg_rc:
-            out.append({
-                "target": f"≥ {TARGET_VS_POSTGRES:g}× the Postgres baseline's throughput, zero overspend",
-                "measured": f"Reserve+Commit at c={c64}: {rc['ops_per_s']:,.0f} vs {pg_rc['ops_per_s']:,.0f} pairs/s "
-                            f"= {ratio:.2f}×; overspend {race['overspend_units'] if race else '?'} units",
-                "met": ratio >= TARGET_VS_POSTGRES and zero,
-                "how_far": _over("", ratio, TARGET_VS_POSTGRES, lower_is_better=False)
-                + ("" if zero else "; OVERSPEND is not zero"),
-            })
+            out.append(
+                {
+                    "target": f"≥ {TARGET_VS_POSTGRES:g}× the Postgres baseline's throughput, zero overspend",
+                    "measured": f"Reserve+Commit at c={c64}: {rc['ops_per_s']:,.0f} vs {pg_rc['ops_per_s']:,.0f} pairs/s "
+                    f"= {ratio:.2f}×; overspend {race['overspend_units'] if race else '?'} units",
+                    "met": ratio >= TARGET_VS_POSTGRES and zero,
+                    "how_far": _over("", ratio, TARGET_VS_POSTGRES, lower_is_better=False)
+                    + ("" if zero else "; OVERSPEND is not zero"),
+                }
+            )
     naive = result.get("baselines", {}).get("naive")
     if naive:
         nr = naive["race"]
-        out.append({
-            "target": "the naive baseline's overspend shown",
-            "measured": f"{nr['overspend_units']:+,} units over {nr['limit_total']:,} of limits "
-                        f"({100 * nr['overspend_units'] / nr['limit_total']:.1f}%) in {nr['rounds']} race(s) of 64 "
-                        f"clients",
-            "met": True,
-            "how_far": "shown" if nr["overspend_units"] > 0 else "shown: no overspend this time (a race can miss)",
-        })
+        out.append(
+            {
+                "target": "the naive baseline's overspend shown",
+                "measured": f"{nr['overspend_units']:+,} units over {nr['limit_total']:,} of limits "
+                f"({100 * nr['overspend_units'] / nr['limit_total']:.1f}%) in {nr['rounds']} race(s) of 64 "
+                f"clients",
+                "met": True,
+                "how_far": "shown" if nr["overspend_units"] > 0 else "shown: no overspend this time (a race can miss)",
+            }
+        )
     return out
 
 
@@ -130,8 +144,10 @@ def _h2load_ping_note(result: dict[str, Any], rc: dict[str, Any], conc: int) -> 
     h2 = _by(result.get("h2load", []), "ping", conc)
     if not h2 or not h2.get("ops_per_s"):
         return ""
-    return (f"; against h2load's {h2['ops_per_s']:,.0f} Pings/s on the same server: "
-            f"{rc['ops_per_s'] / h2['ops_per_s']:.2f}×")
+    return (
+        f"; against h2load's {h2['ops_per_s']:,.0f} Pings/s on the same server: "
+        f"{rc['ops_per_s'] / h2['ops_per_s']:.2f}×"
+    )
 
 
 def _over(prefix: str, value: float, target: float, *, lower_is_better: bool) -> str:
@@ -151,9 +167,10 @@ def render(result: dict[str, Any], plots: list[str] | None = None) -> str:
     lines = [
         "# spendgate benchmark results",
         "",
-        "Generated by `python bench/run.py`" + (" --quick (a smoke run: too short to compare)" if p["quick"] else "")
+        "Generated by `python bench/run.py`"
+        + (" --quick (a smoke run: too short to compare)" if p["quick"] else "")
         + "; see bench/README.md for what each figure means. **Compare ratios measured in the same run**, not "
-          "absolutes across machines.",
+        "absolutes across machines.",
         "",
         f"- date (UTC): {m['date_utc']}; commit `{m['git_commit']}`"
         + (" + uncommitted changes" if m.get("git_dirty") else ""),
@@ -173,20 +190,26 @@ def render(result: dict[str, Any], plots: list[str] | None = None) -> str:
     total = len([1 for _, r in _all_rows(result) if r.get("other_cpu_pct") is not None])
     if total:
         worst = max(max(0.0, r.get("other_cpu_pct") or 0.0) for _, r in _all_rows(result))
-        bullet = (f"- other work on the machine during the measurements: {len(flagged)} of {total} rows had more "
-                  f"than {DISTURBED_PCT:.0f}% of a core busy outside the bench's own processes (worst {worst:.0f}%)"
-                  + (": those rows are marked ⚠ and are not worth comparing" if flagged else ": a quiet run"))
+        bullet = (
+            f"- other work on the machine during the measurements: {len(flagged)} of {total} rows had more "
+            f"than {DISTURBED_PCT:.0f}% of a core busy outside the bench's own processes (worst {worst:.0f}%)"
+            + (": those rows are marked ⚠ and are not worth comparing" if flagged else ": a quiet run")
+        )
         lines.insert(len(lines) - 1, bullet)  # in the list above, before its closing blank line
     if p.get("missing"):
-        lines += [f"**Missing on this machine, sections skipped:** {', '.join(p['missing'])} "
-                  "(`sudo bash bench/setup.sh`).", ""]
+        lines += [
+            f"**Missing on this machine, sections skipped:** {', '.join(p['missing'])} (`sudo bash bench/setup.sh`).",
+            "",
+        ]
 
     tgt = targets(result)
     if tgt:
         lines += ["## Targets", ""]
-        lines += _table(["target", "measured (this run)", "status"],
-                        [[t["target"], t["measured"], ("**met**: " if t["met"] else "") + t["how_far"]]
-                         for t in tgt], "lll")
+        lines += _table(
+            ["target", "measured (this run)", "status"],
+            [[t["target"], t["measured"], ("**met**: " if t["met"] else "") + t["how_far"]] for t in tgt],
+            "lll",
+        )
         lines += [WHY_TARGETS, ""]
 
     lines += _engine_sections(result)
@@ -194,8 +217,11 @@ def render(result: dict[str, Any], plots: list[str] | None = None) -> str:
     lines += _baseline_sections(result)
     if plots:
         lines += ["## Plots", ""] + [f"![{name}]({name})" for name in plots] + [""]
-        lines += ["Latency CDF: closed loop, every recorded request, in the client. Throughput: closed loop; Ping is "
-                  "the same server's empty RPC; × marks are h2load against the same spendgate server.", ""]
+        lines += [
+            "Latency CDF: closed loop, every recorded request, in the client. Throughput: closed loop; Ping is "
+            "the same server's empty RPC; × marks are h2load against the same spendgate server.",
+            "",
+        ]
     lines += _profile_section(result)
     from bench import settle_throughput  # noqa: PLC0415  (bench/ is a package run from the repo root)
 
@@ -223,18 +249,31 @@ def _engine_sections(result: dict[str, Any]) -> list[str]:
         if "error" in rust:
             lines += [f"Not run: {rust['error']}", ""]
         else:
-            lines += _table(["benchmark", "ops/s", "ns per op", "ops/s 95% CI"],
-                            [[f"`{r['id']}`", _num(r["ops_per_s"], 0), _num(r["ns_per_op"], 1),
-                              f"{r['ops_per_s_ci'][0]:,.0f} – {r['ops_per_s_ci'][1]:,.0f}"] for r in rust["rows"]])
+            lines += _table(
+                ["benchmark", "ops/s", "ns per op", "ops/s 95% CI"],
+                [
+                    [
+                        f"`{r['id']}`",
+                        _num(r["ops_per_s"], 0),
+                        _num(r["ns_per_op"], 1),
+                        f"{r['ops_per_s_ci'][0]:,.0f} – {r['ops_per_s_ci'][1]:,.0f}",
+                    ]
+                    for r in rust["rows"]
+                ],
+            )
             lines += [RUST_NOTES, ""]
     if binding:
         lines += ["### Python binding (pytest-benchmark, `python -m pytest bench/python --benchmark-only`)", ""]
         if "error" in binding:
             lines += [f"Not run: {binding['error']}", ""]
         else:
-            lines += _table(["figure", "ops/s", "µs per op (median)", "rounds"],
-                            [[r["figure"], _num(r["ops_per_s"], 0), _num(r["us_per_op_median"], 2),
-                              str(r["rounds"])] for r in binding["rows"]])
+            lines += _table(
+                ["figure", "ops/s", "µs per op (median)", "rounds"],
+                [
+                    [r["figure"], _num(r["ops_per_s"], 0), _num(r["us_per_op_median"], 2), str(r["rounds"])]
+                    for r in binding["rows"]
+                ],
+            )
     return lines
 
 
@@ -266,7 +305,7 @@ def _error_notes(r: dict[str, Any]) -> str:
     notes = [f"{r['denied']} denied"] if r.get("denied") else []
     details = r.get("error_details") or {}
     for code, count in (r.get("errors") or {}).items():
-        notes.append(f"{code}×{count}" + (f" (\"{details[code]}\")" if details.get(code) else ""))
+        notes.append(f"{code}×{count}" + (f' ("{details[code]}")' if details.get(code) else ""))
     return "; ".join(notes).replace("|", "/")
 
 
@@ -286,53 +325,93 @@ def _grpc_sections(result: dict[str, Any]) -> list[str]:
     rows = result.get("grpc", [])
     if not rows:
         return []
-    lines = ["## 2. The sidecar over gRPC", "",
-             "### Closed loop, our load generator (latency in µs, in the client)", ""]
-    header = (["RPC", "conc.", "ops/s"] + [f"p{q:g}" for q in PERCENTILES]
-              + ["n", "CPU srv/cli/other %", "srv CPU µs/op", "notes"])
+    lines = [
+        "## 2. The sidecar over gRPC",
+        "",
+        "### Closed loop, our load generator (latency in µs, in the client)",
+        "",
+    ]
+    header = (
+        ["RPC", "conc.", "ops/s"]
+        + [f"p{q:g}" for q in PERCENTILES]
+        + ["n", "CPU srv/cli/other %", "srv CPU µs/op", "notes"]
+    )
     table = []
     for r in rows:
-        table.append([r["label"], str(r["concurrency"]), _num(r["ops_per_s"], 0)] + _lat_cells(r)
-                     + [_num(r["count"]), _cpu3(r), _num(_cpu_per_op(r), 0), _error_notes(r)])
+        table.append(
+            [r["label"], str(r["concurrency"]), _num(r["ops_per_s"], 0)]
+            + _lat_cells(r)
+            + [_num(r["count"]), _cpu3(r), _num(_cpu_per_op(r), 0), _error_notes(r)]
+        )
         for part in ("reserve_in_rc", "commit"):
             pr = r.get("parts", {}).get(part)
             if pr:
                 label = "↳ Commit (in R+C)" if part == "commit" else "↳ Reserve (in R+C)"
-                table.append([label, str(r["concurrency"]), _num(pr["ops_per_s"], 0)] + _lat_cells(pr)
-                             + [_num(pr["count"]), "", "", ""])
+                table.append(
+                    [label, str(r["concurrency"]), _num(pr["ops_per_s"], 0)]
+                    + _lat_cells(pr)
+                    + [_num(pr["count"]), "", "", ""]
+                )
     lines += _table(header, table, "lr" + "r" * (len(header) - 3) + "l")
-    lines += ["Reserve+Commit is one op = a Reserve, then a Commit of that hold: two RPCs, two durable changes; its "
-              "↳ rows time each half. CPU, in % of one core over the window: the server process (all its threads: "
-              "the event loop, grpc's threads, the LMDB writer, and the kernel work they cause) / the load "
-              f"generator / the rest of the machine (near 0 when quiet, give or take 20: per-process and whole-machine "
-              f"CPU accounting differ; shown as 0 when below; ⚠ above "
-              f"{DISTURBED_PCT:.0f}%: another job shared the CPUs). srv CPU µs/op = the server's CPU time per op (per pair for Reserve+Commit).",
-              ""]
+    lines += [
+        "Reserve+Commit is one op = a Reserve, then a Commit of that hold: two RPCs, two durable changes; its "
+        "↳ rows time each half. CPU, in % of one core over the window: the server process (all its threads: "
+        "the event loop, grpc's threads, the LMDB writer, and the kernel work they cause) / the load "
+        f"generator / the rest of the machine (near 0 when quiet, give or take 20: per-process and whole-machine "
+        f"CPU accounting differ; shown as 0 when below; ⚠ above "
+        f"{DISTURBED_PCT:.0f}%: another job shared the CPUs). srv CPU µs/op = the server's CPU time per op (per pair for Reserve+Commit).",
+        "",
+    ]
     ratio_rows = result.get("ratios", [])
     if ratio_rows:
         lines += ["### Ratios to Ping at the same concurrency (same server, same run)", ""]
-        lines += _table(["conc.", "Reserve p50 / Ping p50", "Reserve p99 / Ping p99", "Reserve+Commit p50 / Ping p50",
-                         "Reserve tput / Ping tput", "Reserve+Commit tput / Ping tput"],
-                        [[str(r["concurrency"]), _num(r.get("reserve_p50_over_ping_p50"), 2),
-                          _num(r.get("reserve_p99_over_ping_p99"), 2),
-                          _num(r.get("reserve_commit_p50_over_ping_p50"), 2),
-                          _num(r.get("reserve_tput_over_ping_tput"), 2),
-                          _num(r.get("reserve_commit_tput_over_ping_tput"), 2)] for r in ratio_rows])
+        lines += _table(
+            [
+                "conc.",
+                "Reserve p50 / Ping p50",
+                "Reserve p99 / Ping p99",
+                "Reserve+Commit p50 / Ping p50",
+                "Reserve tput / Ping tput",
+                "Reserve+Commit tput / Ping tput",
+            ],
+            [
+                [
+                    str(r["concurrency"]),
+                    _num(r.get("reserve_p50_over_ping_p50"), 2),
+                    _num(r.get("reserve_p99_over_ping_p99"), 2),
+                    _num(r.get("reserve_commit_p50_over_ping_p50"), 2),
+                    _num(r.get("reserve_tput_over_ping_tput"), 2),
+                    _num(r.get("reserve_commit_tput_over_ping_tput"), 2),
+                ]
+                for r in ratio_rows
+            ],
+        )
     open_rows = result.get("open_loop", [])
     if open_rows:
         lines += ["### Open loop: fixed arrival rates, latency from the scheduled send time (µs)", ""]
-        lines += _table(["RPC", "rate /s", "done /s"] + [f"p{q:g}" for q in PERCENTILES] + ["n", "late sends",
-                                                                                          "CPU srv/cli/other %",
-                                                                                          "notes"],
-                        [[r["label"], _num(r["rate_per_s"], 0), _num(r["ops_per_s"], 0)] + _lat_cells(r)
-                         + [_num(r["count"]), _num(r["late_sends"]), _cpu3(r), _error_notes(r)] for r in open_rows],
-                        "lrr" + "r" * len(PERCENTILES) + "rrrl")
-        lines += ["Open loop sends on schedule whether or not replies came back: where the rate is more than the stack "
-                  "sustains, latency climbs through the window (the queue grows) instead of throughput climbing. "
-                  "`late sends`: sends that left > 1 ms after their scheduled time because the load generator itself "
-                  "was behind (still timed from the schedule).", ""]
-    for key, title in (("h2load", "### h2load, an independent HTTP/2 client (same fsync server; µs)"),
-                       ("h2load_relaxed", "### h2load against a sidecar with `--durability relaxed` (no fsync; µs)")):
+        lines += _table(
+            ["RPC", "rate /s", "done /s"]
+            + [f"p{q:g}" for q in PERCENTILES]
+            + ["n", "late sends", "CPU srv/cli/other %", "notes"],
+            [
+                [r["label"], _num(r["rate_per_s"], 0), _num(r["ops_per_s"], 0)]
+                + _lat_cells(r)
+                + [_num(r["count"]), _num(r["late_sends"]), _cpu3(r), _error_notes(r)]
+                for r in open_rows
+            ],
+            "lrr" + "r" * len(PERCENTILES) + "rrrl",
+        )
+        lines += [
+            "Open loop sends on schedule whether or not replies came back: where the rate is more than the stack "
+            "sustains, latency climbs through the window (the queue grows) instead of throughput climbing. "
+            "`late sends`: sends that left > 1 ms after their scheduled time because the load generator itself "
+            "was behind (still timed from the schedule).",
+            "",
+        ]
+    for key, title in (
+        ("h2load", "### h2load, an independent HTTP/2 client (same fsync server; µs)"),
+        ("h2load_relaxed", "### h2load against a sidecar with `--durability relaxed` (no fsync; µs)"),
+    ):
         hrows = result.get(key, [])
         if not hrows:
             continue
@@ -342,28 +421,46 @@ def _grpc_sections(result: dict[str, Any]) -> list[str]:
             ping = _by(hrows, "ping", r["concurrency"])
             ratio = ""
             if r["kind"] == "reserve" and ping:
-                ratio = (f"p50 {r['p50_us'] / ping['p50_us']:.2f}×, tput {r['ops_per_s'] / ping['ops_per_s']:.2f}× "
-                         "of Ping")
-            table.append([r["kind"].capitalize(), str(r["concurrency"]), _num(r["ops_per_s"], 0)] + _lat_cells(r)
-                         + [_num(r["count"]), _cpu3(r), _num(_cpu_per_op(r), 0), ratio])
-        lines += _table(["RPC", "streams", "req/s"] + [f"p{q:g}" for q in PERCENTILES]
-                        + ["n", "CPU srv/h2load/other %", "srv CPU µs/req", "vs Ping"], table,
-                        "lrr" + "r" * len(PERCENTILES) + "rrrl")
+                ratio = (
+                    f"p50 {r['p50_us'] / ping['p50_us']:.2f}×, tput {r['ops_per_s'] / ping['ops_per_s']:.2f}× of Ping"
+                )
+            table.append(
+                [r["kind"].capitalize(), str(r["concurrency"]), _num(r["ops_per_s"], 0)]
+                + _lat_cells(r)
+                + [_num(r["count"]), _cpu3(r), _num(_cpu_per_op(r), 0), ratio]
+            )
+        lines += _table(
+            ["RPC", "streams", "req/s"]
+            + [f"p{q:g}" for q in PERCENTILES]
+            + ["n", "CPU srv/h2load/other %", "srv CPU µs/req", "vs Ping"],
+            table,
+            "lrr" + "r" * len(PERCENTILES) + "rrrl",
+        )
         if key == "h2load":
             cmd = re.sub(r"-m \d+", "-m C", next((r["argv"] for r in hrows if r["kind"] == "reserve"), ""))
-            lines += [f"One connection, C streams in flight: `{cmd}` (body: a pre-encoded gRPC message). h2load "
-                      "cannot chain a Commit to its Reserve, so it measures Ping and Reserve only.", ""]
+            lines += [
+                f"One connection, C streams in flight: `{cmd}` (body: a pre-encoded gRPC message). h2load "
+                "cannot chain a Commit to its Reserve, so it measures Ping and Reserve only.",
+                "",
+            ]
         else:
-            lines += ["The same server code with the disk taken out: the gap to the fsync rows above is what "
-                      "durability costs; the gap left to Ping is the check itself.", ""]
+            lines += [
+                "The same server code with the disk taken out: the gap to the fsync rows above is what "
+                "durability costs; the gap left to Ping is the check itself.",
+                "",
+            ]
     race = result.get("race")
     if race:
-        lines += [f"### Overspend race: 64 clients, one budget of {race['limit']:,} units, Reserve({race['amount']}) "
-                  "→ Commit until denied", "",
-                  f"spendgate granted {race['granted_units']:,} units against {race['limit_total']:,} of limits in "
-                  f"{race['rounds']} race(s): overspend **{race['overspend_units']:+,}** (server books "
-                  f"{race['server_overspend_units']:+,}); {race['ops_per_s']:,.0f} ops/s on the one hot budget, "
-                  f"p50 {_ms(race['p50_us'])}, p99 {_ms(race['p99_us'])}.", ""]
+        lines += [
+            f"### Overspend race: 64 clients, one budget of {race['limit']:,} units, Reserve({race['amount']}) "
+            "→ Commit until denied",
+            "",
+            f"spendgate granted {race['granted_units']:,} units against {race['limit_total']:,} of limits in "
+            f"{race['rounds']} race(s): overspend **{race['overspend_units']:+,}** (server books "
+            f"{race['server_overspend_units']:+,}); {race['ops_per_s']:,.0f} ops/s on the one hot budget, "
+            f"p50 {_ms(race['p50_us'])}, p99 {_ms(race['p99_us'])}.",
+            "",
+        ]
     return lines
 
 
@@ -374,14 +471,22 @@ def _baseline_sections(result: dict[str, Any]) -> list[str]:
     servers = result.get("baseline_servers", {})
     ours = result.get("grpc", [])
     concs = sorted({r["concurrency"] for b in base.values() for r in b["grpc"]})
-    lines = ["## 3. Baselines behind the same gRPC front", "",
-             f"The same grpc.aio front and load generator; only the budget check differs. {servers.get('postgres', '')}"
-             f" ({servers.get('postgres_settings', '')}); {servers.get('redis', '').split(' sha=')[0]} "
-             f"({servers.get('redis_settings', '')}); {servers.get('pool_size', '?')} connections per baseline server. "
-             "All four acknowledge a change only once it is on disk.", ""]
+    lines = [
+        "## 3. Baselines behind the same gRPC front",
+        "",
+        f"The same grpc.aio front and load generator; only the budget check differs. {servers.get('postgres', '')}"
+        f" ({servers.get('postgres_settings', '')}); {servers.get('redis', '').split(' sha=')[0]} "
+        f"({servers.get('redis_settings', '')}); {servers.get('pool_size', '?')} connections per baseline server. "
+        "All four acknowledge a change only once it is on disk.",
+        "",
+    ]
     systems = [("spendgate", {"grpc": ours, "race": result.get("race")})] + list(base.items())
-    header = (["system"] + [f"Reserve ops/s c={c}" for c in concs] + [f"R+C pairs/s c={c}" for c in concs]
-              + [f"R+C p50 c={concs[-1]}", f"R+C p99 c={concs[-1]}", "overspend, 64 clients", "vs Postgres R+C"])
+    header = (
+        ["system"]
+        + [f"Reserve ops/s c={c}" for c in concs]
+        + [f"R+C pairs/s c={c}" for c in concs]
+        + [f"R+C p50 c={concs[-1]}", f"R+C p99 c={concs[-1]}", "overspend, 64 clients", "vs Postgres R+C"]
+    )
     pg_rc = _by(base["postgres"]["grpc"], "reserve_commit", concs[-1]) if "postgres" in base else None
     table = []
     for name, data in systems:
@@ -394,26 +499,44 @@ def _baseline_sections(result: dict[str, Any]) -> list[str]:
             if race["overspend_units"] > 0:
                 over = f"**{over}**"
         vs = _ratio(rc_top, pg_rc, "ops_per_s")
-        table.append([BASELINE_NAMES.get(name, "**spendgate**")]
-                     + [_num((_by(data["grpc"], "reserve", c) or {}).get("ops_per_s"), 0) for c in concs]
-                     + [_num((_by(data["grpc"], "reserve_commit", c) or {}).get("ops_per_s"), 0) for c in concs]
-                     + [_ms((rc_top or {}).get("p50_us")), _ms((rc_top or {}).get("p99_us")), over,
-                        f"{vs:.2f}×" if vs is not None else "-"])
+        table.append(
+            [BASELINE_NAMES.get(name, "**spendgate**")]
+            + [_num((_by(data["grpc"], "reserve", c) or {}).get("ops_per_s"), 0) for c in concs]
+            + [_num((_by(data["grpc"], "reserve_commit", c) or {}).get("ops_per_s"), 0) for c in concs]
+            + [
+                _ms((rc_top or {}).get("p50_us")),
+                _ms((rc_top or {}).get("p99_us")),
+                over,
+                f"{vs:.2f}×" if vs is not None else "-",
+            ]
+        )
     lines += _table(header, table)
-    lines += ["Overspend: units granted minus the limit, summed over the races (64 clients on one budget, "
-              "Reserve then Commit until denied), counted the same way for every system from the replies, and checked "
-              "against each server's own books.", ""]
+    lines += [
+        "Overspend: units granted minus the limit, summed over the races (64 clients on one budget, "
+        "Reserve then Commit until denied), counted the same way for every system from the replies, and checked "
+        "against each server's own books.",
+        "",
+    ]
     lines += ["### Every baseline row (closed loop, µs)", ""]
-    header = (["system", "RPC", "conc.", "ops/s"] + [f"p{q:g}" for q in PERCENTILES]
-              + ["n", "CPU srv/cli/db/other %", "srv CPU µs/op", "notes"])
+    header = (
+        ["system", "RPC", "conc.", "ops/s"]
+        + [f"p{q:g}" for q in PERCENTILES]
+        + ["n", "CPU srv/cli/db/other %", "srv CPU µs/op", "notes"]
+    )
     table = []
     for name, data in base.items():
         for r in data["grpc"]:
-            table.append([name, r["label"], str(r["concurrency"]), _num(r["ops_per_s"], 0)] + _lat_cells(r)
-                         + [_num(r["count"]), _cpu3(r), _num(_cpu_per_op(r), 0), _error_notes(r)])
+            table.append(
+                [name, r["label"], str(r["concurrency"]), _num(r["ops_per_s"], 0)]
+                + _lat_cells(r)
+                + [_num(r["count"]), _cpu3(r), _num(_cpu_per_op(r), 0), _error_notes(r)]
+            )
     lines += _table(header, table, "llrr" + "r" * len(PERCENTILES) + "rrrl")
-    lines += ["CPU: the baseline's gRPC server process / the load generator / the database (Postgres: the postmaster "
-              "and its backends; Redis: redis-server) / everything else, in % of one core; all on the same CPUs.", ""]
+    lines += [
+        "CPU: the baseline's gRPC server process / the load generator / the database (Postgres: the postmaster "
+        "and its backends; Redis: redis-server) / everything else, in % of one core; all on the same CPUs.",
+        "",
+    ]
     return lines
 
 
@@ -422,9 +545,12 @@ def _profile_section(result: dict[str, Any]) -> list[str]:
     lines = ["## Where the time goes", ""]
     if prof:
         load = prof.get("load") or {}
-        lines += [f"Sampled on the spendgate server for {prof['duration_s']:g} s while the load generator ran "
-                  f"Reserve+Commit at concurrency {load.get('concurrency')} ({_num(load.get('ops_per_s'), 0)} pairs/s, "
-                  f"server CPU {_num(load.get('server_cpu_pct'), 0)}% of one core).", ""]
+        lines += [
+            f"Sampled on the spendgate server for {prof['duration_s']:g} s while the load generator ran "
+            f"Reserve+Commit at concurrency {load.get('concurrency')} ({_num(load.get('ops_per_s'), 0)} pairs/s, "
+            f"server CPU {_num(load.get('server_cpu_pct'), 0)}% of one core).",
+            "",
+        ]
         py = prof.get("pyspy")
         if py and py.get("samples"):
             lines += [f"py-spy, {py['samples']:,} samples of the server's Python threads:", ""]
@@ -437,17 +563,25 @@ def _profile_section(result: dict[str, Any]) -> list[str]:
             lines += ["perf (on-CPU samples, whole process), by library and by thread:", ""]
             lines += _table(["library", "% of CPU samples"], [[f"`{d['name']}`", f"{d['pct']:.1f}"] for d in dso[:8]])
             if threads:
-                lines += _table(["thread", "% of CPU samples"], [[f"`{t['name']}`", f"{t['pct']:.1f}"]
-                                                                 for t in threads[:6]])
+                lines += _table(
+                    ["thread", "% of CPU samples"], [[f"`{t['name']}`", f"{t['pct']:.1f}"] for t in threads[:6]]
+                )
             both = prof.get("perf_by_thread_and_dso") or []
             if both:
-                lines += _table(["thread and library", "% of CPU samples"],
-                                [[f"`{t['name'].split()[0]}` in `{' '.join(t['name'].split()[1:])}`",
-                                  f"{t['pct']:.1f}"] for t in both[:8]])
-                lines += ["perf samples by cpu-clock here (a VM without a PMU): time with interrupts off, such as a "
-                          "context switch, is counted where interrupts come back on (`finish_task_switch`), so the "
-                          "kernel share is mostly thread switches and the disk path, not computation. The `python` "
-                          "thread name covers the event loop and grpc's poller thread.", ""]
+                lines += _table(
+                    ["thread and library", "% of CPU samples"],
+                    [
+                        [f"`{t['name'].split()[0]}` in `{' '.join(t['name'].split()[1:])}`", f"{t['pct']:.1f}"]
+                        for t in both[:8]
+                    ],
+                )
+                lines += [
+                    "perf samples by cpu-clock here (a VM without a PMU): time with interrupts off, such as a "
+                    "context switch, is counted where interrupts come back on (`finish_task_switch`), so the "
+                    "kernel share is mostly thread switches and the disk path, not computation. The `python` "
+                    "thread name covers the event loop and grpc's poller thread.",
+                    "",
+                ]
         elif prof.get("perf_error"):
             lines += [f"perf: not available ({prof['perf_error']}).", ""]
     lines += [WHERE_TIME_GOES, ""]

@@ -50,45 +50,74 @@ _setup_path()
 
 from bench import machine  # noqa: E402
 
-PY_MODULES = {"asyncpg": "asyncpg", "redis": "redis", "matplotlib": "matplotlib",
-              "pytest_benchmark": "pytest-benchmark"}
+PY_MODULES = {
+    "asyncpg": "asyncpg",
+    "redis": "redis",
+    "matplotlib": "matplotlib",
+    "pytest_benchmark": "pytest-benchmark",
+}
 # The sidecar's settings for the bench: the defaults (fsync durability), except the per-budget cap on open holds:
 # h2load sends the same Reserve body every time, so all its holds land on one budget.
 SIDECAR_ARGS = ["--max-holds-per-budget", "1000000"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    default_procs = max(1, min(4, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                   else os.cpu_count() or 1) // 2))
+    default_procs = max(
+        1, min(4, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) // 2)
+    )
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke run (about a minute once built): short windows, fewer rows; writes bench/out/ only")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run (about a minute once built): short windows, fewer rows; writes bench/out/ only",
+    )
     ap.add_argument("--warmup-s", type=float, default=None, help="unrecorded warm-up per gRPC row (default 1)")
     ap.add_argument("--duration-s", type=float, default=None, help="recorded window per gRPC row (default 5)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=None, help="closed-loop concurrencies (1 16 64)")
-    ap.add_argument("--rates", type=float, nargs="+", default=None,
-                    help="open-loop rates, ops/s (default 500 1000 2000)")
-    ap.add_argument("--procs", type=int, default=default_procs,
-                    help=f"load-generator processes (default: half the CPUs, 1..4; here {default_procs})")
+    ap.add_argument(
+        "--rates", type=float, nargs="+", default=None, help="open-loop rates, ops/s (default 500 1000 2000)"
+    )
+    ap.add_argument(
+        "--procs",
+        type=int,
+        default=default_procs,
+        help=f"load-generator processes (default: half the CPUs, 1..4; here {default_procs})",
+    )
     ap.add_argument("--budgets", type=int, default=256, help="budgets the load rotates over")
     ap.add_argument("--race-limit", type=int, default=10_000, help="the race budget's limit, units (default 10000)")
     ap.add_argument("--race-amount", type=int, default=10, help="units per Reserve in the race (default 10)")
     ap.add_argument("--race-rounds", type=int, default=None, help="races per backend (default 3)")
     ap.add_argument("--pool-size", type=int, default=32, help="database connections per baseline server")
-    ap.add_argument("--idempotency-keys", action="store_true",
-                    help="send a unique idempotency_key with every Reserve to spendgate (as spendgate.client does)")
-    ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",
-                    help="extra argument for `spendgate serve` (repeat for each), e.g. --server-arg=--some-flag")
+    ap.add_argument(
+        "--idempotency-keys",
+        action="store_true",
+        help="send a unique idempotency_key with every Reserve to spendgate (as spendgate.client does)",
+    )
+    ap.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for `spendgate serve` (repeat for each), e.g. --server-arg=--some-flag",
+    )
     for part in ("rust", "binding", "grpc", "h2load", "relaxed", "baselines", "settlement", "profile"):
         ap.add_argument(f"--skip-{part}", action="store_true", help=f"skip the {part} section")
     ap.add_argument("--no-setup", action="store_true", help="never run bench/setup.sh; skip what is missing")
-    ap.add_argument("--from-json", type=Path, default=None, metavar="FILE",
-                    help="measure nothing: render RESULTS.md and the plots from a result file of an earlier run "
-                         "(bench/out/*.json)")
+    ap.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="measure nothing: render RESULTS.md and the plots from a result file of an earlier run (bench/out/*.json)",
+    )
     ap.add_argument("--out-dir", type=Path, default=REPO / "bench" / "out")
-    ap.add_argument("--results", type=Path, default=None,
-                    help="where to write RESULTS.md and the PNGs' folder (default: bench/RESULTS.md and bench/ for a "
-                         "full run; bench/out/ for --quick)")
+    ap.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="where to write RESULTS.md and the PNGs' folder (default: bench/RESULTS.md and bench/ for a "
+        "full run; bench/out/ for --quick)",
+    )
     args = ap.parse_args(argv)
     quick = args.quick
     args.warmup_s = args.warmup_s if args.warmup_s is not None else (0.25 if quick else 1.0)
@@ -132,8 +161,10 @@ def ensure_prereqs(args: argparse.Namespace) -> list[str]:
         return []
     setup = REPO / "bench" / "setup.sh"
     if args.no_setup or os.geteuid() != 0:
-        log(f"missing: {', '.join(missing)}. Install them with:\n  sudo bash {setup.relative_to(REPO)}\n"
-            "(continuing without the sections that need them)")
+        log(
+            f"missing: {', '.join(missing)}. Install them with:\n  sudo bash {setup.relative_to(REPO)}\n"
+            "(continuing without the sections that need them)"
+        )
         return missing
     log(f"missing: {', '.join(missing)}; running bench/setup.sh")
     done = subprocess.run(["bash", str(setup)], cwd=REPO, check=False)
@@ -158,8 +189,9 @@ def run_engine_sections(args: argparse.Namespace, result: dict[str, Any], missin
     if not args.skip_binding:
         log("1b. the engine through the Python binding (pytest-benchmark):")
         args.out_dir.mkdir(parents=True, exist_ok=True)
-        result["binding"] = engine_suites.run_pytest_benchmark(args.out_dir / "pytest-benchmark.json", args.quick,
-                                                               log=log)
+        result["binding"] = engine_suites.run_pytest_benchmark(
+            args.out_dir / "pytest-benchmark.json", args.quick, log=log
+        )
         if "error" in result["binding"]:
             log("  " + result["binding"]["error"])
 
@@ -171,41 +203,77 @@ def run_spendgate(args: argparse.Namespace, result: dict[str, Any], missing: lis
     with tempfile.TemporaryDirectory(prefix="spendgate-bench-") as tmp:
         t0 = time.monotonic()
         with server.sidecar(Path(tmp) / "data", SIDECAR_ARGS + args.server_arg) as running:
-            result["server"] = {"how": running.how, "start_s": round(time.monotonic() - t0, 2),
-                                "args": " ".join(SIDECAR_ARGS + args.server_arg)}
+            result["server"] = {
+                "how": running.how,
+                "start_s": round(time.monotonic() - t0, 2),
+                "args": " ".join(SIDECAR_ARGS + args.server_arg),
+            }
             log(f"2. spendgate sidecar pid {running.pid} at {running.target}; {len(customers)} budgets")
             try:
                 server.create_budgets(running.target, customers)
                 log(" closed loop (our load generator):")
                 rows = grpc_latency.run_all(
-                    running.target, kinds=grpc_latency.KINDS, concurrencies=tuple(args.concurrency),
-                    procs=args.procs, warmup_s=args.warmup_s, duration_s=args.duration_s, customers=customers,
-                    idempotency_keys=args.idempotency_keys, server_pid=running.pid, log=log)
+                    running.target,
+                    kinds=grpc_latency.KINDS,
+                    concurrencies=tuple(args.concurrency),
+                    procs=args.procs,
+                    warmup_s=args.warmup_s,
+                    duration_s=args.duration_s,
+                    customers=customers,
+                    idempotency_keys=args.idempotency_keys,
+                    server_pid=running.pid,
+                    log=log,
+                )
                 result["grpc"] = rows
                 result["ratios"] = grpc_latency.ratios(rows)
                 log(" open loop (latency from the scheduled send time):")
                 result["open_loop"] = grpc_latency.run_open(
-                    running.target, kinds=("ping", "reserve_commit"), rates=tuple(args.rates), procs=args.procs,
-                    warmup_s=min(args.warmup_s, 0.5), duration_s=min(args.duration_s, 3.0), customers=customers,
-                    server_pid=running.pid, log=log)
+                    running.target,
+                    kinds=("ping", "reserve_commit"),
+                    rates=tuple(args.rates),
+                    procs=args.procs,
+                    warmup_s=min(args.warmup_s, 0.5),
+                    duration_s=min(args.duration_s, 3.0),
+                    customers=customers,
+                    server_pid=running.pid,
+                    log=log,
+                )
                 if not args.skip_h2load and shutil.which("h2load"):
                     log(" h2load (an independent HTTP/2 client):")
                     result["h2load"] = h2load.run_all(
-                        running.target, kinds=("ping", "reserve"), concurrencies=tuple(args.concurrency),
-                        warmup_s=args.warmup_s, duration_s=min(args.duration_s, 4.0), server_pid=running.pid,
-                        log=log)
+                        running.target,
+                        kinds=("ping", "reserve"),
+                        concurrencies=tuple(args.concurrency),
+                        warmup_s=args.warmup_s,
+                        duration_s=min(args.duration_s, 4.0),
+                        server_pid=running.pid,
+                        log=log,
+                    )
                 log(" race (overspend check):")
                 result["race"] = grpc_latency.run_race(
-                    running.target, concurrency=64, procs=args.procs, limit=args.race_limit,
-                    amount=args.race_amount, rounds=args.race_rounds, tag="spendgate", log=log)
+                    running.target,
+                    concurrency=64,
+                    procs=args.procs,
+                    limit=args.race_limit,
+                    amount=args.race_amount,
+                    rounds=args.race_rounds,
+                    tag="spendgate",
+                    log=log,
+                )
                 if not args.skip_profile:
                     log(" profile (Reserve+Commit, concurrency 64, py-spy + perf on the server):")
                     profile_s = 3.0 if args.quick else 6.0
 
                     def drive() -> dict[str, Any]:
                         scenario = grpc_latency.Scenario(
-                            target=running.target, kind="reserve_commit", concurrency=64, procs=args.procs,
-                            warmup_s=1.0, duration_s=profile_s + 3.0, customers=customers)
+                            target=running.target,
+                            kind="reserve_commit",
+                            concurrency=64,
+                            procs=args.procs,
+                            warmup_s=1.0,
+                            duration_s=profile_s + 3.0,
+                            customers=customers,
+                        )
                         return grpc_latency.run_scenario(scenario, running.pid)
 
                     result["profile"] = profiling.profile_server(running.pid, profile_s, drive, log=log)
@@ -223,23 +291,27 @@ def run_spendgate(args: argparse.Namespace, result: dict[str, Any], missing: lis
     checks["spendgate: spent == acknowledged commits"] = {
         "ok": spent == committed if not errors else spent >= committed,
         "detail": f"server says {spent} units spent on the bench budgets; the load got {committed} Commit replies of "
-                  f"1 unit" + (f" ({errors} RPC errors: only >= is checked)" if errors else "")}
+        f"1 unit" + (f" ({errors} RPC errors: only >= is checked)" if errors else ""),
+    }
     # A call that failed on the client (a refused stream, a deadline) may still have left a hold, or a Commit
     # refused after its Reserve leaves its hold open: each such error accounts for at most one unit more.
     checks["spendgate: reserved <= open holds granted"] = {
         "ok": reserved <= held + errors,
         "detail": f"server says {reserved} units reserved; the load left {held} holds of 1 unit open (fewer remain "
-                  f"when some expired)" + (f", and {errors} RPC errors may each have left one more" if errors else "")}
+        f"when some expired)" + (f", and {errors} RPC errors may each have left one more" if errors else ""),
+    }
     race = result["race"]
     checks["spendgate: zero overspend under 64 concurrent clients"] = {
         "ok": race["overspend_units"] == 0 and race["server_overspend_units"] == 0 and not race["errors"],
         "detail": f"granted {race['granted_units']} units against limits totalling {race['limit_total']}; "
-                  f"the server's books agree ({race['server_overspend_units']:+d})"}
+        f"the server's books agree ({race['server_overspend_units']:+d})",
+    }
     for r in result.get("h2load", []):
         if r["kind"] == "reserve":
             checks[f"h2load Reserve c={r['concurrency']}: every success is a hold"] = {
                 "ok": bool(r["check_ok"]),
-                "detail": f"{r['holds_made']} holds made >= {r.get('requests_succeeded')} responses h2load counted"}
+                "detail": f"{r['holds_made']} holds made >= {r.get('requests_succeeded')} responses h2load counted",
+            }
 
 
 def run_relaxed(args: argparse.Namespace, result: dict[str, Any]) -> None:
@@ -249,9 +321,15 @@ def run_relaxed(args: argparse.Namespace, result: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory(prefix="spendgate-bench-relaxed-") as tmp:
         with server.sidecar(Path(tmp) / "data", SIDECAR_ARGS + ["--durability", "relaxed"] + args.server_arg) as s:
             log(f"2b. spendgate sidecar with --durability relaxed (no fsync), pid {s.pid}; h2load:")
-            rows = h2load.run_all(s.target, kinds=("ping", "reserve"), concurrencies=(1, 64),
-                                  warmup_s=min(args.warmup_s, 0.5), duration_s=min(args.duration_s, 3.0),
-                                  server_pid=s.pid, log=log)
+            rows = h2load.run_all(
+                s.target,
+                kinds=("ping", "reserve"),
+                concurrencies=(1, 64),
+                warmup_s=min(args.warmup_s, 0.5),
+                duration_s=min(args.duration_s, 3.0),
+                server_pid=s.pid,
+                log=log,
+            )
     for r in rows:
         r["relaxed"] = True
     result["h2load_relaxed"] = rows
@@ -265,33 +343,58 @@ def run_baselines(args: argparse.Namespace, result: dict[str, Any], missing: lis
     result["baselines"] = baselines
     checks = result.setdefault("checks", {})
     log("3. baselines behind the same gRPC front: starting Postgres and Redis")
-    with services.postgres() as pg, services.redis() as rd, tempfile.TemporaryDirectory(
-            prefix="spendgate-bench-baselines-") as tmp:
-        result["baseline_servers"] = {"postgres": pg.version, "redis": rd.version,
-                                      "pool_size": args.pool_size,
-                                      "postgres_settings": "fsync=on, synchronous_commit=on (defaults)",
-                                      "redis_settings": "appendonly yes, appendfsync always"}
+    with (
+        services.postgres() as pg,
+        services.redis() as rd,
+        tempfile.TemporaryDirectory(prefix="spendgate-bench-baselines-") as tmp,
+    ):
+        result["baseline_servers"] = {
+            "postgres": pg.version,
+            "redis": rd.version,
+            "pool_size": args.pool_size,
+            "postgres_settings": "fsync=on, synchronous_commit=on (defaults)",
+            "redis_settings": "appendonly yes, appendfsync always",
+        }
         for backend in ("postgres", "redis", "naive"):
             dsn = services.create_database(pg, f"bench_{backend}") if backend != "redis" else None
             if backend == "redis":
+
                 def backing(pid: int = rd.pid) -> list[int]:
                     return [pid]
             else:
+
                 def backing(data_dir: str = pg.data_dir) -> list[int]:
                     return machine.process_tree(services.postmaster_pid(data_dir))
-            with server.baseline(backend, Path(tmp) / f"{backend}.log", dsn=dsn, redis_url=rd.url,
-                                 pool_size=args.pool_size) as running:
+
+            with server.baseline(
+                backend, Path(tmp) / f"{backend}.log", dsn=dsn, redis_url=rd.url, pool_size=args.pool_size
+            ) as running:
                 log(f" {backend}: pid {running.pid} at {running.target}")
                 try:
                     server.create_budgets(running.target, customers)
                     rows = grpc_latency.run_all(
-                        running.target, kinds=("reserve", "reserve_commit"),
-                        concurrencies=tuple(args.concurrency), procs=args.procs, warmup_s=args.warmup_s,
-                        duration_s=args.duration_s, customers=customers, idempotency_keys=False,
-                        server_pid=running.pid, log=log, backing_pids=backing)
+                        running.target,
+                        kinds=("reserve", "reserve_commit"),
+                        concurrencies=tuple(args.concurrency),
+                        procs=args.procs,
+                        warmup_s=args.warmup_s,
+                        duration_s=args.duration_s,
+                        customers=customers,
+                        idempotency_keys=False,
+                        server_pid=running.pid,
+                        log=log,
+                        backing_pids=backing,
+                    )
                     race = grpc_latency.run_race(
-                        running.target, concurrency=64, procs=args.procs, limit=args.race_limit,
-                        amount=args.race_amount, rounds=args.race_rounds, tag=backend, log=log)
+                        running.target,
+                        concurrency=64,
+                        procs=args.procs,
+                        limit=args.race_limit,
+                        amount=args.race_amount,
+                        rounds=args.race_rounds,
+                        tag=backend,
+                        log=log,
+                    )
                     spent, _ = server.total_spent_and_reserved(running.target, customers)
                 except BaseException:
                     log(f"--- {backend} server log, last lines:")
@@ -302,12 +405,13 @@ def run_baselines(args: argparse.Namespace, result: dict[str, Any], missing: lis
             errors = sum(sum(r["errors"].values()) for r in rows)
             checks[f"{backend}: spent == acknowledged commits"] = {
                 "ok": spent == committed if not errors else spent >= committed,
-                "detail": f"{spent} units spent; {committed} Commit replies of 1 unit"}
+                "detail": f"{spent} units spent; {committed} Commit replies of 1 unit",
+            }
             if backend != "naive":
                 checks[f"{backend}: zero overspend under 64 concurrent clients"] = {
                     "ok": race["overspend_units"] == 0 and race["server_overspend_units"] == 0,
-                    "detail": f"granted {race['granted_units']} units against limits totalling "
-                              f"{race['limit_total']}"}
+                    "detail": f"granted {race['granted_units']} units against limits totalling {race['limit_total']}",
+                }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -344,18 +448,25 @@ def main(argv: list[str] | None = None) -> int:
         "schema": 2,
         "machine": machine.describe(),
         "params": {
-            "quick": args.quick, "warmup_s": args.warmup_s, "duration_s": args.duration_s,
-            "concurrency": args.concurrency, "rates": args.rates, "procs": args.procs, "budgets": args.budgets,
-            "race": {"clients": 64, "limit": args.race_limit, "amount": args.race_amount,
-                     "rounds": args.race_rounds},
-            "idempotency_keys": args.idempotency_keys, "server_extra_args": " ".join(args.server_arg),
+            "quick": args.quick,
+            "warmup_s": args.warmup_s,
+            "duration_s": args.duration_s,
+            "concurrency": args.concurrency,
+            "rates": args.rates,
+            "procs": args.procs,
+            "budgets": args.budgets,
+            "race": {"clients": 64, "limit": args.race_limit, "amount": args.race_amount, "rounds": args.race_rounds},
+            "idempotency_keys": args.idempotency_keys,
+            "server_extra_args": " ".join(args.server_arg),
             "missing": missing,
         },
         "spendgate_path": str(Path(spendgate.__file__).parent),
     }
     result["machine"]["fsync_probe"] = machine.fsync_probe(tempfile.gettempdir())
-    log(f"machine: {result['machine']['nproc']} CPUs, load {result['machine']['loadavg_at_start']}, "
-        f"fsync p50 {result['machine']['fsync_probe']['p50_us']:.0f} us")
+    log(
+        f"machine: {result['machine']['nproc']} CPUs, load {result['machine']['loadavg_at_start']}, "
+        f"fsync p50 {result['machine']['fsync_probe']['p50_us']:.0f} us"
+    )
 
     # The in-process figures first, with the machine to themselves.
     run_engine_sections(args, result, missing)
@@ -390,8 +501,10 @@ def main(argv: list[str] | None = None) -> int:
     (args.out_dir / f"{stamp}.md").write_text(markdown + "\n")
     shutil.copyfile(args.out_dir / f"{stamp}.md", args.out_dir / "latest.md")
     print(markdown)
-    log(f"wrote {args.results}, {', '.join(str(p) for p in plots) or 'no plots (matplotlib missing)'}, and "
-        f"{json_path} in {result['elapsed_s']} s")
+    log(
+        f"wrote {args.results}, {', '.join(str(p) for p in plots) or 'no plots (matplotlib missing)'}, and "
+        f"{json_path} in {result['elapsed_s']} s"
+    )
     failed = [name for name, c in result.get("checks", {}).items() if not c["ok"]]
     if failed:
         log("CHECKS FAILED: " + "; ".join(failed))

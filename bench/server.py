@@ -59,8 +59,12 @@ def _plain_subprocess(data_dir: Path, extra_args: Sequence[str]) -> Iterator[Run
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "spendgate", "serve", "--data-dir", str(data_dir), "--listen", target,
-             *extra_args], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
+            [sys.executable, "-m", "spendgate", "serve", "--data-dir", str(data_dir), "--listen", target, *extra_args],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     try:
         wait_serving(target, timeout_s=30, proc=proc)
         yield RunningServer(target, proc.pid, "subprocess", str(log_path))
@@ -75,8 +79,9 @@ def _plain_subprocess(data_dir: Path, extra_args: Sequence[str]) -> Iterator[Run
 
 
 @contextlib.contextmanager
-def baseline(backend: str, log_path: Path, *, dsn: str | None = None, redis_url: str | None = None,
-             pool_size: int | None = None) -> Iterator[RunningServer]:
+def baseline(
+    backend: str, log_path: Path, *, dsn: str | None = None, redis_url: str | None = None, pool_size: int | None = None
+) -> Iterator[RunningServer]:
     """`python -m bench.baselines.server --backend BACKEND` on a free loopback port, stopped (SIGTERM) on exit."""
     from bench import services  # noqa: PLC0415
 
@@ -90,8 +95,7 @@ def baseline(backend: str, log_path: Path, *, dsn: str | None = None, redis_url:
         argv += ["--pool-size", str(pool_size)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), PYTHONUNBUFFERED="1")
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                cwd=REPO)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     services.track(proc)
     try:
         wait_serving(target, timeout_s=60, proc=proc)
@@ -142,8 +146,10 @@ def create_budgets(target: str, customers: Sequence[str], limit: int = HUGE_LIMI
         # Issue a window of them, then wait: each SetBudget waits for its own fsync, and the writer batches concurrent
         # ones. The window stays under the server's per-connection stream limit (max_concurrent_streams).
         for start in range(0, len(customers), CREATE_WINDOW):
-            futures = [admin.SetBudget.future(pb.SetBudgetRequest(customer_id=c, limit=limit), timeout=30)
-                       for c in customers[start:start + CREATE_WINDOW]]
+            futures = [
+                admin.SetBudget.future(pb.SetBudgetRequest(customer_id=c, limit=limit), timeout=30)
+                for c in customers[start : start + CREATE_WINDOW]
+            ]
             for future in futures:
                 future.result()
 
@@ -154,7 +160,9 @@ def total_spent_and_reserved(target: str, customers: Sequence[str]) -> tuple[int
         budget = pb_grpc.BudgetStub(channel)
         balances = []
         for start in range(0, len(customers), CREATE_WINDOW):
-            futures = [budget.GetBalance.future(pb.GetBalanceRequest(customer_id=c), timeout=30)
-                       for c in customers[start:start + CREATE_WINDOW]]
+            futures = [
+                budget.GetBalance.future(pb.GetBalanceRequest(customer_id=c), timeout=30)
+                for c in customers[start : start + CREATE_WINDOW]
+            ]
             balances += [f.result() for f in futures]
     return sum(b.spent for b in balances), sum(b.reserved for b in balances)

@@ -101,8 +101,9 @@ def postgres(max_connections: int = 200) -> Iterator[Postgres]:
         try:
             pwd.getpwnam("postgres")
         except KeyError as exc:
-            raise ServiceError("running as root needs the `postgres` user (the Debian package creates it): "
-                               "run `bash bench/setup.sh`") from exc
+            raise ServiceError(
+                "running as root needs the `postgres` user (the Debian package creates it): run `bash bench/setup.sh`"
+            ) from exc
         user = "postgres"
     root = tempfile.mkdtemp(prefix="spendgate-bench-pg-")
     data_dir = os.path.join(root, "data")
@@ -111,25 +112,41 @@ def postgres(max_connections: int = 200) -> Iterator[Postgres]:
         shutil.chown(root, user=user)
     pg_ctl = str(bindir / "pg_ctl")
     try:
-        done = _run_as(user, [str(bindir / "initdb"), "-D", data_dir, "-U", "bench", "--auth=trust", "-E", "UTF8",
-                              "--no-instructions"], cwd=root)
+        done = _run_as(
+            user,
+            [str(bindir / "initdb"), "-D", data_dir, "-U", "bench", "--auth=trust", "-E", "UTF8", "--no-instructions"],
+            cwd=root,
+        )
         if done.returncode != 0:
             raise ServiceError(f"initdb failed ({done.returncode}): {done.stderr.decode(errors='replace')}")
         port = free_port()
-        options = (f"-p {port} -c listen_addresses=127.0.0.1 -k {root} -c max_connections={max_connections} "
-                   "-c fsync=on -c synchronous_commit=on -c shared_buffers=128MB")
+        options = (
+            f"-p {port} -c listen_addresses=127.0.0.1 -k {root} -c max_connections={max_connections} "
+            "-c fsync=on -c synchronous_commit=on -c shared_buffers=128MB"
+        )
         _pg_data_dirs[data_dir] = (pg_ctl, user)
-        done = _run_as(user, [pg_ctl, "start", "-w", "-t", str(int(START_TIMEOUT_S)), "-D", data_dir, "-l", log_path,
-                              "-o", options], cwd=root, stdin=subprocess.DEVNULL)
+        done = _run_as(
+            user,
+            [pg_ctl, "start", "-w", "-t", str(int(START_TIMEOUT_S)), "-D", data_dir, "-l", log_path, "-o", options],
+            cwd=root,
+            stdin=subprocess.DEVNULL,
+        )
         if done.returncode != 0:
             log = Path(log_path).read_text(errors="replace")[-2000:] if os.path.exists(log_path) else ""
-            raise ServiceError(f"pg_ctl start failed ({done.returncode}): {done.stderr.decode(errors='replace')}\n"
-                               f"{log}")
+            raise ServiceError(
+                f"pg_ctl start failed ({done.returncode}): {done.stderr.decode(errors='replace')}\n{log}"
+            )
         _wait_port(port, START_TIMEOUT_S)
-        version = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True, text=True,
-                                 check=False).stdout.strip()
-        yield Postgres(port=port, dsn=f"postgresql://bench@127.0.0.1:{port}/postgres", data_dir=data_dir,
-                       log_path=log_path, version=version)
+        version = subprocess.run(
+            [str(bindir / "postgres"), "--version"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        yield Postgres(
+            port=port,
+            dsn=f"postgresql://bench@127.0.0.1:{port}/postgres",
+            data_dir=data_dir,
+            log_path=log_path,
+            version=version,
+        )
     finally:
         _stop_postgres(data_dir)
         shutil.rmtree(root, ignore_errors=True)
@@ -163,8 +180,9 @@ def _stop_postgres(data_dir: str) -> None:
         return
     pg_ctl, user = entry
     # immediate: the data dir is thrown away next, there is nothing to checkpoint for.
-    done = _run_as(user, [pg_ctl, "stop", "-w", "-t", "30", "-m", "immediate", "-D", data_dir],
-                   stdin=subprocess.DEVNULL)
+    done = _run_as(
+        user, [pg_ctl, "stop", "-w", "-t", "30", "-m", "immediate", "-D", data_dir], stdin=subprocess.DEVNULL
+    )
     if done.returncode != 0:  # last resort: the postmaster's pid is the first line of postmaster.pid
         with contextlib.suppress(OSError, ValueError):
             pid = int(Path(data_dir, "postmaster.pid").read_text().split()[0])
@@ -193,11 +211,32 @@ def redis(appendfsync: str = "always") -> Iterator[Redis]:
     root = tempfile.mkdtemp(prefix="spendgate-bench-redis-")
     log_path = os.path.join(root, "redis.log")
     port = free_port()
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", root, "--appendonly", "yes",
-            "--appendfsync", appendfsync, "--save", "", "--daemonize", "no", "--logfile", log_path,
-            "--protected-mode", "yes", "--maxclients", "1000"]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                            cwd=root)
+    argv = [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        root,
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        appendfsync,
+        "--save",
+        "",
+        "--daemonize",
+        "no",
+        "--logfile",
+        log_path,
+        "--protected-mode",
+        "yes",
+        "--maxclients",
+        "1000",
+    ]
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=root
+    )
     _running[proc.pid] = proc
     try:
         _wait_port(port, START_TIMEOUT_S, alive=proc)

@@ -53,8 +53,9 @@ def bytes_per_pair(pairs: int) -> dict[str, float]:
         try:
             now_ms = time.time_ns() // 1_000_000
             period = {"kind": "fixed", "anchor_ms": now_ms, "length_ms": PERIOD_MS}
-            engine.wait_durable(engine.update_budget("bytes", limit=2**53, stripe_customer_id="cus_b",
-                                                     period=period).ticket)
+            engine.wait_durable(
+                engine.update_budget("bytes", limit=2**53, stripe_customer_id="cus_b", period=period).ticket
+            )
             engine.wait_durable(engine.set_budget("other", 2**53, "cus_o").ticket)
             base = engine.stats()["map_used_bytes"]
             ticket = 0
@@ -82,8 +83,12 @@ def bytes_per_pair(pairs: int) -> dict[str, float]:
             archive_bytes = sum(p.stat().st_size for p in (Path(tmp) / "archive").glob("*.gz"))
         finally:
             engine.close()
-    return {"before_settlement": (committed - base) / pairs, "after_settlement": (settled - base) / pairs,
-            "after_retention": max(0, retained - base) / pairs, "archive": archive_bytes / pairs}
+    return {
+        "before_settlement": (committed - base) / pairs,
+        "after_settlement": (settled - base) / pairs,
+        "after_retention": max(0, retained - base) / pairs,
+        "archive": archive_bytes / pairs,
+    }
 
 
 async def _pairs(budget, customer: str, count: int, dims, samples: list[int] | None) -> None:  # type: ignore[no-untyped-def]
@@ -99,6 +104,7 @@ async def _pairs(budget, customer: str, count: int, dims, samples: list[int] | N
 
 async def _measure_b(target: str, a_dims, a_stop: threading.Event) -> list[int]:  # type: ignore[no-untyped-def]
     import grpc.aio
+
     from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 
     samples: list[int] = []
@@ -120,12 +126,14 @@ async def _measure_b(target: str, a_dims, a_stop: threading.Event) -> list[int]:
 
 def other_customer_latency() -> dict[str, float]:
     import grpc.aio
-    from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 
     from bench.server import create_budgets, sidecar
+    from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 
-    with tempfile.TemporaryDirectory(prefix="spendgate-bench-dims-") as tmp, \
-            sidecar(Path(tmp) / "data", ["--max-holds-per-budget", "1000000"]) as server:
+    with (
+        tempfile.TemporaryDirectory(prefix="spendgate-bench-dims-") as tmp,
+        sidecar(Path(tmp) / "data", ["--max-holds-per-budget", "1000000"]) as server,
+    ):
         create_budgets(server.target, ["bloat", "other"])
         same = asyncio.run(_measure_b(server.target, lambda n: _dims(n, fresh=False), threading.Event()))
 
@@ -136,9 +144,13 @@ def other_customer_latency() -> dict[str, float]:
         asyncio.run(bloat())
         fresh = asyncio.run(_measure_b(server.target, lambda n: _dims(n, fresh=True), threading.Event()))
     p50_same, p50_fresh = statistics.median(same) / 1000, statistics.median(fresh) / 1000
-    return {"p50_same_us": p50_same, "p50_fresh_us": p50_fresh, "ratio": p50_fresh / p50_same,
-            "p99_same_us": sorted(same)[int(len(same) * 0.99)] / 1000,
-            "p99_fresh_us": sorted(fresh)[int(len(fresh) * 0.99)] / 1000}
+    return {
+        "p50_same_us": p50_same,
+        "p50_fresh_us": p50_fresh,
+        "ratio": p50_fresh / p50_same,
+        "p99_same_us": sorted(same)[int(len(same) * 0.99)] / 1000,
+        "p99_fresh_us": sorted(fresh)[int(len(fresh) * 0.99)] / 1000,
+    }
 
 
 def report(sizes: dict[str, float], latency: dict[str, float]) -> str:
@@ -158,8 +170,10 @@ def report(sizes: dict[str, float], latency: dict[str, float]) -> str:
         f"| the archive file (gzip, outside LMDB) | {sizes['archive']:.0f} |",
         "",
         "With the defaults a pair keeps at most its settled bytes until retention ends (its hold goes after",
-        ("`resolved_retention_ms`, 7 days; its entry after `ledger_retention_days`, 180): at 20 pairs/s, at most "
-         f"{sizes['after_settlement'] * 20 * 86_400 / 2**30:.1f} GiB"),
+        (
+            "`resolved_retention_ms`, 7 days; its entry after `ledger_retention_days`, 180): at 20 pairs/s, at most "
+            f"{sizes['after_settlement'] * 20 * 86_400 / 2**30:.1f} GiB"
+        ),
         "of map a day of retention. The map grows by itself up to `map_max_mb` (the disk past `disk_reserve_mb`); a",
         "shorter `ledger_retention_days` keeps less in LMDB (the archive keeps every entry).",
         "",
@@ -169,8 +183,10 @@ def report(sizes: dict[str, float], latency: dict[str, float]) -> str:
         "| A's labels | B p50 (µs) | B p99 (µs) |",
         "| --- | --- | --- |",
         f"| the same values every call | {latency['p50_same_us']:,.0f} | {latency['p99_same_us']:,.0f} |",
-        (f"| fresh values, after {FRESH_COMMITS:,} commits of fresh values | {latency['p50_fresh_us']:,.0f} | "
-         f"{latency['p99_fresh_us']:,.0f} |"),
+        (
+            f"| fresh values, after {FRESH_COMMITS:,} commits of fresh values | {latency['p50_fresh_us']:,.0f} | "
+            f"{latency['p99_fresh_us']:,.0f} |"
+        ),
         "",
         f"Ratio of B's p50, fresh / same: **{latency['ratio']:.2f}** (the target: at most 1.2).",
     ]

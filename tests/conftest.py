@@ -33,8 +33,9 @@ _failed_key = pytest.StashKey[bool]()
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item,
-                              call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     # Remember whether setup or the test itself failed, so the fixtures' teardown can show the sidecar logs.
     report: pytest.TestReport = yield
     if report.failed:
@@ -43,8 +44,15 @@ def pytest_runtest_makereport(item: pytest.Item,
 
 
 class SidecarFactory(Protocol):
-    def __call__(self, name: str | None = None, *, start: bool = True, extra_args: Sequence[str] = (),
-                 env: Mapping[str, str] | None = None, http: bool = False) -> Sidecar: ...
+    def __call__(
+        self,
+        name: str | None = None,
+        *,
+        start: bool = True,
+        extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        http: bool = False,
+    ) -> Sidecar: ...
 
 
 class CreateBudget(Protocol):
@@ -59,8 +67,14 @@ def new_customer_id() -> str:
 def sidecar_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[SidecarFactory]:
     made: list[Sidecar] = []
 
-    def make(name: str | None = None, *, start: bool = True, extra_args: Sequence[str] = (),
-             env: Mapping[str, str] | None = None, http: bool = False) -> Sidecar:
+    def make(
+        name: str | None = None,
+        *,
+        start: bool = True,
+        extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        http: bool = False,
+    ) -> Sidecar:
         sidecar = Sidecar(tmp_path / (name or f"sidecar-{len(made)}"), extra_args=extra_args, env=env, http=http)
         made.append(sidecar)
         if start:

@@ -81,9 +81,9 @@ def _check_id(name: str, value: str) -> None:
 
 
 def parse_reservation_id(reservation_id: str) -> int:
-    if not reservation_id.startswith(RESERVATION_PREFIX) or not reservation_id[len(RESERVATION_PREFIX):].isdigit():
+    if not reservation_id.startswith(RESERVATION_PREFIX) or not reservation_id[len(RESERVATION_PREFIX) :].isdigit():
         raise BackendError("INVALID_ARGUMENT", f"reservation_id {reservation_id!r} is not one this server issued")
-    return int(reservation_id[len(RESERVATION_PREFIX):])
+    return int(reservation_id[len(RESERVATION_PREFIX) :])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -187,7 +187,10 @@ class PostgresBackend:
     async def list_budgets(self, prefix: str, limit: int) -> list[Balance]:
         rows = await self._pool.fetch(
             "SELECT customer_id, lim, spent, reserved, active_holds FROM budgets WHERE starts_with(customer_id, $1) "
-            "ORDER BY customer_id LIMIT $2", prefix, limit)
+            "ORDER BY customer_id LIMIT $2",
+            prefix,
+            limit,
+        )
         return [_balance(r) for r in rows]
 
     async def reserve(self, customer_id: str, amount: int) -> Reserved:
@@ -240,16 +243,21 @@ class NaiveBackend(PostgresBackend):
         _check_id("customer_id", customer_id)
         _check_amount("amount", amount)
         async with self._pool.acquire() as conn, conn.transaction():
-            remaining = await conn.fetchval("SELECT lim - spent - reserved FROM budgets WHERE customer_id = $1",
-                                            customer_id)
+            remaining = await conn.fetchval(
+                "SELECT lim - spent - reserved FROM budgets WHERE customer_id = $1", customer_id
+            )
             if remaining is None:
                 raise BackendError("NOT_FOUND", f"no budget for customer {customer_id!r}")
             if remaining < amount:
                 return Reserved(False, "", max(0, remaining))
-            await conn.execute("UPDATE budgets SET reserved = reserved + $2, active_holds = active_holds + 1 "
-                               "WHERE customer_id = $1", customer_id, amount)
-            hold_id = await conn.fetchval("INSERT INTO holds (customer_id, amount) VALUES ($1, $2) RETURNING id",
-                                          customer_id, amount)
+            await conn.execute(
+                "UPDATE budgets SET reserved = reserved + $2, active_holds = active_holds + 1 WHERE customer_id = $1",
+                customer_id,
+                amount,
+            )
+            hold_id = await conn.fetchval(
+                "INSERT INTO holds (customer_id, amount) VALUES ($1, $2) RETURNING id", customer_id, amount
+            )
         return Reserved(True, f"{RESERVATION_PREFIX}{hold_id}", max(0, remaining - amount))
 
 
@@ -353,7 +361,7 @@ class RedisBackend:
         return Balance(customer_id, *(int(x) for x in v))
 
     async def list_budgets(self, prefix: str, limit: int) -> list[Balance]:
-        names = sorted([k.decode()[len("budget:"):] async for k in self._redis.scan_iter(match=f"budget:{prefix}*")])
+        names = sorted([k.decode()[len("budget:") :] async for k in self._redis.scan_iter(match=f"budget:{prefix}*")])
         return [await self.balance(name) for name in names[:limit]]
 
     async def reserve(self, customer_id: str, amount: int) -> Reserved:

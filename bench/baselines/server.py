@@ -49,8 +49,15 @@ def _errors(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[A
 
 
 def balance_message(b: Balance) -> pb.Balance:
-    return pb.Balance(customer_id=b.customer_id, limit=b.limit, spent=b.spent, reserved=b.reserved,
-                      remaining=b.remaining, active_holds=b.active_holds, stripe_customer_id=b.customer_id)
+    return pb.Balance(
+        customer_id=b.customer_id,
+        limit=b.limit,
+        spent=b.spent,
+        reserved=b.reserved,
+        remaining=b.remaining,
+        active_holds=b.active_holds,
+        stripe_customer_id=b.customer_id,
+    )
 
 
 class BudgetServicer(pb_grpc.BudgetServicer):
@@ -61,23 +68,38 @@ class BudgetServicer(pb_grpc.BudgetServicer):
     async def Reserve(self, request: pb.ReserveRequest, context: Any) -> pb.ReserveResponse:
         r = await self._backend.reserve(request.customer_id, request.amount)
         if r.granted:
-            return pb.ReserveResponse(granted=True, reservation_id=r.reservation_id, remaining=r.remaining,
-                                      amount=request.amount, state=pb.HOLD_STATE_ACTIVE)
-        return pb.ReserveResponse(granted=False, remaining=r.remaining, amount=request.amount,
-                                  reason=pb.DENY_REASON_INSUFFICIENT_BUDGET,
-                                  message=f"budget {request.customer_id!r} has {r.remaining} units left")
+            return pb.ReserveResponse(
+                granted=True,
+                reservation_id=r.reservation_id,
+                remaining=r.remaining,
+                amount=request.amount,
+                state=pb.HOLD_STATE_ACTIVE,
+            )
+        return pb.ReserveResponse(
+            granted=False,
+            remaining=r.remaining,
+            amount=request.amount,
+            reason=pb.DENY_REASON_INSUFFICIENT_BUDGET,
+            message=f"budget {request.customer_id!r} has {r.remaining} units left",
+        )
 
     @_errors
     async def Commit(self, request: pb.CommitRequest, context: Any) -> pb.CommitResponse:
         c = await self._backend.commit(request.reservation_id, request.amount)
-        return pb.CommitResponse(charged=c.charged, remaining=c.remaining, over_reserved=c.over_reserved,
-                                 excess=c.excess, replayed=c.replayed)
+        return pb.CommitResponse(
+            charged=c.charged,
+            remaining=c.remaining,
+            over_reserved=c.over_reserved,
+            excess=c.excess,
+            replayed=c.replayed,
+        )
 
     @_errors
     async def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.ReleaseResponse:
         r = await self._backend.release(request.reservation_id)
-        return pb.ReleaseResponse(released=r.released, remaining=r.remaining, state=pb.HOLD_STATE_RELEASED,
-                                  replayed=r.replayed)
+        return pb.ReleaseResponse(
+            released=r.released, remaining=r.remaining, state=pb.HOLD_STATE_RELEASED, replayed=r.replayed
+        )
 
     @_errors
     async def GetBalance(self, request: pb.GetBalanceRequest, context: Any) -> pb.Balance:
@@ -107,9 +129,11 @@ async def serve(args: argparse.Namespace) -> int:
     await backend.start()
     # The same options as spendgate.server.app.Sidecar._build_server, so that only the budget check differs.
     server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", 4 * 1024 * 1024),
-                 ("grpc.max_send_message_length", 4 * 1024 * 1024),
-                 ("grpc.so_reuseport", 0)],
+        options=[
+            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+            ("grpc.max_send_message_length", 4 * 1024 * 1024),
+            ("grpc.so_reuseport", 0),
+        ],
         maximum_concurrent_rpcs=10_000,
     )
     pb_grpc.add_BudgetServicer_to_server(BudgetServicer(backend), server)
@@ -138,11 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--listen", required=True, help="HOST:PORT")
     ap.add_argument("--dsn", help="Postgres DSN (postgres, naive)")
     ap.add_argument("--redis-url", help="Redis URL (redis)")
-    ap.add_argument("--pool-size", type=int, default=DEFAULT_POOL_SIZE,
-                    help=f"database connections (default {DEFAULT_POOL_SIZE})")
+    ap.add_argument(
+        "--pool-size", type=int, default=DEFAULT_POOL_SIZE, help=f"database connections (default {DEFAULT_POOL_SIZE})"
+    )
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     return asyncio.run(serve(args))
 
 

@@ -18,8 +18,8 @@ import threading
 from collections.abc import Callable
 
 import pytest
-
 from conftest import customers
+
 from spendgate import _core
 
 THREADS = 4
@@ -62,8 +62,9 @@ def test_reserve_commit_1_thread_wait_every_1024(benchmark: pytest.FixtureReques
             ticket = op()
         engine.wait_durable(ticket)
 
-    benchmark.extra_info.update(figure="reserve+commit, 1 thread, durable every 1024 ops (group commit)",
-                                ops_per_call=1024)
+    benchmark.extra_info.update(
+        figure="reserve+commit, 1 thread, durable every 1024 ops (group commit)", ops_per_call=1024
+    )
     benchmark(batch)
 
 
@@ -77,8 +78,9 @@ def test_reserve_commit_1_thread_fsync_each_op(benchmark: pytest.FixtureRequest,
     benchmark(durable_op)
 
 
-def _threads(engine: _core.Engine, names_for: Callable[[int], list[str]], threads: int, ops: int,
-             wait_each: bool) -> Callable[[], None]:
+def _threads(
+    engine: _core.Engine, names_for: Callable[[int], list[str]], threads: int, ops: int, wait_each: bool
+) -> Callable[[], None]:
     def run() -> None:
         def work(t: int) -> None:
             op = make_op(engine, names_for(t))
@@ -100,22 +102,27 @@ def _threads(engine: _core.Engine, names_for: Callable[[int], list[str]], thread
 
 def test_reserve_commit_threads_hot_budget(benchmark: pytest.FixtureRequest, engine: _core.Engine) -> None:
     run = _threads(engine, lambda t: customers()[:1], THREADS, OPS_PER_THREAD, wait_each=False)
-    benchmark.extra_info.update(figure=f"reserve+commit, {THREADS} threads, one hot budget (durable per thread "
-                                       f"at the end)", ops_per_call=THREADS * OPS_PER_THREAD)
+    benchmark.extra_info.update(
+        figure=f"reserve+commit, {THREADS} threads, one hot budget (durable per thread at the end)",
+        ops_per_call=THREADS * OPS_PER_THREAD,
+    )
     benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
 
 
 def test_reserve_commit_threads_many_budgets(benchmark: pytest.FixtureRequest, engine: _core.Engine) -> None:
     per = len(customers()) // THREADS
-    run = _threads(engine, lambda t: customers()[t * per:(t + 1) * per], THREADS, OPS_PER_THREAD, wait_each=False)
-    benchmark.extra_info.update(figure=f"reserve+commit, {THREADS} threads, many budgets (durable per thread at "
-                                       f"the end)", ops_per_call=THREADS * OPS_PER_THREAD)
+    run = _threads(engine, lambda t: customers()[t * per : (t + 1) * per], THREADS, OPS_PER_THREAD, wait_each=False)
+    benchmark.extra_info.update(
+        figure=f"reserve+commit, {THREADS} threads, many budgets (durable per thread at the end)",
+        ops_per_call=THREADS * OPS_PER_THREAD,
+    )
     benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
 
 
 def test_reserve_commit_threads_group_commit(benchmark: pytest.FixtureRequest, engine: _core.Engine) -> None:
     ops = 100
     run = _threads(engine, lambda t: [customers()[t % len(customers())]], WAITERS, ops, wait_each=True)
-    benchmark.extra_info.update(figure=f"reserve+commit, {WAITERS} threads, durable each op (group commit)",
-                                ops_per_call=WAITERS * ops)
+    benchmark.extra_info.update(
+        figure=f"reserve+commit, {WAITERS} threads, durable each op (group commit)", ops_per_call=WAITERS * ops
+    )
     benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)

@@ -369,8 +369,7 @@ class Engine:
         """Freeze or unfreeze, saying why (kept with the budget and put in the alert)."""
     def usage(self, customer_id: str, at_ms: int | None = None) -> UsageRecord:
         """Usage of the period containing at_ms (None: the current one); durable commits only."""
-    def list_ledger(self, customer_id: str, at_ms: int | None = None, after: int = 0,
-                    limit: int = 100) -> LedgerPage:
+    def list_ledger(self, customer_id: str, at_ms: int | None = None, after: int = 0, limit: int = 100) -> LedgerPage:
         """The ledger entries of the period containing at_ms (None: the current one) with seq > after, oldest first,
         LMDB's and the archive's, at most limit (1..=MAX_LEDGER_PAGE); an org's include its members'. Page on with
         next_after while more is true."""

@@ -110,9 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_client_security_flags(target_parent)
 
-    budget_set = budget_commands.add_parser(
-        "set", parents=[target_parent], help="create a budget or change its limit"
-    )
+    budget_set = budget_commands.add_parser("set", parents=[target_parent], help="create a budget or change its limit")
     budget_set.add_argument("customer_id", metavar="CUSTOMER")
     budget_set.add_argument(
         "--limit", type=int, metavar="N", help="the hard cap per period, in budget units (required to create)"
@@ -166,12 +164,25 @@ def build_parser() -> argparse.ArgumentParser:
         "usage-link key. Prints the URL (stdout) and when it expires (stderr). Hand it to that customer only."
     )
     usage_link.add_argument("customer_id", metavar="CUSTOMER")
-    usage_link.add_argument("--ttl", type=_duration_ms, default=3_600_000, metavar="DURATION",
-                            help="how long the link opens the page: 90s, 30m, 1h (default), 7d; 1 min to 31 days")
-    usage_link.add_argument("--allow-limit", action="store_true",
-                            help="the page may set the customer's own stop-at (it only ever lowers enforcement)")
-    usage_link.add_argument("--ceiling", type=int, default=0, metavar="UNITS",
-                            help="with --allow-limit: the highest stop-at the customer may set, in units")
+    usage_link.add_argument(
+        "--ttl",
+        type=_duration_ms,
+        default=3_600_000,
+        metavar="DURATION",
+        help="how long the link opens the page: 90s, 30m, 1h (default), 7d; 1 min to 31 days",
+    )
+    usage_link.add_argument(
+        "--allow-limit",
+        action="store_true",
+        help="the page may set the customer's own stop-at (it only ever lowers enforcement)",
+    )
+    usage_link.add_argument(
+        "--ceiling",
+        type=int,
+        default=0,
+        metavar="UNITS",
+        help="with --allow-limit: the highest stop-at the customer may set, in units",
+    )
     usage_link.set_defaults(run=run_usage_link)
 
     health = commands.add_parser(
@@ -224,9 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     deadletter_requeue.add_argument("seqs", type=int, nargs="*", metavar="SEQ", help="the seq of a dead letter")
     deadletter_requeue.add_argument("--all", action="store_true", help="requeue every dead letter")
     deadletter_requeue.add_argument(
-        "--confirmed-missing", action="store_true",
+        "--confirmed-missing",
+        action="store_true",
         help="also requeue letters that may be at Stripe already (fate unknown), after `spendgate reconcile` showed "
-             "their usage missing; without it those are refused, since a fresh identifier would bill them twice")
+        "their usage missing; without it those are refused, since a fresh identifier would bill them twice",
+    )
     deadletter_requeue.set_defaults(run=run_deadletter_requeue)
 
     reconcile = commands.add_parser(
@@ -309,16 +322,16 @@ def run_ledger_export(args: argparse.Namespace, settings: config.Settings) -> in
             sys.stdout.flush()
         else:
             directory = os.path.dirname(os.path.abspath(args.output))
-            with tempfile.NamedTemporaryFile("w", dir=directory, prefix=".ledger-", delete=False,
-                                             newline="") as out:
+            with tempfile.NamedTemporaryFile("w", dir=directory, prefix=".ledger-", delete=False, newline="") as out:
                 try:
                     summary = ledger_export.export(list_ledger, args.customer_id, args.period, args.export_format, out)
                 except BaseException:
                     os.unlink(out.name)
                     raise
             os.replace(out.name, args.output)
-        request = pb.GetUsageRequest(customer_id=args.customer_id,
-                                     period=ledger_export.inside_period(summary.period_start_ms))
+        request = pb.GetUsageRequest(
+            customer_id=args.customer_id, period=ledger_export.inside_period(summary.period_start_ms)
+        )
         return summary, pb_grpc.BudgetStub(channel).GetUsage(request, timeout=RPC_TIMEOUT_S)
 
     try:
@@ -330,15 +343,23 @@ def run_ledger_export(args: argparse.Namespace, settings: config.Settings) -> in
         return EXIT_ERROR
     summary, usage = done
     grants = f" (and {summary.grants} credit grants, which are not usage)" if summary.grants else ""
-    print(f"exported {summary.entries} entries, total {summary.total} units{grants}; GetUsage for the period: "
-          f"{usage.commits} commits, total {usage.total} units", file=sys.stderr)
+    print(
+        f"exported {summary.entries} entries, total {summary.total} units{grants}; GetUsage for the period: "
+        f"{usage.commits} commits, total {usage.total} units",
+        file=sys.stderr,
+    )
     if (summary.entries, summary.total) != (usage.commits, usage.total):
         if usage.current:
-            print("the period is still open: commits made during the export are in GetUsage, not in the export",
-                  file=sys.stderr)
+            print(
+                "the period is still open: commits made during the export are in GetUsage, not in the export",
+                file=sys.stderr,
+            )
         else:
-            print(f"{PROG}: ledger export: the closed period's entries do not add up to GetUsage's total: report "
-                  "this as a bug", file=sys.stderr)
+            print(
+                f"{PROG}: ledger export: the closed period's entries do not add up to GetUsage's total: report "
+                "this as a bug",
+                file=sys.stderr,
+            )
             return EXIT_ERROR
     return EXIT_OK
 
@@ -355,28 +376,47 @@ def _add_client_security_flags(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def _add_data_care_commands(commands: Any, config_parent: argparse.ArgumentParser,
-                            target_parent: argparse.ArgumentParser) -> None:
-    backup = commands.add_parser("backup", parents=[target_parent],
-                                 help="a running sidecar writes a consistent, compacted copy of its data to DEST")
+def _add_data_care_commands(
+    commands: Any, config_parent: argparse.ArgumentParser, target_parent: argparse.ArgumentParser
+) -> None:
+    backup = commands.add_parser(
+        "backup",
+        parents=[target_parent],
+        help="a running sidecar writes a consistent, compacted copy of its data to DEST",
+    )
     backup.add_argument("dest", metavar="DEST", help="a new or empty directory (on the sidecar's machine)")
     backup.set_defaults(run=run_backup)
 
-    restore = commands.add_parser("restore", parents=[config_parent],
-                                  help="put a backup in place of --data-dir (only while no sidecar runs on it)")
+    restore = commands.add_parser(
+        "restore",
+        parents=[config_parent],
+        help="put a backup in place of --data-dir (only while no sidecar runs on it)",
+    )
     restore.add_argument("source", metavar="SRC", help="a directory `spendgate backup` wrote")
-    restore.add_argument("--force", action="store_true",
-                         help="restore over a data dir that is not empty (its contents are moved aside, never deleted)")
+    restore.add_argument(
+        "--force",
+        action="store_true",
+        help="restore over a data dir that is not empty (its contents are moved aside, never deleted)",
+    )
     for name in ("data_dir", "map_size_mb"):
         _add_setting_flag(restore, name)
     restore.set_defaults(run=run_restore)
 
-    inspect = commands.add_parser("inspect", parents=[config_parent],
-                                  help="print a data dir's budgets, holds, outbox, ledger tail and dead letters")
-    inspect.description = ("Read --data-dir read-only (with the lmdb package, from this process), also while its "
-                           "sidecar runs.")
-    inspect.add_argument("sections", nargs="*", metavar="SECTION", choices=[[], *INSPECT_SECTIONS],
-                         help=f"one or more of {', '.join(INSPECT_SECTIONS)} (default: all)")
+    inspect = commands.add_parser(
+        "inspect",
+        parents=[config_parent],
+        help="print a data dir's budgets, holds, outbox, ledger tail and dead letters",
+    )
+    inspect.description = (
+        "Read --data-dir read-only (with the lmdb package, from this process), also while its sidecar runs."
+    )
+    inspect.add_argument(
+        "sections",
+        nargs="*",
+        metavar="SECTION",
+        choices=[[], *INSPECT_SECTIONS],
+        help=f"one or more of {', '.join(INSPECT_SECTIONS)} (default: all)",
+    )
     inspect.add_argument("--limit", type=int, default=20, metavar="N", help="at most N rows a section (default 20)")
     inspect.add_argument("--all", action="store_true", help="holds: also the ended ones kept for retries")
     inspect.add_argument("--json", action="store_true", help="one JSON object a row")
@@ -385,23 +425,27 @@ def _add_data_care_commands(commands: Any, config_parent: argparse.ArgumentParse
 
     key = commands.add_parser("key", help="virtual API keys for the proxy, one per customer, on a running sidecar")
     key_commands = key.add_subparsers(dest="key_command", metavar="COMMAND", required=True)
-    key_create = key_commands.add_parser("create", parents=[target_parent],
-                                         help="make a key for CUSTOMER (who has a budget) and print it, once")
+    key_create = key_commands.add_parser(
+        "create", parents=[target_parent], help="make a key for CUSTOMER (who has a budget) and print it, once"
+    )
     key_create.add_argument("customer_id", metavar="CUSTOMER")
     key_create.set_defaults(run=run_key_create)
     key_list = key_commands.add_parser("list", parents=[target_parent], help="list the keys (ids, never the keys)")
     key_list.add_argument("--customer", default="", metavar="CUSTOMER", help="only this customer's keys")
     key_list.set_defaults(run=run_key_list)
-    key_revoke = key_commands.add_parser("revoke", parents=[target_parent],
-                                         help="remove the key with id ID, or every key of customer ID")
+    key_revoke = key_commands.add_parser(
+        "revoke", parents=[target_parent], help="remove the key with id ID, or every key of customer ID"
+    )
     key_revoke.add_argument("key_id", metavar="ID")
     key_revoke.set_defaults(run=run_key_revoke)
 
     invoices = commands.add_parser("invoices", help="Stripe draft invoices the invoice-spike guard held")
     invoice_commands = invoices.add_subparsers(dest="invoices_command", metavar="COMMAND", required=True)
     invoice_release = invoice_commands.add_parser(
-        "release", parents=[target_parent],
-        help="let Stripe finalize a held draft invoice (the sidecar sets its auto_advance back to true)")
+        "release",
+        parents=[target_parent],
+        help="let Stripe finalize a held draft invoice (the sidecar sets its auto_advance back to true)",
+    )
     invoice_release.add_argument("invoice_id", metavar="INVOICE", help="the Stripe invoice id (in_...)")
     invoice_release.set_defaults(run=run_invoices_release)
 
@@ -451,10 +495,9 @@ def run_serve(args: argparse.Namespace, settings: config.Settings) -> int:
     import asyncio
 
     from spendgate import _core
+    from spendgate.datacare import DataCareError
     from spendgate.logs import secret_values
     from spendgate.server import app
-
-    from spendgate.datacare import DataCareError
     from spendgate.settle import SettlementConfigError
 
     app.configure_logging(settings.log_level, settings.log_format, secrets=secret_values(settings))
@@ -482,13 +525,17 @@ def run_key_create(args: argparse.Namespace, settings: config.Settings) -> int:
     from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 
     request = pb.CreateVirtualKeyRequest(customer_id=args.customer_id)
-    reply = _call(args, settings, lambda channel: pb_grpc.AdminStub(channel).CreateVirtualKey(request,
-                                                                                          timeout=RPC_TIMEOUT_S))
+    reply = _call(
+        args, settings, lambda channel: pb_grpc.AdminStub(channel).CreateVirtualKey(request, timeout=RPC_TIMEOUT_S)
+    )
     if reply is None:
         return EXIT_ERROR
     print(reply.key)
-    print(f"{PROG}: key {reply.virtual_key.key_id} for customer {reply.virtual_key.customer_id!r}; it is shown only "
-          "this once (spendgate keeps its hash)", file=sys.stderr)
+    print(
+        f"{PROG}: key {reply.virtual_key.key_id} for customer {reply.virtual_key.customer_id!r}; it is shown only "
+        "this once (spendgate keeps its hash)",
+        file=sys.stderr,
+    )
     return EXIT_OK
 
 
@@ -497,8 +544,9 @@ def run_key_list(args: argparse.Namespace, settings: config.Settings) -> int:
     from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 
     request = pb.ListVirtualKeysRequest(customer_id=args.customer)
-    reply = _call(args, settings, lambda channel: pb_grpc.AdminStub(channel).ListVirtualKeys(request,
-                                                                                         timeout=RPC_TIMEOUT_S))
+    reply = _call(
+        args, settings, lambda channel: pb_grpc.AdminStub(channel).ListVirtualKeys(request, timeout=RPC_TIMEOUT_S)
+    )
     if reply is None:
         return EXIT_ERROR
     for key in reply.virtual_keys:
@@ -512,14 +560,17 @@ def run_invoices_release(args: argparse.Namespace, settings: config.Settings) ->
     from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 
     request = pb.ReleaseInvoiceRequest(invoice_id=args.invoice_id)
-    reply = _call(args, settings, lambda channel: pb_grpc.AdminStub(channel).ReleaseInvoice(request,
-                                                                                        timeout=RPC_TIMEOUT_S))
+    reply = _call(
+        args, settings, lambda channel: pb_grpc.AdminStub(channel).ReleaseInvoice(request, timeout=RPC_TIMEOUT_S)
+    )
     if reply is None:
         return EXIT_ERROR
     held = "" if reply.was_held else " (the guard had not held it, or it was released already)"
-    print(f"released {reply.invoice_id} of {reply.stripe_customer_id}: {reply.total} {reply.currency}, status "
-          f"{reply.status}, auto_advance {'true' if reply.auto_advance else 'false'}: Stripe finalizes it on its own "
-          f"schedule now{held}")
+    print(
+        f"released {reply.invoice_id} of {reply.stripe_customer_id}: {reply.total} {reply.currency}, status "
+        f"{reply.status}, auto_advance {'true' if reply.auto_advance else 'false'}: Stripe finalizes it on its own "
+        f"schedule now{held}"
+    )
     return EXIT_OK
 
 
@@ -528,8 +579,9 @@ def run_key_revoke(args: argparse.Namespace, settings: config.Settings) -> int:
     from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 
     request = pb.RevokeVirtualKeyRequest(key_id_or_customer_id=args.key_id)
-    reply = _call(args, settings, lambda channel: pb_grpc.AdminStub(channel).RevokeVirtualKey(request,
-                                                                                          timeout=RPC_TIMEOUT_S))
+    reply = _call(
+        args, settings, lambda channel: pb_grpc.AdminStub(channel).RevokeVirtualKey(request, timeout=RPC_TIMEOUT_S)
+    )
     if reply is None:
         return EXIT_ERROR
     for key in reply.revoked:
@@ -554,8 +606,9 @@ def _add_policy_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--period-start", metavar="DATE", help="fixed: ISO date-time the current period starts")
     parser.add_argument("--period-end", metavar="DATE", help="fixed: ISO date-time the current period ends")
     parser.add_argument("--breaker-multiplier", type=int, metavar="N", help="-1: the server's; 0: off; 2..1000")
-    parser.add_argument("--stop-at", type=int, metavar="N",
-                        help="the customer's own stop-at, as the usage page sets it (0: remove it)")
+    parser.add_argument(
+        "--stop-at", type=int, metavar="N", help="the customer's own stop-at, as the usage page sets it (0: remove it)"
+    )
 
 
 def _iso_ms(text: str, flag: str) -> int:
@@ -580,8 +633,11 @@ def _period_message(args: argparse.Namespace) -> Any:
         return pb.Period(kind=pb.PERIOD_KIND_MONTHLY, anchor_ms=anchor)
     if not (args.period_start and args.period_end):
         raise ValueError("--period fixed needs --period-start and --period-end")
-    return pb.Period(kind=pb.PERIOD_KIND_FIXED, start_ms=_iso_ms(args.period_start, "--period-start"),
-                     end_ms=_iso_ms(args.period_end, "--period-end"))
+    return pb.Period(
+        kind=pb.PERIOD_KIND_FIXED,
+        start_ms=_iso_ms(args.period_start, "--period-start"),
+        end_ms=_iso_ms(args.period_end, "--period-end"),
+    )
 
 
 def run_budget_set(args: argparse.Namespace, settings: config.Settings) -> int:
@@ -611,7 +667,9 @@ def run_budget_freeze(args: argparse.Namespace, settings: config.Settings) -> in
     from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 
     request = pb.FreezeBudgetRequest(customer_id=args.customer_id, frozen=args.frozen, reason=args.reason)
-    reply = _call(args, settings, lambda channel: pb_grpc.AdminStub(channel).FreezeBudget(request, timeout=RPC_TIMEOUT_S))
+    reply = _call(
+        args, settings, lambda channel: pb_grpc.AdminStub(channel).FreezeBudget(request, timeout=RPC_TIMEOUT_S)
+    )
     if reply is None:
         return EXIT_ERROR
     print(f"{'froze' if args.frozen else 'unfroze'} budget {reply.balance.customer_id}")
@@ -624,7 +682,9 @@ def run_budget_grant(args: argparse.Namespace, settings: config.Settings) -> int
     from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 
     request = _grant_request(args.customer_id, args.amount, args.key, args.reason)
-    reply = _call(args, settings, lambda channel: pb_grpc.AdminStub(channel).GrantCredits(request, timeout=RPC_TIMEOUT_S))
+    reply = _call(
+        args, settings, lambda channel: pb_grpc.AdminStub(channel).GrantCredits(request, timeout=RPC_TIMEOUT_S)
+    )
     if reply is None:
         return EXIT_ERROR
     if reply.replayed:
@@ -640,7 +700,9 @@ def run_health(args: argparse.Namespace, settings: config.Settings) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     request = health_pb2.HealthCheckRequest(service="")
-    reply = _call(args, settings, lambda channel: health_pb2_grpc.HealthStub(channel).Check(request, timeout=args.timeout_s))
+    reply = _call(
+        args, settings, lambda channel: health_pb2_grpc.HealthStub(channel).Check(request, timeout=args.timeout_s)
+    )
     if reply is None:
         return EXIT_ERROR
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
@@ -707,7 +769,9 @@ def run_budget_show(args: argparse.Namespace, settings: config.Settings) -> int:
     from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 
     request = pb.GetBalanceRequest(customer_id=args.customer_id)
-    reply = _call(args, settings, lambda channel: pb_grpc.BudgetStub(channel).GetBalance(request, timeout=RPC_TIMEOUT_S))
+    reply = _call(
+        args, settings, lambda channel: pb_grpc.BudgetStub(channel).GetBalance(request, timeout=RPC_TIMEOUT_S)
+    )
     if reply is None:
         return EXIT_ERROR
     print(format_balance(reply))
@@ -719,7 +783,9 @@ def run_budget_list(args: argparse.Namespace, settings: config.Settings) -> int:
     from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 
     request = pb.ListBudgetsRequest(prefix=args.prefix, limit=args.limit)
-    reply = _call(args, settings, lambda channel: pb_grpc.AdminStub(channel).ListBudgets(request, timeout=RPC_TIMEOUT_S))
+    reply = _call(
+        args, settings, lambda channel: pb_grpc.AdminStub(channel).ListBudgets(request, timeout=RPC_TIMEOUT_S)
+    )
     if reply is None:
         return EXIT_ERROR
     print(format_budget_list(reply.budgets))
@@ -749,7 +815,9 @@ def run_settle(args: argparse.Namespace, settings: config.Settings) -> int:
                 file=sys.stderr,
             )
         else:
-            print(f"{PROG}: cannot open the engine on {settings.data_dir}: {error.kind}: {error.message}", file=sys.stderr)
+            print(
+                f"{PROG}: cannot open the engine on {settings.data_dir}: {error.kind}: {error.message}", file=sys.stderr
+            )
         return EXIT_ERROR
     try:
         return asyncio.run(settle_standalone(engine, settings, follow=args.follow))
@@ -847,9 +915,16 @@ def format_settlement_status(status: Any) -> str:
         ("enabled", "yes" if status.enabled else "NO (no STRIPE_API_KEY: usage accumulates in the outbox)"),
         ("transport", status.transport or "-"),
         ("event_name", status.event_name or "-"),
-        ("aggregate_window_ms", str(status.aggregate_window_ms) if status.aggregate_window_ms
-         else "per customer per second now (a backlog waits)" if status.auto_aggregating
-         else "off (per customer per second while a backlog waits)" if status.auto_aggregate else "off"),
+        (
+            "aggregate_window_ms",
+            str(status.aggregate_window_ms)
+            if status.aggregate_window_ms
+            else "per customer per second now (a backlog waits)"
+            if status.auto_aggregating
+            else "off (per customer per second while a backlog waits)"
+            if status.auto_aggregate
+            else "off",
+        ),
         ("outbox_depth", f"{status.outbox_depth} of {status.max_outbox_entries}"),
         ("oldest_age_ms", str(status.oldest_age_ms)),
         ("dead_letters", str(status.dead_letters)),
@@ -863,8 +938,14 @@ def format_settlement_status(status: Any) -> str:
     return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
 
 
-DEAD_LETTER_COLUMNS: Final[tuple[str, ...]] = ("seq", "customer_id", "stripe_customer_id", "amount", "attempts",
-                                               "requeues")
+DEAD_LETTER_COLUMNS: Final[tuple[str, ...]] = (
+    "seq",
+    "customer_id",
+    "stripe_customer_id",
+    "amount",
+    "attempts",
+    "requeues",
+)
 
 
 def format_dead_letters(letters: Sequence[Any]) -> str:
@@ -877,7 +958,9 @@ def format_dead_letters(letters: Sequence[Any]) -> str:
         lines.append(f"{fields} identifier={letter.sent_as or letter.identifier}")
         lines.append(f"    reason: {letter.reason}")
         if letter.fate_unknown:
-            lines.append("    may be at Stripe already: requeue only with --confirmed-missing, after `spendgate reconcile`")
+            lines.append(
+                "    may be at Stripe already: requeue only with --confirmed-missing, after `spendgate reconcile`"
+            )
     return "\n".join(lines)
 
 
@@ -888,10 +971,12 @@ def format_budget_list(budgets: Sequence[Any]) -> str:
     """Budgets as a table with a header row; ids left-aligned, numbers right-aligned."""
     rows = [[str(getattr(budget, column)) for column in LIST_COLUMNS] for budget in budgets]
     widths = [max([len(column)] + [len(row[i]) for row in rows]) for i, column in enumerate(LIST_COLUMNS)]
+
     def line(cells: Sequence[str]) -> str:
         first = f"{cells[0]:<{widths[0]}}"
         rest = (f"{cell:>{width}}" for cell, width in zip(cells[1:], widths[1:]))
         return "  ".join([first, *rest])
+
     return "\n".join([line(LIST_COLUMNS), *(line(row) for row in rows)] or [])
 
 
@@ -925,13 +1010,14 @@ def run_usage_link(args: argparse.Namespace, settings: config.Settings) -> int:
         print(f"{PROG}: --ceiling applies only with --allow-limit", file=sys.stderr)
         return EXIT_USAGE
     if args.allow_limit and args.ceiling <= 0:
-        print(f"{PROG}: --allow-limit needs --ceiling UNITS: the highest stop-at the customer may set",
-              file=sys.stderr)
+        print(f"{PROG}: --allow-limit needs --ceiling UNITS: the highest stop-at the customer may set", file=sys.stderr)
         return EXIT_USAGE
-    request = pb.CreateUsageLinkRequest(customer_id=args.customer_id, ttl_ms=args.ttl, allow_limit=args.allow_limit,
-                                        ceiling=args.ceiling)
-    reply = _call(args, settings,
-                  lambda channel: pb_grpc.AdminStub(channel).CreateUsageLink(request, timeout=RPC_TIMEOUT_S))
+    request = pb.CreateUsageLinkRequest(
+        customer_id=args.customer_id, ttl_ms=args.ttl, allow_limit=args.allow_limit, ceiling=args.ceiling
+    )
+    reply = _call(
+        args, settings, lambda channel: pb_grpc.AdminStub(channel).CreateUsageLink(request, timeout=RPC_TIMEOUT_S)
+    )
     if reply is None:
         return EXIT_ERROR
     print(reply.url)
@@ -968,22 +1054,29 @@ def _client_channel(args: argparse.Namespace, target: str) -> Any:
 
     import grpc
 
-    pem = {name: _read_file(getattr(args, name, None), flag) for name, flag in (
-        ("tls_root_cert", "--tls-root-cert"), ("tls_client_cert", "--tls-client-cert"),
-        ("tls_client_key", "--tls-client-key"))}
+    pem = {
+        name: _read_file(getattr(args, name, None), flag)
+        for name, flag in (
+            ("tls_root_cert", "--tls-root-cert"),
+            ("tls_client_cert", "--tls-client-cert"),
+            ("tls_client_key", "--tls-client-key"),
+        )
+    }
     if (pem["tls_client_cert"] is None) != (pem["tls_client_key"] is None):
         raise ValueError("mTLS needs both --tls-client-cert and --tls-client-key")
     if any(value is not None for value in pem.values()):
-        credentials = grpc.ssl_channel_credentials(pem["tls_root_cert"], pem["tls_client_key"],
-                                                   pem["tls_client_cert"])
+        credentials = grpc.ssl_channel_credentials(pem["tls_root_cert"], pem["tls_client_key"], pem["tls_client_cert"])
         server_name = getattr(args, "tls_server_name", None)
         options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
         channel = grpc.secure_channel(target, credentials, options)
     else:
         channel = grpc.insecure_channel(target)
     token_file = _read_file(getattr(args, "token_file", None), "--token-file")
-    token = getattr(args, "token", None) or (token_file.decode().strip() if token_file else None) or os.environ.get(
-        config.TOKEN_ENV_VAR)
+    token = (
+        getattr(args, "token", None)
+        or (token_file.decode().strip() if token_file else None)
+        or os.environ.get(config.TOKEN_ENV_VAR)
+    )
     return grpc.intercept_channel(channel, _bearer_interceptor_class()(token)) if token else channel
 
 
@@ -1087,9 +1180,11 @@ def run_backup(args: argparse.Namespace, settings: config.Settings) -> int:
     reply = _call(args, settings, lambda channel: pb_grpc.AdminStub(channel).Backup(request, timeout=BACKUP_TIMEOUT_S))
     if reply is None:
         return EXIT_ERROR
-    print(f"backup written to {reply.dest_dir}: {reply.size_bytes:,} bytes in {reply.duration_ms:,} ms; it holds every "
-          f"change acknowledged before it started (durable ticket {reply.durable_ticket}). Restore it with "
-          f"`spendgate restore {reply.dest_dir} --data-dir DIR` while the sidecar is stopped")
+    print(
+        f"backup written to {reply.dest_dir}: {reply.size_bytes:,} bytes in {reply.duration_ms:,} ms; it holds every "
+        f"change acknowledged before it started (durable ticket {reply.durable_ticket}). Restore it with "
+        f"`spendgate restore {reply.dest_dir} --data-dir DIR` while the sidecar is stopped"
+    )
     return EXIT_OK
 
 
@@ -1104,8 +1199,10 @@ def run_restore(args: argparse.Namespace, settings: config.Settings) -> int:
         print(f"{PROG}: restore: {error}", file=sys.stderr)
         return EXIT_ERROR
     aside = f"; the previous contents are in {done.moved_aside}" if done.moved_aside else ""
-    print(f"restored {args.source} into {done.data_dir}: {done.budgets:,} budgets, {done.size_bytes:,} bytes, books "
-          f"checked{aside}")
+    print(
+        f"restored {args.source} into {done.data_dir}: {done.budgets:,} budgets, {done.size_bytes:,} bytes, books "
+        f"checked{aside}"
+    )
     return EXIT_OK
 
 
@@ -1120,8 +1217,9 @@ def run_inspect(args: argparse.Namespace, settings: config.Settings) -> int:
         print(f"{PROG}: inspect: --limit must be 1..2048, got {args.limit}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        sections = inspect(Path(settings.data_dir), args.sections or INSPECT_SECTIONS, limit=args.limit,
-                           all_holds=args.all)
+        sections = inspect(
+            Path(settings.data_dir), args.sections or INSPECT_SECTIONS, limit=args.limit, all_holds=args.all
+        )
     except (StoreReadError, ArchiveError) as error:
         print(f"{PROG}: inspect: {error}", file=sys.stderr)
         return EXIT_ERROR

@@ -243,16 +243,21 @@ def _channel_options(options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]
     return [*_CHANNEL_OPTIONS, *options]
 
 
-def tls_credentials(root_certificates: bytes | None = None, private_key: bytes | None = None,
-                    certificate_chain: bytes | None = None) -> grpc.ChannelCredentials:
+def tls_credentials(
+    root_certificates: bytes | None = None, private_key: bytes | None = None, certificate_chain: bytes | None = None
+) -> grpc.ChannelCredentials:
     """TLS channel credentials from PEM bytes: the CA that signed the sidecar's certificate (None: the system's), and
     for mTLS this client's key and certificate chain."""
     assert (private_key is None) == (certificate_chain is None), "mTLS needs both private_key and certificate_chain"
     return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
 
 
-def _credentials_of(credentials: grpc.ChannelCredentials | None, root_certificates: bytes | None,
-                    private_key: bytes | None, certificate_chain: bytes | None) -> grpc.ChannelCredentials | None:
+def _credentials_of(
+    credentials: grpc.ChannelCredentials | None,
+    root_certificates: bytes | None,
+    private_key: bytes | None,
+    certificate_chain: bytes | None,
+) -> grpc.ChannelCredentials | None:
     if root_certificates is None and private_key is None and certificate_chain is None:
         return credentials
     assert credentials is None, "pass credentials or the PEM arguments, not both"
@@ -268,17 +273,26 @@ class Estimate:
     max_output_tokens: int = 0
 
 
-def _reserve_request(customer_id: str, amount: int, idempotency_key: str | None, ttl_ms: int,
-                     estimate: Estimate | None = None,
-                     dimensions: Mapping[str, str] | None = None) -> pb.ReserveRequest:
+def _reserve_request(
+    customer_id: str,
+    amount: int,
+    idempotency_key: str | None,
+    ttl_ms: int,
+    estimate: Estimate | None = None,
+    dimensions: Mapping[str, str] | None = None,
+) -> pb.ReserveRequest:
     # An auto key makes every Reserve safe to retry: a lost reply is replayed, never held twice.
     key = idempotency_key if idempotency_key else str(uuid.uuid4())
-    request = pb.ReserveRequest(customer_id=customer_id, amount=amount, idempotency_key=key, ttl_ms=ttl_ms,
-                                dimensions=dict(dimensions or {}))
+    request = pb.ReserveRequest(
+        customer_id=customer_id, amount=amount, idempotency_key=key, ttl_ms=ttl_ms, dimensions=dict(dimensions or {})
+    )
     if estimate is not None:
         assert amount == 0, "pass an amount or an estimate, not both"
-        request.estimate.CopyFrom(pb.TokenEstimate(model=estimate.model, input_tokens=estimate.input_tokens,
-                                                   max_output_tokens=estimate.max_output_tokens))
+        request.estimate.CopyFrom(
+            pb.TokenEstimate(
+                model=estimate.model, input_tokens=estimate.input_tokens, max_output_tokens=estimate.max_output_tokens
+            )
+        )
     return request
 
 
@@ -286,8 +300,11 @@ def _quote_request(customer_id: str, amount: int, estimate: Estimate | None) -> 
     request = pb.QuoteRequest(customer_id=customer_id, amount=amount)
     if estimate is not None:
         assert amount == 0, "pass an amount or an estimate, not both"
-        request.estimate.CopyFrom(pb.TokenEstimate(model=estimate.model, input_tokens=estimate.input_tokens,
-                                                   max_output_tokens=estimate.max_output_tokens))
+        request.estimate.CopyFrom(
+            pb.TokenEstimate(
+                model=estimate.model, input_tokens=estimate.input_tokens, max_output_tokens=estimate.max_output_tokens
+            )
+        )
     return request
 
 
@@ -295,8 +312,9 @@ def _grant_request(customer_id: str, amount: int, idempotency_key: str, reason: 
     # No automatic key, unlike Reserve: a retry of the caller's own (after a timeout, a restart) must send the key of
     # the first attempt, or it grants twice. The caller names the grant (e.g. the payment's id); the server refuses
     # an empty key (InvalidArgument).
-    return pb.GrantCreditsRequest(customer_id=customer_id, amount=amount, idempotency_key=idempotency_key,
-                                  reason=reason)
+    return pb.GrantCreditsRequest(
+        customer_id=customer_id, amount=amount, idempotency_key=idempotency_key, reason=reason
+    )
 
 
 def _token_usage(usage: Any) -> pb.TokenUsage:
@@ -305,13 +323,19 @@ def _token_usage(usage: Any) -> pb.TokenUsage:
     if isinstance(usage, pb.TokenUsage):
         return usage
     return pb.TokenUsage(
-        model=usage.model, input_tokens=usage.input_tokens, cached_input_tokens=usage.cached_input_tokens,
-        cache_write_tokens=usage.cache_write_tokens, output_tokens=usage.output_tokens,
-        reasoning_tokens=usage.reasoning_tokens, cache_hit=usage.cache_hit)
+        model=usage.model,
+        input_tokens=usage.input_tokens,
+        cached_input_tokens=usage.cached_input_tokens,
+        cache_write_tokens=usage.cache_write_tokens,
+        output_tokens=usage.output_tokens,
+        reasoning_tokens=usage.reasoning_tokens,
+        cache_hit=usage.cache_hit,
+    )
 
 
-def _commit_request(reservation_id: str, amount: int | None, usage: Any,
-                    dimensions: Mapping[str, str] | None) -> pb.CommitRequest:
+def _commit_request(
+    reservation_id: str, amount: int | None, usage: Any, dimensions: Mapping[str, str] | None
+) -> pb.CommitRequest:
     assert (amount is None) != (usage is None), "commit an amount or a usage, not both"
     request = pb.CommitRequest(reservation_id=reservation_id, amount=amount or 0, dimensions=dict(dimensions or {}))
     if usage is not None:
@@ -323,16 +347,34 @@ def _commit_request(reservation_id: str, amount: int | None, usage: Any,
 _MODES: Final[dict[str, int]] = {"hard": pb.ENFORCEMENT_MODE_HARD, "soft": pb.ENFORCEMENT_MODE_SOFT}
 
 
-def _set_budget_request(customer_id: str, limit: int | None, stripe_customer_id: str | None, *,
-                        included: int | None = None, soft_limit: int | None = None, mode: str | None = None,
-                        block_overage: bool | None = None, parent_id: str | None = None,
-                        period: pb.Period | None = None,
-                        breaker_multiplier: int | None = None, stop_at: int | None = None) -> pb.SetBudgetRequest:
-    request = pb.SetBudgetRequest(customer_id=customer_id, stripe_customer_id=stripe_customer_id or "",
-                                  parent_id=parent_id or "", mode=_MODES[mode] if mode else 0)  # type: ignore[arg-type]
-    for name, value in (("limit", limit), ("included", included), ("soft_limit", soft_limit),
-                        ("block_overage", block_overage), ("breaker_multiplier", breaker_multiplier),
-                        ("stop_at", stop_at)):
+def _set_budget_request(
+    customer_id: str,
+    limit: int | None,
+    stripe_customer_id: str | None,
+    *,
+    included: int | None = None,
+    soft_limit: int | None = None,
+    mode: str | None = None,
+    block_overage: bool | None = None,
+    parent_id: str | None = None,
+    period: pb.Period | None = None,
+    breaker_multiplier: int | None = None,
+    stop_at: int | None = None,
+) -> pb.SetBudgetRequest:
+    request = pb.SetBudgetRequest(
+        customer_id=customer_id,
+        stripe_customer_id=stripe_customer_id or "",
+        parent_id=parent_id or "",
+        mode=_MODES[mode] if mode else 0,
+    )  # type: ignore[arg-type]
+    for name, value in (
+        ("limit", limit),
+        ("included", included),
+        ("soft_limit", soft_limit),
+        ("block_overage", block_overage),
+        ("breaker_multiplier", breaker_multiplier),
+        ("stop_at", stop_at),
+    ):
         if value is not None:
             setattr(request, name, value)
     if period is not None:
@@ -365,14 +407,20 @@ class _HoldBase:
         self.settling = False
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(customer_id={self.customer_id!r}, reservation_id={self.reservation_id!r}, "
-                f"amount={self.amount}, replayed={self.replayed}, settling={self.settling})")
+        return (
+            f"{type(self).__name__}(customer_id={self.customer_id!r}, reservation_id={self.reservation_id!r}, "
+            f"amount={self.amount}, replayed={self.replayed}, settling={self.settling})"
+        )
 
 
 def _log_release_failure(hold: _HoldBase, err: SpendgateError) -> None:
     # The caller's exception matters more than this one: log, and let the server's TTL expire the hold.
-    _log.warning("spendgate: could not release %s after an exception (%s); it expires at %d ms",
-                 hold.reservation_id, err, hold.expires_at_ms)
+    _log.warning(
+        "spendgate: could not release %s after an exception (%s); it expires at %d ms",
+        hold.reservation_id,
+        err,
+        hold.expires_at_ms,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -387,13 +435,18 @@ class Hold(_HoldBase):
         super().__init__(customer_id, response)
         self._client = client
 
-    def commit(self, amount: int | None = None, *, usage: Any = None, dimensions: Mapping[str, str] | None = None,
-               timeout_s: float | None = None) -> pb.CommitResponse:
+    def commit(
+        self,
+        amount: int | None = None,
+        *,
+        usage: Any = None,
+        dimensions: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> pb.CommitResponse:
         """Record `amount` actual units, or the call's token `usage` (priced by the server; a TokenUsage from
         spendgate.policy.providers). More than the hold is recorded in full and flagged."""
         self.settling = True
-        return self._client.commit(self.reservation_id, amount, usage=usage, dimensions=dimensions,
-                                   timeout_s=timeout_s)
+        return self._client.commit(self.reservation_id, amount, usage=usage, dimensions=dimensions, timeout_s=timeout_s)
 
     def release(self, *, timeout_s: float | None = None) -> pb.ReleaseResponse:
         """Void the hold: nothing is charged."""
@@ -403,8 +456,9 @@ class Hold(_HoldBase):
     def __enter__(self) -> Hold:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self.settling:
             return
         if exc is None:
@@ -446,8 +500,9 @@ class Client:
         if channel is None:
             assert target is not None
             opts = _channel_options(options)
-            channel = (grpc.secure_channel(target, credentials, opts) if credentials
-                       else grpc.insecure_channel(target, opts))
+            channel = (
+                grpc.secure_channel(target, credentials, opts) if credentials else grpc.insecure_channel(target, opts)
+            )
         self._channel = channel
         self._budget = pb_grpc.BudgetStub(channel)
         self._admin = pb_grpc.AdminStub(channel)
@@ -459,33 +514,66 @@ class Client:
         attempt = 1
         while True:
             try:
-                return rpc(request, timeout=self._timeout_s if timeout_s is None else timeout_s, metadata=self._metadata)
+                return rpc(
+                    request, timeout=self._timeout_s if timeout_s is None else timeout_s, metadata=self._metadata
+                )
             except grpc.RpcError as err:
                 if not self._retry.should_retry(err, retryable_call=retryable, attempt=attempt):
                     raise error_from_rpc(err) from err
             time.sleep(self._retry.backoff_s(attempt))
             attempt += 1
 
-    def reserve_raw(self, customer_id: str, amount: int = 0, *, estimate: Estimate | None = None,
-                    dimensions: Mapping[str, str] | None = None, idempotency_key: str | None = None,
-                    ttl_ms: int = 0, timeout_s: float | None = None) -> pb.ReserveResponse:
+    def reserve_raw(
+        self,
+        customer_id: str,
+        amount: int = 0,
+        *,
+        estimate: Estimate | None = None,
+        dimensions: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+        ttl_ms: int = 0,
+        timeout_s: float | None = None,
+    ) -> pb.ReserveResponse:
         """Reserve, returning the reply as is: a denial is `granted=False`, not an exception."""
         request = _reserve_request(customer_id, amount, idempotency_key, ttl_ms, estimate, dimensions)
-        response: pb.ReserveResponse = self._call(self._budget.Reserve, request,
-                                                  retryable=bool(request.idempotency_key), timeout_s=timeout_s)
+        response: pb.ReserveResponse = self._call(
+            self._budget.Reserve, request, retryable=bool(request.idempotency_key), timeout_s=timeout_s
+        )
         return response
 
-    def reserve(self, customer_id: str, amount: int = 0, *, estimate: Estimate | None = None,
-                dimensions: Mapping[str, str] | None = None, idempotency_key: str | None = None, ttl_ms: int = 0,
-                timeout_s: float | None = None) -> Hold:
+    def reserve(
+        self,
+        customer_id: str,
+        amount: int = 0,
+        *,
+        estimate: Estimate | None = None,
+        dimensions: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+        ttl_ms: int = 0,
+        timeout_s: float | None = None,
+    ) -> Hold:
         """Hold `amount` units, or the worst case of `estimate`, or raise `BudgetExceeded`. The hold is a context
         manager (see the module doc)."""
-        response = self.reserve_raw(customer_id, amount, estimate=estimate, dimensions=dimensions,
-                                    idempotency_key=idempotency_key, ttl_ms=ttl_ms, timeout_s=timeout_s)
+        response = self.reserve_raw(
+            customer_id,
+            amount,
+            estimate=estimate,
+            dimensions=dimensions,
+            idempotency_key=idempotency_key,
+            ttl_ms=ttl_ms,
+            timeout_s=timeout_s,
+        )
         return Hold(self, customer_id, _check_granted(customer_id, amount, response))
 
-    def commit(self, reservation_id: str, amount: int | None = None, *, usage: Any = None,
-               dimensions: Mapping[str, str] | None = None, timeout_s: float | None = None) -> pb.CommitResponse:
+    def commit(
+        self,
+        reservation_id: str,
+        amount: int | None = None,
+        *,
+        usage: Any = None,
+        dimensions: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> pb.CommitResponse:
         request = _commit_request(reservation_id, amount, usage, dimensions)
         response: pb.CommitResponse = self._call(self._budget.Commit, request, retryable=True, timeout_s=timeout_s)
         return response
@@ -500,8 +588,9 @@ class Client:
         response: pb.Balance = self._call(self._budget.GetBalance, request, retryable=False, timeout_s=timeout_s)
         return response
 
-    def quote(self, customer_id: str, amount: int = 0, *, estimate: Estimate | None = None,
-              timeout_s: float | None = None) -> pb.QuoteResponse:
+    def quote(
+        self, customer_id: str, amount: int = 0, *, estimate: Estimate | None = None, timeout_s: float | None = None
+    ) -> pb.QuoteResponse:
         """Budget.Quote: what a Reserve of `amount` (or the worst case of `estimate`) would hold, with its parts per
         token type, and whether it would be granted now (`granted`; else `reason` and `message`). Holds nothing, so
         it is retried like any read."""
@@ -509,58 +598,79 @@ class Client:
         response: pb.QuoteResponse = self._call(self._budget.Quote, request, retryable=True, timeout_s=timeout_s)
         return response
 
-    def grant_credits(self, customer_id: str, amount: int, idempotency_key: str, reason: str = "", *,
-                      timeout_s: float | None = None) -> pb.GrantCreditsResponse:
+    def grant_credits(
+        self, customer_id: str, amount: int, idempotency_key: str, reason: str = "", *, timeout_s: float | None = None
+    ) -> pb.GrantCreditsResponse:
         """Admin.GrantCredits: add `amount` credits on top of the budget's limit, once per `idempotency_key` (a
         retry, by this client or yours, replays the first grant: `replayed`). AlreadyExists: the key granted another
         customer or amount."""
         request = _grant_request(customer_id, amount, idempotency_key, reason)
-        response: pb.GrantCreditsResponse = self._call(self._admin.GrantCredits, request, retryable=True,
-                                                       timeout_s=timeout_s)
+        response: pb.GrantCreditsResponse = self._call(
+            self._admin.GrantCredits, request, retryable=True, timeout_s=timeout_s
+        )
         return response
 
-    def set_budget(self, customer_id: str, limit: int | None = None, stripe_customer_id: str | None = None, *,
-                   timeout_s: float | None = None, **policy: Any) -> pb.SetBudgetResponse:
+    def set_budget(
+        self,
+        customer_id: str,
+        limit: int | None = None,
+        stripe_customer_id: str | None = None,
+        *,
+        timeout_s: float | None = None,
+        **policy: Any,
+    ) -> pb.SetBudgetResponse:
         """Create the budget or change its settings (Admin; needs an admin token where tokens are configured).
         `policy`: included, soft_limit, mode ("hard"/"soft"), block_overage, parent_id, period (a pb.Period),
         breaker_multiplier, stop_at (the customer's own, 0 removes it); what is not given stays unchanged."""
         request = _set_budget_request(customer_id, limit, stripe_customer_id, **policy)
-        response: pb.SetBudgetResponse = self._call(self._admin.SetBudget, request, retryable=False,
-                                                    timeout_s=timeout_s)
+        response: pb.SetBudgetResponse = self._call(
+            self._admin.SetBudget, request, retryable=False, timeout_s=timeout_s
+        )
         return response
 
-    def freeze(self, customer_id: str, frozen: bool = True, reason: str = "", *,
-               timeout_s: float | None = None) -> pb.SetBudgetResponse:
+    def freeze(
+        self, customer_id: str, frozen: bool = True, reason: str = "", *, timeout_s: float | None = None
+    ) -> pb.SetBudgetResponse:
         """Freeze (every Reserve denied) or unfreeze a budget (Admin)."""
         request = pb.FreezeBudgetRequest(customer_id=customer_id, frozen=frozen, reason=reason)
-        response: pb.SetBudgetResponse = self._call(self._admin.FreezeBudget, request, retryable=True,
-                                                    timeout_s=timeout_s)
+        response: pb.SetBudgetResponse = self._call(
+            self._admin.FreezeBudget, request, retryable=True, timeout_s=timeout_s
+        )
         return response
 
-    def usage(self, customer_id: str, period: str = "", *, top: int = 0,
-              timeout_s: float | None = None) -> pb.Usage:
+    def usage(self, customer_id: str, period: str = "", *, top: int = 0, timeout_s: float | None = None) -> pb.Usage:
         """The usage of a period: "" (current), "previous", or an ISO date inside it."""
         request = pb.GetUsageRequest(customer_id=customer_id, period=period, top=top)
         response: pb.Usage = self._call(self._budget.GetUsage, request, retryable=True, timeout_s=timeout_s)
         return response
 
-    def list_ledger(self, customer_id: str, period: str = "", *, after: int = 0, limit: int = 0,
-                    timeout_s: float | None = None) -> pb.ListLedgerResponse:
+    def list_ledger(
+        self, customer_id: str, period: str = "", *, after: int = 0, limit: int = 0, timeout_s: float | None = None
+    ) -> pb.ListLedgerResponse:
         """One page of the audit trail (Admin): the period's ledger entries with seq > after, oldest first, with their
         settlement state; page on with after=response.next_after while response.more."""
         request = pb.ListLedgerRequest(customer_id=customer_id, period=period, after=after, limit=limit)
-        response: pb.ListLedgerResponse = self._call(self._admin.ListLedger, request, retryable=True,
-                                                     timeout_s=timeout_s)
+        response: pb.ListLedgerResponse = self._call(
+            self._admin.ListLedger, request, retryable=True, timeout_s=timeout_s
+        )
         return response
 
-    def usage_link(self, customer_id: str, *, ttl_s: float = 3600, allow_limit: bool = False, ceiling: int = 0,
-                   timeout_s: float | None = None) -> pb.CreateUsageLinkResponse:
+    def usage_link(
+        self,
+        customer_id: str,
+        *,
+        ttl_s: float = 3600,
+        allow_limit: bool = False,
+        ceiling: int = 0,
+        timeout_s: float | None = None,
+    ) -> pb.CreateUsageLinkResponse:
         """A signed link to the customer's usage page (Admin.CreateUsageLink): `.url`, `.expires_at_ms`. It opens
         for `ttl_s` seconds (60 to 31 days); with `allow_limit` the page may set the customer's own stop-at up to
         `ceiling` units. Hand it to that customer (a redirect, or the src of an iframe)."""
         request = _usage_link_request(customer_id, ttl_s, allow_limit, ceiling)
-        response: pb.CreateUsageLinkResponse = self._call(self._admin.CreateUsageLink, request, retryable=True,
-                                                          timeout_s=timeout_s)
+        response: pb.CreateUsageLinkResponse = self._call(
+            self._admin.CreateUsageLink, request, retryable=True, timeout_s=timeout_s
+        )
         return response
 
     def ping(self, *, timeout_s: float | None = None) -> None:
@@ -574,12 +684,14 @@ class Client:
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
-    def watch_alerts(self, after_seq: int = 0, *, from_start: bool = False,
-                     customer_ids: Sequence[str] = ()) -> Iterator[pb.Alert]:
+    def watch_alerts(
+        self, after_seq: int = 0, *, from_start: bool = False, customer_ids: Sequence[str] = ()
+    ) -> Iterator[pb.Alert]:
         """Budget.WatchAlerts: the alerts after `after_seq` (all those kept with `from_start`; neither: from now on),
         then live ones as they are raised, in seq order, only `customer_ids`' when given. It never ends by itself.
 
@@ -618,12 +730,18 @@ class AsyncHold(_HoldBase):
         super().__init__(customer_id, response)
         self._client = client
 
-    async def commit(self, amount: int | None = None, *, usage: Any = None,
-                     dimensions: Mapping[str, str] | None = None,
-                     timeout_s: float | None = None) -> pb.CommitResponse:
+    async def commit(
+        self,
+        amount: int | None = None,
+        *,
+        usage: Any = None,
+        dimensions: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> pb.CommitResponse:
         self.settling = True
-        return await self._client.commit(self.reservation_id, amount, usage=usage, dimensions=dimensions,
-                                         timeout_s=timeout_s)
+        return await self._client.commit(
+            self.reservation_id, amount, usage=usage, dimensions=dimensions, timeout_s=timeout_s
+        )
 
     async def release(self, *, timeout_s: float | None = None) -> pb.ReleaseResponse:
         self.settling = True
@@ -654,8 +772,9 @@ class _AsyncReservation:
         self._hold = await self._reserve()
         return self._hold
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         assert self._hold is not None
         await self._hold._finish(exc)
 
@@ -685,8 +804,11 @@ class AsyncClient:
         if channel is None:
             assert target is not None
             opts = _channel_options(options)
-            channel = (grpc.aio.secure_channel(target, credentials, opts) if credentials
-                       else grpc.aio.insecure_channel(target, opts))
+            channel = (
+                grpc.aio.secure_channel(target, credentials, opts)
+                if credentials
+                else grpc.aio.insecure_channel(target, opts)
+            )
         self._channel = channel
         self._budget = pb_grpc.BudgetStub(channel)
         self._admin = pb_grpc.AdminStub(channel)
@@ -694,111 +816,166 @@ class AsyncClient:
         self._timeout_s = timeout_s
         self._retry = retry
 
-    async def _call(self, rpc: Callable[..., Any], request: Any, *, retryable: bool,
-                    timeout_s: float | None) -> Any:
+    async def _call(self, rpc: Callable[..., Any], request: Any, *, retryable: bool, timeout_s: float | None) -> Any:
         attempt = 1
         while True:
             try:
-                return await rpc(request, timeout=self._timeout_s if timeout_s is None else timeout_s, metadata=self._metadata)
+                return await rpc(
+                    request, timeout=self._timeout_s if timeout_s is None else timeout_s, metadata=self._metadata
+                )
             except grpc.RpcError as err:  # grpc.aio.AioRpcError is a grpc.RpcError
                 if not self._retry.should_retry(err, retryable_call=retryable, attempt=attempt):
                     raise error_from_rpc(err) from err
             await asyncio.sleep(self._retry.backoff_s(attempt))
             attempt += 1
 
-    async def reserve_raw(self, customer_id: str, amount: int = 0, *, estimate: Estimate | None = None,
-                          dimensions: Mapping[str, str] | None = None, idempotency_key: str | None = None,
-                          ttl_ms: int = 0, timeout_s: float | None = None) -> pb.ReserveResponse:
+    async def reserve_raw(
+        self,
+        customer_id: str,
+        amount: int = 0,
+        *,
+        estimate: Estimate | None = None,
+        dimensions: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+        ttl_ms: int = 0,
+        timeout_s: float | None = None,
+    ) -> pb.ReserveResponse:
         """Reserve, returning the reply as is: a denial is `granted=False`, not an exception."""
         request = _reserve_request(customer_id, amount, idempotency_key, ttl_ms, estimate, dimensions)
-        response: pb.ReserveResponse = await self._call(self._budget.Reserve, request,
-                                                        retryable=bool(request.idempotency_key),
-                                                        timeout_s=timeout_s)
+        response: pb.ReserveResponse = await self._call(
+            self._budget.Reserve, request, retryable=bool(request.idempotency_key), timeout_s=timeout_s
+        )
         return response
 
-    def reserve(self, customer_id: str, amount: int = 0, *, estimate: Estimate | None = None,
-                dimensions: Mapping[str, str] | None = None, idempotency_key: str | None = None, ttl_ms: int = 0,
-                timeout_s: float | None = None) -> _AsyncReservation:
+    def reserve(
+        self,
+        customer_id: str,
+        amount: int = 0,
+        *,
+        estimate: Estimate | None = None,
+        dimensions: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+        ttl_ms: int = 0,
+        timeout_s: float | None = None,
+    ) -> _AsyncReservation:
         """`async with client.reserve(...) as hold:` holds `amount` units (or the worst case of `estimate`) or
         raises `BudgetExceeded` on entry."""
+
         async def acquire() -> AsyncHold:
-            response = await self.reserve_raw(customer_id, amount, estimate=estimate, dimensions=dimensions,
-                                              idempotency_key=idempotency_key, ttl_ms=ttl_ms, timeout_s=timeout_s)
+            response = await self.reserve_raw(
+                customer_id,
+                amount,
+                estimate=estimate,
+                dimensions=dimensions,
+                idempotency_key=idempotency_key,
+                ttl_ms=ttl_ms,
+                timeout_s=timeout_s,
+            )
             return AsyncHold(self, customer_id, _check_granted(customer_id, amount, response))
 
         return _AsyncReservation(acquire)
 
-    async def commit(self, reservation_id: str, amount: int | None = None, *, usage: Any = None,
-                     dimensions: Mapping[str, str] | None = None,
-                     timeout_s: float | None = None) -> pb.CommitResponse:
+    async def commit(
+        self,
+        reservation_id: str,
+        amount: int | None = None,
+        *,
+        usage: Any = None,
+        dimensions: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> pb.CommitResponse:
         request = _commit_request(reservation_id, amount, usage, dimensions)
-        response: pb.CommitResponse = await self._call(self._budget.Commit, request, retryable=True,
-                                                       timeout_s=timeout_s)
+        response: pb.CommitResponse = await self._call(
+            self._budget.Commit, request, retryable=True, timeout_s=timeout_s
+        )
         return response
 
     async def release(self, reservation_id: str, *, timeout_s: float | None = None) -> pb.ReleaseResponse:
         request = pb.ReleaseRequest(reservation_id=reservation_id)
-        response: pb.ReleaseResponse = await self._call(self._budget.Release, request, retryable=True,
-                                                        timeout_s=timeout_s)
+        response: pb.ReleaseResponse = await self._call(
+            self._budget.Release, request, retryable=True, timeout_s=timeout_s
+        )
         return response
 
     async def balance(self, customer_id: str, *, timeout_s: float | None = None) -> pb.Balance:
         request = pb.GetBalanceRequest(customer_id=customer_id)
-        response: pb.Balance = await self._call(self._budget.GetBalance, request, retryable=False,
-                                                timeout_s=timeout_s)
+        response: pb.Balance = await self._call(self._budget.GetBalance, request, retryable=False, timeout_s=timeout_s)
         return response
 
-    async def quote(self, customer_id: str, amount: int = 0, *, estimate: Estimate | None = None,
-                    timeout_s: float | None = None) -> pb.QuoteResponse:
+    async def quote(
+        self, customer_id: str, amount: int = 0, *, estimate: Estimate | None = None, timeout_s: float | None = None
+    ) -> pb.QuoteResponse:
         """Budget.Quote, as Client.quote: holds nothing."""
         request = _quote_request(customer_id, amount, estimate)
-        response: pb.QuoteResponse = await self._call(self._budget.Quote, request, retryable=True,
-                                                      timeout_s=timeout_s)
+        response: pb.QuoteResponse = await self._call(self._budget.Quote, request, retryable=True, timeout_s=timeout_s)
         return response
 
-    async def grant_credits(self, customer_id: str, amount: int, idempotency_key: str, reason: str = "", *,
-                            timeout_s: float | None = None) -> pb.GrantCreditsResponse:
+    async def grant_credits(
+        self, customer_id: str, amount: int, idempotency_key: str, reason: str = "", *, timeout_s: float | None = None
+    ) -> pb.GrantCreditsResponse:
         """Admin.GrantCredits, as Client.grant_credits: once per idempotency_key."""
         request = _grant_request(customer_id, amount, idempotency_key, reason)
-        response: pb.GrantCreditsResponse = await self._call(self._admin.GrantCredits, request, retryable=True,
-                                                             timeout_s=timeout_s)
+        response: pb.GrantCreditsResponse = await self._call(
+            self._admin.GrantCredits, request, retryable=True, timeout_s=timeout_s
+        )
         return response
 
-    async def set_budget(self, customer_id: str, limit: int | None = None, stripe_customer_id: str | None = None,
-                         *, timeout_s: float | None = None, **policy: Any) -> pb.SetBudgetResponse:
+    async def set_budget(
+        self,
+        customer_id: str,
+        limit: int | None = None,
+        stripe_customer_id: str | None = None,
+        *,
+        timeout_s: float | None = None,
+        **policy: Any,
+    ) -> pb.SetBudgetResponse:
         """Create the budget or change its settings (Admin); `policy` as for Client.set_budget."""
         request = _set_budget_request(customer_id, limit, stripe_customer_id, **policy)
-        response: pb.SetBudgetResponse = await self._call(self._admin.SetBudget, request, retryable=False,
-                                                          timeout_s=timeout_s)
+        response: pb.SetBudgetResponse = await self._call(
+            self._admin.SetBudget, request, retryable=False, timeout_s=timeout_s
+        )
         return response
 
-    async def freeze(self, customer_id: str, frozen: bool = True, reason: str = "", *,
-                     timeout_s: float | None = None) -> pb.SetBudgetResponse:
+    async def freeze(
+        self, customer_id: str, frozen: bool = True, reason: str = "", *, timeout_s: float | None = None
+    ) -> pb.SetBudgetResponse:
         request = pb.FreezeBudgetRequest(customer_id=customer_id, frozen=frozen, reason=reason)
-        response: pb.SetBudgetResponse = await self._call(self._admin.FreezeBudget, request, retryable=True,
-                                                          timeout_s=timeout_s)
+        response: pb.SetBudgetResponse = await self._call(
+            self._admin.FreezeBudget, request, retryable=True, timeout_s=timeout_s
+        )
         return response
 
-    async def usage(self, customer_id: str, period: str = "", *, top: int = 0,
-                    timeout_s: float | None = None) -> pb.Usage:
+    async def usage(
+        self, customer_id: str, period: str = "", *, top: int = 0, timeout_s: float | None = None
+    ) -> pb.Usage:
         request = pb.GetUsageRequest(customer_id=customer_id, period=period, top=top)
         response: pb.Usage = await self._call(self._budget.GetUsage, request, retryable=True, timeout_s=timeout_s)
         return response
 
-    async def list_ledger(self, customer_id: str, period: str = "", *, after: int = 0, limit: int = 0,
-                          timeout_s: float | None = None) -> pb.ListLedgerResponse:
+    async def list_ledger(
+        self, customer_id: str, period: str = "", *, after: int = 0, limit: int = 0, timeout_s: float | None = None
+    ) -> pb.ListLedgerResponse:
         """As Client.list_ledger."""
         request = pb.ListLedgerRequest(customer_id=customer_id, period=period, after=after, limit=limit)
-        response: pb.ListLedgerResponse = await self._call(self._admin.ListLedger, request, retryable=True,
-                                                           timeout_s=timeout_s)
+        response: pb.ListLedgerResponse = await self._call(
+            self._admin.ListLedger, request, retryable=True, timeout_s=timeout_s
+        )
         return response
 
-    async def usage_link(self, customer_id: str, *, ttl_s: float = 3600, allow_limit: bool = False, ceiling: int = 0,
-                         timeout_s: float | None = None) -> pb.CreateUsageLinkResponse:
+    async def usage_link(
+        self,
+        customer_id: str,
+        *,
+        ttl_s: float = 3600,
+        allow_limit: bool = False,
+        ceiling: int = 0,
+        timeout_s: float | None = None,
+    ) -> pb.CreateUsageLinkResponse:
         """The async twin of Client.usage_link."""
         request = _usage_link_request(customer_id, ttl_s, allow_limit, ceiling)
-        response: pb.CreateUsageLinkResponse = await self._call(self._admin.CreateUsageLink, request,
-                                                                retryable=True, timeout_s=timeout_s)
+        response: pb.CreateUsageLinkResponse = await self._call(
+            self._admin.CreateUsageLink, request, retryable=True, timeout_s=timeout_s
+        )
         return response
 
     async def ping(self, *, timeout_s: float | None = None) -> None:
@@ -812,12 +989,14 @@ class AsyncClient:
     async def __aenter__(self) -> AsyncClient:
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.close()
 
-    async def watch_alerts(self, after_seq: int = 0, *, from_start: bool = False,
-                           customer_ids: Sequence[str] = ()) -> AsyncIterator[pb.Alert]:
+    async def watch_alerts(
+        self, after_seq: int = 0, *, from_start: bool = False, customer_ids: Sequence[str] = ()
+    ) -> AsyncIterator[pb.Alert]:
         """`async for alert in client.watch_alerts(...)`: the async twin of `Client.watch_alerts`."""
         position = _AlertPosition(after_seq, from_start, tuple(customer_ids))
         attempt = 1
@@ -840,8 +1019,9 @@ class AsyncClient:
 
 
 def _usage_link_request(customer_id: str, ttl_s: float, allow_limit: bool, ceiling: int) -> pb.CreateUsageLinkRequest:
-    return pb.CreateUsageLinkRequest(customer_id=customer_id, ttl_ms=round(ttl_s * 1000), allow_limit=allow_limit,
-                                     ceiling=ceiling)
+    return pb.CreateUsageLinkRequest(
+        customer_id=customer_id, ttl_ms=round(ttl_s * 1000), allow_limit=allow_limit, ceiling=ceiling
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -858,8 +1038,9 @@ class _AlertPosition:
         self.customer_ids = customer_ids
 
     def request(self) -> pb.WatchAlertsRequest:
-        return pb.WatchAlertsRequest(after_seq=self.after_seq, from_start=self.from_start,
-                                     customer_ids=self.customer_ids)
+        return pb.WatchAlertsRequest(
+            after_seq=self.after_seq, from_start=self.from_start, customer_ids=self.customer_ids
+        )
 
     def started(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> None:
         for key, value in metadata or ():

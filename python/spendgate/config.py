@@ -148,13 +148,14 @@ class Settings:
         10, "Circuit breaker: freeze a budget whose last-hour usage exceeds this many times its typical hour; 0: off."
     )
     breaker_recent_ms: int = _setting(
-        3_600_000, "Circuit breaker: the recent window (\"the last hour\"), a multiple of 12.", minimum=1
+        3_600_000, 'Circuit breaker: the recent window ("the last hour"), a multiple of 12.', minimum=1
     )
     breaker_window_ms: int = _setting(
         86_400_000, "Circuit breaker: the trailing window whose active hours make the typical hour.", minimum=1
     )
     breaker_min_units: int = _setting(
-        0, "Circuit breaker: never trip below this many units in the recent window (and, without history, trip above it)."
+        0,
+        "Circuit breaker: never trip below this many units in the recent window (and, without history, trip above it).",
     )
     max_clock_step_ms: int = _setting(
         1_000,
@@ -210,7 +211,8 @@ class Settings:
         0, "Pre-aggregation: one event per Stripe customer per window of this length; 0: one event per commit."
     )
     settle_auto_aggregate: bool = _setting(
-        True, "With settle_aggregate_window_ms 0: once a backlog builds in the outbox (a round's worth of entries), send "
+        True,
+        "With settle_aggregate_window_ms 0: once a backlog builds in the outbox (a round's worth of entries), send "
         "one event per Stripe customer (and model) per second until it is drained; off: always one event per commit "
         "(then a restored backup's unsent entries can be resent under their own identifiers).",
     )
@@ -254,32 +256,41 @@ class Settings:
     )
     # The invoice-spike guard (spendgate.webhooks.invoices), on Stripe's invoice.created.
     invoice_spike_percent: int = _setting(
-        50, "invoice.created: raise an invoice_spike alert when the draft's total is more than this many percent above "
+        50,
+        "invoice.created: raise an invoice_spike alert when the draft's total is more than this many percent above "
         "the customer's previous invoice's (any draft above a previous 0 is a spike).",
     )
     invoice_spike_action: str = _setting(
-        "alert", "On an invoice spike: `alert` only, or `hold` the draft too (auto_advance false, so Stripe does not "
-        "finalize it) until `spendgate invoices release INVOICE`.", choices=INVOICE_SPIKE_ACTIONS,
+        "alert",
+        "On an invoice spike: `alert` only, or `hold` the draft too (auto_advance false, so Stripe does not "
+        "finalize it) until `spendgate invoices release INVOICE`.",
+        choices=INVOICE_SPIKE_ACTIONS,
     )
     # Reconciliation on a schedule (spendgate.settle.scheduled): the ledger against Stripe's meter event summaries.
     reconcile_interval_ms: int = _setting(
-        3_600_000, "How often the sidecar reconciles each active customer's current period with Stripe (needs "
+        3_600_000,
+        "How often the sidecar reconciles each active customer's current period with Stripe (needs "
         "STRIPE_API_KEY); 0: never.",
     )
     reconcile_tolerance_percent: int = _setting(
-        1, "Scheduled reconcile: a customer whose Stripe total differs from the settled ledger by more than this "
+        1,
+        "Scheduled reconcile: a customer whose Stripe total differs from the settled ledger by more than this "
         "percent (beyond what is in flight or not yet visible) raises a reconcile_divergence alert.",
     )
     reconcile_max_customers: int = _setting(
-        1_000, "Scheduled reconcile: Stripe customers compared per run; the next run goes on where one stopped.",
+        1_000,
+        "Scheduled reconcile: Stripe customers compared per run; the next run goes on where one stopped.",
         minimum=1,
     )
     reconcile_max_requests_per_second: int = _setting(
-        5, "Scheduled reconcile: Stripe API calls per second at most (Stripe's read rate limit is shared with the "
-        "settler and everything else using the key).", minimum=1,
+        5,
+        "Scheduled reconcile: Stripe API calls per second at most (Stripe's read rate limit is shared with the "
+        "settler and everything else using the key).",
+        minimum=1,
     )
     reconcile_visibility_allowance_ms: int = _setting(
-        600_000, "Scheduled reconcile: usage Stripe acknowledged this recently may be missing from its summaries "
+        600_000,
+        "Scheduled reconcile: usage Stripe acknowledged this recently may be missing from its summaries "
         "(Stripe aggregates asynchronously) without counting as a divergence.",
     )
 
@@ -304,7 +315,9 @@ class Settings:
         optional=True,
     )
     http_session_ttl_ms: int = _setting(
-        12 * 3_600_000, "How long an operator page sign-in lasts (the session ends then, or at sign-out).", minimum=1_000
+        12 * 3_600_000,
+        "How long an operator page sign-in lasts (the session ends then, or at sign-out).",
+        minimum=1_000,
     )
     http_max_sessions: int = _setting(
         1_000, "Operator page sessions kept at once; a sign-in past it ends the oldest session.", minimum=1
@@ -338,24 +351,32 @@ class Settings:
         "`NAME/SCALE` (SCALE units make one NAME, a power of ten, e.g. `credits/1000`).",
     )
     log_format: str = _setting(
-        "json", "`json`: one JSON object a line (ts, level, logger, msg, request_id, ...); `text`: for people.",
+        "json",
+        "`json`: one JSON object a line (ts, level, logger, msg, request_id, ...); `text`: for people.",
         choices=LOG_FORMAT_CHOICES,
     )
     app_tokens: str = _setting(
-        "", "Bearer tokens that may call Budget, comma-separated; prefer the variable or app_tokens_file.",
-        optional=True, secret=True,
+        "",
+        "Bearer tokens that may call Budget, comma-separated; prefer the variable or app_tokens_file.",
+        optional=True,
+        secret=True,
     )
     app_tokens_file: str = _setting(
-        "", "File of app tokens (one a line or comma-separated), so that they never sit in a process list.",
+        "",
+        "File of app tokens (one a line or comma-separated), so that they never sit in a process list.",
         optional=True,
     )
     admin_tokens: str = _setting(
-        "", "Bearer tokens that may call Budget and Admin (and see the operator page), comma-separated.",
-        optional=True, secret=True,
+        "",
+        "Bearer tokens that may call Budget and Admin (and see the operator page), comma-separated.",
+        optional=True,
+        secret=True,
     )
     admin_tokens_file: str = _setting("", "File of admin tokens (one a line or comma-separated).", optional=True)
     tls_cert_file: str = _setting(
-        "", "PEM certificate chain of the server: gRPC (and the HTTP port) serve TLS; needs tls_key_file.", optional=True
+        "",
+        "PEM certificate chain of the server: gRPC (and the HTTP port) serve TLS; needs tls_key_file.",
+        optional=True,
     )
     tls_key_file: str = _setting("", "PEM private key of tls_cert_file.", optional=True)
     tls_client_ca_file: str = _setting(
@@ -365,11 +386,13 @@ class Settings:
         False, "Serve on a non-loopback address without TLS or without client authentication (tokens or mTLS)."
     )
     max_concurrent_streams: int = _setting(
-        1_000, "RPCs one connection may have in flight (HTTP/2 MAX_CONCURRENT_STREAMS); more wait on the client.",
+        1_000,
+        "RPCs one connection may have in flight (HTTP/2 MAX_CONCURRENT_STREAMS); more wait on the client.",
         minimum=1,
     )
     min_ping_interval_ms: int = _setting(
-        10_000, "Shortest interval between a client's keepalive pings; a connection that pings faster is closed.",
+        10_000,
+        "Shortest interval between a client's keepalive pings; a connection that pings faster is closed.",
     )
     max_connection_idle_ms: int = _setting(
         0, "Close a connection that had no RPC for this long (the client reconnects when it needs to); 0: never."
@@ -382,7 +405,8 @@ class Settings:
     )
     # Alerts (spendgate.server.alerts): the Budget.WatchAlerts streams, and the alert webhook.
     alert_watch_queue_capacity: int = _setting(
-        1_000, "Alerts one WatchAlerts stream may have waiting; one further behind is ended (resumably).",
+        1_000,
+        "Alerts one WatchAlerts stream may have waiting; one further behind is ended (resumably).",
         minimum=1,
     )
     alert_max_watchers: int = _setting(100, "WatchAlerts streams open at once; more get RESOURCE_EXHAUSTED.", minimum=1)
@@ -396,15 +420,18 @@ class Settings:
         "", "http(s) URL to POST every alert to, signed, in order, at least once; empty: off.", optional=True
     )
     alert_webhook_secret: str = _setting(
-        "", "Secret that signs the alert webhook (Spendgate-Signature header); required with alert_webhook_url.",
-        optional=True, secret=True,
+        "",
+        "Secret that signs the alert webhook (Spendgate-Signature header); required with alert_webhook_url.",
+        optional=True,
+        secret=True,
     )
     alert_webhook_timeout_ms: int = _setting(10_000, "Timeout of one alert webhook request, all of it.", minimum=1)
     alert_webhook_connect_timeout_ms: int = _setting(
         5_000, "Timeout of connecting to the alert webhook receiver.", minimum=1
     )
     alert_webhook_max_attempts: int = _setting(
-        8, "Tries of one alert (5xx, 429, connection errors) before an error is logged; it is retried, never skipped.",
+        8,
+        "Tries of one alert (5xx, 429, connection errors) before an error is logged; it is retried, never skipped.",
         minimum=1,
     )
     alert_webhook_backoff_base_ms: int = _setting(
@@ -416,8 +443,10 @@ class Settings:
 
     # The OpenAI- and Anthropic-compatible HTTP proxy (spendgate.proxy): zero-code adoption, on the same loop.
     proxy_listen: str = _setting(
-        "", "HOST:PORT to serve the OpenAI- and Anthropic-compatible proxy on (/v1/chat/completions, /v1/responses, "
-        "/v1/messages); a bare PORT binds 127.0.0.1; empty: off.", optional=True,
+        "",
+        "HOST:PORT to serve the OpenAI- and Anthropic-compatible proxy on (/v1/chat/completions, /v1/responses, "
+        "/v1/messages); a bare PORT binds 127.0.0.1; empty: off.",
+        optional=True,
     )
     proxy_openai_base_url: str = _setting(
         "https://api.openai.com/v1", "Upstream base address of the proxy's OpenAI routes (the SDK's base_url form)."
@@ -426,41 +455,50 @@ class Settings:
         "https://api.anthropic.com", "Upstream base address of the proxy's Anthropic route (the SDK's base_url form)."
     )
     proxy_openai_api_key_file: str = _setting(
-        "", "File holding the OpenAI API key the proxy sends upstream for calls made with a spendgate virtual key.",
+        "",
+        "File holding the OpenAI API key the proxy sends upstream for calls made with a spendgate virtual key.",
         optional=True,
     )
     proxy_anthropic_api_key_file: str = _setting(
-        "", "File holding the Anthropic API key the proxy sends upstream for calls made with a spendgate virtual key.",
+        "",
+        "File holding the Anthropic API key the proxy sends upstream for calls made with a spendgate virtual key.",
         optional=True,
     )
     proxy_customer_id_from_body: bool = _setting(
-        False, "Proxy: without a virtual key or x-spendgate-customer-id, take the customer from the body (OpenAI "
-        "safety_identifier or user, Anthropic metadata.user_id), for existing budgets only."
+        False,
+        "Proxy: without a virtual key or x-spendgate-customer-id, take the customer from the body (OpenAI "
+        "safety_identifier or user, Anthropic metadata.user_id), for existing budgets only.",
     )
     proxy_max_body_bytes: int = _setting(
-        32 * 1024 * 1024, "Largest request body the proxy accepts (it reads it whole to bound the call); more: 413.",
+        32 * 1024 * 1024,
+        "Largest request body the proxy accepts (it reads it whole to bound the call); more: 413.",
         minimum=1,
     )
     proxy_hold_ttl_ms: int = _setting(
-        0, "Hold lifetime of a proxied call, and the longest one may run (then its whole hold is committed); at most "
+        0,
+        "Hold lifetime of a proxied call, and the longest one may run (then its whole hold is committed); at most "
         "max_ttl_ms; 0: max_ttl_ms.",
     )
     proxy_upstream_connect_timeout_ms: int = _setting(
         10_000, "Proxy: timeout of connecting to the upstream provider.", minimum=1
     )
     proxy_upstream_read_timeout_ms: int = _setting(
-        600_000, "Proxy: longest wait for the next bytes from upstream (time to first token of long reasoning too).",
+        600_000,
+        "Proxy: longest wait for the next bytes from upstream (time to first token of long reasoning too).",
         minimum=1,
     )
     proxy_max_upstream_connections: int = _setting(
         1_000, "Proxy: upstream connections open at once (each stream holds one); more calls wait for one.", minimum=1
     )
     proxy_drain_timeout_ms: int = _setting(
-        600_000, "Proxy: after a client leaves mid-stream, how long upstream is still read for the final usage; past "
-        "it the whole hold is committed.", minimum=1,
+        600_000,
+        "Proxy: after a client leaves mid-stream, how long upstream is still read for the final usage; past "
+        "it the whole hold is committed.",
+        minimum=1,
     )
     proxy_max_drains: int = _setting(
-        256, "Proxy: streams read on after their client left, at once; past it the whole hold is committed at once.",
+        256,
+        "Proxy: streams read on after their client left, at once; past it the whole hold is committed at once.",
         minimum=1,
     )
 
@@ -556,9 +594,14 @@ def _alert_webhook_problems(settings: Settings) -> list[tuple[str, str]]:
         url = settings.alert_webhook_url
         problems.append(("alert_webhook_url", f"expected an http:// or https:// URL, got {url!r}"))
     if not settings.alert_webhook_secret:
-        problems.append(("alert_webhook_secret", "alert_webhook_url needs a secret to sign with: set "
-                                                 "SPENDGATE_ALERT_WEBHOOK_SECRET (openssl rand -hex 32), the receiver "
-                                                 "verifies with the same one"))
+        problems.append(
+            (
+                "alert_webhook_secret",
+                "alert_webhook_url needs a secret to sign with: set "
+                "SPENDGATE_ALERT_WEBHOOK_SECRET (openssl rand -hex 32), the receiver "
+                "verifies with the same one",
+            )
+        )
     if settings.alert_webhook_backoff_max_ms < settings.alert_webhook_backoff_base_ms:
         problems.append(("alert_webhook_backoff_max_ms", "must be >= alert_webhook_backoff_base_ms"))
     return problems
@@ -572,13 +615,19 @@ def _combination_problems(settings: Settings) -> list[tuple[str, str]]:
         given = "tls_cert_file" if settings.tls_cert_file else "tls_key_file"
         problems.append((given, f"TLS needs both tls_cert_file and tls_key_file: set {missing} too"))
     if settings.tls_client_ca_file and not settings.tls_cert_file:
-        problems.append(("tls_client_ca_file", "mTLS needs the server's own certificate: set tls_cert_file and "
-                                               "tls_key_file too"))
+        problems.append(
+            ("tls_client_ca_file", "mTLS needs the server's own certificate: set tls_cert_file and tls_key_file too")
+        )
     if settings.alert_webhook_url:
         problems.extend(_alert_webhook_problems(settings))
     if settings.proxy_listen and settings.proxy_hold_ttl_ms > settings.max_ttl_ms:
-        problems.append(("proxy_hold_ttl_ms", f"{settings.proxy_hold_ttl_ms} is over max_ttl_ms "
-                                              f"({settings.max_ttl_ms}): lower it or raise max_ttl_ms"))
+        problems.append(
+            (
+                "proxy_hold_ttl_ms",
+                f"{settings.proxy_hold_ttl_ms} is over max_ttl_ms "
+                f"({settings.max_ttl_ms}): lower it or raise max_ttl_ms",
+            )
+        )
     for name in ("proxy_openai_base_url", "proxy_anthropic_base_url"):
         scheme, _, rest = getattr(settings, name).partition("://")
         if scheme.lower() not in ("http", "https") or not rest.strip("/"):
@@ -588,7 +637,9 @@ def _combination_problems(settings: Settings) -> list[tuple[str, str]]:
 
 
 # A Host name or address in http_allowed_hosts: DNS labels, an IPv4 address, or an IPv6 address (brackets optional).
-_HOST_NAME: Final[re.Pattern[str]] = re.compile(r"^(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})?\.)*[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})?\.?$")
+_HOST_NAME: Final[re.Pattern[str]] = re.compile(
+    r"^(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})?\.)*[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})?\.?$"
+)
 # Characters that would end a CSP directive or a header value early.
 _CSP_BREAKERS: Final[tuple[str, ...]] = (";", ",", "\r", "\n")
 
@@ -611,14 +662,18 @@ def _http_problems(settings: Settings) -> list[tuple[str, str]]:
     problems = []
     for part in (part.strip() for part in settings.http_allowed_hosts.split(",")):
         if part and not (_HOST_NAME.match(part) or (":" in part and _is_ipv6(part.strip("[]")))):
-            why = (f"{part!r} is not a host name or an IP address: list names such as `spendgate.internal` or "
-                   "addresses, comma-separated, without scheme, port or path")
+            why = (
+                f"{part!r} is not a host name or an IP address: list names such as `spendgate.internal` or "
+                "addresses, comma-separated, without scheme, port or path"
+            )
             problems.append(("http_allowed_hosts", why))
     for name in ("http_frame_ancestors", "usage_page_frame_ancestors"):
         ancestors = getattr(settings, name)
         if not ancestors.strip() or any(breaker in ancestors for breaker in _CSP_BREAKERS):
-            why = (f"expected CSP sources separated by spaces (such as `'self' https://app.example.com`, or "
-                   f"`'none'`), without ';' or ',', got {ancestors!r}")
+            why = (
+                f"expected CSP sources separated by spaces (such as `'self' https://app.example.com`, or "
+                f"`'none'`), without ';' or ',', got {ancestors!r}"
+            )
             problems.append((name, why))
     problems.extend(_usage_page_problems(settings))
     return problems
@@ -633,8 +688,10 @@ def _usage_page_problems(settings: Settings) -> list[tuple[str, str]]:
     base = settings.usage_link_base_url
     scheme, _, rest = base.partition("://")
     if base and (scheme.lower() not in ("http", "https") or not rest.strip("/") or "?" in base or "#" in base):
-        why = ("expected an http:// or https:// URL without query or fragment (such as https://usage.example.com), "
-               f"got {base!r}")
+        why = (
+            "expected an http:// or https:// URL without query or fragment (such as https://usage.example.com), "
+            f"got {base!r}"
+        )
         problems.append(("usage_link_base_url", why))
     return problems
 
@@ -675,9 +732,11 @@ def parse_text(name: str, text: str) -> Any:
         try:
             document = json.loads(text) if text.strip() else {}
         except json.JSONDecodeError as error:
-            raise ValueError(f"expected a JSON object such as {{\"price_pro\": 5000000}}, got {text!r}: {error}") from None
+            raise ValueError(
+                f'expected a JSON object such as {{"price_pro": 5000000}}, got {text!r}: {error}'
+            ) from None
         if not isinstance(document, dict):
-            raise ValueError(f"expected a JSON object such as {{\"price_pro\": 5000000}}, got {text!r}")
+            raise ValueError(f'expected a JSON object such as {{"price_pro": 5000000}}, got {text!r}')
         value = _pairs(document)
     else:
         value = text
@@ -827,7 +886,13 @@ def settings_table_markdown() -> str:
     rows = ["| Setting | Flag | Environment variable | Default | Meaning |", "| --- | --- | --- | --- | --- |"]
     for name, spec in FIELDS.items():
         default = spec.default
-        shown = str(default).lower() if isinstance(default, bool) else f"{default:_}" if isinstance(default, int) else default
+        shown = (
+            str(default).lower()
+            if isinstance(default, bool)
+            else f"{default:_}"
+            if isinstance(default, int)
+            else default
+        )
         if isinstance(default, tuple):
             shown = json.dumps(dict(default))
         elif default == "":

@@ -72,8 +72,10 @@ def data_dir_lock(data_dir: Path) -> Iterator[None]:
         except OSError as error:
             if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise
-            raise DataCareError(f"{data_dir} is in use by a running spendgate process (it holds {path}): stop the "
-                                "sidecar first, then restore") from None
+            raise DataCareError(
+                f"{data_dir} is in use by a running spendgate process (it holds {path}): stop the "
+                "sidecar first, then restore"
+            ) from None
         try:
             yield
         finally:
@@ -83,7 +85,13 @@ def data_dir_lock(data_dir: Path) -> Iterator[None]:
 # The named steps of a restore, in order. A crash after any of them leaves the data dir either as it was or restored,
 # and the marker makes `serve` refuse until a restore finishes (tests crash a restore after each step).
 RESTORE_STEPS: Final[tuple[str, ...]] = (
-    "marked", "copied", "renewed", "verified", "swapped", "moved_aside", "unmarked",
+    "marked",
+    "copied",
+    "renewed",
+    "verified",
+    "swapped",
+    "moved_aside",
+    "unmarked",
 )
 
 
@@ -110,7 +118,11 @@ def check_servable(data_dir: Path) -> None:
         )
     if data_dir.exists():
         return
-    patterns = (f"{data_dir.name}.before-restore-*", f"{data_dir.name}.interrupted-restore-*", f".{data_dir.name}.restore-*")
+    patterns = (
+        f"{data_dir.name}.before-restore-*",
+        f"{data_dir.name}.interrupted-restore-*",
+        f".{data_dir.name}.restore-*",
+    )
     traces = sorted(str(path) for pattern in patterns for path in data_dir.parent.glob(pattern))
     if traces:
         raise DataCareError(
@@ -129,14 +141,17 @@ def restore(source: Path, data_dir: Path, *, force: bool, map_size_mb: int) -> R
     source, data_dir = source.resolve(), data_dir.resolve()
     backup_file = source / DATA_FILE
     if not backup_file.is_file():
-        raise DataCareError(f"{source} is not a spendgate backup (no {DATA_FILE}); pass the directory `spendgate "
-                            "backup` wrote")
+        raise DataCareError(
+            f"{source} is not a spendgate backup (no {DATA_FILE}); pass the directory `spendgate backup` wrote"
+        )
     with data_dir_lock(data_dir):
         interrupted = restore_marker(data_dir).exists()
         occupied = data_dir.exists() and any(data_dir.iterdir())
         if occupied and not force:
-            raise DataCareError(f"{data_dir} is not empty: pass --force to move its contents aside (to "
-                                f"{data_dir.name}.before-restore-<time>, kept) and restore in their place")
+            raise DataCareError(
+                f"{data_dir} is not empty: pass --force to move its contents aside (to "
+                f"{data_dir.name}.before-restore-<time>, kept) and restore in their place"
+            )
         _keep_leftovers(data_dir)  # an interrupted restore's staging may hold the old data: kept, never deleted
         _mark(data_dir, source)
         _reached("marked")
@@ -167,15 +182,17 @@ def _core_renew(data_dir: Path, *, map_size_mb: int) -> None:
     try:
         _core.renew_identity(str(data_dir), map_size_mb=map_size_mb, now_ms=time.time_ns() // 1_000_000)
     except _core.EngineError as error:
-        raise DataCareError(f"the backup does not open as consistent books ({error.kind}: {error.message}); it is "
-                            "not restored") from None
+        raise DataCareError(
+            f"the backup does not open as consistent books ({error.kind}: {error.message}); it is not restored"
+        ) from None
     gc.collect()
 
 
 def _mark(data_dir: Path, source: Path) -> None:
     marker = restore_marker(data_dir)
-    text = json.dumps({"source": str(source), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                            time.gmtime())})
+    text = json.dumps(
+        {"source": str(source), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    )
     with open(marker, "w", encoding="utf-8") as file:
         file.write(text + "\n")
         file.flush()
@@ -245,8 +262,9 @@ def verify(data_dir: Path, *, map_size_mb: int) -> int:
         engine.check_invariants()
         budgets = engine.stats()["budgets"]
     except _core.EngineError as error:
-        raise DataCareError(f"the backup does not open as consistent books ({error.kind}: {error.message}); it is "
-                            "not restored") from None
+        raise DataCareError(
+            f"the backup does not open as consistent books ({error.kind}: {error.message}); it is not restored"
+        ) from None
     finally:
         if engine is not None:
             engine.close()
@@ -317,18 +335,44 @@ class Section:
 def inspect(data_dir: Path, sections: Sequence[str], *, limit: int, all_holds: bool = False) -> list[Section]:
     """What `spendgate inspect` prints: each asked section, at most `limit` rows (the ledger: its last `limit`)."""
     readers: dict[str, Callable[[StoreReader], Section]] = {
-        "budgets": lambda store: Section("budgets", "budgets", BUDGET_COLUMNS, _first(
-            ({"customer_id": cid, **record} for cid, record in store.budgets()), limit)),
-        "holds": lambda store: Section("holds", "holds" if all_holds else "active holds", HOLD_COLUMNS, _first(
-            ({"reservation_id": rid, **record} for rid, record in store.holds()
-             if all_holds or record["status"] == "active"), limit)),
+        "budgets": lambda store: Section(
+            "budgets",
+            "budgets",
+            BUDGET_COLUMNS,
+            _first(({"customer_id": cid, **record} for cid, record in store.budgets()), limit),
+        ),
+        "holds": lambda store: Section(
+            "holds",
+            "holds" if all_holds else "active holds",
+            HOLD_COLUMNS,
+            _first(
+                (
+                    {"reservation_id": rid, **record}
+                    for rid, record in store.holds()
+                    if all_holds or record["status"] == "active"
+                ),
+                limit,
+            ),
+        ),
         "outbox": lambda store: Section("outbox", "outbox", OUTBOX_COLUMNS, _first(store.outbox(), limit)),
-        "ledger": lambda store: Section("ledger", f"ledger (last {limit})", LEDGER_COLUMNS,
-                                        [_with_kind(entry) for entry in store.tail("ledger", limit)]),
-        "archive": lambda store: Section("archive", f"archived ledger (first {limit})", LEDGER_COLUMNS, [
-            _with_kind(entry) for entry in _first(archived_entries(data_dir, committed_lengths(store.meta())), limit)]),
-        "deadletters": lambda store: Section("deadletters", "dead letters", DEAD_LETTER_COLUMNS, _first(
-            ({**letter["entry"], "reason": letter["reason"]} for letter in store.dead_letters()), limit)),
+        "ledger": lambda store: Section(
+            "ledger",
+            f"ledger (last {limit})",
+            LEDGER_COLUMNS,
+            [_with_kind(entry) for entry in store.tail("ledger", limit)],
+        ),
+        "archive": lambda store: Section(
+            "archive",
+            f"archived ledger (first {limit})",
+            LEDGER_COLUMNS,
+            [_with_kind(entry) for entry in _first(archived_entries(data_dir, committed_lengths(store.meta())), limit)],
+        ),
+        "deadletters": lambda store: Section(
+            "deadletters",
+            "dead letters",
+            DEAD_LETTER_COLUMNS,
+            _first(({**letter["entry"], "reason": letter["reason"]} for letter in store.dead_letters()), limit),
+        ),
     }
     with StoreReader(data_dir) as store:
         return [readers[name](store) for name in sections]
@@ -338,8 +382,17 @@ BUDGET_COLUMNS: Final = ("customer_id", "stripe_customer_id", "limit", "spent", 
 HOLD_COLUMNS: Final = ("reservation_id", "customer_id", "amount", "status", "expires_ms", "committed_amount")
 OUTBOX_COLUMNS: Final = ("seq", "customer_id", "stripe_customer_id", "amount", "ts_ms", "attempts", "sent_as")
 # kind: "commit" (usage; stored without the field) or "grant" (credits, Admin.GrantCredits: no reservation id).
-LEDGER_COLUMNS: Final = ("seq", "kind", "reservation_id", "customer_id", "amount", "reserved", "excess", "ts_ms",
-                         "settled_ms")
+LEDGER_COLUMNS: Final = (
+    "seq",
+    "kind",
+    "reservation_id",
+    "customer_id",
+    "amount",
+    "reserved",
+    "excess",
+    "ts_ms",
+    "settled_ms",
+)
 DEAD_LETTER_COLUMNS: Final = ("seq", "customer_id", "amount", "attempts", "reason")
 
 

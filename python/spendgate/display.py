@@ -82,7 +82,7 @@ class DisplayUnit:
     def parse(self, text: str) -> int:
         """The units of an amount typed in this unit ("25", "$25.50", "1,000 credits"). Raises ValueError saying
         what was wrong: not a number, negative, or finer than one unit."""
-        cleaned = text.strip()[:MAX_AMOUNT_CHARS + 1]
+        cleaned = text.strip()[: MAX_AMOUNT_CHARS + 1]
         if len(cleaned) > MAX_AMOUNT_CHARS:
             raise ValueError(f"an amount is at most {MAX_AMOUNT_CHARS} characters")
         for part in (self.prefix.strip(), self.suffix.strip()):
@@ -92,14 +92,15 @@ class DisplayUnit:
         try:
             value = Decimal(cleaned)
         except InvalidOperation:
-            raise ValueError(f"{text.strip()[:MAX_AMOUNT_CHARS]!r} is not a number: type an amount such as "
-                             f"{self.to_input(self.scale * 25)}") from None
+            raise ValueError(
+                f"{text.strip()[:MAX_AMOUNT_CHARS]!r} is not a number: type an amount such as "
+                f"{self.to_input(self.scale * 25)}"
+            ) from None
         if not value.is_finite() or value < 0:
             raise ValueError(f"{text.strip()[:MAX_AMOUNT_CHARS]!r} is not a positive amount")
         units = value * self.scale
         if units != units.to_integral_value():
-            raise ValueError(f"{text.strip()[:MAX_AMOUNT_CHARS]!r} is finer than the smallest amount, "
-                             f"{self.format(1)}")
+            raise ValueError(f"{text.strip()[:MAX_AMOUNT_CHARS]!r} is finer than the smallest amount, {self.format(1)}")
         return int(units)
 
 
@@ -117,6 +118,5 @@ def parse_display_unit(text: str) -> DisplayUnit:
     if named:
         name, scale_text = named.groups()
         scale = int(scale_text or "1")
-        return DisplayUnit(prefix="", suffix=" " + name.strip(), scale=scale, decimals=len(str(scale)) - 1,
-                           money=False)
+        return DisplayUnit(prefix="", suffix=" " + name.strip(), scale=scale, decimals=len(str(scale)) - 1, money=False)
     raise ValueError(f"expected {ACCEPTED}, got {text!r}")

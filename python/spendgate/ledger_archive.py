@@ -32,7 +32,7 @@ class ArchiveError(Exception):
 
 def committed_lengths(meta: Mapping[str, Any]) -> dict[str, int]:
     """file name -> committed bytes, from LMDB's meta database."""
-    return {key[len(META_LEN_PREFIX):]: int(value) for key, value in meta.items() if key.startswith(META_LEN_PREFIX)}
+    return {key[len(META_LEN_PREFIX) :]: int(value) for key, value in meta.items() if key.startswith(META_LEN_PREFIX)}
 
 
 def archived_entries(data_dir: Path, lengths: Mapping[str, int]) -> Iterator[dict[str, Any]]:
@@ -45,8 +45,10 @@ def _read(path: Path, committed_bytes: int) -> Iterator[dict[str, Any]]:
     try:
         raw = path.open("rb")
     except FileNotFoundError:
-        raise ArchiveError(f"{path} is missing but LMDB counts {committed_bytes} archived bytes in it: restore the "
-                           "data dir's archive/ from its backup") from None
+        raise ArchiveError(
+            f"{path} is missing but LMDB counts {committed_bytes} archived bytes in it: restore the "
+            "data dir's archive/ from its backup"
+        ) from None
     with raw, gzip.GzipFile(fileobj=io.BufferedReader(_Prefix(raw, committed_bytes), _READ_CHUNK_BYTES)) as lines:
         try:
             for line in lines:

@@ -60,8 +60,10 @@ def pages(list_ledger: ListLedger, customer_id: str, period: str) -> Iterator[pb
             first_start_ms = page.period_start_ms
             request.period = inside_period(page.period_start_ms)
         elif page.period_start_ms != first_start_ms:
-            raise ExportError(f"the period changed during the export (from {first_start_ms} to "
-                              f"{page.period_start_ms} ms): run it again with --period DATE")
+            raise ExportError(
+                f"the period changed during the export (from {first_start_ms} to "
+                f"{page.period_start_ms} ms): run it again with --period DATE"
+            )
         yield page
         if not page.more:
             return

@@ -22,8 +22,15 @@ import time
 from collections.abc import Iterable
 from typing import Any, Final
 
-__all__ = ["JsonFormatter", "RedactingFilter", "add_secrets", "configure_logging", "redact", "request_id",
-           "secret_values"]
+__all__ = [
+    "JsonFormatter",
+    "RedactingFilter",
+    "add_secrets",
+    "configure_logging",
+    "redact",
+    "request_id",
+    "secret_values",
+]
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("spendgate_request_id", default="")
 # The filter of the handler configure_logging installed, so that secrets read later (token files) join it.
@@ -75,8 +82,9 @@ class RedactingFilter(logging.Filter):
         self._literals = sorted({s for s in secrets if len(s) >= MIN_SECRET_CHARS}, key=len, reverse=True)
 
     def add_secrets(self, secrets: Iterable[str]) -> None:
-        self._literals = sorted({*self._literals, *(s for s in secrets if len(s) >= MIN_SECRET_CHARS)},
-                                key=len, reverse=True)
+        self._literals = sorted(
+            {*self._literals, *(s for s in secrets if len(s) >= MIN_SECRET_CHARS)}, key=len, reverse=True
+        )
 
     def filter(self, record: logging.LogRecord) -> bool:
         # Stamped here, at emit time, in the context of the call that logged (a formatter may run later).

@@ -92,7 +92,9 @@ class StoreReader:
         self.data_dir = Path(data_dir)
         self._max_chunk_entries = self._chunk_entries = chunk_entries
         if not (self.data_dir / "data.mdb").is_file():
-            raise StoreReadError(f"{self.data_dir} is not a spendgate data dir (no data.mdb); pass the sidecar's --data-dir")
+            raise StoreReadError(
+                f"{self.data_dir} is not a spendgate data dir (no data.mdb); pass the sidecar's --data-dir"
+            )
         self._worker = _Worker(self.data_dir)
         self.retries = 0  # chunks read again because the writer moved on meanwhile (for tests and diagnostics)
 
@@ -107,8 +109,9 @@ class StoreReader:
     def __enter__(self) -> StoreReader:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     # -- what callers read -------------------------------------------------------------------------------------------
@@ -156,7 +159,7 @@ class StoreReader:
         wanted = sorted(set(keys))
         found: dict[bytes, dict[str, Any]] = {}
         for start in range(0, len(wanted), self._chunk_entries):
-            batch = wanted[start:start + self._chunk_entries]
+            batch = wanted[start : start + self._chunk_entries]
             found.update(self._stable(db_name, ("get", db_name, batch)))
         return found
 
@@ -241,8 +244,12 @@ def _check_hold(key: bytes, value: Any) -> str | None:
 
 
 _CHECKS: Final[dict[str, Callable[[bytes, Any], str | None]]] = {
-    "budgets": _check_budget, "dead_letters": _check_dead_letter, "ledger": _check_seq, "outbox": _check_seq,
-    "holds": _check_hold, "meta": _check_meta,
+    "budgets": _check_budget,
+    "dead_letters": _check_dead_letter,
+    "ledger": _check_seq,
+    "outbox": _check_seq,
+    "holds": _check_hold,
+    "meta": _check_meta,
 }
 
 
@@ -275,7 +282,9 @@ class _Worker:
         # LMDB assertion when it read reused pages) is dropped: a death is expected and handled.
         self._process = subprocess.Popen(
             [sys.executable, "-P", __file__, "--worker", str(self._data_dir)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
         )
         reply = self._receive()  # the worker says whether it could open the environment
         if reply[0] != "ready":
@@ -340,8 +349,9 @@ def _worker_main(data_dir: str) -> int:
     source = sys.stdin.buffer
     try:
         # map_size=0 adopts the size recorded in the environment; create=False never makes a directory.
-        env = lmdb.open(data_dir, readonly=True, lock=False, max_dbs=MAX_DBS, subdir=True, create=False, map_size=0,
-                        readahead=False)
+        env = lmdb.open(
+            data_dir, readonly=True, lock=False, max_dbs=MAX_DBS, subdir=True, create=False, map_size=0, readahead=False
+        )
     except lmdb.Error as error:
         _send(out, ("fatal", f"cannot open the LMDB environment in {data_dir} read-only: {error}"))
         return 1
@@ -359,8 +369,13 @@ def _worker_main(data_dir: str) -> int:
                 # Without txn=: a handle opened inside an explicit read-only transaction is not usable after it.
                 db = dbs[name] = env.open_db(name.encode(), create=False)
             except lmdb.NotFoundError:
-                _send(out, ("fatal", f"{data_dir} has no `{name}` database: not a spendgate data dir, or one from "
-                                     "an older release"))
+                _send(
+                    out,
+                    (
+                        "fatal",
+                        f"{data_dir} has no `{name}` database: not a spendgate data dir, or one from an older release",
+                    ),
+                )
                 continue
             except lmdb.Error as error:  # the main database read from reused pages: report it unstable
                 _send(out, ("ok", 0, 2, [], f"LMDB: {error}"))

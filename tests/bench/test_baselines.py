@@ -46,8 +46,9 @@ async def race(target: str, customer: str) -> tuple[int, int, int]:
                     assert held.reason == pb.DENY_REASON_INSUFFICIENT_BUDGET
                     return
                 granted += AMOUNT
-                done = await budget.Commit(pb.CommitRequest(reservation_id=held.reservation_id, amount=AMOUNT),
-                                           timeout=30)
+                done = await budget.Commit(
+                    pb.CommitRequest(reservation_id=held.reservation_id, amount=AMOUNT), timeout=30
+                )
                 assert done.charged == AMOUNT
 
         await asyncio.gather(*(client() for _ in range(CLIENTS)))
@@ -67,8 +68,9 @@ def databases() -> Iterator[tuple[services.Postgres, services.Redis]]:
 
 
 @pytest.mark.parametrize("backend", ["postgres", "redis", "naive"])
-def test_baseline_books_and_overspend(backend: str, databases: tuple[services.Postgres, services.Redis],
-                                      tmp_path: Path) -> None:
+def test_baseline_books_and_overspend(
+    backend: str, databases: tuple[services.Postgres, services.Redis], tmp_path: Path
+) -> None:
     pg, rd = databases
     dsn = services.create_database(pg, f"test_{backend}") if backend != "redis" else None
     with server.baseline(backend, tmp_path / f"{backend}.log", dsn=dsn, redis_url=rd.url, pool_size=16) as running:
@@ -98,8 +100,10 @@ def test_h2load_bodies_are_grpc_frames() -> None:
 
 
 def test_h2load_summary_parses() -> None:
-    text = ("finished in 4.00s, 6644.33 req/s, 402.61KB/s\n"
-            "requests: 26577 total, 26577 started, 26577 done, 26570 succeeded, 7 failed, 0 errored, 0 timeout\n")
+    text = (
+        "finished in 4.00s, 6644.33 req/s, 402.61KB/s\n"
+        "requests: 26577 total, 26577 started, 26577 done, 26570 succeeded, 7 failed, 0 errored, 0 timeout\n"
+    )
     parsed = h2load.parse_summary(text)
     assert parsed["req_per_s"] == 6644.33
     assert (parsed["requests_succeeded"], parsed["requests_failed"]) == (26570, 7)
@@ -107,23 +111,55 @@ def test_h2load_summary_parses() -> None:
 
 def test_report_renders_the_targets() -> None:
     def row(kind: str, conc: int, ops: float, p50: float) -> dict[str, object]:
-        return {"kind": kind, "label": kind, "concurrency": conc, "ops_per_s": ops, "p50_us": p50, "p90_us": p50,
-                "p99_us": p50, "p99_9_us": p50, "count": 100, "denied": 0, "errors": {}, "server_cpu_pct": 1.0,
-                "client_cpu_pct": 1.0, "parts": {}, "samples_us": [p50]}
+        return {
+            "kind": kind,
+            "label": kind,
+            "concurrency": conc,
+            "ops_per_s": ops,
+            "p50_us": p50,
+            "p90_us": p50,
+            "p99_us": p50,
+            "p99_9_us": p50,
+            "count": 100,
+            "denied": 0,
+            "errors": {},
+            "server_cpu_pct": 1.0,
+            "client_cpu_pct": 1.0,
+            "parts": {},
+            "samples_us": [p50],
+        }
 
-    race_ok = {"overspend_units": 0, "server_overspend_units": 0, "limit_total": 100, "rounds": 1,
-               "granted_units": 100, "limit": 100, "amount": 10, "ops_per_s": 1.0, "p50_us": 1.0, "p99_us": 1.0,
-               "errors": {}}
+    race_ok = {
+        "overspend_units": 0,
+        "server_overspend_units": 0,
+        "limit_total": 100,
+        "rounds": 1,
+        "granted_units": 100,
+        "limit": 100,
+        "amount": 10,
+        "ops_per_s": 1.0,
+        "p50_us": 1.0,
+        "p99_us": 1.0,
+        "errors": {},
+    }
     result = {
-        "machine": {"date_utc": "2026-01-01T00:00:00+00:00", "git_commit": "abc", "nproc": 2, "cpu_model": "cpu",
-                    "mem_total_gib": 1, "os": "Linux", "python": "3.11", "grpcio": "1"},
+        "machine": {
+            "date_utc": "2026-01-01T00:00:00+00:00",
+            "git_commit": "abc",
+            "nproc": 2,
+            "cpu_model": "cpu",
+            "mem_total_gib": 1,
+            "os": "Linux",
+            "python": "3.11",
+            "grpcio": "1",
+        },
         "params": {"quick": True, "warmup_s": 0, "duration_s": 1, "procs": 1},
         "grpc": [row("ping", 64, 1000, 100), row("reserve", 64, 900, 110), row("reserve_commit", 64, 450, 220)],
         "race": race_ok,
-        "baselines": {"postgres": {"grpc": [row("reserve", 64, 300, 300), row("reserve_commit", 64, 150, 600)],
-                                   "race": race_ok},
-                      "naive": {"grpc": [row("reserve_commit", 64, 100, 900)], "race": {**race_ok,
-                                                                                         "overspend_units": 30}}},
+        "baselines": {
+            "postgres": {"grpc": [row("reserve", 64, 300, 300), row("reserve_commit", 64, 150, 600)], "race": race_ok},
+            "naive": {"grpc": [row("reserve_commit", 64, 100, 900)], "race": {**race_ok, "overspend_units": 30}},
+        },
     }
     text = report.render(result)
     targets = {t["target"].split(" ")[0]: t for t in report.targets(result)}

@@ -12,8 +12,14 @@ from spendgate.alerts import SignatureVerificationError, signature_header, verif
 
 SECRET = "a-receiver-secret-0123456789abcdef"
 NOW_S = 1_800_000_000
-ALERT = {"seq": 42, "kind": "limit_reached", "customer_id": "cus_é", "ts_ms": 1_799_999_999_000,
-         "message": "budget \"cus_é\" reached its limit", "values": {"limit": 100, "spent": 100}}
+ALERT = {
+    "seq": 42,
+    "kind": "limit_reached",
+    "customer_id": "cus_é",
+    "ts_ms": 1_799_999_999_000,
+    "message": 'budget "cus_é" reached its limit',
+    "values": {"limit": 100, "spent": 100},
+}
 
 
 def test_the_body_carries_every_field_with_a_stable_id() -> None:
@@ -57,8 +63,12 @@ def test_the_signature_is_hmac_sha256_of_t_dot_body_as_documented() -> None:
 )
 def test_a_wrong_secret_an_altered_body_a_stale_or_malformed_header_fails(change: dict[str, object], why: str) -> None:
     body = webhook_body(ALERT)
-    arguments: dict[str, object] = {"payload": body, "header": signature_header(body, SECRET, timestamp_s=NOW_S),
-                                    "secret": SECRET, "now_s": NOW_S}
+    arguments: dict[str, object] = {
+        "payload": body,
+        "header": signature_header(body, SECRET, timestamp_s=NOW_S),
+        "secret": SECRET,
+        "now_s": NOW_S,
+    }
     arguments.update(change)
     with pytest.raises(SignatureVerificationError, match=why):
         verify_signature(**arguments)  # type: ignore[arg-type]

@@ -23,21 +23,28 @@ def check(tmp_path: Path, text: str) -> tuple[int, list[str], str]:
 
 
 def test_a_good_file_exits_0(tmp_path: Path) -> None:
-    code, problems, out = check(tmp_path, 'listen = "127.0.0.1:7000"\nlog_format = "text"\n'
-                                          '[webhook_plan_limits]\nprice_basic = 1_000\n')
+    code, problems, out = check(
+        tmp_path, 'listen = "127.0.0.1:7000"\nlog_format = "text"\n[webhook_plan_limits]\nprice_basic = 1_000\n'
+    )
     assert (code, problems) == (0, []) and "OK (3 settings" in out
 
 
 def test_every_problem_is_reported_with_its_line(tmp_path: Path) -> None:
-    code, problems, _ = check(tmp_path, "\n".join([
-        'listen = "127.0.0.1:7000"',      # 1
-        "map_size_mb = -3",                # 2: below the minimum
-        'durabilty = "fsync"',             # 3: a typo
-        'log_format = "yaml"',             # 4: not a choice
-        "[webhook_plan_limits]",           # 5
-        "price_basic = 100",               # 6
-        'price_pro = "lots"',              # 7: not an integer
-    ]) + "\n")
+    code, problems, _ = check(
+        tmp_path,
+        "\n".join(
+            [
+                'listen = "127.0.0.1:7000"',  # 1
+                "map_size_mb = -3",  # 2: below the minimum
+                'durabilty = "fsync"',  # 3: a typo
+                'log_format = "yaml"',  # 4: not a choice
+                "[webhook_plan_limits]",  # 5
+                "price_basic = 100",  # 6
+                'price_pro = "lots"',  # 7: not an integer
+            ]
+        )
+        + "\n",
+    )
     assert code == 2
     assert len(problems) == 4
     assert "line 2: setting 'map_size_mb': expected an integer >= 8, got -3" in problems[0]
@@ -56,8 +63,7 @@ def test_what_serve_would_refuse_at_start_is_a_problem_too(tmp_path: Path) -> No
     code, problems, _ = check(tmp_path, f'listen = "0.0.0.0:7000"\nadmin_tokens_file = "{tmp_path / "absent"}"\n')
     assert code == 2
     assert any("'admin_tokens_file': cannot read" in p for p in problems)
-    assert any("0.0.0.0:7000 is not a loopback address" in p and "--allow-insecure-non-loopback" in p
-               for p in problems)
+    assert any("0.0.0.0:7000 is not a loopback address" in p and "--allow-insecure-non-loopback" in p for p in problems)
 
 
 def test_an_unusable_usage_link_key_is_a_problem(tmp_path: Path) -> None:
@@ -86,14 +92,16 @@ def test_check_config_judges_the_file_not_the_environment(tmp_path: Path) -> Non
 
 
 def test_client_commands_send_the_token_from_the_flag_a_file_or_the_environment(
-        sidecar_factory: SidecarFactory, tmp_path: Path) -> None:
+    sidecar_factory: SidecarFactory, tmp_path: Path
+) -> None:
     sidecar: Sidecar = sidecar_factory("tokens", extra_args=["--admin-tokens", ADMIN_TOKEN])
     refused = spendgate_cli("budget", "set", "cus_a", "--limit", "5", "--target", sidecar.target)
     assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr and "--token" in refused.stderr
     token_file = tmp_path / "token"
     token_file.write_text(ADMIN_TOKEN + "\n")
-    by_flag = spendgate_cli("budget", "set", "cus_a", "--limit", "5", "--target", sidecar.target, "--token",
-                            ADMIN_TOKEN)
+    by_flag = spendgate_cli(
+        "budget", "set", "cus_a", "--limit", "5", "--target", sidecar.target, "--token", ADMIN_TOKEN
+    )
     by_file = spendgate_cli("budget", "show", "cus_a", "--target", sidecar.target, "--token-file", str(token_file))
     by_env = spendgate_cli("budget", "list", "--target", sidecar.target, env=child_env(SPENDGATE_TOKEN=ADMIN_TOKEN))
     assert [r.returncode for r in (by_flag, by_file, by_env)] == [0, 0, 0], [by_flag.stderr, by_file.stderr]

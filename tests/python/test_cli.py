@@ -158,7 +158,15 @@ def test_budget_set_creates_then_updates_and_show_prints_the_counters(server: Se
     assert "created budget cus_acme" in created.stdout
 
     updated = spendgate_cli(
-        "budget", "set", "cus_acme", "--limit", "7000", "--stripe-customer-id", "cus_Stripe1", "--target", server.address
+        "budget",
+        "set",
+        "cus_acme",
+        "--limit",
+        "7000",
+        "--stripe-customer-id",
+        "cus_Stripe1",
+        "--target",
+        server.address,
     )
     assert updated.returncode == 0, updated.stderr
     assert "updated budget cus_acme" in updated.stdout
@@ -294,7 +302,10 @@ def test_usage_prints_the_period_the_daily_series_and_the_breakdowns(server: Ser
     assert shown.returncode == 0, shown.stderr
     figures = dict(line.split(None, 1) for line in shown.stdout.split("daily")[0].splitlines()[2:] if line.strip())
     assert (figures["total"].strip(), figures["overage"].strip(), figures["included_remaining"].strip()) == (
-        "700", "200", "0")
+        "700",
+        "200",
+        "0",
+    )
     assert "by dimension" in shown.stdout and "search" in shown.stdout
     bad = spendgate_cli("usage", "cus_u", "--period", "last month", "--target", server.address)
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "ISO date" in bad.stderr
@@ -302,8 +313,9 @@ def test_usage_prints_the_period_the_daily_series_and_the_breakdowns(server: Ser
 
 def test_budget_grant_adds_credits_once_per_key_and_usage_shows_them(server: Server) -> None:
     spendgate_cli("budget", "set", "cus_g", "--limit", "1000", "--target", server.address)
-    granted = spendgate_cli("budget", "grant", "cus_g", "250", "--key", "pay_1", "--reason", "pack",
-                            "--target", server.address)
+    granted = spendgate_cli(
+        "budget", "grant", "cus_g", "250", "--key", "pay_1", "--reason", "pack", "--target", server.address
+    )
     assert granted.returncode == 0, granted.stderr
     assert "granted 250 credits to cus_g" in granted.stdout
     rows = dict(line.split(None, 1) for line in granted.stdout.strip().splitlines()[1:])
@@ -319,8 +331,12 @@ def test_budget_grant_adds_credits_once_per_key_and_usage_shows_them(server: Ser
 
     shown = spendgate_cli("usage", "cus_g", "--target", server.address)
     figures = dict(line.split(None, 1) for line in shown.stdout.split("daily")[0].splitlines()[2:] if line.strip())
-    assert (figures["limit"].strip(), figures["credits"].strip(), figures["credits_granted"].strip(),
-            figures["grants"].strip()) == ("1,250", "250", "250", "1")
+    assert (
+        figures["limit"].strip(),
+        figures["credits"].strip(),
+        figures["credits_granted"].strip(),
+        figures["grants"].strip(),
+    ) == ("1,250", "250", "250", "1")
 
 
 def test_health_exits_0_on_a_serving_sidecar_and_1_without_one(server: Server) -> None:
@@ -353,8 +369,9 @@ def test_usage_link_prints_a_signed_link_that_opens_the_customers_page(tmp_path:
         assert "view only" in printed.stderr and "&sig=" in url
         with urllib.request.urlopen(url, timeout=30) as page:
             assert page.status == 200 and "cus_link" in page.read().decode()
-        limited = spendgate_cli("usage-link", "cus_link", "--allow-limit", "--ceiling", "900", "--target",
-                                sidecar.target)
+        limited = spendgate_cli(
+            "usage-link", "cus_link", "--allow-limit", "--ceiling", "900", "--target", sidecar.target
+        )
         assert limited.returncode == 0 and "set the stop-at up to 900 units" in limited.stderr
         assert spendgate_cli("usage-link", "cus_link", "--allow-limit", "--target", sidecar.target).returncode == 2
         assert spendgate_cli("usage-link", "cus_link", "--ttl", "soon", "--target", sidecar.target).returncode == 2

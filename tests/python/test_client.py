@@ -82,8 +82,12 @@ class AsyncLoseFirstReply(grpc.aio.UnaryUnaryClientInterceptor):
         self.requests.append(request)
         if len(self.requests) == 1:
             await call  # the server has acted on it
-            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                                       details="reply lost (simulated by the test)")
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.aio.Metadata(),
+                grpc.aio.Metadata(),
+                details="reply lost (simulated by the test)",
+            )
         return call
 
 
@@ -191,10 +195,16 @@ def test_errors_carry_the_servers_status_and_message(sidecar: Sidecar, client: C
     with grpc.insecure_channel(sidecar.target) as channel:
         stub = pb_grpc.BudgetStub(channel)
         cases: list[tuple[Callable[[], Any], Callable[[], Any], type[SpendgateError]]] = [
-            (lambda: stub.Reserve(pb.ReserveRequest(customer_id=customer, amount=0, idempotency_key="k")),
-             lambda: client.reserve_raw(customer, 0, idempotency_key="k"), InvalidArgument),
-            (lambda: stub.GetBalance(pb.GetBalanceRequest(customer_id=missing)),
-             lambda: client.balance(missing), NotFound),
+            (
+                lambda: stub.Reserve(pb.ReserveRequest(customer_id=customer, amount=0, idempotency_key="k")),
+                lambda: client.reserve_raw(customer, 0, idempotency_key="k"),
+                InvalidArgument,
+            ),
+            (
+                lambda: stub.GetBalance(pb.GetBalanceRequest(customer_id=missing)),
+                lambda: client.balance(missing),
+                NotFound,
+            ),
         ]
         for raw_call, client_call, error in cases:
             with pytest.raises(grpc.RpcError) as raw:
@@ -251,8 +261,9 @@ def test_async_commit_release_and_clean_exit(sidecar: Sidecar, admin: CreateBudg
     assert_settled(asyncio.run(scenario()), spent=150)
 
 
-def test_list_ledger_pages_the_audit_trail_in_both_clients(client: Client, sidecar: Sidecar,
-                                                             admin: CreateBudget) -> None:
+def test_list_ledger_pages_the_audit_trail_in_both_clients(
+    client: Client, sidecar: Sidecar, admin: CreateBudget
+) -> None:
     customer = admin(1_000)
     for amount in (3, 4, 5):
         with client.reserve(customer, amount=amount) as hold:
@@ -290,8 +301,9 @@ def test_async_denial_raises_before_the_block_runs(sidecar: Sidecar, admin: Crea
     assert (denied.value.reason, denied.value.remaining) == (pb.DENY_REASON_INSUFFICIENT_BUDGET, 100)
 
 
-def test_async_auto_key_makes_a_retried_reserve_return_the_same_reservation(sidecar: Sidecar,
-                                                                            admin: CreateBudget) -> None:
+def test_async_auto_key_makes_a_retried_reserve_return_the_same_reservation(
+    sidecar: Sidecar, admin: CreateBudget
+) -> None:
     customer = admin(1_000)
     lose = AsyncLoseFirstReply("/Reserve")
 

@@ -161,12 +161,16 @@ def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_unknown_spendgate_env_var_is_an_error_naming_it() -> None:
-    with pytest.raises(ConfigError, match=r"environment variable SPENDGATE_DATADIR: unknown setting.*SPENDGATE_DATA_DIR"):
+    with pytest.raises(
+        ConfigError, match=r"environment variable SPENDGATE_DATADIR: unknown setting.*SPENDGATE_DATA_DIR"
+    ):
         load_settings(env={"SPENDGATE_DATADIR": "/tmp/x"})
 
 
 def test_bad_env_value_names_the_variable_and_the_value() -> None:
-    with pytest.raises(ConfigError, match=r"environment variable SPENDGATE_MAP_SIZE_MB: expected an integer, got '1GB'"):
+    with pytest.raises(
+        ConfigError, match=r"environment variable SPENDGATE_MAP_SIZE_MB: expected an integer, got '1GB'"
+    ):
         load_settings(env={"SPENDGATE_MAP_SIZE_MB": "1GB"})
 
 
@@ -222,10 +226,18 @@ def test_settings_table_has_a_row_per_setting() -> None:
 
 
 def test_stripe_settings_come_from_stripes_own_variable_names() -> None:
-    settings = load_settings(env={"STRIPE_API_KEY": "rk_test_abc", "STRIPE_API_BASE": "http://127.0.0.1:1",
-                                  "STRIPE_WEBHOOK_SECRET": "whsec_1"})
+    settings = load_settings(
+        env={
+            "STRIPE_API_KEY": "rk_test_abc",
+            "STRIPE_API_BASE": "http://127.0.0.1:1",
+            "STRIPE_WEBHOOK_SECRET": "whsec_1",
+        }
+    )
     assert (settings.stripe_api_key, settings.stripe_api_base, settings.webhook_secret) == (
-        "rk_test_abc", "http://127.0.0.1:1", "whsec_1")
+        "rk_test_abc",
+        "http://127.0.0.1:1",
+        "whsec_1",
+    )
     assert config.env_var("webhook_secret") == "STRIPE_WEBHOOK_SECRET"
     with pytest.raises(ConfigError, match="SPENDGATE_WEBHOOK_SECRET: unknown setting"):
         load_settings(env={"SPENDGATE_WEBHOOK_SECRET": "whsec_1"})
@@ -254,8 +266,13 @@ def test_plan_limits_from_a_toml_table_a_json_variable_or_a_mapping(tmp_path: Pa
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("[1]", "expected a JSON object"), ("{bad", "expected a JSON object"), ('{"a": -1}', "integer >= 0 for 'a'"),
-     ('{"a": "5"}', "integer >= 0 for 'a'"), ('{"a": true}', "integer >= 0 for 'a'")],
+    [
+        ("[1]", "expected a JSON object"),
+        ("{bad", "expected a JSON object"),
+        ('{"a": -1}', "integer >= 0 for 'a'"),
+        ('{"a": "5"}', "integer >= 0 for 'a'"),
+        ('{"a": true}', "integer >= 0 for 'a'"),
+    ],
 )
 def test_bad_plan_limits_name_the_problem(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=f"SPENDGATE_WEBHOOK_PLAN_LIMITS: .*{message}"):
@@ -277,7 +294,14 @@ def test_payment_failed_action_is_a_choice() -> None:
 def test_http_allowed_hosts_take_names_and_addresses_and_refuse_urls_and_ports() -> None:
     settings = Settings(http_allowed_hosts=" Spendgate.Internal, 10.0.0.7 ,[fd00::1], sidecar. ")
     assert config.allowed_hosts(settings) == {"spendgate.internal", "10.0.0.7", "fd00::1", "sidecar"}
-    for bad in ("https://spendgate.internal", "spendgate.internal:9100", "dead.beef:9100", "spend gate", "*.example", "a/b"):
+    for bad in (
+        "https://spendgate.internal",
+        "spendgate.internal:9100",
+        "dead.beef:9100",
+        "spend gate",
+        "*.example",
+        "a/b",
+    ):
         with pytest.raises(ConfigError, match="http_allowed_hosts.*not a host name or an IP address"):
             Settings(http_allowed_hosts=bad)
 

@@ -35,8 +35,9 @@ COMMITS_AFTER = 150
 def spendgate_cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SPENDGATE_", "STRIPE_"))}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
-    return subprocess.run([sys.executable, "-m", "spendgate", *args], env=env, capture_output=True, text=True,
-                          timeout=GUARD_S)
+    return subprocess.run(
+        [sys.executable, "-m", "spendgate", *args], env=env, capture_output=True, text=True, timeout=GUARD_S
+    )
 
 
 def wait_for_commits(load: CommitLoad, count: int) -> None:
@@ -66,7 +67,8 @@ def books(data_dir: Path) -> tuple[dict[str, dict[str, int]], set[str]]:
 
 
 def test_a_backup_taken_under_load_restores_to_consistent_books_with_every_commit_acknowledged_before_it(
-        sidecar_factory: SidecarFactory, tmp_path: Path) -> None:
+    sidecar_factory: SidecarFactory, tmp_path: Path
+) -> None:
     sidecar = sidecar_factory("live")
     with Client(sidecar.target) as client:
         for customer in CUSTOMERS:
@@ -100,7 +102,8 @@ def test_a_backup_taken_under_load_restores_to_consistent_books_with_every_commi
 
 
 def test_backup_needs_an_absolute_empty_destination_and_changes_nothing_otherwise(
-        sidecar: Sidecar, tmp_path: Path) -> None:
+    sidecar: Sidecar, tmp_path: Path
+) -> None:
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     refused = spendgate_cli("backup", str(tmp_path / "full"), "--target", sidecar.target)
@@ -122,7 +125,8 @@ def test_restore_refuses_a_data_dir_a_running_sidecar_holds(sidecar_factory: Sid
 
 
 def test_restore_over_a_non_empty_data_dir_needs_force_and_then_moves_the_old_data_aside(
-        sidecar_factory: SidecarFactory, tmp_path: Path) -> None:
+    sidecar_factory: SidecarFactory, tmp_path: Path
+) -> None:
     source = sidecar_factory("source")
     with Client(source.target) as client:
         client.set_budget("cus_backed_up", 500)
@@ -160,7 +164,8 @@ def test_restore_refuses_what_is_not_a_good_backup_and_leaves_the_data_dir_alone
 
 
 def test_inspect_reads_a_live_sidecars_data_dir_from_another_process_under_load(
-        sidecar_factory: SidecarFactory) -> None:
+    sidecar_factory: SidecarFactory,
+) -> None:
     sidecar = sidecar_factory("inspected")
     with Client(sidecar.target) as client:
         for customer in CUSTOMERS:
@@ -169,8 +174,9 @@ def test_inspect_reads_a_live_sidecars_data_dir_from_another_process_under_load(
     load = CommitLoad(sidecar.target, CUSTOMERS, threads=4, pause_s=0).start()
     try:
         wait_for_commits(load, 50)
-        readings = [spendgate_cli("inspect", "--data-dir", str(sidecar.data_dir), "--json", "--limit", "2048")
-                    for _ in range(3)]
+        readings = [
+            spendgate_cli("inspect", "--data-dir", str(sidecar.data_dir), "--json", "--limit", "2048") for _ in range(3)
+        ]
     finally:
         load.stop()
     for reading in readings:
@@ -192,7 +198,8 @@ def test_inspect_prints_tables_and_says_what_is_wrong_with_a_bad_data_dir(sideca
     shown = spendgate_cli("inspect", "budgets", "deadletters", "--data-dir", str(sidecar.data_dir))
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.splitlines()[:3] == [
-        "budgets:", "customer_id  stripe_customer_id  limit  spent  held  overdraft  frozen",
+        "budgets:",
+        "customer_id  stripe_customer_id  limit  spent  held  overdraft  frozen",
         "cus_table    cus_table           1000   0      0     0          False",
     ]
     assert "dead letters: none" in shown.stdout
@@ -235,7 +242,8 @@ def archived_books(archive_commits: int, data_dir: Path) -> list[str]:
 
 
 def test_a_backup_carries_the_ledger_archive_a_restore_puts_it_back_and_inspect_reads_it(
-        sidecar_factory: SidecarFactory, tmp_path: Path) -> None:
+    sidecar_factory: SidecarFactory, tmp_path: Path
+) -> None:
     source = sidecar_factory("archived", start=False)
     source.data_dir.mkdir(parents=True)
     ids = archived_books(300, source.data_dir)

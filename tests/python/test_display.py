@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from spendgate.display import parse_display_unit
 
 

@@ -74,8 +74,14 @@ def test_secrets_never_reach_the_log_in_messages_arguments_extras_or_tracebacks(
     except RuntimeError:
         log.exception("failed")
     text = captured.getvalue()
-    for secret in (STRIPE_KEY, "some-other-token-value", "sk_live_abcdef123456", "rk_test_abcdef123456",
-                   WEBHOOK_SECRET, ADMIN_TOKEN):
+    for secret in (
+        STRIPE_KEY,
+        "some-other-token-value",
+        "sk_live_abcdef123456",
+        "rk_test_abcdef123456",
+        WEBHOOK_SECRET,
+        ADMIN_TOKEN,
+    ):
         assert secret not in text, secret
     assert text.count(logs.REDACTED) >= 7
     assert "Stripe said no to" in text  # the rest of the message stays readable
@@ -83,14 +89,17 @@ def test_secrets_never_reach_the_log_in_messages_arguments_extras_or_tracebacks(
 
 
 def test_secret_values_are_the_settings_marked_secret_split_at_commas() -> None:
-    settings = Settings(stripe_api_key=STRIPE_KEY, webhook_secret=WEBHOOK_SECRET,
-                        admin_tokens=f"{ADMIN_TOKEN}, other-admin-0123456789")
-    assert sorted(logs.secret_values(settings)) == sorted([STRIPE_KEY, WEBHOOK_SECRET, ADMIN_TOKEN,
-                                                           "other-admin-0123456789"])
+    settings = Settings(
+        stripe_api_key=STRIPE_KEY, webhook_secret=WEBHOOK_SECRET, admin_tokens=f"{ADMIN_TOKEN}, other-admin-0123456789"
+    )
+    assert sorted(logs.secret_values(settings)) == sorted(
+        [STRIPE_KEY, WEBHOOK_SECRET, ADMIN_TOKEN, "other-admin-0123456789"]
+    )
 
 
 def test_the_request_id_is_the_callers_or_a_fresh_one_echoed_in_trailing_metadata_and_logged(
-        tmp_path: Path, captured: io.StringIO) -> None:
+    tmp_path: Path, captured: io.StringIO
+) -> None:
     async def body(_: Sidecar, channel: grpc.aio.Channel) -> tuple[str, str, str]:
         await create_budget(channel, "cus_a", 100)
         budget = pb_grpc.BudgetStub(channel)
@@ -100,9 +109,11 @@ def test_the_request_id_is_the_callers_or_a_fresh_one_echoed_in_trailing_metadat
         await given, await fresh
         with pytest.raises(grpc.aio.AioRpcError):
             await failed
-        return (dict(await given.trailing_metadata())["x-request-id"],
-                dict(await fresh.trailing_metadata())["x-request-id"],
-                dict(await failed.trailing_metadata())["x-request-id"])
+        return (
+            dict(await given.trailing_metadata())["x-request-id"],
+            dict(await fresh.trailing_metadata())["x-request-id"],
+            dict(await failed.trailing_metadata())["x-request-id"],
+        )
 
     given, fresh, failed = with_sidecar(settings_for(tmp_path), body)
     assert given == "r-1" and failed == "r-2"
@@ -115,11 +126,17 @@ def test_the_request_id_is_the_callers_or_a_fresh_one_echoed_in_trailing_metadat
 def test_a_sidecar_process_logs_json_lines_without_its_secrets(sidecar_factory: SidecarFactory) -> None:
     with FakeStripe(customers=["cus_a"], same_host=True, api_keys=[STRIPE_KEY]) as fake:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SPENDGATE_", "STRIPE_"))}
-        env.update({"STRIPE_API_KEY": STRIPE_KEY, "STRIPE_API_BASE": fake.url, "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
-                    "SPENDGATE_ADMIN_TOKENS": ADMIN_TOKEN, "SPENDGATE_LOG_LEVEL": "debug"})
+        env.update(
+            {
+                "STRIPE_API_KEY": STRIPE_KEY,
+                "STRIPE_API_BASE": fake.url,
+                "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+                "SPENDGATE_ADMIN_TOKENS": ADMIN_TOKEN,
+                "SPENDGATE_LOG_LEVEL": "debug",
+            }
+        )
         sidecar = sidecar_factory("logs", env=env)
-        with Client(sidecar.target, token="wrong-token-0123456789abcdef") as wrong, \
-                pytest.raises(Unauthenticated):
+        with Client(sidecar.target, token="wrong-token-0123456789abcdef") as wrong, pytest.raises(Unauthenticated):
             wrong.set_budget("cus_a", 10)
         with Client(sidecar.target, token=ADMIN_TOKEN) as admin:
             admin.set_budget("cus_a", 10)

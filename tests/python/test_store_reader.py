@@ -116,8 +116,9 @@ def test_a_worker_that_dies_is_replaced_and_its_chunk_read_again(data_dir: Path)
         assert store.worker_restarts == 1
 
 
-def test_a_writer_that_never_pauses_gives_up_with_a_clear_error(data_dir: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_writer_that_never_pauses_gives_up_with_a_clear_error(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(module, "MAX_ATTEMPTS", 3)
     monkeypatch.setattr(module, "RETRY_PAUSE_S", 0.0)
     with StoreReader(data_dir) as store:
@@ -153,10 +154,12 @@ engine.close()
 def busy_writer(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[str]]]:
     """Another process committing and settling as fast as it can (up to 200,000 commits)."""
     path = tmp_path / "busy"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", ""))
-                                                      if p))
-    process = subprocess.Popen([sys.executable, "-c", WRITER, str(path), "200000"], stdout=subprocess.PIPE, text=True,
-                               env=env)
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path), "200000"], stdout=subprocess.PIPE, text=True, env=env
+    )
     assert process.stdout is not None and process.stdout.readline().strip() == "ready"
     try:
         yield path, process

@@ -43,9 +43,11 @@ class Meter:
         """The exact units of a call and its detail (parts sum to the units). Raises PriceError or
         UnknownModelError."""
         charge = self.book.table.charge(usage)
-        parts = [] if charge.cache_hit else [
-            (line.token_type, line.tokens, line.units) for line in charge.breakdown if line.tokens or line.units
-        ]
+        parts = (
+            []
+            if charge.cache_hit
+            else [(line.token_type, line.tokens, line.units) for line in charge.breakdown if line.tokens or line.units]
+        )
         assert sum(units for _, _, units in parts) == charge.units, (parts, charge.units)
         detail: UsageDetail = {
             # A fallback price keeps the model's own name in the books, not the fallback's key.

@@ -397,8 +397,9 @@ def _check_units(units: int, model: str) -> None:
         )
 
 
-def _allocate(shares: Mapping[str, int], denominator: int, total: int,
-              types: tuple[str, ...] = TOKEN_TYPES) -> list[tuple[str, int]]:
+def _allocate(
+    shares: Mapping[str, int], denominator: int, total: int, types: tuple[str, ...] = TOKEN_TYPES
+) -> list[tuple[str, int]]:
     """Split `total` (= ceil(sum(shares) / denominator)) over `types`: each gets the floor of its exact share; the
     remainder goes one unit each to the largest dropped fractions, ties in `types` order."""
     floors = {t: shares[t] // denominator for t in types}

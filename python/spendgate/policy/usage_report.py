@@ -138,7 +138,7 @@ def period_at_ms(period: str, *, previous_start_ms: int | None) -> int | None:
         when = dt.datetime.fromisoformat(text)
     except ValueError:
         raise ValueError(
-            f"period {period!r} is not \"current\", \"previous\" or an ISO date such as 2026-11-15 or 2026-11-15T12:00Z"
+            f'period {period!r} is not "current", "previous" or an ISO date such as 2026-11-15 or 2026-11-15T12:00Z'
         ) from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.UTC)

@@ -35,8 +35,9 @@ INPUT_OVERHEAD_TOKENS: Final[int] = 4_096
 # Chat Completions `n`: the API allows at most 128 choices.
 MAX_CHOICES: Final[int] = 128
 # Request keys whose input lives on the provider's side: the body no longer bounds the input.
-SERVER_STATE_KEYS: Final[frozenset[str]] = frozenset({"previous_response_id", "conversation", "prompt", "mcp_servers",
-                                                      "container"})
+SERVER_STATE_KEYS: Final[frozenset[str]] = frozenset(
+    {"previous_response_id", "conversation", "prompt", "mcp_servers", "container"}
+)
 # Content part types whose tokens are not the bytes of the body (media, files, by reference or encoded).
 OPAQUE_PART_TYPES: Final[frozenset[str]] = frozenset({
     "image_url", "input_image", "input_file", "input_audio", "file", "image", "document", "audio", "container_upload",
@@ -67,7 +68,7 @@ def bound_call(api: str, body: Mapping[str, Any], body_bytes: int, table: PriceT
     assert api in APIS, api
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        raise EstimateError("the request has no model: set \"model\" to a model the price table prices")
+        raise EstimateError('the request has no model: set "model" to a model the price table prices')
     price, _ = table.price_of(model)
     window, largest = price.context_window_tokens, price.max_output_tokens
     output = _output_bound(api, body, model, largest)
@@ -76,7 +77,7 @@ def bound_call(api: str, body: Mapping[str, Any], body_bytes: int, table: PriceT
         if window is None:
             raise EstimateError(
                 f"this request's input is not all in its body (server-side state, files, images or server tools), and "
-                f"the price table has no context_window_tokens for {model!r}: add it to [models.\"{price.model}\"]"
+                f'the price table has no context_window_tokens for {model!r}: add it to [models."{price.model}"]'
             )
         input_tokens = window
     else:

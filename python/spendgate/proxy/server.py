@@ -41,8 +41,8 @@ from spendgate.policy.prices import PriceError, TokenUsage, UnknownModelError
 from spendgate.policy.providers import usage_from_anthropic, usage_from_openai, usage_from_openai_responses
 from spendgate.proxy.estimate import CHAT, MESSAGES, RESPONSES, EstimateError, bound_call
 from spendgate.proxy.wire import ANTHROPIC, OPENAI, EventSplitter, UsageTracker, error_body, response_usage
-from spendgate.service.budgets import BudgetService, ReserveResult, TokenEstimate, Usage, reason_name
 from spendgate.server.http_guard import host_name, is_loopback_host
+from spendgate.service.budgets import BudgetService, ReserveResult, TokenEstimate, Usage, reason_name
 from spendgate.service.virtual_keys import VirtualKeys, looks_like_key
 
 log = logging.getLogger("spendgate.proxy")
@@ -52,17 +52,33 @@ RESERVATION_HEADER: Final[str] = "x-spendgate-reservation-id"
 OWN_HEADER_PREFIX: Final[str] = "x-spendgate-"  # never forwarded upstream
 NO_RETRY: Final[Mapping[str, str]] = {"x-should-retry": "false"}
 # RFC 9110 7.6.1 hop-by-hop headers, and those this proxy sets itself.
-HOP_BY_HOP: Final[frozenset[str]] = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
-                                               "te", "trailer", "transfer-encoding", "upgrade", "host",
-                                               "content-length", "accept-encoding", "content-encoding"})
+HOP_BY_HOP: Final[frozenset[str]] = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "accept-encoding",
+        "content-encoding",
+    }
+)
 # Route -> (API, provider, path under the provider's base URL).
 ROUTES: Final[Mapping[str, tuple[str, str, str]]] = {
     "/v1/chat/completions": (CHAT, OPENAI, "/chat/completions"),
     "/v1/responses": (RESPONSES, OPENAI, "/responses"),
     "/v1/messages": (MESSAGES, ANTHROPIC, "/v1/messages"),
 }
-CONVERTERS: Final[Mapping[str, Any]] = {CHAT: usage_from_openai, RESPONSES: usage_from_openai_responses,
-                                        MESSAGES: usage_from_anthropic}
+CONVERTERS: Final[Mapping[str, Any]] = {
+    CHAT: usage_from_openai,
+    RESPONSES: usage_from_openai_responses,
+    MESSAGES: usage_from_anthropic,
+}
 # A whole (not streamed) response is read into memory to find its usage; past this it is cut off.
 MAX_RESPONSE_BYTES: Final[int] = 64 * 1024 * 1024
 # An upstream error body relayed to the client is read up to this much.
@@ -78,9 +94,15 @@ UPSTREAM_ERRORS: Final[tuple[type[BaseException], ...]] = (aiohttp.ClientError, 
 # The same, and a cancellation (the sidecar shutting down): the hold must be settled either way.
 UPSTREAM_ERRORS_OR_CANCEL: Final[tuple[type[BaseException], ...]] = (*UPSTREAM_ERRORS, asyncio.CancelledError)
 # EngineError.kind -> HTTP status: the one place the proxy maps engine errors.
-STATUS_BY_KIND: Final[Mapping[str, int]] = {"invalid_argument": 400, "not_found": 403, "already_exists": 409,
-                                            "failed_precondition": 409, "resource_exhausted": 503,
-                                            "unavailable": 503, "internal": 500}
+STATUS_BY_KIND: Final[Mapping[str, int]] = {
+    "invalid_argument": 400,
+    "not_found": 403,
+    "already_exists": 409,
+    "failed_precondition": 409,
+    "resource_exhausted": 503,
+    "unavailable": 503,
+    "internal": 500,
+}
 
 
 class ProxyError(Exception):
@@ -149,8 +171,13 @@ class Call:
 
 
 class Proxy:
-    def __init__(self, service: BudgetService, settings: ProxySettings, keys: VirtualKeys,
-                 observe: Callable[[str, str], None] | None = None) -> None:
+    def __init__(
+        self,
+        service: BudgetService,
+        settings: ProxySettings,
+        keys: VirtualKeys,
+        observe: Callable[[str, str], None] | None = None,
+    ) -> None:
         """observe(api, outcome): called once per call (the sidecar counts them in spendgate_proxy_calls)."""
         self._observe = observe or (lambda api, outcome: None)
         self._service = service
@@ -167,12 +194,14 @@ class Proxy:
 
     async def start(self) -> None:
         s = self._settings
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_ms / 1000,
-                                        sock_read=s.read_timeout_ms / 1000)
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=s.connect_timeout_ms / 1000, sock_read=s.read_timeout_ms / 1000
+        )
         connector = aiohttp.TCPConnector(limit=s.max_connections, limit_per_host=0)
         # auto_decompress: the client gets plain bytes (Content-Encoding is dropped), and events can be read.
-        self._session = aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=True,
-                                              skip_auto_headers=("User-Agent",))
+        self._session = aiohttp.ClientSession(
+            timeout=timeout, connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",)
+        )
 
     async def close(self) -> None:
         """After the HTTP server stopped: wait for the commits of calls cut off by the shutdown, then close."""
@@ -200,23 +229,30 @@ class Proxy:
         provider = route[1] if route else _provider_of(request)
         try:
             if route is None:
-                raise ProxyError(404, f"Invalid URL ({request.method} {request.path}): spendgate proxies POST "
-                                      f"{', '.join(ROUTES)}")
+                raise ProxyError(
+                    404, f"Invalid URL ({request.method} {request.path}): spendgate proxies POST {', '.join(ROUTES)}"
+                )
             return await self._call(request, *route)
         except ProxyError as error:
-            self._observe(route[0] if route else "unknown", "denied" if error.code == "insufficient_quota" else
-                          "refused" if error.status < 500 else "error")
+            self._observe(
+                route[0] if route else "unknown",
+                "denied" if error.code == "insufficient_quota" else "refused" if error.status < 500 else "error",
+            )
             headers = {} if error.retry else dict(NO_RETRY)
-            return web.Response(status=error.status, body=error_body(provider, error.status, error.message,
-                                                                     error.code),
-                                content_type="application/json", headers=headers)
+            return web.Response(
+                status=error.status,
+                body=error_body(provider, error.status, error.message, error.code),
+                content_type="application/json",
+                headers=headers,
+            )
 
     async def _call(self, request: web.Request, api: str, provider: str, path: str) -> web.StreamResponse:
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            raise ProxyError(413, f"the request body is over proxy_max_body_bytes "
-                                  f"({self._settings.max_body_bytes} bytes)") from None
+            raise ProxyError(
+                413, f"the request body is over proxy_max_body_bytes ({self._settings.max_body_bytes} bytes)"
+            ) from None
         try:
             document = json.loads(raw)
         except ValueError as error:
@@ -224,8 +260,11 @@ class Proxy:
         if not isinstance(document, dict):
             raise ProxyError(400, "the request body must be a JSON object")
         if api == RESPONSES and document.get("background"):
-            raise ProxyError(400, "background responses are billed after the reply, which the proxy cannot "
-                                  "meter: call without \"background\"")
+            raise ProxyError(
+                400,
+                "background responses are billed after the reply, which the proxy cannot "
+                'meter: call without "background"',
+            )
         customer_id, auth = self._identify(request, provider, document)
         call = await self._reserve(api, provider, customer_id, document, len(raw))
         headers = _upstream_headers(request.headers, auth)
@@ -233,22 +272,29 @@ class Proxy:
 
     # -- who pays ---------------------------------------------------------------------------------------------------
 
-    def _identify(self, request: web.Request, provider: str,
-                  document: Mapping[str, Any]) -> tuple[str, dict[str, str]]:
+    def _identify(self, request: web.Request, provider: str, document: Mapping[str, Any]) -> tuple[str, dict[str, str]]:
         """(customer id, upstream auth headers to set; empty: forward the client's own)."""
         credential = _credential(request.headers)
         if credential and looks_like_key(credential):
             customer_id = self._keys.customer_of(credential)
             if customer_id is None:
-                raise ProxyError(401, "unknown or revoked spendgate virtual key: create one with `spendgate key "
-                                      "create CUSTOMER` (Admin.CreateVirtualKey)", "invalid_api_key")
+                raise ProxyError(
+                    401,
+                    "unknown or revoked spendgate virtual key: create one with `spendgate key "
+                    "create CUSTOMER` (Admin.CreateVirtualKey)",
+                    "invalid_api_key",
+                )
             return customer_id, self._provider_auth(provider)
         if not _host_may_name_a_customer(request.headers.get("Host"), self._settings.allowed_hosts):
             # A web page the operator visits could rebind its own name to this address (DNS rebinding) and spend any
             # customer's budget by naming it; a virtual key is a secret such a page cannot know.
-            raise ProxyError(421, f"Host {request.headers.get('Host')!r} may not name a customer: address the proxy "
-                                  "by a loopback name or an IP address, list the name in http_allowed_hosts, or use "
-                                  "a spendgate virtual key as the API key", "misdirected_request")
+            raise ProxyError(
+                421,
+                f"Host {request.headers.get('Host')!r} may not name a customer: address the proxy "
+                "by a loopback name or an IP address, list the name in http_allowed_hosts, or use "
+                "a spendgate virtual key as the API key",
+                "misdirected_request",
+            )
         customer_id = request.headers.get(CUSTOMER_HEADER, "").strip()
         if customer_id:
             return customer_id, {}
@@ -256,8 +302,12 @@ class Proxy:
             from_body = _body_customer(provider, document)
             if from_body and self._has_budget(from_body):
                 return from_body, {}
-        raise ProxyError(401, f"spendgate cannot tell who pays for this call: send the {CUSTOMER_HEADER} header "
-                              "or use a spendgate virtual key as the API key", "missing_customer")
+        raise ProxyError(
+            401,
+            f"spendgate cannot tell who pays for this call: send the {CUSTOMER_HEADER} header "
+            "or use a spendgate virtual key as the API key",
+            "missing_customer",
+        )
 
     def _provider_auth(self, provider: str) -> dict[str, str]:
         s = self._settings
@@ -276,8 +326,9 @@ class Proxy:
 
     # -- before the call ----------------------------------------------------------------------------------------------
 
-    async def _reserve(self, api: str, provider: str, customer_id: str, document: Mapping[str, Any],
-                       body_bytes: int) -> Call:
+    async def _reserve(
+        self, api: str, provider: str, customer_id: str, document: Mapping[str, Any], body_bytes: int
+    ) -> Call:
         model = str(document.get("model") or "")
         try:
             bound = bound_call(api, document, body_bytes, self._service.meter.book.table)
@@ -291,23 +342,28 @@ class Proxy:
         except EngineError as error:
             raise _engine_error(error, customer_id) from None
         if not held.granted:
-            raise ProxyError(429, f"spendgate denied this call ({reason_name(held.reason)}, remaining "
-                                  f"{held.remaining}): {held.message}", "insufficient_quota")
+            raise ProxyError(
+                429,
+                f"spendgate denied this call ({reason_name(held.reason)}, remaining {held.remaining}): {held.message}",
+                "insufficient_quota",
+            )
         budget_ms = max(MIN_CALL_MS, self._settings.hold_ttl_ms - HOLD_MARGIN_MS)
         deadline = asyncio.get_running_loop().time() + budget_ms / 1000
         return Call(api, provider, customer_id, model, held, deadline)
 
     # -- the call -----------------------------------------------------------------------------------------------------
 
-    async def _forward(self, request: web.Request, call: Call, path: str, raw: bytes, document: dict[str, Any],
-                       headers: dict[str, str]) -> web.StreamResponse:
+    async def _forward(
+        self, request: web.Request, call: Call, path: str, raw: bytes, document: dict[str, Any], headers: dict[str, str]
+    ) -> web.StreamResponse:
         stream = document.get("stream") is True
         strip = False
         if call.api == CHAT and stream and not _asked_for_usage(document):
             given = document.get("stream_options")
             options: dict[str, Any] = given if isinstance(given, dict) else {}
-            raw = json.dumps({**document, "stream_options": {**options, "include_usage": True}},
-                             separators=(",", ":")).encode()
+            raw = json.dumps(
+                {**document, "stream_options": {**options, "include_usage": True}}, separators=(",", ":")
+            ).encode()
             strip = True
         assert self._session is not None, "start() first"
         base = self._settings.openai_base_url if call.provider == OPENAI else self._settings.anthropic_base_url
@@ -360,8 +416,9 @@ class Proxy:
         await self._commit(call, usage, "the response has no usage")
         return web.Response(status=upstream.status, body=body, headers=_client_headers(upstream.headers, call))
 
-    async def _relay_stream(self, request: web.Request, call: Call, upstream: aiohttp.ClientResponse,
-                            strip: bool) -> web.StreamResponse:
+    async def _relay_stream(
+        self, request: web.Request, call: Call, upstream: aiohttp.ClientResponse, strip: bool
+    ) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status, headers=_client_headers(upstream.headers, call))
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"  # intermediaries such as nginx would buffer the events
@@ -393,12 +450,16 @@ class Proxy:
                         await self._drains.acquire()
                         drain_slot = True
                         loop_time = asyncio.get_running_loop().time()
-                        deadline.reschedule(min(relay.call.deadline, loop_time + self._settings.drain_timeout_ms / 1000))
+                        deadline.reschedule(
+                            min(relay.call.deadline, loop_time + self._settings.drain_timeout_ms / 1000)
+                        )
                 rest = splitter.rest()
                 if rest and relay.tracker.see(rest):
                     await relay.write(rest)
         except TimeoutError:
-            relay.cut = "the call ran past its time (proxy_hold_ttl_ms, or proxy_drain_timeout_ms after its client left)"
+            relay.cut = (
+                "the call ran past its time (proxy_hold_ttl_ms, or proxy_drain_timeout_ms after its client left)"
+            )
         except UPSTREAM_ERRORS as error:
             relay.cut = f"the upstream stream broke: {error!r}"
         finally:
@@ -433,8 +494,13 @@ class Proxy:
                 await self._service.commit(call.held.reservation_id, usage=Usage.of(exact))
                 return
             self._observe(call.api, "committed_whole_hold")
-            log.warning("proxy: committing the whole hold of %s (%d units) for %s: %s",
-                        call.held.reservation_id, call.held.amount, call.customer_id, why_not)
+            log.warning(
+                "proxy: committing the whole hold of %s (%d units) for %s: %s",
+                call.held.reservation_id,
+                call.held.amount,
+                call.customer_id,
+                why_not,
+            )
             await self._service.commit(call.held.reservation_id, call.held.amount)
         except EngineError as error:
             log.error("proxy: commit of %s failed: %s: %s", call.held.reservation_id, error.kind, error.message)
@@ -489,8 +555,10 @@ class StreamRelay:
 def _engine_error(error: EngineError, customer_id: str) -> ProxyError:
     status = STATUS_BY_KIND.get(error.kind, 500)
     if error.kind == "not_found":
-        message = (f"spendgate has no budget for customer {customer_id!r}: create one (spendgate budget set "
-                   f"{customer_id} --limit N) before calling through the proxy")
+        message = (
+            f"spendgate has no budget for customer {customer_id!r}: create one (spendgate budget set "
+            f"{customer_id} --limit N) before calling through the proxy"
+        )
         return ProxyError(status, message, "no_budget")
     return ProxyError(status, f"spendgate: {error.message}", error.kind, retry=status == 503)
 
@@ -537,8 +605,11 @@ def _asked_for_usage(document: Mapping[str, Any]) -> bool:
 
 
 def _upstream_headers(incoming: Mapping[str, str], auth: Mapping[str, str]) -> dict[str, str]:
-    headers = {name: value for name, value in incoming.items()
-               if name.lower() not in HOP_BY_HOP and not name.lower().startswith(OWN_HEADER_PREFIX)}
+    headers = {
+        name: value
+        for name, value in incoming.items()
+        if name.lower() not in HOP_BY_HOP and not name.lower().startswith(OWN_HEADER_PREFIX)
+    }
     if auth:
         headers = {n: v for n, v in headers.items() if n.lower() not in ("authorization", "x-api-key")}
         headers.update(auth)

@@ -25,10 +25,13 @@ ANTHROPIC: Final[str] = "anthropic"
 EVENT_ENDS: Final[tuple[bytes, ...]] = (b"\n\n", b"\r\n\r\n")
 # One event may not grow past this while its end is awaited (a stream that never ends an event is cut off).
 MAX_EVENT_BYTES: Final[int] = 16 * 1024 * 1024
-RESPONSES_TERMINAL: Final[frozenset[str]] = frozenset({"response.completed", "response.incomplete",
-                                                       "response.failed"})
-ANTHROPIC_USAGE_FIELDS: Final[tuple[str, ...]] = ("input_tokens", "output_tokens", "cache_creation_input_tokens",
-                                                  "cache_read_input_tokens")
+RESPONSES_TERMINAL: Final[frozenset[str]] = frozenset({"response.completed", "response.incomplete", "response.failed"})
+ANTHROPIC_USAGE_FIELDS: Final[tuple[str, ...]] = (
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+)
 # Anthropic's error type per HTTP status (docs.claude.com/en/api/errors).
 ANTHROPIC_ERROR_TYPES: Final[dict[int, str]] = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",

@@ -64,8 +64,14 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     @grpc_errors
     async def GrantCredits(self, request: pb.GrantCreditsRequest, context: Context) -> pb.GrantCreditsResponse:
-        outcome = await grant_credits(self._engine, self._waiter.wait, request.customer_id, request.amount,
-                                      request.idempotency_key, request.reason)
+        outcome = await grant_credits(
+            self._engine,
+            self._waiter.wait,
+            request.customer_id,
+            request.amount,
+            request.idempotency_key,
+            request.reason,
+        )
         return pb.GrantCreditsResponse(
             customer_id=outcome.customer_id, amount=outcome.amount, reason=outcome.reason,
             granted_ms=outcome.granted_ms, limit_after=outcome.limit_after, credits_after=outcome.credits_after,
@@ -74,7 +80,11 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     @grpc_errors
     async def FreezeBudget(self, request: pb.FreezeBudgetRequest, context: Context) -> pb.SetBudgetResponse:
-        reason = request.reason or ("frozen by an operator (Admin.FreezeBudget)" if request.frozen else "unfrozen by an operator (Admin.FreezeBudget)")
+        reason = request.reason or (
+            "frozen by an operator (Admin.FreezeBudget)"
+            if request.frozen
+            else "unfrozen by an operator (Admin.FreezeBudget)"
+        )
         outcome = self._engine.freeze(request.customer_id, request.frozen, reason)
         await self._waiter.wait(outcome.ticket)
         return pb.SetBudgetResponse(balance=balance_message(outcome.balance), created=False)
@@ -85,9 +95,7 @@ class AdminServicer(pb_grpc.AdminServicer):
         return pb.ListBudgetsResponse(budgets=[balance_message(view) for view in views])
 
     @grpc_errors
-    async def ListDeadLetters(
-        self, request: pb.ListDeadLettersRequest, context: Context
-    ) -> pb.ListDeadLettersResponse:
+    async def ListDeadLetters(self, request: pb.ListDeadLettersRequest, context: Context) -> pb.ListDeadLettersResponse:
         letters = self._engine.dead_letters(request.limit or DEFAULT_LIST_LIMIT)
         return pb.ListDeadLettersResponse(dead_letters=[dead_letter_message(letter) for letter in letters])
 
@@ -132,11 +140,17 @@ class AdminServicer(pb_grpc.AdminServicer):
     async def Backup(self, request: pb.BackupRequest, context: Context) -> pb.BackupResponse:
         # Relative paths would land in the sidecar's working directory, not the caller's: refuse them.
         if not os.path.isabs(request.dest_dir):
-            raise _core.EngineError("invalid_argument", f"dest_dir {request.dest_dir!r} is not an absolute path: pass "
-                                    "an absolute directory on the sidecar's machine (`spendgate backup` does)")
+            raise _core.EngineError(
+                "invalid_argument",
+                f"dest_dir {request.dest_dir!r} is not an absolute path: pass "
+                "an absolute directory on the sidecar's machine (`spendgate backup` does)",
+            )
         if self._backup_dir and not _is_under(request.dest_dir, self._backup_dir):
-            raise _core.EngineError("invalid_argument", f"dest_dir {request.dest_dir!r} is not under backup_dir "
-                                    f"{self._backup_dir!r}: pass a directory inside it (the setting confines backups)")
+            raise _core.EngineError(
+                "invalid_argument",
+                f"dest_dir {request.dest_dir!r} is not under backup_dir "
+                f"{self._backup_dir!r}: pass a directory inside it (the setting confines backups)",
+            )
         if self._settlement is not None:
             # With aggregation possible, an entry unclaimed in the backup might later leave in an aggregate the
             # restored copy cannot repeat: claimed now, it leaves alone under its own identifier in both.
@@ -145,9 +159,13 @@ class AdminServicer(pb_grpc.AdminServicer):
         started_ms = time.time_ns() // 1_000_000
         # In a thread: copying a large environment takes a while, and the loop keeps serving meanwhile.
         size_bytes = await asyncio.to_thread(self._engine.backup, request.dest_dir)
-        return pb.BackupResponse(dest_dir=request.dest_dir, size_bytes=size_bytes, durable_ticket=durable_ticket,
-                                 started_ms=started_ms, duration_ms=time.time_ns() // 1_000_000 - started_ms)
-
+        return pb.BackupResponse(
+            dest_dir=request.dest_dir,
+            size_bytes=size_bytes,
+            durable_ticket=durable_ticket,
+            started_ms=started_ms,
+            duration_ms=time.time_ns() // 1_000_000 - started_ms,
+        )
 
     # Set by the app (spendgate.server.app) after construction; None in a server built without them.
     virtual_keys: VirtualKeys | None = None
@@ -158,23 +176,27 @@ class AdminServicer(pb_grpc.AdminServicer):
         return self.virtual_keys
 
     @grpc_errors
-    async def CreateVirtualKey(self, request: pb.CreateVirtualKeyRequest,
-                               context: Context) -> pb.CreateVirtualKeyResponse:
+    async def CreateVirtualKey(
+        self, request: pb.CreateVirtualKeyRequest, context: Context
+    ) -> pb.CreateVirtualKeyResponse:
         key, record = await self._keys().create(request.customer_id)
         return pb.CreateVirtualKeyResponse(key=key, virtual_key=_virtual_key(record))
 
     @grpc_errors
     async def ListVirtualKeys(self, request: pb.ListVirtualKeysRequest, context: Context) -> pb.ListVirtualKeysResponse:
-        return pb.ListVirtualKeysResponse(virtual_keys=[_virtual_key(r) for r in self._keys().records(
-            request.customer_id)])
+        return pb.ListVirtualKeysResponse(
+            virtual_keys=[_virtual_key(r) for r in self._keys().records(request.customer_id)]
+        )
 
     @grpc_errors
-    async def RevokeVirtualKey(self, request: pb.RevokeVirtualKeyRequest,
-                               context: Context) -> pb.RevokeVirtualKeyResponse:
+    async def RevokeVirtualKey(
+        self, request: pb.RevokeVirtualKeyRequest, context: Context
+    ) -> pb.RevokeVirtualKeyResponse:
         gone = await self._keys().revoke(request.key_id_or_customer_id)
         if not gone:
-            raise _core.EngineError("not_found", f"no virtual key has id or customer {request.key_id_or_customer_id!r}"
-                                                 " (spendgate key list)")
+            raise _core.EngineError(
+                "not_found", f"no virtual key has id or customer {request.key_id_or_customer_id!r} (spendgate key list)"
+            )
         return pb.RevokeVirtualKeyResponse(revoked=[_virtual_key(r) for r in gone])
 
     # Set by the app: the invoice-spike guard (spendgate.webhooks.invoices); None in a server built without it.
@@ -186,28 +208,41 @@ class AdminServicer(pb_grpc.AdminServicer):
             raise _core.EngineError("failed_precondition", "this server was built without the invoice-spike guard")
         done = await self.invoice_guard.release(request.invoice_id)
         return pb.ReleaseInvoiceResponse(
-            invoice_id=done.invoice_id, stripe_customer_id=done.stripe_customer_id, status=done.status,
-            auto_advance=done.auto_advance, was_held=done.was_held, total=done.total, currency=done.currency,
+            invoice_id=done.invoice_id,
+            stripe_customer_id=done.stripe_customer_id,
+            status=done.status,
+            auto_advance=done.auto_advance,
+            was_held=done.was_held,
+            total=done.total,
+            currency=done.currency,
         )
 
     # Set by the app once http_listen is bound; None: no HTTP port, so no usage page to link to.
     usage_links: UsageLinks | None = None
 
     @grpc_errors
-    async def CreateUsageLink(self, request: pb.CreateUsageLinkRequest,
-                              context: Context) -> pb.CreateUsageLinkResponse:
+    async def CreateUsageLink(self, request: pb.CreateUsageLinkRequest, context: Context) -> pb.CreateUsageLinkResponse:
         if self.usage_links is None:
             raise _no_usage_links()
         url, path, grant = self.usage_links.create(
-            self._engine, request.customer_id, ttl_ms=request.ttl_ms, allow_limit=request.allow_limit,
-            ceiling=request.ceiling, now_ms=time.time_ns() // 1_000_000)
-        return pb.CreateUsageLinkResponse(url=url, path=path, expires_at_ms=grant.expires_at_s * 1000,
-                                          scope=grant.scope, ceiling=grant.ceiling)
+            self._engine,
+            request.customer_id,
+            ttl_ms=request.ttl_ms,
+            allow_limit=request.allow_limit,
+            ceiling=request.ceiling,
+            now_ms=time.time_ns() // 1_000_000,
+        )
+        return pb.CreateUsageLinkResponse(
+            url=url, path=path, expires_at_ms=grant.expires_at_s * 1000, scope=grant.scope, ceiling=grant.ceiling
+        )
 
 
 def _no_usage_links() -> EngineError:
-    return EngineError("failed_precondition", "this sidecar serves no usage page: set http_listen (the usage page is "
-                       "served there, at the links Admin.CreateUsageLink makes)")
+    return EngineError(
+        "failed_precondition",
+        "this sidecar serves no usage page: set http_listen (the usage page is "
+        "served there, at the links Admin.CreateUsageLink makes)",
+    )
 
 
 def ledger_entry_message(row: _core.LedgerRow) -> pb.LedgerEntry:

@@ -127,7 +127,8 @@ class AlertWebhook:
             registry=registry,
         )
         self._cursor_gauge = Gauge(
-            "spendgate_alert_webhook_delivered_seq", "The last alert seq the webhook receiver answered.",
+            "spendgate_alert_webhook_delivered_seq",
+            "The last alert seq the webhook receiver answered.",
             registry=registry,
         )
         self._pending_gauge = Gauge(
@@ -138,7 +139,9 @@ class AlertWebhook:
     def log_start(self) -> None:
         log.info(
             "alert webhook on: POSTing alerts to %s, signed (%s header), resuming after alert %d",
-            self.options.shown_url, SIGNATURE_HEADER, self._engine.alert_cursor(),
+            self.options.shown_url,
+            SIGNATURE_HEADER,
+            self._engine.alert_cursor(),
         )
 
     async def run(self) -> None:
@@ -167,7 +170,10 @@ class AlertWebhook:
             if entries[0]["seq"] > cursor + 1:
                 log.warning(
                     "alert webhook: alerts %d..%d were pruned before they were delivered (the engine keeps the newest"
-                    " 100,000); going on from %d", cursor + 1, entries[0]["seq"] - 1, entries[0]["seq"],
+                    " 100,000); going on from %d",
+                    cursor + 1,
+                    entries[0]["seq"] - 1,
+                    entries[0]["seq"],
                 )
             for entry in entries:
                 await self._deliver(session, entry)
@@ -190,7 +196,10 @@ class AlertWebhook:
                 self._outcomes.labels(outcome="refused").inc()
                 log.error(
                     "alert webhook: the receiver refused %s (%s, %s) for good: %s; skipped, delivery goes on",
-                    alert_id(entry), entry["kind"], entry["customer_id"], answer.why,
+                    alert_id(entry),
+                    entry["kind"],
+                    entry["customer_id"],
+                    answer.why,
                 )
                 return
             self._outcomes.labels(outcome="failed").inc()
@@ -198,12 +207,19 @@ class AlertWebhook:
             if attempt == self.options.max_attempts:
                 log.error(
                     "alert webhook: %s failed %d times in a row (last: %s); retrying every %d ms at most, later"
-                    " alerts wait", alert_id(entry), attempt, answer.why, self.options.backoff_max_ms,
+                    " alerts wait",
+                    alert_id(entry),
+                    attempt,
+                    answer.why,
+                    self.options.backoff_max_ms,
                 )
             else:
                 log.warning(
                     "alert webhook: %s attempt %d failed (%s); retrying in %.2f s",
-                    alert_id(entry), attempt, answer.why, delay_s,
+                    alert_id(entry),
+                    attempt,
+                    answer.why,
+                    delay_s,
                 )
             await asyncio.sleep(delay_s)
 
@@ -219,7 +235,7 @@ class AlertWebhook:
                 if 400 <= status < 500 and status != 429:
                     return _Answer(_Answer.REFUSED, why)
                 return _Answer(_Answer.RETRY, why, _retry_after_s(response.headers.get("Retry-After")))
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+        except (TimeoutError, aiohttp.ClientError, OSError) as error:
             return _Answer(_Answer.RETRY, f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
 
     def _backoff_s(self, attempt: int, retry_after_s: float | None) -> float:

@@ -89,8 +89,9 @@ MAX_WATCH_CUSTOMER_IDS: Final[int] = 10_000
 def alert_message(entry: _core.AlertEntry) -> pb.Alert:
     kind = ALERT_KIND_BY_NAME.get(entry["kind"])
     if kind is None:  # an engine newer than this server: deliver it rather than drop it
-        log.warning("alert %d has a kind this server does not know (%r): sent as UNSPECIFIED", entry["seq"],
-                    entry["kind"])
+        log.warning(
+            "alert %d has a kind this server does not know (%r): sent as UNSPECIFIED", entry["seq"], entry["kind"]
+        )
         kind = pb.ALERT_KIND_UNSPECIFIED
     return pb.Alert(
         seq=entry["seq"],
@@ -159,14 +160,24 @@ class AlertHub:
     """Notices new durable alerts (from the DurabilityWaiter's wake-ups) and fans them out to the watchers."""
 
     def __init__(
-        self, engine: _core.Engine, *, queue_capacity: int, max_watchers: int, max_watchers_per_client: int | None = None,
-        by_token: bool = False, metrics: Metrics | None = None,
+        self,
+        engine: _core.Engine,
+        *,
+        queue_capacity: int,
+        max_watchers: int,
+        max_watchers_per_client: int | None = None,
+        by_token: bool = False,
+        metrics: Metrics | None = None,
     ) -> None:
         per_client = min(max_watchers, max_watchers_per_client or max_watchers)
         assert queue_capacity >= 1 and per_client >= 1, (queue_capacity, max_watchers, per_client)
         if max_watchers_per_client is not None and per_client == max_watchers > 1:
-            log.warning("alert_max_watchers_per_client (%d) is not below alert_max_watchers (%d): one client may take "
-                        "every WatchAlerts slot", per_client, max_watchers)
+            log.warning(
+                "alert_max_watchers_per_client (%d) is not below alert_max_watchers (%d): one client may take "
+                "every WatchAlerts slot",
+                per_client,
+                max_watchers,
+            )
         self._engine = engine
         self._loop = asyncio.get_running_loop()
         self._queue_capacity = queue_capacity
@@ -239,8 +250,11 @@ class AlertHub:
         ended = 0
         for watcher in self._watchers:
             if watcher.client_key not in current and watcher.ended is None:
-                watcher.end(grpc.StatusCode.UNAUTHENTICATED, "the token this stream was opened with is no longer one "
-                            "of the sidecar's tokens; resume with a current one")
+                watcher.end(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "the token this stream was opened with is no longer one "
+                    "of the sidecar's tokens; resume with a current one",
+                )
                 ended += 1
         return ended
 
@@ -343,7 +357,9 @@ class AlertHub:
             if batch[0]["seq"] > cursor + 1 and cursor > 0:
                 log.warning(
                     "WatchAlerts after seq %d: alerts %d..%d were pruned (the engine keeps the newest 100,000)",
-                    cursor, cursor + 1, batch[0]["seq"] - 1,
+                    cursor,
+                    cursor + 1,
+                    batch[0]["seq"] - 1,
                 )
             for entry in batch:
                 if entry["seq"] > live_from or watcher.ended is not None:
@@ -372,7 +388,7 @@ def watch_client(context: Context, *, by_token: bool) -> WatchClient:
         for key, value in context.invocation_metadata() or ():
             if key == AUTHORIZATION_KEY:
                 text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-                token = text[len(BEARER_PREFIX):].strip().encode("utf-8", "replace")
+                token = text[len(BEARER_PREFIX) :].strip().encode("utf-8", "replace")
                 return WatchClient(token_client_key(token), "its token")
     certificate = (context.auth_context() or {}).get("x509_pem_cert")
     if certificate:
@@ -394,8 +410,13 @@ class AlertService:
     """The hub and the optional webhook sender of one sidecar. Create it on the running loop."""
 
     def __init__(
-        self, engine: _core.Engine, waiter: DurabilityWaiter, settings: Settings, metrics: Metrics | None = None,
-        *, by_token: bool = False,
+        self,
+        engine: _core.Engine,
+        waiter: DurabilityWaiter,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        *,
+        by_token: bool = False,
     ) -> None:
         from spendgate.server.alert_webhook import build_alert_webhook  # noqa: PLC0415 - aiohttp, only when serving
 

@@ -125,15 +125,19 @@ class Sidecar:
             self._waiter = DurabilityWaiter(self._engine, on_failure=self._on_engine_failure)
             self._settlement = SettlementService(self._engine, settings, self._waiter.wait, metrics=self.metrics)
             self.metrics.watch(self._engine, settings.data_dir, self._settlement)
-            self._alerts = AlertService(self._engine, self._waiter, settings, self.metrics,
-                                        by_token=self.tokens.enabled)
+            self._alerts = AlertService(
+                self._engine, self._waiter, settings, self.metrics, by_token=self.tokens.enabled
+            )
             self.virtual_keys = VirtualKeys(self._engine, self._waiter.wait)  # the proxy's, managed by Admin RPCs
             self.invoice_guard = _invoice_guard(settings, self._engine, self._waiter)
             self.reconciler = _reconciler(settings, self._engine, self._waiter, self.metrics)
             self._health = grpc_health.aio.HealthServicer()
             self._server = self._build_server(self._engine, self._waiter, self._health)
-            port = (self._server.add_secure_port(settings.listen, credentials) if credentials is not None
-                    else self._server.add_insecure_port(settings.listen))
+            port = (
+                self._server.add_secure_port(settings.listen, credentials)
+                if credentials is not None
+                else self._server.add_insecure_port(settings.listen)
+            )
             self.address = bound_address(settings.listen, port)
             if settings.http_listen:
                 await self._start_ops_http(self._engine, self._waiter)
@@ -155,7 +159,10 @@ class Sidecar:
             await self.stop()
             raise
         log.info(
-            "spendgate listening on %s, data_dir %s, durability %s", self.address, settings.data_dir, settings.durability
+            "spendgate listening on %s, data_dir %s, durability %s",
+            self.address,
+            settings.data_dir,
+            settings.durability,
         )
 
     async def stop(self) -> None:
@@ -214,12 +221,17 @@ class Sidecar:
         service = BudgetService(engine, waiter.wait, Meter(self.prices))
         counter = self.metrics.proxy_calls
         assert self.virtual_keys is not None
-        self._proxy = Proxy(service, ProxySettings.of(settings), self.virtual_keys,
-                            observe=lambda api, outcome: counter.labels(api=api, outcome=outcome).inc())
+        self._proxy = Proxy(
+            service,
+            ProxySettings.of(settings),
+            self.virtual_keys,
+            observe=lambda api, outcome: counter.labels(api=api, outcome=outcome).inc(),
+        )
         logs.add_secrets(self._proxy.provider_keys())
         await self._proxy.start()
-        self._proxy_http = HttpServer(self._proxy.app(), settings.proxy_listen,
-                                      shutdown_grace_s=settings.shutdown_grace_ms / 1000, name="proxy")
+        self._proxy_http = HttpServer(
+            self._proxy.app(), settings.proxy_listen, shutdown_grace_s=settings.shutdown_grace_ms / 1000, name="proxy"
+        )
         await self._proxy_http.start()
         self.proxy_address = self._proxy_http.address
         log.info("spendgate proxy on %s/v1 (OpenAI) and %s (Anthropic)", self._proxy_http.url, self._proxy_http.url)
@@ -234,7 +246,9 @@ class Sidecar:
 
     def _webhooks_share_the_http_port(self) -> bool:
         settings = self.settings
-        return bool(settings.http_listen) and parse_listen(settings.http_listen) == parse_listen(settings.webhook_listen)
+        return bool(settings.http_listen) and parse_listen(settings.http_listen) == parse_listen(
+            settings.webhook_listen
+        )
 
     async def _start_ops_http(self, engine: _core.Engine, waiter: DurabilityWaiter) -> None:
         """/metrics and the operator page on http_listen (HTTPS with the gRPC certificate when TLS is on)."""
@@ -242,32 +256,44 @@ class Sidecar:
         ssl_context = http_ssl_context(settings)
         app = new_http_app()
         access = HttpAccess(
-            self.token_source, Sessions(ttl_ms=settings.http_session_ttl_ms, max_sessions=settings.http_max_sessions),
-            client_certs=bool(settings.tls_client_ca_file), allowed_hosts=allowed_hosts(settings),
+            self.token_source,
+            Sessions(ttl_ms=settings.http_session_ttl_ms, max_sessions=settings.http_max_sessions),
+            client_certs=bool(settings.tls_client_ca_file),
+            allowed_hosts=allowed_hosts(settings),
             secure_cookie=ssl_context is not None,
         )
         unit = parse_display_unit(settings.display_unit)
-        routes = OpsRoutes(engine, self.metrics, access, settlement=self._settlement,
-                           metrics_require_token=settings.metrics_require_token,
-                           operator_page=settings.http_operator_page, frame_ancestors=settings.http_frame_ancestors,
-                           display_unit=unit)
+        routes = OpsRoutes(
+            engine,
+            self.metrics,
+            access,
+            settlement=self._settlement,
+            metrics_require_token=settings.metrics_require_token,
+            operator_page=settings.http_operator_page,
+            frame_ancestors=settings.http_frame_ancestors,
+            display_unit=unit,
+        )
         routes.invoice_guard, routes.reconciler = self.invoice_guard, self.reconciler
         routes.add_to(app)
         signer = self._usage_link_signer()
-        UsageRoutes(engine, waiter.wait, signer, unit,
-                    frame_ancestors=settings.usage_page_frame_ancestors).add_to(app)
+        UsageRoutes(engine, waiter.wait, signer, unit, frame_ancestors=settings.usage_page_frame_ancestors).add_to(app)
         if settings.webhook_listen and self._webhooks_share_the_http_port():
             await self._start_webhooks(engine, waiter, app)
-        self._ops_http = HttpServer(app, settings.http_listen, shutdown_grace_s=settings.shutdown_grace_ms / 1000,
-                                    ssl_context=ssl_context)
+        self._ops_http = HttpServer(
+            app, settings.http_listen, shutdown_grace_s=settings.shutdown_grace_ms / 1000, ssl_context=ssl_context
+        )
         await self._ops_http.start()
         self.http_address = self._ops_http.address
         url = self._ops_http.url
         if self._admin is not None:
             self._admin.usage_links = UsageLinks(signer, settings.usage_link_base_url.rstrip("/") or url)
         if settings.http_operator_page:
-            log.info("spendgate operator page on %s/ (it needs %s) and metrics on %s/metrics", url,
-                     http_access_summary(settings, self.tokens), url)
+            log.info(
+                "spendgate operator page on %s/ (it needs %s) and metrics on %s/metrics",
+                url,
+                http_access_summary(settings, self.tokens),
+                url,
+            )
         else:
             log.info("spendgate metrics on %s/metrics (the operator page is off: http_operator_page)", url)
 
@@ -368,8 +394,13 @@ class Sidecar:
             return False
         _redact(tokens)
         streams = self._alerts.hub.end_removed_tokens(tokens) if self._alerts is not None else 0
-        log.info("SIGHUP: tokens reloaded (%d app, %d admin); sessions of removed admin tokens are over, %d WatchAlerts "
-                 "streams opened with them ended", len(tokens.app), len(tokens.admin), streams)
+        log.info(
+            "SIGHUP: tokens reloaded (%d app, %d admin); sessions of removed admin tokens are over, %d WatchAlerts "
+            "streams opened with them ended",
+            len(tokens.app),
+            len(tokens.admin),
+            streams,
+        )
         return True
 
     def _start_settlement(self) -> None:
@@ -408,8 +439,9 @@ def _invoice_guard(settings: Settings, engine: _core.Engine, waiter: DurabilityW
     return build_guard(settings, engine, waiter.wait)
 
 
-def _reconciler(settings: Settings, engine: _core.Engine, waiter: DurabilityWaiter,
-                metrics: Metrics) -> ScheduledReconcile:
+def _reconciler(
+    settings: Settings, engine: _core.Engine, waiter: DurabilityWaiter, metrics: Metrics
+) -> ScheduledReconcile:
     from spendgate.settle.scheduled import ScheduledReconcile  # noqa: PLC0415 - imports the SDK when on
 
     return ScheduledReconcile(engine, settings, waiter.wait, metrics=metrics)

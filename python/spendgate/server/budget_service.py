@@ -41,7 +41,13 @@ assert _core.HOLD_RELEASED == pb.HOLD_STATE_RELEASED
 assert _core.HOLD_EXPIRED == pb.HOLD_STATE_EXPIRED
 assert all(pb.HoldState.Name(n).removeprefix("HOLD_STATE_").lower() == w for n, w in HOLD_STATE_WORDS.items())
 
-__all__ = ["BudgetServicer", "balance_message", "deny_message", "period_at", "usage_message"]  # deny_message: moved, re-exported
+__all__ = [
+    "BudgetServicer",
+    "balance_message",
+    "deny_message",
+    "period_at",
+    "usage_message",
+]  # deny_message: moved, re-exported
 
 MODE_BY_NAME: Final[dict[str, int]] = {"hard": pb.ENFORCEMENT_MODE_HARD, "soft": pb.ENFORCEMENT_MODE_SOFT}
 

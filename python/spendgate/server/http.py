@@ -50,8 +50,15 @@ def parse_listen(listen: str) -> tuple[str, int]:
 class HttpServer:
     """One listening HTTP server. start() and stop() once each; `address` is HOST:PORT as bound."""
 
-    def __init__(self, app: web.Application, listen: str, *, shutdown_grace_s: float, name: str = "http",
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        listen: str,
+        *,
+        shutdown_grace_s: float,
+        name: str = "http",
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.host, self.port = parse_listen(listen)
         self.name = name
         self._ssl_context = ssl_context  # HTTPS when set

@@ -60,8 +60,9 @@ def same_origin(*, origin: str | None, fetch_site: str | None, scheme: str, host
     return origin.strip().lower() == f"{scheme}://{host.strip()}".lower()
 
 
-def security_headers(frame_ancestors: str,
-                     style_sources: tuple[str, ...] = OPERATOR_STYLE_SOURCES) -> Mapping[str, str]:
+def security_headers(
+    frame_ancestors: str, style_sources: tuple[str, ...] = OPERATOR_STYLE_SOURCES
+) -> Mapping[str, str]:
     """The headers every response of the HTTP port carries. The pages need no script, so the policy allows none; the
     inline stylesheets are allowed by their hashes; frame-ancestors comes from http_frame_ancestors (the usage page:
     usage_page_frame_ancestors)."""

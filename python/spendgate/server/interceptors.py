@@ -69,7 +69,8 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         if cached is None or cached[0] is not handler:
             method = handler_call_details.method.rsplit("/", 1)[-1]
             wrapped = grpc.unary_unary_rpc_method_handler(
-                self._observed(handler.unary_unary, method), request_deserializer=handler.request_deserializer,
+                self._observed(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
             cached = self._wrapped[id(handler)] = (handler, wrapped)

@@ -66,7 +66,21 @@ if TYPE_CHECKING:
 
 # Reserve and Commit take tens of microseconds in the engine plus an fsync (about 0.3 ms) and the gRPC stack.
 RPC_BUCKETS_S: Final[tuple[float, ...]] = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    10.0,
 )
 # Settlement: seconds (one settle interval) to days (Stripe down, or settlement off).
 LAG_BUCKETS_S: Final[tuple[float, ...]] = (0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86_400, 7 * 86_400)
@@ -80,48 +94,68 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
         self.rpc_duration = Histogram(
-            "spendgate_rpc_duration_seconds", "Time to answer a unary gRPC call, by method and decision.",
-            ["method", "decision"], buckets=RPC_BUCKETS_S, registry=registry,
+            "spendgate_rpc_duration_seconds",
+            "Time to answer a unary gRPC call, by method and decision.",
+            ["method", "decision"],
+            buckets=RPC_BUCKETS_S,
+            registry=registry,
         )
         self.decisions = Counter(
-            "spendgate_decisions", "Answers by method, decision and reason (see spendgate.server.metrics).",
-            ["method", "decision", "reason"], registry=registry,
+            "spendgate_decisions",
+            "Answers by method, decision and reason (see spendgate.server.metrics).",
+            ["method", "decision", "reason"],
+            registry=registry,
         )
         self.proxy_calls = Counter(
-            "spendgate_proxy_calls", "Calls through the HTTP proxy, by API (chat, responses, messages) and outcome "
+            "spendgate_proxy_calls",
+            "Calls through the HTTP proxy, by API (chat, responses, messages) and outcome "
             "(committed_exact, committed_whole_hold, released, denied, refused).",
-            ["api", "outcome"], registry=registry,
+            ["api", "outcome"],
+            registry=registry,
         )
         self.stripe_errors = Counter(
-            "spendgate_stripe_errors", "Failed Stripe calls, by Stripe error code (or http_<status>, connection).",
-            ["code"], registry=registry,
+            "spendgate_stripe_errors",
+            "Failed Stripe calls, by Stripe error code (or http_<status>, connection).",
+            ["code"],
+            registry=registry,
         )
         self.settle_duplicates = Counter(
-            "spendgate_settle_duplicates", "Meter events Stripe answered as already recorded, by what the settler "
+            "spendgate_settle_duplicates",
+            "Meter events Stripe answered as already recorded, by what the settler "
             "made of it: delivered (sent before by this sidecar) or refused (never sent by it: a copied data dir).",
-            ["outcome"], registry=registry,
+            ["outcome"],
+            registry=registry,
         )
         self.settle_probes = Counter(
-            "spendgate_settle_probes", "Probes the settler sent to Stripe while settlement was failing, by outcome: "
-            "answered (settlement resumes at once) or failed.", ["outcome"], registry=registry,
+            "spendgate_settle_probes",
+            "Probes the settler sent to Stripe while settlement was failing, by outcome: "
+            "answered (settlement resumes at once) or failed.",
+            ["outcome"],
+            registry=registry,
         )
         self.settlement_lag = Histogram(
-            "spendgate_settlement_lag_seconds", "From a usage's commit to Stripe accepting it.",
-            buckets=LAG_BUCKETS_S, registry=registry,
+            "spendgate_settlement_lag_seconds",
+            "From a usage's commit to Stripe accepting it.",
+            buckets=LAG_BUCKETS_S,
+            registry=registry,
         )
         self.alerts = Counter("spendgate_alerts", "Alerts raised, by kind.", ["kind"], registry=registry)
         # The scheduled reconcile (spendgate.settle.scheduled); no per-customer labels: the alerts name them.
         self.reconcile_runs = Counter(
-            "spendgate_reconcile_runs", "Scheduled reconciliations with Stripe, by outcome (ok, error).", ["outcome"],
+            "spendgate_reconcile_runs",
+            "Scheduled reconciliations with Stripe, by outcome (ok, error).",
+            ["outcome"],
             registry=registry,
         )
         self.reconcile_divergent = Gauge(
-            "spendgate_reconcile_divergent_customers", "Stripe customers whose last scheduled reconciliation diverged "
-            "past reconcile_tolerance_percent.", registry=registry,
+            "spendgate_reconcile_divergent_customers",
+            "Stripe customers whose last scheduled reconciliation diverged past reconcile_tolerance_percent.",
+            registry=registry,
         )
         self.reconcile_last_success = Gauge(
-            "spendgate_reconcile_last_success_timestamp_seconds", "Unix time of the last scheduled reconciliation "
-            "that ran to the end (0: none since start).", registry=registry,
+            "spendgate_reconcile_last_success_timestamp_seconds",
+            "Unix time of the last scheduled reconciliation that ran to the end (0: none since start).",
+            registry=registry,
         )
         self._collector: EngineCollector | None = None
         # Bounded: methods x decisions x reasons, each a small fixed set.
@@ -172,8 +206,15 @@ def decision_of(method: str, reply: Any) -> tuple[str, str]:
             return "granted", "replayed" if reply.replayed else "new"
         return "denied", pb.DenyReason.Name(reply.reason).removeprefix(DENY_REASON_PREFIX).lower()
     if method == "Commit":
-        reason = ("replayed" if reply.replayed else "hold_expired" if reply.hold_expired
-                  else "over_reserved" if reply.over_reserved else "within_hold")
+        reason = (
+            "replayed"
+            if reply.replayed
+            else "hold_expired"
+            if reply.hold_expired
+            else "over_reserved"
+            if reply.over_reserved
+            else "within_hold"
+        )
         return "committed", reason
     if method == "Release":
         return ("released" if reply.released else "expired"), "replayed" if reply.replayed else "new"
@@ -212,20 +253,31 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 def _engine_families(stats: dict[str, int]) -> Iterator[Metric]:
     yield _gauge("spendgate_budgets", "Budgets held.", stats["budgets"])
     yield _gauge("spendgate_active_holds", "Holds not yet committed, released or expired.", stats["active_holds"])
-    yield CounterMetricFamily("spendgate_expired_holds", "Holds the TTL reaper expired (their units reclaimed).",
-                              value=stats["expired_total"])
+    yield CounterMetricFamily(
+        "spendgate_expired_holds", "Holds the TTL reaper expired (their units reclaimed).", value=stats["expired_total"]
+    )
     yield _gauge("spendgate_write_queue_depth", "Changes waiting for the LMDB writer.", stats["queue_depth"])
     yield CounterMetricFamily("spendgate_write_batches", "LMDB write transactions.", value=stats["batches_total"])
     yield CounterMetricFamily("spendgate_write_ops", "Changes written to LMDB.", value=stats["ops_total"])
-    yield CounterMetricFamily("spendgate_breaker_trips", "Budgets the circuit breaker froze (since the start).",
-                              value=stats["breaker_trips_total"])
-    yield CounterMetricFamily("spendgate_periods_rolled", "Budget periods rolled over (since the start).",
-                              value=stats["periods_rolled_total"])
-    yield CounterMetricFamily("spendgate_clock_steps", "Wall-clock steps against the monotonic clock larger than "
-                              "max_clock_step_ms (since the start).", value=stats["clock_steps_total"])
-    yield _gauge("spendgate_clock_step_pending_seconds", "The wall-clock step that periods and the breaker do not "
-                 "follow yet (wall minus trusted time); 0 while the clocks agree.",
-                 stats["clock_step_pending_ms"] / 1000)
+    yield CounterMetricFamily(
+        "spendgate_breaker_trips",
+        "Budgets the circuit breaker froze (since the start).",
+        value=stats["breaker_trips_total"],
+    )
+    yield CounterMetricFamily(
+        "spendgate_periods_rolled", "Budget periods rolled over (since the start).", value=stats["periods_rolled_total"]
+    )
+    yield CounterMetricFamily(
+        "spendgate_clock_steps",
+        "Wall-clock steps against the monotonic clock larger than max_clock_step_ms (since the start).",
+        value=stats["clock_steps_total"],
+    )
+    yield _gauge(
+        "spendgate_clock_step_pending_seconds",
+        "The wall-clock step that periods and the breaker do not "
+        "follow yet (wall minus trusted time); 0 while the clocks agree.",
+        stats["clock_step_pending_ms"] / 1000,
+    )
 
 
 def _outbox_families(outbox: _core.OutboxStats) -> Iterator[Metric]:
@@ -241,12 +293,21 @@ def _lmdb_families(stats: dict[str, int], data_file: Path) -> Iterator[Metric]:
     size, used, capacity = stats["map_size_bytes"], stats["map_used_bytes"], stats["map_capacity_bytes"]
     yield _gauge("spendgate_lmdb_map_size_bytes", "The LMDB map size now (it grows from map_size_mb).", size)
     yield _gauge("spendgate_lmdb_map_used_bytes", "Bytes of LMDB pages holding data (free pages not counted).", used)
-    yield _gauge("spendgate_lmdb_map_used_ratio", "Data over what the map may grow to (map_max_mb, or the disk).",
-                 used / capacity if capacity else 0.0)
-    yield _gauge("spendgate_lmdb_map_high_water_bytes", "Bytes up to LMDB's highest page ever used.",
-                 stats["map_high_water_bytes"])
-    yield _gauge("spendgate_lmdb_map_capacity_bytes", "The most the map may grow to now (map_max_mb, or the disk's "
-                 "free space past disk_reserve_mb).", capacity)
+    yield _gauge(
+        "spendgate_lmdb_map_used_ratio",
+        "Data over what the map may grow to (map_max_mb, or the disk).",
+        used / capacity if capacity else 0.0,
+    )
+    yield _gauge(
+        "spendgate_lmdb_map_high_water_bytes",
+        "Bytes up to LMDB's highest page ever used.",
+        stats["map_high_water_bytes"],
+    )
+    yield _gauge(
+        "spendgate_lmdb_map_capacity_bytes",
+        "The most the map may grow to now (map_max_mb, or the disk's free space past disk_reserve_mb).",
+        capacity,
+    )
     try:
         file_bytes = os.stat(data_file).st_size
     except OSError:
@@ -256,12 +317,20 @@ def _lmdb_families(stats: dict[str, int], data_file: Path) -> Iterator[Metric]:
 
 def _settlement_families(settlement: SettlementService) -> Iterator[Metric]:
     status = settlement.status
-    yield _gauge("spendgate_settlement_enabled", "1 when usage is sent to Stripe (STRIPE_API_KEY set).",
-                 int(status.enabled))
-    yield _gauge("spendgate_settlement_last_success_timestamp_seconds",
-                 "Unix time of the last event Stripe accepted (0: none since start).", status.last_success_ms / 1000)
-    yield _gauge("spendgate_settlement_failing", "1 while settlement fails without progress.",
-                 int(status.failing_since_ms > 0))
+    yield _gauge(
+        "spendgate_settlement_enabled", "1 when usage is sent to Stripe (STRIPE_API_KEY set).", int(status.enabled)
+    )
+    yield _gauge(
+        "spendgate_settlement_last_success_timestamp_seconds",
+        "Unix time of the last event Stripe accepted (0: none since start).",
+        status.last_success_ms / 1000,
+    )
+    yield _gauge(
+        "spendgate_settlement_failing", "1 while settlement fails without progress.", int(status.failing_since_ms > 0)
+    )
     settler = settlement.settler
-    yield _gauge("spendgate_settlement_auto_aggregating", "1 while a backlog is sent as one event per Stripe customer "
-                 "per second (settle_auto_aggregate).", int(settler is not None and settler.auto_aggregating))
+    yield _gauge(
+        "spendgate_settlement_auto_aggregating",
+        "1 while a backlog is sent as one event per Stripe customer per second (settle_auto_aggregate).",
+        int(settler is not None and settler.auto_aggregating),
+    )

@@ -50,8 +50,15 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class HttpAccess:
     """What the HTTP port requires, from the settings: built once per sidecar."""
 
-    def __init__(self, tokens: TokenSource, sessions: Sessions, *, client_certs: bool, allowed_hosts: frozenset[str],
-                 secure_cookie: bool) -> None:
+    def __init__(
+        self,
+        tokens: TokenSource,
+        sessions: Sessions,
+        *,
+        client_certs: bool,
+        allowed_hosts: frozenset[str],
+        secure_cookie: bool,
+    ) -> None:
         self._tokens = tokens
         self.sessions = sessions
         self.client_certs = client_certs  # tls_client_ca_file is set: routes with credentials need a certificate
@@ -76,12 +83,18 @@ class HttpAccess:
         """421 for a foreign Host when no token protects the page."""
         if self.tokens.enabled or host_allowed(request.headers.get("Host"), self.allowed_hosts):
             return None
-        log.warning("operator page: refused a request for Host %r (not loopback, not in http_allowed_hosts)",
-                    request.headers.get("Host", "")[:100])
-        return web.Response(status=421, text=(
-            f"this sidecar's operator page answers only loopback Host names and those listed in the setting "
-            f"http_allowed_hosts; {request.headers.get('Host', '')[:100]!r} is neither: add it there (or configure "
-            "admin_tokens) if this is how you reach the sidecar\n"))
+        log.warning(
+            "operator page: refused a request for Host %r (not loopback, not in http_allowed_hosts)",
+            request.headers.get("Host", "")[:100],
+        )
+        return web.Response(
+            status=421,
+            text=(
+                f"this sidecar's operator page answers only loopback Host names and those listed in the setting "
+                f"http_allowed_hosts; {request.headers.get('Host', '')[:100]!r} is neither: add it there (or configure "
+                "admin_tokens) if this is how you reach the sidecar\n"
+            ),
+        )
 
     def is_admin(self, request: web.Request) -> bool:
         if self.tokens.role_of(request.headers.get("Authorization")) is Role.ADMIN:
@@ -95,10 +108,18 @@ class HttpAccess:
 class OpsRoutes:
     """The HTTP port's handlers over one engine. `settlement` is None for a server built without settlement."""
 
-    def __init__(self, engine: _core.Engine, metrics: Metrics, access: HttpAccess, *,
-                 settlement: SettlementService | None = None, metrics_require_token: bool = False,
-                 operator_page: bool = True, frame_ancestors: str = "'none'",
-                 display_unit: DisplayUnit | None = None) -> None:
+    def __init__(
+        self,
+        engine: _core.Engine,
+        metrics: Metrics,
+        access: HttpAccess,
+        *,
+        settlement: SettlementService | None = None,
+        metrics_require_token: bool = False,
+        operator_page: bool = True,
+        frame_ancestors: str = "'none'",
+        display_unit: DisplayUnit | None = None,
+    ) -> None:
         self._engine = engine
         self._metrics = metrics
         self._access = access
@@ -134,8 +155,11 @@ class OpsRoutes:
                 return refused
             tokens = self._access.tokens
             if tokens.enabled and tokens.role_of(request.headers.get("Authorization")) is not Role.ADMIN:
-                return web.Response(status=401, text="/metrics needs an admin token: Authorization: Bearer <token>\n",
-                                    headers={"WWW-Authenticate": 'Bearer realm="spendgate"'})
+                return web.Response(
+                    status=401,
+                    text="/metrics needs an admin token: Authorization: Bearer <token>\n",
+                    headers={"WWW-Authenticate": 'Bearer realm="spendgate"'},
+                )
         body, content_type = self._metrics.render()
         response = web.Response(body=body)
         response.headers["Content-Type"] = content_type
@@ -148,8 +172,9 @@ class OpsRoutes:
     async def overview(self, request: web.Request) -> web.Response:
         extra = ""
         if self.invoice_guard is not None:
-            extra = page_billing.invoice_spikes_section(self.invoice_guard.records(page_billing.SPIKES_SHOWN),
-                                                        time.time_ns() // 1_000_000)
+            extra = page_billing.invoice_spikes_section(
+                self.invoice_guard.records(page_billing.SPIKES_SHOWN), time.time_ns() // 1_000_000
+            )
         return self._page(request, page.overview_page(self._engine, self._snapshot(), extra))
 
     async def budgets(self, request: web.Request) -> web.Response:
@@ -167,8 +192,9 @@ class OpsRoutes:
         dashboard = usage_view.dashboard_sections(board, self._unit) + usage_view.limit_section(board, self._unit)
         extra = ""
         if self.reconciler is not None and self.reconciler.enabled:
-            extra = page_billing.reconcile_section(self.reconciler.last_result(usage.stripe_customer_id),
-                                                   time.time_ns() // 1_000_000)
+            extra = page_billing.reconcile_section(
+                self.reconciler.last_result(usage.stripe_customer_id), time.time_ns() // 1_000_000
+            )
         return self._page(request, page.customer_page(usage, dashboard, extra))
 
     async def login(self, request: web.Request) -> web.Response:
@@ -187,8 +213,15 @@ class OpsRoutes:
             return _html(_sign_in_page(target, "That is not one of the sidecar's admin tokens."), status=401)
         session_id = access.sessions.create(token.encode("ascii"))
         response = web.Response(status=303, headers={"Location": target})
-        response.set_cookie(SESSION_COOKIE, session_id, max_age=-(-access.sessions.ttl_ms // 1000), httponly=True,
-                            samesite="Strict", secure=access.secure_cookie, path="/")
+        response.set_cookie(
+            SESSION_COOKIE,
+            session_id,
+            max_age=-(-access.sessions.ttl_ms // 1000),
+            httponly=True,
+            samesite="Strict",
+            secure=access.secure_cookie,
+            path="/",
+        )
         return response
 
     async def logout(self, request: web.Request) -> web.Response:
@@ -198,8 +231,9 @@ class OpsRoutes:
             return refused
         self._access.sessions.end(request.cookies.get(SESSION_COOKIE))
         response = web.Response(status=303, headers={"Location": "/"})
-        response.del_cookie(SESSION_COOKIE, path="/", secure=self._access.secure_cookie, httponly=True,
-                            samesite="Strict")
+        response.del_cookie(
+            SESSION_COOKIE, path="/", secure=self._access.secure_cookie, httponly=True, samesite="Strict"
+        )
         return response
 
     # -- access --------------------------------------------------------------------------------------------------
@@ -221,12 +255,22 @@ class OpsRoutes:
         refused = access.certificate_refusal(request) or access.host_refusal(request)
         if refused is not None:
             return refused
-        if not same_origin(origin=request.headers.get("Origin"), fetch_site=request.headers.get("Sec-Fetch-Site"),
-                           scheme=request.scheme, host=request.headers.get("Host")):
-            log.warning("operator page: refused a %s from another origin (%r)", request.path,
-                        request.headers.get("Origin", "")[:100])
-            return web.Response(status=403, text=f"{request.path} accepts forms from this sidecar's own pages only "
-                                                 "(the Origin header names another site)\n")
+        if not same_origin(
+            origin=request.headers.get("Origin"),
+            fetch_site=request.headers.get("Sec-Fetch-Site"),
+            scheme=request.scheme,
+            host=request.headers.get("Host"),
+        ):
+            log.warning(
+                "operator page: refused a %s from another origin (%r)",
+                request.path,
+                request.headers.get("Origin", "")[:100],
+            )
+            return web.Response(
+                status=403,
+                text=f"{request.path} accepts forms from this sidecar's own pages only "
+                "(the Origin header names another site)\n",
+            )
         return None
 
     def _page(self, request: web.Request, document: str, status: int = 200) -> web.Response:
@@ -238,8 +282,13 @@ class OpsRoutes:
         if self._settlement is not None:
             return self._settlement.snapshot()
         stats = self._engine.outbox_stats()
-        return {"enabled": False, "outbox_depth": stats["depth"], "max_outbox_entries": stats["max_entries"],
-                "oldest_age_ms": 0, "dead_letters": stats["dead_letters"]}
+        return {
+            "enabled": False,
+            "outbox_depth": stats["depth"],
+            "max_outbox_entries": stats["max_entries"],
+            "oldest_age_ms": 0,
+            "dead_letters": stats["dead_letters"],
+        }
 
 
 def _html(text: str, status: int = 200) -> web.Response:

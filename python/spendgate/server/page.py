@@ -26,7 +26,7 @@ from spendgate import _core
 from spendgate.server.usage_view import STYLE as DASHBOARD_STYLE
 
 if TYPE_CHECKING:
-    from spendgate.settle import SettlementService
+    pass
 
 # Budgets on the overview, and at most this many search results (the page says when there were more).
 OVERVIEW_BUDGETS: Final[int] = 50
@@ -94,10 +94,21 @@ def usage_for(engine: _core.Engine, customer_id: str, *, now_ms: int | None = No
     raw = engine.usage(customer_id)
     report = usage_report(raw, now_ms=now)
     return Usage(
-        customer_id=view.customer_id, stripe_customer_id=view.stripe_customer_id, limit=view.limit, spent=view.spent,
-        reserved=view.reserved, remaining=view.remaining, active_holds=view.active_holds, overdraft=view.overdraft,
-        frozen=view.frozen, included_units=report.included, projected_units=report.projected_total,
-        daily_units=report.daily, credits=view.credits, credits_granted=raw["granted"], grants=raw["grants"],
+        customer_id=view.customer_id,
+        stripe_customer_id=view.stripe_customer_id,
+        limit=view.limit,
+        spent=view.spent,
+        reserved=view.reserved,
+        remaining=view.remaining,
+        active_holds=view.active_holds,
+        overdraft=view.overdraft,
+        frozen=view.frozen,
+        included_units=report.included,
+        projected_units=report.projected_total,
+        daily_units=report.daily,
+        credits=view.credits,
+        credits_granted=raw["granted"],
+        grants=raw["grants"],
     )
 
 
@@ -139,9 +150,11 @@ def bar(part: int, whole: int) -> str:
     share = 0.0 if whole <= 0 else part / whole
     fill = "#b3261e" if share > 1 else "#3d6fd6"
     width = BAR_WIDTH * min(1.0, share)
-    return (f'<svg class="bar" aria-hidden="true" width="{BAR_WIDTH}" height="{BAR_HEIGHT}">'
-            f'<rect width="{BAR_WIDTH}" height="{BAR_HEIGHT}" rx="3" fill="#e3e6eb"/>'
-            f'<rect width="{width:.0f}" height="{BAR_HEIGHT}" rx="3" fill="{fill}"/></svg>')
+    return (
+        f'<svg class="bar" aria-hidden="true" width="{BAR_WIDTH}" height="{BAR_HEIGHT}">'
+        f'<rect width="{BAR_WIDTH}" height="{BAR_HEIGHT}" rx="3" fill="#e3e6eb"/>'
+        f'<rect width="{width:.0f}" height="{BAR_HEIGHT}" rx="3" fill="{fill}"/></svg>'
+    )
 
 
 def with_sign_out(document: str) -> str:
@@ -152,7 +165,7 @@ def with_sign_out(document: str) -> str:
 def layout(title: str, body: str, query: str = "") -> str:
     """The whole document: header with navigation and the search form, then `body` (already escaped HTML)."""
     return (
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         f"<title>{esc(title)} - spendgate</title><style>{STYLE}</style><style>{DASHBOARD_STYLE}</style></head><body>"
         '<header><a href="/">spendgate</a><a href="/budgets">Budgets</a>'
         '<form method="get" action="/budgets" role="search">'
@@ -171,8 +184,14 @@ def card(label: str, value: str, tone: str = "") -> str:
 
 
 BUDGET_HEADERS: Final[tuple[tuple[str, bool], ...]] = (
-    ("Customer", False), ("Stripe customer", False), ("Limit", True), ("Spent", True), ("Reserved", True),
-    ("Remaining", True), ("Used", True), ("Status", False),
+    ("Customer", False),
+    ("Stripe customer", False),
+    ("Limit", True),
+    ("Spent", True),
+    ("Reserved", True),
+    ("Remaining", True),
+    ("Used", True),
+    ("Status", False),
 )
 
 
@@ -188,13 +207,23 @@ def _budget_row(view: _core.BalanceView) -> str:
     link = f'<a href="/customers/{esc(_path_quote(view.customer_id))}">{esc(view.customer_id)}</a>'
     used = view.spent + view.reserved
     cells = [
-        link, esc(view.stripe_customer_id), units(view.limit), units(view.spent), units(view.reserved),
-        units(view.remaining), f"{bar(used, view.limit)} {esc(percent(used, view.limit))}", esc(_status(view)),
+        link,
+        esc(view.stripe_customer_id),
+        units(view.limit),
+        units(view.spent),
+        units(view.reserved),
+        units(view.remaining),
+        f"{bar(used, view.limit)} {esc(percent(used, view.limit))}",
+        esc(_status(view)),
     ]
-    return "<tr>" + "".join(
-        f'<td class="num">{cell}</td>' if num else f"<td>{cell}</td>"
-        for cell, (_, num) in zip(cells, BUDGET_HEADERS, strict=True)
-    ) + "</tr>"
+    return (
+        "<tr>"
+        + "".join(
+            f'<td class="num">{cell}</td>' if num else f"<td>{cell}</td>"
+            for cell, (_, num) in zip(cells, BUDGET_HEADERS, strict=True)
+        )
+        + "</tr>"
+    )
 
 
 def _status(view: _core.BalanceView | Usage) -> str:
@@ -214,45 +243,58 @@ def settlement_section(snapshot: dict[str, Any], letters: Iterable[_core.DeadLet
     """Settlement health: on/off, outbox depth and lag, dead letters (with their reasons), the last error."""
     depth, bound = snapshot["outbox_depth"], snapshot["max_outbox_entries"]
     failing = snapshot.get("failing_since_ms", 0)
-    cards = "".join([
-        card("Settlement to Stripe", "on" if snapshot["enabled"] else "OFF (no STRIPE_API_KEY)",
-             "ok" if snapshot["enabled"] else "warn"),
-        card("Outbox depth", f"{depth:,} of {bound:,}", "warn" if depth > 0.8 * bound else ""),
-        card("Settlement lag (oldest waiting)", duration(snapshot["oldest_age_ms"])),
-        card("Dead letters", f"{snapshot['dead_letters']:,}", "bad" if snapshot["dead_letters"] else "ok"),
-        card("Last accepted by Stripe", age(snapshot.get("last_success_ms", 0), now_ms)),
-        card("Failing since", age(failing, now_ms) if failing else "not failing", "bad" if failing else "ok"),
-    ])
+    cards = "".join(
+        [
+            card(
+                "Settlement to Stripe",
+                "on" if snapshot["enabled"] else "OFF (no STRIPE_API_KEY)",
+                "ok" if snapshot["enabled"] else "warn",
+            ),
+            card("Outbox depth", f"{depth:,} of {bound:,}", "warn" if depth > 0.8 * bound else ""),
+            card("Settlement lag (oldest waiting)", duration(snapshot["oldest_age_ms"])),
+            card("Dead letters", f"{snapshot['dead_letters']:,}", "bad" if snapshot["dead_letters"] else "ok"),
+            card("Last accepted by Stripe", age(snapshot.get("last_success_ms", 0), now_ms)),
+            card("Failing since", age(failing, now_ms) if failing else "not failing", "bad" if failing else "ok"),
+        ]
+    )
     error = snapshot.get("last_error", "")
-    last_error = f"<p>Last error: {esc(error)} ({esc(age(snapshot.get('last_error_ms', 0), now_ms))})</p>" if error \
-        else ""
+    last_error = (
+        f"<p>Last error: {esc(error)} ({esc(age(snapshot.get('last_error_ms', 0), now_ms))})</p>" if error else ""
+    )
     return f'<h2>Settlement health</h2><div class="cards">{cards}</div>{last_error}{dead_letter_table(letters)}'
 
 
 def dead_letter_table(letters: Iterable[_core.DeadLetterEntry]) -> str:
     rows = "".join(
-        f"<tr><td class=\"num\">{letter['seq']:,}</td><td>{esc(letter['customer_id'])}</td>"
-        f"<td class=\"num\">{units(letter['amount'])}</td><td>{esc(letter['reason'])}</td></tr>"
+        f'<tr><td class="num">{letter["seq"]:,}</td><td>{esc(letter["customer_id"])}</td>'
+        f'<td class="num">{units(letter["amount"])}</td><td>{esc(letter["reason"])}</td></tr>'
         for letter in letters
     )
     if not rows:
         return ""
-    return ("<h2>Dead letters</h2><table><thead><tr><th class=\"num\">Seq</th><th>Customer</th>"
-            f"<th class=\"num\">Units</th><th>Reason</th></tr></thead><tbody>{rows}</tbody></table>")
+    return (
+        '<h2>Dead letters</h2><table><thead><tr><th class="num">Seq</th><th>Customer</th>'
+        f'<th class="num">Units</th><th>Reason</th></tr></thead><tbody>{rows}</tbody></table>'
+    )
 
 
 def overview_page(engine: _core.Engine, snapshot: dict[str, Any], extra: str = "") -> str:
     """extra: more sections (already escaped HTML), after settlement health (spendgate.server.page_billing)."""
     stats = engine.stats()
     now_ms = time.time_ns() // 1_000_000
-    totals = '<div class="cards">' + card("Budgets", f"{stats['budgets']:,}") + card(
-        "Open holds", f"{stats['active_holds']:,}") + card("Expired holds reclaimed", f"{stats['expired_total']:,}") + \
-        "</div>"
+    totals = (
+        '<div class="cards">'
+        + card("Budgets", f"{stats['budgets']:,}")
+        + card("Open holds", f"{stats['active_holds']:,}")
+        + card("Expired holds reclaimed", f"{stats['expired_total']:,}")
+        + "</div>"
+    )
     letters = engine.dead_letters(DEAD_LETTERS_SHOWN)
     views = engine.list_budgets("", OVERVIEW_BUDGETS)
     more = f'<p><a href="/budgets">All budgets ({stats["budgets"]:,})</a></p>' if stats["budgets"] > len(views) else ""
-    body = totals + settlement_section(snapshot, letters, now_ms) + extra + "<h2>Budgets</h2>" + budget_table(views) \
-        + more
+    body = (
+        totals + settlement_section(snapshot, letters, now_ms) + extra + "<h2>Budgets</h2>" + budget_table(views) + more
+    )
     return layout("Overview", body)
 
 
@@ -283,28 +325,40 @@ def customer_page(usage: Usage, dashboard: str = "", extra: str = "") -> str:
     `extra`: more sections (already escaped HTML), at the end (spendgate.server.page_billing)."""
     used = usage.spent + usage.reserved
     included = usage.included_units
-    cards = "".join([
-        card("Spent", f"{usage.spent:,}"),
-        card("Reserved (open holds)", f"{usage.reserved:,} in {usage.active_holds:,} "
-                                      f"hold{'' if usage.active_holds == 1 else 's'}"),
-        card("Remaining", f"{usage.remaining:,}"),
-        card("Limit", f"{usage.limit:,}" + (f" (with {usage.credits:,} credits)" if usage.credits else "")),
-        card("Credits unused", f"{unused_credits(usage):,} of {usage.credits:,}"),
-        card("Credits granted this period", f"{usage.credits_granted:,} in {usage.grants:,} "
-                                            f"grant{'' if usage.grants == 1 else 's'}"),
-        card("Included quota", units(included)),
-        card("Projected spend this period", units(usage.projected_units)),
-        card("Status", _status(usage), "bad" if usage.frozen or usage.overdraft else "ok"),
-    ])
+    cards = "".join(
+        [
+            card("Spent", f"{usage.spent:,}"),
+            card(
+                "Reserved (open holds)",
+                f"{usage.reserved:,} in {usage.active_holds:,} hold{'' if usage.active_holds == 1 else 's'}",
+            ),
+            card("Remaining", f"{usage.remaining:,}"),
+            card("Limit", f"{usage.limit:,}" + (f" (with {usage.credits:,} credits)" if usage.credits else "")),
+            card("Credits unused", f"{unused_credits(usage):,} of {usage.credits:,}"),
+            card(
+                "Credits granted this period",
+                f"{usage.credits_granted:,} in {usage.grants:,} grant{'' if usage.grants == 1 else 's'}",
+            ),
+            card("Included quota", units(included)),
+            card("Projected spend this period", units(usage.projected_units)),
+            card("Status", _status(usage), "bad" if usage.frozen or usage.overdraft else "ok"),
+        ]
+    )
     against = (
         f"<p>Against the limit: {bar(used, usage.limit)} {esc(percent(used, usage.limit))} "
         f"({used:,} of {usage.limit:,} units spent or held)</p>"
         f"<p>Against the included quota: "
-        + (f"{bar(usage.spent, included)} {esc(percent(usage.spent, included))}" if included is not None
-           else esc(NOT_AVAILABLE)) + "</p>"
+        + (
+            f"{bar(usage.spent, included)} {esc(percent(usage.spent, included))}"
+            if included is not None
+            else esc(NOT_AVAILABLE)
+        )
+        + "</p>"
     )
-    body = (f"<p>Stripe customer: {esc(usage.stripe_customer_id)}</p><div class=\"cards\">{cards}</div>{against}"
-            f'{extra}<h2>What the customer sees</h2><div class="dash">{dashboard}</div>')
+    body = (
+        f'<p>Stripe customer: {esc(usage.stripe_customer_id)}</p><div class="cards">{cards}</div>{against}'
+        f'{extra}<h2>What the customer sees</h2><div class="dash">{dashboard}</div>'
+    )
     return layout(f"Customer {usage.customer_id}", body)
 
 
@@ -314,6 +368,8 @@ def unused_credits(usage: Usage) -> int:
 
 
 def not_found_page(customer_id: str) -> str:
-    body = (f"<p>There is no budget for customer {esc(customer_id)}. Search for it with the box above, or create it "
-            "with <code>spendgate budget set</code>.</p>")
+    body = (
+        f"<p>There is no budget for customer {esc(customer_id)}. Search for it with the box above, or create it "
+        "with <code>spendgate budget set</code>.</p>"
+    )
     return layout("No such customer", body)

@@ -79,8 +79,10 @@ class TokenSource:
         would turn tokens on or off: that changes which checks run at all, so it needs a restart."""
         tokens = load_tokens(self._settings)
         if tokens.enabled != self.current.enabled:
-            raise ConfigError("a reload cannot turn tokens on or off (it decides which checks run): restart the "
-                              "sidecar for that; the tokens in force are unchanged")
+            raise ConfigError(
+                "a reload cannot turn tokens on or off (it decides which checks run): restart the "
+                "sidecar for that; the tokens in force are unchanged"
+            )
         self.current = tokens
         return tokens
 
@@ -123,8 +125,9 @@ def _tokens_of(settings: Settings, name: str) -> tuple[bytes, ...]:
         return inline
     from_file = parse_tokens(_read_text(path, f"{name}_file"), f"setting '{name}_file' ({path})")
     if not from_file:
-        raise ConfigError(f"setting '{name}_file': {path} holds no token; put one a line ({HOW_TO_MAKE_A_TOKEN})",
-                          f"{name}_file")
+        raise ConfigError(
+            f"setting '{name}_file': {path} holds no token; put one a line ({HOW_TO_MAKE_A_TOKEN})", f"{name}_file"
+        )
     return inline + from_file
 
 
@@ -153,8 +156,9 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     key = _read_pem(settings.tls_key_file, "tls_key_file")
     chain = _read_pem(settings.tls_cert_file, "tls_cert_file")
     client_ca = _read_pem(settings.tls_client_ca_file, "tls_client_ca_file") if settings.tls_client_ca_file else None
-    return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca,
-                                       require_client_auth=client_ca is not None)
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 def http_ssl_context(settings: Settings) -> ssl.SSLContext | None:
@@ -180,15 +184,20 @@ def _checked_context(settings: Settings) -> ssl.SSLContext:
     try:
         context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
     except (OSError, ssl.SSLError) as error:
-        raise ConfigError(f"setting 'tls_cert_file': {settings.tls_cert_file} with the key {settings.tls_key_file} is "
-                          f"not a usable certificate and key pair ({error}); pass a PEM certificate chain and its "
-                          "private key", "tls_cert_file") from None
+        raise ConfigError(
+            f"setting 'tls_cert_file': {settings.tls_cert_file} with the key {settings.tls_key_file} is "
+            f"not a usable certificate and key pair ({error}); pass a PEM certificate chain and its "
+            "private key",
+            "tls_cert_file",
+        ) from None
     if settings.tls_client_ca_file:
         try:
             context.load_verify_locations(settings.tls_client_ca_file)
         except (OSError, ssl.SSLError) as error:
-            raise ConfigError(f"setting 'tls_client_ca_file': {settings.tls_client_ca_file} holds no usable CA "
-                              f"certificate ({error})", "tls_client_ca_file") from None
+            raise ConfigError(
+                f"setting 'tls_client_ca_file': {settings.tls_client_ca_file} holds no usable CA certificate ({error})",
+                "tls_client_ca_file",
+            ) from None
     return context
 
 
@@ -232,9 +241,12 @@ def _check_transport_exposure(settings: Settings, tokens: Tokens) -> None:
         if not address or is_loopback(host_of(address)) or (tls and client_auth):
             continue
         missing = " and ".join(
-            part for part, ok in (("TLS (tls_cert_file, tls_key_file)", tls),
-                                  ("client authentication (app_tokens/admin_tokens, or tls_client_ca_file)",
-                                   client_auth)) if not ok
+            part
+            for part, ok in (
+                ("TLS (tls_cert_file, tls_key_file)", tls),
+                ("client authentication (app_tokens/admin_tokens, or tls_client_ca_file)", client_auth),
+            )
+            if not ok
         )
         raise ConfigError(
             f"setting {name!r}: {address} is not a loopback address, and the sidecar has no {missing}: anyone who can "
@@ -264,8 +276,14 @@ def check_page_exposure(settings: Settings, tokens: Tokens) -> None:
 
 def http_access_summary(settings: Settings, tokens: Tokens) -> str:
     """How the operator page is protected, for the start-up log line."""
-    needs = [part for part, on in (("a client certificate", bool(settings.tls_client_ca_file)),
-                                   ("an admin token", tokens.enabled)) if on]
+    needs = [
+        part
+        for part, on in (
+            ("a client certificate", bool(settings.tls_client_ca_file)),
+            ("an admin token", tokens.enabled),
+        )
+        if on
+    ]
     if needs:
         return " and ".join(needs)
     return "nothing but a loopback or allowed Host (no tokens: anyone who can reach the port)"
@@ -280,8 +298,11 @@ def startup_problems(settings: Settings) -> list[str]:
         tokens = load_tokens(settings)
     except ConfigError as error:
         problems.append(str(error))
-    for check in (lambda: server_credentials(settings), lambda: check_exposure(settings, tokens),
-                  lambda: check_usage_link_key(settings)):
+    for check in (
+        lambda: server_credentials(settings),
+        lambda: check_exposure(settings, tokens),
+        lambda: check_usage_link_key(settings),
+    ):
         try:
             check()
         except ConfigError as error:

@@ -63,8 +63,9 @@ class Sessions:
             self._drop_expired(now)
         while len(self._by_id_digest) >= self.max_sessions:
             del self._by_id_digest[next(iter(self._by_id_digest))]
-            log.warning("operator page: %d sessions are open (http_max_sessions); the oldest one was ended",
-                        self.max_sessions)
+            log.warning(
+                "operator page: %d sessions are open (http_max_sessions); the oldest one was ended", self.max_sessions
+            )
         session_id = secrets.token_urlsafe(SESSION_ID_BYTES)
         self._by_id_digest[_digest(session_id.encode("ascii"))] = Session(
             token_digest=_digest(token), expires_at_s=now + self.ttl_ms / 1000

@@ -73,4 +73,3 @@ def grpc_errors(handler: Handler[Servicer, Request, Reply]) -> Handler[Servicer,
             await abort_with(context, error, handler.__qualname__)
 
     return wrapper
-

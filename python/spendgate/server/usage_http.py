@@ -40,8 +40,15 @@ STYLE_SOURCES: Final[tuple[str, ...]] = (usage_page.STYLE_CSP_SOURCE, usage_view
 
 
 class UsageRoutes:
-    def __init__(self, engine: _core.Engine, wait_durable: Callable[[int], Awaitable[None]],
-                 signer: UsageLinkSigner, unit: DisplayUnit, *, frame_ancestors: str) -> None:
+    def __init__(
+        self,
+        engine: _core.Engine,
+        wait_durable: Callable[[int], Awaitable[None]],
+        signer: UsageLinkSigner,
+        unit: DisplayUnit,
+        *,
+        frame_ancestors: str,
+    ) -> None:
         self._engine = engine
         self._wait = wait_durable
         self._signer = signer
@@ -65,19 +72,26 @@ class UsageRoutes:
     async def stop_at(self, request: web.Request) -> web.Response:
         customer_id = request.match_info["customer_id"]
         if (request.headers.get("Sec-Fetch-Site") or "").strip().lower() == CROSS_SITE:
-            return self._refused(request, LinkRefused(
-                "This form works only from the usage page itself.", "a cross-site POST to the stop-at form"))
+            return self._refused(
+                request,
+                LinkRefused(
+                    "This form works only from the usage page itself.", "a cross-site POST to the stop-at form"
+                ),
+            )
         if (request.content_length or 0) > MAX_FORM_BYTES:
-            return self._refused(request, LinkRefused("That form was too large.", "an oversized stop-at form",
-                                                      status=413))
+            return self._refused(
+                request, LinkRefused("That form was too large.", "an oversized stop-at form", status=413)
+            )
         form = {name: str(value) for name, value in (await request.post()).items()}
         try:
             grant = self._signer.verify(customer_id, form, now_s=time.time())
         except LinkRefused as refused:
             return self._refused(request, refused)
         if not grant.allows_limit:
-            return self._refused(request, LinkRefused(VIEW_ONLY, f"a view-only usage link of {customer_id!r} tried "
-                                                                 "to change the stop-at"))
+            return self._refused(
+                request,
+                LinkRefused(VIEW_ONLY, f"a view-only usage link of {customer_id!r} tried to change the stop-at"),
+            )
         if form.get("action") == "remove":
             return await self._change(grant, None, "Your stop-at is removed: usage stops at the provider's limit.")
         try:
@@ -85,9 +99,12 @@ class UsageRoutes:
         except ValueError as error:
             return self._dashboard(grant, problem=f"Not saved: {error}.", status=400)
         if not 0 < amount <= grant.ceiling:
-            problem = (f"Not saved: {self._unit.format(amount)} is more than {self._unit.format(grant.ceiling)}, the "
-                       "most this page can set." if amount > grant.ceiling else
-                       "Not saved: a stop-at must be more than zero (use Remove to have none).")
+            problem = (
+                f"Not saved: {self._unit.format(amount)} is more than {self._unit.format(grant.ceiling)}, the "
+                "most this page can set."
+                if amount > grant.ceiling
+                else "Not saved: a stop-at must be more than zero (use Remove to have none)."
+            )
             return self._dashboard(grant, problem=problem, status=400)
         return await self._change(grant, amount, f"Saved: your usage stops at {self._unit.format(amount)}.")
 

@@ -36,14 +36,19 @@ def document(title: str, body: str, footer: str = "") -> str:
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1"><meta name="robots" content="noindex">'
         f"<title>{esc(title)}</title><style>{STYLE}</style><style>{usage_view.STYLE}</style></head><body>"
-        f'<main class="dash">{body}</main>'
-        + (f"<footer>{footer}</footer>" if footer else "")
-        + "</body></html>"
+        f'<main class="dash">{body}</main>' + (f"<footer>{footer}</footer>" if footer else "") + "</body></html>"
     )
 
 
-def usage_page(board: Dashboard, unit: DisplayUnit, grant: LinkGrant, signer: UsageLinkSigner, *,
-               notice: str = "", problem: str = "") -> str:
+def usage_page(
+    board: Dashboard,
+    unit: DisplayUnit,
+    grant: LinkGrant,
+    signer: UsageLinkSigner,
+    *,
+    notice: str = "",
+    problem: str = "",
+) -> str:
     """The dashboard of the link's customer; with a `limit` link, the stop-at form. `notice` (done) or `problem`
     (refused) is shown above it, as plain text."""
     banner = ""
@@ -64,11 +69,15 @@ def usage_page(board: Dashboard, unit: DisplayUnit, grant: LinkGrant, signer: Us
 def stop_at_form(board: Dashboard, unit: DisplayUnit, grant: LinkGrant, signer: UsageLinkSigner) -> str:
     """Set the customer's own stop-at up to the link's ceiling, or remove it. The link's signed parameters travel as
     hidden fields: the form is exactly as powerful as the link, and a page elsewhere cannot forge it without one."""
-    hidden = "".join(f'<input type="hidden" name="{esc(name)}" value="{esc(value)}">'
-                     for name, value in signer.params(grant).items())
+    hidden = "".join(
+        f'<input type="hidden" name="{esc(name)}" value="{esc(value)}">' for name, value in signer.params(grant).items()
+    )
     current = unit.to_input(board.stop_at) if board.stop_at else ""
-    remove = ('<button type="submit" name="action" value="remove" formnovalidate>Remove my stop-at</button>'
-              if board.stop_at else "")
+    remove = (
+        '<button type="submit" name="action" value="remove" formnovalidate>Remove my stop-at</button>'
+        if board.stop_at
+        else ""
+    )
     prefix = f"{esc(unit.prefix)} " if unit.prefix else ""
     suffix = f" {esc(unit.suffix.strip())}" if unit.suffix else ""
     return (

@@ -112,15 +112,28 @@ def dashboard_for(engine: _core.Engine, customer_id: str, *, now_ms: int) -> Das
     for model, _, _, units in report.by_model:
         models[model] = models.get(model, 0) + units
     return Dashboard(
-        customer_id=view.customer_id, limit=view.limit, stop_at=view.stop_at, enforced=enforced,
-        block_overage=view.block_overage, hard=view.mode == "hard" or view.stop_at > 0, frozen=view.frozen, used=report.total, reserved=view.reserved,
-        included=report.included, projected=report.projected_total, projected_overage=report.projected_overage,
-        period_start_ms=report.period_start_ms, period_end_ms=report.period_end_ms,
-        limit_reached_ms=_reached_at(report.total + view.reserved, enforced, report.period_start_ms,
-                                     report.period_end_ms, now_ms, report.total),
+        customer_id=view.customer_id,
+        limit=view.limit,
+        stop_at=view.stop_at,
+        enforced=enforced,
+        block_overage=view.block_overage,
+        hard=view.mode == "hard" or view.stop_at > 0,
+        frozen=view.frozen,
+        used=report.total,
+        reserved=view.reserved,
+        included=report.included,
+        projected=report.projected_total,
+        projected_overage=report.projected_overage,
+        period_start_ms=report.period_start_ms,
+        period_end_ms=report.period_end_ms,
+        limit_reached_ms=_reached_at(
+            report.total + view.reserved, enforced, report.period_start_ms, report.period_end_ms, now_ms, report.total
+        ),
         days=_last_days(engine, customer_id, report.daily, report.period_start_ms, now_ms),
         by_model=tuple(sorted(models.items(), key=lambda row: (-row[1], row[0]))),
-        by_dimension=report.by_dimension, members=view.members, credits=view.credits,
+        by_dimension=report.by_dimension,
+        members=view.members,
+        credits=view.credits,
     )
 
 
@@ -136,8 +149,9 @@ def _reached_at(used: int, limit: int, start_ms: int, end_ms: int, now_ms: int, 
     return at_ms if at_ms < end_ms else None
 
 
-def _last_days(engine: _core.Engine, customer_id: str, daily: tuple[tuple[str, int], ...], start_ms: int,
-               now_ms: int) -> tuple[tuple[str, int, bool], ...]:
+def _last_days(
+    engine: _core.Engine, customer_id: str, daily: tuple[tuple[str, int], ...], start_ms: int, now_ms: int
+) -> tuple[tuple[str, int, bool], ...]:
     """The last CHART_DAYS days up to today: this period's series, and before its start the previous period's."""
     days = {day: (units, True) for day, units in daily}
     today = now_ms // DAY_MS
@@ -175,21 +189,23 @@ def share_text(part: int, whole: int) -> str:
 
 def dashboard_sections(board: Dashboard, unit: DisplayUnit) -> str:
     """Numbers first: the big number with its progress bar, the projection, the daily chart, the breakdowns."""
-    return (big_number(board, unit) + projection(board, unit) + daily_chart(board, unit)
-            + breakdowns(board, unit))
+    return big_number(board, unit) + projection(board, unit) + daily_chart(board, unit) + breakdowns(board, unit)
 
 
 def big_number(board: Dashboard, unit: DisplayUnit) -> str:
     against = board.included if board.included > 0 else board.enforced
     what = "included" if board.included > 0 else "limit"
-    period = (f"This period: {esc(date_text(board.period_start_ms))} – {esc(date_text(board.period_end_ms - 1))}"
-              if board.period_end_ms != NEVER_MS else "No period end: usage never resets")
+    period = (
+        f"This period: {esc(date_text(board.period_start_ms))} – {esc(date_text(board.period_end_ms - 1))}"
+        if board.period_end_ms != NEVER_MS
+        else "No period end: usage never resets"
+    )
     in_flight = f" · {esc(unit.format(board.reserved))} in progress" if board.reserved else ""
     return (
         '<section class="used"><h2>Used this period</h2>'
         f'<div class="big" id="used">{esc(unit.format(board.used))}</div>'
         f'<div class="of" id="of-included">of {esc(unit.format(against))} {what} · {esc(share_text(board.used, against))}'
-        f"</div>{progress_bar(board.used, against)}<div class=\"sub\">{period}{in_flight}</div></section>"
+        f'</div>{progress_bar(board.used, against)}<div class="sub">{period}{in_flight}</div></section>'
     )
 
 
@@ -198,26 +214,32 @@ def progress_bar(part: int, whole: int) -> str:
     share = 0.0 if whole <= 0 else part / whole
     width = PROGRESS_WIDTH * min(1.0, share)
     fill = OVER_FILL if share > 1 else CURRENT_FILL
-    return (f'<svg class="progress" role="img" aria-label="{esc(share_text(part, whole))} used" '
-            f'width="{PROGRESS_WIDTH}" height="{PROGRESS_HEIGHT}" viewBox="0 0 {PROGRESS_WIDTH} {PROGRESS_HEIGHT}">'
-            f'<rect width="{PROGRESS_WIDTH}" height="{PROGRESS_HEIGHT}" rx="7" fill="{TRACK_FILL}"/>'
-            f'<rect class="fill" width="{width:.1f}" height="{PROGRESS_HEIGHT}" rx="7" fill="{fill}"/></svg>')
+    return (
+        f'<svg class="progress" role="img" aria-label="{esc(share_text(part, whole))} used" '
+        f'width="{PROGRESS_WIDTH}" height="{PROGRESS_HEIGHT}" viewBox="0 0 {PROGRESS_WIDTH} {PROGRESS_HEIGHT}">'
+        f'<rect width="{PROGRESS_WIDTH}" height="{PROGRESS_HEIGHT}" rx="7" fill="{TRACK_FILL}"/>'
+        f'<rect class="fill" width="{width:.1f}" height="{PROGRESS_HEIGHT}" rx="7" fill="{fill}"/></svg>'
+    )
 
 
 def projection(board: Dashboard, unit: DisplayUnit) -> str:
     if board.period_end_ms == NEVER_MS:
-        return ('<section class="projection"><h2>Projection</h2><p>This budget has no period end, so there is '
-                "nothing to project.</p></section>")
+        return (
+            '<section class="projection"><h2>Projection</h2><p>This budget has no period end, so there is '
+            "nothing to project.</p></section>"
+        )
     # Where usage stops, nothing past it is spent: the projection says so instead of a figure that cannot happen.
     stopped = board.hard and board.projected > board.enforced
     expected = min(board.projected, board.enforced) if stopped else board.projected
     over = max(0, expected - board.included) if board.included > 0 else 0
     line = f"On track for <strong>{esc(unit.format(expected))}</strong> this period"
     if board.included > 0:
-        line += (f", <strong class=\"warn\">{esc(unit.format(over))} over the included quota</strong>" if over
-                 else ", within the included quota")
-    line += (f" (usage stops there; at this rate it would be {esc(unit.format(board.projected))})." if stopped
-             else ".")
+        line += (
+            f', <strong class="warn">{esc(unit.format(over))} over the included quota</strong>'
+            if over
+            else ", within the included quota"
+        )
+    line += f" (usage stops there; at this rate it would be {esc(unit.format(board.projected))})." if stopped else "."
     limit = f"{limit_name(board)} of {unit.format(board.enforced)}"
     blocked = " Usage past the included quota is blocked." if limit_name(board) == QUOTA_STOPS else ""
     if board.used + board.reserved >= board.enforced:
@@ -242,21 +264,30 @@ def limit_name(board: Dashboard) -> str:
 
 def daily_chart(board: Dashboard, unit: DisplayUnit) -> str:
     """The last CHART_DAYS days as an inline SVG bar chart, with the included quota's even share per day."""
-    period_days = ((board.period_end_ms - board.period_start_ms) / DAY_MS
-                   if board.period_end_ms != NEVER_MS else 0)
+    period_days = (board.period_end_ms - board.period_start_ms) / DAY_MS if board.period_end_ms != NEVER_MS else 0
     per_day = board.included / period_days if board.included > 0 and period_days > 0 else 0.0
     svg = daily_chart_svg(board.days, unit, per_day)
-    legend = ('<div class="legend"><span class="swatch s-cur"></span>this period'
-              + ('<span class="swatch s-prev"></span>previous period'
-                 if any(units and not current for _, units, current in board.days) else "")
-              + (f'<span class="swatch s-quota"></span>included quota per day ({esc(unit.format(round(per_day)))}, '
-                 f"{esc(unit.format(board.included))} over {period_days:,.0f} days)" if per_day else "")
-              + "</div>")
+    legend = (
+        '<div class="legend"><span class="swatch s-cur"></span>this period'
+        + (
+            '<span class="swatch s-prev"></span>previous period'
+            if any(units and not current for _, units, current in board.days)
+            else ""
+        )
+        + (
+            f'<span class="swatch s-quota"></span>included quota per day ({esc(unit.format(round(per_day)))}, '
+            f"{esc(unit.format(board.included))} over {period_days:,.0f} days)"
+            if per_day
+            else ""
+        )
+        + "</div>"
+    )
     return f'<section class="chart"><h2>Daily usage, last {CHART_DAYS} days</h2>{svg}{legend}</section>'
 
 
-def daily_chart_svg(days: tuple[tuple[str, int, bool], ...] | list[tuple[str, int, bool]], unit: DisplayUnit,
-                    quota_per_day: float = 0.0) -> str:
+def daily_chart_svg(
+    days: tuple[tuple[str, int, bool], ...] | list[tuple[str, int, bool]], unit: DisplayUnit, quota_per_day: float = 0.0
+) -> str:
     """One bar per day, each with a <title> (its date and amount); a date label every few days; the peak on the
     axis; a dashed line at `quota_per_day` (0: none)."""
     if not days:
@@ -267,39 +298,55 @@ def daily_chart_svg(days: tuple[tuple[str, int, bool], ...] | list[tuple[str, in
     plot_h = CHART_HEIGHT - CHART_TOP - CHART_BOTTOM
     base = CHART_TOP + plot_h
     slot = plot_w / len(days)
-    parts = [f'<line x1="{CHART_LEFT}" y1="{base}" x2="{CHART_WIDTH - CHART_RIGHT}" y2="{base}" stroke="#c5cad3"/>',
-             (f'<text x="{CHART_LEFT - 6}" y="{base}" font-size="11" text-anchor="end" fill="#5b6475">'
-              f"{esc(unit.format(0))}</text>")]
+    parts = [
+        f'<line x1="{CHART_LEFT}" y1="{base}" x2="{CHART_WIDTH - CHART_RIGHT}" y2="{base}" stroke="#c5cad3"/>',
+        (
+            f'<text x="{CHART_LEFT - 6}" y="{base}" font-size="11" text-anchor="end" fill="#5b6475">'
+            f"{esc(unit.format(0))}</text>"
+        ),
+    ]
     if peak:
         y = base - plot_h * peak / top
-        parts.append(f'<line x1="{CHART_LEFT}" y1="{y:.1f}" x2="{CHART_WIDTH - CHART_RIGHT}" y2="{y:.1f}" '
-                     f'stroke="#eef0f3"/><text x="{CHART_LEFT - 6}" y="{y + 4:.1f}" font-size="11" '
-                     f'text-anchor="end" fill="#5b6475">{esc(unit.format(peak))}</text>')
+        parts.append(
+            f'<line x1="{CHART_LEFT}" y1="{y:.1f}" x2="{CHART_WIDTH - CHART_RIGHT}" y2="{y:.1f}" '
+            f'stroke="#eef0f3"/><text x="{CHART_LEFT - 6}" y="{y + 4:.1f}" font-size="11" '
+            f'text-anchor="end" fill="#5b6475">{esc(unit.format(peak))}</text>'
+        )
     for index, (day, units, current) in enumerate(days):
         height = plot_h * units / top
         x = CHART_LEFT + index * slot + slot * 0.15
         fill = CURRENT_FILL if current else PREVIOUS_FILL
         label = ""
         if (len(days) - 1 - index) % CHART_LABEL_EVERY_DAYS == 0:
-            label = (f'<text x="{x + slot * 0.35:.1f}" y="{CHART_HEIGHT - 6}" font-size="11" text-anchor="middle" '
-                     f'fill="#5b6475">{esc(day[5:])}</text>')
-        parts.append(f'<g class="day"><title>{esc(day)}: {esc(unit.format(units))}</title>'
-                     f'<rect x="{x:.1f}" y="{base - height:.1f}" width="{slot * 0.7:.1f}" height="{height:.1f}" '
-                     f'fill="{fill}"/>{label}</g>')
+            label = (
+                f'<text x="{x + slot * 0.35:.1f}" y="{CHART_HEIGHT - 6}" font-size="11" text-anchor="middle" '
+                f'fill="#5b6475">{esc(day[5:])}</text>'
+            )
+        parts.append(
+            f'<g class="day"><title>{esc(day)}: {esc(unit.format(units))}</title>'
+            f'<rect x="{x:.1f}" y="{base - height:.1f}" width="{slot * 0.7:.1f}" height="{height:.1f}" '
+            f'fill="{fill}"/>{label}</g>'
+        )
     if quota_per_day > 0:
         y = base - plot_h * quota_per_day / top
-        parts.append(f'<line class="quota" x1="{CHART_LEFT}" y1="{y:.1f}" x2="{CHART_WIDTH - CHART_RIGHT}" '
-                     f'y2="{y:.1f}" stroke="{QUOTA_STROKE}" stroke-width="2" stroke-dasharray="6 4">'
-                     f"<title>included quota per day: {esc(unit.format(round(quota_per_day)))}</title></line>")
-    return (f'<svg class="daily" role="img" aria-label="Daily usage, peak {esc(unit.format(peak))}" '
-            f'width="{CHART_WIDTH}" height="{CHART_HEIGHT}" viewBox="0 0 {CHART_WIDTH} {CHART_HEIGHT}">'
-            f'{"".join(parts)}</svg>')
+        parts.append(
+            f'<line class="quota" x1="{CHART_LEFT}" y1="{y:.1f}" x2="{CHART_WIDTH - CHART_RIGHT}" '
+            f'y2="{y:.1f}" stroke="{QUOTA_STROKE}" stroke-width="2" stroke-dasharray="6 4">'
+            f"<title>included quota per day: {esc(unit.format(round(quota_per_day)))}</title></line>"
+        )
+    return (
+        f'<svg class="daily" role="img" aria-label="Daily usage, peak {esc(unit.format(peak))}" '
+        f'width="{CHART_WIDTH}" height="{CHART_HEIGHT}" viewBox="0 0 {CHART_WIDTH} {CHART_HEIGHT}">'
+        f"{''.join(parts)}</svg>"
+    )
 
 
 def breakdowns(board: Dashboard, unit: DisplayUnit) -> str:
     """What drives the usage: the top actions (and any other dimension), the members of an org, the models."""
-    keys = sorted({key for key, _, _ in board.by_dimension if key != MEMBER_DIMENSION},
-                  key=lambda key: (key != ACTION_DIMENSION, key))
+    keys = sorted(
+        {key for key, _, _ in board.by_dimension if key != MEMBER_DIMENSION},
+        key=lambda key: (key != ACTION_DIMENSION, key),
+    )
     tables = []
     for key in keys:
         rows = [(value, units) for k, value, units in board.by_dimension if k == key]
@@ -315,23 +362,31 @@ def breakdowns(board: Dashboard, unit: DisplayUnit) -> str:
     return f'<div class="cols">{"".join(tables)}</div>'
 
 
-def share_table(title: str, column: str, rows: list[tuple[str, int]], total: int, unit: DisplayUnit, *,
-                css_id: str) -> str:
-    body = "".join(
-        f"<tr><td>{esc(name)}</td><td class=\"num\">{esc(unit.format(units))}</td>"
-        f"<td class=\"num\">{share_bar(units, total)} {esc(share_text(units, total))}</td></tr>"
-        for name, units in rows[:TOP_ROWS]
-    ) or '<tr><td colspan="3">No usage yet.</td></tr>'
-    return (f'<section id="{esc(css_id)}"><h2>{esc(title)}</h2><table><thead><tr><th>{esc(column)}</th>'
-            f'<th class="num">Used</th><th class="num">Share</th></tr></thead><tbody>{body}</tbody></table></section>')
+def share_table(
+    title: str, column: str, rows: list[tuple[str, int]], total: int, unit: DisplayUnit, *, css_id: str
+) -> str:
+    body = (
+        "".join(
+            f'<tr><td>{esc(name)}</td><td class="num">{esc(unit.format(units))}</td>'
+            f'<td class="num">{share_bar(units, total)} {esc(share_text(units, total))}</td></tr>'
+            for name, units in rows[:TOP_ROWS]
+        )
+        or '<tr><td colspan="3">No usage yet.</td></tr>'
+    )
+    return (
+        f'<section id="{esc(css_id)}"><h2>{esc(title)}</h2><table><thead><tr><th>{esc(column)}</th>'
+        f'<th class="num">Used</th><th class="num">Share</th></tr></thead><tbody>{body}</tbody></table></section>'
+    )
 
 
 def share_bar(part: int, whole: int) -> str:
     share = 0.0 if whole <= 0 else min(1.0, part / whole)
-    return (f'<svg class="share" aria-hidden="true" width="{SHARE_BAR_WIDTH}" height="{SHARE_BAR_HEIGHT}">'
-            f'<rect width="{SHARE_BAR_WIDTH}" height="{SHARE_BAR_HEIGHT}" rx="4" fill="{TRACK_FILL}"/>'
-            f'<rect width="{SHARE_BAR_WIDTH * share:.1f}" height="{SHARE_BAR_HEIGHT}" rx="4" fill="{CURRENT_FILL}"/>'
-            "</svg>")
+    return (
+        f'<svg class="share" aria-hidden="true" width="{SHARE_BAR_WIDTH}" height="{SHARE_BAR_HEIGHT}">'
+        f'<rect width="{SHARE_BAR_WIDTH}" height="{SHARE_BAR_HEIGHT}" rx="4" fill="{TRACK_FILL}"/>'
+        f'<rect width="{SHARE_BAR_WIDTH * share:.1f}" height="{SHARE_BAR_HEIGHT}" rx="4" fill="{CURRENT_FILL}"/>'
+        "</svg>"
+    )
 
 
 def limit_section(board: Dashboard, unit: DisplayUnit, *, control: str = "") -> str:
@@ -349,5 +404,5 @@ def limit_section(board: Dashboard, unit: DisplayUnit, *, control: str = "") -> 
     rows.append(("Left before it stops", unit.format(max(0, board.enforced - board.used - board.reserved))))
     if board.frozen:
         rows.append(("Status", "paused by your provider"))
-    table = "".join(f"<tr><th>{esc(name)}</th><td class=\"num\">{esc(value)}</td></tr>" for name, value in rows)
+    table = "".join(f'<tr><th>{esc(name)}</th><td class="num">{esc(value)}</td></tr>' for name, value in rows)
     return f'<section class="limit" id="limit"><h2>Limit</h2><table>{table}</table>{control}</section>'

@@ -48,11 +48,26 @@ HOLD_STATE_WORDS: Final[Mapping[int, str]] = {
 class BudgetEngine(Protocol):
     """What the service needs of the engine (spendgate._core.Engine has it; tests pass a fake)."""
 
-    def reserve(self, customer_id: str, amount: int, idempotency_key: str = "", ttl_ms: int = 0, *, model: str = "",
-                dimensions: dict[str, str] | None = None, fingerprint: str = "") -> _core.ReserveOutcome: ...
+    def reserve(
+        self,
+        customer_id: str,
+        amount: int,
+        idempotency_key: str = "",
+        ttl_ms: int = 0,
+        *,
+        model: str = "",
+        dimensions: dict[str, str] | None = None,
+        fingerprint: str = "",
+    ) -> _core.ReserveOutcome: ...
 
-    def commit(self, reservation_id: str, amount: int, *, usage: _core.UsageDetail | None = None,
-               dimensions: dict[str, str] | None = None) -> _core.CommitOutcome: ...
+    def commit(
+        self,
+        reservation_id: str,
+        amount: int,
+        *,
+        usage: _core.UsageDetail | None = None,
+        dimensions: dict[str, str] | None = None,
+    ) -> _core.CommitOutcome: ...
 
     def release(self, reservation_id: str) -> _core.ReleaseOutcome: ...
 
@@ -66,8 +81,9 @@ class BudgetEngine(Protocol):
 class CreditsEngine(Protocol):
     """What grant_credits needs of the engine."""
 
-    def grant_credits(self, customer_id: str, amount: int, idempotency_key: str,
-                      reason: str = "") -> _core.GrantOutcome: ...
+    def grant_credits(
+        self, customer_id: str, amount: int, idempotency_key: str, reason: str = ""
+    ) -> _core.GrantOutcome: ...
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -111,7 +127,9 @@ class ReserveResult:
     decided_by: str = ""
     priced_model: str = ""
     fallback_price: bool = False
-    parts: tuple[tuple[str, int, int], ...] = ()  # an estimate's worst case: (token_type, tokens, units), summing to amount
+    parts: tuple[
+        tuple[str, int, int], ...
+    ] = ()  # an estimate's worst case: (token_type, tokens, units), summing to amount
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -201,9 +219,16 @@ class BudgetService:
             estimate=priced,
         )
 
-    async def reserve(self, customer_id: str, amount: int = 0, *, estimate: TokenEstimate | None = None,
-                      idempotency_key: str = "", ttl_ms: int = 0,
-                      dimensions: Mapping[str, str] | None = None) -> ReserveResult:
+    async def reserve(
+        self,
+        customer_id: str,
+        amount: int = 0,
+        *,
+        estimate: TokenEstimate | None = None,
+        idempotency_key: str = "",
+        ttl_ms: int = 0,
+        dimensions: Mapping[str, str] | None = None,
+    ) -> ReserveResult:
         """Hold `amount`, or the worst case of `estimate` priced by the table (give one, not both)."""
         priced = self._price(amount, estimate)
         if priced.unknown_model:
@@ -219,8 +244,9 @@ class BudgetService:
             reservation_id=outcome.reservation_id,
             remaining=outcome.remaining,
             reason=outcome.reason,
-            message=deny_message(customer_id, priced.amount, outcome,
-                                 stop_at=self._binding_stop_at(customer_id, outcome)),
+            message=deny_message(
+                customer_id, priced.amount, outcome, stop_at=self._binding_stop_at(customer_id, outcome)
+            ),
             expires_at_ms=outcome.expires_at_ms,
             replayed=outcome.replayed,
             amount=outcome.amount,
@@ -238,15 +264,22 @@ class BudgetService:
         priced = self._price(amount, estimate)
         if priced.unknown_model:
             denial = self._unknown_model(customer_id, priced.unknown_model)
-            return QuoteResult(granted=False, reason=denial.reason, message=denial.message, amount=0,
-                               remaining=denial.remaining, decided_by=denial.decided_by)
+            return QuoteResult(
+                granted=False,
+                reason=denial.reason,
+                message=denial.message,
+                amount=0,
+                remaining=denial.remaining,
+                decided_by=denial.decided_by,
+            )
         outcome = self._engine.quote(customer_id, priced.amount)
         assert outcome.ticket == 0 and not outcome.reservation_id, outcome
         return QuoteResult(
             granted=outcome.granted,
             reason=outcome.reason,
-            message=deny_message(customer_id, priced.amount, outcome,
-                                 stop_at=self._binding_stop_at(customer_id, outcome)),
+            message=deny_message(
+                customer_id, priced.amount, outcome, stop_at=self._binding_stop_at(customer_id, outcome)
+            ),
             amount=outcome.amount,
             remaining=outcome.remaining,
             over_limit=outcome.over_limit,
@@ -265,19 +298,32 @@ class BudgetService:
 
     def _unknown_model(self, customer_id: str, why: str) -> ReserveResult:
         balance = self._engine.balance(customer_id)  # NOT_FOUND first for a customer without a budget
-        return ReserveResult(granted=False, reservation_id="", remaining=balance.remaining,
-                             reason=_core.DENY_UNKNOWN_MODEL, message=why, decided_by=customer_id)
+        return ReserveResult(
+            granted=False,
+            reservation_id="",
+            remaining=balance.remaining,
+            reason=_core.DENY_UNKNOWN_MODEL,
+            message=why,
+            decided_by=customer_id,
+        )
 
-    async def commit(self, reservation_id: str, amount: int = 0, *, usage: Usage | None = None,
-                     dimensions: Mapping[str, str] | None = None) -> CommitResult:
+    async def commit(
+        self,
+        reservation_id: str,
+        amount: int = 0,
+        *,
+        usage: Usage | None = None,
+        dimensions: Mapping[str, str] | None = None,
+    ) -> CommitResult:
         """Post `amount`, or `usage` priced exactly by the table (give one, not both); the rest of the hold is freed."""
         detail = None
         if usage is not None:
             if amount:
                 raise invalid("give either amount or usage, not both (leave amount 0 with usage)")
             amount, detail = self._charge(reservation_id, usage)
-        outcome = self._engine.commit(reservation_id, amount, usage=detail,
-                                      dimensions=dict(dimensions) if dimensions else None)
+        outcome = self._engine.commit(
+            reservation_id, amount, usage=detail, dimensions=dict(dimensions) if dimensions else None
+        )
         await self._wait(outcome.ticket)
         return CommitResult(
             charged=outcome.charged,
@@ -313,21 +359,30 @@ class BudgetService:
     async def release(self, reservation_id: str) -> ReleaseResult:
         outcome = self._engine.release(reservation_id)
         await self._wait(outcome.ticket)
-        return ReleaseResult(released=outcome.released, remaining=outcome.remaining, state=outcome.state,
-                             replayed=outcome.replayed)
+        return ReleaseResult(
+            released=outcome.released, remaining=outcome.remaining, state=outcome.state, replayed=outcome.replayed
+        )
 
     def balance(self, customer_id: str) -> _core.BalanceView:
         """The budget's live counters; EngineError("not_found") for a customer without a budget."""
         return self._engine.balance(customer_id)
 
 
-async def grant_credits(engine: CreditsEngine, wait_durable: WaitDurable, customer_id: str, amount: int,
-                        idempotency_key: str, reason: str = "") -> _core.GrantOutcome:
+async def grant_credits(
+    engine: CreditsEngine,
+    wait_durable: WaitDurable,
+    customer_id: str,
+    amount: int,
+    idempotency_key: str,
+    reason: str = "",
+) -> _core.GrantOutcome:
     """Admin.GrantCredits: add `amount` credits to the budget's limit, once per key; returns once durable (a replay
     waits for the first call's grant). Errors: invalid_argument (bad input, or limit + credits past
     MAX_AMOUNT_UNITS), not_found (no budget), already_exists (the key granted another customer or amount)."""
     if not idempotency_key:
-        raise invalid("idempotency_key is required: one key per grant, the same key again on a retry (--key on the CLI)")
+        raise invalid(
+            "idempotency_key is required: one key per grant, the same key again on a retry (--key on the CLI)"
+        )
     outcome = engine.grant_credits(customer_id, amount, idempotency_key, reason)
     await wait_durable(outcome.ticket)
     return outcome

@@ -91,15 +91,22 @@ class UsageLinkSigner:
 
     def signature(self, grant: LinkGrant) -> str:
         # JSON of a list: unambiguous whatever the customer id holds (no separator can be smuggled in).
-        message = json.dumps([SIGNATURE_VERSION, grant.customer_id, grant.scope, grant.ceiling, grant.expires_at_s],
-                             ensure_ascii=True, separators=(",", ":"))
+        message = json.dumps(
+            [SIGNATURE_VERSION, grant.customer_id, grant.scope, grant.ceiling, grant.expires_at_s],
+            ensure_ascii=True,
+            separators=(",", ":"),
+        )
         digest = hmac.new(self._secret, message.encode("ascii"), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
     def params(self, grant: LinkGrant) -> dict[str, str]:
         """The query parameters of a link to `grant` (also the usage page form's hidden fields)."""
-        return {"scope": grant.scope, "ceiling": str(grant.ceiling), "exp": str(grant.expires_at_s),
-                "sig": self.signature(grant)}
+        return {
+            "scope": grant.scope,
+            "ceiling": str(grant.ceiling),
+            "exp": str(grant.expires_at_s),
+            "sig": self.signature(grant),
+        }
 
     def verify(self, customer_id: str, params: Mapping[str, str], *, now_s: float) -> LinkGrant:
         """The grant of a link to `customer_id`'s page with these parameters. Raises LinkRefused: a malformed or
@@ -117,8 +124,11 @@ class UsageLinkSigner:
             raise LinkRefused(NOT_A_LINK, "usage link without a usable customer id")
         grant = LinkGrant(customer_id, scope, ceiling, expires_at_s)
         if not hmac.compare_digest(presented.encode("ascii", "replace"), self.signature(grant).encode("ascii")):
-            raise LinkRefused(NOT_A_LINK, f"usage link for {customer_id!r} with a wrong signature (tampered, another "
-                                          "customer's, or made with another key)")
+            raise LinkRefused(
+                NOT_A_LINK,
+                f"usage link for {customer_id!r} with a wrong signature (tampered, another "
+                "customer's, or made with another key)",
+            )
         if now_s >= expires_at_s:
             raise LinkRefused(EXPIRED, f"usage link for {customer_id!r} expired at {expires_at_s}")
         return grant
@@ -144,17 +154,26 @@ def new_grant(customer_id: str, *, ttl_ms: int, allow_limit: bool, ceiling: int,
     """The grant of a new link, checked. Raises EngineError("invalid_argument") saying what to change."""
     ttl_ms = ttl_ms or DEFAULT_LINK_TTL_MS
     if not MIN_LINK_TTL_MS <= ttl_ms <= MAX_LINK_TTL_MS:
-        raise _core.EngineError("invalid_argument", f"ttl_ms {ttl_ms} is outside {MIN_LINK_TTL_MS}..{MAX_LINK_TTL_MS}"
-                                " (one minute to 31 days): a link is a credential, hand out fresh ones")
+        raise _core.EngineError(
+            "invalid_argument",
+            f"ttl_ms {ttl_ms} is outside {MIN_LINK_TTL_MS}..{MAX_LINK_TTL_MS}"
+            " (one minute to 31 days): a link is a credential, hand out fresh ones",
+        )
     if allow_limit and not 0 < ceiling <= _core.MAX_AMOUNT_UNITS:
-        raise _core.EngineError("invalid_argument", f"a link that allows setting the stop-at needs a ceiling in "
-                                f"1..{_core.MAX_AMOUNT_UNITS} units, got {ceiling}: pass --ceiling AMOUNT")
+        raise _core.EngineError(
+            "invalid_argument",
+            f"a link that allows setting the stop-at needs a ceiling in "
+            f"1..{_core.MAX_AMOUNT_UNITS} units, got {ceiling}: pass --ceiling AMOUNT",
+        )
     if not allow_limit and ceiling:
-        raise _core.EngineError("invalid_argument", "a ceiling only applies to a link that allows setting the stop-at "
-                                "(allow_limit); pass both or neither")
+        raise _core.EngineError(
+            "invalid_argument",
+            "a ceiling only applies to a link that allows setting the stop-at (allow_limit); pass both or neither",
+        )
     expires_at_s = -(-(now_ms + ttl_ms) // 1000)  # whole seconds, never shorter than asked
-    return LinkGrant(customer_id, SCOPE_LIMIT if allow_limit else SCOPE_VIEW, ceiling if allow_limit else 0,
-                     expires_at_s)
+    return LinkGrant(
+        customer_id, SCOPE_LIMIT if allow_limit else SCOPE_VIEW, ceiling if allow_limit else 0, expires_at_s
+    )
 
 
 def link_target(grant: LinkGrant, signer: UsageLinkSigner) -> str:
@@ -197,8 +216,9 @@ def load_or_create_secret(path: Path, *, create: bool) -> bytes:
         raise ValueError(f"{path} is over {MAX_SECRET_FILE_BYTES} bytes: it should hold one key (openssl rand -hex 32)")
     secret = raw.strip()
     if len(secret) < MIN_SECRET_BYTES:
-        raise ValueError(f"{path} holds a key of {len(secret)} bytes; use at least {MIN_SECRET_BYTES} "
-                         "(openssl rand -hex 32 > FILE)")
+        raise ValueError(
+            f"{path} holds a key of {len(secret)} bytes; use at least {MIN_SECRET_BYTES} (openssl rand -hex 32 > FILE)"
+        )
     return secret
 
 
@@ -209,20 +229,29 @@ class StopAtEngine(Protocol):
     def update_budget(self, customer_id: str, *, stop_at: int | None = None) -> _core.SetBudgetOutcome: ...
 
 
-async def set_stop_at(engine: StopAtEngine, wait_durable: Callable[[int], Awaitable[None]], grant: LinkGrant,
-                      stop_at: int | None) -> _core.BalanceView:
+async def set_stop_at(
+    engine: StopAtEngine, wait_durable: Callable[[int], Awaitable[None]], grant: LinkGrant, stop_at: int | None
+) -> _core.BalanceView:
     """Set (or, with None, remove) the customer's own stop-at, as the link allows. Raises LinkRefused for a link
     without the scope, or an amount of 0 or past the link's ceiling; returns the balance once the change is durable."""
     if not grant.allows_limit:
-        raise LinkRefused("This link shows usage only; it does not allow changing the limit.",
-                          f"a view-only usage link of {grant.customer_id!r} tried to set the stop-at")
+        raise LinkRefused(
+            "This link shows usage only; it does not allow changing the limit.",
+            f"a view-only usage link of {grant.customer_id!r} tried to set the stop-at",
+        )
     if stop_at is not None and not 0 < stop_at <= grant.ceiling:
-        raise LinkRefused(f"past the ceiling of {grant.ceiling}", f"{grant.customer_id!r}: stop-at {stop_at} is "
-                          f"outside 1..{grant.ceiling}", status=400)
+        raise LinkRefused(
+            f"past the ceiling of {grant.ceiling}",
+            f"{grant.customer_id!r}: stop-at {stop_at} is outside 1..{grant.ceiling}",
+            status=400,
+        )
     outcome = engine.update_budget(grant.customer_id, stop_at=0 if stop_at is None else stop_at)
     await wait_durable(outcome.ticket)
-    log.info("customer %r %s its stop-at through a usage link", grant.customer_id,
-             "removed" if stop_at is None else f"set to {stop_at} units")
+    log.info(
+        "customer %r %s its stop-at through a usage link",
+        grant.customer_id,
+        "removed" if stop_at is None else f"set to {stop_at} units",
+    )
     return outcome.balance
 
 
@@ -237,8 +266,9 @@ class UsageLinks:
     signer: UsageLinkSigner
     base_url: str
 
-    def create(self, engine: BalanceReader, customer_id: str, *, ttl_ms: int, allow_limit: bool, ceiling: int,
-               now_ms: int) -> tuple[str, str, LinkGrant]:
+    def create(
+        self, engine: BalanceReader, customer_id: str, *, ttl_ms: int, allow_limit: bool, ceiling: int, now_ms: int
+    ) -> tuple[str, str, LinkGrant]:
         """(url, path, grant) of a new link. EngineError: not_found for a customer without a budget,
         invalid_argument for a ttl or ceiling out of range."""
         engine.balance(customer_id)  # a link to a page that cannot open helps no one

@@ -84,12 +84,15 @@ class VirtualKeys:
     async def create(self, customer_id: str) -> tuple[str, KeyRecord]:
         """A new key for a customer that has a budget: (the key, shown this once; its record)."""
         if not customer_id or len(customer_id.encode()) > MAX_CUSTOMER_ID_BYTES:
-            raise EngineError("invalid_argument", f"a customer id is 1..={MAX_CUSTOMER_ID_BYTES} bytes, got "
-                                                  f"{customer_id[:40]!r}")
+            raise EngineError(
+                "invalid_argument", f"a customer id is 1..={MAX_CUSTOMER_ID_BYTES} bytes, got {customer_id[:40]!r}"
+            )
         self._engine.balance(customer_id)  # NOT_FOUND for a customer without a budget: create the budget first
         if len(self._records) >= MAX_KEYS:
-            raise EngineError("resource_exhausted", f"{MAX_KEYS:_} virtual keys exist, the most allowed: revoke some "
-                                                    "(spendgate key revoke) first")
+            raise EngineError(
+                "resource_exhausted",
+                f"{MAX_KEYS:_} virtual keys exist, the most allowed: revoke some (spendgate key revoke) first",
+            )
         key = KEY_PREFIX + secrets.token_urlsafe(KEY_RANDOM_BYTES)
         hashed = digest(key)
         record = KeyRecord(hashed[:KEY_ID_HEX_DIGITS], hashed, customer_id, time.time_ns() // 1_000_000)

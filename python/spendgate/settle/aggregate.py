@@ -60,9 +60,7 @@ _WIRE_TYPE: Final[dict[str, str]] = {
 TOKEN_CLAIM_SUFFIX: Final[str] = "-tokens"
 
 _AGGREGATE_RE: Final = re.compile(r"^(?P<base>.+)-agg(?P<count>\d+)x(?P<value>\d+)@(?P<ts_ms>\d+)$")
-_TOKEN_AGGREGATE_RE: Final = re.compile(
-    r"^(?P<base>.+)-tagg(?P<count>\d+)x(?P<values>\d+(?:\.\d+){3})@(?P<ts_ms>\d+)$"
-)
+_TOKEN_AGGREGATE_RE: Final = re.compile(r"^(?P<base>.+)-tagg(?P<count>\d+)x(?P<values>\d+(?:\.\d+){3})@(?P<ts_ms>\d+)$")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -211,7 +209,8 @@ def fresh_events(entries: Iterable[OutboxEntry], window_ms: int, now_ms: int, na
     if restored:
         unclaimed = [e for e in unclaimed if e.get("restored_ms") is None]
         return [ev for entry in restored for ev in _fresh_group([entry], names)] + fresh_events(
-            unclaimed, window_ms, now_ms, names)
+            unclaimed, window_ms, now_ms, names
+        )
     if window_ms <= 0:
         events: list[MeterEvent] = []
         for entry in unclaimed:
@@ -256,8 +255,16 @@ def _fresh_group(members: Sequence[OutboxEntry], names: EventNames) -> list[Mete
     return _token_events(claim, f"{first}-tagg{len(members)}", members, counts, ts_ms, names, claimed=False)
 
 
-def _token_events(claim: str, base: str, members: Sequence[OutboxEntry], counts: Sequence[int], ts_ms: int,
-                  names: EventNames, *, claimed: bool) -> list[MeterEvent]:
+def _token_events(
+    claim: str,
+    base: str,
+    members: Sequence[OutboxEntry],
+    counts: Sequence[int],
+    ts_ms: int,
+    names: EventNames,
+    *,
+    claimed: bool,
+) -> list[MeterEvent]:
     """One event per token type with tokens. An event_name of "" (the token meter turned off after this claim) is
     left for the settler's rules to refuse: the claim must be resent as it was, or not at all."""
     usage = members[0]["usage"]
@@ -267,8 +274,18 @@ def _token_events(claim: str, base: str, members: Sequence[OutboxEntry], counts:
     for token_type, tokens in zip(TOKEN_WIRE_TYPES, counts, strict=True):
         if tokens > 0:
             dimensions = ((MODEL_KEY, model), (TOKEN_TYPE_KEY, token_type))
-            events.append(_event(f"{base}-{token_type}", names.tokens, members, tokens, ts_ms, claimed=claimed,
-                                 claim=claim, dimensions=dimensions))
+            events.append(
+                _event(
+                    f"{base}-{token_type}",
+                    names.tokens,
+                    members,
+                    tokens,
+                    ts_ms,
+                    claimed=claimed,
+                    claim=claim,
+                    dimensions=dimensions,
+                )
+            )
     return events
 
 
@@ -299,8 +316,17 @@ def _split_tokens(members: list[OutboxEntry]) -> list[list[OutboxEntry]]:
     return groups
 
 
-def _event(identifier: str, event_name: str, members: Sequence[OutboxEntry], value: int, ts_ms: int, *,
-           claimed: bool, claim: str = "", dimensions: tuple[tuple[str, str], ...] = ()) -> MeterEvent:
+def _event(
+    identifier: str,
+    event_name: str,
+    members: Sequence[OutboxEntry],
+    value: int,
+    ts_ms: int,
+    *,
+    claimed: bool,
+    claim: str = "",
+    dimensions: tuple[tuple[str, str], ...] = (),
+) -> MeterEvent:
     firsts = [e["first_attempt_ms"] for e in members if e["first_attempt_ms"] is not None]
     return MeterEvent(
         identifier=identifier,

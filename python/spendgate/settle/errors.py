@@ -140,8 +140,11 @@ def is_timeout(error: BaseException) -> bool:
     import stripe  # noqa: PLC0415
 
     cause = error.__cause__
-    return isinstance(error, stripe.APIConnectionError) and cause is not None and any(
-        klass.__name__ == "Timeout" for klass in type(cause).__mro__)
+    return (
+        isinstance(error, stripe.APIConnectionError)
+        and cause is not None
+        and any(klass.__name__ == "Timeout" for klass in type(cause).__mro__)
+    )
 
 
 def is_not_found(error: BaseException) -> bool:

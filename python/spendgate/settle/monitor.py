@@ -10,7 +10,6 @@ import enum
 import logging
 from typing import TYPE_CHECKING, Final
 
-
 if TYPE_CHECKING:  # a TypedDict of the stub only
     from spendgate._core import OutboxStats
 
@@ -56,16 +55,23 @@ class OutboxMonitor:
             log.error(
                 "ALARM: the settlement outbox is full: %d of %d entries (max_outbox_entries); new Reserves are refused "
                 "until it drains (commits still go in); %s",
-                depth, bound, why,
+                depth,
+                bound,
+                why,
             )
         elif level == Level.HIGH:
             log.warning(
                 "ALARM: the settlement outbox is at %d of %d entries (>= %d%% of max_outbox_entries); at the bound new "
                 "Reserves are refused; %s",
-                depth, bound, round(HIGH_FRACTION * 100), why,
+                depth,
+                bound,
+                round(HIGH_FRACTION * 100),
+                why,
             )
         else:
             log.warning(
                 "the settlement outbox recovered: %d of %d entries (< %d%% of max_outbox_entries)",
-                depth, bound, round(RECOVERED_FRACTION * 100),
+                depth,
+                bound,
+                round(RECOVERED_FRACTION * 100),
             )

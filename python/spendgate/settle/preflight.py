@@ -36,8 +36,14 @@ class Preflight:
     """Blocking checks (run them in the settler's thread pool). Each returns a dead-letter reason, or None when the
     event may go; a Stripe error it cannot interpret (429, 500, connection) propagates, for the settler to retry."""
 
-    def __init__(self, client: stripe.StripeClient, event_name: str, *, check_meter: bool,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        client: stripe.StripeClient,
+        event_name: str,
+        *,
+        check_meter: bool,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._client = client
         self.event_name = event_name
         self.check_meter = check_meter
@@ -131,5 +137,7 @@ class Preflight:
             log.warning(
                 "the Stripe key may not read %s (%s): events are sent without checking that their %s exists; Stripe "
                 "reports a missing one only asynchronously (meter error report webhooks)",
-                what, getattr(error, "user_message", error), "customer" if what == "customers" else "meter",
+                what,
+                getattr(error, "user_message", error),
+                "customer" if what == "customers" else "meter",
             )

@@ -221,9 +221,15 @@ def is_commit(entry: Mapping[str, Any]) -> bool:
     return entry.get("kind", LEDGER_KIND_COMMIT) == LEDGER_KIND_COMMIT
 
 
-def ledger_rows(store: StoreReader, period: Period | None, customers: Iterable[str] = (),
-                measure: Callable[[Mapping[str, Any]], int | None] = units_of(False), *,
-                windows: Mapping[str, Period] | None = None, recent_after_ms: int | None = None) -> dict[str, Row]:
+def ledger_rows(
+    store: StoreReader,
+    period: Period | None,
+    customers: Iterable[str] = (),
+    measure: Callable[[Mapping[str, Any]], int | None] = units_of(False),
+    *,
+    windows: Mapping[str, Period] | None = None,
+    recent_after_ms: int | None = None,
+) -> dict[str, Row]:
     """Per Stripe customer: ledger, settled, pending (in flight, dead-lettered) amounts committed in the period, each
     entry counted as `measure` says (None: not on this meter; default: every entry's units).
     `customers`: only these Stripe customers (every one with entries when empty; each named one gets a row).
@@ -263,7 +269,9 @@ def ledger_rows(store: StoreReader, period: Period | None, customers: Iterable[s
             waiting = outbox.get(key)
             if key in letters:
                 row.dead += amount
-            elif waiting is None or waiting.get("sent_as") or waiting.get("attempts") or waiting.get("first_attempt_ms"):
+            elif (
+                waiting is None or waiting.get("sent_as") or waiting.get("attempts") or waiting.get("first_attempt_ms")
+            ):
                 # Sent at least once, or acknowledged between the two reads: it may be at Stripe already.
                 row.in_flight += amount
     return rows
@@ -306,7 +314,9 @@ def _stripe_message(error: Any) -> str:
 def find_meter(client: stripe.StripeClient, event_name: str) -> Mapping[str, Any]:
     """The active meter for an event name (GET /v1/billing/meters)."""
     meters = with_retries(
-        lambda: [m.to_dict() for m in client.v1.billing.meters.list({"status": "active", "limit": 100}).auto_paging_iter()],
+        lambda: [
+            m.to_dict() for m in client.v1.billing.meters.list({"status": "active", "limit": 100}).auto_paging_iter()
+        ],
         "listing meters",
     )
     for meter in meters:
@@ -322,20 +332,30 @@ def stripe_total(client: stripe.StripeClient, meter_id: str, customer: str, star
     """The meter's aggregated value for one customer over [start_s, end_s)."""
     params: Any = {"customer": customer, "start_time": start_s, "end_time": end_s}
     summaries = with_retries(
-        lambda: [s.to_dict() for s in client.v1.billing.meters.event_summaries.list(meter_id, params).auto_paging_iter()],
+        lambda: [
+            s.to_dict() for s in client.v1.billing.meters.event_summaries.list(meter_id, params).auto_paging_iter()
+        ],
         f"event summaries of {customer}",
     )
     return _number(sum(summary["aggregated_value"] for summary in summaries))
 
 
-def stripe_hours(client: stripe.StripeClient, meter_id: str, customer: str, start_s: int,
-                 end_s: int) -> dict[int, int | float]:
+def stripe_hours(
+    client: stripe.StripeClient, meter_id: str, customer: str, start_s: int, end_s: int
+) -> dict[int, int | float]:
     """The meter's value per UTC hour (value_grouping_window=hour) over whole hours covering [start_s, end_s)."""
     first, last = start_s // 3600 * 3600, -(-end_s // 3600) * 3600
-    params: Any = {"customer": customer, "start_time": first, "end_time": last, "value_grouping_window": "hour",
-                   "limit": 100}
+    params: Any = {
+        "customer": customer,
+        "start_time": first,
+        "end_time": last,
+        "value_grouping_window": "hour",
+        "limit": 100,
+    }
     summaries = with_retries(
-        lambda: [s.to_dict() for s in client.v1.billing.meters.event_summaries.list(meter_id, params).auto_paging_iter()],
+        lambda: [
+            s.to_dict() for s in client.v1.billing.meters.event_summaries.list(meter_id, params).auto_paging_iter()
+        ],
         f"hourly event summaries of {customer}",
     )
     return {int(summary["start_time"]): _number(summary["aggregated_value"]) for summary in summaries}
@@ -370,15 +390,27 @@ def judge(row: Row, tolerance_percent: float, *, live: bool = False) -> str:
 
 
 COLUMNS: Final[tuple[str, ...]] = (
-    "customer", "budget", "ledger", "settled", "pending", "stripe", "difference", "%", "status"
+    "customer",
+    "budget",
+    "ledger",
+    "settled",
+    "pending",
+    "stripe",
+    "difference",
+    "%",
+    "status",
 )
 
 
 def format_table(rows: Sequence[Row]) -> str:
     """The rows and a total, ids left-aligned, numbers right-aligned."""
-    total = Row("TOTAL", ledger=sum(r.ledger for r in rows), settled=sum(r.settled for r in rows),
-                pending=sum(r.pending for r in rows),
-                stripe=_number(sum(r.stripe or 0 for r in rows)) if rows else 0)
+    total = Row(
+        "TOTAL",
+        ledger=sum(r.ledger for r in rows),
+        settled=sum(r.settled for r in rows),
+        pending=sum(r.pending for r in rows),
+        stripe=_number(sum(r.stripe or 0 for r in rows)) if rows else 0,
+    )
     cells = [_cells(row) for row in rows] + [_cells(total, status="")]
     widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(COLUMNS)]
 
@@ -396,8 +428,17 @@ def _cells(row: Row, status: str | None = None) -> list[str]:
     budget = budgets[0] + (f" (+{len(budgets) - 1})" if len(budgets) > 1 else "") if budgets else ""
     stripe = "?" if row.stripe is None else str(row.stripe)
     difference = "" if row.stripe is None else f"{row.diff:+}" if row.diff else "0"
-    return [row.stripe_customer_id, budget, str(row.ledger), str(row.settled), str(row.pending), stripe, difference,
-            row.percent(), row.status if status is None else status]
+    return [
+        row.stripe_customer_id,
+        budget,
+        str(row.ledger),
+        str(row.settled),
+        str(row.pending),
+        stripe,
+        difference,
+        row.percent(),
+        row.status if status is None else status,
+    ]
 
 
 def notes(rows: Sequence[Row], tolerance_percent: float, unit: str = "units") -> list[str]:
@@ -445,16 +486,22 @@ def dead_letter_verdicts(rows: Sequence[Row], unit: str = "units") -> list[str]:
         if not row.dead or row.in_flight or row.stripe is None:
             continue
         if row.stripe == row.settled:
-            out.append(f"dead letters of {row.stripe_customer_id}: Stripe has {row.stripe} {unit}, the settled usage "
-                       f"without the {row.dead} dead-lettered: they are missing at Stripe. Requeue them with "
-                       "`spendgate deadletter requeue SEQ --confirmed-missing`.")
+            out.append(
+                f"dead letters of {row.stripe_customer_id}: Stripe has {row.stripe} {unit}, the settled usage "
+                f"without the {row.dead} dead-lettered: they are missing at Stripe. Requeue them with "
+                "`spendgate deadletter requeue SEQ --confirmed-missing`."
+            )
         elif row.stripe == row.settled + row.dead:
-            out.append(f"dead letters of {row.stripe_customer_id}: Stripe has {row.stripe} {unit}, the settled usage "
-                       f"plus the {row.dead} dead-lettered: Stripe has them already. Do not requeue them.")
+            out.append(
+                f"dead letters of {row.stripe_customer_id}: Stripe has {row.stripe} {unit}, the settled usage "
+                f"plus the {row.dead} dead-lettered: Stripe has them already. Do not requeue them."
+            )
         else:
-            out.append(f"dead letters of {row.stripe_customer_id}: Stripe's {row.stripe} {unit} is neither the "
-                       f"settled {row.settled} nor that plus the {row.dead} dead-lettered: reconcile a shorter period "
-                       "(--start/--end) around the dead letters' times before requeueing.")
+            out.append(
+                f"dead letters of {row.stripe_customer_id}: Stripe's {row.stripe} {unit} is neither the "
+                f"settled {row.settled} nor that plus the {row.dead} dead-lettered: reconcile a shorter period "
+                "(--start/--end) around the dead letters' times before requeueing."
+            )
     return out
 
 
@@ -481,8 +528,16 @@ def make_client(settings: Settings) -> stripe.StripeClient:
     return settler_client(settings.stripe_api_key, settings.stripe_api_base, timeout_s=REQUEST_TIMEOUT_S)
 
 
-def run(settings: Settings, options: Options, *, client: stripe.StripeClient | None = None, out: TextIO = sys.stdout,
-        err: TextIO = sys.stderr, ask: Callable[[str], str] = input, now_s: float | None = None) -> int:
+def run(
+    settings: Settings,
+    options: Options,
+    *,
+    client: stripe.StripeClient | None = None,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+    ask: Callable[[str], str] = input,
+    now_s: float | None = None,
+) -> int:
     """The `spendgate reconcile` command; returns its exit code."""
     try:
         period = parse_period(options.period, options.start, options.end, time.time() if now_s is None else now_s)
@@ -498,8 +553,14 @@ def run(settings: Settings, options: Options, *, client: stripe.StripeClient | N
         return EXIT_ERROR
 
 
-def _run(settings: Settings, options: Options, period: Period, client: stripe.StripeClient | None, out: TextIO,
-         ask: Callable[[str], str]) -> int:
+def _run(
+    settings: Settings,
+    options: Options,
+    period: Period,
+    client: stripe.StripeClient | None,
+    out: TextIO,
+    ask: Callable[[str], str],
+) -> int:
     client = client if client is not None else make_client(settings)
     meter = find_meter(client, settings.settle_event_name)
     meter_id = str(meter["id"])
@@ -512,19 +573,28 @@ def _run(settings: Settings, options: Options, period: Period, client: stripe.St
         token_rows = {c: row for c, row in token_rows.items() if c in options.customers}
     ordered = [rows[key] for key in sorted(rows)]
     errors = _compare(client, meter_id, ordered, period, options.tolerance_percent)
-    print(f"spendgate reconcile: data dir {settings.data_dir}, meter {settings.settle_event_name} ({meter_id}), "
-          f"period {period.describe()}", file=out)
+    print(
+        f"spendgate reconcile: data dir {settings.data_dir}, meter {settings.settle_event_name} ({meter_id}), "
+        f"period {period.describe()}",
+        file=out,
+    )
     if meter.get("event_time_window"):
-        print(f"note: the meter keeps only the last event per {meter['event_time_window']} (event_time_window): "
-              "its summaries are not sums of the events sent", file=out)
+        print(
+            f"note: the meter keeps only the last event per {meter['event_time_window']} (event_time_window): "
+            "its summaries are not sums of the events sent",
+            file=out,
+        )
     print(format_table(ordered), file=out)
     for note in notes(ordered, options.tolerance_percent):
         print(note, file=out)
     tokens_ordered = [token_rows[key] for key in sorted(token_rows)]
     if tokens_ordered:
-        print(f"note: {sum(r.ledger for r in tokens_ordered)} tokens committed in the period settle to the token meter "
-              f"{token_name} (settle_token_event_name), not in units: they are left out of the table above and "
-              "compared below, in tokens", file=out)
+        print(
+            f"note: {sum(r.ledger for r in tokens_ordered)} tokens committed in the period settle to the token meter "
+            f"{token_name} (settle_token_event_name), not in units: they are left out of the table above and "
+            "compared below, in tokens",
+            file=out,
+        )
         errors += _reconcile_tokens(client, token_name, tokens_ordered, period, options, out)
     for message in errors:
         print(f"error: {message}", file=out)
@@ -538,12 +608,14 @@ def _run(settings: Settings, options: Options, period: Period, client: stripe.St
 def check_sum(meter: Mapping[str, Any]) -> None:
     aggregation = (meter.get("default_aggregation") or {}).get("formula")
     if aggregation != "sum":
-        raise ReconcileError(f"meter {meter['id']} aggregates with {aggregation!r}; only a `sum` meter can be "
-                             "compared with the ledger")
+        raise ReconcileError(
+            f"meter {meter['id']} aggregates with {aggregation!r}; only a `sum` meter can be compared with the ledger"
+        )
 
 
-def _compare(client: stripe.StripeClient, meter_id: str, rows: Sequence[Row], period: Period,
-             tolerance_percent: float) -> list[str]:
+def _compare(
+    client: stripe.StripeClient, meter_id: str, rows: Sequence[Row], period: Period, tolerance_percent: float
+) -> list[str]:
     """Fill each row's Stripe total and status; the errors of customers Stripe could not report on."""
     errors: list[str] = []
     for row in rows:
@@ -557,8 +629,9 @@ def _compare(client: stripe.StripeClient, meter_id: str, rows: Sequence[Row], pe
     return errors
 
 
-def _reconcile_tokens(client: stripe.StripeClient, token_name: str, rows: Sequence[Row], period: Period,
-                      options: Options, out: TextIO) -> list[str]:
+def _reconcile_tokens(
+    client: stripe.StripeClient, token_name: str, rows: Sequence[Row], period: Period, options: Options, out: TextIO
+) -> list[str]:
     """The token meter's table; returns the errors (a missing token meter is one: those tokens are not compared)."""
     try:
         meter = find_meter(client, token_name)
@@ -569,42 +642,66 @@ def _reconcile_tokens(client: stripe.StripeClient, token_name: str, rows: Sequen
         return [f"{error}; the {sum(r.ledger for r in rows)} tokens of commits priced from tokens were not compared"]
     meter_id = str(meter["id"])
     errors = _compare(client, meter_id, rows, period, options.tolerance_percent)
-    print(f"\ntoken meter {token_name} ({meter_id}), in tokens (every model and token type of a customer together):",
-          file=out)
+    print(
+        f"\ntoken meter {token_name} ({meter_id}), in tokens (every model and token type of a customer together):",
+        file=out,
+    )
     print(format_table(rows), file=out)
     for note in notes(rows, options.tolerance_percent, unit="tokens")[:-1]:  # the tolerance was said above
         print(note, file=out)
     return errors
 
 
-def _fix(settings: Settings, options: Options, period: Period, client: stripe.StripeClient, meter_id: str,
-         rows: list[Row], out: TextIO, ask: Callable[[str], str]) -> int:
+def _fix(
+    settings: Settings,
+    options: Options,
+    period: Period,
+    client: stripe.StripeClient,
+    meter_id: str,
+    rows: list[Row],
+    out: TextIO,
+    ask: Callable[[str], str],
+) -> int:
     over = [row for row in rows if row.status == STATUS_OVER]
     under = [row for row in rows if row.status == STATUS_UNDER]
     print("", file=out)
     if under:
-        print(f"fix: {len(under)} customer(s) are UNDER: reconcile does not fix under-counts; settlement does "
-              "(requeue dead letters once their cause is fixed).", file=out)
+        print(
+            f"fix: {len(under)} customer(s) are UNDER: reconcile does not fix under-counts; settlement does "
+            "(requeue dead letters once their cause is fixed).",
+            file=out,
+        )
     if not over:
         print("fix: no customer is over-counted: nothing to cancel.", file=out)
         return EXIT_MISMATCH if under else EXIT_OK
     with StoreReader(settings.data_dir) as store:
-        ledger_hours, own = _ledger_hours_and_owners(store, period, {r.stripe_customer_id for r in over},
-                                                     options.cancel, units_of(bool(settings.settle_token_event_name)))
+        ledger_hours, own = _ledger_hours_and_owners(
+            store,
+            period,
+            {r.stripe_customer_id for r in over},
+            options.cancel,
+            units_of(bool(settings.settle_token_event_name)),
+        )
     for row in over:
         hours = stripe_hours(client, meter_id, row.stripe_customer_id, period.start_s, period.end_s)
         extra = [(hour, value - ledger_hours.get((row.stripe_customer_id, hour), 0)) for hour, value in hours.items()]
         extra = sorted((item for item in extra if item[1] > 0), reverse=True)
-        print(f"fix: {row.stripe_customer_id} is over by {row.diff} units; hours in which Stripe has more than the "
-              "ledger settled (UTC):", file=out)
+        print(
+            f"fix: {row.stripe_customer_id} is over by {row.diff} units; hours in which Stripe has more than the "
+            "ledger settled (UTC):",
+            file=out,
+        )
         for hour, amount in extra[:MAX_HOURS_SHOWN]:
             print(f"  {_iso(hour)}  +{amount}", file=out)
         if len(extra) > MAX_HOURS_SHOWN:
             print(f"  ... and {len(extra) - MAX_HOURS_SHOWN} more hours", file=out)
     if not options.cancel:
-        print("fix: Stripe has no API that lists meter events, so reconcile cannot tell which events are extra. Find "
-              "their identifiers (Dashboard > Billing > Meters > the meter's events, or the logs of whatever else "
-              "sent them) and run again with --fix --cancel IDENTIFIER ... (or --cancel-file FILE).", file=out)
+        print(
+            "fix: Stripe has no API that lists meter events, so reconcile cannot tell which events are extra. Find "
+            "their identifiers (Dashboard > Billing > Meters > the meter's events, or the logs of whatever else "
+            "sent them) and run again with --fix --cancel IDENTIFIER ... (or --cancel-file FILE).",
+            file=out,
+        )
         return EXIT_MISMATCH
     refused = {identifier: why for identifier, why in own.items() if why}
     for identifier, why in refused.items():
@@ -613,9 +710,12 @@ def _fix(settings: Settings, options: Options, period: Period, client: stripe.St
     if not targets:
         print("fix: nothing left to cancel.", file=out)
         return EXIT_MISMATCH
-    print(f"fix: will cancel {len(targets)} meter event(s) of {settings.settle_event_name} at Stripe "
-          f"({', '.join(targets)}). Stripe cancels only events it received in the last {CANCEL_WINDOW_H} hours and "
-          "ignores the rest; a cancel cannot be undone.", file=out)
+    print(
+        f"fix: will cancel {len(targets)} meter event(s) of {settings.settle_event_name} at Stripe "
+        f"({', '.join(targets)}). Stripe cancels only events it received in the last {CANCEL_WINDOW_H} hours and "
+        "ignores the rest; a cancel cannot be undone.",
+        file=out,
+    )
     if not options.yes:
         try:
             answer = ask("Cancel them? [y/N] ")
@@ -626,8 +726,10 @@ def _fix(settings: Settings, options: Options, period: Period, client: stripe.St
             return EXIT_MISMATCH
     for identifier in targets:
         params = {"event_name": settings.settle_event_name, "type": "cancel", "cancel": {"identifier": identifier}}
-        with_retries(lambda params=params: client.v1.billing.meter_event_adjustments.create(params),  # type: ignore[misc]
-                     f"cancelling {identifier}")
+        with_retries(
+            lambda params=params: client.v1.billing.meter_event_adjustments.create(params),  # type: ignore[misc]
+            f"cancelling {identifier}",
+        )
         print(f"fix: asked Stripe to cancel {identifier}", file=out)
     for row in over:
         row.stripe = stripe_total(client, meter_id, row.stripe_customer_id, period.start_s, period.end_s)
@@ -636,14 +738,21 @@ def _fix(settings: Settings, options: Options, period: Period, client: stripe.St
     print(format_table(over), file=out)
     still = [row for row in rows if row.status in MISMATCHES]
     if any(row.status == STATUS_OVER for row in over):
-        print("still OVER: Stripe applies cancels asynchronously (run reconcile again in a few minutes), and ignores "
-              f"events received more than {CANCEL_WINDOW_H} hours ago (those need a credit note instead).", file=out)
+        print(
+            "still OVER: Stripe applies cancels asynchronously (run reconcile again in a few minutes), and ignores "
+            f"events received more than {CANCEL_WINDOW_H} hours ago (those need a credit note instead).",
+            file=out,
+        )
     return EXIT_MISMATCH if still else EXIT_OK
 
 
-def _ledger_hours_and_owners(store: StoreReader, period: Period, customers: set[str], identifiers: Sequence[str],
-                             measure: Callable[[Mapping[str, Any]], int | None],
-                             ) -> tuple[dict[tuple[str, int], int], dict[str, str]]:
+def _ledger_hours_and_owners(
+    store: StoreReader,
+    period: Period,
+    customers: set[str],
+    identifiers: Sequence[str],
+    measure: Callable[[Mapping[str, Any]], int | None],
+) -> tuple[dict[tuple[str, int], int], dict[str, str]]:
     """Settled units of the units meter per (customer, hour) in the period, each entry counted as `measure` says (a
     commit settled on the token meter is not on this meter: counting its units here would hide an over-count in its
     hour), and for each identifier to cancel why the ledger owns it ("" when it does not)."""
@@ -659,12 +768,19 @@ def _ledger_hours_and_owners(store: StoreReader, period: Period, customers: set[
             continue
         identifier = reservations.get(entry["reservation_id"])
         if identifier is not None:
-            own(identifier, f"it is the ledger's own event for reservation {entry['reservation_id']} "
-                            f"({entry['amount']} units of {entry['customer_id']}), and cancelling it would remove real "
-                            "usage from the invoice")
+            own(
+                identifier,
+                f"it is the ledger's own event for reservation {entry['reservation_id']} "
+                f"({entry['amount']} units of {entry['customer_id']}), and cancelling it would remove real "
+                "usage from the invoice",
+            )
         amount = measure(entry)
-        if entry["stripe_customer_id"] in customers and entry.get("settled_ms") is not None \
-                and period.start_ms <= entry["ts_ms"] < period.end_ms and amount is not None:
+        if (
+            entry["stripe_customer_id"] in customers
+            and entry.get("settled_ms") is not None
+            and period.start_ms <= entry["ts_ms"] < period.end_ms
+            and amount is not None
+        ):
             key = (entry["stripe_customer_id"], entry["ts_ms"] // 3_600_000 * 3600)
             hours[key] = hours.get(key, 0) + amount
     wanted = set(identifiers)
@@ -688,4 +804,3 @@ def read_identifiers(paths: Iterable[str]) -> list[str]:
                 if text:
                     found.append(text)
     return found
-

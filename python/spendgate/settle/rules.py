@@ -59,15 +59,21 @@ def restored_unsure(event_restored: bool, claimed: bool, ts_ms: int, now_ms: int
     an aggregate whose identifier the backup does not know, so no resend of it can be deduplicated."""
     if not event_restored:
         return None
-    advice = ("run `spendgate reconcile` for this customer first; requeue (with --confirmed-missing) only if it shows "
-              "this usage missing at Stripe")
+    advice = (
+        "run `spendgate reconcile` for this customer first; requeue (with --confirmed-missing) only if it shows "
+        "this usage missing at Stripe"
+    )
     if not claimed and aggregating:
-        return (f"restored from a backup, and pre-aggregation (settle_aggregate_window_ms, or settle_auto_aggregate "
-                f"under a backlog) is on: the sidecar the "
-                f"backup came from may have sent it in an aggregate event this copy cannot repeat exactly; {advice}")
+        return (
+            f"restored from a backup, and pre-aggregation (settle_aggregate_window_ms, or settle_auto_aggregate "
+            f"under a backlog) is on: the sidecar the "
+            f"backup came from may have sent it in an aggregate event this copy cannot repeat exactly; {advice}"
+        )
     if now_ms - ts_ms > SAFE_RESEND_MS:
-        return (f"restored from a backup and committed {(now_ms - ts_ms) / HOUR_MS:.1f} h ago (at {iso(ts_ms)}): it "
-                f"may be at Stripe already, which no longer deduplicates it after 24 h; {advice}")
+        return (
+            f"restored from a backup and committed {(now_ms - ts_ms) / HOUR_MS:.1f} h ago (at {iso(ts_ms)}): it "
+            f"may be at Stripe already, which no longer deduplicates it after 24 h; {advice}"
+        )
     return None
 
 

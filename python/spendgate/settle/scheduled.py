@@ -89,8 +89,12 @@ class CustomerResult:
 
     def as_dict(self) -> dict[str, Any]:
         body = dataclasses.asdict(self)
-        body.update(divergent=self.divergent, difference=self.difference, window_start=_iso(self.window_start_s),
-                    window_end=_iso(self.window_end_s))
+        body.update(
+            divergent=self.divergent,
+            difference=self.difference,
+            window_start=_iso(self.window_start_s),
+            window_end=_iso(self.window_end_s),
+        )
         return body
 
 
@@ -107,8 +111,13 @@ class RunSummary:
 class Pacer:
     """At most `per_second` calls a second: wait() sleeps until the next call may go (blocking; the run's thread)."""
 
-    def __init__(self, per_second: int, *, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        per_second: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         assert per_second >= 1
         self._gap_s = 1.0 / per_second
         self._clock = clock
@@ -140,9 +149,11 @@ class _Paced:
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._target, name)
         if callable(value):
+
             def paced(*args: Any, **kwargs: Any) -> Any:
                 self._pacer.wait()
                 return value(*args, **kwargs)
+
             return paced
         return _Paced(value, self._pacer)
 
@@ -150,8 +161,15 @@ class _Paced:
 class ScheduledReconcile:
     """The schedule (run()), one run (run_once()), and the last results (last_result(), for the page)."""
 
-    def __init__(self, engine: _core.Engine, settings: Settings, wait_durable: Callable[[int], Awaitable[None]], *,
-                 metrics: Metrics | None = None, client: stripe.StripeClient | None = None) -> None:
+    def __init__(
+        self,
+        engine: _core.Engine,
+        settings: Settings,
+        wait_durable: Callable[[int], Awaitable[None]],
+        *,
+        metrics: Metrics | None = None,
+        client: stripe.StripeClient | None = None,
+    ) -> None:
         self._engine = engine
         self._settings = settings
         self._wait_durable = wait_durable
@@ -180,9 +198,14 @@ class ScheduledReconcile:
         """Forever: wait, run, wait an interval, ... A failed run is logged and counted; the next one comes on time."""
         if not self.enabled:
             return
-        log.info("scheduled reconcile on: every %d ms, tolerance %d%%, at most %d customers a run and %d Stripe "
-                 "calls a second", self.interval_ms, self._settings.reconcile_tolerance_percent,
-                 self._settings.reconcile_max_customers, self._settings.reconcile_max_requests_per_second)
+        log.info(
+            "scheduled reconcile on: every %d ms, tolerance %d%%, at most %d customers a run and %d Stripe "
+            "calls a second",
+            self.interval_ms,
+            self._settings.reconcile_tolerance_percent,
+            self._settings.reconcile_max_customers,
+            self._settings.reconcile_max_requests_per_second,
+        )
         await asyncio.sleep(min(self.interval_ms, FIRST_RUN_DELAY_MS) / 1000)
         while True:
             started = time.monotonic()
@@ -215,15 +238,24 @@ class ScheduledReconcile:
         self._publish(results, set(windows))
         self._count_run("ok")
         summary = RunSummary(
-            compared=len(windows), divergent=sum(r.divergent for r in results),
+            compared=len(windows),
+            divergent=sum(r.divergent for r in results),
             not_visible=sum(r.status == reconcile.STATUS_NOT_VISIBLE for r in results),
-            in_flight=sum(r.status == reconcile.STATUS_IN_FLIGHT for r in results), errors=len(errors),
+            in_flight=sum(r.status == reconcile.STATUS_IN_FLIGHT for r in results),
+            errors=len(errors),
             requests=requests,
         )
-        log.info("scheduled reconcile: %d customers compared, %d divergent, %d not visible at Stripe yet (settled "
-                 "within reconcile_visibility_allowance_ms), %d in flight, %d errors, %d Stripe calls%s",
-                 summary.compared, summary.divergent, summary.not_visible, summary.in_flight, summary.errors,
-                 summary.requests, "".join(f"; error: {e}" for e in errors))
+        log.info(
+            "scheduled reconcile: %d customers compared, %d divergent, %d not visible at Stripe yet (settled "
+            "within reconcile_visibility_allowance_ms), %d in flight, %d errors, %d Stripe calls%s",
+            summary.compared,
+            summary.divergent,
+            summary.not_visible,
+            summary.in_flight,
+            summary.errors,
+            summary.requests,
+            "".join(f"; error: {e}" for e in errors),
+        )
         return summary
 
     # -- one run ----------------------------------------------------------------------------------------------------
@@ -245,13 +277,14 @@ class ScheduledReconcile:
         limit = self._settings.reconcile_max_customers
         chosen = [c for c in ordered if c > self._cursor][:limit]
         if len(chosen) < limit:  # wrap around to the start
-            chosen += [c for c in ordered if c <= self._cursor and c not in chosen][:limit - len(chosen)]
+            chosen += [c for c in ordered if c <= self._cursor and c not in chosen][: limit - len(chosen)]
         self._cursor = chosen[-1] if chosen and len(ordered) > limit else ""
         windows = {c: reconcile.Period(starts[c], end_s, end_s) for c in chosen}
         return windows, {c: tuple(sorted(budgets[c])) for c in chosen}
 
-    def _compare(self, windows: Mapping[str, reconcile.Period],
-                 budgets: Mapping[str, tuple[str, ...]]) -> tuple[list[CustomerResult], list[str], int]:
+    def _compare(
+        self, windows: Mapping[str, reconcile.Period], budgets: Mapping[str, tuple[str, ...]]
+    ) -> tuple[list[CustomerResult], list[str], int]:
         """The comparisons of one run (blocking): (results, errors, Stripe calls made)."""
         settings = self._settings
         pacer = Pacer(settings.reconcile_max_requests_per_second)
@@ -260,21 +293,34 @@ class ScheduledReconcile:
         recent_after_ms = now_ms - settings.reconcile_visibility_allowance_ms
         token_name = settings.settle_token_event_name
         with StoreReader(settings.data_dir) as store:
-            rows = reconcile.ledger_rows(store, None, (), reconcile.units_of(bool(token_name)), windows=windows,
-                                         recent_after_ms=recent_after_ms)
-            token_rows = reconcile.ledger_rows(store, None, (), reconcile.tokens_of, windows=windows,
-                                               recent_after_ms=recent_after_ms) if token_name else {}
+            rows = reconcile.ledger_rows(
+                store, None, (), reconcile.units_of(bool(token_name)), windows=windows, recent_after_ms=recent_after_ms
+            )
+            token_rows = (
+                reconcile.ledger_rows(
+                    store, None, (), reconcile.tokens_of, windows=windows, recent_after_ms=recent_after_ms
+                )
+                if token_name
+                else {}
+            )
         errors: list[str] = []
-        results = self._compare_meter(client, settings.settle_event_name, UNITS, rows, windows, budgets, now_ms,
-                                      errors)
+        results = self._compare_meter(client, settings.settle_event_name, UNITS, rows, windows, budgets, now_ms, errors)
         token_rows = {c: row for c, row in token_rows.items() if row.ledger or row.stripe}
         if token_rows:
             results += self._compare_meter(client, token_name, TOKENS, token_rows, windows, budgets, now_ms, errors)
         return results, errors, pacer.calls
 
-    def _compare_meter(self, client: Any, event_name: str, unit: str, rows: Mapping[str, reconcile.Row],
-                       windows: Mapping[str, reconcile.Period], budgets: Mapping[str, tuple[str, ...]], now_ms: int,
-                       errors: list[str]) -> list[CustomerResult]:
+    def _compare_meter(
+        self,
+        client: Any,
+        event_name: str,
+        unit: str,
+        rows: Mapping[str, reconcile.Row],
+        windows: Mapping[str, reconcile.Period],
+        budgets: Mapping[str, tuple[str, ...]],
+        now_ms: int,
+        errors: list[str],
+    ) -> list[CustomerResult]:
         try:
             meter = reconcile.find_meter(client, event_name)
             reconcile.check_sum(meter)
@@ -291,12 +337,23 @@ class ScheduledReconcile:
                 errors.append(str(error))
                 continue
             row.status = reconcile.judge(row, tolerance, live=True)  # the ledger was read first, Stripe now
-            results.append(CustomerResult(
-                stripe_customer_id=customer, budgets=budgets.get(customer, ()), unit=unit,
-                window_start_s=window.start_s, window_end_s=window.end_s, ledger=row.ledger, settled=row.settled,
-                pending=row.pending, in_flight=row.in_flight, recent=row.recent, stripe=round(row.stripe),
-                status=row.status, ts_ms=now_ms,
-            ))
+            results.append(
+                CustomerResult(
+                    stripe_customer_id=customer,
+                    budgets=budgets.get(customer, ()),
+                    unit=unit,
+                    window_start_s=window.start_s,
+                    window_end_s=window.end_s,
+                    ledger=row.ledger,
+                    settled=row.settled,
+                    pending=row.pending,
+                    in_flight=row.in_flight,
+                    recent=row.recent,
+                    stripe=round(row.stripe),
+                    status=row.status,
+                    ts_ms=now_ms,
+                )
+            )
         return results
 
     def _stripe_client(self) -> stripe.StripeClient:
@@ -314,18 +371,30 @@ class ScheduledReconcile:
         alert_customer = budgets[0] if len(budgets) == 1 else result.stripe_customer_id
         meter = self._settings.settle_event_name if result.unit == UNITS else self._settings.settle_token_event_name
         share = f"{result.difference / result.settled * 100:+.2f}%" if result.settled else "n/a"
-        why = ("Stripe counts more than the ledger: the customer would be over-billed (`spendgate reconcile --fix` "
-               "shows the hours)" if result.status == reconcile.STATUS_OVER else
-               "Stripe counts less than the ledger settled: usage is missing from the invoice (look for meter error "
-               "reports and dead letters)")
-        message = (f"Stripe's meter {meter} shows {result.stripe} {result.unit} for {result.stripe_customer_id} from "
-                   f"{_iso(result.window_start_s)} to {_iso(result.window_end_s)}, the ledger settled {result.settled} "
-                   f"({result.difference:+}, {share}; pending {result.pending}, in flight {result.in_flight}); "
-                   f"tolerance {self._settings.reconcile_tolerance_percent}%: {why}")
-        values = {"stripe": result.stripe, "settled": result.settled, "ledger": result.ledger,
-                  "pending": result.pending, "in_flight": result.in_flight, "difference": result.difference,
-                  "window_start_s": result.window_start_s, "window_end_s": result.window_end_s,
-                  "tolerance_percent": self._settings.reconcile_tolerance_percent}
+        why = (
+            "Stripe counts more than the ledger: the customer would be over-billed (`spendgate reconcile --fix` "
+            "shows the hours)"
+            if result.status == reconcile.STATUS_OVER
+            else "Stripe counts less than the ledger settled: usage is missing from the invoice (look for meter error "
+            "reports and dead letters)"
+        )
+        message = (
+            f"Stripe's meter {meter} shows {result.stripe} {result.unit} for {result.stripe_customer_id} from "
+            f"{_iso(result.window_start_s)} to {_iso(result.window_end_s)}, the ledger settled {result.settled} "
+            f"({result.difference:+}, {share}; pending {result.pending}, in flight {result.in_flight}); "
+            f"tolerance {self._settings.reconcile_tolerance_percent}%: {why}"
+        )
+        values = {
+            "stripe": result.stripe,
+            "settled": result.settled,
+            "ledger": result.ledger,
+            "pending": result.pending,
+            "in_flight": result.in_flight,
+            "difference": result.difference,
+            "window_start_s": result.window_start_s,
+            "window_end_s": result.window_end_s,
+            "tolerance_percent": self._settings.reconcile_tolerance_percent,
+        }
         await self._wait_durable(self._engine.raise_alert(ALERT_KIND, alert_customer, message, values))
         self._alerted[key] = result.difference
         log.warning("reconcile divergence: %s", message)
@@ -346,8 +415,11 @@ class ScheduledReconcile:
             self._metrics.reconcile_divergent.set(self.divergent_customers())
 
     def _still_active(self) -> set[str]:
-        return {view.stripe_customer_id for view in self._engine.list_budgets("", LIST_LIMIT)
-                if view.stripe_customer_id and (view.spent or view.reserved)}
+        return {
+            view.stripe_customer_id
+            for view in self._engine.list_budgets("", LIST_LIMIT)
+            if view.stripe_customer_id and (view.spent or view.reserved)
+        }
 
     def _count_run(self, outcome: str) -> None:
         if self._metrics is None:

@@ -78,7 +78,9 @@ class SettlementService:
                 raise SettlementConfigError(f"STRIPE_API_KEY: {problem}")
             self._key_kind = stripe_client.key_kind(api_key)
             client = stripe_client.make_client(
-                api_key, self._api_base, timeout_s=self.options.request_timeout_ms / 1000,
+                api_key,
+                self._api_base,
+                timeout_s=self.options.request_timeout_ms / 1000,
                 pool_connections=max(stripe_client.DEFAULT_POOL_CONNECTIONS, self.options.concurrency),
             )
             transport = make_transport(client, self.options)
@@ -105,21 +107,26 @@ class SettlementService:
                 "settlement to Stripe is OFF: STRIPE_API_KEY is not set. Committed usage accumulates in the outbox "
                 "(%d entries now; at max_outbox_entries=%d new Reserves are refused) and is sent once a settler runs "
                 "with a key: restart with STRIPE_API_KEY set, or run `spendgate settle` while the sidecar is stopped",
-                stats["depth"], stats["max_entries"],
+                stats["depth"],
+                stats["max_entries"],
             )
             return
         options = self.options
         log.info(
             "settlement to Stripe is on: transport %s, event_name %s, token usage %s, %s, %s, aggregation %s, %d "
             "entries in the outbox, %d dead letters",
-            options.transport, options.event_name,
+            options.transport,
+            options.event_name,
             f"on event_name {options.token_event_name}" if options.token_event_name else "as units",
             self._key_kind or "a test transport",
             f"STRIPE_API_BASE {self._api_base}" if self._api_base else "Stripe's own base addresses",
-            f"per {options.aggregate_window_ms} ms window" if options.aggregate_window_ms
-            else "per customer per second while a backlog waits (settle_auto_aggregate)" if options.auto_aggregate
+            f"per {options.aggregate_window_ms} ms window"
+            if options.aggregate_window_ms
+            else "per customer per second while a backlog waits (settle_auto_aggregate)"
+            if options.auto_aggregate
             else "off",
-            stats["depth"], stats["dead_letters"],
+            stats["depth"],
+            stats["dead_letters"],
         )
 
     async def run(self, *, until_empty: bool = False) -> None:

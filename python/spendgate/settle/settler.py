@@ -153,14 +153,16 @@ class SettleOptions:
                 f"settle_batch_size: expected 1..=100 (Stripe's v2 stream takes at most 100 events per request), "
                 f"got {self.batch_size}"
             )
-        for setting, name in (("settle_event_name", self.event_name), ("settle_token_event_name",
-                                                                          self.token_event_name)):
+        for setting, name in (
+            ("settle_event_name", self.event_name),
+            ("settle_token_event_name", self.token_event_name),
+        ):
             if len(name) > MAX_EVENT_NAME_CHARS:
                 raise ValueError(f"{setting}: Stripe allows at most {MAX_EVENT_NAME_CHARS} characters, got {len(name)}")
         if self.token_event_name == self.event_name:
             raise ValueError(
                 f"settle_token_event_name: {self.token_event_name!r} is also settle_event_name; token counts and units "
-                "on one meter would be added up: name another meter, or set it to \"\" to settle token usage as units"
+                'on one meter would be added up: name another meter, or set it to "" to settle token usage as units'
             )
         if self.concurrency < 1 or self.max_attempts < 1 or self.interval_ms < 1:
             raise ValueError("settle_concurrency, settle_max_attempts and settle_interval_ms must be >= 1")
@@ -251,7 +253,9 @@ class Settler:
         self.options = options
         self._wait_durable = wait_durable
         self._preflight = preflight
-        self.status = status or SettlementStatus(True, transport.name, transport.event_name, options.aggregate_window_ms)
+        self.status = status or SettlementStatus(
+            True, transport.name, transport.event_name, options.aggregate_window_ms
+        )
         self._monitor = monitor or OutboxMonitor(settling=True)
         self._clock_ms = clock_ms
         self._rng = rng or random.Random()
@@ -444,13 +448,18 @@ class Settler:
         at any commit rate."""
         if not self.options.auto_aggregate or self.options.aggregate_window_ms > 0:
             return False
-        on_at, off_at = (round(n * self.options.fetch_limit)
-                         for n in (AUTO_AGGREGATE_ON_ROUNDS, AUTO_AGGREGATE_OFF_ROUNDS))
+        on_at, off_at = (
+            round(n * self.options.fetch_limit) for n in (AUTO_AGGREGATE_ON_ROUNDS, AUTO_AGGREGATE_OFF_ROUNDS)
+        )
         if not self.auto_aggregating and depth >= on_at:
             self.auto_aggregating = True
-            log.warning("settlement: %d entries wait in the outbox: sending one event per Stripe customer (and model) "
-                        "per %d ms until fewer than %d wait (settle_auto_aggregate)", depth, AUTO_AGGREGATE_WINDOW_MS,
-                        off_at)
+            log.warning(
+                "settlement: %d entries wait in the outbox: sending one event per Stripe customer (and model) "
+                "per %d ms until fewer than %d wait (settle_auto_aggregate)",
+                depth,
+                AUTO_AGGREGATE_WINDOW_MS,
+                off_at,
+            )
         elif self.auto_aggregating and depth <= off_at and may_stop:
             self.auto_aggregating = False
             log.warning("settlement: %d entries wait in the outbox: one event per commit again", depth)
@@ -461,8 +470,9 @@ class Settler:
     def _local_problem(self, event: MeterEvent, now_ms: int) -> str | None:
         return (
             rules.token_meter_off(event.event_name, event.claim_id, token_event=bool(event.dimensions))
-            or rules.restored_unsure(event.restored, event.claimed, event.ts_ms, now_ms,
-                                     aggregating=self.options.aggregating)
+            or rules.restored_unsure(
+                event.restored, event.claimed, event.ts_ms, now_ms, aggregating=self.options.aggregating
+            )
             or rules.resend_too_late(event.first_attempt_ms, now_ms)
             or rules.customer_missing(event.stripe_customer_id, event.customer_ids)
             or rules.timestamp_out_of_window(event.ts_ms, now_ms)
@@ -498,7 +508,9 @@ class Settler:
         for event in events:
             problem, failure = by_customer.get(event.stripe_customer_id, (None, None))
             if failure is not None and failure.verdict is Verdict.PERMANENT:
-                dead.append((event, f"Stripe refused to look up customer {event.stripe_customer_id!r}: {failure.reason}"))
+                dead.append(
+                    (event, f"Stripe refused to look up customer {event.stripe_customer_id!r}: {failure.reason}")
+                )
             elif failure is not None:
                 failed.append((event, failure))
             elif problem is not None:
@@ -560,18 +572,29 @@ class Settler:
         if self._metrics is not None:
             self._metrics.settle_duplicate("delivered" if ours else "refused", len(events))
         if ours:
-            log.warning("Stripe already has %s (sent before and not acknowledged then): counted as delivered: %s",
-                        ids, failure.reason)
+            log.warning(
+                "Stripe already has %s (sent before and not acknowledged then): counted as delivered: %s",
+                ids,
+                failure.reason,
+            )
             return failure
-        log.error("Stripe already has %s, which this sidecar never sent before: another sender uses its "
-                  "identifiers; not counted as delivered: %s", ids, failure.reason)
+        log.error(
+            "Stripe already has %s, which this sidecar never sent before: another sender uses its "
+            "identifiers; not counted as delivered: %s",
+            ids,
+            failure.reason,
+        )
         for event in events:
             self._unanswered.add(event.claim_id)
-        return Classified(Verdict.PERMANENT, (
-            f"Stripe already has an event with identifier {events[0].identifier}, which this sidecar (instance "
-            f"{self._engine.instance_id}) was sending for the first time: another sidecar makes the same identifiers "
-            "(a data dir copied instead of restored keeps its instance id). Run `spendgate reconcile`; requeue "
-            "only if it shows this usage missing"))
+        return Classified(
+            Verdict.PERMANENT,
+            (
+                f"Stripe already has an event with identifier {events[0].identifier}, which this sidecar (instance "
+                f"{self._engine.instance_id}) was sending for the first time: another sidecar makes the same identifiers "
+                "(a data dir copied instead of restored keeps its instance id). Run `spendgate reconcile`; requeue "
+                "only if it shows this usage missing"
+            ),
+        )
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> tuple[Any, Classified | None, int]:
         """fn(*args) in the thread pool, retried on RETRY (and on SESSION_EXPIRED) up to settle_max_attempts, except
@@ -617,7 +640,9 @@ class Settler:
                     self._metrics.stripe_error(TIMEOUT_CODE)
                 self._failed_attempt(
                     f"a Stripe request has been running for {loop.time() - started[0]:.1f} s, past "
-                    f"settle_request_timeout_ms ({self.options.request_timeout_ms} ms)", timed_out=True)
+                    f"settle_request_timeout_ms ({self.options.request_timeout_ms} ms)",
+                    timed_out=True,
+                )
                 return
             due = started[0] + self._overdue_s - loop.time() if started else self._overdue_s
             handle[:] = [loop.call_later(max(due, 0.001), watch)]
@@ -647,12 +672,16 @@ class Settler:
         log.warning(
             "settlement to Stripe is failing (%s): %s; %d+ entries wait in the outbox (nothing is lost); retrying "
             "with backoff up to %d ms%s",
-            why, status.last_error, depth, self.options.backoff_max_ms,
+            why,
+            status.last_error,
+            depth,
+            self.options.backoff_max_ms,
             f", probing every {PROBE_INTERVAL_MS} ms" if self._probe is not None else "",
         )
 
-    async def _settle(self, delivered: list[Claim], dead: list[tuple[Claim, str]],
-                      entries: dict[int, _core.OutboxEntry]) -> None:
+    async def _settle(
+        self, delivered: list[Claim], dead: list[tuple[Claim, str]], entries: dict[int, _core.OutboxEntry]
+    ) -> None:
         tickets = [0]
         seqs = [seq for claim in delivered for seq in claim[0].seqs]
         for i in range(0, len(seqs), MAX_ENGINE_BATCH):
@@ -670,8 +699,13 @@ class Settler:
             reason = truncate_reason(reason)
             log.warning(
                 "dead letter: %d outbox entr%s (seq %s, claim %s, customer %s, stripe customer %s, value %s): %s",
-                event.size, "y" if event.size == 1 else "ies", _seqs_text(event.seqs), event.claim_id,
-                ",".join(event.customer_ids), event.stripe_customer_id or "-", "+".join(str(e.value) for e in claim),
+                event.size,
+                "y" if event.size == 1 else "ies",
+                _seqs_text(event.seqs),
+                event.claim_id,
+                ",".join(event.customer_ids),
+                event.stripe_customer_id or "-",
+                "+".join(str(e.value) for e in claim),
                 reason,
             )
             fate_unknown = event.claimed or event.restored or event.claim_id in self._unanswered
@@ -682,16 +716,20 @@ class Settler:
         # Waiting here keeps the next round from reading (and resending) entries whose ack is still being written.
         await self._wait_durable(max(tickets))
 
-    def _alert_dead_letters(self, letters: dict[str, list[tuple[int, str]]],
-                            entries: dict[int, _core.OutboxEntry]) -> list[int]:
+    def _alert_dead_letters(
+        self, letters: dict[str, list[tuple[int, str]]], entries: dict[int, _core.OutboxEntry]
+    ) -> list[int]:
         """One `settlement_dead_letter` alert per dead-lettered entry ({seq, amount}), or, past
         MAX_DEAD_LETTER_ALERTS_PER_CUSTOMER entries of one customer in this round, one alert with their count."""
         tickets = []
         for customer_id, dead in letters.items():
             if len(dead) <= MAX_DEAD_LETTER_ALERTS_PER_CUSTOMER:
                 for seq, reason in dead:
-                    tickets.append(self._engine.raise_alert(DEAD_LETTER_ALERT, customer_id, reason,
-                                                            {"seq": seq, "amount": entries[seq]["amount"]}))
+                    tickets.append(
+                        self._engine.raise_alert(
+                            DEAD_LETTER_ALERT, customer_id, reason, {"seq": seq, "amount": entries[seq]["amount"]}
+                        )
+                    )
                 continue
             seqs = [seq for seq, _ in dead]
             amount = sum(entries[seq]["amount"] for seq in seqs)
@@ -705,8 +743,14 @@ class Settler:
 
     # -- bookkeeping ----------------------------------------------------------------------------------------------
 
-    def _record(self, result: RoundResult, delivered: list[Claim], dead: list[tuple[Claim, str]],
-                retry: list[tuple[Claim, Classified]], ts_ms_of: dict[int, int]) -> None:
+    def _record(
+        self,
+        result: RoundResult,
+        delivered: list[Claim],
+        dead: list[tuple[Claim, str]],
+        retry: list[tuple[Claim, Classified]],
+        ts_ms_of: dict[int, int],
+    ) -> None:
         status, now_ms = self.status, self._clock_ms()
         loop_now = asyncio.get_running_loop().time()
         for claim in delivered:
@@ -721,7 +765,8 @@ class Settler:
             for claim in delivered if self._metrics is not None else ():
                 for seq in claim[0].seqs:  # each usage's own lag (an aggregate's timestamp is its newest member's)
                     self._metrics.settlement_lag.observe(  # type: ignore[union-attr]
-                        max(0, now_ms - ts_ms_of.get(seq, claim[0].ts_ms)) / 1000)
+                        max(0, now_ms - ts_ms_of.get(seq, claim[0].ts_ms)) / 1000
+                    )
             status.delivered_events += sum(len(claim) for claim in delivered)
             status.delivered_entries += sum(claim[0].size for claim in delivered)
         status.dead_lettered_entries += sum(claim[0].size for claim, _ in dead)
@@ -736,7 +781,8 @@ class Settler:
             if status.failing_since_ms:
                 log.warning(
                     "settlement to Stripe recovered after %d failed rounds (%.1f s)",
-                    self._stalls, (now_ms - status.failing_since_ms) / 1000,
+                    self._stalls,
+                    (now_ms - status.failing_since_ms) / 1000,
                 )
                 status.failing_since_ms = 0
             self._stalls = 0
@@ -804,15 +850,20 @@ def _first_claims(claims: dict[str, Claim], max_events: int) -> dict[str, Claim]
     return kept
 
 
-def _refusal_reason(claim: Claim, refused: tuple[MeterEvent, Classified],
-                    results: Sequence[tuple[MeterEvent, Classified | None]]) -> str:
+def _refusal_reason(
+    claim: Claim, refused: tuple[MeterEvent, Classified], results: Sequence[tuple[MeterEvent, Classified | None]]
+) -> str:
     """Why a claim goes to the dead letters; for a claim of several events, which of them Stripe has already."""
     event, failure = refused
     if len(claim) == 1:
         return failure.reason
     accepted = [e.identifier for e, c in results if c is None or c.verdict is Verdict.DELIVERED]
-    note = (f"; of this claim's events Stripe accepted {', '.join(accepted)}, so a requeue (which resends them all "
-            "under fresh identifiers) would count those twice: check `spendgate reconcile` first" if accepted else "")
+    note = (
+        f"; of this claim's events Stripe accepted {', '.join(accepted)}, so a requeue (which resends them all "
+        "under fresh identifiers) would count those twice: check `spendgate reconcile` first"
+        if accepted
+        else ""
+    )
     return f"event {event.identifier}: {failure.reason}{note}"
 
 

@@ -46,11 +46,12 @@ def key_kind(api_key: str) -> str:
     parts = api_key.split("_")
     kind = "restricted" if parts[0] == "rk" else "secret"
     mode = parts[1] if len(parts) > 2 and parts[1] in ("test", "live") else ""
-    return f"a {kind} {mode + ' ' if mode else ''}key ({'_'.join(parts[:2 if mode else 1])}_...)"
+    return f"a {kind} {mode + ' ' if mode else ''}key ({'_'.join(parts[: 2 if mode else 1])}_...)"
 
 
-def make_client(api_key: str, api_base: str = "", *, timeout_s: float,
-                pool_connections: int = DEFAULT_POOL_CONNECTIONS) -> stripe.StripeClient:
+def make_client(
+    api_key: str, api_base: str = "", *, timeout_s: float, pool_connections: int = DEFAULT_POOL_CONNECTIONS
+) -> stripe.StripeClient:
     """pool_connections: keep-alive connections kept per host (at least the threads that call at once)."""
     import stripe  # noqa: PLC0415 - only the settler and reconcile need the SDK
 

@@ -47,8 +47,14 @@ class V2Transport:
     name = "v2"
     validates_meter = False
 
-    def __init__(self, client: stripe.StripeClient, event_name: str, batch_size: int = MAX_STREAM_EVENTS, *,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        client: stripe.StripeClient,
+        event_name: str,
+        batch_size: int = MAX_STREAM_EVENTS,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         """event_name: the units meter's, for status and logs (each event names its own meter)."""
         if not 1 <= batch_size <= MAX_STREAM_EVENTS:
             raise ValueError(f"the v2 stream takes 1..={MAX_STREAM_EVENTS} events per request, not {batch_size}")
@@ -97,8 +103,11 @@ class V2Transport:
             self.sessions_created += 1
             created = _parse_rfc3339(getattr(session, "created", None))
             expires = _parse_rfc3339(getattr(session, "expires_at", None))
-            lifetime = expires - created if created is not None and expires is not None and expires > created \
+            lifetime = (
+                expires - created
+                if created is not None and expires is not None and expires > created
                 else DEFAULT_SESSION_LIFETIME_S
+            )
             self._token = str(session.authentication_token)
             self._refresh_at = started + REFRESH_AT_FRACTION * lifetime
             return self._token

@@ -161,8 +161,9 @@ class FakeLLM:
             script = dataclasses.replace(script, **json.loads(request.headers[SCRIPT_HEADER]))
         if script.input_tokens < 0:
             script = dataclasses.replace(script, input_tokens=max(1, request.content_length or 0) // 8 or 1)
-        call = FakeCall(route, body, dict(request.headers), script, body.get("stream") is True,
-                        model=str(body.get("model", "")))
+        call = FakeCall(
+            route, body, dict(request.headers), script, body.get("stream") is True, model=str(body.get("model", ""))
+        )
         with self._lock:
             self.calls.append(call)
         return call
@@ -178,10 +179,16 @@ class FakeLLM:
             body = {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
         return web.json_response(body, status=call.script.status)
 
-    async def _stream(self, request: web.Request, call: FakeCall, events: Iterator[bytes],
-                      error_event: bytes) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
-                                               "Cache-Control": "no-cache", "x-request-id": self._id("req")})
+    async def _stream(
+        self, request: web.Request, call: FakeCall, events: Iterator[bytes], error_event: bytes
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache",
+                "x-request-id": self._id("req"),
+            }
+        )
         await response.prepare(request)
         script = call.script
         try:
@@ -208,10 +215,18 @@ class FakeLLM:
 
     def _chat_usage(self, s: Script) -> dict[str, Any]:
         prompt, completion = s.input_tokens + s.cached_tokens, s.output_tokens + s.reasoning_tokens
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": s.cached_tokens, "audio_tokens": 0},
-                "completion_tokens_details": {"reasoning_tokens": s.reasoning_tokens, "audio_tokens": 0,
-                                              "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": s.cached_tokens, "audio_tokens": 0},
+            "completion_tokens_details": {
+                "reasoning_tokens": s.reasoning_tokens,
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
+            },
+        }
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         call = await self._begin(request, "chat")
@@ -222,21 +237,42 @@ class FakeLLM:
         rid, created = self._id("chatcmpl"), int(time.time())
         text = [f"tok{i} " for i in range(s.chunks)]
         if not call.stream:
-            choices = [{"index": i, "message": {"role": "assistant", "content": "".join(text), "refusal": None},
-                        "logprobs": None, "finish_reason": "stop"} for i in range(int(call.body.get("n") or 1))]
+            choices = [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": "".join(text), "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+                for i in range(int(call.body.get("n") or 1))
+            ]
             call.usage, call.finished = usage, True
-            return web.json_response({"id": rid, "object": "chat.completion", "created": created, "model": call.model,
-                                      "choices": choices, "usage": usage, "service_tier": "default",
-                                      "system_fingerprint": "fp_fake"}, headers={"x-request-id": self._id("req")})
+            return web.json_response(
+                {
+                    "id": rid,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": call.model,
+                    "choices": choices,
+                    "usage": usage,
+                    "service_tier": "default",
+                    "system_fingerprint": "fp_fake",
+                },
+                headers={"x-request-id": self._id("req")},
+            )
         options = call.body.get("stream_options") or {}
         include = isinstance(options, dict) and options.get("include_usage") is True
         call.usage = usage if include else None
 
         def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
-            document: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                                        "model": call.model, "system_fingerprint": "fp_fake",
-                                        "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                                     "finish_reason": finish}]}
+            document: dict[str, Any] = {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": call.model,
+                "system_fingerprint": "fp_fake",
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            }
             if include:
                 document["usage"] = None
             return b"data: " + json.dumps(document).encode() + b"\n\n"
@@ -247,27 +283,69 @@ class FakeLLM:
                 yield chunk({"content": piece}, None)
             yield chunk({}, "stop")
             if include:
-                final = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": call.model,
-                         "system_fingerprint": "fp_fake", "choices": [], "usage": usage}
+                final = {
+                    "id": rid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": call.model,
+                    "system_fingerprint": "fp_fake",
+                    "choices": [],
+                    "usage": usage,
+                }
                 yield b"data: " + json.dumps(final).encode() + b"\n\n"
             yield b"data: [DONE]\n\n"
 
-        error = {"error": {"message": "The server had an error while processing your request.",
-                           "type": "server_error", "param": None, "code": None}}
+        error = {
+            "error": {
+                "message": "The server had an error while processing your request.",
+                "type": "server_error",
+                "param": None,
+                "code": None,
+            }
+        }
         return await self._stream(request, call, events(), b"data: " + json.dumps(error).encode() + b"\n\n")
 
     # -- OpenAI Responses --------------------------------------------------------------------------------------------
 
     def _response_object(self, call: FakeCall, rid: str, status: str, text: str, usage: Any) -> dict[str, Any]:
-        output = [] if status == "in_progress" else [
-            {"type": "message", "id": f"msg_{rid}", "status": "completed", "role": "assistant",
-             "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}]
-        return {"id": rid, "object": "response", "created_at": int(time.time()), "status": status, "error": None,
-                "incomplete_details": None, "instructions": None, "max_output_tokens": call.body.get(
-                    "max_output_tokens"), "model": call.model, "output": output, "parallel_tool_calls": True,
-                "previous_response_id": None, "reasoning": {"effort": None, "summary": None}, "store": True,
-                "temperature": 1.0, "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [],
-                "top_p": 1.0, "truncation": "disabled", "usage": usage, "user": None, "metadata": {}}
+        output = (
+            []
+            if status == "in_progress"
+            else [
+                {
+                    "type": "message",
+                    "id": f"msg_{rid}",
+                    "status": "completed",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
+                }
+            ]
+        )
+        return {
+            "id": rid,
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": status,
+            "error": None,
+            "incomplete_details": None,
+            "instructions": None,
+            "max_output_tokens": call.body.get("max_output_tokens"),
+            "model": call.model,
+            "output": output,
+            "parallel_tool_calls": True,
+            "previous_response_id": None,
+            "reasoning": {"effort": None, "summary": None},
+            "store": True,
+            "temperature": 1.0,
+            "text": {"format": {"type": "text"}},
+            "tool_choice": "auto",
+            "tools": [],
+            "top_p": 1.0,
+            "truncation": "disabled",
+            "usage": usage,
+            "user": None,
+            "metadata": {},
+        }
 
     async def _responses(self, request: web.Request) -> web.StreamResponse:
         call = await self._begin(request, "responses")
@@ -275,9 +353,13 @@ class FakeLLM:
         if s.fault == "500":
             return await self._fault_500(call, anthropic=False)
         prompt, completion = s.input_tokens + s.cached_tokens, s.output_tokens + s.reasoning_tokens
-        usage = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": s.cached_tokens},
-                 "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": s.reasoning_tokens},
-                 "total_tokens": prompt + completion}
+        usage = {
+            "input_tokens": prompt,
+            "input_tokens_details": {"cached_tokens": s.cached_tokens},
+            "output_tokens": completion,
+            "output_tokens_details": {"reasoning_tokens": s.reasoning_tokens},
+            "total_tokens": prompt + completion,
+        }
         rid = self._id("resp")
         pieces = [f"tok{i} " for i in range(s.chunks)]
         call.usage = usage
@@ -293,20 +375,46 @@ class FakeLLM:
         def events() -> Iterator[bytes]:
             item = f"msg_{rid}"
             yield event("response.created", response=self._response_object(call, rid, "in_progress", "", None))
-            yield event("response.output_item.added", output_index=0, item={
-                "type": "message", "id": item, "status": "in_progress", "role": "assistant", "content": []})
-            yield event("response.content_part.added", item_id=item, output_index=0, content_index=0,
-                        part={"type": "output_text", "text": "", "annotations": []})
+            yield event(
+                "response.output_item.added",
+                output_index=0,
+                item={"type": "message", "id": item, "status": "in_progress", "role": "assistant", "content": []},
+            )
+            yield event(
+                "response.content_part.added",
+                item_id=item,
+                output_index=0,
+                content_index=0,
+                part={"type": "output_text", "text": "", "annotations": []},
+            )
             for piece in pieces:
-                yield event("response.output_text.delta", item_id=item, output_index=0, content_index=0,
-                            delta=piece, logprobs=[])
-            yield event("response.output_text.done", item_id=item, output_index=0, content_index=0,
-                        text="".join(pieces), logprobs=[])
-            yield event("response.completed",
-                        response=self._response_object(call, rid, "completed", "".join(pieces), usage))
+                yield event(
+                    "response.output_text.delta",
+                    item_id=item,
+                    output_index=0,
+                    content_index=0,
+                    delta=piece,
+                    logprobs=[],
+                )
+            yield event(
+                "response.output_text.done",
+                item_id=item,
+                output_index=0,
+                content_index=0,
+                text="".join(pieces),
+                logprobs=[],
+            )
+            yield event(
+                "response.completed", response=self._response_object(call, rid, "completed", "".join(pieces), usage)
+            )
 
-        error = {"type": "error", "code": "server_error", "message": "The server had an error.", "param": None,
-                 "sequence_number": 0}
+        error = {
+            "type": "error",
+            "code": "server_error",
+            "message": "The server had an error.",
+            "param": None,
+            "sequence_number": 0,
+        }
         return await self._stream(request, call, events(), f"event: error\ndata: {json.dumps(error)}\n\n".encode())
 
     # -- Anthropic Messages ------------------------------------------------------------------------------------------
@@ -316,18 +424,33 @@ class FakeLLM:
         s = call.script
         if s.fault == "500":
             return await self._fault_500(call, anthropic=True)
-        usage = {"input_tokens": s.input_tokens, "cache_creation_input_tokens": s.cache_write_tokens,
-                 "cache_read_input_tokens": s.cached_tokens, "output_tokens": s.output_tokens,
-                 "service_tier": "standard"}
+        usage = {
+            "input_tokens": s.input_tokens,
+            "cache_creation_input_tokens": s.cache_write_tokens,
+            "cache_read_input_tokens": s.cached_tokens,
+            "output_tokens": s.output_tokens,
+            "service_tier": "standard",
+        }
         mid = self._id("msg")
         pieces = [f"tok{i} " for i in range(s.chunks)]
-        message: dict[str, Any] = {"id": mid, "type": "message", "role": "assistant", "model": call.model, "content": [],
-                   "stop_reason": None, "stop_sequence": None}
+        message: dict[str, Any] = {
+            "id": mid,
+            "type": "message",
+            "role": "assistant",
+            "model": call.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+        }
         call.usage = usage
         if not call.stream:
             call.finished = True
-            whole = {**message, "content": [{"type": "text", "text": "".join(pieces)}], "stop_reason": "end_turn",
-                     "usage": usage}
+            whole = {
+                **message,
+                "content": [{"type": "text", "text": "".join(pieces)}],
+                "stop_reason": "end_turn",
+                "usage": usage,
+            }
             return web.json_response(whole, headers={"request-id": self._id("req")})
 
         def event(kind: str, **fields: Any) -> bytes:
@@ -341,8 +464,11 @@ class FakeLLM:
                 yield event("content_block_delta", index=0, delta={"type": "text_delta", "text": piece})
             yield event("content_block_stop", index=0)
             for n in range(1, s.message_deltas + 1):  # cumulative counts: the last one is the total
-                yield event("message_delta", delta={"stop_reason": "end_turn", "stop_sequence": None},
-                            usage={"output_tokens": s.output_tokens * n // s.message_deltas})
+                yield event(
+                    "message_delta",
+                    delta={"stop_reason": "end_turn", "stop_sequence": None},
+                    usage={"output_tokens": s.output_tokens * n // s.message_deltas},
+                )
             yield event("message_stop")
 
         error = {"type": "error", "error": {"type": "api_error", "message": "Internal server error"}}
@@ -354,7 +480,9 @@ def main() -> None:
     import sys
 
     fake = FakeLLM(port=int(sys.argv[1]) if len(sys.argv) > 1 else 0)
-    print(f"fake LLM on {fake.url}: OpenAI base_url {fake.openai_base_url}, Anthropic base_url {fake.anthropic_base_url}")
+    print(
+        f"fake LLM on {fake.url}: OpenAI base_url {fake.openai_base_url}, Anthropic base_url {fake.anthropic_base_url}"
+    )
     try:
         threading.Event().wait()
     except KeyboardInterrupt:

@@ -118,11 +118,20 @@ MAX_VALUE_DIGITS: Final[int] = 15
 
 # Codes of the async meter event error report (the Literal of ErrorType.code in
 # stripe/events/_v1_billing_meter_error_report_triggered_event.py).
-ASYNC_ERROR_CODES: Final[frozenset[str]] = frozenset({
-    "archived_meter", "meter_event_customer_not_found", "meter_event_dimension_count_too_high",
-    "meter_event_invalid_value", "meter_event_no_customer_defined", "meter_event_value_too_many_digits",
-    "missing_dimension_payload_keys", "no_meter", "timestamp_in_future", "timestamp_too_far_in_past",
-})
+ASYNC_ERROR_CODES: Final[frozenset[str]] = frozenset(
+    {
+        "archived_meter",
+        "meter_event_customer_not_found",
+        "meter_event_dimension_count_too_high",
+        "meter_event_invalid_value",
+        "meter_event_no_customer_defined",
+        "meter_event_value_too_many_digits",
+        "missing_dimension_payload_keys",
+        "no_meter",
+        "timestamp_in_future",
+        "timestamp_too_far_in_past",
+    }
+)
 
 # The message Stripe sends for a repeated identifier on POST /v1/billing/meter_events: 400 invalid_request_error,
 # "An event already exists with identifier <id>." and `stripe-should-retry: false`, with no `code` (observed in
@@ -151,12 +160,14 @@ _SESSION_EXPIRED_MESSAGE: Final[str] = "The temporary session token has expired.
 # `Stripe-Should-Retry: true` (stripe/_http_client.py HTTPClient._should_retry), so a lock-timeout 429 carries
 # `Stripe-Should-Retry: true` and a rate-limit 429 carries no such header. Message texts as seen in public reports
 # (lock_timeout: https://github.com/stripe/stripe-node/issues/2056).
-_RATE_LIMIT_MESSAGE: Final[str] = ("Request rate limit exceeded. You can learn more about rate limits here "
-                                   "https://stripe.com/docs/rate-limits.")
+_RATE_LIMIT_MESSAGE: Final[str] = (
+    "Request rate limit exceeded. You can learn more about rate limits here https://stripe.com/docs/rate-limits."
+)
 _LOCK_TIMEOUT_MESSAGE: Final[str] = (
     "This object cannot be accessed right now because another API request or Stripe process is currently accessing "
     "it. If you see this error intermittently, retry the request. If you see this error frequently and are making "
-    "multiple concurrent requests to a single object, make your requests serially or at a lower rate.")
+    "multiple concurrent requests to a single object, make your requests serially or at a lower rate."
+)
 
 # API v1 idempotency: "Stripe saves the status code and body of the first request made with a given idempotency key
 # after endpoint execution begins. Retries with the same key return the saved response, including 500 errors."
@@ -169,7 +180,8 @@ _LOCK_TIMEOUT_MESSAGE: Final[str] = (
 # since our idempotency framework would typically replay it anyway" (stripe/_http_client.py).
 _IDEMPOTENCY_MISMATCH_MESSAGE: Final[str] = (
     "Keys for idempotent requests can only be used with the same parameters they were first used with. Try using a "
-    "key other than '{key}' if you meant to execute a different request.")
+    "key other than '{key}' if you meant to execute a different request."
+)
 
 # Stripe-Signature: "t=<unix>,v1=<hex HMAC-SHA256(secret, f'{t}.{payload}')>" (stripe/_webhook.py
 # WebhookSignature.generate_signature_header / verify_header; https://docs.stripe.com/webhooks#verify-manually).
@@ -195,8 +207,10 @@ _HOSTS: Final[tuple[str, str]] = ("api", "meter_events")
 # the error report, stripe/events/_v1_billing_meter_error_report_triggered_event.py); its message text is not documented.
 # Stripe's token-billing meter: event name `token-billing-tokens`, dimension payload keys `model` and `token_type`
 # (vercel.com/docs/ai-gateway/ecosystem/stripe-billing, "Prerequisites").
-TOKEN_BILLING_METER: Final[Mapping[str, Any]] = {"event_name": "token-billing-tokens",
-                                                 "dimension_payload_keys": ("model", "token_type")}
+TOKEN_BILLING_METER: Final[Mapping[str, Any]] = {
+    "event_name": "token-billing-tokens",
+    "dimension_payload_keys": ("model", "token_type"),
+}
 DEFAULT_METERS: Final[tuple[str | Mapping[str, Any], ...]] = ("spendgate_usage", TOKEN_BILLING_METER)
 
 # Fault kinds accepted by fail_next(); "*_after_record" ones only fire on requests that store meter events.
@@ -208,6 +222,7 @@ OUTAGE_MODES: Final[frozenset[str]] = frozenset({"503", "reset", "refuse"})
 # ---------------------------------------------------------------------------------------------------------------------
 # Small helpers
 # ---------------------------------------------------------------------------------------------------------------------
+
 
 def _rand(n: int) -> str:
     alphabet = string.ascii_letters + string.digits
@@ -277,24 +292,39 @@ def _int_param(params: Mapping[str, Any], name: str, *, required: bool) -> int |
     try:
         return int(str(raw))
     except ValueError:
-        raise _ApiError(400, "invalid_request_error", f"Invalid integer: {raw}", code="parameter_invalid_integer",
-                        param=name) from None
+        raise _ApiError(
+            400, "invalid_request_error", f"Invalid integer: {raw}", code="parameter_invalid_integer", param=name
+        ) from None
 
 
 def _check_unknown(params: Mapping[str, Any], allowed: Iterable[str]) -> None:
     allowed_set = set(allowed)
     for name in params:
         if name not in allowed_set:
-            raise _ApiError(400, "invalid_request_error", f"Received unknown parameter: {name}",
-                            code="parameter_unknown", param=name)
+            raise _ApiError(
+                400,
+                "invalid_request_error",
+                f"Received unknown parameter: {name}",
+                code="parameter_unknown",
+                param=name,
+            )
 
 
 class _ApiError(Exception):
     """A Stripe-shaped error response: {"error": {"type", "code", "message", "param", "doc_url"}}
     (https://docs.stripe.com/api/errors)."""
 
-    def __init__(self, status: int, type_: str, message: str, *, code: str | None = None, param: str | None = None,
-                 headers: Mapping[str, str] | None = None, cacheable: bool = True) -> None:
+    def __init__(
+        self,
+        status: int,
+        type_: str,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        cacheable: bool = True,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.type = type_
@@ -306,8 +336,14 @@ class _ApiError(Exception):
 
     @classmethod
     def missing(cls, name: str) -> _ApiError:
-        return cls(400, "invalid_request_error", f"Missing required param: {name}.", code="parameter_missing",
-                   param=name, cacheable=False)
+        return cls(
+            400,
+            "invalid_request_error",
+            f"Missing required param: {name}.",
+            code="parameter_missing",
+            param=name,
+            cacheable=False,
+        )
 
     def body(self) -> dict[str, Any]:
         err: dict[str, Any] = {"type": self.type, "message": self.message}
@@ -355,6 +391,7 @@ class WebhookDelivery:
 # Event bodies for webhooks
 # ---------------------------------------------------------------------------------------------------------------------
 
+
 def sign_payload(payload: str, secret: str, timestamp: int | None = None) -> str:
     """The Stripe-Signature header for `payload`: t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<payload>")>
     (stripe/_webhook.py WebhookSignature; https://docs.stripe.com/webhooks#verify-manually)."""
@@ -363,10 +400,17 @@ def sign_payload(payload: str, secret: str, timestamp: int | None = None) -> str
     return f"t={t},v1={mac}"
 
 
-def subscription_object(customer: str, *, status: str = "active", subscription_id: str | None = None,
-                        price_id: str = "price_fake_metered", meter_id: str | None = None,
-                        period_start: int | None = None, period_end: int | None = None,
-                        **fields: Any) -> dict[str, Any]:
+def subscription_object(
+    customer: str,
+    *,
+    status: str = "active",
+    subscription_id: str | None = None,
+    price_id: str = "price_fake_metered",
+    meter_id: str | None = None,
+    period_start: int | None = None,
+    period_end: int | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
     """A minimal `subscription` object (https://docs.stripe.com/api/subscriptions/object). Since API 2025-03-31 the
     billing period lives on each item (`items.data[].current_period_start/end`)."""
     now = int(time.time())
@@ -374,15 +418,39 @@ def subscription_object(customer: str, *, status: str = "active", subscription_i
     end = start + 30 * 86_400 if period_end is None else period_end
     sub_id = subscription_id or f"sub_{_rand(24)}"
     obj: dict[str, Any] = {
-        "id": sub_id, "object": "subscription", "customer": customer, "status": status, "livemode": False,
-        "created": start, "start_date": start, "cancel_at_period_end": False, "canceled_at": None,
-        "ended_at": None, "metadata": {}, "collection_method": "charge_automatically", "currency": "usd",
-        "items": {"object": "list", "has_more": False, "url": f"/v1/subscription_items?subscription={sub_id}",
-                  "data": [{"id": f"si_{_rand(14)}", "object": "subscription_item", "subscription": sub_id,
-                            "current_period_start": start, "current_period_end": end,
-                            "price": {"id": price_id, "object": "price", "type": "recurring",
-                                      "recurring": {"interval": "month", "usage_type": "metered",
-                                                    "meter": meter_id}}}]},
+        "id": sub_id,
+        "object": "subscription",
+        "customer": customer,
+        "status": status,
+        "livemode": False,
+        "created": start,
+        "start_date": start,
+        "cancel_at_period_end": False,
+        "canceled_at": None,
+        "ended_at": None,
+        "metadata": {},
+        "collection_method": "charge_automatically",
+        "currency": "usd",
+        "items": {
+            "object": "list",
+            "has_more": False,
+            "url": f"/v1/subscription_items?subscription={sub_id}",
+            "data": [
+                {
+                    "id": f"si_{_rand(14)}",
+                    "object": "subscription_item",
+                    "subscription": sub_id,
+                    "current_period_start": start,
+                    "current_period_end": end,
+                    "price": {
+                        "id": price_id,
+                        "object": "price",
+                        "type": "recurring",
+                        "recurring": {"interval": "month", "usage_type": "metered", "meter": meter_id},
+                    },
+                }
+            ],
+        },
     }
     if status == "canceled":
         obj["canceled_at"] = obj["ended_at"] = now
@@ -390,9 +458,18 @@ def subscription_object(customer: str, *, status: str = "active", subscription_i
     return obj
 
 
-def invoice_object(customer: str, *, status: str = "paid", amount_due: int = 0, amount_paid: int | None = None,
-                   subscription_id: str | None = None, invoice_id: str | None = None,
-                   period_start: int | None = None, period_end: int | None = None, **fields: Any) -> dict[str, Any]:
+def invoice_object(
+    customer: str,
+    *,
+    status: str = "paid",
+    amount_due: int = 0,
+    amount_paid: int | None = None,
+    subscription_id: str | None = None,
+    invoice_id: str | None = None,
+    period_start: int | None = None,
+    period_end: int | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
     """A minimal `invoice` object (https://docs.stripe.com/api/invoices/object). With a subscription_id, a renewal
     (billing_reason subscription_cycle) with one subscription line item (https://docs.stripe.com/api/invoice-line-item/
     object: `parent.type` subscription_item_details since 2025-03-31.basil) for a licensed price, billed in advance:
@@ -416,13 +493,27 @@ def invoice_object(customer: str, *, status: str = "paid", amount_due: int = 0, 
             "period": {"start": start, "end": end}, "quantity": 1,
         })  # fmt: skip
     obj: dict[str, Any] = {
-        "id": invoice_id, "object": "invoice", "customer": customer, "status": status,
-        "livemode": False, "created": now, "currency": "usd", "amount_due": amount_due,
-        "amount_paid": paid if status == "paid" else 0, "amount_remaining": 0 if status == "paid" else amount_due,
-        "attempt_count": 1, "attempted": True, "billing_reason": "subscription_cycle", "metadata": {},
-        "period_start": now - 30 * 86_400, "period_end": now,
-        "parent": ({"type": "subscription_details", "subscription_details": {"subscription": subscription_id}}
-                   if subscription_id else None),
+        "id": invoice_id,
+        "object": "invoice",
+        "customer": customer,
+        "status": status,
+        "livemode": False,
+        "created": now,
+        "currency": "usd",
+        "amount_due": amount_due,
+        "amount_paid": paid if status == "paid" else 0,
+        "amount_remaining": 0 if status == "paid" else amount_due,
+        "attempt_count": 1,
+        "attempted": True,
+        "billing_reason": "subscription_cycle",
+        "metadata": {},
+        "period_start": now - 30 * 86_400,
+        "period_end": now,
+        "parent": (
+            {"type": "subscription_details", "subscription_details": {"subscription": subscription_id}}
+            if subscription_id
+            else None
+        ),
         "lines": {"object": "list", "data": lines, "has_more": False, "url": f"/v1/invoices/{invoice_id}/lines"},
     }
     obj.update(fields)
@@ -438,9 +529,15 @@ _DEFAULT_OBJECTS: Final[dict[str, Callable[..., dict[str, Any]]]] = {
 }
 
 
-def build_event(event_type: str, data_object: Mapping[str, Any] | None = None, *, customer: str = "cus_fake",
-                previous_attributes: Mapping[str, Any] | None = None, event_id: str | None = None,
-                created: int | None = None) -> dict[str, Any]:
+def build_event(
+    event_type: str,
+    data_object: Mapping[str, Any] | None = None,
+    *,
+    customer: str = "cus_fake",
+    previous_attributes: Mapping[str, Any] | None = None,
+    event_id: str | None = None,
+    created: int | None = None,
+) -> dict[str, Any]:
     """A snapshot `event` (https://docs.stripe.com/api/events/object) as webhooks deliver it. Without `data_object`,
     the known types (customer.subscription.created/updated/deleted, invoice.paid, invoice.payment_failed) get a
     default object for `customer`."""
@@ -452,9 +549,15 @@ def build_event(event_type: str, data_object: Mapping[str, Any] | None = None, *
     if previous_attributes is not None:
         data["previous_attributes"] = dict(previous_attributes)
     return {
-        "id": event_id or f"evt_{_rand(24)}", "object": "event", "api_version": _API_VERSION,
-        "created": int(time.time()) if created is None else created, "data": data, "livemode": False,
-        "pending_webhooks": 1, "request": {"id": None, "idempotency_key": None}, "type": event_type,
+        "id": event_id or f"evt_{_rand(24)}",
+        "object": "event",
+        "api_version": _API_VERSION,
+        "created": int(time.time()) if created is None else created,
+        "data": data,
+        "livemode": False,
+        "pending_webhooks": 1,
+        "request": {"id": None, "idempotency_key": None},
+        "type": event_type,
     }
 
 
@@ -469,9 +572,13 @@ MAX_PAYLOAD_VALUE_CHARS: Final[int] = 100
 def _check_payload_values(payload: Mapping[str, Any]) -> None:
     for key, value in payload.items():
         if isinstance(value, str) and len(value) > MAX_PAYLOAD_VALUE_CHARS:
-            raise _ApiError(400, "invalid_request_error",
-                            f"Invalid payload[{key}]: must be at most {MAX_PAYLOAD_VALUE_CHARS} characters",
-                            code="parameter_invalid_string", param=f"payload[{key}]")
+            raise _ApiError(
+                400,
+                "invalid_request_error",
+                f"Invalid payload[{key}]: must be at most {MAX_PAYLOAD_VALUE_CHARS} characters",
+                code="parameter_invalid_string",
+                param=f"payload[{key}]",
+            )
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -493,8 +600,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length).decode("utf-8", "replace") if length else ""
         split = urllib.parse.urlsplit(self.path)
-        req = _Request(host=self.hosts[0], method=self.command, path=split.path, query=parse_form(split.query),
-                       headers={k.lower(): v for k, v in self.headers.items()}, body=body)
+        req = _Request(
+            host=self.hosts[0],
+            method=self.command,
+            path=split.path,
+            query=parse_form(split.query),
+            headers={k.lower(): v for k, v in self.headers.items()},
+            body=body,
+        )
         if len(self.hosts) > 1 and split.path == "/v2/billing/meter_event_stream":
             req.host = "meter_events"
         resp = self.fake._dispatch(req)
@@ -544,8 +657,9 @@ class _Listener:
         server = _Server(("127.0.0.1", self.port), self._handler)
         self.port = server.server_address[1]
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name=f"fake-stripe-{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name=f"fake-stripe-{self.port}", daemon=True
+        )
         self._thread.start()
 
     def close(self) -> None:
@@ -607,7 +721,14 @@ class _Outage:
 
 INVOICE_STATUSES: Final[frozenset[str]] = frozenset({"draft", "open", "paid", "uncollectible", "void"})
 _INVOICE_LIST_PARAMS: Final[tuple[str, ...]] = (
-    "customer", "status", "subscription", "collection_method", "created", "limit", "starting_after", "ending_before",
+    "customer",
+    "status",
+    "subscription",
+    "collection_method",
+    "created",
+    "limit",
+    "starting_after",
+    "ending_before",
     "expand",
 )
 _INVOICE_UPDATE_PARAMS: Final[tuple[str, ...]] = ("auto_advance", "description", "metadata", "expand")
@@ -623,13 +744,21 @@ class _FakeInvoices:
     _invoice_order: int
 
     if TYPE_CHECKING:  # FakeStripe's own
+
         def now(self) -> float: ...
 
         @staticmethod
         def _page(items: list[dict[str, Any]], params: Mapping[str, Any], url: str) -> dict[str, Any]: ...
 
-        def send_event(self, url: str, event: Mapping[str, Any], secret: str, *, timestamp: int | None = None,
-                       timeout: float = 10.0) -> WebhookDelivery: ...
+        def send_event(
+            self,
+            url: str,
+            event: Mapping[str, Any],
+            secret: str,
+            *,
+            timestamp: int | None = None,
+            timeout: float = 10.0,
+        ) -> WebhookDelivery: ...
 
     def _init_invoices(self) -> None:
         self._invoices = {}
@@ -637,9 +766,19 @@ class _FakeInvoices:
 
     # -- setup and inspection (thread-safe) -------------------------------------------------------------------------
 
-    def add_invoice(self, customer: str, total: int, *, status: str = "paid", created: int | None = None,
-                    currency: str = "usd", invoice_id: str | None = None, subscription_id: str | None = None,
-                    auto_advance: bool | None = None, **fields: Any) -> dict[str, Any]:
+    def add_invoice(
+        self,
+        customer: str,
+        total: int,
+        *,
+        status: str = "paid",
+        created: int | None = None,
+        currency: str = "usd",
+        invoice_id: str | None = None,
+        subscription_id: str | None = None,
+        auto_advance: bool | None = None,
+        **fields: Any,
+    ) -> dict[str, Any]:
         """Store an invoice of `customer` for `total` (smallest currency unit), as Stripe would have it: by default a
         paid one created now (`created`: Unix seconds, for a customer's history). Returns a copy."""
         if status not in INVOICE_STATUSES:
@@ -653,10 +792,19 @@ class _FakeInvoices:
             when = int(self.now()) if created is None else int(created)
             draft = status == "draft"
             invoice = invoice_object(
-                customer, status=status, amount_due=total, subscription_id=subscription_id, invoice_id=invoice_id,
-                created=when, currency=currency, total=total, subtotal=total,
+                customer,
+                status=status,
+                amount_due=total,
+                subscription_id=subscription_id,
+                invoice_id=invoice_id,
+                created=when,
+                currency=currency,
+                total=total,
+                subtotal=total,
                 auto_advance=(status == "draft") if auto_advance is None else auto_advance,
-                attempted=not draft, attempt_count=0 if draft else 1, **fields,
+                attempted=not draft,
+                attempt_count=0 if draft else 1,
+                **fields,
             )
             invoice["period_start"], invoice["period_end"] = when - 30 * 86_400, when
             self._invoice_order += 1
@@ -676,8 +824,9 @@ class _FakeInvoices:
     def invoices(self, customer: str | None = None) -> list[dict[str, Any]]:
         """Every invoice (of one customer), newest first, as GET /v1/invoices orders them."""
         with self._lock:
-            return [self._invoice_view(x) for x in self._sorted_invoices() if customer is None or
-                    x["customer"] == customer]
+            return [
+                self._invoice_view(x) for x in self._sorted_invoices() if customer is None or x["customer"] == customer
+            ]
 
     def finalize_due_drafts(self) -> list[str]:
         """What Stripe does about an hour after `invoice.created`: finalize every draft whose auto_advance is true
@@ -714,8 +863,9 @@ class _FakeInvoices:
     def _invoice_or_404(self, invoice_id: str) -> dict[str, Any]:
         invoice = self._invoices.get(invoice_id)
         if invoice is None:
-            raise _ApiError(404, "invalid_request_error", f"No such invoice: '{invoice_id}'", code="resource_missing",
-                            param="id")
+            raise _ApiError(
+                404, "invalid_request_error", f"No such invoice: '{invoice_id}'", code="resource_missing", param="id"
+            )
         return invoice
 
     # -- routes -------------------------------------------------------------------------------------------------------
@@ -724,8 +874,13 @@ class _FakeInvoices:
         _check_unknown(params, _INVOICE_LIST_PARAMS)
         status = params.get("status")
         if status is not None and status not in INVOICE_STATUSES:
-            raise _ApiError(400, "invalid_request_error", f"Invalid status: must be one of "
-                            f"{', '.join(sorted(INVOICE_STATUSES))}", code="parameter_invalid_string", param="status")
+            raise _ApiError(
+                400,
+                "invalid_request_error",
+                f"Invalid status: must be one of {', '.join(sorted(INVOICE_STATUSES))}",
+                code="parameter_invalid_string",
+                param="status",
+            )
         created = params.get("created")
         if created is not None and not isinstance(created, (str, dict)):
             raise _ApiError(400, "invalid_request_error", "Invalid created", param="created")
@@ -744,8 +899,13 @@ class _FakeInvoices:
         if "auto_advance" in params:
             raw = params["auto_advance"]
             if raw not in _FORM_BOOLEANS:
-                raise _ApiError(400, "invalid_request_error", f"Invalid boolean: {raw}",
-                                code="parameter_invalid_boolean", param="auto_advance")
+                raise _ApiError(
+                    400,
+                    "invalid_request_error",
+                    f"Invalid boolean: {raw}",
+                    code="parameter_invalid_boolean",
+                    param="auto_advance",
+                )
             changes["auto_advance"] = _FORM_BOOLEANS[raw]
         if "description" in params:
             changes["description"] = params["description"] or None
@@ -770,8 +930,12 @@ def _invoice_matches(invoice: Mapping[str, Any], params: Mapping[str, Any]) -> b
     if isinstance(created, str):
         return bool(created.isdigit() and invoice["created"] == int(created))
     if isinstance(created, dict):
-        bounds = {"gt": lambda a, b: a > b, "gte": lambda a, b: a >= b, "lt": lambda a, b: a < b,
-                  "lte": lambda a, b: a <= b}
+        bounds = {
+            "gt": lambda a, b: a > b,
+            "gte": lambda a, b: a >= b,
+            "lt": lambda a, b: a < b,
+            "lte": lambda a, b: a <= b,
+        }
         for op, value in created.items():
             if op not in bounds or not str(value).isdigit():
                 raise _ApiError(400, "invalid_request_error", f"Invalid created[{op}]", param=f"created[{op}]")
@@ -791,6 +955,7 @@ _INVOICE_ROUTES: Final[list[tuple[str, str, re.Pattern[str], str]]] = [
 # Divergence injection, for reconciliation tests (a mixin of FakeStripe, kept apart from the meter code)
 # ---------------------------------------------------------------------------------------------------------------------
 
+
 class _FakeMeterInjection:
     """Meter data Stripe has that spendgate never sent: what a second sender, or a bug, leaves on an invoice."""
 
@@ -798,16 +963,33 @@ class _FakeMeterInjection:
     _visibility_delay: float
 
     if TYPE_CHECKING:  # FakeStripe's own
+
         def now(self) -> float: ...
 
         def _active_meter(self, event_name: str) -> dict[str, Any] | None: ...
 
-        def _store_event(self, *, event_name: str, identifier: str, payload: Mapping[str, Any], timestamp: int,
-                         source: str, meter: Mapping[str, Any] | None) -> dict[str, Any]: ...
+        def _store_event(
+            self,
+            *,
+            event_name: str,
+            identifier: str,
+            payload: Mapping[str, Any],
+            timestamp: int,
+            source: str,
+            meter: Mapping[str, Any] | None,
+        ) -> dict[str, Any]: ...
 
-    def inject_meter_event(self, event_name: str, customer: str, value: int, *, timestamp: int | None = None,
-                           identifier: str | None = None, visible_now: bool = True,
-                           dimensions: Mapping[str, str] | None = None) -> dict[str, Any]:
+    def inject_meter_event(
+        self,
+        event_name: str,
+        customer: str,
+        value: int,
+        *,
+        timestamp: int | None = None,
+        identifier: str | None = None,
+        visible_now: bool = True,
+        dimensions: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
         """Add an accepted meter event straight to the meter's data (no HTTP request, no request log entry), as if
         another system had sent it. visible_now: counted by the summaries at once, despite visibility_delay_seconds
         (else it becomes visible like any event). dimensions: more payload keys (model and token_type on the
@@ -817,10 +999,16 @@ class _FakeMeterInjection:
             if meter is None:
                 raise KeyError(event_name)
             ev = self._store_event(
-                event_name=event_name, identifier=identifier or f"injected-{_rand(16)}",
-                payload={**(dimensions or {}), meter["customer_mapping"]["event_payload_key"]: customer,
-                         meter["value_settings"]["event_payload_key"]: str(value)},
-                timestamp=int(self.now()) if timestamp is None else timestamp, source="injected", meter=meter,
+                event_name=event_name,
+                identifier=identifier or f"injected-{_rand(16)}",
+                payload={
+                    **(dimensions or {}),
+                    meter["customer_mapping"]["event_payload_key"]: customer,
+                    meter["value_settings"]["event_payload_key"]: str(value),
+                },
+                timestamp=int(self.now()) if timestamp is None else timestamp,
+                source="injected",
+                meter=meter,
             )
             if visible_now:
                 ev["received_at"] -= self._visibility_delay
@@ -892,12 +1080,24 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
             self.add_customer(customer)
         self._rng = random.Random(seed)
         self._seed = seed
-        self._faults: dict[str, Any] = {"rate_429": 0.0, "rate_500": 0.0, "latency_seconds": 0.0,
-                                        "fail_after_record_rate": 0.0, "fail_after_record_mode": "500",
-                                        "rate_limit_code": "rate_limit", "fault_paths": None}
-        self.set_faults(rate_429=rate_429, rate_500=rate_500, latency_seconds=latency_seconds,
-                        fail_after_record_rate=fail_after_record_rate, fail_after_record_mode=fail_after_record_mode,
-                        rate_limit_code=rate_limit_code, fault_paths=fault_paths)
+        self._faults: dict[str, Any] = {
+            "rate_429": 0.0,
+            "rate_500": 0.0,
+            "latency_seconds": 0.0,
+            "fail_after_record_rate": 0.0,
+            "fail_after_record_mode": "500",
+            "rate_limit_code": "rate_limit",
+            "fault_paths": None,
+        }
+        self.set_faults(
+            rate_429=rate_429,
+            rate_500=rate_500,
+            latency_seconds=latency_seconds,
+            fail_after_record_rate=fail_after_record_rate,
+            fail_after_record_mode=fail_after_record_mode,
+            rate_limit_code=rate_limit_code,
+            fault_paths=fault_paths,
+        )
         self._initial_faults = dict(self._faults)
         if start:
             self.start()
@@ -928,8 +1128,9 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
     def __enter__(self) -> FakeStripe:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     def __repr__(self) -> str:
@@ -953,13 +1154,18 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
         /v2/billing/meter_event_stream to "meter_events" (stripe/v2/billing/_meter_event_*_service.py)."""
         return {"api": self.url, "meter_events": self.meter_events_url}
 
-    def client(self, api_key: str = DEFAULT_API_KEY, *, max_network_retries: int = 0,
-               **kwargs: Any) -> stripe.StripeClient:
+    def client(
+        self, api_key: str = DEFAULT_API_KEY, *, max_network_retries: int = 0, **kwargs: Any
+    ) -> stripe.StripeClient:
         """A real stripe.StripeClient aimed at this fake (pass a session token as api_key for the stream)."""
         import stripe  # noqa: PLC0415 - the server itself does not need the SDK
 
-        return stripe.StripeClient(api_key, base_addresses=self.base_addresses,  # type: ignore[arg-type]
-                                   max_network_retries=max_network_retries, **kwargs)
+        return stripe.StripeClient(
+            api_key,
+            base_addresses=self.base_addresses,  # type: ignore[arg-type]
+            max_network_retries=max_network_retries,
+            **kwargs,
+        )
 
     def _listener(self, host: str) -> _Listener:
         listener = self._listeners.get(host)
@@ -981,21 +1187,32 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
 
     # -- setup ------------------------------------------------------------------------------------------------------
 
-    def add_meter(self, event_name: str, *, display_name: str | None = None,
-                  default_aggregation: Mapping[str, str] | None = None,
-                  customer_mapping: Mapping[str, str] | None = None, value_settings: Mapping[str, str] | None = None,
-                  event_time_window: str | None = None,
-                  dimension_payload_keys: Iterable[str] | None = None) -> dict[str, Any]:
+    def add_meter(
+        self,
+        event_name: str,
+        *,
+        display_name: str | None = None,
+        default_aggregation: Mapping[str, str] | None = None,
+        customer_mapping: Mapping[str, str] | None = None,
+        value_settings: Mapping[str, str] | None = None,
+        event_time_window: str | None = None,
+        dimension_payload_keys: Iterable[str] | None = None,
+    ) -> dict[str, Any]:
         """Create a meter directly (as POST /v1/billing/meters would) and return the `billing.meter` object."""
         with self._lock:
-            return copy.deepcopy(self._create_meter({
-                "event_name": event_name, "display_name": display_name or event_name,
-                "default_aggregation": dict(default_aggregation or {"formula": "sum"}),
-                **({"customer_mapping": dict(customer_mapping)} if customer_mapping else {}),
-                **({"value_settings": dict(value_settings)} if value_settings else {}),
-                **({"event_time_window": event_time_window} if event_time_window else {}),
-                **({"dimension_payload_keys": list(dimension_payload_keys)} if dimension_payload_keys else {}),
-            }))
+            return copy.deepcopy(
+                self._create_meter(
+                    {
+                        "event_name": event_name,
+                        "display_name": display_name or event_name,
+                        "default_aggregation": dict(default_aggregation or {"formula": "sum"}),
+                        **({"customer_mapping": dict(customer_mapping)} if customer_mapping else {}),
+                        **({"value_settings": dict(value_settings)} if value_settings else {}),
+                        **({"event_time_window": event_time_window} if event_time_window else {}),
+                        **({"dimension_payload_keys": list(dimension_payload_keys)} if dimension_payload_keys else {}),
+                    }
+                )
+            )
 
     def add_customer(self, customer_id: str | None = None, **fields: Any) -> dict[str, Any]:
         """Create a customer with a chosen id (Stripe picks ids itself; tests need spendgate's ids to exist)."""
@@ -1026,10 +1243,18 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
 
     # -- faults -----------------------------------------------------------------------------------------------------
 
-    def set_faults(self, *, rate_429: float | None = None, rate_500: float | None = None,
-                   latency_seconds: float | None = None, fail_after_record_rate: float | None = None,
-                   fail_after_record_mode: str | None = None, rate_limit_code: str | None = None,
-                   fault_paths: Iterable[str] | None | EllipsisType = ..., seed: int | None = None) -> None:
+    def set_faults(
+        self,
+        *,
+        rate_429: float | None = None,
+        rate_500: float | None = None,
+        latency_seconds: float | None = None,
+        fail_after_record_rate: float | None = None,
+        fail_after_record_mode: str | None = None,
+        rate_limit_code: str | None = None,
+        fault_paths: Iterable[str] | None | EllipsisType = ...,
+        seed: int | None = None,
+    ) -> None:
         """Change fault injection at runtime (None leaves a setting as it is).
 
         rate_429, rate_500: the chance that a request gets a 429 or a 500 before it executes (nothing recorded, no
@@ -1044,8 +1269,11 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
         seed: reseed the random generator.
         """
         with self._lock:
-            for name, value in (("rate_429", rate_429), ("rate_500", rate_500),
-                                ("fail_after_record_rate", fail_after_record_rate)):
+            for name, value in (
+                ("rate_429", rate_429),
+                ("rate_500", rate_500),
+                ("fail_after_record_rate", fail_after_record_rate),
+            ):
                 if value is not None:
                     if not 0.0 <= value <= 1.0:
                         raise ValueError(f"{name} must be within [0, 1]")
@@ -1123,8 +1351,9 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
                 totals[ev["customer"]] = totals.get(ev["customer"], 0) + ev["value"]
             return totals
 
-    def totals_by_dimensions(self, event_name: str, keys: Sequence[str] = ("model", "token_type")
-                             ) -> dict[tuple[str, ...], int]:
+    def totals_by_dimensions(
+        self, event_name: str, keys: Sequence[str] = ("model", "token_type")
+    ) -> dict[tuple[str, ...], int]:
         """Sum of the values of one meter's accepted events by (customer, *dimension values of `keys`): what its
         summaries grouped by those keys add up to over all time (test inspection; the same events they read)."""
         with self._lock:
@@ -1162,8 +1391,13 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
     def count_requests(self, path: str, *, method: str | None = None, status: int | None = None) -> int:
         """How many requests hit exactly `path` (no query string), optionally with this method and answer status."""
         with self._lock:
-            return sum(1 for r in self._log if r["path"] == path and (method is None or r["method"] == method.upper())
-                       and (status is None or r["status"] == status))
+            return sum(
+                1
+                for r in self._log
+                if r["path"] == path
+                and (method is None or r["method"] == method.upper())
+                and (status is None or r["status"] == status)
+            )
 
     @property
     def duplicates_rejected(self) -> int:
@@ -1203,22 +1437,39 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
 
     # -- webhooks ---------------------------------------------------------------------------------------------------
 
-    def send_webhook(self, url: str, event_type: str, data_object: Mapping[str, Any] | None, secret: str, *,
-                     customer: str = "cus_fake", timestamp: int | None = None, timeout: float = 10.0,
-                     previous_attributes: Mapping[str, Any] | None = None) -> WebhookDelivery:
+    def send_webhook(
+        self,
+        url: str,
+        event_type: str,
+        data_object: Mapping[str, Any] | None,
+        secret: str,
+        *,
+        customer: str = "cus_fake",
+        timestamp: int | None = None,
+        timeout: float = 10.0,
+        previous_attributes: Mapping[str, Any] | None = None,
+    ) -> WebhookDelivery:
         """POST a signed snapshot `event` of `event_type` around `data_object` to `url`, as Stripe delivers webhooks
         (JSON body, Stripe-Signature header). See build_event() for the default objects."""
         event = build_event(event_type, data_object, customer=customer, previous_attributes=previous_attributes)
         return self.send_event(url, event, secret, timestamp=timestamp, timeout=timeout)
 
-    def send_event(self, url: str, event: Mapping[str, Any], secret: str, *, timestamp: int | None = None,
-                   timeout: float = 10.0) -> WebhookDelivery:
+    def send_event(
+        self, url: str, event: Mapping[str, Any], secret: str, *, timestamp: int | None = None, timeout: float = 10.0
+    ) -> WebhookDelivery:
         """POST an already built event (snapshot or thin) with a valid signature."""
         payload = json.dumps(event, indent=2)  # Stripe sends pretty-printed JSON; the signature covers the exact bytes
         signature = sign_payload(payload, secret, timestamp)
-        request = urllib.request.Request(url, data=payload.encode("utf-8"), method="POST", headers={
-            "Content-Type": "application/json; charset=utf-8", "User-Agent": _WEBHOOK_USER_AGENT,
-            "Stripe-Signature": signature})
+        request = urllib.request.Request(
+            url,
+            data=payload.encode("utf-8"),
+            method="POST",
+            headers={
+                "Content-Type": "application/json; charset=utf-8",
+                "User-Agent": _WEBHOOK_USER_AGENT,
+                "Stripe-Signature": signature,
+            },
+        )
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - a test helper
                 status, body = response.status, response.read()
@@ -1234,7 +1485,7 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
         Shapes: https://docs.stripe.com/api/v2/core/events/object (example for this type) and
         stripe/events/_v1_billing_meter_error_report_triggered_event.py."""
         with self._lock:
-            pending = [e for e in self._errors[self._reported_errors:] if e["meter"] is not None]
+            pending = [e for e in self._errors[self._reported_errors :] if e["meter"] is not None]
             if event_name is not None:
                 pending = [e for e in pending if e["event_name"] == event_name]
             if not pending:
@@ -1249,18 +1500,34 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
             end = self.now()
             n = len(pending)
             event: dict[str, Any] = {
-                "id": f"evt_test_{_rand(40)}", "object": "v2.core.event", "context": None, "created": _rfc3339(end),
-                "livemode": False, "reason": None, "type": "v1.billing.meter.error_report_triggered",
+                "id": f"evt_test_{_rand(40)}",
+                "object": "v2.core.event",
+                "context": None,
+                "created": _rfc3339(end),
+                "livemode": False,
+                "reason": None,
+                "type": "v1.billing.meter.error_report_triggered",
                 "related_object": {"id": meter_id, "type": "billing.meter", "url": f"/v1/billing/meters/{meter_id}"},
                 "data": {
                     "developer_message_summary": f"There {'is' if n == 1 else 'are'} {n} invalid "
-                                                 f"event{'' if n == 1 else 's'}",
-                    "reason": {"error_count": n, "error_types": [
-                        {"code": code, "error_count": len(errs), "sample_errors": [
-                            {"error_message": e["message"], "request": {"identifier": e["identifier"]}}
-                            for e in errs[:5]]}
-                        for code, errs in by_code.items()]},
-                    "validation_start": _rfc3339(start), "validation_end": _rfc3339(end)},
+                    f"event{'' if n == 1 else 's'}",
+                    "reason": {
+                        "error_count": n,
+                        "error_types": [
+                            {
+                                "code": code,
+                                "error_count": len(errs),
+                                "sample_errors": [
+                                    {"error_message": e["message"], "request": {"identifier": e["identifier"]}}
+                                    for e in errs[:5]
+                                ],
+                            }
+                            for code, errs in by_code.items()
+                        ],
+                    },
+                    "validation_start": _rfc3339(start),
+                    "validation_end": _rfc3339(end),
+                },
             }
             self._v2_events[event["id"]] = event
             return {k: v for k, v in event.items() if k != "data"}  # the thin payload carries no data
@@ -1269,11 +1536,22 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
 
     def _dispatch(self, req: _Request) -> _Response:
         entry: dict[str, Any] = {
-            "host": req.host, "method": req.method, "path": req.path, "query": req.query, "body": req.body,
-            "headers": {k: (v.split(" ")[0] + " " + _redact_key(v.split(" ", 1)[-1]) if k == "authorization" else v)
-                        for k, v in req.headers.items()},
-            "idempotency_key": req.headers.get("idempotency-key"), "params": None, "status": None, "fault": None,
-            "replayed": False, "request_id": f"req_{_rand(14)}", "time": None,
+            "host": req.host,
+            "method": req.method,
+            "path": req.path,
+            "query": req.query,
+            "body": req.body,
+            "headers": {
+                k: (v.split(" ")[0] + " " + _redact_key(v.split(" ", 1)[-1]) if k == "authorization" else v)
+                for k, v in req.headers.items()
+            },
+            "idempotency_key": req.headers.get("idempotency-key"),
+            "params": None,
+            "status": None,
+            "fault": None,
+            "replayed": False,
+            "request_id": f"req_{_rand(14)}",
+            "time": None,
         }
         with self._lock:
             entry["time"] = self.now()
@@ -1283,8 +1561,9 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
         if outage is not None:
             entry["fault"] = f"outage_{outage}"
             if outage == "503":
-                return self._finish(entry, _ApiError(503, "api_error", "Stripe is temporarily unavailable.",
-                                                     cacheable=False))
+                return self._finish(
+                    entry, _ApiError(503, "api_error", "Stripe is temporarily unavailable.", cacheable=False)
+                )
             return self._finish(entry, _Response(0, None, drop=True))
         if latency > 0:
             time.sleep(latency)
@@ -1294,18 +1573,28 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
             if fault == "reset":
                 return self._finish(entry, _Response(0, None, drop=True))
             if fault == "503":
-                return self._finish(entry, _ApiError(503, "api_error", "Stripe is temporarily unavailable.",
-                                                     cacheable=False))
+                return self._finish(
+                    entry, _ApiError(503, "api_error", "Stripe is temporarily unavailable.", cacheable=False)
+                )
             if fault == "500":
                 # Before the endpoint began executing: nothing stored, nothing saved under the idempotency key, no
                 # Stripe-Should-Retry header (the SDK retries >= 500 when max_network_retries allows).
                 return self._finish(entry, _ApiError(500, "api_error", "An unknown error occurred.", cacheable=False))
             if fault == "429_lock_timeout":
-                return self._finish(entry, _ApiError(429, "invalid_request_error", _LOCK_TIMEOUT_MESSAGE,
-                                                     code="lock_timeout", cacheable=False,
-                                                     headers={"Stripe-Should-Retry": "true"}))
-            return self._finish(entry, _ApiError(429, "invalid_request_error", _RATE_LIMIT_MESSAGE,
-                                                 code="rate_limit", cacheable=False))
+                return self._finish(
+                    entry,
+                    _ApiError(
+                        429,
+                        "invalid_request_error",
+                        _LOCK_TIMEOUT_MESSAGE,
+                        code="lock_timeout",
+                        cacheable=False,
+                        headers={"Stripe-Should-Retry": "true"},
+                    ),
+                )
+            return self._finish(
+                entry, _ApiError(429, "invalid_request_error", _RATE_LIMIT_MESSAGE, code="rate_limit", cacheable=False)
+            )
         try:
             return self._finish(entry, self._route(req, entry))
         except _ApiError as err:
@@ -1387,11 +1676,17 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
         if handler_name is None or match is None:
             hint = ""
             if req.path == "/v2/billing/meter_event_stream" and req.host == "api":
-                hint = (" The meter event stream is served on the meter-events base address "
-                        "(https://meter-events.stripe.com; here FakeStripe.meter_events_url).")
-            raise _ApiError(404, "invalid_request_error",
-                            f"Unrecognized request URL ({req.method}: {req.path}). Please see https://stripe.com/docs "
-                            f"or we can help at https://support.stripe.com/.{hint}", cacheable=False)
+                hint = (
+                    " The meter event stream is served on the meter-events base address "
+                    "(https://meter-events.stripe.com; here FakeStripe.meter_events_url)."
+                )
+            raise _ApiError(
+                404,
+                "invalid_request_error",
+                f"Unrecognized request URL ({req.method}: {req.path}). Please see https://stripe.com/docs "
+                f"or we can help at https://support.stripe.com/.{hint}",
+                cacheable=False,
+            )
 
         v2 = req.path.startswith("/v2/")
         if req.host == "meter_events":
@@ -1406,11 +1701,17 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
             try:
                 params = json.loads(req.body) if req.body.strip() else {}
             except json.JSONDecodeError as exc:
-                raise _ApiError(400, "invalid_request_error", f"Invalid JSON body: {exc}", code="invalid_json",
-                                cacheable=False) from None
+                raise _ApiError(
+                    400, "invalid_request_error", f"Invalid JSON body: {exc}", code="invalid_json", cacheable=False
+                ) from None
             if not isinstance(params, dict):
-                raise _ApiError(400, "invalid_request_error", "The request body must be a JSON object.",
-                                code="invalid_json", cacheable=False)
+                raise _ApiError(
+                    400,
+                    "invalid_request_error",
+                    "The request body must be a JSON object.",
+                    code="invalid_json",
+                    cacheable=False,
+                )
         else:
             params = parse_form(req.body)
         with self._lock:
@@ -1422,8 +1723,9 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
         key = req.headers.get("idempotency-key") if (req.method == "POST" and not v2) else None
         cache_key = (api_key, key) if key else None
         if key is not None and len(key) > MAX_IDEMPOTENCY_KEY_LEN:
-            raise _ApiError(400, "invalid_request_error", "Idempotency-Key must be at most 255 characters.",
-                            cacheable=False)
+            raise _ApiError(
+                400, "invalid_request_error", "Idempotency-Key must be at most 255 characters.", cacheable=False
+            )
         if cache_key is not None:
             fingerprint = json.dumps([req.method, req.path, params], sort_keys=True)
             with self._lock:
@@ -1433,12 +1735,15 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
                     saved = None
             if saved is not None:
                 if saved["fingerprint"] != fingerprint:
-                    raise _ApiError(400, "idempotency_error", _IDEMPOTENCY_MISMATCH_MESSAGE.format(key=key),
-                                    cacheable=False)
+                    raise _ApiError(
+                        400, "idempotency_error", _IDEMPOTENCY_MISMATCH_MESSAGE.format(key=key), cacheable=False
+                    )
                 with self._lock:
                     entry["replayed"] = True
-                headers = dict(saved["headers"], **{"Idempotent-Replayed": "true", "Original-Request":
-                                                    saved["request_id"], "Idempotency-Key": key})
+                headers = dict(
+                    saved["headers"],
+                    **{"Idempotent-Replayed": "true", "Original-Request": saved["request_id"], "Idempotency-Key": key},
+                )
                 return _Response(saved["status"], copy.deepcopy(saved["body"]), headers)
             with self._lock:
                 if cache_key in self._inflight:
@@ -1446,9 +1751,13 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
                     # idempotent result" (idempotent_requests docs); 409 is Stripe's "conflicts with another request
                     # (perhaps due to using the same idempotent key)" (https://docs.stripe.com/error-low-level), code
                     # idempotency_key_in_use (https://docs.stripe.com/error-codes). The SDK retries a 409.
-                    raise _ApiError(409, "invalid_request_error",
-                                    "The idempotency key provided is currently being used in another request.",
-                                    code="idempotency_key_in_use", cacheable=False)
+                    raise _ApiError(
+                        409,
+                        "invalid_request_error",
+                        "The idempotency key provided is currently being used in another request.",
+                        code="idempotency_key_in_use",
+                        cacheable=False,
+                    )
                 self._inflight.add(cache_key)
         try:
             return self._execute(req, entry, handler_name, match, params, key, cache_key)
@@ -1457,8 +1766,16 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
                 with self._lock:
                     self._inflight.discard(cache_key)
 
-    def _execute(self, req: _Request, entry: dict[str, Any], handler_name: str, match: re.Match[str],
-                 params: dict[str, Any], key: str | None, cache_key: tuple[str, str] | None) -> _Response:
+    def _execute(
+        self,
+        req: _Request,
+        entry: dict[str, Any],
+        handler_name: str,
+        match: re.Match[str],
+        params: dict[str, Any],
+        key: str | None,
+        cache_key: tuple[str, str] | None,
+    ) -> _Response:
         handler = getattr(self, handler_name)
         try:
             status, body, headers = handler(req, match, params)
@@ -1488,9 +1805,12 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
             with self._lock:
                 self._idempotency[cache_key] = {
                     "fingerprint": json.dumps([req.method, req.path, params], sort_keys=True),
-                    "status": response.status, "body": copy.deepcopy(response.body),
+                    "status": response.status,
+                    "body": copy.deepcopy(response.body),
                     "headers": {k: v for k, v in response.headers.items() if k not in ("Request-Id",)},
-                    "request_id": entry["request_id"], "time": self.now()}
+                    "request_id": entry["request_id"],
+                    "time": self.now(),
+                }
         if after == "drop_after_record":
             return _Response(0, None, drop=True)
         return response
@@ -1502,15 +1822,20 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
         scheme, _, token = auth.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            raise _ApiError(401, "invalid_request_error",
-                            "You did not provide an API key. You need to provide your API key in the Authorization "
-                            "header, using Bearer auth (e.g. 'Authorization: Bearer YOUR_SECRET_KEY'). See "
-                            "https://stripe.com/docs/api#authentication for details, or we can help at "
-                            "https://support.stripe.com/.", cacheable=False)
+            raise _ApiError(
+                401,
+                "invalid_request_error",
+                "You did not provide an API key. You need to provide your API key in the Authorization "
+                "header, using Bearer auth (e.g. 'Authorization: Bearer YOUR_SECRET_KEY'). See "
+                "https://stripe.com/docs/api#authentication for details, or we can help at "
+                "https://support.stripe.com/.",
+                cacheable=False,
+            )
         valid = token in self._api_keys if self._api_keys is not None else bool(_API_KEY_RE.match(token))
         if not valid:
-            raise _ApiError(401, "invalid_request_error", f"Invalid API Key provided: {_redact_key(token)}",
-                            cacheable=False)
+            raise _ApiError(
+                401, "invalid_request_error", f"Invalid API Key provided: {_redact_key(token)}", cacheable=False
+            )
         return token
 
     def _authenticate_session(self, req: _Request) -> dict[str, Any]:
@@ -1522,13 +1847,21 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
         with self._lock:
             session = self._sessions.get(token) if scheme.lower() == "bearer" else None
             if session is None:
-                raise _ApiError(401, "invalid_request_error",
-                                "The meter event stream requires a meter event session's authentication_token "
-                                f"as the bearer token; got {_redact_key(token) if token else 'none'}.",
-                                cacheable=False)
+                raise _ApiError(
+                    401,
+                    "invalid_request_error",
+                    "The meter event stream requires a meter event session's authentication_token "
+                    f"as the bearer token; got {_redact_key(token) if token else 'none'}.",
+                    cacheable=False,
+                )
             if self.now() >= session["_expires"]:
-                err = _ApiError(401, "temporary_session_expired", _SESSION_EXPIRED_MESSAGE,
-                                code="billing_meter_event_session_expired", cacheable=False)
+                err = _ApiError(
+                    401,
+                    "temporary_session_expired",
+                    _SESSION_EXPIRED_MESSAGE,
+                    code="billing_meter_event_session_expired",
+                    cacheable=False,
+                )
                 raise err
             return session
 
@@ -1542,8 +1875,19 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
 
     def _create_meter(self, params: Mapping[str, Any]) -> dict[str, Any]:
         # Params and object: https://docs.stripe.com/api/billing/meter/create (stripe/billing/_meter.py).
-        _check_unknown(params, ("display_name", "event_name", "default_aggregation", "customer_mapping",
-                                "event_time_window", "value_settings", "dimension_payload_keys", "expand"))
+        _check_unknown(
+            params,
+            (
+                "display_name",
+                "event_name",
+                "default_aggregation",
+                "customer_mapping",
+                "event_time_window",
+                "value_settings",
+                "dimension_payload_keys",
+                "expand",
+            ),
+        )
         for name in ("display_name", "event_name"):
             if not params.get(name):
                 raise _ApiError.missing(name)
@@ -1551,38 +1895,69 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
         if not isinstance(agg, Mapping) or not agg.get("formula"):
             raise _ApiError.missing("default_aggregation[formula]")
         if agg["formula"] not in ("sum", "count", "last"):
-            raise _ApiError(400, "invalid_request_error",
-                            "Invalid default_aggregation[formula]: must be one of sum, count, or last",
-                            code="parameter_invalid_string", param="default_aggregation[formula]")
+            raise _ApiError(
+                400,
+                "invalid_request_error",
+                "Invalid default_aggregation[formula]: must be one of sum, count, or last",
+                code="parameter_invalid_string",
+                param="default_aggregation[formula]",
+            )
         if len(params["event_name"]) > MAX_NAME_LEN:
-            raise _ApiError(400, "invalid_request_error", "event_name must be at most 100 characters.",
-                            code="parameter_invalid_string", param="event_name")
+            raise _ApiError(
+                400,
+                "invalid_request_error",
+                "event_name must be at most 100 characters.",
+                code="parameter_invalid_string",
+                param="event_name",
+            )
         window = params.get("event_time_window")
         if window not in (None, "", "day", "hour"):
-            raise _ApiError(400, "invalid_request_error", "Invalid event_time_window: must be one of day or hour",
-                            code="parameter_invalid_string", param="event_time_window")
+            raise _ApiError(
+                400,
+                "invalid_request_error",
+                "Invalid event_time_window: must be one of day or hour",
+                code="parameter_invalid_string",
+                param="event_time_window",
+            )
         if self._active_meter(params["event_name"]) is not None:
             # "You can only use an event name with a single meter." (recording usage guide)
-            raise _ApiError(400, "invalid_request_error",
-                            f"An active meter with event_name {params['event_name']} already exists.",
-                            param="event_name")
+            raise _ApiError(
+                400,
+                "invalid_request_error",
+                f"An active meter with event_name {params['event_name']} already exists.",
+                param="event_name",
+            )
         dimension_keys = params.get("dimension_payload_keys")
-        if dimension_keys is not None and (not isinstance(dimension_keys, list)
-                                           or not all(isinstance(k, str) and k for k in dimension_keys)):
-            raise _ApiError(400, "invalid_request_error", "Invalid dimension_payload_keys: must be a list of keys.",
-                            code="parameter_invalid_string", param="dimension_payload_keys")
+        if dimension_keys is not None and (
+            not isinstance(dimension_keys, list) or not all(isinstance(k, str) and k for k in dimension_keys)
+        ):
+            raise _ApiError(
+                400,
+                "invalid_request_error",
+                "Invalid dimension_payload_keys: must be a list of keys.",
+                code="parameter_invalid_string",
+                param="dimension_payload_keys",
+            )
         cmap = params.get("customer_mapping") or {"event_payload_key": "stripe_customer_id", "type": "by_id"}
         vset = params.get("value_settings") or {"event_payload_key": "value"}
         now = int(self.now())
         meter = {
-            "id": f"mtr_test_{_rand(32)}", "object": "billing.meter", "created": now,
-            "customer_mapping": {"event_payload_key": cmap.get("event_payload_key", "stripe_customer_id"),
-                                 "type": cmap.get("type", "by_id")},
+            "id": f"mtr_test_{_rand(32)}",
+            "object": "billing.meter",
+            "created": now,
+            "customer_mapping": {
+                "event_payload_key": cmap.get("event_payload_key", "stripe_customer_id"),
+                "type": cmap.get("type", "by_id"),
+            },
             "default_aggregation": {"formula": agg["formula"]},
             "dimension_payload_keys": list(dimension_keys) if dimension_keys else None,
             "display_name": params["display_name"],
-            "event_name": params["event_name"], "event_time_window": window or None, "livemode": False,
-            "status": "active", "status_transitions": {"deactivated_at": None}, "updated": now,
+            "event_name": params["event_name"],
+            "event_time_window": window or None,
+            "livemode": False,
+            "status": "active",
+            "status_transitions": {"deactivated_at": None},
+            "updated": now,
             "value_settings": {"event_payload_key": vset.get("event_payload_key", "value")},
         }
         self._meters[meter["id"]] = meter
@@ -1594,16 +1969,24 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
 
     def _v1_list_meters(self, req: _Request, m: re.Match[str], params: dict[str, Any]) -> _Handled:
         with self._lock:
-            meters = [copy.deepcopy(x) for x in self._meters.values()
-                      if not params.get("status") or x["status"] == params["status"]]
+            meters = [
+                copy.deepcopy(x)
+                for x in self._meters.values()
+                if not params.get("status") or x["status"] == params["status"]
+            ]
         meters.sort(key=lambda x: x["created"], reverse=True)
         return 200, self._page(meters, params, "/v1/billing/meters"), {}
 
     def _get_meter_or_404(self, meter_id: str) -> dict[str, Any]:
         meter = self._meters.get(meter_id)
         if meter is None:
-            raise _ApiError(404, "invalid_request_error", f"No such billing meter: '{meter_id}'",
-                            code="resource_missing", param="id")
+            raise _ApiError(
+                404,
+                "invalid_request_error",
+                f"No such billing meter: '{meter_id}'",
+                code="resource_missing",
+                param="id",
+            )
         return meter
 
     def _v1_get_meter(self, req: _Request, m: re.Match[str], params: dict[str, Any]) -> _Handled:
@@ -1630,25 +2013,31 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
             return 200, copy.deepcopy(meter), {}
 
     def _inactive_meter(self, event_name: str) -> dict[str, Any] | None:
-        return next((x for x in self._meters.values() if x["event_name"] == event_name and x["status"] != "active"),
-                    None)
+        return next(
+            (x for x in self._meters.values() if x["event_name"] == event_name and x["status"] != "active"), None
+        )
 
     @staticmethod
     def _page(items: list[dict[str, Any]], params: Mapping[str, Any], url: str) -> dict[str, Any]:
         # The list object and cursor params: https://docs.stripe.com/api/pagination (limit 1..100, default 10).
         limit = _int_param(params, "limit", required=False) or 10
         if not 1 <= limit <= 100:
-            raise _ApiError(400, "invalid_request_error", "Invalid limit: must be between 1 and 100",
-                            code="parameter_invalid_integer", param="limit")
+            raise _ApiError(
+                400,
+                "invalid_request_error",
+                "Invalid limit: must be between 1 and 100",
+                code="parameter_invalid_integer",
+                param="limit",
+            )
         ids = [x["id"] for x in items]
         after, before = params.get("starting_after"), params.get("ending_before")
         if after:
             start = ids.index(after) + 1 if after in ids else len(ids)
-            window = items[start:start + limit]
+            window = items[start : start + limit]
             has_more = start + limit < len(items)
         elif before:
             end = ids.index(before) if before in ids else 0
-            window = items[max(0, end - limit):end]
+            window = items[max(0, end - limit) : end]
             has_more = end - limit > 0
         else:
             window, has_more = items[:limit], len(items) > limit
@@ -1661,9 +2050,21 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
         # {id, object, aggregated_value, end_time, livemode, meter, start_time}
         # (https://docs.stripe.com/api/billing/meter-event-summary/list; stripe/params/billing/
         # _meter_list_event_summaries_params.py). The documented example lists the newest window first.
-        _check_unknown(params, ("customer", "start_time", "end_time", "value_grouping_window", "limit",
-                                "starting_after", "ending_before", "dimension_group_by_keys", "dimension_filters",
-                                "expand"))
+        _check_unknown(
+            params,
+            (
+                "customer",
+                "start_time",
+                "end_time",
+                "value_grouping_window",
+                "limit",
+                "starting_after",
+                "ending_before",
+                "dimension_group_by_keys",
+                "dimension_filters",
+                "expand",
+            ),
+        )
         with self._lock:
             meter = copy.deepcopy(self._get_meter_or_404(m["id"]))
         customer = params.get("customer")
@@ -1674,27 +2075,49 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
         assert start is not None and end is not None
         for name, value in (("start_time", start), ("end_time", end)):
             if value % 60:
-                raise _ApiError(400, "invalid_request_error", f"{name} must be aligned with minute boundaries.",
-                                code="parameter_invalid_integer", param=name)
+                raise _ApiError(
+                    400,
+                    "invalid_request_error",
+                    f"{name} must be aligned with minute boundaries.",
+                    code="parameter_invalid_integer",
+                    param=name,
+                )
         if start >= end:
-            raise _ApiError(400, "invalid_request_error", "start_time must be before end_time.",
-                            code="parameter_invalid_integer", param="start_time")
+            raise _ApiError(
+                400,
+                "invalid_request_error",
+                "start_time must be before end_time.",
+                code="parameter_invalid_integer",
+                param="start_time",
+            )
         grouping = params.get("value_grouping_window")
         if grouping not in (None, "", "hour", "day"):
-            raise _ApiError(400, "invalid_request_error", "Invalid value_grouping_window: must be one of day or hour",
-                            code="parameter_invalid_string", param="value_grouping_window")
+            raise _ApiError(
+                400,
+                "invalid_request_error",
+                "Invalid value_grouping_window: must be one of day or hour",
+                code="parameter_invalid_string",
+                param="value_grouping_window",
+            )
         step = {"hour": 3600, "day": 86_400}.get(grouping or "", 0)
         if step:
             for name, value in (("start_time", start), ("end_time", end)):
                 if value % step:
-                    raise _ApiError(400, "invalid_request_error",
-                                    f"{name} must be aligned with {grouping} boundaries for value_grouping_window="
-                                    f"{grouping}.", code="parameter_invalid_integer", param=name)
+                    raise _ApiError(
+                        400,
+                        "invalid_request_error",
+                        f"{name} must be aligned with {grouping} boundaries for value_grouping_window={grouping}.",
+                        code="parameter_invalid_integer",
+                        param=name,
+                    )
         group_by, filters = self._dimension_params(meter, params)
         windows = [(s, min(s + step, end)) for s in range(start, end, step)] if step else [(start, end)]
         with self._lock:
-            events = [ev for ev in self._effective_events(meter) if ev["customer"] == customer
-                      and all(ev["dimensions"].get(k) == v for k, v in filters.items())]
+            events = [
+                ev
+                for ev in self._effective_events(meter)
+                if ev["customer"] == customer and all(ev["dimensions"].get(k) == v for k, v in filters.items())
+            ]
         summaries = []
         for w_start, w_end in reversed(windows):
             inside = [ev for ev in events if w_start <= ev["timestamp"] < w_end]
@@ -1706,10 +2129,18 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
             for values in sorted(groups, key=lambda v: tuple(x or "" for x in v)):
                 extra = {"dimensions": dict(zip(group_by, values, strict=True))} if group_by else {}
                 key = f"{meter['id']}|{customer}|{w_start}|{w_end}|{sorted(extra.get('dimensions', {}).items())}"
-                summaries.append({
-                    "id": "mtrusg_test_" + hashlib.sha256(key.encode()).hexdigest()[:40],
-                    "object": "billing.meter_event_summary", "aggregated_value": self._aggregate(meter, groups[values]),
-                    **extra, "end_time": w_end, "livemode": False, "meter": meter["id"], "start_time": w_start})
+                summaries.append(
+                    {
+                        "id": "mtrusg_test_" + hashlib.sha256(key.encode()).hexdigest()[:40],
+                        "object": "billing.meter_event_summary",
+                        "aggregated_value": self._aggregate(meter, groups[values]),
+                        **extra,
+                        "end_time": w_end,
+                        "livemode": False,
+                        "meter": meter["id"],
+                        "start_time": w_start,
+                    }
+                )
         return 200, self._page(summaries, params, f"/v1/billing/meters/{meter['id']}/event_summaries"), {}
 
     @staticmethod
@@ -1721,15 +2152,24 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
         group_by = params.get("dimension_group_by_keys") or []
         filters = params.get("dimension_filters") or {}
         if not isinstance(group_by, list) or not isinstance(filters, dict):
-            raise _ApiError(400, "invalid_request_error", "dimension_group_by_keys is a list and dimension_filters a "
-                            "hash.", code="parameter_invalid_string", param="dimension_group_by_keys")
+            raise _ApiError(
+                400,
+                "invalid_request_error",
+                "dimension_group_by_keys is a list and dimension_filters a hash.",
+                code="parameter_invalid_string",
+                param="dimension_group_by_keys",
+            )
         for name, given in (("dimension_group_by_keys", group_by), ("dimension_filters", list(filters))):
             for key in given:
                 if key not in keys:
-                    raise _ApiError(400, "invalid_request_error",
-                                    f"{name}: {key!r} is not one of the meter's dimension_payload_keys "
-                                    f"({', '.join(sorted(keys)) or 'none'}).", code="parameter_invalid_string",
-                                    param=name)
+                    raise _ApiError(
+                        400,
+                        "invalid_request_error",
+                        f"{name}: {key!r} is not one of the meter's dimension_payload_keys "
+                        f"({', '.join(sorted(keys)) or 'none'}).",
+                        code="parameter_invalid_string",
+                        param=name,
+                    )
         return [str(k) for k in group_by], {str(k): str(v) for k, v in filters.items()}
 
     def _effective_events(self, meter: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -1739,9 +2179,13 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
         # Eventually consistent, as Stripe's summaries are: an event counts once it is visible, and a cancellation
         # takes effect once it is visible too (visibility_delay_seconds after each was received).
         visible_before = self.now() - self._visibility_delay
-        events = [ev for ev in self._events if ev["meter"] == meter["id"] and ev["received_at"] <= visible_before
-                  and (ev["status"] == "accepted"
-                       or (ev["status"] == "cancelled" and ev["cancelled_at"] > visible_before))]
+        events = [
+            ev
+            for ev in self._events
+            if ev["meter"] == meter["id"]
+            and ev["received_at"] <= visible_before
+            and (ev["status"] == "accepted" or (ev["status"] == "cancelled" and ev["cancelled_at"] > visible_before))
+        ]
         window = {"hour": 3600, "day": 86_400}.get(meter.get("event_time_window") or "", 0)
         if not window:
             return events
@@ -1764,16 +2208,34 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
     def _create_customer(self, params: Mapping[str, Any], customer_id: str | None = None) -> dict[str, Any]:
         cid = customer_id or f"cus_{_rand(14)}"
         if cid in self._customers:
-            raise _ApiError(400, "invalid_request_error", f"Customer already exists: '{cid}'",
-                            code="resource_already_exists", param="id")
+            raise _ApiError(
+                400,
+                "invalid_request_error",
+                f"Customer already exists: '{cid}'",
+                code="resource_already_exists",
+                param="id",
+            )
         # The customer object: https://docs.stripe.com/api/customers/object (a subset).
         customer: dict[str, Any] = {
-            "id": cid, "object": "customer", "address": None, "balance": 0, "created": int(self.now()),
-            "currency": None, "default_source": None, "delinquent": False,
-            "description": params.get("description"), "email": params.get("email"),
-            "invoice_prefix": _rand(8).upper(), "livemode": False, "metadata": dict(params.get("metadata") or {}),
-            "name": params.get("name"), "phone": params.get("phone"), "preferred_locales": [], "shipping": None,
-            "tax_exempt": "none", "test_clock": None,
+            "id": cid,
+            "object": "customer",
+            "address": None,
+            "balance": 0,
+            "created": int(self.now()),
+            "currency": None,
+            "default_source": None,
+            "delinquent": False,
+            "description": params.get("description"),
+            "email": params.get("email"),
+            "invoice_prefix": _rand(8).upper(),
+            "livemode": False,
+            "metadata": dict(params.get("metadata") or {}),
+            "name": params.get("name"),
+            "phone": params.get("phone"),
+            "preferred_locales": [],
+            "shipping": None,
+            "tax_exempt": "none",
+            "test_clock": None,
         }
         self._customers[cid] = customer
         return customer
@@ -1784,8 +2246,9 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
 
     def _delete_customer(self, customer_id: str) -> dict[str, Any]:
         if customer_id not in self._customers:
-            raise _ApiError(404, "invalid_request_error", f"No such customer: '{customer_id}'",
-                            code="resource_missing", param="id")
+            raise _ApiError(
+                404, "invalid_request_error", f"No such customer: '{customer_id}'", code="resource_missing", param="id"
+            )
         # deleted_customer: required [deleted, id, object]; deleted enum [true] (stripe/openapi spec3).
         deleted = {"id": customer_id, "object": "customer", "deleted": True}
         self._customers[customer_id] = deleted
@@ -1800,8 +2263,9 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
             customer = self._customers.get(m["id"])
             if customer is None:
                 # Stripe's resource_missing wording: "No such customer: 'cus_...'" (https://docs.stripe.com/error-codes/resource-missing)
-                raise _ApiError(404, "invalid_request_error", f"No such customer: '{m['id']}'",
-                                code="resource_missing", param="id")
+                raise _ApiError(
+                    404, "invalid_request_error", f"No such customer: '{m['id']}'", code="resource_missing", param="id"
+                )
             return 200, copy.deepcopy(customer), {}
 
     # -- meter events -----------------------------------------------------------------------------------------------
@@ -1815,19 +2279,46 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
     def _async_error(self, ev: dict[str, Any], code: str, message: str) -> None:
         assert code in ASYNC_ERROR_CODES, code
         ev["status"], ev["error_code"], ev["error_message"] = "invalid", code, message
-        self._errors.append({"code": code, "message": message, "identifier": ev["identifier"],
-                             "event_name": ev["event_name"], "meter": ev["meter"], "customer": ev["customer"],
-                             "source": ev["source"], "time": ev["received_at"]})
+        self._errors.append(
+            {
+                "code": code,
+                "message": message,
+                "identifier": ev["identifier"],
+                "event_name": ev["event_name"],
+                "meter": ev["meter"],
+                "customer": ev["customer"],
+                "source": ev["source"],
+                "time": ev["received_at"],
+            }
+        )
 
-    def _store_event(self, *, event_name: str, identifier: str, payload: Mapping[str, Any], timestamp: int,
-                     source: str, meter: Mapping[str, Any] | None) -> dict[str, Any]:
+    def _store_event(
+        self,
+        *,
+        event_name: str,
+        identifier: str,
+        payload: Mapping[str, Any],
+        timestamp: int,
+        source: str,
+        meter: Mapping[str, Any] | None,
+    ) -> dict[str, Any]:
         """Store a received event, then run Stripe's asynchronous validation on it (the fake runs it at once)."""
         now = self.now()
         ev: dict[str, Any] = {
-            "identifier": identifier, "event_name": event_name, "meter": meter["id"] if meter else None,
-            "customer": None, "value": None, "payload": dict(payload), "dimensions": {}, "timestamp": timestamp,
+            "identifier": identifier,
+            "event_name": event_name,
+            "meter": meter["id"] if meter else None,
+            "customer": None,
+            "value": None,
+            "payload": dict(payload),
+            "dimensions": {},
+            "timestamp": timestamp,
             "received_at": now,
-            "source": source, "status": "accepted", "error_code": None, "error_message": None, "cancelled_at": None,
+            "source": source,
+            "status": "accepted",
+            "error_code": None,
+            "error_message": None,
+            "cancelled_at": None,
         }
         self._events.append(ev)
         self._by_identifier[identifier] = ev
@@ -1842,30 +2333,41 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
         ev["dimensions"] = {k: str(payload[k]) for k in dimension_keys if payload.get(k) not in (None, "")}
         missing = [k for k in dimension_keys if k not in ev["dimensions"]]
         if timestamp < now - MAX_EVENT_AGE_S:
-            self._async_error(ev, "timestamp_too_far_in_past",
-                              "The timestamp must be within the past 35 calendar days.")
+            self._async_error(
+                ev, "timestamp_too_far_in_past", "The timestamp must be within the past 35 calendar days."
+            )
         elif timestamp > now + MAX_EVENT_SKEW_S:
             self._async_error(ev, "timestamp_in_future", "The timestamp must not be more than 5 minutes in the future.")
         elif not customer:
             # Message from the documented error report example (https://docs.stripe.com/api/v2/core/events/object).
-            self._async_error(ev, "meter_event_no_customer_defined",
-                              f"Customer mapping key {ckey} not found in payload.")
+            self._async_error(
+                ev, "meter_event_no_customer_defined", f"Customer mapping key {ckey} not found in payload."
+            )
         elif customer not in self._customers:
             self._async_error(ev, "meter_event_customer_not_found", f"No customer found with id {customer}.")
         elif missing:
-            self._async_error(ev, "missing_dimension_payload_keys",
-                              f"The event payload is missing the meter's dimension payload keys: {', '.join(missing)}.")
+            self._async_error(
+                ev,
+                "missing_dimension_payload_keys",
+                f"The event payload is missing the meter's dimension payload keys: {', '.join(missing)}.",
+            )
         else:
             raw = payload.get(vkey)
             value = self._parse_value(raw)
             if value is None:
-                self._async_error(ev, "meter_event_invalid_value",
-                                  f"Value key {vkey} not found in payload." if raw in (None, "")
-                                  else f"The value {raw!r} in the event payload is not a whole number.")
+                self._async_error(
+                    ev,
+                    "meter_event_invalid_value",
+                    f"Value key {vkey} not found in payload."
+                    if raw in (None, "")
+                    else f"The value {raw!r} in the event payload is not a whole number.",
+                )
             elif len(str(abs(value)).lstrip("0")) > MAX_VALUE_DIGITS:
-                self._async_error(ev, "meter_event_value_too_many_digits",
-                                  f"The value in the event payload can have at most {MAX_VALUE_DIGITS} digits. "
-                                  f"Received {raw}.")
+                self._async_error(
+                    ev,
+                    "meter_event_value_too_many_digits",
+                    f"The value in the event payload can have at most {MAX_VALUE_DIGITS} digits. Received {raw}.",
+                )
             else:
                 ev["value"] = value
         return ev
@@ -1893,41 +2395,79 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
         identifier = params.get("identifier") or str(uuid.uuid4())
         for name, value in (("event_name", event_name), ("identifier", identifier)):
             if len(value) > MAX_NAME_LEN:
-                raise _ApiError(400, "invalid_request_error", f"{name} must be at most 100 characters.",
-                                code="parameter_invalid_string", param=name)
+                raise _ApiError(
+                    400,
+                    "invalid_request_error",
+                    f"{name} must be at most 100 characters.",
+                    code="parameter_invalid_string",
+                    param=name,
+                )
         ts_param = _int_param(params, "timestamp", required=False)
         with self._lock:
             now = self.now()
             timestamp = int(now) if ts_param is None else ts_param
             meter = self._active_meter(event_name)
             if meter is None:
-                raise _ApiError(400, "invalid_request_error", _V1_NO_METER_MESSAGE.format(event_name=event_name),
-                                param="event_name")
+                raise _ApiError(
+                    400, "invalid_request_error", _V1_NO_METER_MESSAGE.format(event_name=event_name), param="event_name"
+                )
             _check_payload_values(payload)
             if timestamp < now - MAX_EVENT_AGE_S:
-                raise _ApiError(400, "invalid_request_error",
-                                "Timestamp must be within the past 35 calendar days or up to 5 minutes in the future.",
-                                code="timestamp_too_far_in_past", param="timestamp")
+                raise _ApiError(
+                    400,
+                    "invalid_request_error",
+                    "Timestamp must be within the past 35 calendar days or up to 5 minutes in the future.",
+                    code="timestamp_too_far_in_past",
+                    param="timestamp",
+                )
             if timestamp > now + MAX_EVENT_SKEW_S:
-                raise _ApiError(400, "invalid_request_error",
-                                "Timestamp must be within the past 35 calendar days or up to 5 minutes in the future.",
-                                code="timestamp_in_future", param="timestamp")
+                raise _ApiError(
+                    400,
+                    "invalid_request_error",
+                    "Timestamp must be within the past 35 calendar days or up to 5 minutes in the future.",
+                    code="timestamp_in_future",
+                    param="timestamp",
+                )
             value = self._parse_value(payload.get(meter["value_settings"]["event_payload_key"]))
             if value is not None and len(str(abs(value)).lstrip("0")) > MAX_VALUE_DIGITS:
-                raise _ApiError(400, "invalid_request_error",
-                                f"The value in the event payload can have at most {MAX_VALUE_DIGITS} digits. Received "
-                                f"{payload.get(meter['value_settings']['event_payload_key'])}.",
-                                code="meter_event_value_too_many_digits", param="payload")
+                raise _ApiError(
+                    400,
+                    "invalid_request_error",
+                    f"The value in the event payload can have at most {MAX_VALUE_DIGITS} digits. Received "
+                    f"{payload.get(meter['value_settings']['event_payload_key'])}.",
+                    code="meter_event_value_too_many_digits",
+                    param="payload",
+                )
             self._expire_identifiers()
             if identifier in self._by_identifier:
                 self._duplicates += 1
-                raise _ApiError(400, "invalid_request_error", _V1_DUPLICATE_MESSAGE.format(identifier=identifier),
-                                headers={"Stripe-Should-Retry": "false"})
-            ev = self._store_event(event_name=event_name, identifier=identifier, payload=payload,
-                                   timestamp=timestamp, source="v1", meter=meter)
-            return 200, {"object": "billing.meter_event", "created": int(ev["received_at"]),
-                         "event_name": event_name, "identifier": identifier, "livemode": False,
-                         "payload": dict(payload), "timestamp": timestamp}, {}
+                raise _ApiError(
+                    400,
+                    "invalid_request_error",
+                    _V1_DUPLICATE_MESSAGE.format(identifier=identifier),
+                    headers={"Stripe-Should-Retry": "false"},
+                )
+            ev = self._store_event(
+                event_name=event_name,
+                identifier=identifier,
+                payload=payload,
+                timestamp=timestamp,
+                source="v1",
+                meter=meter,
+            )
+            return (
+                200,
+                {
+                    "object": "billing.meter_event",
+                    "created": int(ev["received_at"]),
+                    "event_name": event_name,
+                    "identifier": identifier,
+                    "livemode": False,
+                    "payload": dict(payload),
+                    "timestamp": timestamp,
+                },
+                {},
+            )
 
     def _v2_meter_event(self, req: _Request, m: re.Match[str], params: dict[str, Any]) -> _Handled:
         # POST /v2/billing/meter_events (synchronous validation), JSON; errors archived_meter, duplicate_meter_event,
@@ -1948,38 +2488,89 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
                 try:
                     timestamp = int(_parse_rfc3339(str(params["timestamp"])))
                 except ValueError:
-                    raise _ApiError(400, "invalid_request_error", "timestamp must be an RFC 3339 date-time.",
-                                    code="invalid_fields", param="timestamp", cacheable=False) from None
+                    raise _ApiError(
+                        400,
+                        "invalid_request_error",
+                        "timestamp must be an RFC 3339 date-time.",
+                        code="invalid_fields",
+                        param="timestamp",
+                        cacheable=False,
+                    ) from None
             meter = self._active_meter(event_name)
             if meter is None and self._inactive_meter(event_name) is not None:
-                raise _ApiError(400, "invalid_request_error", "The meter must be Active to submit events.",
-                                code="archived_meter", param="event_name")  # v2.error.archived_meter
+                raise _ApiError(
+                    400,
+                    "invalid_request_error",
+                    "The meter must be Active to submit events.",
+                    code="archived_meter",
+                    param="event_name",
+                )  # v2.error.archived_meter
             if meter is None:
-                raise _ApiError(400, "invalid_request_error", "A meter must exist to submit events.", code="no_meter",
-                                param="event_name")
+                raise _ApiError(
+                    400,
+                    "invalid_request_error",
+                    "A meter must exist to submit events.",
+                    code="no_meter",
+                    param="event_name",
+                )
             _check_payload_values(payload)
             if not payload.get(meter["customer_mapping"]["event_payload_key"]):
-                raise _ApiError(400, "invalid_request_error", "The payload must have a reference to the customer.",
-                                code="payload_no_customer_defined", param="payload")
+                raise _ApiError(
+                    400,
+                    "invalid_request_error",
+                    "The payload must have a reference to the customer.",
+                    code="payload_no_customer_defined",
+                    param="payload",
+                )
             raw = payload.get(meter["value_settings"]["event_payload_key"])
             if raw in (None, ""):
-                raise _ApiError(400, "invalid_request_error", "The payload must have a value.",
-                                code="payload_no_value_defined", param="payload")
+                raise _ApiError(
+                    400,
+                    "invalid_request_error",
+                    "The payload must have a value.",
+                    code="payload_no_value_defined",
+                    param="payload",
+                )
             value = self._parse_value(raw)
             if value is None or value <= 0:
-                raise _ApiError(400, "invalid_request_error", "The value must be a positive integer.",
-                                code="payload_invalid_value", param="payload")
+                raise _ApiError(
+                    400,
+                    "invalid_request_error",
+                    "The value must be a positive integer.",
+                    code="payload_invalid_value",
+                    param="payload",
+                )
             self._expire_identifiers()
             if identifier in self._by_identifier:
                 self._duplicates += 1
-                raise _ApiError(400, "invalid_request_error", _V2_DUPLICATE_MESSAGE, code="duplicate_meter_event",
-                                headers={"Stripe-Should-Retry": "false"})
-            ev = self._store_event(event_name=event_name, identifier=identifier,
-                                   payload={k: str(v) for k, v in payload.items()}, timestamp=timestamp,
-                                   source="v2", meter=meter)
-            return 200, {"object": "v2.billing.meter_event", "created": _rfc3339(ev["received_at"]),
-                         "event_name": event_name, "identifier": identifier, "livemode": False,
-                         "payload": dict(ev["payload"]), "timestamp": _rfc3339(timestamp)}, {}
+                raise _ApiError(
+                    400,
+                    "invalid_request_error",
+                    _V2_DUPLICATE_MESSAGE,
+                    code="duplicate_meter_event",
+                    headers={"Stripe-Should-Retry": "false"},
+                )
+            ev = self._store_event(
+                event_name=event_name,
+                identifier=identifier,
+                payload={k: str(v) for k, v in payload.items()},
+                timestamp=timestamp,
+                source="v2",
+                meter=meter,
+            )
+            return (
+                200,
+                {
+                    "object": "v2.billing.meter_event",
+                    "created": _rfc3339(ev["received_at"]),
+                    "event_name": event_name,
+                    "identifier": identifier,
+                    "livemode": False,
+                    "payload": dict(ev["payload"]),
+                    "timestamp": _rfc3339(timestamp),
+                },
+                {},
+            )
 
     def _v2_session(self, req: _Request, m: re.Match[str], params: dict[str, Any]) -> _Handled:
         # POST /v2/billing/meter_event_session, no parameters; returns {id, object: v2.billing.meter_event_session,
@@ -1989,10 +2580,15 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
         with self._lock:
             now = self.now()
             token = f"token_test_{_rand(40)}"
-            session = {"id": f"mes_test_{_rand(24)}", "object": "v2.billing.meter_event_session",
-                       "authentication_token": token, "created": _rfc3339(now),
-                       "expires_at": _rfc3339(now + self._session_ttl), "livemode": False,
-                       "_expires": now + self._session_ttl}
+            session = {
+                "id": f"mes_test_{_rand(24)}",
+                "object": "v2.billing.meter_event_session",
+                "authentication_token": token,
+                "created": _rfc3339(now),
+                "expires_at": _rfc3339(now + self._session_ttl),
+                "livemode": False,
+                "_expires": now + self._session_ttl,
+            }
             self._sessions[token] = session
             return 200, {k: v for k, v in session.items() if not k.startswith("_")}, {}
 
@@ -2007,34 +2603,68 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
         _check_unknown(params, ("events",))
         events = params.get("events")
         if not isinstance(events, list) or not events:
-            raise _ApiError(400, "invalid_request_error", "events is required and must be a non-empty array.",
-                            code="invalid_fields", param="events")
+            raise _ApiError(
+                400,
+                "invalid_request_error",
+                "events is required and must be a non-empty array.",
+                code="invalid_fields",
+                param="events",
+            )
         if len(events) > MAX_STREAM_EVENTS:
-            raise _ApiError(400, "invalid_request_error",
-                            f"events supports up to {MAX_STREAM_EVENTS} events per request; got {len(events)}.",
-                            code="invalid_fields", param="events")
+            raise _ApiError(
+                400,
+                "invalid_request_error",
+                f"events supports up to {MAX_STREAM_EVENTS} events per request; got {len(events)}.",
+                code="invalid_fields",
+                param="events",
+            )
         parsed = []
         for i, ev in enumerate(events):
             if not isinstance(ev, dict):
-                raise _ApiError(400, "invalid_request_error", f"events[{i}] must be an object.",
-                                code="invalid_fields", param=f"events[{i}]")
+                raise _ApiError(
+                    400,
+                    "invalid_request_error",
+                    f"events[{i}] must be an object.",
+                    code="invalid_fields",
+                    param=f"events[{i}]",
+                )
             unknown = set(ev) - {"event_name", "identifier", "payload", "timestamp"}
             if unknown:
-                raise _ApiError(400, "invalid_request_error", f"Received unknown parameter: events[{i}]."
-                                f"{sorted(unknown)[0]}", code="invalid_fields", param=f"events[{i}]")
+                raise _ApiError(
+                    400,
+                    "invalid_request_error",
+                    f"Received unknown parameter: events[{i}].{sorted(unknown)[0]}",
+                    code="invalid_fields",
+                    param=f"events[{i}]",
+                )
             if not isinstance(ev.get("event_name"), str) or not ev["event_name"]:
-                raise _ApiError(400, "invalid_request_error", f"events[{i}].event_name is required.",
-                                code="invalid_fields", param=f"events[{i}].event_name")
+                raise _ApiError(
+                    400,
+                    "invalid_request_error",
+                    f"events[{i}].event_name is required.",
+                    code="invalid_fields",
+                    param=f"events[{i}].event_name",
+                )
             if not isinstance(ev.get("payload"), dict):
-                raise _ApiError(400, "invalid_request_error", f"events[{i}].payload is required.",
-                                code="invalid_fields", param=f"events[{i}].payload")
+                raise _ApiError(
+                    400,
+                    "invalid_request_error",
+                    f"events[{i}].payload is required.",
+                    code="invalid_fields",
+                    param=f"events[{i}].payload",
+                )
             ts = None
             if ev.get("timestamp") is not None:
                 try:
                     ts = int(_parse_rfc3339(str(ev["timestamp"])))
                 except ValueError:
-                    raise _ApiError(400, "invalid_request_error", f"events[{i}].timestamp must be an RFC 3339 "
-                                    "date-time.", code="invalid_fields", param=f"events[{i}].timestamp") from None
+                    raise _ApiError(
+                        400,
+                        "invalid_request_error",
+                        f"events[{i}].timestamp must be an RFC 3339 date-time.",
+                        code="invalid_fields",
+                        param=f"events[{i}].timestamp",
+                    ) from None
             parsed.append((ev, ts))
         stored = 0
         with self._lock:
@@ -2045,10 +2675,14 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
                 if identifier in self._by_identifier:
                     self._duplicates += 1
                     continue
-                self._store_event(event_name=ev["event_name"], identifier=identifier,
-                                  payload={k: str(v) for k, v in ev["payload"].items()},
-                                  timestamp=int(now) if ts is None else ts, source="v2_stream",
-                                  meter=self._active_meter(ev["event_name"]))
+                self._store_event(
+                    event_name=ev["event_name"],
+                    identifier=identifier,
+                    payload={k: str(v) for k, v in ev["payload"].items()},
+                    timestamp=int(now) if ts is None else ts,
+                    source="v2_stream",
+                    meter=self._active_meter(ev["event_name"]),
+                )
                 stored += 1
         return 200, {"_recorded": stored > 0}, {}
 
@@ -2067,8 +2701,14 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
         else:
             ev["status"], ev["cancelled_at"] = "cancelled", now
             outcome = "cancelled"
-        adj = {"id": f"mtr_event_adj_test_{_rand(24)}", "event_name": event_name, "identifier": identifier,
-               "source": source, "created": now, "outcome": outcome}
+        adj = {
+            "id": f"mtr_event_adj_test_{_rand(24)}",
+            "event_name": event_name,
+            "identifier": identifier,
+            "source": source,
+            "created": now,
+            "outcome": outcome,
+        }
         self._adjustments.append(adj)
         return adj
 
@@ -2081,19 +2721,38 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
             if not params.get(name):
                 raise _ApiError.missing(name)
         if params["type"] != "cancel":
-            raise _ApiError(400, "invalid_request_error", "Invalid type: must be cancel",
-                            code="parameter_invalid_string", param="type")
+            raise _ApiError(
+                400,
+                "invalid_request_error",
+                "Invalid type: must be cancel",
+                code="parameter_invalid_string",
+                param="type",
+            )
         cancel = params.get("cancel")
         identifier = cancel.get("identifier") if isinstance(cancel, dict) else None
         if not identifier:
             raise _ApiError.missing("cancel[identifier]")
         with self._lock:
             if self._active_meter(params["event_name"]) is None:
-                raise _ApiError(400, "invalid_request_error",
-                                _V1_NO_METER_MESSAGE.format(event_name=params["event_name"]), param="event_name")
+                raise _ApiError(
+                    400,
+                    "invalid_request_error",
+                    _V1_NO_METER_MESSAGE.format(event_name=params["event_name"]),
+                    param="event_name",
+                )
             self._cancel(params["event_name"], identifier, "v1")
-        return 200, {"object": "billing.meter_event_adjustment", "livemode": False, "status": "pending",
-                     "event_name": params["event_name"], "type": "cancel", "cancel": {"identifier": identifier}}, {}
+        return (
+            200,
+            {
+                "object": "billing.meter_event_adjustment",
+                "livemode": False,
+                "status": "pending",
+                "event_name": params["event_name"],
+                "type": "cancel",
+                "cancel": {"identifier": identifier},
+            },
+            {},
+        )
 
     def _v2_adjustment(self, req: _Request, m: re.Match[str], params: dict[str, Any]) -> _Handled:
         # POST /v2/billing/meter_event_adjustments (JSON): cancel.identifier, event_name, type; returns
@@ -2106,15 +2765,29 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
         cancel = params.get("cancel")
         identifier = cancel.get("identifier") if isinstance(cancel, dict) else None
         if params["type"] != "cancel" or not identifier:
-            raise _ApiError(400, "invalid_request_error",
-                            "The adjustment configuration is invalid for the adjustment type.",
-                            code="invalid_cancel_configuration", param="cancel")
+            raise _ApiError(
+                400,
+                "invalid_request_error",
+                "The adjustment configuration is invalid for the adjustment type.",
+                code="invalid_cancel_configuration",
+                param="cancel",
+            )
         with self._lock:
             adj = self._cancel(params["event_name"], identifier, "v2")
-            return 200, {"id": adj["id"], "object": "v2.billing.meter_event_adjustment",
-                         "cancel": {"identifier": identifier}, "created": _rfc3339(adj["created"]),
-                         "event_name": params["event_name"], "livemode": False, "status": "pending",
-                         "type": "cancel"}, {}
+            return (
+                200,
+                {
+                    "id": adj["id"],
+                    "object": "v2.billing.meter_event_adjustment",
+                    "cancel": {"identifier": identifier},
+                    "created": _rfc3339(adj["created"]),
+                    "event_name": params["event_name"],
+                    "livemode": False,
+                    "status": "pending",
+                    "type": "cancel",
+                },
+                {},
+            )
 
     # -- v2 events --------------------------------------------------------------------------------------------------
 
@@ -2123,8 +2796,9 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
         with self._lock:
             event = self._v2_events.get(m["id"])
             if event is None:
-                raise _ApiError(404, "invalid_request_error", f"No such event: '{m['id']}'", code="resource_missing",
-                                param="id")
+                raise _ApiError(
+                    404, "invalid_request_error", f"No such event: '{m['id']}'", code="resource_missing", param="id"
+                )
             return 200, copy.deepcopy(event), {}
 
 
@@ -2132,18 +2806,35 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
 # CLI
 # ---------------------------------------------------------------------------------------------------------------------
 
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m spendgate.testing.fake_stripe",
-                                     description="Run the fake Stripe API (Billing Meters) until interrupted.")
+    parser = argparse.ArgumentParser(
+        prog="python -m spendgate.testing.fake_stripe",
+        description="Run the fake Stripe API (Billing Meters) until interrupted.",
+    )
     parser.add_argument("--port", type=int, default=0, help="API port (default: any free port)")
-    parser.add_argument("--meter-events-port", type=int, default=0,
-                        help="meter-events port (default: any free port; ignored with --same-host)")
+    parser.add_argument(
+        "--meter-events-port",
+        type=int,
+        default=0,
+        help="meter-events port (default: any free port; ignored with --same-host)",
+    )
     parser.add_argument("--same-host", action="store_true", help="serve the meter event stream on the API port too")
-    parser.add_argument("--meter", action="append", default=None, metavar="EVENT_NAME",
-                        help="create a sum meter for this event name (repeatable; default: spendgate_usage and "
-                             "token-billing-tokens, with its dimensions model and token_type)")
-    parser.add_argument("--customer", action="append", default=[], metavar="CUSTOMER_ID",
-                        help="a customer that exists from the start (repeatable)")
+    parser.add_argument(
+        "--meter",
+        action="append",
+        default=None,
+        metavar="EVENT_NAME",
+        help="create a sum meter for this event name (repeatable; default: spendgate_usage and "
+        "token-billing-tokens, with its dimensions model and token_type)",
+    )
+    parser.add_argument(
+        "--customer",
+        action="append",
+        default=[],
+        metavar="CUSTOMER_ID",
+        help="a customer that exists from the start (repeatable)",
+    )
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--rate-429", type=float, default=0.0)
     parser.add_argument("--rate-500", type=float, default=0.0)
@@ -2153,16 +2844,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     meters = args.meter if args.meter is not None else list(DEFAULT_METERS)
-    fake = FakeStripe(meters=meters, customers=args.customer, port=args.port,
-                      meter_events_port=args.meter_events_port, same_host=args.same_host, seed=args.seed,
-                      rate_429=args.rate_429, rate_500=args.rate_500, latency_seconds=args.latency,
-                      fail_after_record_rate=args.fail_after_record_rate, session_ttl_seconds=args.session_ttl)
+    fake = FakeStripe(
+        meters=meters,
+        customers=args.customer,
+        port=args.port,
+        meter_events_port=args.meter_events_port,
+        same_host=args.same_host,
+        seed=args.seed,
+        rate_429=args.rate_429,
+        rate_500=args.rate_500,
+        latency_seconds=args.latency,
+        fail_after_record_rate=args.fail_after_record_rate,
+        session_ttl_seconds=args.session_ttl,
+    )
     print(f"fake Stripe API:          {fake.url}", flush=True)
     print(f"fake Stripe meter events: {fake.meter_events_url}", flush=True)
     names = [m if isinstance(m, str) else str(m["event_name"]) for m in meters]
     print("meters: " + ", ".join(f"{m['event_name']}={m['id']}" for m in (fake.meter(n) for n in names)), flush=True)
-    print('use: stripe.StripeClient("sk_test_...", base_addresses={"api": "%s", "meter_events": "%s"})'
-          % (fake.url, fake.meter_events_url), flush=True)
+    print(
+        'use: stripe.StripeClient("sk_test_...", base_addresses={"api": "%s", "meter_events": "%s"})'
+        % (fake.url, fake.meter_events_url),
+        flush=True,
+    )
     try:
         while True:
             time.sleep(3600)

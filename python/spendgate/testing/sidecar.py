@@ -210,8 +210,9 @@ class Sidecar:
             self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     # -- internals ------------------------------------------------------------------------------------------------
@@ -219,8 +220,19 @@ class Sidecar:
     def _command(self) -> list[str]:
         http = ["--http-listen", f"127.0.0.1:{self.http_port}"] if self.http_port is not None else []
         proxy = ["--proxy-listen", f"127.0.0.1:{self.proxy_port}"] if self.proxy_port is not None else []
-        return [self._python, "-m", "spendgate", "serve", "--data-dir", str(self.data_dir), "--listen", self.target,
-                *http, *proxy, *self._extra_args]
+        return [
+            self._python,
+            "-m",
+            "spendgate",
+            "serve",
+            "--data-dir",
+            str(self.data_dir),
+            "--listen",
+            self.target,
+            *http,
+            *proxy,
+            *self._extra_args,
+        ]
 
     def _child_env(self) -> dict[str, str]:
         # A developer's real Stripe credentials must never reach a test sidecar: without an explicit env, the child
@@ -237,8 +249,9 @@ class Sidecar:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor; ours can close
             self._write_banner(log)
-            return subprocess.Popen(self._command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    env=self._child_env())
+            return subprocess.Popen(
+                self._command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self._child_env()
+            )
 
     def _write_banner(self, log: IO[bytes]) -> None:
         log.write(f"--- sidecar start #{self._starts}: {' '.join(self._command())}\n".encode())
@@ -247,8 +260,11 @@ class Sidecar:
     def _wait_serving(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         # Retry the connection every <= 200 ms: gRPC's default reconnect backoff would add seconds to every start.
-        options = [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.min_reconnect_backoff_ms", 50),
-                   ("grpc.max_reconnect_backoff_ms", 200)]
+        options = [
+            ("grpc.initial_reconnect_backoff_ms", 50),
+            ("grpc.min_reconnect_backoff_ms", 50),
+            ("grpc.max_reconnect_backoff_ms", 200),
+        ]
         with grpc.insecure_channel(self.target, options) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             while True:
@@ -281,8 +297,10 @@ class Sidecar:
 
     def _error(self, what: str) -> SidecarError:
         pid = self._process.pid if self._process else None
-        return SidecarError(f"spendgate sidecar (pid {pid}, {self.target}, data {self.data_dir}) {what}\n"
-                            f"--- last lines of {self.log_path}:\n{self.log_tail()}")
+        return SidecarError(
+            f"spendgate sidecar (pid {pid}, {self.target}, data {self.data_dir}) {what}\n"
+            f"--- last lines of {self.log_path}:\n{self.log_tail()}"
+        )
 
     def __repr__(self) -> str:
         state = f"pid {self._process.pid}" if self.running and self._process else "stopped"

@@ -26,8 +26,12 @@ __all__ = ["WEBHOOK_PATH", "WebhookReceiver", "add_webhook_routes", "build_recei
 FETCH_TIMEOUT_S: Final[float] = 10.0
 
 
-def build_receiver(settings: Settings, engine: _core.Engine, wait_durable: Callable[[int], Awaitable[None]],
-                   invoice_guard: InvoiceGuard | None = None) -> WebhookReceiver:
+def build_receiver(
+    settings: Settings,
+    engine: _core.Engine,
+    wait_durable: Callable[[int], Awaitable[None]],
+    invoice_guard: InvoiceGuard | None = None,
+) -> WebhookReceiver:
     """The webhook endpoint for these settings. Raises ConfigError when webhook_listen is set without a secret.
     invoice_guard: what invoice.created does (the sidecar's one guard, which Admin.ReleaseInvoice shares)."""
     secrets = parse_secrets(settings.webhook_secret)

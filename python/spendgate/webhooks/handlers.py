@@ -76,7 +76,9 @@ STATE_FILE_NAME: Final[str] = "webhook-state.json"
 STATE_DOCUMENT: Final[str] = "webhook_state"
 STATE_VERSION: Final[int] = 1
 
-SUBSCRIPTION_CHANGED: Final[frozenset[str]] = frozenset({"customer.subscription.created", "customer.subscription.updated"})
+SUBSCRIPTION_CHANGED: Final[frozenset[str]] = frozenset(
+    {"customer.subscription.created", "customer.subscription.updated"}
+)
 SUBSCRIPTION_DELETED: Final[str] = "customer.subscription.deleted"
 INVOICE_PAID: Final[str] = "invoice.paid"
 INVOICE_PAYMENT_FAILED: Final[str] = "invoice.payment_failed"
@@ -178,8 +180,9 @@ class WebhookState:
             try:
                 text = legacy_path.read_text(encoding="utf-8")
             except OSError as error:
-                raise ValueError(f"cannot read the webhook state {legacy_path}: {error}; move it away to start "
-                                 "afresh") from None
+                raise ValueError(
+                    f"cannot read the webhook state {legacy_path}: {error}; move it away to start afresh"
+                ) from None
             return cls.from_json(text, str(legacy_path))
         return cls()
 
@@ -234,8 +237,9 @@ class WebhookHandlers:
         """A verified thin event notification (`object: "v2.core.event"`)."""
         return await self._handle(notification, self._dispatch_thin)
 
-    async def _handle(self, event: Mapping[str, Any],
-                      dispatch: Callable[[str, str, Mapping[str, Any]], Awaitable[Outcome | None]]) -> Outcome:
+    async def _handle(
+        self, event: Mapping[str, Any], dispatch: Callable[[str, str, Mapping[str, Any]], Awaitable[Outcome | None]]
+    ) -> Outcome:
         event_id, event_type = str(event.get("id") or ""), str(event.get("type") or "")
         if not event_id or not event_type:
             return Outcome(400, "an event needs an id and a type")
@@ -271,7 +275,9 @@ class WebhookHandlers:
         customer = _id_of(obj.get("customer"))
         if _acts_on(event_type) and not customer:
             self.stats.count("no_customer")
-            log.warning("webhook %s (%s): no customer on the %s; nothing to do", event_id, event_type, obj.get("object"))
+            log.warning(
+                "webhook %s (%s): no customer on the %s; nothing to do", event_id, event_type, obj.get("object")
+            )
             return Outcome(200, "no customer: nothing to do")
         if event_type in SUBSCRIPTION_CHANGED:
             return await self._subscription_changed(event_id, event_type, obj, customer)
@@ -292,8 +298,9 @@ class WebhookHandlers:
 
     # -- subscriptions -----------------------------------------------------------------------------------------------
 
-    async def _subscription_changed(self, event_id: str, event_type: str, sub: Mapping[str, Any],
-                                    customer: str) -> Outcome:
+    async def _subscription_changed(
+        self, event_id: str, event_type: str, sub: Mapping[str, Any], customer: str
+    ) -> Outcome:
         item = _first_item(sub)
         price = _mapping(item.get("price"))
         keys = [key for key in (price.get("id"), price.get("lookup_key")) if isinstance(key, str) and key]
@@ -346,8 +353,9 @@ class WebhookHandlers:
                     self._update, budget_id, limit, None if target is not None else customer, spec
                 )
                 verb = "created" if outcome.created else "set"
-                log.info("webhook %s: %s budget %s limit %d (plan %s)", event_id, verb, budget_id, limit,
-                         " / ".join(keys))
+                log.info(
+                    "webhook %s: %s budget %s limit %d (plan %s)", event_id, verb, budget_id, limit, " / ".join(keys)
+                )
                 actions.append(f"{verb} budget {budget_id} limit {limit}")
                 if spec is not None:
                     aligned.add(budget_id)
@@ -363,29 +371,39 @@ class WebhookHandlers:
                 if budget.customer_id in self._state.frozen_by_deletion:
                     await self._freeze(budget.customer_id, False, f"Stripe: subscription {sub.get('id')} is {status}")
                     del self._state.frozen_by_deletion[budget.customer_id]
-                    log.info("webhook %s: unfroze budget %s: %s is %s again", event_id, budget.customer_id,
-                             customer, status)
+                    log.info(
+                        "webhook %s: unfroze budget %s: %s is %s again", event_id, budget.customer_id, customer, status
+                    )
                     actions.append(f"unfroze {budget.customer_id}")
         return Outcome(200, "; ".join(a for a in actions if a))
 
     async def _subscription_deleted(self, event_id: str, sub: Mapping[str, Any], customer: str) -> Outcome:
         budgets, _ = self._budgets_of(customer)
         if not budgets:
-            log.info("webhook %s: subscription %s of %s deleted; no budget bills that customer", event_id,
-                     sub.get("id"), customer)
+            log.info(
+                "webhook %s: subscription %s of %s deleted; no budget bills that customer",
+                event_id,
+                sub.get("id"),
+                customer,
+            )
             return Outcome(200, f"no budget bills {customer}")
         for budget in budgets:
             if self._frozen_by_someone_else(budget):
-                log.info("webhook %s: budget %s was already frozen (not by a webhook); a new subscription will not "
-                         "unfreeze it", event_id, budget.customer_id)
+                log.info(
+                    "webhook %s: budget %s was already frozen (not by a webhook); a new subscription will not "
+                    "unfreeze it",
+                    event_id,
+                    budget.customer_id,
+                )
                 continue
             await self._freeze(budget.customer_id, True, f"Stripe: subscription {sub.get('id')} deleted")
             self._state.frozen_by_deletion[budget.customer_id] = str(sub.get("id") or "")
             # Deletion is now why it is frozen: paying an old invoice must not unfreeze it.
             self._state.payment_failed.pop(budget.customer_id, None)
         names = ", ".join(b.customer_id for b in budgets)
-        log.warning("webhook %s: subscription %s of %s deleted: froze budget %s", event_id, sub.get("id"), customer,
-                    names)
+        log.warning(
+            "webhook %s: subscription %s of %s deleted: froze budget %s", event_id, sub.get("id"), customer, names
+        )
         return Outcome(200, f"froze {names}")
 
     # -- invoices ----------------------------------------------------------------------------------------------------
@@ -405,28 +423,45 @@ class WebhookHandlers:
             return Outcome(200, f"{invoice_id} is already paid: not frozen")
         budgets, _ = self._budgets_of(customer)
         if not budgets:
-            log.warning("webhook %s: payment of invoice %s by %s failed; no budget bills that customer", event_id,
-                        invoice_id, customer)
+            log.warning(
+                "webhook %s: payment of invoice %s by %s failed; no budget bills that customer",
+                event_id,
+                invoice_id,
+                customer,
+            )
             return Outcome(200, f"no budget bills {customer}")
         for budget in budgets:
             if self._frozen_by_someone_else(budget):
-                log.info("webhook %s: budget %s was already frozen (not by a webhook); invoice.paid will not unfreeze "
-                         "it", event_id, budget.customer_id)
+                log.info(
+                    "webhook %s: budget %s was already frozen (not by a webhook); invoice.paid will not unfreeze it",
+                    event_id,
+                    budget.customer_id,
+                )
                 continue
             await self._freeze(budget.customer_id, True, f"Stripe: payment of invoice {invoice_id} failed")
             failed = self._state.payment_failed.setdefault(budget.customer_id, [])
             if invoice_id not in failed:
                 failed.append(invoice_id)
         names = ", ".join(b.customer_id for b in budgets)
-        log.warning("webhook %s: payment of invoice %s by %s failed: froze budget %s until it is paid", event_id,
-                    invoice_id, customer, names)
+        log.warning(
+            "webhook %s: payment of invoice %s by %s failed: froze budget %s until it is paid",
+            event_id,
+            invoice_id,
+            customer,
+            names,
+        )
         return Outcome(200, f"froze {names}")
 
     async def _invoice_paid(self, event_id: str, invoice: Mapping[str, Any], customer: str) -> Outcome:
         invoice_id = str(invoice.get("id") or "")
         period = _invoice_subscription_period(invoice)
-        log.info("webhook %s: invoice %s of %s paid (subscription period %s)", event_id, invoice_id, customer,
-                 period.describe() if period else "none: not a subscription invoice")
+        log.info(
+            "webhook %s: invoice %s of %s paid (subscription period %s)",
+            event_id,
+            invoice_id,
+            customer,
+            period.describe() if period else "none: not a subscription invoice",
+        )
         self._state.mark_paid(invoice_id)
         actions: list[str] = []
         if period is not None:
@@ -437,8 +472,12 @@ class WebhookHandlers:
                 continue
             failed.remove(invoice_id)
             if failed:
-                log.warning("webhook %s: budget %s stays frozen: invoice %s still unpaid", event_id, budget_id,
-                            ", ".join(failed))
+                log.warning(
+                    "webhook %s: budget %s stays frozen: invoice %s still unpaid",
+                    event_id,
+                    budget_id,
+                    ", ".join(failed),
+                )
                 actions.append(f"{budget_id} stays frozen ({', '.join(failed)} unpaid)")
                 continue
             del self._state.payment_failed[budget_id]
@@ -457,7 +496,8 @@ class WebhookHandlers:
         budget = _pick_budget(self._budgets_of(customer)[0], customer)  # the alert names the budget billed
         try:
             action = await self._invoice_guard.on_invoice_created(
-                event_id, invoice, budget.customer_id if budget is not None else customer)
+                event_id, invoice, budget.customer_id if budget is not None else customer
+            )
         except RetryLater as error:
             raise TransientError(f"invoice {invoice.get('id')}: not now: {error}") from None
         self.stats.count("invoice_created")
@@ -494,8 +534,15 @@ class WebhookHandlers:
                 identifier = str(request.get("identifier") or "")
                 samples.append(_link(identifier, code, str(sample.get("error_message") or ""), letters))
         total = int(reason.get("error_count") or sum(codes.values()))
-        report = {"event_id": event_id, "type": event_type, "meter": meter, "error_count": total, "codes": codes,
-                  "samples": samples, "window": [data.get("validation_start"), data.get("validation_end")]}
+        report = {
+            "event_id": event_id,
+            "type": event_type,
+            "meter": meter,
+            "error_count": total,
+            "codes": codes,
+            "samples": samples,
+            "window": [data.get("validation_start"), data.get("validation_end")],
+        }
         self.stats.recent_error_reports.append(report)
         log.error(
             "Stripe refused %d meter event(s) on meter %s between %s and %s (report %s): %s. Samples: %s",
@@ -561,17 +608,24 @@ class WebhookHandlers:
         """Freeze or unfreeze with the reason the budget shows (the engine raises the frozen/unfrozen alert)."""
         await self._engine_call(self._engine.freeze, customer_id, frozen, reason)
 
-    def _update(self, customer_id: str, limit: int, stripe_customer_id: str | None,
-                period: _core.PeriodSpec | None) -> _core.SetBudgetOutcome:
-        return self._engine.update_budget(customer_id, limit=limit, stripe_customer_id=stripe_customer_id,
-                                          period=period)
+    def _update(
+        self, customer_id: str, limit: int, stripe_customer_id: str | None, period: _core.PeriodSpec | None
+    ) -> _core.SetBudgetOutcome:
+        return self._engine.update_budget(
+            customer_id, limit=limit, stripe_customer_id=stripe_customer_id, period=period
+        )
 
     async def _align(self, event_id: str, budget: _core.BalanceView, period: StripePeriod, *, roll_only: bool) -> str:
         """Give the budget this period if it can be current (see Periods); roll_only: only if it starts later than the
         budget's current one. Returns what was done, or "" for nothing."""
         if not period.applies_to(budget) or (roll_only and period.start_ms <= budget.period_start_ms):
-            log.info("webhook %s: budget %s stays on its period %s (Stripe's %s is not newer)", event_id,
-                     budget.customer_id, _span(budget.period_start_ms, budget.period_end_ms), period.describe())
+            log.info(
+                "webhook %s: budget %s stays on its period %s (Stripe's %s is not newer)",
+                event_id,
+                budget.customer_id,
+                _span(budget.period_start_ms, budget.period_end_ms),
+                period.describe(),
+            )
             return ""
         outcome = await self._engine_call(self._engine.update_budget, budget.customer_id, period=period.spec)
         return self._period_action(event_id, outcome, period)
@@ -580,12 +634,19 @@ class WebhookHandlers:
         view = outcome.balance
         verb = "rolled over to" if outcome.rolled else "aligned with"
         self.stats.count("period_rolled" if outcome.rolled else "period_aligned")
-        log.info("webhook %s: budget %s %s Stripe's period %s: now %s", event_id, view.customer_id, verb,
-                 period.describe(), _span(view.period_start_ms, view.period_end_ms))
+        log.info(
+            "webhook %s: budget %s %s Stripe's period %s: now %s",
+            event_id,
+            view.customer_id,
+            verb,
+            period.describe(),
+            _span(view.period_start_ms, view.period_end_ms),
+        )
         return f"{view.customer_id} {verb} period {period.describe()}"
 
-    async def _engine_call(self, method: Callable[..., _core.SetBudgetOutcome], *args: Any,
-                           **kwargs: Any) -> _core.SetBudgetOutcome:
+    async def _engine_call(
+        self, method: Callable[..., _core.SetBudgetOutcome], *args: Any, **kwargs: Any
+    ) -> _core.SetBudgetOutcome:
         try:
             outcome = method(*args, **kwargs)
             await self._wait_durable(outcome.ticket)
@@ -639,7 +700,8 @@ def _invoice_subscription_period(invoice: Mapping[str, Any]) -> StripePeriod | N
     """The latest-starting period among a subscription invoice's subscription lines (see Periods), or None."""
     parent = _mapping(invoice.get("parent"))
     subscription = _id_of(_mapping(parent.get("subscription_details")).get("subscription")) or _id_of(
-        invoice.get("subscription"))  # before basil: invoice.subscription
+        invoice.get("subscription")
+    )  # before basil: invoice.subscription
     if not subscription:
         return None
     lines = _mapping(invoice.get("lines")).get("data")
@@ -666,7 +728,10 @@ def _mapping(value: Any) -> Mapping[str, Any]:
 
 def _acts_on(event_type: str) -> bool:
     return event_type in SUBSCRIPTION_CHANGED or event_type in (
-        SUBSCRIPTION_DELETED, INVOICE_PAID, INVOICE_PAYMENT_FAILED, INVOICE_CREATED
+        SUBSCRIPTION_DELETED,
+        INVOICE_PAID,
+        INVOICE_PAYMENT_FAILED,
+        INVOICE_CREATED,
     )
 
 
@@ -717,11 +782,12 @@ def _describe(sample: Mapping[str, Any]) -> str:
         where.append(f"dead letter seq {sample['dead_letter_seq']} of {sample['customer_id']}")
     if "reservation_id" in sample:
         if "dead_letter_seq" not in sample:
-            where.append(f"the event of reservation {sample['reservation_id']}: Stripe accepted it, then refused it, so "
-                         "it is not on the invoice (reconcile shows it as UNDER)")
+            where.append(
+                f"the event of reservation {sample['reservation_id']}: Stripe accepted it, then refused it, so "
+                "it is not on the invoice (reconcile shows it as UNDER)"
+            )
         else:
             where.append(f"reservation {sample['reservation_id']}")
     elif "dead_letter_seq" not in sample:
         where.append("not a spendgate identifier")
     return f"{sample['identifier'] or '?'} ({sample['code']}: {sample['message']}; {', '.join(where)})"
-

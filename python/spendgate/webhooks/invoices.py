@@ -131,16 +131,30 @@ def compare(draft_total: int, draft_currency: str, previous: Mapping[str, Any] |
     previous_id = str(previous.get("id") or "")
     previous_total = _int(previous.get("total"))
     if str(previous.get("currency") or "") != draft_currency:
-        return Verdict(False, f"the previous invoice {previous_id} is in {previous.get('currency')!r}, the draft in "
-                              f"{draft_currency!r}: not comparable", previous_id, previous_total)
+        return Verdict(
+            False,
+            f"the previous invoice {previous_id} is in {previous.get('currency')!r}, the draft in "
+            f"{draft_currency!r}: not comparable",
+            previous_id,
+            previous_total,
+        )
     if previous_total <= 0:
         spike = draft_total > 0
-        return Verdict(spike, f"the previous invoice {previous_id} was 0 and the draft is {draft_total}",
-                       previous_id, previous_total)
+        return Verdict(
+            spike,
+            f"the previous invoice {previous_id} was 0 and the draft is {draft_total}",
+            previous_id,
+            previous_total,
+        )
     increase = (draft_total - previous_total) * 100 // previous_total
     spike = draft_total * 100 > previous_total * (100 + spike_percent)
-    return Verdict(spike, f"{draft_total} against {previous_total} of {previous_id}: {increase:+d}%", previous_id,
-                   previous_total, increase)
+    return Verdict(
+        spike,
+        f"{draft_total} against {previous_total} of {previous_id}: {increase:+d}%",
+        previous_id,
+        previous_total,
+        increase,
+    )
 
 
 def _int(value: Any) -> int:
@@ -189,8 +203,9 @@ class GuardState:
         except ValueError as error:
             raise ValueError(f"cannot read the invoice guard's document {STATE_DOCUMENT!r}: {error}") from None
         if not isinstance(document, dict) or document.get("version") != STATE_VERSION:
-            raise ValueError(f"the document {STATE_DOCUMENT!r} is not an invoice guard state of version "
-                             f"{STATE_VERSION}")
+            raise ValueError(
+                f"the document {STATE_DOCUMENT!r} is not an invoice guard state of version {STATE_VERSION}"
+            )
         for invoice_id, record in document.get("invoices", []):
             state.put(str(invoice_id), dict(record))
         return state
@@ -199,8 +214,15 @@ class GuardState:
 class InvoiceGuard:
     """One per sidecar: the webhook handlers call on_invoice_created, Admin.ReleaseInvoice calls release."""
 
-    def __init__(self, engine: _core.Engine, wait_durable: Callable[[int], Awaitable[None]], *, spike_percent: int,
-                 action: str, invoices: StripeInvoices | None) -> None:
+    def __init__(
+        self,
+        engine: _core.Engine,
+        wait_durable: Callable[[int], Awaitable[None]],
+        *,
+        spike_percent: int,
+        action: str,
+        invoices: StripeInvoices | None,
+    ) -> None:
         """invoices: None without STRIPE_API_KEY (then drafts are not compared, and release refuses)."""
         assert action in ACTIONS, action
         assert spike_percent >= 0, spike_percent
@@ -233,16 +255,24 @@ class InvoiceGuard:
         if invoice.get("status") != "draft":
             return f"{invoice_id} is {invoice.get('status')!r}, not a draft: nothing to hold"
         if self._invoices is None:
-            log.error("webhook %s: draft invoice %s of %s not compared with the previous one: set STRIPE_API_KEY so "
-                      "that the invoice-spike guard can list the customer's invoices", event_id, invoice_id, customer)
+            log.error(
+                "webhook %s: draft invoice %s of %s not compared with the previous one: set STRIPE_API_KEY so "
+                "that the invoice-spike guard can list the customer's invoices",
+                event_id,
+                invoice_id,
+                customer,
+            )
             return f"{invoice_id} not compared (no STRIPE_API_KEY)"
         async with self._lock:
             record = self._state.record(invoice_id)
             if record is None:
                 record = await self._judge(event_id, invoice, invoice_id, customer, alert_customer_id)
             elif record.get("spike"):
-                log.info("webhook %s: draft %s was compared already (a spike, alert raised): not alerting again",
-                         event_id, invoice_id)
+                log.info(
+                    "webhook %s: draft %s was compared already (a spike, alert raised): not alerting again",
+                    event_id,
+                    invoice_id,
+                )
             if not record.get("spike"):
                 return f"{invoice_id}: {record['reason']}: no alert"
             done = f"{invoice_id}: invoice_spike ({record['reason']})"
@@ -255,25 +285,43 @@ class InvoiceGuard:
             await self._hold(event_id, invoice_id, record)
             return done + "; held: auto_advance false until `spendgate invoices release " + invoice_id + "`"
 
-    async def _judge(self, event_id: str, invoice: Mapping[str, Any], invoice_id: str, customer: str,
-                     alert_customer_id: str) -> dict[str, Any]:
+    async def _judge(
+        self, event_id: str, invoice: Mapping[str, Any], invoice_id: str, customer: str, alert_customer_id: str
+    ) -> dict[str, Any]:
         """The first comparison of this draft: remember it, and raise the alert for a spike (before the record)."""
         draft_total = _int(invoice.get("total"))
         currency = str(invoice.get("currency") or "")
         previous = await asyncio.to_thread(self._previous, customer, invoice_id, _int(invoice.get("created")))
         verdict = compare(draft_total, currency, previous, self.spike_percent)
         record: dict[str, Any] = {
-            "customer": customer, "alert_customer_id": alert_customer_id, "draft_total": draft_total,
-            "currency": currency, "previous_id": verdict.previous_id, "previous_total": verdict.previous_total,
-            "spike": verdict.spike, "reason": verdict.reason, "ts_ms": time.time_ns() // 1_000_000,
-            "held": False, "released_ms": 0,
+            "customer": customer,
+            "alert_customer_id": alert_customer_id,
+            "draft_total": draft_total,
+            "currency": currency,
+            "previous_id": verdict.previous_id,
+            "previous_total": verdict.previous_total,
+            "spike": verdict.spike,
+            "reason": verdict.reason,
+            "ts_ms": time.time_ns() // 1_000_000,
+            "held": False,
+            "released_ms": 0,
         }
-        log.info("webhook %s: draft invoice %s of %s: %s%s", event_id, invoice_id, customer, verdict.reason,
-                 ": INVOICE SPIKE" if verdict.spike else "")
+        log.info(
+            "webhook %s: draft invoice %s of %s: %s%s",
+            event_id,
+            invoice_id,
+            customer,
+            verdict.reason,
+            ": INVOICE SPIKE" if verdict.spike else "",
+        )
         try:
             if verdict.spike:
-                self._engine.raise_alert(ALERT_KIND, alert_customer_id, self._message(invoice_id, record, verdict),
-                                         self._values(record, verdict))
+                self._engine.raise_alert(
+                    ALERT_KIND,
+                    alert_customer_id,
+                    self._message(invoice_id, record, verdict),
+                    self._values(record, verdict),
+                )
             self._state.put(invoice_id, record)
             await self._save()
         except _core.EngineError as error:
@@ -284,17 +332,27 @@ class InvoiceGuard:
         return record
 
     def _message(self, invoice_id: str, record: Mapping[str, Any], verdict: Verdict) -> str:
-        increase = (f"{verdict.increase_percent}% more than" if verdict.increase_percent is not None
-                    else "above the 0 of")
-        then = (f"it is held (auto_advance false) until `spendgate invoices release {invoice_id}`"
-                if self.action == "hold" else "Stripe finalizes it as usual (invoice_spike_action = alert)")
-        return (f"draft invoice {invoice_id} of Stripe customer {record['customer']}: {record['draft_total']} "
-                f"{record['currency']} is {increase} the previous invoice {verdict.previous_id} "
-                f"({verdict.previous_total}); invoice_spike_percent {self.spike_percent}; {then}")
+        increase = (
+            f"{verdict.increase_percent}% more than" if verdict.increase_percent is not None else "above the 0 of"
+        )
+        then = (
+            f"it is held (auto_advance false) until `spendgate invoices release {invoice_id}`"
+            if self.action == "hold"
+            else "Stripe finalizes it as usual (invoice_spike_action = alert)"
+        )
+        return (
+            f"draft invoice {invoice_id} of Stripe customer {record['customer']}: {record['draft_total']} "
+            f"{record['currency']} is {increase} the previous invoice {verdict.previous_id} "
+            f"({verdict.previous_total}); invoice_spike_percent {self.spike_percent}; {then}"
+        )
 
     def _values(self, record: Mapping[str, Any], verdict: Verdict) -> dict[str, int]:
-        values = {"draft_total": int(record["draft_total"]), "previous_total": int(verdict.previous_total or 0),
-                  "spike_percent": self.spike_percent, "held": int(self.action == "hold")}
+        values = {
+            "draft_total": int(record["draft_total"]),
+            "previous_total": int(verdict.previous_total or 0),
+            "spike_percent": self.spike_percent,
+            "held": int(self.action == "hold"),
+        }
         if verdict.increase_percent is not None:
             values["increase_percent"] = verdict.increase_percent
         return values
@@ -316,23 +374,36 @@ class InvoiceGuard:
             if not more or not page:
                 return None
             after = str(page[-1]["id"])
-        log.warning("invoice-spike guard: none of the newest %d invoices of %s is a finalized one before draft %s; "
-                    "treating it as a first invoice", MAX_INVOICES_SCANNED, customer, invoice_id)
+        log.warning(
+            "invoice-spike guard: none of the newest %d invoices of %s is a finalized one before draft %s; "
+            "treating it as a first invoice",
+            MAX_INVOICES_SCANNED,
+            customer,
+            invoice_id,
+        )
         return None
 
     async def _hold(self, event_id: str, invoice_id: str, record: dict[str, Any]) -> None:
         try:
             await asyncio.to_thread(self._stripe().set_auto_advance, invoice_id, False)
         except InvoiceNotFound:
-            log.error("webhook %s: cannot hold draft %s: Stripe has no such invoice (deleted meanwhile?)", event_id,
-                      invoice_id)
+            log.error(
+                "webhook %s: cannot hold draft %s: Stripe has no such invoice (deleted meanwhile?)",
+                event_id,
+                invoice_id,
+            )
             return
         record["held"] = True
         record["held_ms"] = time.time_ns() // 1_000_000
         self._state.put(invoice_id, record)
         await self._save()
-        log.warning("invoice-spike guard: held draft invoice %s of %s (auto_advance false): Stripe will not finalize "
-                    "it until `spendgate invoices release %s`", invoice_id, record["customer"], invoice_id)
+        log.warning(
+            "invoice-spike guard: held draft invoice %s of %s (auto_advance false): Stripe will not finalize "
+            "it until `spendgate invoices release %s`",
+            invoice_id,
+            record["customer"],
+            invoice_id,
+        )
 
     # -- release ----------------------------------------------------------------------------------------------------
 
@@ -347,8 +418,10 @@ class InvoiceGuard:
                 invoice = await asyncio.to_thread(stripe_invoices.retrieve, invoice_id)
                 if invoice.get("status") != "draft":
                     raise _core.EngineError(
-                        "failed_precondition", f"invoice {invoice_id} is {invoice.get('status')!r}, not a draft: it is "
-                        "finalized already, so there is nothing to release")
+                        "failed_precondition",
+                        f"invoice {invoice_id} is {invoice.get('status')!r}, not a draft: it is "
+                        "finalized already, so there is nothing to release",
+                    )
                 updated = await asyncio.to_thread(stripe_invoices.set_auto_advance, invoice_id, True)
             except InvoiceNotFound:
                 raise _core.EngineError("not_found", f"Stripe has no invoice {invoice_id}") from None
@@ -364,18 +437,30 @@ class InvoiceGuard:
                 except RetryLater as error:  # Stripe has it released; a retry records it (and sets it again)
                     record["released_ms"] = 0
                     raise _core.EngineError("unavailable", f"{error}; try again") from None
-        log.warning("invoice-spike guard: draft invoice %s released (auto_advance true)%s", invoice_id,
-                    "" if was_held else "; the guard had not held it")
-        return Release(invoice_id, _id_of(updated.get("customer")), str(updated.get("status") or ""),
-                       bool(updated.get("auto_advance")), was_held, _int(updated.get("total")),
-                       str(updated.get("currency") or ""))
+        log.warning(
+            "invoice-spike guard: draft invoice %s released (auto_advance true)%s",
+            invoice_id,
+            "" if was_held else "; the guard had not held it",
+        )
+        return Release(
+            invoice_id,
+            _id_of(updated.get("customer")),
+            str(updated.get("status") or ""),
+            bool(updated.get("auto_advance")),
+            was_held,
+            _int(updated.get("total")),
+            str(updated.get("currency") or ""),
+        )
 
     # -- internals --------------------------------------------------------------------------------------------------
 
     def _stripe(self) -> StripeInvoices:
         if self._invoices is None:
-            raise _core.EngineError("failed_precondition", "the sidecar has no STRIPE_API_KEY, so it cannot change "
-                                    "invoices: set it (a restricted key needs Invoices write access)")
+            raise _core.EngineError(
+                "failed_precondition",
+                "the sidecar has no STRIPE_API_KEY, so it cannot change "
+                "invoices: set it (a restricted key needs Invoices write access)",
+            )
         return self._invoices
 
     async def _save(self) -> None:
@@ -384,8 +469,9 @@ class InvoiceGuard:
             await self._wait_durable(self._engine.put_document(STATE_DOCUMENT, self._state.to_json()))
         except _core.EngineError as error:
             if error.kind in TRANSIENT_KINDS:
-                raise RetryLater(f"cannot store the invoice guard's records now: {error.kind}: {error.message}") \
-                    from None
+                raise RetryLater(
+                    f"cannot store the invoice guard's records now: {error.kind}: {error.message}"
+                ) from None
             raise
 
 
@@ -395,14 +481,21 @@ def _id_of(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
-def build_guard(settings: Settings, engine: _core.Engine,
-                wait_durable: Callable[[int], Awaitable[None]]) -> InvoiceGuard:
+def build_guard(
+    settings: Settings, engine: _core.Engine, wait_durable: Callable[[int], Awaitable[None]]
+) -> InvoiceGuard:
     """The guard for these settings (without STRIPE_API_KEY it compares nothing and cannot release)."""
     invoices = None
     if settings.stripe_api_key:
         from spendgate.settle.stripe_client import make_client  # noqa: PLC0415 - the SDK only when needed
 
-        invoices = StripeInvoices(make_client(settings.stripe_api_key, settings.stripe_api_base,
-                                              timeout_s=REQUEST_TIMEOUT_S))
-    return InvoiceGuard(engine, wait_durable, spike_percent=settings.invoice_spike_percent,
-                        action=settings.invoice_spike_action, invoices=invoices)
+        invoices = StripeInvoices(
+            make_client(settings.stripe_api_key, settings.stripe_api_base, timeout_s=REQUEST_TIMEOUT_S)
+        )
+    return InvoiceGuard(
+        engine,
+        wait_durable,
+        spike_percent=settings.invoice_spike_percent,
+        action=settings.invoice_spike_action,
+        invoices=invoices,
+    )

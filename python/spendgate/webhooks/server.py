@@ -82,8 +82,9 @@ class WebhookReceiver:
         for secret in self._secrets:
             try:
                 if thin:
-                    stripe.WebhookSignature.verify_header(payload.decode("utf-8"), signature, secret,
-                                                          SIGNATURE_TOLERANCE_S)
+                    stripe.WebhookSignature.verify_header(
+                        payload.decode("utf-8"), signature, secret, SIGNATURE_TOLERANCE_S
+                    )
                 else:
                     stripe.Webhook.construct_event(payload, signature, secret, SIGNATURE_TOLERANCE_S)
                 return True

@@ -56,24 +56,48 @@ def test_reserve_rejects_bad_amounts_naming_the_amount(sidecar):
     with Conn(sidecar.target) as conn:
         s = Scene(conn)
         for amount in (0, -1, -(2**63), MAX_AMOUNT + 1, INT64_MAX):
-            s.check(f"Reserve amount={amount}", INVALID, conn.reserve, s.customer, amount, "", LONG_TTL_MS,
-                    mentions="amount")
+            s.check(
+                f"Reserve amount={amount}",
+                INVALID,
+                conn.reserve,
+                s.customer,
+                amount,
+                "",
+                LONG_TTL_MS,
+                mentions="amount",
+            )
 
 
 def test_reserve_rejects_bad_customer_ids_naming_the_customer_id(sidecar):
     with Conn(sidecar.target) as conn:
         s = Scene(conn)
         for customer in ("", TOO_LONG_ASCII, TOO_LONG_UTF8):
-            s.check(f"Reserve customer_id of {len(customer.encode())} bytes", INVALID, conn.reserve, customer, 10,
-                    "", 0, mentions="customer_id")
+            s.check(
+                f"Reserve customer_id of {len(customer.encode())} bytes",
+                INVALID,
+                conn.reserve,
+                customer,
+                10,
+                "",
+                0,
+                mentions="customer_id",
+            )
 
 
 def test_reserve_rejects_too_long_idempotency_keys_naming_the_key(sidecar):
     with Conn(sidecar.target) as conn:
         s = Scene(conn)
         for key in (TOO_LONG_ASCII, TOO_LONG_UTF8):
-            s.check(f"Reserve idempotency_key of {len(key.encode())} bytes", INVALID, conn.reserve, s.customer, 10, key,
-                    LONG_TTL_MS, mentions="idempotency_key")
+            s.check(
+                f"Reserve idempotency_key of {len(key.encode())} bytes",
+                INVALID,
+                conn.reserve,
+                s.customer,
+                10,
+                key,
+                LONG_TTL_MS,
+                mentions="idempotency_key",
+            )
 
 
 def test_reserve_rejects_a_ttl_above_the_servers_maximum_naming_ttl_ms(sidecar):
@@ -96,16 +120,40 @@ def test_reserve_for_an_unknown_customer_is_not_found_and_creates_nothing(sideca
 def test_a_rejected_reserve_does_not_consume_its_idempotency_key(sidecar):
     with Conn(sidecar.target) as conn:
         s = Scene(conn)
-        s.check("Reserve amount=0 with a fresh key", INVALID, conn.reserve, s.customer, 0, "fresh-key", LONG_TTL_MS,
-                mentions="amount")
-        s.check("Reserve with a fresh key and a bad ttl", INVALID, conn.reserve, s.customer, 5, "fresh-key", UINT64_MAX,
-                mentions="ttl_ms")
+        s.check(
+            "Reserve amount=0 with a fresh key",
+            INVALID,
+            conn.reserve,
+            s.customer,
+            0,
+            "fresh-key",
+            LONG_TTL_MS,
+            mentions="amount",
+        )
+        s.check(
+            "Reserve with a fresh key and a bad ttl",
+            INVALID,
+            conn.reserve,
+            s.customer,
+            5,
+            "fresh-key",
+            UINT64_MAX,
+            mentions="ttl_ms",
+        )
         first = conn.reserve(s.customer, 5, idempotency_key="fresh-key", ttl_ms=LONG_TTL_MS)
         assert first.granted and not first.replayed, "the key was consumed by a rejected request"
         # And a rejected retry of a used key neither replays nor disturbs it.
         s.before = counters(conn.balance(s.customer))
-        s.check("Reserve amount=-1 with a used key", INVALID, conn.reserve, s.customer, -1, "fresh-key", LONG_TTL_MS,
-                mentions="amount")
+        s.check(
+            "Reserve amount=-1 with a used key",
+            INVALID,
+            conn.reserve,
+            s.customer,
+            -1,
+            "fresh-key",
+            LONG_TTL_MS,
+            mentions="amount",
+        )
         again = conn.reserve(s.customer, 5, idempotency_key="fresh-key", ttl_ms=LONG_TTL_MS)
         assert again.replayed and again.reservation_id == first.reservation_id
 
@@ -165,11 +213,24 @@ def test_set_budget_rejects_bad_limits_and_ids_naming_the_field(sidecar):
         for limit in (-1, -(2**63), MAX_AMOUNT + 1, INT64_MAX):
             s.check(f"SetBudget limit={limit}", INVALID, conn.set_budget, s.customer, limit, mentions="limit")
         for customer in ("", TOO_LONG_ASCII, TOO_LONG_UTF8):
-            s.check(f"SetBudget customer_id of {len(customer.encode())} bytes", INVALID, conn.set_budget, customer, 10,
-                    mentions="customer_id")
+            s.check(
+                f"SetBudget customer_id of {len(customer.encode())} bytes",
+                INVALID,
+                conn.set_budget,
+                customer,
+                10,
+                mentions="customer_id",
+            )
         for stripe in (TOO_LONG_ASCII, TOO_LONG_UTF8):
-            s.check(f"SetBudget stripe_customer_id of {len(stripe.encode())} bytes", INVALID, conn.set_budget,
-                    s.customer, 2000, stripe, mentions="stripe_customer_id")
+            s.check(
+                f"SetBudget stripe_customer_id of {len(stripe.encode())} bytes",
+                INVALID,
+                conn.set_budget,
+                s.customer,
+                2000,
+                stripe,
+                mentions="stripe_customer_id",
+            )
         # Rejected creations create nothing.
         fresh = new_customer("never")
         s.check("SetBudget of a new budget with limit=-1", INVALID, conn.set_budget, fresh, -1, mentions="limit")
@@ -188,8 +249,13 @@ def test_get_balance_rejects_bad_customer_ids_naming_the_customer_id(sidecar):
     with Conn(sidecar.target) as conn:
         s = Scene(conn)
         for customer in ("", TOO_LONG_ASCII, TOO_LONG_UTF8):
-            s.check(f"GetBalance customer_id of {len(customer.encode())} bytes", INVALID, conn.balance, customer,
-                    mentions="customer_id")
+            s.check(
+                f"GetBalance customer_id of {len(customer.encode())} bytes",
+                INVALID,
+                conn.balance,
+                customer,
+                mentions="customer_id",
+            )
 
 
 def test_over_commits_past_the_booking_bound_are_refused_and_every_other_customer_is_served_also_after_a_restart(

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 from selenium.webdriver.remote.webdriver import WebDriver
+
 from spendgate.client import Client
 from spendgate.testing.fake_stripe import FakeStripe
-
 from tests.conftest import SidecarFactory
 from tests.python.e2e.test_operator_page_browser import arrive, browser  # noqa: F401 - the browser fixture
 from tests.python.settle._sidecar import wait_drained
@@ -22,9 +22,11 @@ from tests.python.webhooks.test_webhooks import SECRET, webhook_url
 GUARD_S = 60.0  # a hang guard, not a timing assertion
 
 
-def test_an_operator_sees_the_held_invoice_and_the_divergence(browser: WebDriver,  # noqa: F811
-                                                              sidecar_factory: SidecarFactory,
-                                                              tmp_path: Path) -> None:
+def test_an_operator_sees_the_held_invoice_and_the_divergence(
+    browser: WebDriver,  # noqa: F811
+    sidecar_factory: SidecarFactory,
+    tmp_path: Path,
+) -> None:
     with FakeStripe(same_host=True, customers=["cus_Initech"]) as fake:
         env = sidecar_env(fake, reconcile_interval_ms=200, invoice_spike_action="hold")
         env["STRIPE_WEBHOOK_SECRET"] = SECRET

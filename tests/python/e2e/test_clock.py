@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import pytest
+
 from spendgate.testing import Sidecar
 from spendgate.v1 import spendgate_pb2 as pb
-
 from tests.python.server._alerting import Watch, sidecar_env
 
 from ._support import (
@@ -116,13 +116,19 @@ class Stepped:
         return float(values[0])
 
     def wait_steps(self, count: int) -> None:
-        wait_until(lambda: self.metric("spendgate_clock_steps_total"), lambda n: n >= count,
-                   what=f"the sidecar to see step {count}")
+        wait_until(
+            lambda: self.metric("spendgate_clock_steps_total"),
+            lambda n: n >= count,
+            what=f"the sidecar to see step {count}",
+        )
         assert self.metric("spendgate_clock_steps_total") == count
 
     def wait_agreed(self) -> None:
-        wait_until(lambda: self.metric("spendgate_clock_step_pending_seconds"), lambda s: s == 0,
-                   what="the sidecar to see its clocks agree again")
+        wait_until(
+            lambda: self.metric("spendgate_clock_step_pending_seconds"),
+            lambda s: s == 0,
+            what="the sidecar to see its clocks agree again",
+        )
 
     def restart(self, *, kill: bool) -> None:
         if kill:
@@ -177,7 +183,8 @@ def watch_hold_end(conn: Conn, customer: str, reserved: int, ttl_ms: int, sent: 
             assert after >= sent + ttl_s, f"the hold ended early: {after - sent:.3f} s after its Reserve, ttl {ttl_s} s"
             return after
         assert before <= answered + ttl_s + LATE_S, (
-            f"the hold was still open {before - answered:.3f} s after its Reserve, ttl {ttl_s} s: it ended late")
+            f"the hold was still open {before - answered:.3f} s after its Reserve, ttl {ttl_s} s: it ended late"
+        )
         time.sleep(POLL_S)
 
 
@@ -286,7 +293,8 @@ def test_a_step_that_holds_for_the_confirm_window_is_followed(stepped: StepFacto
             after = time.monotonic()
             if balance.period_start_ms != month.period_start_ms:
                 assert after >= stepped_at + confirm_ms / 1000, (
-                    f"the month rolled {after - stepped_at:.3f} s after the step, before it had held {confirm_ms} ms")
+                    f"the month rolled {after - stepped_at:.3f} s after the step, before it had held {confirm_ms} ms"
+                )
                 break
             assert balance.spent == 1_000, balance
             assert before <= stepped_at + confirm_ms / 1000 + LATE_S, "the held step was not followed in time"

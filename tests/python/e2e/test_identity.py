@@ -20,7 +20,6 @@ from spendgate import datacare
 from spendgate.client import Client, HoldEnded
 from spendgate.testing.fake_stripe import FakeStripe
 from spendgate.v1 import spendgate_pb2 as pb
-
 from tests.conftest import SidecarFactory
 from tests.python.settle._load import call_until_ok, stubs
 from tests.python.settle._sidecar import create_budgets, spent, wait_drained, wait_for_status
@@ -91,8 +90,9 @@ def test_backup_commits_restore_commits_stripe_holds_every_acknowledged_unit_onc
     assert fake.totals_by_customer() == {"cus_dr": 300}
 
     sidecar.stop()
-    restored = spendgate_cli("restore", str(backup), "--data-dir", str(sidecar.data_dir), "--force",
-                             env=no_stripe_env())
+    restored = spendgate_cli(
+        "restore", str(backup), "--data-dir", str(sidecar.data_dir), "--force", env=no_stripe_env()
+    )
     assert restored.returncode == 0, restored.stderr
     sidecar.start()
     new_id = commit(sidecar.target, "dr", 300)
@@ -119,8 +119,9 @@ def _restore_crashing_at(step: str, source: Path, data_dir: Path) -> subprocess.
         f"datacare.restore(Path({str(source)!r}), Path({str(data_dir)!r}), force=True, map_size_mb=64)\n"
     )
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(datacare.__file__).parents[1]), env.get("PYTHONPATH"))
-                                        if p)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(Path(datacare.__file__).parents[1]), env.get("PYTHONPATH")) if p
+    )
     return subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -148,12 +149,14 @@ def test_a_restore_killed_after_any_step_leaves_old_or_restored_data_and_serve_r
     crashed = _restore_crashing_at(step, backup, sidecar.data_dir)
     assert crashed.returncode == 137, crashed.stderr
     assert _limit_of(sidecar.data_dir) in (100, 111), "the data dir is the old one or the restored one"
-    refused = spendgate_cli("serve", "--data-dir", str(sidecar.data_dir), "--listen", "127.0.0.1:0",
-                            env=no_stripe_env(), timeout_s=60)
+    refused = spendgate_cli(
+        "serve", "--data-dir", str(sidecar.data_dir), "--listen", "127.0.0.1:0", env=no_stripe_env(), timeout_s=60
+    )
     assert refused.returncode != 0 and "did not finish" in refused.stderr, refused.stderr
 
-    finished = spendgate_cli("restore", str(backup), "--data-dir", str(sidecar.data_dir), "--force",
-                             env=no_stripe_env())
+    finished = spendgate_cli(
+        "restore", str(backup), "--data-dir", str(sidecar.data_dir), "--force", env=no_stripe_env()
+    )
     assert finished.returncode == 0, finished.stderr
     sidecar.start()
     channel, budget, _ = stubs(sidecar.target)
@@ -170,8 +173,9 @@ def test_serve_does_not_recreate_a_data_dir_that_a_restore_says_existed(
     create_budgets(sidecar.target, {"dr": "cus_dr"})
     sidecar.stop()
     sidecar.data_dir.rename(sidecar.data_dir.with_name("gone.before-restore-20261202T000000Z"))
-    refused = spendgate_cli("serve", "--data-dir", str(sidecar.data_dir), "--listen", "127.0.0.1:0",
-                            env=no_stripe_env(), timeout_s=60)
+    refused = spendgate_cli(
+        "serve", "--data-dir", str(sidecar.data_dir), "--listen", "127.0.0.1:0", env=no_stripe_env(), timeout_s=60
+    )
     assert refused.returncode != 0 and "says it existed" in refused.stderr, refused.stderr
     assert not sidecar.data_dir.exists()
 
@@ -193,8 +197,9 @@ def test_every_requeue_of_a_dead_letter_goes_out_under_a_fresh_identifier(
         identifiers.append(letter.identifier)
         if round_ == 2:
             fake.add_customer("cus_initech")  # the fix, before the last requeue
-        requeued = spendgate_cli("deadletter", "requeue", str(letter.seq), "--target", sidecar.target,
-                                 env=no_stripe_env())
+        requeued = spendgate_cli(
+            "deadletter", "requeue", str(letter.seq), "--target", sidecar.target, env=no_stripe_env()
+        )
         assert requeued.returncode == 0, requeued.stderr
     wait_for_status(sidecar.target, lambda s: s.outbox_depth == 0 and s.dead_letters == 0, "delivery")
     assert len(set(identifiers)) == 3 and identifiers[1].endswith("-requeue1") and identifiers[2].endswith("-requeue2")
@@ -227,6 +232,9 @@ def test_a_replay_of_a_released_or_expired_hold_is_denied_and_the_client_raises(
         assert full is not None and full.granted, "the expired hold's units came back"
         replay = client.reserve_raw("cus_r", 400, idempotency_key="job-2", ttl_ms=1_000)
         assert (replay.granted, replay.reason, replay.state) == (
-            False, pb.DENY_REASON_HOLD_ENDED, pb.HOLD_STATE_EXPIRED)
+            False,
+            pb.DENY_REASON_HOLD_ENDED,
+            pb.HOLD_STATE_EXPIRED,
+        )
         balance = client.balance("cus_r")
         assert (balance.spent, balance.reserved) == (0, 1_000), "the full hard budget was not overspent"

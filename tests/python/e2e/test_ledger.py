@@ -14,9 +14,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from spendgate.testing.fake_stripe import FakeStripe
 from spendgate.v1 import spendgate_pb2 as pb
-
 from tests.conftest import SidecarFactory
 from tests.python.settle._load import call_until_ok, stubs
 from tests.python.settle._sidecar import create_budgets, wait_drained, wait_for_status
@@ -35,8 +35,14 @@ def fake() -> Iterator[FakeStripe]:
 def commit(budget: object, customer: str, amount: int, dimensions: dict[str, str] | None = None) -> str:
     reply = call_until_ok(budget.Reserve, pb.ReserveRequest(customer_id=customer, amount=amount))  # type: ignore[attr-defined]
     assert reply.granted, reply
-    call_until_ok(budget.Commit, pb.CommitRequest(reservation_id=reply.reservation_id, amount=amount,  # type: ignore[attr-defined]
-                                                  dimensions=dimensions or {}))
+    call_until_ok(
+        budget.Commit,
+        pb.CommitRequest(
+            reservation_id=reply.reservation_id,
+            amount=amount,  # type: ignore[attr-defined]
+            dimensions=dimensions or {},
+        ),
+    )
     return str(reply.reservation_id)
 
 
@@ -45,19 +51,33 @@ def commit_tokens(budget: object, customer: str) -> str:
     reply = call_until_ok(budget.Reserve, pb.ReserveRequest(customer_id=customer, estimate=estimate))  # type: ignore[attr-defined]
     assert reply.granted, reply
     usage = pb.TokenUsage(input_tokens=800, cached_input_tokens=100, output_tokens=150, reasoning_tokens=20)
-    call_until_ok(budget.Commit, pb.CommitRequest(reservation_id=reply.reservation_id, usage=usage,  # type: ignore[attr-defined]
-                                                  dimensions={"feature": "chat"}))
+    call_until_ok(
+        budget.Commit,
+        pb.CommitRequest(
+            reservation_id=reply.reservation_id,
+            usage=usage,  # type: ignore[attr-defined]
+            dimensions={"feature": "chat"},
+        ),
+    )
     return str(reply.reservation_id)
 
 
-def list_all(admin: object, customer: str, period: str = "", limit: int = 0, after: int = 0
-             ) -> tuple[list[pb.LedgerEntry], int]:
+def list_all(
+    admin: object, customer: str, period: str = "", limit: int = 0, after: int = 0
+) -> tuple[list[pb.LedgerEntry], int]:
     """Every page from `after`; the entries and the last cursor."""
     entries: list[pb.LedgerEntry] = []
     deadline = time.monotonic() + HANG_GUARD_S
     while True:
-        page = admin.ListLedger(pb.ListLedgerRequest(customer_id=customer, period=period, after=after,  # type: ignore[attr-defined]
-                                                     limit=limit), timeout=10)
+        page = admin.ListLedger(
+            pb.ListLedgerRequest(
+                customer_id=customer,
+                period=period,
+                after=after,  # type: ignore[attr-defined]
+                limit=limit,
+            ),
+            timeout=10,
+        )
         assert all(after < e.seq <= page.next_after for e in page.entries)
         entries += page.entries
         if not page.more:
@@ -120,7 +140,8 @@ def test_pages_neither_skip_nor_repeat_an_entry_while_commits_go_on(sidecar_fact
 
 
 def test_each_entry_shows_its_settlement_state_and_the_meter_events_that_carry_it(
-        sidecar_factory: SidecarFactory, fake: FakeStripe) -> None:
+    sidecar_factory: SidecarFactory, fake: FakeStripe
+) -> None:
     sidecar = sidecar_factory("states", env=sidecar_env(fake))
     create_budgets(sidecar.target, {"acme": "cus_acme", "initech": "cus_initech"})  # Stripe lacks cus_initech
     channel, budget, admin = stubs(sidecar.target)
@@ -147,8 +168,12 @@ def test_each_entry_shows_its_settlement_state_and_the_meter_events_that_carry_i
 
         token = by_rsv[tokens]
         assert token.state == pb.SETTLEMENT_STATE_SENT and token.model == TOKEN_MODEL
-        assert {p.token_type: p.tokens for p in token.parts} == {"input": 800, "cached_input": 100, "output": 150,
-                                                                  "reasoning": 20}
+        assert {p.token_type: p.tokens for p in token.parts} == {
+            "input": 800,
+            "cached_input": 100,
+            "output": 150,
+            "reasoning": 20,
+        }
         assert sum(p.units for p in token.parts) == token.amount
         # One event per wire token type (reasoning goes out as output), each at Stripe with its tokens.
         expected = {f"sg-{tokens}-input": 800, f"sg-{tokens}-output": 170, f"sg-{tokens}-cached_input": 100}
@@ -167,18 +192,20 @@ def test_each_entry_shows_its_settlement_state_and_the_meter_events_that_carry_i
 
 
 def export(target: str, customer: str, fmt: str, *extra: str) -> tuple[str, str]:
-    done = spendgate_cli("ledger", "export", customer, "--format", fmt, "--target", target, *extra,
-                         env=no_stripe_env())
+    done = spendgate_cli("ledger", "export", customer, "--format", fmt, "--target", target, *extra, env=no_stripe_env())
     assert done.returncode == 0, done.stderr
     return done.stdout, done.stderr
 
 
 def test_an_export_adds_up_to_get_usage_in_csv_and_json_lines_and_an_org_lists_its_members(
-        sidecar_factory: SidecarFactory, fake: FakeStripe, tmp_path: Path) -> None:
+    sidecar_factory: SidecarFactory, fake: FakeStripe, tmp_path: Path
+) -> None:
     sidecar = sidecar_factory("export", env=sidecar_env(fake))
     channel, budget, admin = stubs(sidecar.target)
     with channel:
-        call_until_ok(admin.SetBudget, pb.SetBudgetRequest(customer_id="org", limit=10**9, stripe_customer_id="cus_org"))
+        call_until_ok(
+            admin.SetBudget, pb.SetBudgetRequest(customer_id="org", limit=10**9, stripe_customer_id="cus_org")
+        )
         call_until_ok(admin.SetBudget, pb.SetBudgetRequest(customer_id="team", limit=10**9, parent_id="org"))
         create_budgets(sidecar.target, {"acme": "cus_acme"})
         for n in range(30):
@@ -218,7 +245,8 @@ def test_an_export_adds_up_to_get_usage_in_csv_and_json_lines_and_an_org_lists_i
 
 
 def test_an_export_of_a_closed_period_includes_the_archived_entries(
-        sidecar_factory: SidecarFactory, fake: FakeStripe) -> None:
+    sidecar_factory: SidecarFactory, fake: FakeStripe
+) -> None:
     env = sidecar_env(fake, ledger_retention_days=0, prune_interval_ms=100)
     sidecar = sidecar_factory("archive", env=env)
     now_ms = time.time_ns() // 1_000_000
@@ -226,8 +254,10 @@ def test_an_export_of_a_closed_period_includes_the_archived_entries(
     channel, budget, admin = stubs(sidecar.target)
     with channel:
         period = pb.Period(kind=pb.PERIOD_KIND_FIXED, start_ms=start_ms, end_ms=end_ms)
-        call_until_ok(admin.SetBudget, pb.SetBudgetRequest(customer_id="acme", limit=10**9,
-                                                            stripe_customer_id="cus_acme", period=period))
+        call_until_ok(
+            admin.SetBudget,
+            pb.SetBudgetRequest(customer_id="acme", limit=10**9, stripe_customer_id="cus_acme", period=period),
+        )
         create_budgets(sidecar.target, {"initech": "cus_initech"})  # another customer's entries stay out
         amounts = [3, 1, 4, 1, 5, 9, 2, 6]
         for amount in amounts:
@@ -287,23 +317,26 @@ def test_bad_input_is_a_clear_error(sidecar_factory: SidecarFactory) -> None:
         still, _ = list_all(admin, "acme")
         assert [e.amount for e in still] == [4]  # nothing changed
 
-    done = spendgate_cli("ledger", "export", "nobody", "--format", "csv", "--target", sidecar.target,
-                         env=no_stripe_env())
+    done = spendgate_cli(
+        "ledger", "export", "nobody", "--format", "csv", "--target", sidecar.target, env=no_stripe_env()
+    )
     assert done.returncode == 1 and "NOT_FOUND" in done.stderr and done.stdout == ""
-    done = spendgate_cli("ledger", "export", "acme", "--format", "xml", "--target", sidecar.target,
-                         env=no_stripe_env())
+    done = spendgate_cli("ledger", "export", "acme", "--format", "xml", "--target", sidecar.target, env=no_stripe_env())
     assert done.returncode == 2 and "invalid choice: 'xml'" in done.stderr
 
 
 def test_a_credit_grant_is_listed_as_a_grant_never_billed_and_an_export_still_adds_up_to_get_usage(
-        sidecar_factory: SidecarFactory, fake: FakeStripe) -> None:
+    sidecar_factory: SidecarFactory, fake: FakeStripe
+) -> None:
     sidecar = sidecar_factory("grants", env=sidecar_env(fake))
     channel, budget, admin = stubs(sidecar.target)
     with channel:
         create_budgets(sidecar.target, {"acme": "cus_acme"})
         commit(budget, "acme", 7)
-        call_until_ok(admin.GrantCredits, pb.GrantCreditsRequest(customer_id="acme", amount=500, idempotency_key="g-1",
-                                                                 reason="goodwill"))
+        call_until_ok(
+            admin.GrantCredits,
+            pb.GrantCreditsRequest(customer_id="acme", amount=500, idempotency_key="g-1", reason="goodwill"),
+        )
         commit(budget, "acme", 5)
         wait_drained(sidecar.target)
         entries, _ = list_all(admin, "acme")

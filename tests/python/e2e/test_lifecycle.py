@@ -7,9 +7,9 @@ import random
 from ._support import (
     ACTIVE,
     INSUFFICIENT,
-    NO_STATE,
     LONG_TTL_MS,
     MAX_AMOUNT,
+    NO_STATE,
     RELEASED,
     TOO_MANY_HOLDS,
     Conn,

@@ -29,8 +29,8 @@ from ._support import (
     COMMITTED,
     HOLD_ENDED,
     INSUFFICIENT,
-    NO_STATE,
     LONG_TTL_MS,
+    NO_STATE,
     RELEASED,
     Conn,
     counters,
@@ -220,8 +220,9 @@ class SpendgateMachine(RuleBasedStateMachine):
         open_ids = sorted(rid for rid, h in self.holds.items() if h.state == "active")
         rid = data.draw(st.sampled_from(open_ids), label="rid")
         hold = self.holds[rid]
-        amount = data.draw(st.one_of(st.integers(0, hold.amount), st.integers(hold.amount + 1, hold.amount + 200)),
-                           label="amount")
+        amount = data.draw(
+            st.one_of(st.integers(0, hold.amount), st.integers(hold.amount + 1, hold.amount + 200)), label="amount"
+        )
         self.commit(rid, amount)
 
     @rule(rid=reservations)

@@ -54,8 +54,9 @@ def arrive(driver: WebDriver, title: str) -> str:
     return visible_text(driver)
 
 
-def test_a_person_signs_in_searches_and_opens_a_customer(browser: WebDriver, operator_sidecar: Sidecar,
-                                                         tmp_path: Path) -> None:
+def test_a_person_signs_in_searches_and_opens_a_customer(
+    browser: WebDriver, operator_sidecar: Sidecar, tmp_path: Path
+) -> None:
     browser.get(f"{operator_sidecar.http_url}/")
     assert "needs one of the sidecar's admin tokens" in arrive(browser, "Sign in")
     browser.find_element(By.NAME, "token").send_keys(ADMIN_TOKEN)
@@ -89,8 +90,9 @@ def test_a_person_signs_in_searches_and_opens_a_customer(browser: WebDriver, ope
     header = browser.find_element(By.TAG_NAME, "header")
     assert header.value_of_css_property("background-color") == "rgba(29, 35, 48, 1)"
     assert browser.find_elements(By.CSS_SELECTOR, "svg.bar rect"), "the usage bars are drawn"
-    violations = [entry["message"] for entry in browser.get_log("browser") if "Content Security Policy" in
-                  entry["message"]]
+    violations = [
+        entry["message"] for entry in browser.get_log("browser") if "Content Security Policy" in entry["message"]
+    ]
     assert violations == []
 
     browser.find_element(By.CSS_SELECTOR, "header form.sign-out button").click()
@@ -105,7 +107,8 @@ def test_the_page_refuses_a_wrong_token_in_the_browser_too(browser: WebDriver, o
     arrive(browser, "Sign in")
     browser.find_element(By.NAME, "token").send_keys("not-the-admin-token-0123456789")
     browser.find_element(By.CSS_SELECTOR, "main form button").click()
-    WebDriverWait(browser, PAGE_LOAD_GUARD_S).until(expected_conditions.text_to_be_present_in_element(
-        (By.TAG_NAME, "main"), "That is not one of"))
+    WebDriverWait(browser, PAGE_LOAD_GUARD_S).until(
+        expected_conditions.text_to_be_present_in_element((By.TAG_NAME, "main"), "That is not one of")
+    )
     text = visible_text(browser)
     assert "That is not one of the sidecar's admin tokens." in text and "1,234,567" not in text

@@ -19,7 +19,6 @@ import pytest
 from spendgate.store_reader import StoreReader
 from spendgate.testing import Sidecar
 from spendgate.v1 import spendgate_pb2 as pb
-
 from tests.conftest import SidecarFactory
 from tests.python.e2e._support import (
     LONG_TTL_MS,
@@ -69,8 +68,9 @@ def test_an_estimate_reserves_the_worst_case_and_usage_is_charged_exactly(priced
         # Worst case: 1,000 input tokens at the dearest input rate ($3.75), 500 at the dearest output rate ($20):
         # 3,750 + 10,000 = 13,750 micro-USD, plus 10 % = 15,125.
         assert (hold.granted, hold.amount, hold.priced_model) == (True, 15_125, "test-model")
-        used = pb.TokenUsage(input_tokens=400, cached_input_tokens=500, cache_write_tokens=100, output_tokens=300,
-                             reasoning_tokens=100)
+        used = pb.TokenUsage(
+            input_tokens=400, cached_input_tokens=500, cache_write_tokens=100, output_tokens=300, reasoning_tokens=100
+        )
         committed = commit(conn, hold.reservation_id, usage=used)
         # 1,200 + 150 (cached at $0.30, not at the input rate) + 375 + 4,500 + 2,000 = 8,225; x 1.1 = 9,047.5 -> 9,048
         # (rounded up once per call).
@@ -86,8 +86,12 @@ def test_a_cache_hit_charges_nothing(priced: Sidecar) -> None:
     customer = new_customer()
     with Conn(priced.target) as conn:
         set_budget(conn, customer, limit=1_000_000)
-        hold = reserve(conn, customer, estimate=pb.TokenEstimate(model="test-model", input_tokens=10, max_output_tokens=10))
-        reply = commit(conn, hold.reservation_id, usage=pb.TokenUsage(input_tokens=10, output_tokens=10, cache_hit=True))
+        hold = reserve(
+            conn, customer, estimate=pb.TokenEstimate(model="test-model", input_tokens=10, max_output_tokens=10)
+        )
+        reply = commit(
+            conn, hold.reservation_id, usage=pb.TokenUsage(input_tokens=10, output_tokens=10, cache_hit=True)
+        )
         assert (reply.charged, list(reply.parts)) == (0, [])
         assert conn.balance(customer).spent == 0
 
@@ -96,13 +100,22 @@ def test_an_unknown_model_is_denied_and_holds_nothing(priced: Sidecar) -> None:
     customer = new_customer()
     with Conn(priced.target) as conn:
         set_budget(conn, customer, limit=1_000_000)
-        denied = reserve(conn, customer, estimate=pb.TokenEstimate(model="gpt-nope", input_tokens=10, max_output_tokens=10))
+        denied = reserve(
+            conn, customer, estimate=pb.TokenEstimate(model="gpt-nope", input_tokens=10, max_output_tokens=10)
+        )
         assert (denied.granted, denied.reason) == (False, pb.DENY_REASON_UNKNOWN_MODEL)
         assert "gpt-nope" in denied.message
         balance = conn.balance(customer)
         assert (balance.reserved, balance.active_holds) == (0, 0)
-        expect_rpc_error(grpc.StatusCode.INVALID_ARGUMENT, reserve, conn, customer, amount=5,
-                         estimate=pb.TokenEstimate(model="test-model", input_tokens=1), mentions="not both")
+        expect_rpc_error(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            reserve,
+            conn,
+            customer,
+            amount=5,
+            estimate=pb.TokenEstimate(model="test-model", input_tokens=1),
+            mentions="not both",
+        )
 
 
 def test_64_clients_across_an_org_s_members_never_overspend_either_level(sidecar: Sidecar) -> None:
@@ -152,15 +165,21 @@ def test_a_period_rolls_over_keeps_its_history_and_survives_kill_9(sidecar: Side
     sidecar.kill9()
     sidecar.restart()
     with Conn(sidecar.target) as conn:
-        rolled = wait_until(lambda: conn.balance(customer), lambda b: b.period_start_ms > start_ms,
-                            what="the period to roll over")
+        rolled = wait_until(
+            lambda: conn.balance(customer), lambda b: b.period_start_ms > start_ms, what="the period to roll over"
+        )
         assert (rolled.spent, rolled.limit, rolled.included) == (0, 100, 50)
         assert rolled.period_end_ms - rolled.period_start_ms == 3_000
         hold = conn.reserve(customer, 40, ttl_ms=LONG_TTL_MS)
         assert hold.granted, "spend starts again in the new period"
         conn.commit(hold.reservation_id, 40)
         previous = usage(conn, customer, "previous")
-        assert (previous.total, previous.current, previous.overage, previous.period_start_ms) == (70, False, 20, start_ms)
+        assert (previous.total, previous.current, previous.overage, previous.period_start_ms) == (
+            70,
+            False,
+            20,
+            start_ms,
+        )
         current = usage(conn, customer)
         assert (current.total, current.current, current.included_remaining) == (40, True, 10)
 
@@ -184,8 +203,10 @@ def test_soft_mode_grants_past_the_limit_and_the_kill_switch_blocks_overage(side
 
 def test_the_breaker_freezes_a_runaway_after_steady_use(sidecar_factory: SidecarFactory) -> None:
     # A 1.2 s "hour" and a 12 s trailing window, so that a runaway is seconds of real time.
-    sidecar = sidecar_factory("breaker", extra_args=[
-        "--breaker-multiplier", "10", "--breaker-recent-ms", "1200", "--breaker-window-ms", "12000"])
+    sidecar = sidecar_factory(
+        "breaker",
+        extra_args=["--breaker-multiplier", "10", "--breaker-recent-ms", "1200", "--breaker-window-ms", "12000"],
+    )
     customer = new_customer()
     with Conn(sidecar.target) as conn:
         set_budget(conn, customer, limit=10**12)
@@ -217,17 +238,27 @@ def test_get_usage_adds_up_to_the_ledger(priced: Sidecar) -> None:
             if n % 5 == 0:
                 commit(conn, hold.reservation_id, amount=7 * n, dimensions={"action": f"a{n % 4}"})
             else:
-                used = pb.TokenUsage(input_tokens=90 + n, cached_input_tokens=n, output_tokens=40, reasoning_tokens=n % 3)
+                used = pb.TokenUsage(
+                    input_tokens=90 + n, cached_input_tokens=n, output_tokens=40, reasoning_tokens=n % 3
+                )
                 commit(conn, hold.reservation_id, usage=used, dimensions={"action": f"a{n % 4}"})
         reports = {customer: usage(conn, customer) for customer in (org, alice, bob)}
     with StoreReader(priced.data_dir) as store:
         ledger = list(store.ledger())
     for customer, report in reports.items():
-        mine = [e for e in ledger if customer in (e["customer_id"], e.get("parent"))
-                and (e["period_start_ms"] if e["customer_id"] == customer else report.period_start_ms) == report.period_start_ms]
+        mine = [
+            e
+            for e in ledger
+            if customer in (e["customer_id"], e.get("parent"))
+            and (e["period_start_ms"] if e["customer_id"] == customer else report.period_start_ms)
+            == report.period_start_ms
+        ]
         assert report.total == sum(e["amount"] for e in mine) and report.commits == len(mine)
-        by_day = collections.Counter(dt.datetime.fromtimestamp(e["ts_ms"] / 1000, dt.UTC).date().isoformat() for e in mine
-                                     for _ in range(e["amount"]))
+        by_day = collections.Counter(
+            dt.datetime.fromtimestamp(e["ts_ms"] / 1000, dt.UTC).date().isoformat()
+            for e in mine
+            for _ in range(e["amount"])
+        )
         assert {d.date: d.units for d in report.daily if d.units} == dict(by_day)
         models: collections.Counter[tuple[str, str]] = collections.Counter()
         for entry in mine:
@@ -248,14 +279,17 @@ def test_get_usage_adds_up_to_the_ledger(priced: Sidecar) -> None:
     assert reports[org].total == reports[alice].total + reports[bob].total
 
 
-def test_the_price_file_reloads_while_serving_on_change_and_on_sighup(sidecar_factory: SidecarFactory,
-                                                                      tmp_path: Path) -> None:
+def test_the_price_file_reloads_while_serving_on_change_and_on_sighup(
+    sidecar_factory: SidecarFactory, tmp_path: Path
+) -> None:
     import os
     import signal
 
     prices = tmp_path / "reloading.toml"
     prices.write_text(PRICES)
-    sidecar = sidecar_factory("reloading", extra_args=["--price-table", str(prices), "--price-reload-interval-ms", "50"])
+    sidecar = sidecar_factory(
+        "reloading", extra_args=["--price-table", str(prices), "--price-reload-interval-ms", "50"]
+    )
     customer = new_customer()
     estimate = pb.TokenEstimate(model="test-model", input_tokens=1_000, max_output_tokens=500)
     with Conn(sidecar.target) as conn:
@@ -280,8 +314,9 @@ def test_the_price_file_reloads_while_serving_on_change_and_on_sighup(sidecar_fa
 def test_an_operator_sets_and_removes_a_customers_stop_at_and_get_balance_shows_it(sidecar: Sidecar) -> None:
     customer = new_customer()
     with Conn(sidecar.target) as conn:
-        set_reply = conn.admin.SetBudget(pb.SetBudgetRequest(customer_id=customer, limit=1_000, stop_at=300),
-                                         timeout=RPC_TIMEOUT_S)
+        set_reply = conn.admin.SetBudget(
+            pb.SetBudgetRequest(customer_id=customer, limit=1_000, stop_at=300), timeout=RPC_TIMEOUT_S
+        )
         assert set_reply.balance.stop_at == 300
         assert conn.balance(customer).stop_at == 300
         assert conn.reserve(customer, 300).granted

@@ -25,7 +25,6 @@ from spendgate.client import (
 )
 from spendgate.testing import Sidecar
 from spendgate.v1 import spendgate_pb2 as pb
-
 from tests.conftest import SidecarFactory
 from tests.python.e2e._support import LONG_TTL_MS, model_prices, new_customer
 
@@ -43,8 +42,9 @@ THREADS = 32
 def gate(sidecar_factory: SidecarFactory, tmp_path: Path) -> Sidecar:
     prices = tmp_path / "prices.toml"
     prices.write_text(PRICES)
-    return sidecar_factory("gate", extra_args=["--price-table", str(prices), "--app-tokens", APP_TOKEN,
-                                               "--admin-tokens", ADMIN_TOKEN])
+    return sidecar_factory(
+        "gate", extra_args=["--price-table", str(prices), "--app-tokens", APP_TOKEN, "--admin-tokens", ADMIN_TOKEN]
+    )
 
 
 @pytest.fixture
@@ -63,8 +63,15 @@ def books(client: Client, customer_id: str) -> dict[str, Any]:
     """What a call may change: the balance and the period's usage record."""
     balance, usage = client.balance(customer_id), client.usage(customer_id)
     return {
-        "balance": (balance.limit, balance.spent, balance.reserved, balance.remaining, balance.active_holds,
-                    balance.overdraft, balance.credits),
+        "balance": (
+            balance.limit,
+            balance.spent,
+            balance.reserved,
+            balance.remaining,
+            balance.active_holds,
+            balance.overdraft,
+            balance.credits,
+        ),
         "usage": (usage.total, usage.commits, usage.credits_granted, usage.grants, usage.credits, usage.limit),
     }
 
@@ -76,8 +83,9 @@ def parts(message: pb.QuoteResponse | pb.ReserveResponse) -> list[tuple[str, int
 # -- Quote ----------------------------------------------------------------------------------------------------------
 
 
-def quote_then_reserve(app: Client, admin: Client, customer: str, **asked: Any) -> tuple[pb.QuoteResponse,
-                                                                                      pb.ReserveResponse]:
+def quote_then_reserve(
+    app: Client, admin: Client, customer: str, **asked: Any
+) -> tuple[pb.QuoteResponse, pb.ReserveResponse]:
     """Quote, check it changed nothing, then Reserve the same thing (released again if granted)."""
     before = books(admin, customer)
     quoted = app.quote(customer, **asked)

@@ -20,12 +20,12 @@ from pathlib import Path
 import grpc
 import grpc.aio
 import pytest
+
 from spendgate.ledger_archive import archived_entries, committed_lengths
 from spendgate.store_reader import StoreReader
 from spendgate.testing.fake_stripe import FakeStripe
 from spendgate.v1 import spendgate_pb2 as pb
 from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
-
 from tests.conftest import SidecarFactory
 from tests.python.settle._sidecar import create_budgets, wait_drained
 from tests.python.settle._support import sidecar_env
@@ -65,8 +65,12 @@ def fixed_periods(target: str) -> None:
         admin = pb_grpc.AdminStub(channel)
         for customer in CUSTOMERS:
             period = pb.Period(kind=pb.PERIOD_KIND_FIXED, start_ms=now_ms, end_ms=now_ms + PERIOD_MS)
-            admin.SetBudget(pb.SetBudgetRequest(customer_id=customer, limit=10**15, stripe_customer_id=f"cus_{customer}",
-                                                period=period), timeout=RPC_TIMEOUT_S)
+            admin.SetBudget(
+                pb.SetBudgetRequest(
+                    customer_id=customer, limit=10**15, stripe_customer_id=f"cus_{customer}", period=period
+                ),
+                timeout=RPC_TIMEOUT_S,
+            )
 
 
 async def serve_pairs(target: str, pairs: int) -> tuple[int, list[str]]:
@@ -82,13 +86,15 @@ async def serve_pairs(target: str, pairs: int) -> tuple[int, list[str]]:
             for n in next_pair:
                 amount = 1 + n % 7
                 customer = CUSTOMERS[n % len(CUSTOMERS)]
-                reply = await budget.Reserve(pb.ReserveRequest(customer_id=customer, amount=amount),
-                                             timeout=RPC_TIMEOUT_S)
+                reply = await budget.Reserve(
+                    pb.ReserveRequest(customer_id=customer, amount=amount), timeout=RPC_TIMEOUT_S
+                )
                 if not reply.granted:
                     problems.append(f"pair {n}: denied {reply}")
                     continue
-                await budget.Commit(pb.CommitRequest(reservation_id=reply.reservation_id, amount=amount),
-                                    timeout=RPC_TIMEOUT_S)
+                await budget.Commit(
+                    pb.CommitRequest(reservation_id=reply.reservation_id, amount=amount), timeout=RPC_TIMEOUT_S
+                )
                 committed += amount
 
         results = await asyncio.gather(*(worker() for _ in range(CONCURRENCY)), return_exceptions=True)
@@ -159,8 +165,12 @@ def test_open_holds_fill_map_max_mb_and_every_one_still_commits_or_releases(
         budget = pb_grpc.BudgetStub(channel)
         for n in range(20_000):  # a hang guard: the refusal comes far earlier
             try:
-                reply = budget.Reserve(pb.ReserveRequest(customer_id="fill", amount=1 + n % 5, ttl_ms=3_600_000,
-                                                         dimensions=widest_dimensions(n)), timeout=RPC_TIMEOUT_S)
+                reply = budget.Reserve(
+                    pb.ReserveRequest(
+                        customer_id="fill", amount=1 + n % 5, ttl_ms=3_600_000, dimensions=widest_dimensions(n)
+                    ),
+                    timeout=RPC_TIMEOUT_S,
+                )
             except grpc.RpcError as error:
                 refusal = error
                 break
@@ -176,8 +186,10 @@ def test_open_holds_fill_map_max_mb_and_every_one_still_commits_or_releases(
                 budget.Release(pb.ReleaseRequest(reservation_id=reservation_id), timeout=RPC_TIMEOUT_S)
                 continue
             amount = 1 + n % 5
-            budget.Commit(pb.CommitRequest(reservation_id=reservation_id, amount=amount,
-                                           dimensions=widest_dimensions(n)), timeout=RPC_TIMEOUT_S)
+            budget.Commit(
+                pb.CommitRequest(reservation_id=reservation_id, amount=amount, dimensions=widest_dimensions(n)),
+                timeout=RPC_TIMEOUT_S,
+            )
             committed += amount
         balance = budget.GetBalance(pb.GetBalanceRequest(customer_id="fill"), timeout=RPC_TIMEOUT_S)
     assert (balance.spent, balance.reserved) == (committed, 0), balance

@@ -23,6 +23,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.wait import WebDriverWait
+
 from spendgate.client import BudgetExceeded, Client
 from spendgate.service.usage_links import (
     SECRET_FILE_NAME,
@@ -32,7 +33,6 @@ from spendgate.service.usage_links import (
 )
 from spendgate.testing import Sidecar
 from spendgate.v1 import spendgate_pb2 as pb
-
 from tests.conftest import SidecarFactory
 from tests.python.e2e._browser import PAGE_LOAD_GUARD_S, headless_chromium
 
@@ -59,8 +59,10 @@ class AppOrigin:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                body = (f'<!doctype html><title>App settings</title><h1>Your plan</h1>'
-                        f'<iframe id="usage" src="{origin.frame_src}" width="900" height="1200"></iframe>').encode()
+                body = (
+                    f"<!doctype html><title>App settings</title><h1>Your plan</h1>"
+                    f'<iframe id="usage" src="{origin.frame_src}" width="900" height="1200"></iframe>'
+                ).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "text/html; charset=utf-8")
                 self.send_header("Content-Length", str(len(body)))
@@ -92,10 +94,18 @@ def app_origin() -> Iterator[AppOrigin]:
 
 @pytest.fixture
 def usage_sidecar(sidecar_factory: SidecarFactory, app_origin: AppOrigin) -> Sidecar:
-    sidecar = sidecar_factory("usage", http=True, extra_args=[
-        "--admin-tokens", ADMIN_TOKEN, "--display-unit", "usd_micros",
-        "--usage-page-frame-ancestors", app_origin.url,
-    ])
+    sidecar = sidecar_factory(
+        "usage",
+        http=True,
+        extra_args=[
+            "--admin-tokens",
+            ADMIN_TOKEN,
+            "--display-unit",
+            "usd_micros",
+            "--usage-page-frame-ancestors",
+            app_origin.url,
+        ],
+    )
     # A fixed 30-day period that started two days ago: no month boundary can fall inside a test run.
     now_ms = time.time_ns() // 1_000_000
     period = pb.Period(kind=pb.PERIOD_KIND_FIXED, start_ms=now_ms - 2 * DAY_MS, end_ms=now_ms + 28 * DAY_MS)
@@ -104,8 +114,12 @@ def usage_sidecar(sidecar_factory: SidecarFactory, app_origin: AppOrigin) -> Sid
         for member in ("alice", "bob"):
             client.set_budget(member, 50 * DOLLAR, parent_id="org-acme")
         client.set_budget("globex", 9 * DOLLAR, "cus_Globex")
-        for member, action, amount in (("alice", "generate report", 3_400_000), ("bob", "chat", 1_200_000),
-                                       ("alice", "chat", 700_000), ("bob", "summarize", 2_500_000)):
+        for member, action, amount in (
+            ("alice", "generate report", 3_400_000),
+            ("bob", "chat", 1_200_000),
+            ("alice", "chat", 700_000),
+            ("bob", "summarize", 2_500_000),
+        ):
             with client.reserve(member, amount, dimensions={"action": action}) as hold:
                 hold.commit(amount)
         with client.reserve("globex", 4 * DOLLAR) as hold:
@@ -144,8 +158,9 @@ def with_params(url: str, **changes: str) -> str:
     return parts._replace(query=urlencode(query)).geturl()
 
 
-def test_a_valid_link_shows_the_customer_its_numbers_first(browser: WebDriver, usage_sidecar: Sidecar,
-                                                           tmp_path: Path) -> None:
+def test_a_valid_link_shows_the_customer_its_numbers_first(
+    browser: WebDriver, usage_sidecar: Sidecar, tmp_path: Path
+) -> None:
     url = link(usage_sidecar, "org-acme", ttl_s=600)
     assert url.startswith(f"{usage_sidecar.http_url}/usage/org-acme?")
     text = open_page(browser, url, "Usage - org-acme")
@@ -178,8 +193,9 @@ def test_a_valid_link_shows_the_customer_its_numbers_first(browser: WebDriver, u
     assert csp_violations(browser) == []
 
 
-def test_expired_tampered_and_foreign_links_open_nothing(browser: WebDriver, usage_sidecar: Sidecar,
-                                                         tmp_path: Path) -> None:
+def test_expired_tampered_and_foreign_links_open_nothing(
+    browser: WebDriver, usage_sidecar: Sidecar, tmp_path: Path
+) -> None:
     valid = link(usage_sidecar, "org-acme", ttl_s=600, allow_limit=True, ceiling=40 * DOLLAR)
     # Expired: a link signed with the sidecar's own key, whose expiry has passed.
     key = (Path(usage_sidecar.data_dir) / SECRET_FILE_NAME).read_bytes().strip()
@@ -204,7 +220,8 @@ def test_expired_tampered_and_foreign_links_open_nothing(browser: WebDriver, usa
 
 
 def test_the_stop_at_control_within_and_past_the_ceiling_and_reserve_denies_at_it(
-        browser: WebDriver, usage_sidecar: Sidecar, tmp_path: Path) -> None:
+    browser: WebDriver, usage_sidecar: Sidecar, tmp_path: Path
+) -> None:
     url = link(usage_sidecar, "org-acme", ttl_s=600, allow_limit=True, ceiling=40 * DOLLAR)
     text = open_page(browser, url, "Usage - org-acme")
     assert "You can set up to $40.00" in text
@@ -215,7 +232,8 @@ def test_the_stop_at_control_within_and_past_the_ceiling_and_reserve_denies_at_i
     field.send_keys("10")
     browser.find_element(By.CSS_SELECTOR, "button[value=set]").click()
     WebDriverWait(browser, PAGE_LOAD_GUARD_S).until(
-        expected_conditions.text_to_be_present_in_element((By.TAG_NAME, "main"), "Saved"))
+        expected_conditions.text_to_be_present_in_element((By.TAG_NAME, "main"), "Saved")
+    )
     text = visible_text(browser)
     screenshot(browser, "stop-at-saved", tmp_path)
     assert "Saved: your usage stops at $10.00." in text and "Your own stop-at $10.00" in text
@@ -238,7 +256,8 @@ def test_the_stop_at_control_within_and_past_the_ceiling_and_reserve_denies_at_i
     field.send_keys("45")
     browser.find_element(By.CSS_SELECTOR, "button[value=set]").click()
     WebDriverWait(browser, PAGE_LOAD_GUARD_S).until(
-        expected_conditions.text_to_be_present_in_element((By.TAG_NAME, "main"), "Not saved"))
+        expected_conditions.text_to_be_present_in_element((By.TAG_NAME, "main"), "Not saved")
+    )
     text = visible_text(browser)
     screenshot(browser, "stop-at-past-ceiling", tmp_path)
     assert "Not saved: $45.00 is more than $40.00, the most this page can set." in text
@@ -259,7 +278,8 @@ def test_the_stop_at_control_within_and_past_the_ceiling_and_reserve_denies_at_i
     open_page(browser, url, "Usage - org-acme")
     browser.find_element(By.CSS_SELECTOR, "button[value=remove]").click()
     WebDriverWait(browser, PAGE_LOAD_GUARD_S).until(
-        expected_conditions.text_to_be_present_in_element((By.TAG_NAME, "main"), "removed"))
+        expected_conditions.text_to_be_present_in_element((By.TAG_NAME, "main"), "removed")
+    )
     assert "Your own stop-at none" in visible_text(browser)
     with Client(usage_sidecar.target, token=ADMIN_TOKEN) as client:
         client.reserve("alice", 2_300_000).release()
@@ -278,8 +298,9 @@ def test_a_view_link_cannot_set_the_stop_at(usage_sidecar: Sidecar) -> None:
         assert client.balance("globex").remaining == 5 * DOLLAR
 
 
-def test_the_app_origin_frames_the_page_and_no_other_page_is_framed(browser: WebDriver, usage_sidecar: Sidecar,
-                                                                    app_origin: AppOrigin, tmp_path: Path) -> None:
+def test_the_app_origin_frames_the_page_and_no_other_page_is_framed(
+    browser: WebDriver, usage_sidecar: Sidecar, app_origin: AppOrigin, tmp_path: Path
+) -> None:
     url = link(usage_sidecar, "org-acme", ttl_s=600)
     with urllib.request.urlopen(url, timeout=PAGE_LOAD_GUARD_S) as response:
         assert f"frame-ancestors {app_origin.url}" in response.headers["Content-Security-Policy"]
@@ -288,9 +309,11 @@ def test_the_app_origin_frames_the_page_and_no_other_page_is_framed(browser: Web
     app_origin.frame_src = url
     browser.get(app_origin.url)
     WebDriverWait(browser, PAGE_LOAD_GUARD_S).until(
-        expected_conditions.frame_to_be_available_and_switch_to_it((By.ID, "usage")))
+        expected_conditions.frame_to_be_available_and_switch_to_it((By.ID, "usage"))
+    )
     WebDriverWait(browser, PAGE_LOAD_GUARD_S).until(
-        expected_conditions.text_to_be_present_in_element((By.ID, "used"), "$7.80"))
+        expected_conditions.text_to_be_present_in_element((By.ID, "used"), "$7.80")
+    )
     browser.switch_to.default_content()
     screenshot(browser, "framed", tmp_path)
     # The operator page keeps http_frame_ancestors ('none'): the app cannot frame it.
@@ -299,8 +322,7 @@ def test_the_app_origin_frames_the_page_and_no_other_page_is_framed(browser: Web
         assert response.headers["X-Frame-Options"] == "DENY"
 
 
-def test_the_operator_page_shows_the_same_dashboard(browser: WebDriver, usage_sidecar: Sidecar,
-                                                    tmp_path: Path) -> None:
+def test_the_operator_page_shows_the_same_dashboard(browser: WebDriver, usage_sidecar: Sidecar, tmp_path: Path) -> None:
     browser.get(f"{usage_sidecar.http_url}/customers/org-acme")
     WebDriverWait(browser, PAGE_LOAD_GUARD_S).until(expected_conditions.title_is("Sign in - spendgate"))
     browser.find_element(By.NAME, "token").send_keys(ADMIN_TOKEN)
@@ -311,5 +333,7 @@ def test_the_operator_page_shows_the_same_dashboard(browser: WebDriver, usage_si
     assert len(browser.find_elements(By.CSS_SELECTOR, "svg.daily g.day")) == 30
     assert browser.find_elements(By.CSS_SELECTOR, "svg.daily line.quota")
     assert [row.text.split(" $")[0] for row in browser.find_elements(By.CSS_SELECTOR, "#by-member tbody tr")] == [
-        "alice", "bob"]
+        "alice",
+        "bob",
+    ]
     assert csp_violations(browser) == []

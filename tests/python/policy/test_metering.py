@@ -37,16 +37,23 @@ def meter(tmp_path: Path) -> Meter:
 
 
 def test_a_charge_s_parts_sum_to_its_units_and_skip_unused_types(meter: Meter) -> None:
-    units, detail = meter.charge(TokenUsage(model="m", input_tokens=1_000, cached_input_tokens=1_000,
-                                            output_tokens=100))
+    units, detail = meter.charge(
+        TokenUsage(model="m", input_tokens=1_000, cached_input_tokens=1_000, output_tokens=100)
+    )
     assert units == 3_000 + 300 + 1_500
-    assert detail == {"model": "m", "parts": [("input", 1_000, 3_000), ("cached_input", 1_000, 300),
-                                               ("output", 100, 1_500)], "cache_hit": False, "fallback": False}
+    assert detail == {
+        "model": "m",
+        "parts": [("input", 1_000, 3_000), ("cached_input", 1_000, 300), ("output", 100, 1_500)],
+        "cache_hit": False,
+        "fallback": False,
+    }
 
 
 def test_a_cache_hit_records_no_tokens(meter: Meter) -> None:
     assert meter.charge(TokenUsage(model="m", input_tokens=5, cache_hit=True)) == (
-        0, {"model": "m", "parts": [], "cache_hit": True, "fallback": False})
+        0,
+        {"model": "m", "parts": [], "cache_hit": True, "fallback": False},
+    )
 
 
 def test_a_fallback_price_keeps_the_model_s_own_name(meter: Meter) -> None:
@@ -66,7 +73,9 @@ def test_the_fingerprint_names_the_call_not_its_price() -> None:
 
 def test_deny_policy_raises_unknown_model(tmp_path: Path) -> None:
     path = tmp_path / "deny.toml"
-    path.write_text(PRICES.replace('policy = "fallback"', 'policy = "deny"').split("input = 1_000_000")[0]
-                    + PRICES.split("output = 2_000_000")[1])
+    path.write_text(
+        PRICES.replace('policy = "fallback"', 'policy = "deny"').split("input = 1_000_000")[0]
+        + PRICES.split("output = 2_000_000")[1]
+    )
     with pytest.raises(UnknownModelError):
         Meter(PriceBook(path)).estimate("other", 1, 1)

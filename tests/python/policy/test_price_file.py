@@ -230,8 +230,10 @@ def test_an_unreadable_file_is_an_error_naming_it(tmp_path: Path) -> None:
 
 def test_a_model_may_give_its_context_window_and_largest_output(tmp_path: Path) -> None:
     path = tmp_path / "bounds.toml"
-    path.write_text('as_of = 2026-11-18\n[models."m"]\ninput = 1\ncached_input = 1\ncache_write = 1\noutput = 1\n'
-                    "context_window_tokens = 200_000\nmax_output_tokens = 8_192\n")
+    path.write_text(
+        'as_of = 2026-11-18\n[models."m"]\ninput = 1\ncached_input = 1\ncache_write = 1\noutput = 1\n'
+        "context_window_tokens = 200_000\nmax_output_tokens = 8_192\n"
+    )
     price = load_price_table(path).models["m"]
     assert (price.context_window_tokens, price.max_output_tokens) == (200_000, 8_192)
     path.write_text(path.read_text().replace("8_192", "0"))

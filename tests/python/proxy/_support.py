@@ -38,17 +38,29 @@ class Rig:
 
     def openai(self, customer: str | None, **kwargs: Any) -> openai.OpenAI:
         headers = {"x-spendgate-customer-id": customer} if customer else {}
-        return openai.OpenAI(base_url=self.sidecar.proxy_url + "/v1", api_key=kwargs.pop("api_key", "sk-client"),
-                             default_headers=headers, **kwargs)
+        return openai.OpenAI(
+            base_url=self.sidecar.proxy_url + "/v1",
+            api_key=kwargs.pop("api_key", "sk-client"),
+            default_headers=headers,
+            **kwargs,
+        )
 
     def async_openai(self, customer: str, **kwargs: Any) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=self.sidecar.proxy_url + "/v1", api_key="sk-client",
-                                  default_headers={"x-spendgate-customer-id": customer}, **kwargs)
+        return openai.AsyncOpenAI(
+            base_url=self.sidecar.proxy_url + "/v1",
+            api_key="sk-client",
+            default_headers={"x-spendgate-customer-id": customer},
+            **kwargs,
+        )
 
     def anthropic(self, customer: str | None, **kwargs: Any) -> anthropic.Anthropic:
         headers = {"x-spendgate-customer-id": customer} if customer else {}
-        return anthropic.Anthropic(base_url=self.sidecar.proxy_url, api_key=kwargs.pop("api_key", "sk-ant-client"),
-                                   default_headers=headers, **kwargs)
+        return anthropic.Anthropic(
+            base_url=self.sidecar.proxy_url,
+            api_key=kwargs.pop("api_key", "sk-ant-client"),
+            default_headers=headers,
+            **kwargs,
+        )
 
     def ledger_entry(self, reservation_id: str) -> dict[str, Any]:
         """The ledger entry of a reservation, waiting for it (a drained stream commits after its client left)."""
@@ -66,8 +78,12 @@ class Rig:
             return dict(store.holds()).get(reservation_id, {})
 
     def key_create(self, customer: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "spendgate", "key", "create", customer, "--target",
-                               self.sidecar.target], capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "spendgate", "key", "create", customer, "--target", self.sidecar.target],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return done.stdout.strip()
 
 
@@ -86,12 +102,25 @@ def start_rig(tmp: Path) -> Iterator[Rig]:
     (tmp / "openai.key").write_text(OPENAI_UPSTREAM_KEY + "\n")
     (tmp / "anthropic.key").write_text(ANTHROPIC_UPSTREAM_KEY + "\n")
     with FakeLLM() as fake:
-        sidecar = Sidecar(tmp / "data", proxy=True, http=True, extra_args=[
-            "--proxy-openai-base-url", fake.openai_base_url, "--proxy-anthropic-base-url", fake.anthropic_base_url,
-            "--proxy-openai-api-key-file", str(tmp / "openai.key"),
-            "--proxy-anthropic-api-key-file", str(tmp / "anthropic.key"),
-            "--proxy-max-drains", "4", "--log-format", "text",
-        ])
+        sidecar = Sidecar(
+            tmp / "data",
+            proxy=True,
+            http=True,
+            extra_args=[
+                "--proxy-openai-base-url",
+                fake.openai_base_url,
+                "--proxy-anthropic-base-url",
+                fake.anthropic_base_url,
+                "--proxy-openai-api-key-file",
+                str(tmp / "openai.key"),
+                "--proxy-anthropic-api-key-file",
+                str(tmp / "anthropic.key"),
+                "--proxy-max-drains",
+                "4",
+                "--log-format",
+                "text",
+            ],
+        )
         with sidecar:
             client = Client(sidecar.target)
             try:

@@ -27,9 +27,21 @@ MAX_DRAINS = 2
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     tmp: Path = tmp_path_factory.mktemp("drains")
-    with FakeLLM() as fake, Sidecar(tmp / "data", proxy=True, extra_args=[
-            "--proxy-openai-base-url", fake.openai_base_url, "--proxy-max-drains", str(MAX_DRAINS),
-            "--proxy-drain-timeout-ms", str(DRAIN_TIMEOUT_MS)]) as sidecar:
+    with (
+        FakeLLM() as fake,
+        Sidecar(
+            tmp / "data",
+            proxy=True,
+            extra_args=[
+                "--proxy-openai-base-url",
+                fake.openai_base_url,
+                "--proxy-max-drains",
+                str(MAX_DRAINS),
+                "--proxy-drain-timeout-ms",
+                str(DRAIN_TIMEOUT_MS),
+            ],
+        ) as sidecar,
+    ):
         client = Client(sidecar.target)
         yield Rig(fake, sidecar, client, tmp / "data")
         client.close()
@@ -38,8 +50,8 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
 def leave_after_two_lines(rig: Rig, who: str, marker: str, **fields: object) -> str:
     """Start a stream, read two lines, close the connection; returns the reservation id."""
     with rig.openai(who).chat.completions.with_streaming_response.create(
-            model=OPENAI_MODEL, messages=[{"role": "user", "content": marker}], stream=True,
-            extra_headers=script(**fields)) as response:
+        model=OPENAI_MODEL, messages=[{"role": "user", "content": marker}], stream=True, extra_headers=script(**fields)
+    ) as response:
         for index, _ in enumerate(response.iter_lines()):
             if index == 2:
                 break
@@ -71,8 +83,9 @@ def test_past_proxy_max_drains_a_stream_whose_client_left_bills_its_whole_hold(r
     # Each upstream stream lasts about 1.2 s after the clients leave at about the same time: the first MAX_DRAINS to
     # notice take the drain slots and finish within the timeout; the others find none.
     with ThreadPoolExecutor(len(markers)) as pool:
-        reservations = list(pool.map(lambda m: leave_after_two_lines(rig, "crowd", m, chunks=20, delay_ms=70,
-                                                                     output_tokens=5), markers))
+        reservations = list(
+            pool.map(lambda m: leave_after_two_lines(rig, "crowd", m, chunks=20, delay_ms=70, output_tokens=5), markers)
+        )
     exact = whole = 0
     for marker, reservation in zip(markers, reservations, strict=True):
         entry = rig.ledger_entry(reservation)
@@ -90,23 +103,38 @@ def test_virtual_keys_are_durable_and_managed_by_the_cli(rig: Rig) -> None:
     key = rig.key_create("durable-key")
     rig.sidecar.kill9()
     rig.sidecar.start()
-    listed = subprocess.run([sys.executable, "-m", "spendgate", "key", "list", "--target", rig.sidecar.target],
-                            capture_output=True, text=True, check=True).stdout
+    listed = subprocess.run(
+        [sys.executable, "-m", "spendgate", "key", "list", "--target", rig.sidecar.target],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "durable-key" in listed and key not in listed
     key_id = listed.split()[0]
-    revoked = subprocess.run([sys.executable, "-m", "spendgate", "key", "revoke", key_id, "--target",
-                              rig.sidecar.target], capture_output=True, text=True, check=True).stdout
+    revoked = subprocess.run(
+        [sys.executable, "-m", "spendgate", "key", "revoke", key_id, "--target", rig.sidecar.target],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert f"revoked {key_id}" in revoked
-    again = subprocess.run([sys.executable, "-m", "spendgate", "key", "revoke", key_id, "--target",
-                            rig.sidecar.target], capture_output=True, text=True, check=False)
+    again = subprocess.run(
+        [sys.executable, "-m", "spendgate", "key", "revoke", key_id, "--target", rig.sidecar.target],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert again.returncode != 0 and "NOT_FOUND" in again.stderr
 
 
 def test_a_stream_cut_by_a_shutdown_is_committed_before_the_sidecar_exits(rig: Rig) -> None:
     rig.client.set_budget("shutdown", limit=10**12)
     with rig.openai("shutdown", max_retries=0).chat.completions.with_streaming_response.create(
-            model=OPENAI_MODEL, messages=[{"role": "user", "content": "shutdown-cut"}], stream=True,
-            extra_headers=script(chunks=200, delay_ms=100)) as response:  # 20 s upstream
+        model=OPENAI_MODEL,
+        messages=[{"role": "user", "content": "shutdown-cut"}],
+        stream=True,
+        extra_headers=script(chunks=200, delay_ms=100),
+    ) as response:  # 20 s upstream
         reservation = response.headers["x-spendgate-reservation-id"]
         next(response.iter_lines())
         assert rig.sidecar.terminate() == 0  # SIGTERM: the proxy's grace (shutdown_grace_ms), then it cuts the call

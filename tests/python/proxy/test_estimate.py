@@ -51,8 +51,16 @@ def test_a_body_that_does_not_show_the_whole_input_holds_the_whole_window(body: 
 
 
 def test_function_tools_do_not_count_as_server_side_input() -> None:
-    body = {"model": SOL, "messages": [], "tools": [{"type": "function", "function": {
-        "name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "image"}}}}}]}
+    body = {
+        "model": SOL,
+        "messages": [],
+        "tools": [
+            {
+                "type": "function",
+                "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "image"}}}},
+            }
+        ],
+    }
     assert not bound(CHAT, body)[2]
 
 
@@ -86,6 +94,8 @@ def test_the_reserved_estimate_covers_any_usage_within_the_bounds() -> None:
     body = {"model": SOL, "messages": [{"role": "user", "content": "hello"}], "max_completion_tokens": 50}
     result = bound_call(CHAT, body, len(json.dumps(body)), TABLE)
     held = TABLE.estimate(result.model, result.input_tokens, result.max_output_tokens).units
-    for usage in (TokenUsage(SOL, cache_write_tokens=result.input_tokens, reasoning_tokens=50),
-                  TokenUsage(SOL, input_tokens=result.input_tokens, output_tokens=50)):
+    for usage in (
+        TokenUsage(SOL, cache_write_tokens=result.input_tokens, reasoning_tokens=50),
+        TokenUsage(SOL, input_tokens=result.input_tokens, output_tokens=50),
+    ):
         assert TABLE.charge(usage).units <= held

@@ -25,8 +25,17 @@ def test_the_credential_is_x_api_key_or_a_bearer_token() -> None:
 
 
 def test_spendgate_and_hop_by_hop_headers_never_go_upstream_and_a_virtual_key_is_replaced() -> None:
-    incoming = {"Authorization": "Bearer sgk_1", "x-spendgate-customer-id": "cus", "Connection": "keep-alive",
-                "Content-Length": "10", "anthropic-version": "2023-06-01", "Accept-Encoding": "br"}
+    incoming = {
+        "Authorization": "Bearer sgk_1",
+        "x-spendgate-customer-id": "cus",
+        "Connection": "keep-alive",
+        "Content-Length": "10",
+        "anthropic-version": "2023-06-01",
+        "Accept-Encoding": "br",
+    }
     headers = _upstream_headers(incoming, {"x-api-key": "sk-ant-real"})
-    assert headers == {"anthropic-version": "2023-06-01", "x-api-key": "sk-ant-real",
-                       "content-type": "application/json"}
+    assert headers == {
+        "anthropic-version": "2023-06-01",
+        "x-api-key": "sk-ant-real",
+        "content-type": "application/json",
+    }

@@ -40,19 +40,39 @@ def test_responses_usage_comes_from_the_terminal_event() -> None:
 
 def test_anthropic_deltas_are_cumulative_and_message_start_fills_the_rest() -> None:
     tracker = UsageTracker(MESSAGES, strip_usage_chunk=False)
-    tracker.see(sse({"type": "message_start", "message": {"usage": {
-        "input_tokens": 10, "cache_read_input_tokens": 7, "cache_creation_input_tokens": 2, "output_tokens": 1}}}))
+    tracker.see(
+        sse(
+            {
+                "type": "message_start",
+                "message": {
+                    "usage": {
+                        "input_tokens": 10,
+                        "cache_read_input_tokens": 7,
+                        "cache_creation_input_tokens": 2,
+                        "output_tokens": 1,
+                    }
+                },
+            }
+        )
+    )
     assert tracker.usage is None  # no final count yet
     for output in (5, 9):
         tracker.see(sse({"type": "message_delta", "usage": {"output_tokens": output}}))
-    assert tracker.usage == {"input_tokens": 10, "cache_read_input_tokens": 7, "cache_creation_input_tokens": 2,
-                             "output_tokens": 9}
+    assert tracker.usage == {
+        "input_tokens": 10,
+        "cache_read_input_tokens": 7,
+        "cache_creation_input_tokens": 2,
+        "output_tokens": 9,
+    }
     tracker.see(sse({"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}, "error"))
     assert tracker.error == "busy"
 
 
 def test_error_bodies_in_each_providers_shape() -> None:
     assert json.loads(error_body(OPENAI, 429, "no", "insufficient_quota")) == {
-        "error": {"message": "no", "type": "insufficient_quota", "param": None, "code": "insufficient_quota"}}
+        "error": {"message": "no", "type": "insufficient_quota", "param": None, "code": "insufficient_quota"}
+    }
     assert json.loads(error_body(ANTHROPIC, 429, "no")) == {
-        "type": "error", "error": {"type": "rate_limit_error", "message": "no"}}
+        "type": "error",
+        "error": {"type": "rate_limit_error", "message": "no"},
+    }

@@ -45,8 +45,9 @@ class Alerting(Conn):
     """A raw-stub connection with the calls that raise alerts."""
 
     def freeze(self, customer_id: str, frozen: bool) -> pb.SetBudgetResponse:
-        return self.admin.FreezeBudget(pb.FreezeBudgetRequest(customer_id=customer_id, frozen=frozen),
-                                       timeout=RPC_TIMEOUT_S)
+        return self.admin.FreezeBudget(
+            pb.FreezeBudgetRequest(customer_id=customer_id, frozen=frozen), timeout=RPC_TIMEOUT_S
+        )
 
     def toggle(self, customer_id: str, times: int = 1) -> None:
         """Freeze the budget if it is not frozen, else unfreeze it: one alert each time."""
@@ -68,9 +69,16 @@ class Alerting(Conn):
 class Watch:
     """Client.watch_alerts in a thread, collecting every alert; close() ends it."""
 
-    def __init__(self, target: str, after_seq: int = 0, *, from_start: bool = False,
-                 customer_ids: tuple[str, ...] = (), retry: RetryPolicy = PATIENT_RETRY,
-                 token: str | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        after_seq: int = 0,
+        *,
+        from_start: bool = False,
+        customer_ids: tuple[str, ...] = (),
+        retry: RetryPolicy = PATIENT_RETRY,
+        token: str | None = None,
+    ) -> None:
         self._client = Client(target, retry=retry, token=token)
         self._lock = threading.Lock()
         self._alerts: list[pb.Alert] = []
@@ -96,19 +104,23 @@ class Watch:
     def wait_registered(self, conn: Alerting, customer_id: str) -> pb.Alert:
         """For a watch "from now": raise alerts (toggling the customer) until it gets one, so that it is surely on;
         returns the first it got."""
+
         def probe() -> list[pb.Alert]:
             assert self.error is None, f"the watch ended: {self.error}"
             got = self.alerts
             if not got:
                 conn.toggle(customer_id)
             return got
+
         return wait_until(probe, bool, what="the watch's first alert", deadline_s=WATCH_DEADLINE_S)[0]
 
     def wait_for(self, count: int, what: str = "alerts") -> list[pb.Alert]:
         """At least `count` alerts (a bounded wait); fails at once if the watch ended with an error."""
+
         def probe() -> list[pb.Alert]:
             assert self.error is None, f"the watch ended: {self.error}"
             return self.alerts
+
         return wait_until(probe, lambda got: len(got) >= count, what=f"{count} {what}", deadline_s=WATCH_DEADLINE_S)
 
     def close(self) -> None:
@@ -236,8 +248,9 @@ class AlertReceiver:
             attempt = self._attempts[alert["id"]] = self._attempts.get(alert["id"], 0) + 1
         status = self.answer(alert, attempt)
         with self._lock:
-            self._received.append(Received(body, request.headers.get(SIGNATURE_HEADER),
-                                           request.headers.get("Content-Type", ""), status))
+            self._received.append(
+                Received(body, request.headers.get(SIGNATURE_HEADER), request.headers.get("Content-Type", ""), status)
+            )
         return web.Response(status=status, text="ok" if status < 300 else "not now")
 
     @property
@@ -248,7 +261,9 @@ class AlertReceiver:
 
     def wait_idle(self) -> None:
         """Until no request is being answered (after the sender was killed: a request it sent may still finish)."""
-        wait_until(lambda: self._in_flight, lambda n: n == 0, what="the receiver to be idle", deadline_s=WATCH_DEADLINE_S)
+        wait_until(
+            lambda: self._in_flight, lambda n: n == 0, what="the receiver to be idle", deadline_s=WATCH_DEADLINE_S
+        )
 
     @property
     def received(self) -> list[Received]:
@@ -260,8 +275,9 @@ class AlertReceiver:
         return [r for r in self.received if 200 <= r.status < 300]
 
     def wait_for_accepted(self, count: int) -> list[Received]:
-        return wait_until(self.accepted, lambda got: len(got) >= count, what=f"{count} alerts accepted",
-                          deadline_s=WATCH_DEADLINE_S)
+        return wait_until(
+            self.accepted, lambda got: len(got) >= count, what=f"{count} alerts accepted", deadline_s=WATCH_DEADLINE_S
+        )
 
     def wait_for_received(self, accept: Callable[[list[Received]], bool], what: str) -> list[Received]:
         return wait_until(lambda: self.received, accept, what=what, deadline_s=WATCH_DEADLINE_S)

@@ -33,22 +33,63 @@ def _openssl(*args: str) -> None:
 
 def _ca(directory: Path, name: str) -> tuple[Path, Path]:
     cert, key = directory / f"{name}.pem", directory / f"{name}.key"
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
-             str(key), "-out", str(cert), "-days", VALID_DAYS, "-subj", f"/CN={name}")
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        str(key),
+        "-out",
+        str(cert),
+        "-days",
+        VALID_DAYS,
+        "-subj",
+        f"/CN={name}",
+    )
     return cert, key
 
 
 def _signed(directory: Path, name: str, ca: tuple[Path, Path], extension: str | None) -> tuple[Path, Path]:
     cert, key, request = directory / f"{name}.pem", directory / f"{name}.key", directory / f"{name}.csr"
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key),
-             "-out", str(request), "-subj", f"/CN={name}")
+    _openssl(
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        str(key),
+        "-out",
+        str(request),
+        "-subj",
+        f"/CN={name}",
+    )
     extra = []
     if extension:
         ext_file = directory / f"{name}.ext"
         ext_file.write_text(extension + "\n")
         extra = ["-extfile", str(ext_file)]
-    _openssl("x509", "-req", "-in", str(request), "-CA", str(ca[0]), "-CAkey", str(ca[1]), "-CAcreateserial",
-             "-out", str(cert), "-days", VALID_DAYS, *extra)
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        str(request),
+        "-CA",
+        str(ca[0]),
+        "-CAkey",
+        str(ca[1]),
+        "-CAcreateserial",
+        "-out",
+        str(cert),
+        "-days",
+        VALID_DAYS,
+        *extra,
+    )
     return cert, key
 
 

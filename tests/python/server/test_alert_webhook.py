@@ -20,8 +20,15 @@ from spendgate.testing import SidecarError
 from spendgate.v1 import spendgate_pb2 as pb
 from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 from tests.python.e2e._support import new_customer
-from tests.python.server._alerting import WEBHOOK_SECRET, AlertReceiver, Alerting, Received, alert_cursor_of, \
-    sidecar_env, wait_until
+from tests.python.server._alerting import (
+    WEBHOOK_SECRET,
+    Alerting,
+    AlertReceiver,
+    Received,
+    alert_cursor_of,
+    sidecar_env,
+    wait_until,
+)
 from tests.python.server.test_app import create_budget, settings_for, with_sidecar
 from tests.python.server.test_metrics import Samples, sample, scrape
 
@@ -33,10 +40,14 @@ if TYPE_CHECKING:
 FAST_RETRIES = ("--alert-webhook-backoff-base-ms", "5", "--alert-webhook-backoff-max-ms", "50")
 
 
-def webhook_sidecar(sidecar_factory: SidecarFactory, name: str, receiver: AlertReceiver,
-                    extra: Sequence[str] = ()) -> Sidecar:
-    return sidecar_factory(name, extra_args=["--alert-webhook-url", receiver.url, *FAST_RETRIES, *extra],
-                           env=sidecar_env(SPENDGATE_ALERT_WEBHOOK_SECRET=WEBHOOK_SECRET))
+def webhook_sidecar(
+    sidecar_factory: SidecarFactory, name: str, receiver: AlertReceiver, extra: Sequence[str] = ()
+) -> Sidecar:
+    return sidecar_factory(
+        name,
+        extra_args=["--alert-webhook-url", receiver.url, *FAST_RETRIES, *extra],
+        env=sidecar_env(SPENDGATE_ALERT_WEBHOOK_SECRET=WEBHOOK_SECRET),
+    )
 
 
 def seqs(received: list[Received]) -> list[int]:
@@ -162,8 +173,9 @@ def test_a_stuck_receiver_never_slows_the_rpcs(sidecar_factory: SidecarFactory) 
 
 
 def test_a_webhook_url_needs_a_secret(sidecar_factory: SidecarFactory) -> None:
-    sidecar = sidecar_factory("nosecret", start=False, extra_args=["--alert-webhook-url", "http://127.0.0.1:9/a"],
-                              env=sidecar_env())
+    sidecar = sidecar_factory(
+        "nosecret", start=False, extra_args=["--alert-webhook-url", "http://127.0.0.1:9/a"], env=sidecar_env()
+    )
     with pytest.raises(SidecarError, match="exited with code 2") as failed:
         sidecar.start()
     assert "SPENDGATE_ALERT_WEBHOOK_SECRET" in str(failed.value)
@@ -171,8 +183,9 @@ def test_a_webhook_url_needs_a_secret(sidecar_factory: SidecarFactory) -> None:
 
 def test_metrics_count_the_alerts_the_watchers_and_the_deliveries(tmp_path: Path) -> None:
     with AlertReceiver() as receiver:
-        settings = settings_for(tmp_path, http_listen="127.0.0.1:0", alert_webhook_url=receiver.url,
-                                alert_webhook_secret=WEBHOOK_SECRET)
+        settings = settings_for(
+            tmp_path, http_listen="127.0.0.1:0", alert_webhook_url=receiver.url, alert_webhook_secret=WEBHOOK_SECRET
+        )
 
         async def body(sidecar: AppSidecar, channel: grpc.aio.Channel) -> Samples:
             await create_budget(channel, "cus_metrics", 100)

@@ -20,8 +20,16 @@ from spendgate.server.app import Sidecar
 from spendgate.v1 import spendgate_pb2 as pb
 from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 from tests.python.e2e._support import new_customer
-from tests.python.server._alerting import WATCH_DEADLINE_S, Alerting, Watch, kinds_of, offline_engine, sidecar_env, \
-    stream_error, wait_until
+from tests.python.server._alerting import (
+    WATCH_DEADLINE_S,
+    Alerting,
+    Watch,
+    kinds_of,
+    offline_engine,
+    sidecar_env,
+    stream_error,
+    wait_until,
+)
 from tests.python.server._certs import make_certs
 from tests.python.server.test_app import settings_for
 from tests.python.server.test_security import run
@@ -88,8 +96,13 @@ def test_watch_delivers_every_kind_live_then_replays_them_all_in_order(sidecar_f
             got = live.wait_for(5)
         finally:
             live.close()
-    assert kinds_of(got) == ["ALERT_KIND_LIMIT_REACHED", "ALERT_KIND_FROZEN", "ALERT_KIND_UNFROZEN",
-                             "ALERT_KIND_SOFT_LIMIT_CROSSED", "ALERT_KIND_BREAKER_TRIPPED"]
+    assert kinds_of(got) == [
+        "ALERT_KIND_LIMIT_REACHED",
+        "ALERT_KIND_FROZEN",
+        "ALERT_KIND_UNFROZEN",
+        "ALERT_KIND_SOFT_LIMIT_CROSSED",
+        "ALERT_KIND_BREAKER_TRIPPED",
+    ]
     assert [a.customer_id for a in got] == [limited, limited, limited, soft, runaway]
     assert_contiguous(got, 1)
     assert got[0].values["limit"] == 100 and got[0].message and got[0].ts_ms > 0
@@ -113,8 +126,11 @@ def test_watch_delivers_every_kind_live_then_replays_them_all_in_order(sidecar_f
         replay.close()
     assert_contiguous(everything, 1)
     assert everything[:5] == got
-    assert kinds_of(everything[5:]) == ["ALERT_KIND_SETTLEMENT_DEAD_LETTER", "ALERT_KIND_INVOICE_SPIKE",
-                                        "ALERT_KIND_RECONCILE_DIVERGENCE"]
+    assert kinds_of(everything[5:]) == [
+        "ALERT_KIND_SETTLEMENT_DEAD_LETTER",
+        "ALERT_KIND_INVOICE_SPIKE",
+        "ALERT_KIND_RECONCILE_DIVERGENCE",
+    ]
     assert everything[5].values["seq"] == 7 and everything[6].values["percent"] == 80
     # clock_step is the engine's own, raised on a stepped wall clock: tests/python/e2e/test_clock.py shows it.
     every_kind = set(pb.AlertKind.values()) - {pb.ALERT_KIND_UNSPECIFIED, pb.ALERT_KIND_CLOCK_STEP}
@@ -191,8 +207,9 @@ def test_a_watch_filters_by_customer_live_and_in_the_replay(sidecar_factory: Sid
 
 def test_a_slow_watcher_is_ended_resumably_while_another_keeps_up(sidecar_factory: SidecarFactory) -> None:
     capacity = 8
-    sidecar = sidecar_factory("slow", extra_args=["--alert-watch-queue-capacity", str(capacity),
-                                                  "--durability", "relaxed"], env=sidecar_env())
+    sidecar = sidecar_factory(
+        "slow", extra_args=["--alert-watch-queue-capacity", str(capacity), "--durability", "relaxed"], env=sidecar_env()
+    )
     customer, burst = new_customer(), 400
     with Alerting(sidecar.target) as conn, grpc.insecure_channel(sidecar.target, SLOW_CLIENT_OPTIONS) as channel:
         conn.set_budget(customer, 1_000)
@@ -216,7 +233,7 @@ def test_a_slow_watcher_is_ended_resumably_while_another_keeps_up(sidecar_factor
 
     rest = Watch(sidecar.target, after_seq=got[-1].seq)
     try:
-        assert rest.wait_for(burst - len(got)) == everything[len(got):]
+        assert rest.wait_for(burst - len(got)) == everything[len(got) :]
     finally:
         rest.close()
 
@@ -245,13 +262,16 @@ def test_watchers_past_the_bound_are_refused_until_one_leaves(sidecar_factory: S
 def test_one_token_gets_at_most_its_share_of_the_watcher_slots(sidecar_factory: SidecarFactory) -> None:
     greedy, other = "app-token-for-the-watch-share-0001", "app-token-for-the-watch-share-0002"
     sidecar = sidecar_factory(
-        "share", extra_args=["--alert-max-watchers", "3", "--alert-max-watchers-per-client", "2"],
-        env=sidecar_env(SPENDGATE_APP_TOKENS=f"{greedy},{other}", SPENDGATE_ADMIN_TOKENS="admin-token-for-share-0003"))
+        "share",
+        extra_args=["--alert-max-watchers", "3", "--alert-max-watchers-per-client", "2"],
+        env=sidecar_env(SPENDGATE_APP_TOKENS=f"{greedy},{other}", SPENDGATE_ADMIN_TOKENS="admin-token-for-share-0003"),
+    )
     with Alerting(sidecar.target) as conn:
 
         def watch(authorization: str) -> grpc.Call:
-            return conn.budget.WatchAlerts(pb.WatchAlertsRequest(), timeout=WATCH_DEADLINE_S,
-                                           metadata=(("authorization", authorization),))
+            return conn.budget.WatchAlerts(
+                pb.WatchAlertsRequest(), timeout=WATCH_DEADLINE_S, metadata=(("authorization", authorization),)
+            )
 
         def opened(authorization: str) -> grpc.Call:
             call = watch(authorization)
@@ -285,8 +305,9 @@ def test_without_tokens_the_share_is_per_client_address(sidecar_factory: Sidecar
     with Alerting(sidecar.target) as conn, Alerting(sidecar.target) as another_connection:
         first = open_stream(conn, pb.WatchAlertsRequest())
         # A second connection from the same address is the same client: connections are cheap to open.
-        _, error = stream_error(another_connection.budget.WatchAlerts(pb.WatchAlertsRequest(),
-                                                                      timeout=WATCH_DEADLINE_S))
+        _, error = stream_error(
+            another_connection.budget.WatchAlerts(pb.WatchAlertsRequest(), timeout=WATCH_DEADLINE_S)
+        )
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "alert_max_watchers_per_client" in error.details() and "address ipv4:127.0.0.1" in error.details()
         first.cancel()
@@ -295,12 +316,18 @@ def test_without_tokens_the_share_is_per_client_address(sidecar_factory: Sidecar
 def test_under_mtls_without_tokens_the_share_is_per_client_certificate(tmp_path: Path) -> None:
     # In process: the sidecar harness dials plaintext to see it serving.
     certs = make_certs(tmp_path / "certs")
-    settings = settings_for(tmp_path, alert_max_watchers_per_client=1, tls_cert_file=str(certs.server_cert),
-                            tls_key_file=str(certs.server_key), tls_client_ca_file=str(certs.ca))
+    settings = settings_for(
+        tmp_path,
+        alert_max_watchers_per_client=1,
+        tls_cert_file=str(certs.server_cert),
+        tls_key_file=str(certs.server_key),
+        tls_client_ca_file=str(certs.ca),
+    )
 
     def channel(sidecar: Sidecar, name: str) -> grpc.aio.Channel:
-        credentials = grpc.ssl_channel_credentials(certs.read("ca"), certs.read(f"{name}_key"),
-                                                   certs.read(f"{name}_cert"))
+        credentials = grpc.ssl_channel_credentials(
+            certs.read("ca"), certs.read(f"{name}_key"), certs.read(f"{name}_cert")
+        )
         return grpc.aio.secure_channel(sidecar.address, credentials)
 
     async def opened(stub: pb_grpc.BudgetStub) -> grpc.aio.UnaryStreamCall:
@@ -309,8 +336,11 @@ def test_under_mtls_without_tokens_the_share_is_per_client_certificate(tmp_path:
         return call
 
     async def body(sidecar: Sidecar) -> grpc.aio.AioRpcError:
-        async with channel(sidecar, "client") as one, channel(sidecar, "client") as same, \
-                channel(sidecar, "second_client") as other:
+        async with (
+            channel(sidecar, "client") as one,
+            channel(sidecar, "client") as same,
+            channel(sidecar, "second_client") as other,
+        ):
             first = await opened(pb_grpc.BudgetStub(one))
             refused = pb_grpc.BudgetStub(same).WatchAlerts(pb.WatchAlertsRequest(), timeout=WATCH_DEADLINE_S)
             with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -363,13 +393,15 @@ def test_bad_watch_requests_say_what_is_wrong(sidecar_factory: SidecarFactory) -
 
 def test_watch_needs_a_token_where_tokens_are_configured(sidecar_factory: SidecarFactory) -> None:
     token = "app-token-for-the-alert-tests-0001"
-    sidecar = sidecar_factory("tokens", env=sidecar_env(SPENDGATE_APP_TOKENS=token,
-                                                        SPENDGATE_ADMIN_TOKENS="admin-token-for-alert-tests-02"))
+    sidecar = sidecar_factory(
+        "tokens", env=sidecar_env(SPENDGATE_APP_TOKENS=token, SPENDGATE_ADMIN_TOKENS="admin-token-for-alert-tests-02")
+    )
     with Alerting(sidecar.target) as conn:
         _, refused = stream_error(conn.budget.WatchAlerts(pb.WatchAlertsRequest(), timeout=WATCH_DEADLINE_S))
         assert refused.code() == grpc.StatusCode.UNAUTHENTICATED
-        call = conn.budget.WatchAlerts(pb.WatchAlertsRequest(), timeout=WATCH_DEADLINE_S,
-                                       metadata=(("authorization", f"Bearer {token}"),))
+        call = conn.budget.WatchAlerts(
+            pb.WatchAlertsRequest(), timeout=WATCH_DEADLINE_S, metadata=(("authorization", f"Bearer {token}"),)
+        )
         assert dict(call.initial_metadata() or ())[START_SEQ_METADATA_KEY] == "0"
         call.cancel()
 

@@ -244,7 +244,9 @@ async def reflected_services(channel: grpc.aio.Channel) -> set[str]:
 
 def test_reflection_lists_the_services_by_default(tmp_path: Path) -> None:
     async def body(_: Sidecar, channel: grpc.aio.Channel) -> None:
-        assert {"spendgate.v1.Budget", "spendgate.v1.Admin", "grpc.health.v1.Health"} <= await reflected_services(channel)
+        assert {"spendgate.v1.Budget", "spendgate.v1.Admin", "grpc.health.v1.Health"} <= await reflected_services(
+            channel
+        )
 
     with_sidecar(settings_for(tmp_path), body)
 

@@ -41,8 +41,12 @@ REFUSED: Final[str] = "TLS refused"  # the handshake (or the first read after it
 # Every route that shows customers' money, and /metrics (with metrics_require_token).
 GUARDED_ROUTES: Final[tuple[str, ...]] = ("/", "/budgets?q=acme", "/customers/acme", "/metrics")
 # What only the real answer holds (the sign-in page repeats the path, so not the customer id).
-PAGE_MARKERS: Final[dict[str, str]] = {"/": "cus_SECRET_acme", "/budgets?q=acme": "cus_SECRET_acme",
-                                       "/customers/acme": "cus_SECRET_acme", "/metrics": "spendgate_budgets"}
+PAGE_MARKERS: Final[dict[str, str]] = {
+    "/": "cus_SECRET_acme",
+    "/budgets?q=acme": "cus_SECRET_acme",
+    "/customers/acme": "cus_SECRET_acme",
+    "/metrics": "spendgate_budgets",
+}
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +78,16 @@ def client_ssl(certs: Certs, cert: str | None) -> ssl.SSLContext:
     return context
 
 
-async def fetch(sidecar: Sidecar, certs: Certs, caller: Caller, path: str, *, method: str = "GET",
-                headers: dict[str, str] | None = None, data: dict[str, str] | str | None = None
-                ) -> tuple[int | str, str, dict[str, str]]:
+async def fetch(
+    sidecar: Sidecar,
+    certs: Certs,
+    caller: Caller,
+    path: str,
+    *,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    data: dict[str, str] | str | None = None,
+) -> tuple[int | str, str, dict[str, str]]:
     """(status or REFUSED, body, headers) of one request from `caller`; redirects are not followed."""
     tls = sidecar.settings.tls_cert_file != ""
     url = f"{'https' if tls else 'http'}://{sidecar.http_address}{path}"
@@ -85,8 +96,10 @@ async def fetch(sidecar: Sidecar, certs: Certs, caller: Caller, path: str, *, me
         sent["Authorization"] = f"Bearer {caller.token}"
     ssl_option: ssl.SSLContext | bool = client_ssl(certs, caller.cert) if tls else False
     try:
-        async with aiohttp.ClientSession() as session, session.request(
-                method, url, headers=sent, data=data, ssl=ssl_option, allow_redirects=False) as response:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(method, url, headers=sent, data=data, ssl=ssl_option, allow_redirects=False) as response,
+        ):
             return response.status, await response.text(), dict(response.headers)
     except (aiohttp.ClientError, ssl.SSLError) as error:
         if caller.cert == "stranger":
@@ -99,8 +112,11 @@ async def seed(sidecar: Sidecar, certs: Certs) -> None:
     tls = sidecar.settings.tls_cert_file != ""
     options: dict[str, object] = {"token": ADMIN_TOKEN} if sidecar.tokens.enabled else {}
     if tls:
-        options.update(root_certificates=certs.read("ca"), private_key=certs.read("client_key"),
-                       certificate_chain=certs.read("client_cert"))
+        options.update(
+            root_certificates=certs.read("ca"),
+            private_key=certs.read("client_key"),
+            certificate_chain=certs.read("client_cert"),
+        )
     async with AsyncClient(sidecar.address, **options) as client:  # type: ignore[arg-type]
         await client.set_budget("acme", 1_000, "cus_SECRET_acme")
 
@@ -130,20 +146,29 @@ def expect(seen: dict[tuple[str, str], int | str], caller: str, status: int | st
 
 
 def test_under_tokens_every_route_needs_an_admin_token(tmp_path: Path, certs: Certs) -> None:
-    callers = [Caller("none"), Caller("wrong", token=WRONG_TOKEN), Caller("app", token=APP_TOKEN),
-               Caller("admin", token=ADMIN_TOKEN)]
+    callers = [
+        Caller("none"),
+        Caller("wrong", token=WRONG_TOKEN),
+        Caller("app", token=APP_TOKEN),
+        Caller("admin", token=ADMIN_TOKEN),
+    ]
     seen = matrix(page_settings(tmp_path, certs, tokens=True, mtls=False), certs, callers)
     for caller in ("none", "wrong", "app"):
         expect(seen, caller, 401)
     expect(seen, "admin", 200)
 
 
-def test_under_mtls_every_route_needs_a_client_certificate_signed_by_the_client_ca(tmp_path: Path,
-                                                                                 certs: Certs) -> None:
+def test_under_mtls_every_route_needs_a_client_certificate_signed_by_the_client_ca(
+    tmp_path: Path, certs: Certs
+) -> None:
     # The audit's open configuration: a server certificate, a client CA and no tokens. The page answered 200 to
     # anyone; now it needs what the gRPC port needs.
-    callers = [Caller("none"), Caller("stranger", cert="stranger"), Caller("token only", token=ADMIN_TOKEN),
-               Caller("client", cert="client")]
+    callers = [
+        Caller("none"),
+        Caller("stranger", cert="stranger"),
+        Caller("token only", token=ADMIN_TOKEN),
+        Caller("client", cert="client"),
+    ]
     seen = matrix(page_settings(tmp_path, certs, tokens=False, mtls=True), certs, callers)
     expect(seen, "none", 403)
     expect(seen, "token only", 403)  # no tokens are configured: a token is no credential here
@@ -152,10 +177,14 @@ def test_under_mtls_every_route_needs_a_client_certificate_signed_by_the_client_
 
 
 def test_under_both_every_route_needs_the_certificate_and_the_admin_token(tmp_path: Path, certs: Certs) -> None:
-    callers = [Caller("none"), Caller("cert only", cert="client"), Caller("token only", token=ADMIN_TOKEN),
-               Caller("cert and app token", cert="client", token=APP_TOKEN),
-               Caller("stranger and admin token", cert="stranger", token=ADMIN_TOKEN),
-               Caller("cert and admin token", cert="client", token=ADMIN_TOKEN)]
+    callers = [
+        Caller("none"),
+        Caller("cert only", cert="client"),
+        Caller("token only", token=ADMIN_TOKEN),
+        Caller("cert and app token", cert="client", token=APP_TOKEN),
+        Caller("stranger and admin token", cert="stranger", token=ADMIN_TOKEN),
+        Caller("cert and admin token", cert="client", token=ADMIN_TOKEN),
+    ]
     seen = matrix(page_settings(tmp_path, certs, tokens=True, mtls=True), certs, callers)
     expect(seen, "none", 403)
     expect(seen, "token only", 403)
@@ -168,8 +197,9 @@ def test_under_both_every_route_needs_the_certificate_and_the_admin_token(tmp_pa
 def test_under_mtls_a_signed_in_session_also_needs_the_certificate(tmp_path: Path, certs: Certs) -> None:
     async def body(sidecar: Sidecar) -> tuple[int | str, int | str, int | str]:
         client = Caller("client", cert="client")
-        signed_in = await fetch(sidecar, certs, client, "/login", method="POST",
-                                data={"token": ADMIN_TOKEN, "next": "/"})
+        signed_in = await fetch(
+            sidecar, certs, client, "/login", method="POST", data={"token": ADMIN_TOKEN, "next": "/"}
+        )
         cookie = _session_cookie(signed_in[2])
         with_cert = await fetch(sidecar, certs, client, "/", headers={"Cookie": cookie})
         without = await fetch(sidecar, certs, Caller("none"), "/", headers={"Cookie": cookie})
@@ -178,24 +208,41 @@ def test_under_mtls_a_signed_in_session_also_needs_the_certificate(tmp_path: Pat
     assert run(page_settings(tmp_path, certs, tokens=True, mtls=True), body) == (303, 200, 403)
 
 
-def test_the_stripe_webhook_and_an_open_metrics_need_no_certificate_on_the_shared_port(tmp_path: Path,
-                                                                                     certs: Certs) -> None:
+def test_the_stripe_webhook_and_an_open_metrics_need_no_certificate_on_the_shared_port(
+    tmp_path: Path, certs: Certs
+) -> None:
     """Stripe holds no client certificate: its route is authenticated by its signature, also under mTLS and tokens."""
-    event = json.dumps({"id": "evt_http_access", "object": "event", "type": "customer.created",
-                        "data": {"object": {"id": "cus_x", "object": "customer"}}})
+    event = json.dumps(
+        {
+            "id": "evt_http_access",
+            "object": "event",
+            "type": "customer.created",
+            "data": {"object": {"id": "cus_x", "object": "customer"}},
+        }
+    )
 
     async def body(sidecar: Sidecar) -> dict[str, int | str]:
         anonymous = Caller("none")
         unsigned = await fetch(sidecar, certs, anonymous, "/stripe/webhook", method="POST", data={"x": "y"})
-        signed = await fetch(sidecar, certs, anonymous, "/stripe/webhook", method="POST", data=event,
-                             headers={"Stripe-Signature": sign_payload(event, WEBHOOK_SECRET),
-                                      "Content-Type": "application/json"})
+        signed = await fetch(
+            sidecar,
+            certs,
+            anonymous,
+            "/stripe/webhook",
+            method="POST",
+            data=event,
+            headers={"Stripe-Signature": sign_payload(event, WEBHOOK_SECRET), "Content-Type": "application/json"},
+        )
         metrics = await fetch(sidecar, certs, anonymous, "/metrics")
         page = await fetch(sidecar, certs, anonymous, "/")
         return {"unsigned": unsigned[0], "signed": signed[0], "metrics": metrics[0], "page": page[0]}
 
-    settings = dataclasses.replace(page_settings(tmp_path, certs, tokens=True, mtls=True), metrics_require_token=False,
-                                   webhook_listen="127.0.0.1:0", webhook_secret=WEBHOOK_SECRET)
+    settings = dataclasses.replace(
+        page_settings(tmp_path, certs, tokens=True, mtls=True),
+        metrics_require_token=False,
+        webhook_listen="127.0.0.1:0",
+        webhook_secret=WEBHOOK_SECRET,
+    )
     settings = dataclasses.replace(settings, webhook_listen=settings.http_listen)
     assert run(settings, body) == {"unsigned": 400, "signed": 200, "metrics": 200, "page": 403}
 
@@ -204,7 +251,8 @@ def test_the_stripe_webhook_and_an_open_metrics_need_no_certificate_on_the_share
 
 
 def test_the_page_unauthenticated_on_a_non_loopback_address_is_refused_even_with_the_insecure_flag(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     from ..test_cli import spendgate_cli
 
     config = tmp_path / "open.toml"
@@ -214,8 +262,9 @@ def test_the_page_unauthenticated_on_a_non_loopback_address_is_refused_even_with
     assert "operator page on it would show every customer's spend" in checked.stderr
     assert "--no-http-operator-page" in checked.stderr
 
-    served = spendgate_cli("serve", "--http-listen", "0.0.0.0:0", "--allow-insecure-non-loopback",
-                           "--data-dir", str(tmp_path / "data"))
+    served = spendgate_cli(
+        "serve", "--http-listen", "0.0.0.0:0", "--allow-insecure-non-loopback", "--data-dir", str(tmp_path / "data")
+    )
     assert served.returncode == 2 and "operator page on it would show every customer's spend" in served.stderr
     assert not (tmp_path / "data").exists()  # refused before anything was opened or bound
 
@@ -226,17 +275,20 @@ def test_the_page_unauthenticated_on_a_non_loopback_address_is_refused_even_with
 
 def test_mtls_or_tokens_on_a_non_loopback_address_pass_the_exposure_check(certs: Certs) -> None:
     tls = {"tls_cert_file": str(certs.server_cert), "tls_key_file": str(certs.server_key)}
-    check_exposure(Settings(listen="0.0.0.0:1", http_listen="0.0.0.0:2", tls_client_ca_file=str(certs.ca), **tls),
-                   Tokens())
+    check_exposure(
+        Settings(listen="0.0.0.0:1", http_listen="0.0.0.0:2", tls_client_ca_file=str(certs.ca), **tls), Tokens()
+    )
     check_exposure(Settings(listen="0.0.0.0:1", http_listen="0.0.0.0:2", **tls), Tokens(admin=(ADMIN_TOKEN.encode(),)))
-    check_exposure(Settings(http_listen="0.0.0.0:2", allow_insecure_non_loopback=True, http_operator_page=False),
-                   Tokens())
+    check_exposure(
+        Settings(http_listen="0.0.0.0:2", allow_insecure_non_loopback=True, http_operator_page=False), Tokens()
+    )
 
 
 def test_a_route_is_off_with_the_operator_page(tmp_path: Path, certs: Certs) -> None:
     async def body(sidecar: Sidecar) -> tuple[int | str, int | str]:
-        return (await fetch(sidecar, certs, Caller("none"), "/"))[0], \
-            (await fetch(sidecar, certs, Caller("none"), "/metrics"))[0]
+        return (await fetch(sidecar, certs, Caller("none"), "/"))[0], (
+            await fetch(sidecar, certs, Caller("none"), "/metrics")
+        )[0]
 
     settings = settings_for(tmp_path, http_listen="127.0.0.1:0", http_operator_page=False)
     assert run(settings, body) == (404, 200)
@@ -249,15 +301,30 @@ def test_without_tokens_a_foreign_host_is_refused_naming_the_setting(tmp_path: P
     async def body(sidecar: Sidecar) -> dict[str, tuple[int | str, str]]:
         port = sidecar.http_address.rpartition(":")[2]
         seen = {}
-        for host in ("rebind.attacker.example", "127.0.0.1", "localhost", "[::1]", "app.localhost",
-                     "spendgate.internal", "SPENDGATE.internal."):
+        for host in (
+            "rebind.attacker.example",
+            "127.0.0.1",
+            "localhost",
+            "[::1]",
+            "app.localhost",
+            "spendgate.internal",
+            "SPENDGATE.internal.",
+        ):
             status, text, _ = await fetch(sidecar, certs, Caller("none"), "/", headers={"Host": f"{host}:{port}"})
             seen[host] = (status, text)
-        status, text, _ = await fetch(sidecar, certs, Caller("none"), "/metrics",
-                                      headers={"Host": "rebind.attacker.example"})
+        status, text, _ = await fetch(
+            sidecar, certs, Caller("none"), "/metrics", headers={"Host": "rebind.attacker.example"}
+        )
         seen["metrics"] = (status, text)
-        status, text, _ = await fetch(sidecar, certs, Caller("none"), "/login", method="POST",
-                                      headers={"Host": "rebind.attacker.example"}, data={"next": "/"})
+        status, text, _ = await fetch(
+            sidecar,
+            certs,
+            Caller("none"),
+            "/login",
+            method="POST",
+            headers={"Host": "rebind.attacker.example"},
+            data={"next": "/"},
+        )
         seen["login"] = (status, text)
         return seen
 
@@ -275,8 +342,10 @@ def test_with_tokens_the_host_does_not_matter(tmp_path: Path, certs: Certs) -> N
 
     async def body(sidecar: Sidecar) -> tuple[int | str, int | str]:
         foreign = {"Host": "spendgate.example"}
-        return ((await fetch(sidecar, certs, Caller("none"), "/", headers=foreign))[0],
-                (await fetch(sidecar, certs, Caller("admin", token=ADMIN_TOKEN), "/", headers=foreign))[0])
+        return (
+            (await fetch(sidecar, certs, Caller("none"), "/", headers=foreign))[0],
+            (await fetch(sidecar, certs, Caller("admin", token=ADMIN_TOKEN), "/", headers=foreign))[0],
+        )
 
     assert run(page_settings(tmp_path, certs, tokens=True, mtls=False), body) == (401, 200)
 
@@ -303,8 +372,9 @@ def _session_cookie(headers: dict[str, str]) -> str:
 def test_sign_out_ends_the_session_on_the_server_so_a_copied_cookie_is_dead_too(tmp_path: Path, certs: Certs) -> None:
     async def body(sidecar: Sidecar) -> dict[str, object]:
         anonymous, seen = Caller("none"), {}
-        status, _, headers = await fetch(sidecar, certs, anonymous, "/login", method="POST",
-                                         data={"token": ADMIN_TOKEN, "next": "/budgets"})
+        status, _, headers = await fetch(
+            sidecar, certs, anonymous, "/login", method="POST", data={"token": ADMIN_TOKEN, "next": "/budgets"}
+        )
         seen["login"] = (status, headers.get("Location"), headers["Set-Cookie"])
         cookie = {"Cookie": _session_cookie(headers)}
         status, page, _ = await fetch(sidecar, certs, anonymous, "/", headers=cookie)
@@ -327,11 +397,13 @@ def test_sign_out_ends_the_session_on_the_server_so_a_copied_cookie_is_dead_too(
 
 def test_a_session_expires_after_http_session_ttl_ms(tmp_path: Path, certs: Certs) -> None:
     async def body(sidecar: Sidecar) -> tuple[str, int | str]:
-        _, _, headers = await fetch(sidecar, certs, Caller("none"), "/login", method="POST",
-                                    data={"token": ADMIN_TOKEN})
+        _, _, headers = await fetch(
+            sidecar, certs, Caller("none"), "/login", method="POST", data={"token": ADMIN_TOKEN}
+        )
         await asyncio.sleep(1.2)  # past the TTL on the monotonic clock: the session can only be over
-        return headers["Set-Cookie"], (await fetch(sidecar, certs, Caller("none"), "/",
-                                                   headers={"Cookie": _session_cookie(headers)}))[0]
+        return headers["Set-Cookie"], (
+            await fetch(sidecar, certs, Caller("none"), "/", headers={"Cookie": _session_cookie(headers)})
+        )[0]
 
     settings = page_settings(tmp_path, certs, tokens=True, mtls=False, http_session_ttl_ms=1_000)
     set_cookie, status = run(settings, body)
@@ -340,8 +412,11 @@ def test_a_session_expires_after_http_session_ttl_ms(tmp_path: Path, certs: Cert
 
 def test_under_tls_the_session_cookie_is_secure(tmp_path: Path, certs: Certs) -> None:
     async def body(sidecar: Sidecar) -> str:
-        return (await fetch(sidecar, certs, Caller("client", cert="client"), "/login", method="POST",
-                            data={"token": ADMIN_TOKEN}))[2]["Set-Cookie"]
+        return (
+            await fetch(
+                sidecar, certs, Caller("client", cert="client"), "/login", method="POST", data={"token": ADMIN_TOKEN}
+            )
+        )[2]["Set-Cookie"]
 
     assert "Secure" in run(page_settings(tmp_path, certs, tokens=True, mtls=True), body)
 
@@ -349,22 +424,33 @@ def test_under_tls_the_session_cookie_is_secure(tmp_path: Path, certs: Certs) ->
 def test_sign_in_and_sign_out_refuse_a_form_from_another_origin(tmp_path: Path, certs: Certs) -> None:
     async def body(sidecar: Sidecar) -> dict[str, tuple[int | str, bool]]:
         own = f"http://{sidecar.http_address}"
-        cases = {"evil origin": {"Origin": "https://evil.example"}, "null origin": {"Origin": "null"},
-                 "cross-site fetch": {"Sec-Fetch-Site": "cross-site"},
-                 "own origin": {"Origin": own, "Sec-Fetch-Site": "same-origin"}, "a script": {}}
+        cases = {
+            "evil origin": {"Origin": "https://evil.example"},
+            "null origin": {"Origin": "null"},
+            "cross-site fetch": {"Sec-Fetch-Site": "cross-site"},
+            "own origin": {"Origin": own, "Sec-Fetch-Site": "same-origin"},
+            "a script": {},
+        }
         seen = {}
         for name, headers in cases.items():
-            status, _, got = await fetch(sidecar, certs, Caller("none"), "/login", method="POST", headers=headers,
-                                         data={"token": ADMIN_TOKEN})
+            status, _, got = await fetch(
+                sidecar, certs, Caller("none"), "/login", method="POST", headers=headers, data={"token": ADMIN_TOKEN}
+            )
             seen[name] = (status, "Set-Cookie" in got)
-        status, _, _ = await fetch(sidecar, certs, Caller("none"), "/logout", method="POST",
-                                   headers={"Origin": "https://evil.example"})
+        status, _, _ = await fetch(
+            sidecar, certs, Caller("none"), "/logout", method="POST", headers={"Origin": "https://evil.example"}
+        )
         seen["logout from evil"] = (status, False)
         return seen
 
     assert run(page_settings(tmp_path, certs, tokens=True, mtls=False), body) == {
-        "evil origin": (403, False), "null origin": (403, False), "cross-site fetch": (403, False),
-        "own origin": (303, True), "a script": (303, True), "logout from evil": (403, False)}
+        "evil origin": (403, False),
+        "null origin": (403, False),
+        "cross-site fetch": (403, False),
+        "own origin": (303, True),
+        "a script": (303, True),
+        "logout from evil": (403, False),
+    }
 
 
 def test_a_session_lives_only_while_its_token_is_configured_and_until_its_ttl() -> None:
@@ -408,13 +494,21 @@ def test_same_origin_rules() -> None:
 def test_every_response_carries_the_security_headers(tmp_path: Path, certs: Certs) -> None:
     async def body(sidecar: Sidecar) -> dict[str, dict[str, str]]:
         anonymous, admin = Caller("none"), Caller("admin", token=ADMIN_TOKEN)
-        return {path: (await fetch(sidecar, certs, caller, path))[2]
-                for caller, path in ((admin, "/"), (anonymous, "/"), (admin, "/customers/nobody"),
-                                     (admin, "/metrics"), (anonymous, "/no-such-route"))}
+        return {
+            path: (await fetch(sidecar, certs, caller, path))[2]
+            for caller, path in (
+                (admin, "/"),
+                (anonymous, "/"),
+                (admin, "/customers/nobody"),
+                (admin, "/metrics"),
+                (anonymous, "/no-such-route"),
+            )
+        }
 
-    for framing, expected_frame in (({}, "frame-ancestors 'none'"),
-                                    ({"http_frame_ancestors": "'self' https://app.example.com"},
-                                     "frame-ancestors 'self' https://app.example.com")):
+    for framing, expected_frame in (
+        ({}, "frame-ancestors 'none'"),
+        ({"http_frame_ancestors": "'self' https://app.example.com"}, "frame-ancestors 'self' https://app.example.com"),
+    ):
         settings = page_settings(tmp_path / str(len(framing)), certs, tokens=True, mtls=False, **framing)
         for path, headers in run(settings, body).items():
             policy = headers["Content-Security-Policy"]
@@ -428,16 +522,17 @@ def test_every_response_carries_the_security_headers(tmp_path: Path, certs: Cert
 # -- rotating a token -----------------------------------------------------------------------------------------------
 
 
-def test_rotating_an_admin_token_with_sighup_ends_its_sessions(sidecar_factory: SidecarFactory,
-                                                                tmp_path: Path) -> None:
+def test_rotating_an_admin_token_with_sighup_ends_its_sessions(sidecar_factory: SidecarFactory, tmp_path: Path) -> None:
     old, new = "admin-old-0123456789abcdef012345", "admin-new-0123456789abcdef012345"
     admin_file = tmp_path / "admin-tokens"
     admin_file.write_text(old + "\n")
     sidecar = sidecar_factory("rotate", http=True, extra_args=["--admin-tokens-file", str(admin_file)])
 
     async def request(method: str, path: str, **kwargs: object) -> tuple[int, dict[str, str]]:
-        async with aiohttp.ClientSession() as session, session.request(
-                method, f"{sidecar.http_url}{path}", allow_redirects=False, **kwargs) as response:  # type: ignore[arg-type]
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(method, f"{sidecar.http_url}{path}", allow_redirects=False, **kwargs) as response,
+        ):  # type: ignore[arg-type]
             return response.status, dict(response.headers)
 
     def sign_in(token: str) -> str:
@@ -456,15 +551,18 @@ def test_rotating_an_admin_token_with_sighup_ends_its_sessions(sidecar_factory: 
     by_old = sign_in(old)
     assert page(cookie=by_old) == 200
     conn = Alerting(sidecar.target)
-    stream = conn.budget.WatchAlerts(pb.WatchAlertsRequest(), timeout=WATCH_DEADLINE_S,
-                                     metadata=(("authorization", f"Bearer {old}"),))
+    stream = conn.budget.WatchAlerts(
+        pb.WatchAlertsRequest(), timeout=WATCH_DEADLINE_S, metadata=(("authorization", f"Bearer {old}"),)
+    )
     assert START_SEQ_METADATA_KEY in dict(stream.initial_metadata() or ())
     rotate(new + "\n")
     wait_until(lambda: page(token=old), lambda status: status == 401, what="the old token to stop working")
     assert page(cookie=by_old) == 401  # the session made from the removed token is over
     _, ended = stream_error(stream)  # and so is a WatchAlerts stream opened with it
     conn.close()
-    assert ended.code() == grpc.StatusCode.UNAUTHENTICATED and "no longer one of the sidecar's tokens" in ended.details()
+    assert (
+        ended.code() == grpc.StatusCode.UNAUTHENTICATED and "no longer one of the sidecar's tokens" in ended.details()
+    )
     assert page(token=new) == 200 and page(cookie=sign_in(new)) == 200
     with Client(sidecar.target, token=old) as gone, pytest.raises(Unauthenticated):
         gone.balance("nobody")  # the gRPC port follows the same reload

@@ -20,8 +20,8 @@ from spendgate.server.app import Sidecar
 from spendgate.v1 import spendgate_pb2 as pb
 from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 
-from .test_security import run
 from .test_app import settings_for
+from .test_security import run
 
 # Channels in one process share connections unless told otherwise: this gives a channel a connection of its own.
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
@@ -63,8 +63,10 @@ async def ping_until_served(channel: grpc.aio.Channel) -> grpc.StatusCode:
 
 def test_rpcs_past_max_concurrent_rpcs_get_resource_exhausted(tmp_path: Path) -> None:
     async def body(sidecar: Sidecar) -> list[grpc.StatusCode]:
-        async with grpc.aio.insecure_channel(sidecar.address) as first, \
-                grpc.aio.insecure_channel(sidecar.address) as second:
+        async with (
+            grpc.aio.insecure_channel(sidecar.address) as first,
+            grpc.aio.insecure_channel(sidecar.address) as second,
+        ):
             async with watching(first, 1), watching(second, 1):
                 async with grpc.aio.insecure_channel(sidecar.address) as third:
                     refused = await ping(third)
@@ -72,15 +74,19 @@ def test_rpcs_past_max_concurrent_rpcs_get_resource_exhausted(tmp_path: Path) ->
                 return [refused, await ping_until_served(later)]
 
     assert run(settings_for(tmp_path, max_concurrent_rpcs=2), body) == [
-        grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OK,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.OK,
     ]
 
 
 def test_a_connections_streams_past_max_concurrent_streams_wait_while_other_connections_are_served(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     async def body(sidecar: Sidecar) -> list[grpc.StatusCode]:
-        async with grpc.aio.insecure_channel(sidecar.address) as busy, \
-                grpc.aio.insecure_channel(sidecar.address, options=OWN_CONNECTION) as other:
+        async with (
+            grpc.aio.insecure_channel(sidecar.address) as busy,
+            grpc.aio.insecure_channel(sidecar.address, options=OWN_CONNECTION) as other,
+        ):
             async with watching(busy, 2) as streams:
                 queued = await ping(busy, BLOCKED_DEADLINE_S)  # the client holds it back: no stream is free
                 elsewhere = await ping(other)
@@ -89,13 +95,19 @@ def test_a_connections_streams_past_max_concurrent_streams_wait_while_other_conn
             return [queued, elsewhere, freed]
 
     assert run(settings_for(tmp_path, max_concurrent_streams=2), body) == [
-        grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.OK, grpc.StatusCode.OK,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.OK,
+        grpc.StatusCode.OK,
     ]
 
 
 def test_a_client_that_pings_faster_than_min_ping_interval_ms_is_disconnected(tmp_path: Path) -> None:
-    flooding = [("grpc.keepalive_time_ms", 50), ("grpc.keepalive_timeout_ms", 60_000),
-                ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
+    flooding = [
+        ("grpc.keepalive_time_ms", 50),
+        ("grpc.keepalive_timeout_ms", 60_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
 
     async def body(sidecar: Sidecar) -> tuple[grpc.StatusCode, str]:
         async with grpc.aio.insecure_channel(sidecar.address, options=flooding) as channel:
@@ -143,4 +155,3 @@ def test_the_limits_are_server_options_named_by_settings() -> None:
     assert options["grpc.http2.min_ping_interval_without_data_ms"] == 10_000
     assert options["grpc.max_connection_idle_ms"] == 1 and options["grpc.max_connection_age_ms"] == 2
     assert "grpc.max_connection_idle_ms" not in dict(connection_options(Settings()))  # 0: off
-

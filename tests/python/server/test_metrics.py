@@ -138,8 +138,13 @@ def test_metrics_can_require_an_admin_token(tmp_path: object) -> None:
                     statuses.append(response.status)
         return statuses
 
-    settings = settings_for(tmp_path, http_listen="127.0.0.1:0", admin_tokens=admin, app_tokens=app,  # type: ignore[arg-type]
-                            metrics_require_token=True)
+    settings = settings_for(
+        tmp_path,
+        http_listen="127.0.0.1:0",
+        admin_tokens=admin,
+        app_tokens=app,  # type: ignore[arg-type]
+        metrics_require_token=True,
+    )
     assert with_sidecar(settings, body) == [401, 401, 200]
 
 

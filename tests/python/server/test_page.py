@@ -57,7 +57,8 @@ def test_search_finds_by_part_of_the_customer_or_stripe_id_in_any_case(tmp_path:
     async def body(sidecar: Sidecar, channel: grpc.aio.Channel) -> list[str]:
         for customer, stripe_id in (("acme-eu", "cus_ACME1"), ("acme-us", "cus_ACME2"), ("globex", "cus_G")):
             await pb_grpc.AdminStub(channel).SetBudget(
-                pb.SetBudgetRequest(customer_id=customer, limit=10, stripe_customer_id=stripe_id))
+                pb.SetBudgetRequest(customer_id=customer, limit=10, stripe_customer_id=stripe_id)
+            )
         pages = [await get(sidecar, "/budgets", params={"q": q}) for q in ("ACME", "acme2", "nothing", "")]
         return [text_of(page) for _, page in pages]
 
@@ -138,8 +139,9 @@ def test_webhooks_share_the_http_port_when_both_settings_name_one_address(tmp_pa
             async with session.post(f"http://{sidecar.http_address}/stripe/webhook", data=b"{}") as response:
                 return response.status
 
-    settings = settings_for(tmp_path, http_listen="127.0.0.1:0", webhook_listen="127.0.0.1:0",
-                            webhook_secret="whsec_0123456789abcdef")
+    settings = settings_for(
+        tmp_path, http_listen="127.0.0.1:0", webhook_listen="127.0.0.1:0", webhook_secret="whsec_0123456789abcdef"
+    )
     assert with_sidecar(settings, body) == 400  # the webhook route answers (no signature), on the page's port
 
 
@@ -148,8 +150,9 @@ def test_a_customer_page_shows_the_credits_in_the_limit_what_is_unused_and_the_g
         await create_budget(channel, "cus_credits", 1_000)
         admin = pb_grpc.AdminStub(channel)
         for key, amount in (("pack-1", 300), ("pack-2", 200)):
-            await admin.GrantCredits(pb.GrantCreditsRequest(customer_id="cus_credits", amount=amount,
-                                                            idempotency_key=key))
+            await admin.GrantCredits(
+                pb.GrantCreditsRequest(customer_id="cus_credits", amount=amount, idempotency_key=key)
+            )
         await spend(channel, "cus_credits", 1_100)  # the configured 1,000, then 100 of the credits
         return (await get(sidecar, "/customers/cus_credits"))[1]
 

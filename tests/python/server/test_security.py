@@ -13,8 +13,15 @@ import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from spendgate.client import (AsyncClient, NotFound, PermissionDenied, RetryPolicy, Unauthenticated, Unavailable,
-                              tls_credentials)
+from spendgate.client import (
+    AsyncClient,
+    NotFound,
+    PermissionDenied,
+    RetryPolicy,
+    Unauthenticated,
+    Unavailable,
+    tls_credentials,
+)
 from spendgate.config import ConfigError, Settings
 from spendgate.server.app import Sidecar
 from spendgate.server.security import Role, Tokens, check_exposure, load_tokens, parse_tokens
@@ -57,8 +64,10 @@ def token_settings(tmp_path: Path) -> Settings:
 
 def test_an_app_token_may_call_budget_and_an_admin_token_may_call_admin_too(tmp_path: Path) -> None:
     async def body(sidecar: Sidecar) -> None:
-        async with AsyncClient(sidecar.address, token=ADMIN_TOKEN) as admin, \
-                AsyncClient(sidecar.address, token=APP_TOKEN) as app:
+        async with (
+            AsyncClient(sidecar.address, token=ADMIN_TOKEN) as admin,
+            AsyncClient(sidecar.address, token=APP_TOKEN) as app,
+        ):
             await admin.set_budget("cus_a", 100)
             async with app.reserve("cus_a", 10) as hold:
                 await hold.commit(7)
@@ -99,8 +108,10 @@ def test_an_unknown_token_is_unauthenticated_and_is_never_echoed(tmp_path: Path)
 
 def test_an_app_token_calling_admin_is_permission_denied_and_creates_nothing(tmp_path: Path) -> None:
     async def body(sidecar: Sidecar) -> None:
-        async with AsyncClient(sidecar.address, token=APP_TOKEN) as app, \
-                AsyncClient(sidecar.address, token=ADMIN_TOKEN) as admin:
+        async with (
+            AsyncClient(sidecar.address, token=APP_TOKEN) as app,
+            AsyncClient(sidecar.address, token=ADMIN_TOKEN) as admin,
+        ):
             with pytest.raises(PermissionDenied) as caught:
                 await app.set_budget("cus_a", 100)
             assert "admin_tokens" in caught.value.message
@@ -123,8 +134,9 @@ def test_health_and_reflection_stay_open_without_a_token(tmp_path: Path) -> None
 def test_tokens_come_from_files_too_so_they_stay_out_of_the_process_list(tmp_path: Path) -> None:
     (tmp_path / "app.tokens").write_text(f"# app tokens, one a line\n{APP_TOKEN}\n\nsecond-app-0123456789abcdef\n")
     (tmp_path / "admin.tokens").write_text(f"{ADMIN_TOKEN}\n")
-    tokens = load_tokens(Settings(app_tokens_file=str(tmp_path / "app.tokens"),
-                                  admin_tokens_file=str(tmp_path / "admin.tokens")))
+    tokens = load_tokens(
+        Settings(app_tokens_file=str(tmp_path / "app.tokens"), admin_tokens_file=str(tmp_path / "admin.tokens"))
+    )
     assert tokens.role_of(f"Bearer {APP_TOKEN}") is Role.APP
     assert tokens.role_of("bearer second-app-0123456789abcdef") is Role.APP
     assert tokens.role_of(f"Bearer {ADMIN_TOKEN}") is Role.ADMIN
@@ -132,9 +144,13 @@ def test_tokens_come_from_files_too_so_they_stay_out_of_the_process_list(tmp_pat
     assert tokens.role_of(None) is None
 
 
-@pytest.mark.parametrize(("text", "problem"), [
-    ("short", "too short"), ("has space 0123456789abcdef", "too short or not printable"),
-])
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("short", "too short"),
+        ("has space 0123456789abcdef", "too short or not printable"),
+    ],
+)
 def test_a_weak_or_malformed_token_is_refused_naming_the_setting(text: str, problem: str) -> None:
     with pytest.raises(ConfigError, match=f"setting 'app_tokens': .*{problem}.*openssl rand -hex 32"):
         load_tokens(Settings(app_tokens=text))
@@ -156,8 +172,12 @@ def test_no_tokens_configured_means_tokens_are_off() -> None:
 
 
 def tls_settings(tmp_path: Path, certs: Certs, *, mtls: bool = False) -> Settings:
-    return settings_for(tmp_path, tls_cert_file=str(certs.server_cert), tls_key_file=str(certs.server_key),
-                        tls_client_ca_file=str(certs.ca) if mtls else "")
+    return settings_for(
+        tmp_path,
+        tls_cert_file=str(certs.server_cert),
+        tls_key_file=str(certs.server_key),
+        tls_client_ca_file=str(certs.ca) if mtls else "",
+    )
 
 
 def test_tls_serves_clients_that_trust_its_ca_and_refuses_plaintext(tmp_path: Path, certs: Certs) -> None:
@@ -186,7 +206,8 @@ def test_mtls_needs_a_client_certificate_signed_by_the_client_ca(tmp_path: Path,
 
 
 def test_a_missing_or_non_pem_certificate_file_is_refused_before_the_data_dir_is_opened(
-        tmp_path: Path, certs: Certs) -> None:
+    tmp_path: Path, certs: Certs
+) -> None:
     for cert in (tmp_path / "absent.pem", certs.server_key.with_suffix(".csr")):
         settings = dataclasses.replace(tls_settings(tmp_path, certs), tls_cert_file=str(cert))
         with pytest.raises(ConfigError, match="tls_cert_file"):
@@ -236,16 +257,17 @@ async def _never(_: Sidecar) -> None:
     raise AssertionError("the sidecar should not have started")
 
 
-
 def test_the_cli_talks_tls_and_mtls_with_its_flags(tmp_path: Path, certs: Certs) -> None:
     from ..test_cli import spendgate_cli
 
     async def body(sidecar: Sidecar) -> list[tuple[int, str]]:
         target = ["--target", sidecar.address, "--tls-root-cert", str(certs.ca)]
         client = ["--tls-client-cert", str(certs.client_cert), "--tls-client-key", str(certs.client_key)]
-        runs = [["budget", "set", "cus_a", "--limit", "9", *target, *client],  # mTLS: the signed client
-                ["budget", "show", "cus_a", *target],  # no client certificate: the handshake fails
-                ["budget", "show", "cus_a", *target, "--tls-client-cert", str(certs.client_cert)]]
+        runs = [
+            ["budget", "set", "cus_a", "--limit", "9", *target, *client],  # mTLS: the signed client
+            ["budget", "show", "cus_a", *target],  # no client certificate: the handshake fails
+            ["budget", "show", "cus_a", *target, "--tls-client-cert", str(certs.client_cert)],
+        ]
         results = [await asyncio.to_thread(spendgate_cli, *args) for args in runs]
         return [(r.returncode, r.stdout + r.stderr) for r in results]
 

@@ -11,6 +11,7 @@ import aiohttp
 import grpc
 import grpc.aio
 import pytest
+
 from spendgate.config import ConfigError
 from spendgate.server.app import Sidecar
 from spendgate.service.usage_links import UsageLinkSigner
@@ -23,7 +24,8 @@ from .test_page import spend, text_of
 
 async def make_link(channel: grpc.aio.Channel, customer_id: str, **fields: object) -> pb.CreateUsageLinkResponse:
     reply: pb.CreateUsageLinkResponse = await pb_grpc.AdminStub(channel).CreateUsageLink(
-        pb.CreateUsageLinkRequest(customer_id=customer_id, **fields))  # type: ignore[arg-type]
+        pb.CreateUsageLinkRequest(customer_id=customer_id, **fields)
+    )  # type: ignore[arg-type]
     return reply
 
 
@@ -40,15 +42,21 @@ def test_create_usage_link_refuses_what_cannot_open(tmp_path: Path) -> None:
     async def with_http(sidecar: Sidecar, channel: grpc.aio.Channel) -> list[grpc.StatusCode]:
         await create_budget(channel, "cus_1", 100)
         codes = []
-        for customer, fields in (("cus_nobody", {}), ("cus_1", {"ttl_ms": 1_000}),
-                                 ("cus_1", {"allow_limit": True}), ("cus_1", {"ceiling": 5})):
+        for customer, fields in (
+            ("cus_nobody", {}),
+            ("cus_1", {"ttl_ms": 1_000}),
+            ("cus_1", {"allow_limit": True}),
+            ("cus_1", {"ceiling": 5}),
+        ):
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await make_link(channel, customer, **fields)
             codes.append(refused.value.code())
         return codes
 
-    assert with_sidecar(settings_for(tmp_path / "b", http_listen="127.0.0.1:0"), with_http) == [
-        grpc.StatusCode.NOT_FOUND] + [grpc.StatusCode.INVALID_ARGUMENT] * 3
+    assert (
+        with_sidecar(settings_for(tmp_path / "b", http_listen="127.0.0.1:0"), with_http)
+        == [grpc.StatusCode.NOT_FOUND] + [grpc.StatusCode.INVALID_ARGUMENT] * 3
+    )
 
 
 def test_links_use_the_base_url_and_the_key_file_of_the_settings(tmp_path: Path) -> None:
@@ -59,13 +67,18 @@ def test_links_use_the_base_url_and_the_key_file_of_the_settings(tmp_path: Path)
         await create_budget(channel, "cus/ü 1", 100)
         return await make_link(channel, "cus/ü 1", ttl_ms=120_000, allow_limit=True, ceiling=50)
 
-    settings = settings_for(tmp_path, http_listen="127.0.0.1:0", usage_link_secret_file=str(key_file),
-                            usage_link_base_url="https://usage.example.com/")
+    settings = settings_for(
+        tmp_path,
+        http_listen="127.0.0.1:0",
+        usage_link_secret_file=str(key_file),
+        usage_link_base_url="https://usage.example.com/",
+    )
     reply = with_sidecar(settings, body)
     assert reply.url == "https://usage.example.com" + reply.path
     assert reply.path.startswith("/usage/cus%2F%C3%BC%201?") and (reply.scope, reply.ceiling) == ("limit", 50)
     grant = UsageLinkSigner(key_file.read_bytes().strip()).verify(
-        "cus/ü 1", dict(parse_qsl(urlsplit(reply.path).query)), now_s=reply.expires_at_ms / 1000 - 1)
+        "cus/ü 1", dict(parse_qsl(urlsplit(reply.path).query)), now_s=reply.expires_at_ms / 1000 - 1
+    )
     assert grant.ceiling == 50
     assert not (tmp_path / "data" / "usage-link.key").exists()  # the configured key is the one used
 
@@ -83,9 +96,14 @@ def test_the_form_refuses_cross_site_posts_and_bad_amounts_and_changes_nothing(t
         action = f"http://{sidecar.http_address}{urlsplit(reply.path).path}/stop-at"
         results = []
         async with aiohttp.ClientSession() as session:
-            for form, headers in (({"stop_at": "200"}, {"Sec-Fetch-Site": "cross-site"}),
-                                  ({"stop_at": "lots"}, {}), ({"stop_at": "0"}, {}), ({"stop_at": "501"}, {}),
-                                  ({"stop_at": "2.5"}, {}), ({"stop_at": "9" * 5000}, {})):
+            for form, headers in (
+                ({"stop_at": "200"}, {"Sec-Fetch-Site": "cross-site"}),
+                ({"stop_at": "lots"}, {}),
+                ({"stop_at": "0"}, {}),
+                ({"stop_at": "501"}, {}),
+                ({"stop_at": "2.5"}, {}),
+                ({"stop_at": "9" * 5000}, {}),
+            ):
                 async with session.post(action, data=signed | form | {"action": "set"}, headers=headers) as response:
                     results.append((response.status, html.unescape(text_of(await response.text()))))
         balance = await pb_grpc.BudgetStub(channel).GetBalance(pb.GetBalanceRequest(customer_id="cus_1"))

@@ -39,8 +39,13 @@ def test_the_dashboard_of_an_org_from_the_engine(tmp_path: Path) -> None:
         engine.wait_durable(engine.update_budget("org", stop_at=6_000).ticket)
         now_ms = time.time_ns() // 1_000_000
         board = usage_view.dashboard_for(engine, "org", now_ms=now_ms)
-        assert (board.used, board.included, board.limit, board.stop_at, board.enforced) == (3_000, 4_000, 10_000,
-                                                                                             6_000, 6_000)
+        assert (board.used, board.included, board.limit, board.stop_at, board.enforced) == (
+            3_000,
+            4_000,
+            10_000,
+            6_000,
+            6_000,
+        )
         assert len(board.days) == usage_view.CHART_DAYS and board.days[-1][2]
         # All of it on the day of the commits (today, or yesterday if midnight passed since).
         assert [units for _, units, _ in board.days[-2:] if units] == [3_000]
@@ -55,8 +60,12 @@ def test_the_dashboard_of_an_org_from_the_engine(tmp_path: Path) -> None:
         if reached is not None:
             assert now_ms <= reached < board.period_end_ms
         elapsed = now_ms - board.period_start_ms
-        assert usage_view._reached_at(3_000, 6_000, board.period_start_ms, board.period_start_ms + 10 * elapsed,
-                                      now_ms, 3_000) == now_ms + elapsed
+        assert (
+            usage_view._reached_at(
+                3_000, 6_000, board.period_start_ms, board.period_start_ms + 10 * elapsed, now_ms, 3_000
+            )
+            == now_ms + elapsed
+        )
         assert usage_view._reached_at(6_000, 6_000, 0, DAY_MS, now_ms, 6_000) == now_ms
     finally:
         engine.close()

@@ -44,21 +44,60 @@ class FakeEngine:
     def _remaining(self, budget: dict[str, int]) -> int:
         return budget["limit"] - budget["spent"] - budget["reserved"]
 
-    def reserve(self, customer_id: str, amount: int, idempotency_key: str = "", ttl_ms: int = 0, *, model: str = "",
-                dimensions: dict[str, str] | None = None, fingerprint: str = "") -> Any:
-        self.calls.append(("reserve", {"amount": amount, "model": model, "fingerprint": fingerprint,
-                                       "dimensions": dimensions, "ttl_ms": ttl_ms}))
+    def reserve(
+        self,
+        customer_id: str,
+        amount: int,
+        idempotency_key: str = "",
+        ttl_ms: int = 0,
+        *,
+        model: str = "",
+        dimensions: dict[str, str] | None = None,
+        fingerprint: str = "",
+    ) -> Any:
+        self.calls.append(
+            (
+                "reserve",
+                {
+                    "amount": amount,
+                    "model": model,
+                    "fingerprint": fingerprint,
+                    "dimensions": dimensions,
+                    "ttl_ms": ttl_ms,
+                },
+            )
+        )
         budget = self._budget(customer_id)
         if amount > self._remaining(budget):
-            return SimpleNamespace(granted=False, reservation_id="", remaining=self._remaining(budget),
-                                   reason=_core.DENY_INSUFFICIENT_BUDGET, expires_at_ms=0, replayed=False, amount=0,
-                                   state=0, over_limit=False, decided_by=customer_id, ticket=0)
+            return SimpleNamespace(
+                granted=False,
+                reservation_id="",
+                remaining=self._remaining(budget),
+                reason=_core.DENY_INSUFFICIENT_BUDGET,
+                expires_at_ms=0,
+                replayed=False,
+                amount=0,
+                state=0,
+                over_limit=False,
+                decided_by=customer_id,
+                ticket=0,
+            )
         budget["reserved"] += amount
         rid = f"rsv_{len(self.holds) + 1}"
         self.holds[rid] = {"customer": customer_id, "amount": amount, "model": model}
-        return SimpleNamespace(granted=True, reservation_id=rid, remaining=self._remaining(budget),
-                               reason=_core.DENY_NONE, expires_at_ms=123, replayed=False, amount=amount,
-                               state=_core.HOLD_ACTIVE, over_limit=False, decided_by="", ticket=next(self.tickets))
+        return SimpleNamespace(
+            granted=True,
+            reservation_id=rid,
+            remaining=self._remaining(budget),
+            reason=_core.DENY_NONE,
+            expires_at_ms=123,
+            replayed=False,
+            amount=amount,
+            state=_core.HOLD_ACTIVE,
+            over_limit=False,
+            decided_by="",
+            ticket=next(self.tickets),
+        )
 
     def commit(self, reservation_id: str, amount: int, *, usage: Any = None, dimensions: Any = None) -> Any:
         self.calls.append(("commit", {"amount": amount, "usage": usage}))
@@ -66,16 +105,29 @@ class FakeEngine:
         budget = self.budgets[hold["customer"]]
         budget["reserved"] -= hold["amount"]
         budget["spent"] += amount
-        return SimpleNamespace(charged=amount, remaining=self._remaining(budget), over_reserved=amount > hold["amount"],
-                               excess=max(0, amount - hold["amount"]), replayed=False, hold_expired=False,
-                               over_limit=False, breaker_tripped=False, ticket=next(self.tickets))
+        return SimpleNamespace(
+            charged=amount,
+            remaining=self._remaining(budget),
+            over_reserved=amount > hold["amount"],
+            excess=max(0, amount - hold["amount"]),
+            replayed=False,
+            hold_expired=False,
+            over_limit=False,
+            breaker_tripped=False,
+            ticket=next(self.tickets),
+        )
 
     def release(self, reservation_id: str) -> Any:
         hold = self.holds.pop(reservation_id)
         budget = self.budgets[hold["customer"]]
         budget["reserved"] -= hold["amount"]
-        return SimpleNamespace(released=True, remaining=self._remaining(budget), state=_core.HOLD_RELEASED,
-                               replayed=False, ticket=next(self.tickets))
+        return SimpleNamespace(
+            released=True,
+            remaining=self._remaining(budget),
+            state=_core.HOLD_RELEASED,
+            replayed=False,
+            ticket=next(self.tickets),
+        )
 
     def balance(self, customer_id: str) -> Any:
         budget = self._budget(customer_id)

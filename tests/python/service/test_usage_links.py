@@ -10,6 +10,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
 import pytest
+
 from spendgate import _core
 from spendgate.service.usage_links import (
     EXPIRED,
@@ -31,7 +32,12 @@ NOW_S = 1_796_000_000
 
 
 def grant(**changes: object) -> LinkGrant:
-    fields: dict[str, object] = {"customer_id": "cus_1", "scope": SCOPE_LIMIT, "ceiling": 5_000, "expires_at_s": NOW_S + 60}
+    fields: dict[str, object] = {
+        "customer_id": "cus_1",
+        "scope": SCOPE_LIMIT,
+        "ceiling": 5_000,
+        "expires_at_s": NOW_S + 60,
+    }
     fields.update(changes)
     return LinkGrant(**fields)  # type: ignore[arg-type]
 
@@ -50,10 +56,20 @@ def test_a_link_verifies_for_its_customer_until_it_expires() -> None:
     assert expired.value.public == EXPIRED and expired.value.status == 403
 
 
-@pytest.mark.parametrize("change", [
-    {"scope": SCOPE_VIEW}, {"ceiling": "5001"}, {"exp": str(NOW_S + 61)}, {"sig": "A" * 43}, {"sig": ""},
-    {"ceiling": "-1"}, {"exp": "soon"}, {"scope": "admin"}, {"sig": "x" * 100},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"scope": SCOPE_VIEW},
+        {"ceiling": "5001"},
+        {"exp": str(NOW_S + 61)},
+        {"sig": "A" * 43},
+        {"sig": ""},
+        {"ceiling": "-1"},
+        {"exp": "soon"},
+        {"scope": "admin"},
+        {"sig": "x" * 100},
+    ],
+)
 def test_any_change_to_a_link_breaks_it(change: dict[str, str]) -> None:
     signer = UsageLinkSigner(KEY)
     params = params_of(signer, grant()) | change
@@ -93,8 +109,13 @@ def test_new_grants_check_the_ttl_and_the_ceiling() -> None:
     made = new_grant("cus_1", ttl_ms=0, allow_limit=False, ceiling=0, now_ms=NOW_S * 1000 + 1)
     assert (made.scope, made.ceiling, made.expires_at_s) == (SCOPE_VIEW, 0, NOW_S + 3601)  # rounded up, never shorter
     assert new_grant("c", ttl_ms=60_000, allow_limit=True, ceiling=7, now_ms=0).ceiling == 7
-    for kwargs in ({"ttl_ms": 59_999}, {"ttl_ms": MAX_LINK_TTL_MS + 1}, {"allow_limit": True},
-                   {"ceiling": 5}, {"allow_limit": True, "ceiling": _core.MAX_AMOUNT_UNITS + 1}):
+    for kwargs in (
+        {"ttl_ms": 59_999},
+        {"ttl_ms": MAX_LINK_TTL_MS + 1},
+        {"allow_limit": True},
+        {"ceiling": 5},
+        {"allow_limit": True, "ceiling": _core.MAX_AMOUNT_UNITS + 1},
+    ):
         arguments: dict[str, object] = {"ttl_ms": 60_000, "allow_limit": False, "ceiling": 0} | kwargs
         with pytest.raises(_core.EngineError) as refused:
             new_grant("cus_1", now_ms=0, **arguments)  # type: ignore[arg-type]

@@ -27,8 +27,9 @@ LONG_TTL_MS: Final[int] = 600_000
 RETRY_PAUSE_S: Final[float] = 0.05
 TOKEN_MODEL: Final[str] = "gpt-6-sol"
 # The codes a dying or restarting sidecar produces; anything else is a bug and fails the test.
-TRANSIENT: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                              grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN})
+TRANSIENT: Final = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}
+)
 CHANNEL_OPTIONS: Final = (
     ("grpc.use_local_subchannel_pool", 1),
     ("grpc.initial_reconnect_backoff_ms", 50),
@@ -55,8 +56,16 @@ def call_until_ok(fn, request, deadline_s: float = 60.0):  # type: ignore[no-unt
 
 
 class CommitLoad:
-    def __init__(self, target: str, customers: Sequence[str], *, threads: int = 4, pause_s: float = 0.01,
-                 seed: int = 0, token_share: float = 0.0) -> None:
+    def __init__(
+        self,
+        target: str,
+        customers: Sequence[str],
+        *,
+        threads: int = 4,
+        pause_s: float = 0.01,
+        seed: int = 0,
+        token_share: float = 0.0,
+    ) -> None:
         self.target = target
         self.customers = list(customers)
         self.acked: dict[str, int] = {c: 0 for c in customers}
@@ -69,8 +78,10 @@ class CommitLoad:
         self._pause_s = pause_s
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(seed * 1000 + i,), name=f"load-{i}", daemon=True)
-                         for i in range(threads)]
+        self._threads = [
+            threading.Thread(target=self._run, args=(seed * 1000 + i,), name=f"load-{i}", daemon=True)
+            for i in range(threads)
+        ]
 
     def start(self) -> CommitLoad:
         for thread in self._threads:
@@ -87,8 +98,9 @@ class CommitLoad:
             raise AssertionError(f"the load saw unexpected errors: {self.errors[:3]}")
 
     @staticmethod
-    def _reserve(budget: pb_grpc.BudgetStub, customer: str, rng: random.Random,
-                 tokens: bool) -> pb.ReserveResponse | None:
+    def _reserve(
+        budget: pb_grpc.BudgetStub, customer: str, rng: random.Random, tokens: bool
+    ) -> pb.ReserveResponse | None:
         """A Reserve, or None when the sidecar died under it (the hold may exist: never committed, never billed)."""
         if tokens:
             estimate = pb.TokenEstimate(model=TOKEN_MODEL, input_tokens=1_000, max_output_tokens=200)
@@ -114,8 +126,12 @@ class CommitLoad:
                 if reply is None or not reply.granted:
                     continue
                 if tokens:
-                    usage = pb.TokenUsage(input_tokens=rng.randint(0, 900), cached_input_tokens=rng.randint(0, 100),
-                                          output_tokens=rng.randint(0, 180), reasoning_tokens=rng.randint(0, 20))
+                    usage = pb.TokenUsage(
+                        input_tokens=rng.randint(0, 900),
+                        cached_input_tokens=rng.randint(0, 100),
+                        output_tokens=rng.randint(0, 180),
+                        reasoning_tokens=rng.randint(0, 20),
+                    )
                     request = pb.CommitRequest(reservation_id=reply.reservation_id, usage=usage)
                 else:
                     request = pb.CommitRequest(reservation_id=reply.reservation_id, amount=rng.randint(0, reply.amount))
@@ -123,9 +139,11 @@ class CommitLoad:
                 with self._lock:
                     self.acked[customer] += committed.charged
                     if tokens:
-                        for token_type, count in (("input", usage.input_tokens),
-                                                  ("cached_input", usage.cached_input_tokens),
-                                                  ("output", usage.output_tokens + usage.reasoning_tokens)):
+                        for token_type, count in (
+                            ("input", usage.input_tokens),
+                            ("cached_input", usage.cached_input_tokens),
+                            ("output", usage.output_tokens + usage.reasoning_tokens),
+                        ):
                             key = (customer, token_type)
                             self.acked_tokens[key] = self.acked_tokens.get(key, 0) + count
                     else:

@@ -19,8 +19,9 @@ def settlement_status(target: str) -> pb.SettlementStatus:
         return call_until_ok(admin.GetSettlementStatus, pb.GetSettlementStatusRequest())
 
 
-def wait_for_status(target: str, done: Callable[[pb.SettlementStatus], bool], what: str,
-                    deadline_s: float = DRAIN_DEADLINE_S) -> pb.SettlementStatus:
+def wait_for_status(
+    target: str, done: Callable[[pb.SettlementStatus], bool], what: str, deadline_s: float = DRAIN_DEADLINE_S
+) -> pb.SettlementStatus:
     """Poll GetSettlementStatus until done(status); fail naming `what` after deadline_s (a hang guard, not a timing
     assertion)."""
     deadline = time.monotonic() + deadline_s
@@ -49,5 +50,6 @@ def create_budgets(target: str, stripe_ids: dict[str, str], limit: int = 10**12)
     channel, _, admin = stubs(target)
     with channel:
         for customer, stripe_id in stripe_ids.items():
-            call_until_ok(admin.SetBudget, pb.SetBudgetRequest(customer_id=customer, limit=limit,
-                                                                stripe_customer_id=stripe_id))
+            call_until_ok(
+                admin.SetBudget, pb.SetBudgetRequest(customer_id=customer, limit=limit, stripe_customer_id=stripe_id)
+            )

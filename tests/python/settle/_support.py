@@ -106,8 +106,9 @@ def make_settler(
     if wrap is not None:
         transport = wrap(transport)
     preflight = Preflight(client, opts.event_name, check_meter=not transport.validates_meter)
-    return Settler(engine, transport, opts, wait_durable=waiter.wait, preflight=preflight, clock_ms=clock_ms,
-                   rng=random.Random(7))
+    return Settler(
+        engine, transport, opts, wait_durable=waiter.wait, preflight=preflight, clock_ms=clock_ms, rng=random.Random(7)
+    )
 
 
 def run_async(engine: _core.Engine, body: Callable[[DurabilityWaiter], Awaitable[T]]) -> T:
@@ -153,8 +154,9 @@ def rounds(engine: _core.Engine, fake: FakeStripe, n: int = 1, **kwargs: Any) ->
 
 
 def meter_event_posts(fake: FakeStripe) -> int:
-    return sum(1 for r in fake.request_log()
-               if r["path"] in ("/v1/billing/meter_events", "/v2/billing/meter_event_stream"))
+    return sum(
+        1 for r in fake.request_log() if r["path"] in ("/v1/billing/meter_events", "/v2/billing/meter_event_stream")
+    )
 
 
 def sidecar_env(fake: FakeStripe, *, api_key: str = "sk_test_spendgate", **settings: object) -> dict[str, str]:
@@ -164,8 +166,11 @@ def sidecar_env(fake: FakeStripe, *, api_key: str = "sk_test_spendgate", **setti
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SPENDGATE_", "STRIPE_"))}
     env["STRIPE_API_KEY"] = api_key
     env["STRIPE_API_BASE"] = fake.url
-    defaults: Mapping[str, object] = {"settle_interval_ms": 50, "settle_backoff_base_ms": 10,
-                                      "settle_backoff_max_ms": 500}
+    defaults: Mapping[str, object] = {
+        "settle_interval_ms": 50,
+        "settle_backoff_base_ms": 10,
+        "settle_backoff_max_ms": 500,
+    }
     for name, value in {**defaults, **settings}.items():
         env[f"SPENDGATE_{name.upper()}"] = str(value)
     return env
@@ -186,5 +191,6 @@ def spendgate_cli(*args: str, env: Mapping[str, str], timeout_s: float = 120.0) 
     package_root = str(Path(spendgate.__file__).resolve().parents[1])
     child = dict(env)
     child["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, child.get("PYTHONPATH", "")) if p)
-    return subprocess.run([sys.executable, "-m", "spendgate", *args], env=child, capture_output=True, text=True,
-                          timeout=timeout_s)
+    return subprocess.run(
+        [sys.executable, "-m", "spendgate", *args], env=child, capture_output=True, text=True, timeout=timeout_s
+    )

@@ -24,12 +24,29 @@ WINDOW = 1000
 NAMES = EventNames("spendgate_usage", "token-billing-tokens")
 
 
-def entry(seq: int, amount: int, ts_ms: int, *, customer: str = "cus_a", sent_as: str | None = None,
-          first_attempt_ms: int | None = None, usage: Any = None) -> Any:
+def entry(
+    seq: int,
+    amount: int,
+    ts_ms: int,
+    *,
+    customer: str = "cus_a",
+    sent_as: str | None = None,
+    first_attempt_ms: int | None = None,
+    usage: Any = None,
+) -> Any:
     """An outbox entry shaped as _core.OutboxEntry."""
-    return {"seq": seq, "identifier": f"sg-rsv_{seq:016x}", "customer_id": customer.removeprefix("cus_"),
-            "stripe_customer_id": customer, "amount": amount, "ts_ms": ts_ms, "sent_as": sent_as,
-            "first_attempt_ms": first_attempt_ms, "attempts": 1 if sent_as else 0, "usage": usage}
+    return {
+        "seq": seq,
+        "identifier": f"sg-rsv_{seq:016x}",
+        "customer_id": customer.removeprefix("cus_"),
+        "stripe_customer_id": customer,
+        "amount": amount,
+        "ts_ms": ts_ms,
+        "sent_as": sent_as,
+        "first_attempt_ms": first_attempt_ms,
+        "attempts": 1 if sent_as else 0,
+        "usage": usage,
+    }
 
 
 def test_without_a_window_each_entry_is_its_own_event_under_its_ledger_identifier() -> None:
@@ -44,7 +61,12 @@ def test_a_window_sums_a_customers_entries_stamped_with_the_latest_time() -> Non
     entries = [entry(1, 5, 1100), entry(2, 7, 1900), entry(3, 1, 1500, customer="cus_b"), entry(4, 2, 2100)]
     events = {e.identifier: e for e in fresh_events(entries, WINDOW, now_ms=3000, names=NAMES)}
     aggregate = events[aggregate_identifier("sg-rsv_0000000000000001", 2, 12, 1900)]
-    assert (aggregate.value, aggregate.ts_ms, aggregate.seqs, aggregate.stripe_customer_id) == (12, 1900, (1, 2), "cus_a")
+    assert (aggregate.value, aggregate.ts_ms, aggregate.seqs, aggregate.stripe_customer_id) == (
+        12,
+        1900,
+        (1, 2),
+        "cus_a",
+    )
     assert events["sg-rsv_0000000000000003"].value == 1  # alone in its window: its own identifier
     assert events["sg-rsv_0000000000000004"].seqs == (4,)
 
@@ -67,16 +89,23 @@ def test_the_identifier_records_the_event() -> None:
     assert len(identifier) <= 100
     parsed = parse_aggregate_identifier(identifier)
     assert parsed is not None
-    assert (parsed.base, parsed.count, parsed.value, parsed.ts_ms) == ("sg-rsv_00000000000000ff-requeue2", 3, 12345,
-                                                                       1_700_000_000_123)
+    assert (parsed.base, parsed.count, parsed.value, parsed.ts_ms) == (
+        "sg-rsv_00000000000000ff-requeue2",
+        3,
+        12345,
+        1_700_000_000_123,
+    )
     assert parse_aggregate_identifier("sg-rsv_00000000000000ff") is None
 
 
 def test_a_claimed_aggregate_is_rebuilt_from_its_identifier_even_with_members_missing() -> None:
     identifier = aggregate_identifier("sg-rsv_0000000000000001", 3, 20, 1900)
     # Only two of the three members are in this batch: the event is still the one first sent.
-    entries = [entry(1, 5, 1100, sent_as=identifier, first_attempt_ms=50),
-               entry(3, 8, 1900, sent_as=identifier, first_attempt_ms=40), entry(9, 1, 5000)]
+    entries = [
+        entry(1, 5, 1100, sent_as=identifier, first_attempt_ms=50),
+        entry(3, 8, 1900, sent_as=identifier, first_attempt_ms=40),
+        entry(9, 1, 5000),
+    ]
     (event,) = claimed_events(entries, NAMES)
     assert (event.identifier, event.value, event.ts_ms, event.seqs) == (identifier, 20, 1900, (1, 3))
     assert event.claimed and event.first_attempt_ms == 40
@@ -127,10 +156,15 @@ def test_a_cache_hit_has_no_tokens_and_settles_as_a_zero_units_event() -> None:
 
 
 def test_with_the_token_meter_off_token_usage_settles_as_units() -> None:
-    (event,) = fresh_events([entry(3, 9, 100, usage=usage(input=10))], 0, now_ms=1,
-                            names=EventNames("spendgate_usage", ""))
+    (event,) = fresh_events(
+        [entry(3, 9, 100, usage=usage(input=10))], 0, now_ms=1, names=EventNames("spendgate_usage", "")
+    )
     assert (event.identifier, event.event_name, event.value, event.dimensions) == (
-        "sg-rsv_0000000000000003", "spendgate_usage", 9, ())
+        "sg-rsv_0000000000000003",
+        "spendgate_usage",
+        9,
+        (),
+    )
 
 
 def test_a_claimed_token_entry_is_rebuilt_exactly_as_first_sent() -> None:
@@ -146,7 +180,11 @@ def test_a_token_entry_claimed_before_token_events_existed_is_resent_as_its_one_
     old = entry(5, 42, 777, usage=usage(input=10), sent_as="sg-rsv_0000000000000005", first_attempt_ms=9)
     (event,) = claimed_events([old], NAMES)
     assert (event.identifier, event.event_name, event.value, event.dimensions) == (
-        "sg-rsv_0000000000000005", "spendgate_usage", 42, ())
+        "sg-rsv_0000000000000005",
+        "spendgate_usage",
+        42,
+        (),
+    )
 
 
 def test_a_claimed_token_entry_with_the_token_meter_turned_off_keeps_its_token_events() -> None:
@@ -172,8 +210,13 @@ def test_a_window_sums_tokens_per_customer_model_and_type() -> None:
     assert wire(aggregate) == [
         (f"{first}-tagg2-input", TOKENS, 150, {"model": "gpt-6-sol", "token_type": "input"}, aggregate[0].claim_id),
         (f"{first}-tagg2-output", TOKENS, 15, {"model": "gpt-6-sol", "token_type": "output"}, aggregate[0].claim_id),
-        (f"{first}-tagg2-cached_write", TOKENS, 7, {"model": "gpt-6-sol", "token_type": "cached_write"},
-         aggregate[0].claim_id),
+        (
+            f"{first}-tagg2-cached_write",
+            TOKENS,
+            7,
+            {"model": "gpt-6-sol", "token_type": "cached_write"},
+            aggregate[0].claim_id,
+        ),
     ]
     assert all(e.seqs == (1, 2) and e.ts_ms == 1200 for e in aggregate)
     assert [e.identifier for e in by_claim["sg-rsv_0000000000000003-tokens"]] == ["sg-rsv_0000000000000003-input"]
@@ -199,8 +242,9 @@ def test_a_token_aggregate_never_exceeds_stripes_largest_value_nor_the_engines_i
     assert max(e.value for e in events) <= MAX_EVENT_VALUE
     assert {e.seqs for e in events} == {(1,), (2, 3)}
     # The longest claim there can be: a requeued first member, the most members a round reads, 15-digit sums.
-    longest = token_aggregate_claim("sg-rsv_ffffffffffffffff-requeue999", 10_000, [MAX_EVENT_VALUE] * 4,
-                                    253_402_214_400_000)
+    longest = token_aggregate_claim(
+        "sg-rsv_ffffffffffffffff-requeue999", 10_000, [MAX_EVENT_VALUE] * 4, 253_402_214_400_000
+    )
     assert len(longest.encode()) <= MAX_CLAIM_BYTES == _core.MAX_ID_BYTES
     assert max(len(f"sg-rsv_ffffffffffffffff-requeue999-tagg10000-{t}") for t in TOKEN_WIRE_TYPES) <= 100
 
@@ -209,9 +253,14 @@ def test_event_identifiers_name_each_entrys_events_as_the_claim_builds_them() ->
     """The audit trail's identifiers (from an entry's claim alone) are those of the events the settler sends."""
     usage = {"model": "m", "parts": [("input", 50, 5), ("reasoning", 3, 1)], "cache_hit": False, "fallback": False}
     no_output = {"model": "m", "parts": [("input", 7, 1)], "cache_hit": False, "fallback": False}
-    entries = [entry(1, 5, 1100), entry(2, 7, 1200), entry(3, 6, 1300, usage=usage),
-               entry(4, 1, 1400, usage=no_output), entry(5, 2, 1500, customer="cus_b"),
-               entry(6, 6, 1600, customer="cus_b", usage=usage)]
+    entries = [
+        entry(1, 5, 1100),
+        entry(2, 7, 1200),
+        entry(3, 6, 1300, usage=usage),
+        entry(4, 1, 1400, usage=no_output),
+        entry(5, 2, 1500, customer="cus_b"),
+        entry(6, 6, 1600, customer="cus_b", usage=usage),
+    ]
     for window in (0, WINDOW):
         events = fresh_events(entries, window, now_ms=5000, names=NAMES)
         for one in entries:

@@ -22,8 +22,11 @@ def fake() -> Iterator[FakeStripe]:
 
 
 def event(identifier: str, *, event_name: str = "spendgate_usage", timestamp: int | None = None) -> dict[str, Any]:
-    params: dict[str, Any] = {"event_name": event_name, "identifier": identifier,
-                              "payload": {"stripe_customer_id": CUSTOMER, "value": "3"}}
+    params: dict[str, Any] = {
+        "event_name": event_name,
+        "identifier": identifier,
+        "payload": {"stripe_customer_id": CUSTOMER, "value": "3"},
+    }
     if timestamp is not None:
         params["timestamp"] = timestamp
     return params
@@ -43,37 +46,47 @@ def test_a_repeated_identifier_counts_as_delivered(fake: FakeStripe) -> None:
     assert classify(error).verdict is Verdict.DELIVERED
 
 
-@pytest.mark.parametrize(("status", "code", "message"), [
-    (400, None, "An event already exists with identifier sg-rsv_1."),  # v1, as observed
-    (400, "duplicate_meter_event", "A meter event with a duplicate identifier has already been submitted."),  # v2
-    (400, None, "A meter event with a duplicate identifier has already been submitted."),  # the same words, no code
-    (400, "duplicate_meter_event", "worded some other way"),  # the code alone
-    (409, None, "An event with identifier sg-rsv_1 already exists."),  # another wording, another status
-])
-def test_stripes_duplicate_answer_is_recognised_by_more_than_one_signal(status: int, code: str | None,
-                                                                        message: str) -> None:
+@pytest.mark.parametrize(
+    ("status", "code", "message"),
+    [
+        (400, None, "An event already exists with identifier sg-rsv_1."),  # v1, as observed
+        (400, "duplicate_meter_event", "A meter event with a duplicate identifier has already been submitted."),  # v2
+        (400, None, "A meter event with a duplicate identifier has already been submitted."),  # the same words, no code
+        (400, "duplicate_meter_event", "worded some other way"),  # the code alone
+        (409, None, "An event with identifier sg-rsv_1 already exists."),  # another wording, another status
+    ],
+)
+def test_stripes_duplicate_answer_is_recognised_by_more_than_one_signal(
+    status: int, code: str | None, message: str
+) -> None:
     assert is_duplicate(status, code, message)
 
 
-@pytest.mark.parametrize(("status", "code", "message"), [
-    (400, None, "No such customer: 'cus_x'"),
-    (400, "resource_missing", "No active meter found for event name \"x\"."),
-    (500, None, "An event already exists with identifier sg-rsv_1."),  # a 5xx is never a delivery
-    (409, None, "There is currently another in-progress request using this Stripe-Idempotent-Key."),
-])
+@pytest.mark.parametrize(
+    ("status", "code", "message"),
+    [
+        (400, None, "No such customer: 'cus_x'"),
+        (400, "resource_missing", 'No active meter found for event name "x".'),
+        (500, None, "An event already exists with identifier sg-rsv_1."),  # a 5xx is never a delivery
+        (409, None, "There is currently another in-progress request using this Stripe-Idempotent-Key."),
+    ],
+)
 def test_other_refusals_are_not_duplicates(status: int, code: str | None, message: str) -> None:
     assert not is_duplicate(status, code, message)
 
 
-@pytest.mark.parametrize(("fault", "verdict"), [
-    ("429", Verdict.RETRY),  # a rate limit: no Stripe-Should-Retry header, retried with backoff
-    ("429_lock_timeout", Verdict.RETRY),  # Stripe-Should-Retry: true
-    ("500", Verdict.RETRY),  # before the endpoint ran
-    ("503", Verdict.RETRY),
-    ("reset", Verdict.RETRY),  # the connection dropped: APIConnectionError
-    ("500_after_record", Verdict.RETRY_LATER),  # Stripe-Should-Retry: false: not now (a later round resends)
-    ("drop_after_record", Verdict.RETRY),
-])
+@pytest.mark.parametrize(
+    ("fault", "verdict"),
+    [
+        ("429", Verdict.RETRY),  # a rate limit: no Stripe-Should-Retry header, retried with backoff
+        ("429_lock_timeout", Verdict.RETRY),  # Stripe-Should-Retry: true
+        ("500", Verdict.RETRY),  # before the endpoint ran
+        ("503", Verdict.RETRY),
+        ("reset", Verdict.RETRY),  # the connection dropped: APIConnectionError
+        ("500_after_record", Verdict.RETRY_LATER),  # Stripe-Should-Retry: false: not now (a later round resends)
+        ("drop_after_record", Verdict.RETRY),
+    ],
+)
 def test_transient_failures_are_retried(fake: FakeStripe, fault: str, verdict: Verdict) -> None:
     fake.fail_next(fault)
     error = error_of(lambda: fake.client().v1.billing.meter_events.create(event("e-2")))  # type: ignore[arg-type]
@@ -83,8 +96,11 @@ def test_transient_failures_are_retried(fake: FakeStripe, fault: str, verdict: V
 
 
 def test_an_unknown_meter_is_permanent_with_stripes_message(fake: FakeStripe) -> None:
-    error = error_of(lambda: fake.client().v1.billing.meter_events.create(  # type: ignore[arg-type]
-        event("e-3", event_name="no_such_meter")))
+    error = error_of(
+        lambda: fake.client().v1.billing.meter_events.create(  # type: ignore[arg-type]
+            event("e-3", event_name="no_such_meter")
+        )
+    )
     classified = classify(error)
     assert classified.verdict is Verdict.PERMANENT
     assert 'No active meter found for event name "no_such_meter".' in classified.reason
@@ -111,8 +127,11 @@ def test_an_expired_stream_session_asks_for_a_new_one() -> None:
         client = fake.client()
         token = client.v2.billing.meter_event_session.create().authentication_token
         fake.advance_time(61)
-        error = error_of(lambda: client.v2.billing.meter_event_stream.create(  # type: ignore[arg-type]
-            {"events": [event("e-6")]}, options={"api_key": token}))
+        error = error_of(
+            lambda: client.v2.billing.meter_event_stream.create(  # type: ignore[arg-type]
+                {"events": [event("e-6")]}, options={"api_key": token}
+            )
+        )
         assert classify(error).verdict is Verdict.SESSION_EXPIRED
 
 

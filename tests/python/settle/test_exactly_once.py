@@ -14,8 +14,8 @@ import pytest
 
 from spendgate.settle.aggregate import parse_aggregate_identifier
 from spendgate.testing.fake_stripe import FakeStripe
-
 from tests.conftest import SidecarFactory
+
 from ._load import CommitLoad
 from ._sidecar import create_budgets, spent, wait_drained
 from ._support import meter_event_posts, sidecar_env
@@ -26,17 +26,31 @@ KILLS = 4
 
 @pytest.fixture
 def fake() -> Iterator[FakeStripe]:
-    with FakeStripe(customers=CUSTOMERS.values(), same_host=True, seed=2024, rate_429=0.10, rate_500=0.05,
-                    fail_after_record_rate=0.05, latency_seconds=0.002) as fake:
+    with FakeStripe(
+        customers=CUSTOMERS.values(),
+        same_host=True,
+        seed=2024,
+        rate_429=0.10,
+        rate_500=0.05,
+        fail_after_record_rate=0.05,
+        latency_seconds=0.002,
+    ) as fake:
         yield fake
 
 
-def kill_under_load(sidecar_factory: SidecarFactory, fake: FakeStripe, name: str, seed: int, token_share: float = 0.0,
-                    **settings: object) -> CommitLoad:
+def kill_under_load(
+    sidecar_factory: SidecarFactory,
+    fake: FakeStripe,
+    name: str,
+    seed: int,
+    token_share: float = 0.0,
+    **settings: object,
+) -> CommitLoad:
     sidecar = sidecar_factory(name, env=sidecar_env(fake, **settings))
     create_budgets(sidecar.target, CUSTOMERS)
-    load = CommitLoad(sidecar.target, list(CUSTOMERS), threads=4, pause_s=0.02, seed=seed,
-                      token_share=token_share).start()
+    load = CommitLoad(
+        sidecar.target, list(CUSTOMERS), threads=4, pause_s=0.02, seed=seed, token_share=token_share
+    ).start()
     rng = random.Random(seed)
     for kill in range(KILLS):
         time.sleep(rng.uniform(0.6, 1.4))  # commits going in, events going out, faults firing
@@ -53,40 +67,66 @@ def kill_under_load(sidecar_factory: SidecarFactory, fake: FakeStripe, name: str
     assert books == load.acked  # the ledger: every acknowledged commit, nothing else
     # Nothing lost, nothing twice: plain units on the units meter, tokens on the token meter.
     assert {CUSTOMERS[c]: units for c, units in load.acked_plain.items() if units} == stripe_totals
-    tokens = {(customer, token_type): value
-              for (customer, _, token_type), value in fake.totals_by_dimensions("token-billing-tokens").items()}
+    tokens = {
+        (customer, token_type): value
+        for (customer, _, token_type), value in fake.totals_by_dimensions("token-billing-tokens").items()
+    }
     assert tokens == {(CUSTOMERS[c], t): n for (c, t), n in load.acked_tokens.items() if n}
     assert status.dead_letters == 0
-    print(f"{load.commits} commits; {meter_event_posts(fake)} meter event requests; {status.delivered_events} events "
-          "accepted since the last start")
+    print(
+        f"{load.commits} commits; {meter_event_posts(fake)} meter event requests; {status.delivered_events} events "
+        "accepted since the last start"
+    )
     assert sidecar.terminate() == 0  # SIGTERM with the settler running: a clean exit
     return load
 
 
 @pytest.mark.parametrize("transport", ["v1", "v2"])
 def test_kill_9_under_load_with_stripe_failing_settles_every_unit_exactly_once(
-        sidecar_factory: SidecarFactory, fake: FakeStripe, transport: str) -> None:
+    sidecar_factory: SidecarFactory, fake: FakeStripe, transport: str
+) -> None:
     # The random rates make every kind of failure likely; these make each one certain, however few requests go out.
     events_path = "/v1/billing/meter_events" if transport == "v1" else "/v2/billing/meter_event_stream"
     for kind in ("429", "500", "500_after_record", "drop_after_record"):
         fake.fail_next(kind, path=events_path)
-    kill_under_load(sidecar_factory, fake, f"exactly-once-{transport}", seed=len(transport) + (transport == "v2"),
-                    settle_transport=transport, settle_batch_size=20)
+    kill_under_load(
+        sidecar_factory,
+        fake,
+        f"exactly-once-{transport}",
+        seed=len(transport) + (transport == "v2"),
+        settle_transport=transport,
+        settle_batch_size=20,
+    )
     faults = {r["fault"] for r in fake.request_log() if r["fault"]}
     assert {"429", "500", "500_after_record", "drop_after_record"} <= faults  # every kind of failure happened
 
 
 def test_pre_aggregation_makes_fewer_calls_and_stays_exact_across_kill_9(
-        sidecar_factory: SidecarFactory, fake: FakeStripe) -> None:
-    load = kill_under_load(sidecar_factory, fake, "exactly-once-aggregated", seed=7,
-                           settle_aggregate_window_ms=250, settle_backoff_max_ms=200)
+    sidecar_factory: SidecarFactory, fake: FakeStripe
+) -> None:
+    load = kill_under_load(
+        sidecar_factory,
+        fake,
+        "exactly-once-aggregated",
+        seed=7,
+        settle_aggregate_window_ms=250,
+        settle_backoff_max_ms=200,
+    )
     accepted = fake.events(status="accepted")
     assert any(parse_aggregate_identifier(ev["identifier"]) for ev in accepted)
     assert meter_event_posts(fake) < load.commits / 2  # including every retry and resend
 
 
 def test_token_commits_reach_the_token_meter_exactly_once_across_kill_9(
-        sidecar_factory: SidecarFactory, fake: FakeStripe) -> None:
-    load = kill_under_load(sidecar_factory, fake, "exactly-once-tokens", seed=11, token_share=0.5,
-                           settle_transport="v2", settle_batch_size=20)
+    sidecar_factory: SidecarFactory, fake: FakeStripe
+) -> None:
+    load = kill_under_load(
+        sidecar_factory,
+        fake,
+        "exactly-once-tokens",
+        seed=11,
+        token_share=0.5,
+        settle_transport="v2",
+        settle_batch_size=20,
+    )
     assert sum(load.acked_tokens.values()) > 0 and sum(load.acked_plain.values()) > 0

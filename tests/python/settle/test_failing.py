@@ -9,7 +9,6 @@ import urllib.request
 
 from spendgate.settle.settler import PROBE_INTERVAL_MS, PROBE_TIMEOUT_MS
 from spendgate.testing.fake_stripe import FakeStripe
-
 from tests.conftest import SidecarFactory
 
 from ..server.test_metrics import Samples, parse, sample
@@ -72,7 +71,8 @@ def test_a_hanging_stripe_is_a_failure_as_soon_as_a_request_times_out(sidecar_fa
 
 
 def test_after_an_outage_v2_settlement_resumes_within_a_probe_interval_not_a_backoff(
-        sidecar_factory: SidecarFactory) -> None:
+    sidecar_factory: SidecarFactory,
+) -> None:
     """The bound: while settlement fails the settler waits on Stripe in two ways only. Between rounds it sleeps, and
     probes at most every PROBE_INTERVAL_MS (a failed probe against a 503 answers at once); within a round a call
     sleeps at most min(max, base * 2^(attempts-2)) before its last attempt. So the first request Stripe answers after
@@ -81,8 +81,13 @@ def test_after_an_outage_v2_settlement_resumes_within_a_probe_interval_not_a_bac
     in_call_s = min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** (MAX_ATTEMPTS - 2)) / 1000
     bound_s = max(PROBE_INTERVAL_MS / 1000, in_call_s)
     with FakeStripe(customers=GOOD.values(), same_host=True) as fake:
-        env = sidecar_env(fake, settle_transport="v2", settle_backoff_base_ms=BACKOFF_BASE_MS,
-                          settle_backoff_max_ms=BACKOFF_MAX_MS, settle_max_attempts=MAX_ATTEMPTS)
+        env = sidecar_env(
+            fake,
+            settle_transport="v2",
+            settle_backoff_base_ms=BACKOFF_BASE_MS,
+            settle_backoff_max_ms=BACKOFF_MAX_MS,
+            settle_max_attempts=MAX_ATTEMPTS,
+        )
         sidecar = sidecar_factory("recover-v2", env=env, http=True)
         create_budgets(sidecar.target, GOOD)
         load = CommitLoad(sidecar.target, list(GOOD), threads=2, pause_s=0.05, seed=15).start()

@@ -11,11 +11,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
+
 from spendgate.settle.aggregate import parse_aggregate_identifier
 from spendgate.settle.settler import AUTO_AGGREGATE_ON_ROUNDS, AUTO_AGGREGATE_WINDOW_MS
 from spendgate.testing.fake_stripe import FakeStripe
 from spendgate.v1 import spendgate_pb2 as pb
-
 from tests.conftest import SidecarFactory
 
 from ._load import CommitLoad, call_until_ok, stubs
@@ -53,16 +53,26 @@ def commit_one(target: str, customer: str) -> str:
 @pytest.fixture
 def fake() -> Iterator[FakeStripe]:
     """Stripe failing requests, as in test_exactly_once: 429s, 500s, and failures after recording."""
-    with FakeStripe(customers=CUSTOMERS.values(), same_host=True, seed=2024, rate_429=0.10, rate_500=0.05,
-                    fail_after_record_rate=0.05, latency_seconds=0.002) as running:
+    with FakeStripe(
+        customers=CUSTOMERS.values(),
+        same_host=True,
+        seed=2024,
+        rate_429=0.10,
+        rate_500=0.05,
+        fail_after_record_rate=0.05,
+        latency_seconds=0.002,
+    ) as running:
         yield running
 
 
 @pytest.mark.parametrize("transport", ["v1", "v2"])
 def test_a_backlog_goes_out_per_customer_per_second_exactly_once_across_kill_9(
-        sidecar_factory: SidecarFactory, fake: FakeStripe, transport: str) -> None:
-    sidecar = sidecar_factory(f"keeping-up-{transport}", env=sidecar_env(
-        fake, settle_transport=transport, settle_batch_size=BATCH, settle_concurrency=CONCURRENCY))
+    sidecar_factory: SidecarFactory, fake: FakeStripe, transport: str
+) -> None:
+    sidecar = sidecar_factory(
+        f"keeping-up-{transport}",
+        env=sidecar_env(fake, settle_transport=transport, settle_batch_size=BATCH, settle_concurrency=CONCURRENCY),
+    )
     create_budgets(sidecar.target, CUSTOMERS)
     fake.start_outage("503")  # the backlog builds while Stripe is down
     # Two busy customers: many commits per customer and second, as a sidecar near its top rate has.
@@ -81,28 +91,36 @@ def test_a_backlog_goes_out_per_customer_per_second_exactly_once_across_kill_9(
         time.sleep(rng.uniform(0.05, 0.4))  # aggregates claimed, sent, answered or failing, acknowledged
         sidecar.kill9()
         sidecar.start()
-    status = wait_for_status(sidecar.target, lambda s: s.outbox_depth == 0 and not s.auto_aggregating,
-                             "the backlog drained and one event per commit again")
+    status = wait_for_status(
+        sidecar.target,
+        lambda s: s.outbox_depth == 0 and not s.auto_aggregating,
+        "the backlog drained and one event per commit again",
+    )
     assert status.auto_aggregate
 
     books = spent(sidecar.target, busy)
     assert books == load.acked
     assert {CUSTOMERS[c]: u for c, u in load.acked_plain.items() if u} == fake.totals_by_customer("spendgate_usage")
-    tokens = {(customer, token_type): value
-              for (customer, _, token_type), value in fake.totals_by_dimensions("token-billing-tokens").items()}
+    tokens = {
+        (customer, token_type): value
+        for (customer, _, token_type), value in fake.totals_by_dimensions("token-billing-tokens").items()
+    }
     assert tokens == {(CUSTOMERS[c], t): n for (c, t), n in load.acked_tokens.items() if n}
     assert status.dead_letters == 0
 
     accepted = fake.events(status="accepted")
-    aggregates = [ev for ev in accepted if parse_aggregate_identifier(ev["identifier"]) or TOKEN_AGGREGATE.match(
-        ev["identifier"])]
+    aggregates = [
+        ev for ev in accepted if parse_aggregate_identifier(ev["identifier"]) or TOKEN_AGGREGATE.match(ev["identifier"])
+    ]
     assert aggregates, "the backlog went out in aggregates"
     covered = sum(count_of(ev["identifier"]) for ev in aggregates)
     assert covered >= load.commits / 2, (covered, load.commits)  # most commits went out in aggregates
     # One event per Stripe customer (and model, and token type) per window, whatever the kills and faults did: a
     # resent aggregate keeps its identifier, so Stripe counted it once.
-    windows = collections.Counter((ev["event_name"], ev["customer"], tuple(sorted(ev["dimensions"].items())),
-                                   ev["timestamp"]) for ev in aggregates)
+    windows = collections.Counter(
+        (ev["event_name"], ev["customer"], tuple(sorted(ev["dimensions"].items())), ev["timestamp"])
+        for ev in aggregates
+    )
     assert max(windows.values()) == 1, [key for key, n in windows.items() if n > 1][:3]
     log = sidecar.log_tail(2000)
     assert f"sending one event per Stripe customer (and model) per {AUTO_AGGREGATE_WINDOW_MS} ms" in log

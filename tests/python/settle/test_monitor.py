@@ -18,8 +18,22 @@ def test_the_alarm_logs_once_per_crossing(caplog: pytest.LogCaptureFixture) -> N
     caplog.set_level(logging.DEBUG, logger="spendgate.settle")
     depths = [10, 79, 80, 85, 99, 100, 120, 100, 90, 79, 76, 74, 50, 80]
     levels = [monitor.check(stats(d)) for d in depths]  # type: ignore[arg-type]
-    assert levels == [Level.OK, Level.OK, Level.HIGH, Level.HIGH, Level.HIGH, Level.FULL, Level.FULL, Level.FULL,
-                      Level.HIGH, Level.HIGH, Level.HIGH, Level.OK, Level.OK, Level.HIGH]
+    assert levels == [
+        Level.OK,
+        Level.OK,
+        Level.HIGH,
+        Level.HIGH,
+        Level.HIGH,
+        Level.FULL,
+        Level.FULL,
+        Level.FULL,
+        Level.HIGH,
+        Level.HIGH,
+        Level.HIGH,
+        Level.OK,
+        Level.OK,
+        Level.HIGH,
+    ]
     records = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert [level for level, _ in records] == ["WARNING", "ERROR", "WARNING", "WARNING", "WARNING"]
     assert "ALARM" in records[0][1] and "80 of 100" in records[0][1]

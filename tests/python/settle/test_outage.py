@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 
 from spendgate.testing.fake_stripe import FakeStripe
-
 from tests.conftest import SidecarFactory
+
 from ._load import CommitLoad
 from ._sidecar import create_budgets, settlement_status, spent, wait_drained, wait_for_status
 from ._support import sidecar_env
@@ -25,12 +25,20 @@ def test_a_60_second_stripe_outage_loses_nothing(sidecar_factory: SidecarFactory
         outage = fake.outage(OUTAGE_S, mode="refuse")  # nothing listens: connections are refused
         try:
             commits_before = load.commits
-            failing = wait_for_status(sidecar.target, lambda s: s.failing_since_ms > 0 and s.outbox_depth > 20,
-                                      "the outbox growing while Stripe is down", deadline_s=OUTAGE_S / 2)
+            failing = wait_for_status(
+                sidecar.target,
+                lambda s: s.failing_since_ms > 0 and s.outbox_depth > 20,
+                "the outbox growing while Stripe is down",
+                deadline_s=OUTAGE_S / 2,
+            )
             assert failing.last_error and failing.enabled
             assert load.commits > commits_before  # commits keep being accepted
-            deepest = wait_for_status(sidecar.target, lambda s: s.outbox_depth > failing.outbox_depth,
-                                      "the outbox growing further", deadline_s=OUTAGE_S / 2)
+            deepest = wait_for_status(
+                sidecar.target,
+                lambda s: s.outbox_depth > failing.outbox_depth,
+                "the outbox growing further",
+                deadline_s=OUTAGE_S / 2,
+            )
         finally:
             # The outage ends on its own timer; wait for it (bounded) rather than cutting it short.
             deadline = time.monotonic() + OUTAGE_S + 10

@@ -79,8 +79,11 @@ def table_row(output: str, customer: str) -> list[str]:
 
 
 def send(fake: FakeStripe, identifier: str, customer: str, value: int, ts_ms: int | None = None) -> None:
-    params: dict[str, Any] = {"event_name": EVENT_NAME, "identifier": identifier,
-                              "payload": {"stripe_customer_id": customer, "value": str(value)}}
+    params: dict[str, Any] = {
+        "event_name": EVENT_NAME,
+        "identifier": identifier,
+        "payload": {"stripe_customer_id": customer, "value": str(value)},
+    }
     if ts_ms is not None:
         params["timestamp"] = ts_ms // 1000
     fake.client().v1.billing.meter_events.create(params)
@@ -93,8 +96,15 @@ def commit(engine: _core.Engine, customer: str, amount: int) -> str:
     return reserved.reservation_id
 
 
-def settle(engine: _core.Engine, fake: FakeStripe, *, send_to_stripe: bool = True, ack: bool = True,
-           value_delta: int = 0, customer: str | None = None) -> list[_core.OutboxEntry]:
+def settle(
+    engine: _core.Engine,
+    fake: FakeStripe,
+    *,
+    send_to_stripe: bool = True,
+    ack: bool = True,
+    value_delta: int = 0,
+    customer: str | None = None,
+) -> list[_core.OutboxEntry]:
     """What the settler does, by hand: claim each pending entry (of `customer`, or all), send it as one meter event
     (with its value off by value_delta when asked), acknowledge it."""
     entries = [e for e in engine.outbox_pending(1000) if customer is None or e["stripe_customer_id"] == customer]
@@ -190,8 +200,9 @@ def test_a_divergence_injected_next_to_a_running_sidecar_is_caught_then_fixed_wi
 # -- settled usage, tolerance, while the owner writes -----------------------------------------------------------------
 
 
-def test_settled_totals_within_the_tolerance_pass_and_beyond_it_fail(engine: _core.Engine, fake: FakeStripe,
-                                                                     tmp_path: Path) -> None:
+def test_settled_totals_within_the_tolerance_pass_and_beyond_it_fail(
+    engine: _core.Engine, fake: FakeStripe, tmp_path: Path
+) -> None:
     a, b = CUSTOMERS[0], CUSTOMERS[1]
     for _ in range(4):
         commit(engine, a, 250)
@@ -216,8 +227,9 @@ def test_settled_totals_within_the_tolerance_pass_and_beyond_it_fail(engine: _co
     assert writer.commits > 0  # the data dir really changed while it was read
 
 
-def test_an_under_count_is_reported_and_left_to_settlement(engine: _core.Engine, fake: FakeStripe,
-                                                           tmp_path: Path) -> None:
+def test_an_under_count_is_reported_and_left_to_settlement(
+    engine: _core.Engine, fake: FakeStripe, tmp_path: Path
+) -> None:
     c = CUSTOMERS[2]
     commit(engine, c, 400)
     commit(engine, c, 600)
@@ -231,14 +243,15 @@ def test_an_under_count_is_reported_and_left_to_settlement(engine: _core.Engine,
     assert fake.adjustments() == []
 
 
-def test_pending_usage_is_split_into_in_flight_and_dead_lettered(engine: _core.Engine, fake: FakeStripe,
-                                                                 tmp_path: Path) -> None:
+def test_pending_usage_is_split_into_in_flight_and_dead_lettered(
+    engine: _core.Engine, fake: FakeStripe, tmp_path: Path
+) -> None:
     a = CUSTOMERS[0]
     for amount in (100, 200, 300, 400):
         commit(engine, a, amount)
     first, second, third, _fourth = engine.outbox_pending(10)
-    settle_one(engine, fake, first, ack=True)          # settled: 100
-    settle_one(engine, fake, second, ack=False)        # sent, Stripe has it, not yet acknowledged: in flight
+    settle_one(engine, fake, first, ack=True)  # settled: 100
+    settle_one(engine, fake, second, ack=False)  # sent, Stripe has it, not yet acknowledged: in flight
     engine.wait_durable(engine.outbox_dead_letter([third["seq"]], "refused: test"))  # dead-lettered: 300
 
     with StoreReader(tmp_path / "data") as store:
@@ -252,8 +265,9 @@ def test_pending_usage_is_split_into_in_flight_and_dead_lettered(engine: _core.E
     assert "200 are in flight" in result.stdout and "300 are dead-lettered" in result.stdout
 
 
-def test_a_credit_grant_is_in_the_ledger_but_never_counted_as_usage(engine: _core.Engine, fake: FakeStripe,
-                                                                     tmp_path: Path) -> None:
+def test_a_credit_grant_is_in_the_ledger_but_never_counted_as_usage(
+    engine: _core.Engine, fake: FakeStripe, tmp_path: Path
+) -> None:
     a = CUSTOMERS[0]
     commit(engine, a, 100)
     engine.wait_durable(engine.grant_credits(a, 5_000, "grant-reconcile", "prepaid").ticket)
@@ -299,8 +313,9 @@ def settings_for(tmp_path: Path) -> Settings:
     return Settings(data_dir=str(tmp_path / "data"), stripe_api_key=DEFAULT_API_KEY)
 
 
-def test_fix_without_identifiers_shows_the_hours_and_cancels_nothing(engine: _core.Engine, fake: FakeStripe,
-                                                                     tmp_path: Path) -> None:
+def test_fix_without_identifiers_shows_the_hours_and_cancels_nothing(
+    engine: _core.Engine, fake: FakeStripe, tmp_path: Path
+) -> None:
     a = CUSTOMERS[0]
     commit(engine, a, 1000)
     settle(engine, fake)
@@ -315,8 +330,9 @@ def test_fix_without_identifiers_shows_the_hours_and_cancels_nothing(engine: _co
     assert fake.adjustments() == []
 
 
-def test_fix_hours_leave_out_token_commits_so_they_do_not_hide_an_over_count(engine: _core.Engine, fake: FakeStripe,
-                                                                              tmp_path: Path) -> None:
+def test_fix_hours_leave_out_token_commits_so_they_do_not_hide_an_over_count(
+    engine: _core.Engine, fake: FakeStripe, tmp_path: Path
+) -> None:
     """A token commit settles on the token meter: its units must not count against the units meter's hours (a
     300-unit token commit once hid a +100 over-count in its hour)."""
     a = CUSTOMERS[0]
@@ -347,14 +363,20 @@ def test_fix_asks_first_and_a_no_cancels_nothing(engine: _core.Engine, fake: Fak
         return "n"
 
     out = io.StringIO()
-    code = reconcile.run(settings_for(tmp_path), Options(fix=True, cancel=("stray-2",)), client=fake.client(),
-                         out=out, ask=no)
+    code = reconcile.run(
+        settings_for(tmp_path), Options(fix=True, cancel=("stray-2",)), client=fake.client(), out=out, ask=no
+    )
     assert code == reconcile.EXIT_MISMATCH
     assert asked and "nothing cancelled" in out.getvalue()
     assert fake.adjustments() == []
 
-    yes = reconcile.run(settings_for(tmp_path), Options(fix=True, cancel=("stray-2",)), client=fake.client(),
-                        out=io.StringIO(), ask=lambda prompt: "y")
+    yes = reconcile.run(
+        settings_for(tmp_path),
+        Options(fix=True, cancel=("stray-2",)),
+        client=fake.client(),
+        out=io.StringIO(),
+        ask=lambda prompt: "y",
+    )
     assert yes == reconcile.EXIT_OK
     assert fake.totals_by_customer(EVENT_NAME) == {a: 1000}
 
@@ -367,8 +389,12 @@ def test_fix_refuses_identifiers_of_the_outbox(engine: _core.Engine, fake: FakeS
     commit(engine, a, 20)
     (waiting,) = engine.outbox_pending(10)
     out = io.StringIO()
-    reconcile.run(settings_for(tmp_path), Options(fix=True, yes=True, cancel=(waiting["identifier"], "stray-3")),
-                  client=fake.client(), out=out)
+    reconcile.run(
+        settings_for(tmp_path),
+        Options(fix=True, yes=True, cancel=(waiting["identifier"], "stray-3")),
+        client=fake.client(),
+        out=out,
+    )
     refusal = next(line for line in out.getvalue().splitlines() if line.startswith("fix: not cancelling"))
     assert refusal.startswith(f"fix: not cancelling {waiting['identifier']}: it is the ledger's own event")
     assert f"outbox entry {waiting['seq']} waits to be settled under it" in refusal
@@ -398,8 +424,9 @@ def test_an_unknown_meter_or_data_dir_exits_1(engine: _core.Engine, fake: FakeSt
     assert not (tmp_path / "absent").exists()  # reading never creates anything
 
 
-def test_stripe_errors_are_retried_then_reported(engine: _core.Engine, fake: FakeStripe, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stripe_errors_are_retried_then_reported(
+    engine: _core.Engine, fake: FakeStripe, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     commit(engine, CUSTOMERS[0], 10)
     settle(engine, fake)
     monkeypatch.setattr(reconcile, "RETRY_BASE_S", 0.0)
@@ -412,8 +439,13 @@ def test_stripe_errors_are_retried_then_reported(engine: _core.Engine, fake: Fak
 
 
 def test_bad_period_flags_exit_2() -> None:
-    for options in (Options(period="2026-13"), Options(period="2026-11", start="2026-11-01"), Options(end="2026-11-02"),
-                    Options(start="2026-11-01T00:00:30Z"), Options(tolerance_percent=-1)):
+    for options in (
+        Options(period="2026-13"),
+        Options(period="2026-11", start="2026-11-01"),
+        Options(end="2026-11-02"),
+        Options(start="2026-11-01T00:00:30Z"),
+        Options(tolerance_percent=-1),
+    ):
         err = io.StringIO()
         assert reconcile.run(Settings(), options, err=err) == 2, options
         assert err.getvalue().startswith("spendgate reconcile: ")
@@ -465,11 +497,22 @@ def test_judge(settled: int, in_flight: int, stripe: int, status: str) -> None:
 
 
 def test_the_table_has_a_total_and_aligned_columns() -> None:
-    rows = [Row("cus_1", {"acct-1"}, 10, 10, 0, stripe=10, status="ok"),
-            Row("cus_22", {"acct-2", "acct-3"}, 2000, 1500, 500, stripe=1600, status="OVER")]
+    rows = [
+        Row("cus_1", {"acct-1"}, 10, 10, 0, stripe=10, status="ok"),
+        Row("cus_22", {"acct-2", "acct-3"}, 2000, 1500, 500, stripe=1600, status="OVER"),
+    ]
     lines = reconcile.format_table(rows).splitlines()
-    assert lines[0].split() == ["customer", "budget", "ledger", "settled", "pending", "stripe", "difference", "%",
-                                "status"]
+    assert lines[0].split() == [
+        "customer",
+        "budget",
+        "ledger",
+        "settled",
+        "pending",
+        "stripe",
+        "difference",
+        "%",
+        "status",
+    ]
     assert lines[3].split() == ["cus_22", "acct-2", "(+1)", "2000", "1500", "500", "1600", "+100", "+6.67%", "OVER"]
     assert lines[-1].split() == ["TOTAL", "2010", "1510", "500", "1610", "+100", "+6.62%"]
     assert len({len(line) for line in lines[:2]}) == 1
@@ -502,7 +545,8 @@ def test_identifiers_come_from_flags_and_files(tmp_path: Path, capsys: pytest.Ca
 
 
 def test_token_commits_are_compared_in_tokens_on_the_token_meter_and_left_out_of_the_units(
-        engine: _core.Engine, fake: FakeStripe, tmp_path: Path) -> None:
+    engine: _core.Engine, fake: FakeStripe, tmp_path: Path
+) -> None:
     a, b = CUSTOMERS[0], CUSTOMERS[1]
     commit(engine, a, 40)  # plain units
     commit_tokens(engine, a, token_usage("gpt-6-sol", input=1000, output=200, reasoning=50))
@@ -521,9 +565,13 @@ def test_token_commits_are_compared_in_tokens_on_the_token_meter_and_left_out_of
     assert "pending: 7 tokens are committed but not yet acknowledged" in tokens
 
     # Something else sent tokens for customer a: the token meter is over, the units meter is not.
-    fake.client().v1.billing.meter_events.create({
-        "event_name": "token-billing-tokens", "identifier": "not-spendgate-tokens",
-        "payload": {"stripe_customer_id": a, "value": "500", "model": "gpt-6-sol", "token_type": "input"}})
+    fake.client().v1.billing.meter_events.create(
+        {
+            "event_name": "token-billing-tokens",
+            "identifier": "not-spendgate-tokens",
+            "payload": {"stripe_customer_id": a, "value": "500", "model": "gpt-6-sol", "token_type": "input"},
+        }
+    )
     over = run_reconcile(tmp_path / "data", fake)
     assert over.returncode == reconcile.EXIT_MISMATCH, over.stdout + over.stderr
     units, tokens = over.stdout.split("\ntoken meter token-billing-tokens (")
@@ -531,8 +579,9 @@ def test_token_commits_are_compared_in_tokens_on_the_token_meter_and_left_out_of
     assert "--fix does not cancel token events" in tokens
 
 
-def test_token_commits_without_a_token_meter_are_reported_not_silently_dropped(engine: _core.Engine,
-                                                                              tmp_path: Path) -> None:
+def test_token_commits_without_a_token_meter_are_reported_not_silently_dropped(
+    engine: _core.Engine, tmp_path: Path
+) -> None:
     commit_tokens(engine, CUSTOMERS[0], token_usage("gpt-6-sol", input=90))
     with FakeStripe(same_host=True, customers=CUSTOMERS, meters=[EVENT_NAME]) as fake:
         result = run_reconcile(tmp_path / "data", fake)
@@ -541,8 +590,9 @@ def test_token_commits_without_a_token_meter_are_reported_not_silently_dropped(e
     assert "the 90 tokens of commits priced from tokens were not compared" in result.stdout
 
 
-def test_with_the_token_meter_off_token_commits_count_as_units(engine: _core.Engine, fake: FakeStripe,
-                                                               tmp_path: Path) -> None:
+def test_with_the_token_meter_off_token_commits_count_as_units(
+    engine: _core.Engine, fake: FakeStripe, tmp_path: Path
+) -> None:
     a = CUSTOMERS[0]
     commit_tokens(engine, a, token_usage("gpt-6-sol", input=1000))  # 100 units
     settle_with_settler(engine, fake, token_event_name="")
@@ -554,7 +604,8 @@ def test_with_the_token_meter_off_token_commits_count_as_units(engine: _core.Eng
 
 @pytest.mark.parametrize("at_stripe", [False, True])
 def test_reconcile_says_whether_dead_letters_are_missing_at_stripe_or_there_already(
-        engine: _core.Engine, fake: FakeStripe, tmp_path: Path, at_stripe: bool) -> None:
+    engine: _core.Engine, fake: FakeStripe, tmp_path: Path, at_stripe: bool
+) -> None:
     """What an operator reads before `deadletter requeue --confirmed-missing` (a letter whose fate was unknown)."""
     a = CUSTOMERS[0]
     for amount in (100, 300):

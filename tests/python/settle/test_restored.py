@@ -41,9 +41,13 @@ def test_a_restored_entry_is_resent_alone_under_its_own_identifier_and_stripe_de
         identifiers = [e["identifier"] for e in engine.outbox_pending(10)]
         assert all(e["restored_ms"] is not None for e in engine.outbox_pending(10))
         # The old data dir sent the first one after the backup was taken: Stripe has it.
-        fake.client().v1.billing.meter_events.create({  # type: ignore[arg-type]
-            "event_name": "spendgate_usage", "identifier": identifiers[0],
-            "payload": {"stripe_customer_id": "cus_acme", "value": "5"}})
+        fake.client().v1.billing.meter_events.create(
+            {  # type: ignore[arg-type]
+                "event_name": "spendgate_usage",
+                "identifier": identifiers[0],
+                "payload": {"stripe_customer_id": "cus_acme", "value": "5"},
+            }
+        )
         # One event per commit, always (settle_auto_aggregate off): the old data dir sent it under its own identifier.
         rounds(engine, fake, 2, aggregate_window_ms=0, auto_aggregate=False)
         assert engine.outbox_stats()["depth"] == 0 and engine.outbox_stats()["dead_letters"] == 0

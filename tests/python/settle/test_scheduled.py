@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
 from spendgate import _core
 from spendgate.client import Client
 from spendgate.config import Settings
@@ -23,7 +24,6 @@ from spendgate.settle.scheduled import Pacer, ScheduledReconcile
 from spendgate.testing import Sidecar
 from spendgate.testing.fake_stripe import FakeStripe
 from spendgate.v1 import spendgate_pb2 as pb
-
 from tests.python.server._alerting import Watch
 
 from ._sidecar import create_budgets, wait_drained
@@ -86,8 +86,11 @@ def wait_for_page(sidecar: Sidecar, customer: str, want: dict[str, str]) -> dict
 def metrics(sidecar: Sidecar) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     with urllib.request.urlopen(f"{sidecar.http_url}/metrics", timeout=30) as response:
         text = response.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in text_string_to_metric_families(text)
-            for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def runs(sidecar: Sidecar) -> float:
@@ -120,14 +123,16 @@ def divergence_alerts(sidecar: Sidecar) -> list[pb.Alert]:
         watch.close()
 
 
-def test_lagging_summaries_and_usage_in_the_outbox_never_raise_an_alert(sidecar_factory: SidecarFactory,
-                                                                          fake: FakeStripe) -> None:
+def test_lagging_summaries_and_usage_in_the_outbox_never_raise_an_alert(
+    sidecar_factory: SidecarFactory, fake: FakeStripe
+) -> None:
     sidecar = reconciling(sidecar_factory, fake, "lag")
     spend(sidecar.target, "acct-calm", [100, 200, 300])
     wait_drained(sidecar.target)
     # Settled, but not in Stripe's summaries yet: a shortfall the visibility allowance covers.
-    cards = wait_for_page(sidecar, "acct-calm", {"Verdict": "not visible yet", "Ledger, settled": "600",
-                                                 "Stripe's meter total": "0"})
+    cards = wait_for_page(
+        sidecar, "acct-calm", {"Verdict": "not visible yet", "Ledger, settled": "600", "Stripe's meter total": "0"}
+    )
     assert cards["Reconciled"].endswith("s ago")
     fake.advance_time(HOUR_S)  # now Stripe shows them
     wait_for_page(sidecar, "acct-calm", {"Verdict": "ok", "Stripe's meter total": "600"})
@@ -135,8 +140,9 @@ def test_lagging_summaries_and_usage_in_the_outbox_never_raise_an_alert(sidecar_
     # Stripe refuses meter events for a while: new usage waits in the outbox (sent, in flight), never compared.
     fake.set_faults(rate_500=1.0, fault_paths=["/v1/billing/meter_events"])
     spend(sidecar.target, "acct-calm", [1_000, 2_000])
-    wait_for_page(sidecar, "acct-calm", {"Verdict": "ok", "Pending (in flight)": "3,000 (3,000)",
-                                         "Ledger, settled": "600"})
+    wait_for_page(
+        sidecar, "acct-calm", {"Verdict": "ok", "Pending (in flight)": "3,000 (3,000)", "Ledger, settled": "600"}
+    )
     fake.set_faults(rate_500=0.0)
     wait_drained(sidecar.target)
     wait_for_page(sidecar, "acct-calm", {"Verdict": "not visible yet", "Ledger, settled": "3,600"})
@@ -150,8 +156,9 @@ def test_lagging_summaries_and_usage_in_the_outbox_never_raise_an_alert(sidecar_
     assert "not visible at Stripe yet" in sidecar.log_tail(2_000)
 
 
-def test_without_the_visibility_allowance_the_same_lag_is_a_divergence(sidecar_factory: SidecarFactory,
-                                                                       fake: FakeStripe) -> None:
+def test_without_the_visibility_allowance_the_same_lag_is_a_divergence(
+    sidecar_factory: SidecarFactory, fake: FakeStripe
+) -> None:
     sidecar = reconciling(sidecar_factory, fake, "noallowance", reconcile_visibility_allowance_ms=0)
     spend(sidecar.target, "acct-calm", [600])
     wait_drained(sidecar.target)
@@ -160,8 +167,9 @@ def test_without_the_visibility_allowance_the_same_lag_is_a_divergence(sidecar_f
     assert [(a.customer_id, a.values["stripe"], a.values["settled"]) for a in alerts] == [("acct-calm", 0, 600)]
 
 
-def test_an_injected_divergence_raises_one_alert_with_both_figures(sidecar_factory: SidecarFactory,
-                                                                  fake: FakeStripe) -> None:
+def test_an_injected_divergence_raises_one_alert_with_both_figures(
+    sidecar_factory: SidecarFactory, fake: FakeStripe
+) -> None:
     sidecar = reconciling(sidecar_factory, fake, "drift")
     spend(sidecar.target, "acct-drift", [400, 600])
     spend(sidecar.target, "acct-calm", [50])
@@ -171,8 +179,9 @@ def test_an_injected_divergence_raises_one_alert_with_both_figures(sidecar_facto
 
     # Usage spendgate never sent (timestamped by the wall clock, which the sidecar reads: the fake's is an hour ahead).
     fake.inject_meter_event("spendgate_usage", "cus_sched_drift", 500, timestamp=int(time.time()))
-    cards = wait_for_page(sidecar, "acct-drift", {"Verdict": "OVER", "Stripe's meter total": "1,500",
-                                                  "Ledger, settled": "1,000"})
+    cards = wait_for_page(
+        sidecar, "acct-drift", {"Verdict": "OVER", "Stripe's meter total": "1,500", "Ledger, settled": "1,000"}
+    )
     assert cards["Reconciled"].endswith("s ago")
     wait_runs(sidecar, 3)  # the same divergence again: no second alert
     alerts = divergence_alerts(sidecar)
@@ -227,22 +236,30 @@ def test_the_pacer_spaces_calls_to_the_rate() -> None:
     assert slept == [0.25, 0.25, 0.25, 0.25] and pacer.calls == 5
 
 
-def test_token_commits_are_reconciled_in_tokens_on_the_token_meter(sidecar_factory: SidecarFactory,
-                                                                   fake: FakeStripe) -> None:
+def test_token_commits_are_reconciled_in_tokens_on_the_token_meter(
+    sidecar_factory: SidecarFactory, fake: FakeStripe
+) -> None:
     sidecar = reconciling(sidecar_factory, fake, "tokens")
     with Client(sidecar.target) as client:
-        reserved = client.reserve_raw("acct-calm", estimate=pb.TokenEstimate(model="gpt-6-sol", input_tokens=1_000,
-                                                                              max_output_tokens=200))
+        reserved = client.reserve_raw(
+            "acct-calm", estimate=pb.TokenEstimate(model="gpt-6-sol", input_tokens=1_000, max_output_tokens=200)
+        )
         assert reserved.granted, reserved
-        client.commit(reserved.reservation_id, usage=pb.TokenUsage(input_tokens=900, output_tokens=150,
-                                                                   reasoning_tokens=50))
+        client.commit(
+            reserved.reservation_id, usage=pb.TokenUsage(input_tokens=900, output_tokens=150, reasoning_tokens=50)
+        )
     wait_drained(sidecar.target)
     fake.advance_time(HOUR_S)
     wait_runs(sidecar, 2)
     assert divergence_alerts(sidecar) == []
 
-    fake.inject_meter_event("token-billing-tokens", "cus_sched_calm", 5_000, timestamp=int(time.time()),
-                            dimensions={"model": "gpt-6-sol", "token_type": "input"})
+    fake.inject_meter_event(
+        "token-billing-tokens",
+        "cus_sched_calm",
+        5_000,
+        timestamp=int(time.time()),
+        dimensions={"model": "gpt-6-sol", "token_type": "input"},
+    )
     deadline = time.monotonic() + GUARD_S
     while not (alerts := divergence_alerts(sidecar)):
         assert time.monotonic() < deadline, sidecar.log_tail()

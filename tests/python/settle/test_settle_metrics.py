@@ -12,8 +12,8 @@ from tests.conftest import SidecarFactory
 
 from ..server.test_metrics import parse, sample
 from ._sidecar import create_budgets, wait_drained
-from .test_sidecar_settlement import GOOD, commit_each
 from ._support import sidecar_env
+from .test_sidecar_settlement import GOOD, commit_each
 
 
 @pytest.fixture
@@ -23,7 +23,8 @@ def fake() -> Iterator[FakeStripe]:
 
 
 def test_stripe_errors_are_counted_by_code_and_delivered_usage_by_its_lag(
-        sidecar_factory: SidecarFactory, fake: FakeStripe) -> None:
+    sidecar_factory: SidecarFactory, fake: FakeStripe
+) -> None:
     fake.fail_next("503", 2)  # two answers 503, then Stripe takes it: the settler retries within the round
     sidecar = sidecar_factory("metrics", env=sidecar_env(fake, settle_max_attempts=5), http=True)
     create_budgets(sidecar.target, GOOD)

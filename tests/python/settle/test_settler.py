@@ -6,6 +6,7 @@ import asyncio
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
 import pytest
 import stripe
 
@@ -61,7 +62,8 @@ def commit_some(engine: _core.Engine, n: int, *, customers: Sequence[str] = CUST
 
 @pytest.mark.parametrize("transport", ["v1", "v2"])
 def test_every_entry_reaches_stripe_once_with_its_ledger_identifier_and_commit_time(
-        engine: _core.Engine, fake: FakeStripe, transport: str) -> None:
+    engine: _core.Engine, fake: FakeStripe, transport: str
+) -> None:
     totals = commit_some(engine, 30)
     pending = {e["identifier"]: e for e in engine.outbox_pending(100)}
     settle(engine, fake, transport=transport)
@@ -108,11 +110,13 @@ def test_zero_amounts_are_acknowledged_without_a_call(engine: _core.Engine, fake
 
 @pytest.mark.parametrize(("transport", "window_ms"), [("v1", 0), ("v2", 0), ("v1", 1)])
 def test_a_crash_after_the_send_resends_the_same_event_and_stripe_counts_it_once(
-        engine: _core.Engine, fake: FakeStripe, transport: str, window_ms: int) -> None:
+    engine: _core.Engine, fake: FakeStripe, transport: str, window_ms: int
+) -> None:
     totals = commit_some(engine, 12)
     later = wall_ms() + 10  # every 1-ms window has closed
-    rounds(engine, fake, transport=transport, aggregate_window_ms=window_ms, wrap=CrashAfterSend,
-           clock_ms=lambda: later)
+    rounds(
+        engine, fake, transport=transport, aggregate_window_ms=window_ms, wrap=CrashAfterSend, clock_ms=lambda: later
+    )
     first = fake.events()
     assert sum(ev["value"] for ev in first) == sum(totals.values())  # recorded at Stripe ...
     claimed = engine.outbox_pending(100)
@@ -127,15 +131,15 @@ def test_a_crash_after_the_send_resends_the_same_event_and_stripe_counts_it_once
 
 @pytest.mark.parametrize("transport", ["v1", "v2"])
 def test_faults_before_and_after_recording_lose_nothing_and_count_nothing_twice(
-        engine: _core.Engine, fake: FakeStripe, transport: str) -> None:
+    engine: _core.Engine, fake: FakeStripe, transport: str
+) -> None:
     totals = commit_some(engine, 60)
     fake.set_faults(rate_429=0.2, rate_500=0.1, fail_after_record_rate=0.2, seed=11)
     for kind in ("500_after_record", "drop_after_record", "reset", "429_lock_timeout", "503"):
         fake.fail_next(kind, 2)
     settle(engine, fake, transport=transport, batch_size=7, max_attempts=3)
     assert fake.totals_by_customer() == totals
-    assert engine.outbox_stats() == {"depth": 0, "oldest_ts_ms": None, "dead_letters": 0,
-                                     "max_entries": 10_000_000}
+    assert engine.outbox_stats() == {"depth": 0, "oldest_ts_ms": None, "dead_letters": 0, "max_entries": 10_000_000}
 
 
 def test_should_retry_false_is_not_retried_at_once(engine: _core.Engine, fake: FakeStripe) -> None:
@@ -174,13 +178,15 @@ def test_an_unknown_meter_dead_letters_with_the_reason(engine: _core.Engine, fak
 
 @pytest.mark.parametrize("transport", ["v1", "v2"])
 def test_a_bad_customer_is_dead_lettered_and_the_others_flow_then_a_requeue_delivers_once(
-        engine: _core.Engine, fake: FakeStripe, transport: str) -> None:
+    engine: _core.Engine, fake: FakeStripe, transport: str
+) -> None:
     budget(engine, "stranger", "cus_stranger")  # not a customer of this Stripe account
     commit_some(engine, 9)
     commit(engine, "stranger", 40)  # in the middle of the others
     commit_some(engine, 3)
-    totals = {c: sum(e["amount"] for e in engine.outbox_pending(100) if e["stripe_customer_id"] == c)
-              for c in CUSTOMERS}
+    totals = {
+        c: sum(e["amount"] for e in engine.outbox_pending(100) if e["stripe_customer_id"] == c) for c in CUSTOMERS
+    }
     settle(engine, fake, transport=transport)
     assert fake.totals_by_customer() == totals  # nobody else waited for the bad one
     (letter,) = engine.dead_letters(10)
@@ -201,8 +207,9 @@ def test_a_refusal_inside_a_v2_batch_is_bisected_to_the_one_event(engine: _core.
     class RefusesOne(CrashAfterSend):
         def send(self, events: Sequence[MeterEvent]) -> None:
             if any(e.identifier == bad["identifier"] for e in events):
-                raise stripe.InvalidRequestError("events[3].payload is invalid.", "events", code="invalid_fields",
-                                                 http_status=400)
+                raise stripe.InvalidRequestError(
+                    "events[3].payload is invalid.", "events", code="invalid_fields", http_status=400
+                )
             self.inner.send(events)
 
     settle(engine, fake, transport="v2", batch_size=10, wrap=RefusesOne)
@@ -268,8 +275,10 @@ def test_pre_aggregation_makes_fewer_calls_with_the_same_totals(engine: _core.En
     posts = fake.count_requests("/v1/billing/meter_events")
     assert posts <= 2 * len(CUSTOMERS)  # one per customer per minute window (the commits may straddle two)
     aggregated = [ev for ev in fake.events() if parse_aggregate_identifier(ev["identifier"])]
-    assert aggregated and all(parse_aggregate_identifier(ev["identifier"]).value == ev["value"]  # type: ignore[union-attr]
-                              for ev in aggregated)
+    assert aggregated and all(
+        parse_aggregate_identifier(ev["identifier"]).value == ev["value"]  # type: ignore[union-attr]
+        for ev in aggregated
+    )
 
 
 def test_an_open_window_is_not_sent_until_it_closes(engine: _core.Engine, fake: FakeStripe) -> None:
@@ -279,7 +288,8 @@ def test_an_open_window_is_not_sent_until_it_closes(engine: _core.Engine, fake: 
 
 
 def test_an_aggregate_claimed_before_a_crash_is_resent_whole_even_when_only_part_of_it_is_read(
-        engine: _core.Engine, fake: FakeStripe) -> None:
+    engine: _core.Engine, fake: FakeStripe
+) -> None:
     amounts = [3, 5, 7, 11, 13]
     for amount in amounts:
         commit(engine, "alpha", amount)
@@ -324,8 +334,19 @@ def test_the_stream_session_is_refreshed_at_80_percent_of_its_life(engine: _core
     now = [0.0]
     transport = V2Transport(fake.client(), "spendgate_usage", monotonic=lambda: now[0])
     commit_some(engine, 2)
-    events = [MeterEvent(e["identifier"], "spendgate_usage", e["stripe_customer_id"], e["amount"], e["ts_ms"],
-                         (e["seq"],), ("x",), False) for e in engine.outbox_pending(10)]
+    events = [
+        MeterEvent(
+            e["identifier"],
+            "spendgate_usage",
+            e["stripe_customer_id"],
+            e["amount"],
+            e["ts_ms"],
+            (e["seq"],),
+            ("x",),
+            False,
+        )
+        for e in engine.outbox_pending(10)
+    ]
     transport.send(events[:1])
     now[0] = 0.79 * 900
     transport.send(events[:1])
@@ -337,7 +358,8 @@ def test_the_stream_session_is_refreshed_at_80_percent_of_its_life(engine: _core
 
 
 def test_a_resend_refused_for_good_warns_that_stripe_may_have_the_first_send(
-        engine: _core.Engine, fake: FakeStripe) -> None:
+    engine: _core.Engine, fake: FakeStripe
+) -> None:
     commit(engine, "alpha", 5)
     rounds(engine, fake, wrap=CrashAfterSend)  # recorded at Stripe, not acknowledged here
     settle(engine, fake, event_name="archived_meanwhile")  # the resend is refused (no such meter now)
@@ -366,13 +388,15 @@ class Stalled:
 
 
 def test_a_call_running_past_its_timeout_is_a_failure_even_when_the_http_library_does_not_end_it(
-        engine: _core.Engine, fake: FakeStripe) -> None:
+    engine: _core.Engine, fake: FakeStripe
+) -> None:
     commit(engine, "alpha", 5)
     stalled: list[Stalled] = []
 
     async def body(waiter: DurabilityWaiter) -> None:
-        settler = make_settler(engine, fake, waiter, request_timeout_ms=1_000,
-                               wrap=lambda t: stalled.append(Stalled(t)) or stalled[0])
+        settler = make_settler(
+            engine, fake, waiter, request_timeout_ms=1_000, wrap=lambda t: stalled.append(Stalled(t)) or stalled[0]
+        )
         task = asyncio.get_running_loop().create_task(settler.run())
         try:
             while not settler.status.failing_since_ms:  # the hang guard of run_async bounds this

@@ -8,12 +8,12 @@ from collections.abc import Iterator
 import pytest
 
 from spendgate.testing.fake_stripe import FakeStripe
-
+from spendgate.v1 import spendgate_pb2 as pb
 from tests.conftest import SidecarFactory
+
 from ._load import call_until_ok, stubs
 from ._sidecar import create_budgets, settlement_status, spent, wait_drained, wait_for_status
 from ._support import no_stripe_env, sidecar_env, spendgate_cli
-from spendgate.v1 import spendgate_pb2 as pb
 
 GOOD = {"acme": "cus_acme", "globex": "cus_globex"}
 
@@ -35,7 +35,8 @@ def commit_each(target: str, amounts: dict[str, list[int]]) -> None:
 
 
 def test_without_a_key_the_sidecar_runs_says_settlement_is_off_and_usage_accumulates(
-        sidecar_factory: SidecarFactory) -> None:
+    sidecar_factory: SidecarFactory,
+) -> None:
     sidecar = sidecar_factory("no-key", env=no_stripe_env())
     create_budgets(sidecar.target, GOOD)
     commit_each(sidecar.target, {"acme": [5, 6], "globex": [7]})
@@ -63,7 +64,8 @@ def test_a_restricted_key_settles_and_the_status_shows_it(sidecar_factory: Sidec
 
 
 def test_a_bad_customer_goes_to_the_dead_letters_others_flow_and_a_requeue_after_the_fix_delivers_once(
-        sidecar_factory: SidecarFactory, fake: FakeStripe) -> None:
+    sidecar_factory: SidecarFactory, fake: FakeStripe
+) -> None:
     sidecar = sidecar_factory("dead-letters", env=sidecar_env(fake))
     create_budgets(sidecar.target, GOOD | {"initech": "cus_initech"})  # Stripe does not know cus_initech yet
     commit_each(sidecar.target, {"acme": [5], "initech": [40, 2], "globex": [7]})
@@ -93,7 +95,8 @@ def test_a_bad_customer_goes_to_the_dead_letters_others_flow_and_a_requeue_after
 
 
 def test_spendgate_settle_drains_a_stopped_sidecars_outbox_and_refuses_a_running_ones_data_dir(
-        sidecar_factory: SidecarFactory, fake: FakeStripe) -> None:
+    sidecar_factory: SidecarFactory, fake: FakeStripe
+) -> None:
     sidecar = sidecar_factory("standalone", env=no_stripe_env())  # runs without a key: usage accumulates
     create_budgets(sidecar.target, GOOD)
     commit_each(sidecar.target, {"acme": [1, 2, 3], "globex": [4]})
@@ -124,8 +127,16 @@ def test_a_key_that_cannot_work_stops_serve_with_a_clear_message(tmp_path: objec
 
 
 def test_settle_settings_the_settler_cannot_use_stop_serve_naming_the_setting(tmp_path: object) -> None:
-    result = spendgate_cli("serve", "--data-dir", f"{tmp_path}/data", "--listen", "127.0.0.1:0",
-                           "--settle-batch-size", "101", env=no_stripe_env())
+    result = spendgate_cli(
+        "serve",
+        "--data-dir",
+        f"{tmp_path}/data",
+        "--listen",
+        "127.0.0.1:0",
+        "--settle-batch-size",
+        "101",
+        env=no_stripe_env(),
+    )
     assert result.returncode == 2 and "settle_batch_size: expected 1..=100" in result.stderr
 
 

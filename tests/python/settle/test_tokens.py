@@ -65,8 +65,12 @@ def grouped_summaries(fake: FakeStripe, customer: str) -> dict[tuple[str, str, s
     client = fake.client()
     meter_id = fake.meter(TOKENS)["id"]
     now = int(fake.now())
-    params: Any = {"customer": customer, "start_time": now - now % 60 - 86_400, "end_time": now - now % 60 + 120,
-                   "dimension_group_by_keys": ["model", "token_type"]}
+    params: Any = {
+        "customer": customer,
+        "start_time": now - now % 60 - 86_400,
+        "end_time": now - now % 60 + 120,
+        "dimension_group_by_keys": ["model", "token_type"],
+    }
     summaries = client.v1.billing.meters.event_summaries.list(meter_id, params).auto_paging_iter()
     found = {}
     for summary in summaries:
@@ -84,7 +88,8 @@ def token_totals(fake: FakeStripe) -> dict[tuple[str, str, str], int]:
 
 @pytest.mark.parametrize("transport", ["v1", "v2"])
 def test_a_token_commit_is_one_event_per_token_type_with_model_and_token_type(
-        engine: _core.Engine, fake: FakeStripe, transport: str) -> None:
+    engine: _core.Engine, fake: FakeStripe, transport: str
+) -> None:
     expected = commit_mix(engine)
     entries = {e["identifier"]: e for e in engine.outbox_pending(100)}
     settle(engine, fake, transport=transport)
@@ -94,9 +99,11 @@ def test_a_token_commit_is_one_event_per_token_type_with_model_and_token_type(
     first = next(e for e in entries.values() if e["usage"] and e["usage"]["parts"][0][1] == 1200)
     sent = {ev["identifier"]: ev for ev in fake.events() if ev["identifier"].startswith(first["identifier"])}
     assert {i: (ev["event_name"], ev["payload"], ev["timestamp"]) for i, ev in sent.items()} == {
-        f"{first['identifier']}-{token_type}": (TOKENS, {"stripe_customer_id": "cus_alpha", "value": value,
-                                                         "model": "gpt-6-sol", "token_type": token_type},
-                                                first["ts_ms"] // 1000)  # the commit's time
+        f"{first['identifier']}-{token_type}": (
+            TOKENS,
+            {"stripe_customer_id": "cus_alpha", "value": value, "model": "gpt-6-sol", "token_type": token_type},
+            first["ts_ms"] // 1000,
+        )  # the commit's time
         for token_type, value in (("input", "1200"), ("output", "750"), ("cached_input", "300"))
     }
     assert len(fake.events()) == 10 and fake.errors() == []  # 3 + 2 + 4 token events, 1 units event
@@ -126,7 +133,8 @@ def test_the_token_meter_must_be_another_meter() -> None:
 @pytest.mark.parametrize(("transport", "window_ms"), [("v1", 0), ("v2", 0), ("v1", 1), ("v2", 1)])
 @pytest.mark.parametrize("crash", [CrashAfterSend, CrashBeforeSend])
 def test_a_crash_between_claim_and_ack_resends_the_same_token_events_and_stripe_counts_them_once(
-        engine: _core.Engine, fake: FakeStripe, transport: str, window_ms: int, crash: type[CrashAfterSend]) -> None:
+    engine: _core.Engine, fake: FakeStripe, transport: str, window_ms: int, crash: type[CrashAfterSend]
+) -> None:
     expected = commit_mix(engine)
     later = wall_ms() + 10  # every 1-ms window has closed
     rounds(engine, fake, transport=transport, aggregate_window_ms=window_ms, wrap=crash, clock_ms=lambda: later)
@@ -146,7 +154,8 @@ def test_a_crash_between_claim_and_ack_resends_the_same_token_events_and_stripe_
 
 @pytest.mark.parametrize("transport", ["v1", "v2"])
 def test_an_entry_is_acknowledged_only_once_every_token_event_is_accepted(
-        engine: _core.Engine, fake: FakeStripe, transport: str) -> None:
+    engine: _core.Engine, fake: FakeStripe, transport: str
+) -> None:
     commit_tokens(engine, "alpha", token_usage("gpt-6-sol", input=100, output=20, cached_input=5))
     fake.fail_next("500", path=EVENT_PATHS[transport])  # the first request of the entry's events fails
     rounds(engine, fake, transport=transport, batch_size=1, max_attempts=1)
@@ -155,14 +164,17 @@ def test_an_entry_is_acknowledged_only_once_every_token_event_is_accepted(
     assert len(fake.events()) == 2  # two of its three events are at Stripe, the entry waits for the third
 
     settle(engine, fake, transport=transport, batch_size=1)
-    assert grouped_summaries(fake, "cus_alpha") == {("cus_alpha", "gpt-6-sol", "input"): 100,
-                                                    ("cus_alpha", "gpt-6-sol", "output"): 20,
-                                                    ("cus_alpha", "gpt-6-sol", "cached_input"): 5}
+    assert grouped_summaries(fake, "cus_alpha") == {
+        ("cus_alpha", "gpt-6-sol", "input"): 100,
+        ("cus_alpha", "gpt-6-sol", "output"): 20,
+        ("cus_alpha", "gpt-6-sol", "cached_input"): 5,
+    }
     assert len(fake.events()) == 3 and engine.outbox_stats()["depth"] == 0
 
 
 def test_pre_aggregation_sums_tokens_per_customer_model_and_type_in_fewer_calls(
-        engine: _core.Engine, fake: FakeStripe) -> None:
+    engine: _core.Engine, fake: FakeStripe
+) -> None:
     expected: dict[tuple[str, str, str], int] = {}
     for n in range(30):
         model = ("gpt-6-sol", "claude-sonnet-5")[n % 2]
@@ -179,7 +191,8 @@ def test_pre_aggregation_sums_tokens_per_customer_model_and_type_in_fewer_calls(
 
 
 def test_a_token_aggregate_claimed_before_a_crash_is_resent_whole_when_read_a_few_members_at_a_time(
-        engine: _core.Engine, fake: FakeStripe) -> None:
+    engine: _core.Engine, fake: FakeStripe
+) -> None:
     for n in range(5):
         commit_tokens(engine, "alpha", token_usage("gpt-6-sol", input=100 * (n + 1), output=n + 1))
     later = wall_ms() + 120_000
@@ -188,8 +201,10 @@ def test_a_token_aggregate_claimed_before_a_crash_is_resent_whole_when_read_a_fe
     parsed = parse_token_aggregate_claim(claim or "")
     assert parsed is not None and (parsed.count, parsed.tokens) == (5, (1500, 15, 0, 0))
     settle(engine, fake, aggregate_window_ms=60_000, clock_ms=lambda: later, batch_size=1, concurrency=2)
-    assert grouped_summaries(fake, "cus_alpha") == {("cus_alpha", "gpt-6-sol", "input"): 1500,
-                                                    ("cus_alpha", "gpt-6-sol", "output"): 15}
+    assert grouped_summaries(fake, "cus_alpha") == {
+        ("cus_alpha", "gpt-6-sol", "input"): 1500,
+        ("cus_alpha", "gpt-6-sol", "output"): 15,
+    }
     assert len(fake.events()) == 2 and engine.outbox_stats()["depth"] == 0
 
 
@@ -203,12 +218,16 @@ def test_without_a_token_meter_token_commits_are_dead_lettered_and_units_still_f
         assert fake.totals_by_customer() == {"cus_alpha": 17}
     letters = engine.dead_letters(10)
     assert len(letters) == 3 and all(letter["usage"] for letter in letters)
-    assert all("no active meter for event_name 'token-billing-tokens'" in letter["reason"]
-               and "settle_token_event_name" in letter["reason"] for letter in letters)
+    assert all(
+        "no active meter for event_name 'token-billing-tokens'" in letter["reason"]
+        and "settle_token_event_name" in letter["reason"]
+        for letter in letters
+    )
 
 
 def test_a_token_event_refused_after_another_was_accepted_says_so_in_the_dead_letter_and_the_alert(
-        engine: _core.Engine, fake: FakeStripe) -> None:
+    engine: _core.Engine, fake: FakeStripe
+) -> None:
     commit_tokens(engine, "alpha", token_usage("gpt-6-sol", input=100, output=20))
     (entry,) = engine.outbox_pending(10)
     refused = f"{entry['identifier']}-output"
@@ -216,8 +235,9 @@ def test_a_token_event_refused_after_another_was_accepted_says_so_in_the_dead_le
     class RefusesOutput(CrashAfterSend):
         def send(self, events: Sequence[MeterEvent]) -> None:
             if any(e.identifier == refused for e in events):
-                raise stripe.InvalidRequestError("payload[token_type] is invalid.", "payload",
-                                                 code="parameter_invalid_string", http_status=400)
+                raise stripe.InvalidRequestError(
+                    "payload[token_type] is invalid.", "payload", code="parameter_invalid_string", http_status=400
+                )
             self.inner.send(events)
 
     settle(engine, fake, wrap=RefusesOutput)
@@ -227,13 +247,17 @@ def test_a_token_event_refused_after_another_was_accepted_says_so_in_the_dead_le
     assert f"Stripe accepted {entry['identifier']}-input" in letter["reason"]
     assert "check `spendgate reconcile` first" in letter["reason"]
     (alert,) = engine.alerts_after(0)
-    assert (alert["kind"], alert["customer_id"], alert["message"]) == ("settlement_dead_letter", "alpha",
-                                                                       letter["reason"])
+    assert (alert["kind"], alert["customer_id"], alert["message"]) == (
+        "settlement_dead_letter",
+        "alpha",
+        letter["reason"],
+    )
     assert alert["values"] == {"seq": entry["seq"], "amount": entry["amount"]}
 
 
 def test_every_dead_lettered_entry_raises_an_alert_and_a_flood_raises_one_with_the_count(
-        engine: _core.Engine, fake: FakeStripe) -> None:
+    engine: _core.Engine, fake: FakeStripe
+) -> None:
     budget(engine, "orphan", "cus_orphan")  # Stripe has no such customers: dead-lettered before any event is sent
     budget(engine, "stray", "cus_stray")
     flood = MAX_DEAD_LETTER_ALERTS_PER_CUSTOMER + 1
@@ -248,18 +272,25 @@ def test_every_dead_lettered_entry_raises_an_alert_and_a_flood_raises_one_with_t
     assert all(alert["kind"] == "settlement_dead_letter" for alert in alerts)
     (orphan,) = [alert for alert in alerts if alert["customer_id"] == "orphan"]
     seqs = sorted(letter["seq"] for letter in engine.dead_letters(1000) if letter["customer_id"] == "orphan")
-    assert orphan["values"] == {"count": flood, "amount": flood * (flood + 1) // 2, "first_seq": seqs[0],
-                                "last_seq": seqs[-1]}
+    assert orphan["values"] == {
+        "count": flood,
+        "amount": flood * (flood + 1) // 2,
+        "first_seq": seqs[0],
+        "last_seq": seqs[-1],
+    }
     assert orphan["message"].startswith(f"{flood} outbox entries") and "no customer 'cus_orphan'" in orphan["message"]
-    stray = sorted((alert["values"]["seq"], alert["values"]["amount"]) for alert in alerts
-                   if alert["customer_id"] == "stray")
-    assert stray == sorted((letter["seq"], letter["amount"]) for letter in engine.dead_letters(1000)
-                           if letter["customer_id"] == "stray")
+    stray = sorted(
+        (alert["values"]["seq"], alert["values"]["amount"]) for alert in alerts if alert["customer_id"] == "stray"
+    )
+    assert stray == sorted(
+        (letter["seq"], letter["amount"]) for letter in engine.dead_letters(1000) if letter["customer_id"] == "stray"
+    )
     assert len(stray) == 2
 
 
-def test_a_token_claim_cannot_be_resent_once_the_token_meter_is_turned_off(engine: _core.Engine,
-                                                                          fake: FakeStripe) -> None:
+def test_a_token_claim_cannot_be_resent_once_the_token_meter_is_turned_off(
+    engine: _core.Engine, fake: FakeStripe
+) -> None:
     commit_tokens(engine, "alpha", token_usage("gpt-6-sol", input=100))
     rounds(engine, fake, wrap=CrashAfterSend)  # sent to the token meter, not acknowledged
     settle(engine, fake, token_event_name="")

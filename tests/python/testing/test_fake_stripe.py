@@ -57,20 +57,34 @@ def client(fake: FakeStripe) -> stripe.StripeClient:
     return fake.client()
 
 
-def send(client: stripe.StripeClient, identifier: str, value: int = 1, customer: str = CUSTOMER,
-         event_name: str = METER, timestamp: int | None = None, dimensions: dict[str, str] | None = None,
-         **options: Any) -> Any:
-    params: dict[str, Any] = {"event_name": event_name, "identifier": identifier,
-                              "payload": {"stripe_customer_id": customer, "value": str(value), **(dimensions or {})}}
+def send(
+    client: stripe.StripeClient,
+    identifier: str,
+    value: int = 1,
+    customer: str = CUSTOMER,
+    event_name: str = METER,
+    timestamp: int | None = None,
+    dimensions: dict[str, str] | None = None,
+    **options: Any,
+) -> Any:
+    params: dict[str, Any] = {
+        "event_name": event_name,
+        "identifier": identifier,
+        "payload": {"stripe_customer_id": customer, "value": str(value), **(dimensions or {})},
+    }
     if timestamp is not None:
         params["timestamp"] = timestamp
     return client.v1.billing.meter_events.create(params, options or None)  # type: ignore[arg-type]
 
 
-def stream_event(identifier: str, value: int = 1, customer: str = CUSTOMER, event_name: str = METER,
-                 timestamp: str | None = None) -> Any:
-    ev: dict[str, Any] = {"event_name": event_name, "identifier": identifier,
-                          "payload": {"stripe_customer_id": customer, "value": str(value)}}
+def stream_event(
+    identifier: str, value: int = 1, customer: str = CUSTOMER, event_name: str = METER, timestamp: str | None = None
+) -> Any:
+    ev: dict[str, Any] = {
+        "event_name": event_name,
+        "identifier": identifier,
+        "payload": {"stripe_customer_id": customer, "value": str(value)},
+    }
     if timestamp is not None:
         ev["timestamp"] = timestamp
     return ev
@@ -85,8 +99,10 @@ def session_client(fake: FakeStripe, client: stripe.StripeClient) -> stripe.Stri
 # v1 meter events
 # ---------------------------------------------------------------------------------------------------------------------
 
+
 def test_v1_meter_event_returns_the_documented_object_and_uses_the_form_wire_format(
-        fake: FakeStripe, client: stripe.StripeClient) -> None:
+    fake: FakeStripe, client: stripe.StripeClient
+) -> None:
     ts = int(fake.now()) - 60
     event = send(client, "led-1", 7, timestamp=ts)
 
@@ -98,8 +114,12 @@ def test_v1_meter_event_returns_the_documented_object_and_uses_the_form_wire_for
     assert fake.totals_by_customer() == {CUSTOMER: 7}
 
     (entry,) = fake.request_log()
-    assert (entry["host"], entry["method"], entry["path"], entry["status"]) == ("api", "POST",
-                                                                                "/v1/billing/meter_events", 200)
+    assert (entry["host"], entry["method"], entry["path"], entry["status"]) == (
+        "api",
+        "POST",
+        "/v1/billing/meter_events",
+        200,
+    )
     assert entry["headers"]["content-type"] == "application/x-www-form-urlencoded"
     assert entry["headers"]["authorization"].startswith("Bearer sk_test_")
     assert entry["idempotency_key"]
@@ -109,7 +129,8 @@ def test_v1_meter_event_returns_the_documented_object_and_uses_the_form_wire_for
 
 
 def test_duplicate_identifier_is_a_400_with_stripes_message_and_is_not_counted_twice(
-        fake: FakeStripe, client: stripe.StripeClient) -> None:
+    fake: FakeStripe, client: stripe.StripeClient
+) -> None:
     send(client, "led-dup", 5)
     with pytest.raises(stripe.InvalidRequestError) as info:
         send(client, "led-dup", 5)
@@ -124,8 +145,9 @@ def test_duplicate_identifier_is_a_400_with_stripes_message_and_is_not_counted_t
     assert len(fake.events()) == 1
 
 
-def test_a_new_value_under_an_old_identifier_is_still_a_duplicate(fake: FakeStripe,
-                                                                  client: stripe.StripeClient) -> None:
+def test_a_new_value_under_an_old_identifier_is_still_a_duplicate(
+    fake: FakeStripe, client: stripe.StripeClient
+) -> None:
     send(client, "led-x", 5)
     with pytest.raises(stripe.InvalidRequestError):
         send(client, "led-x", 500)
@@ -165,8 +187,9 @@ def test_an_idempotency_key_replays_the_saved_response(fake: FakeStripe, client:
     assert "ik-1" in info.value.user_message
 
 
-def test_a_key_in_use_by_a_concurrent_request_is_a_409(fake: FakeStripe, client: stripe.StripeClient,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_key_in_use_by_a_concurrent_request_is_a_409(
+    fake: FakeStripe, client: stripe.StripeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
     entered, release = threading.Event(), threading.Event()
     original = fake._v1_meter_event
 
@@ -190,8 +213,7 @@ def test_a_key_in_use_by_a_concurrent_request_is_a_409(fake: FakeStripe, client:
     assert fake.totals_by_customer() == {CUSTOMER: 2}
 
 
-def test_an_unknown_event_name_is_a_400_and_nothing_is_recorded(fake: FakeStripe,
-                                                               client: stripe.StripeClient) -> None:
+def test_an_unknown_event_name_is_a_400_and_nothing_is_recorded(fake: FakeStripe, client: stripe.StripeClient) -> None:
     with pytest.raises(stripe.InvalidRequestError) as info:
         send(client, "led-1", event_name="no_such_meter")
     assert info.value.http_status == 400
@@ -200,10 +222,12 @@ def test_an_unknown_event_name_is_a_400_and_nothing_is_recorded(fake: FakeStripe
     assert fake.events() == []
 
 
-@pytest.mark.parametrize(("offset", "code"), [(-(35 * 86_400) - 60, "timestamp_too_far_in_past"),
-                                              (6 * 60, "timestamp_in_future")])
-def test_a_timestamp_outside_35_days_back_or_5_minutes_ahead_is_a_400(fake: FakeStripe, client: stripe.StripeClient,
-                                                                     offset: int, code: str) -> None:
+@pytest.mark.parametrize(
+    ("offset", "code"), [(-(35 * 86_400) - 60, "timestamp_too_far_in_past"), (6 * 60, "timestamp_in_future")]
+)
+def test_a_timestamp_outside_35_days_back_or_5_minutes_ahead_is_a_400(
+    fake: FakeStripe, client: stripe.StripeClient, offset: int, code: str
+) -> None:
     with pytest.raises(stripe.InvalidRequestError) as info:
         send(client, "led-ts", timestamp=int(fake.now()) + offset)
     assert (info.value.http_status, info.value.code, info.value.param) == (400, code, "timestamp")
@@ -221,13 +245,19 @@ def test_missing_params_and_unknown_params_are_400s(client: stripe.StripeClient)
         client.v1.billing.meter_events.create({"event_name": METER})  # type: ignore[typeddict-item]
     assert (info.value.code, info.value.param) == ("parameter_missing", "payload")
     with pytest.raises(stripe.InvalidRequestError) as info:
-        client.v1.billing.meter_events.create({"event_name": METER, "payload": {"value": "1"},  # type: ignore
-                                               "bogus": "1"})
+        client.v1.billing.meter_events.create(
+            {
+                "event_name": METER,
+                "payload": {"value": "1"},  # type: ignore
+                "bogus": "1",
+            }
+        )
     assert (info.value.code, info.value.param) == ("parameter_unknown", "bogus")
 
 
-def test_an_unknown_customer_is_accepted_and_recorded_as_an_async_error(fake: FakeStripe,
-                                                                       client: stripe.StripeClient) -> None:
+def test_an_unknown_customer_is_accepted_and_recorded_as_an_async_error(
+    fake: FakeStripe, client: stripe.StripeClient
+) -> None:
     send(client, "ghost-1", 9, customer="cus_nobody")  # Stripe validates the customer asynchronously
     client.v1.billing.meter_events.create({"event_name": METER, "identifier": "no-cust", "payload": {"value": "4"}})
 
@@ -275,6 +305,7 @@ def test_authentication(make_fake: MakeFake) -> None:
 # v2: session + stream, and the synchronous v2 endpoint
 # ---------------------------------------------------------------------------------------------------------------------
 
+
 def test_v2_session_then_stream(fake: FakeStripe, client: stripe.StripeClient) -> None:
     session = client.v2.billing.meter_event_session.create()
     assert session.object == "v2.billing.meter_event_session"
@@ -285,13 +316,16 @@ def test_v2_session_then_stream(fake: FakeStripe, client: stripe.StripeClient) -
 
     stream = fake.client(session.authentication_token)
     result = stream.v2.billing.meter_event_stream.create(
-        {"events": [stream_event("s-1", 3), stream_event("s-2", 4, customer=OTHER)]})
+        {"events": [stream_event("s-1", 3), stream_event("s-2", 4, customer=OTHER)]}
+    )
     assert result is None  # the endpoint answers {}
     assert fake.totals_by_customer() == {CUSTOMER: 3, OTHER: 4}
 
     log = fake.request_log()
-    assert [(r["host"], r["path"]) for r in log] == [("api", "/v2/billing/meter_event_session"),
-                                                     ("meter_events", "/v2/billing/meter_event_stream")]
+    assert [(r["host"], r["path"]) for r in log] == [
+        ("api", "/v2/billing/meter_event_session"),
+        ("meter_events", "/v2/billing/meter_event_stream"),
+    ]
     assert log[1]["headers"]["content-type"] == "application/json"
     assert log[1]["headers"]["stripe-version"]
     assert log[1]["headers"]["authorization"].startswith("Bearer token_")
@@ -306,8 +340,7 @@ def test_stream_rfc3339_timestamps(fake: FakeStripe, client: stripe.StripeClient
     assert fake.events()[0]["timestamp"] == ts
 
 
-def test_the_stream_lives_only_on_the_meter_events_base_address(fake: FakeStripe,
-                                                                client: stripe.StripeClient) -> None:
+def test_the_stream_lives_only_on_the_meter_events_base_address(fake: FakeStripe, client: stripe.StripeClient) -> None:
     token = client.v2.billing.meter_event_session.create().authentication_token
     wrong = stripe.StripeClient(token, base_addresses={"api": fake.url, "meter_events": fake.url})
     with pytest.raises(stripe.InvalidRequestError) as info:
@@ -321,8 +354,9 @@ def test_same_host_mode_serves_the_stream_on_the_api_port(make_fake: MakeFake) -
     assert fake.url == fake.meter_events_url
     client = stripe.StripeClient(DEFAULT_API_KEY, base_addresses={"api": fake.url, "meter_events": fake.url})
     token = client.v2.billing.meter_event_session.create().authentication_token
-    stripe.StripeClient(token, base_addresses={"api": fake.url, "meter_events": fake.url}) \
-        .v2.billing.meter_event_stream.create({"events": [stream_event("s-1", 2)]})
+    stripe.StripeClient(
+        token, base_addresses={"api": fake.url, "meter_events": fake.url}
+    ).v2.billing.meter_event_stream.create({"events": [stream_event("s-1", 2)]})
     assert fake.totals_by_customer() == {CUSTOMER: 2}
 
 
@@ -343,8 +377,9 @@ def test_an_expired_session_token_is_a_401_billing_meter_event_session_expired(m
     assert fake.totals_by_customer() == {CUSTOMER: 2}
 
 
-def test_the_stream_refuses_api_keys_and_the_api_refuses_session_tokens(fake: FakeStripe,
-                                                                       client: stripe.StripeClient) -> None:
+def test_the_stream_refuses_api_keys_and_the_api_refuses_session_tokens(
+    fake: FakeStripe, client: stripe.StripeClient
+) -> None:
     with pytest.raises(stripe.AuthenticationError):
         client.v2.billing.meter_event_stream.create({"events": [stream_event("k-1")]})
     token = client.v2.billing.meter_event_session.create().authentication_token
@@ -377,26 +412,40 @@ def test_the_stream_drops_repeated_identifiers_silently(fake: FakeStripe, client
 
 def test_the_stream_validates_asynchronously(fake: FakeStripe, client: stripe.StripeClient) -> None:
     stream = session_client(fake, client)
-    stream.v2.billing.meter_event_stream.create({"events": [
-        stream_event("a-1", event_name="no_such_meter"), stream_event("a-2", customer="cus_nobody"),
-        stream_event("a-3", timestamp="2020-01-01T00:00:00.000Z"), stream_event("a-4", 8)]})
+    stream.v2.billing.meter_event_stream.create(
+        {
+            "events": [
+                stream_event("a-1", event_name="no_such_meter"),
+                stream_event("a-2", customer="cus_nobody"),
+                stream_event("a-3", timestamp="2020-01-01T00:00:00.000Z"),
+                stream_event("a-4", 8),
+            ]
+        }
+    )
     assert fake.totals_by_customer() == {CUSTOMER: 8}
-    assert sorted(e["code"] for e in fake.errors()) == ["meter_event_customer_not_found", "no_meter",
-                                                        "timestamp_too_far_in_past"]
+    assert sorted(e["code"] for e in fake.errors()) == [
+        "meter_event_customer_not_found",
+        "no_meter",
+        "timestamp_too_far_in_past",
+    ]
 
 
-def test_v2_synchronous_meter_event_and_its_documented_duplicate_code(fake: FakeStripe,
-                                                                     client: stripe.StripeClient) -> None:
-    ev = client.v2.billing.meter_events.create({"event_name": METER, "identifier": "v2-1",
-                                                "payload": {"stripe_customer_id": CUSTOMER, "value": "12"}})
+def test_v2_synchronous_meter_event_and_its_documented_duplicate_code(
+    fake: FakeStripe, client: stripe.StripeClient
+) -> None:
+    ev = client.v2.billing.meter_events.create(
+        {"event_name": METER, "identifier": "v2-1", "payload": {"stripe_customer_id": CUSTOMER, "value": "12"}}
+    )
     assert (ev.object, ev.identifier) == ("v2.billing.meter_event", "v2-1")
     with pytest.raises(stripe.InvalidRequestError) as info:
-        client.v2.billing.meter_events.create({"event_name": METER, "identifier": "v2-1",
-                                               "payload": {"stripe_customer_id": CUSTOMER, "value": "12"}})
+        client.v2.billing.meter_events.create(
+            {"event_name": METER, "identifier": "v2-1", "payload": {"stripe_customer_id": CUSTOMER, "value": "12"}}
+        )
     assert (info.value.http_status, info.value.code) == (400, "duplicate_meter_event")
     with pytest.raises(stripe.InvalidRequestError) as info:
-        client.v2.billing.meter_events.create({"event_name": "nope", "payload": {"stripe_customer_id": CUSTOMER,
-                                                                                 "value": "1"}})
+        client.v2.billing.meter_events.create(
+            {"event_name": "nope", "payload": {"stripe_customer_id": CUSTOMER, "value": "1"}}
+        )
     assert info.value.code == "no_meter"
     assert fake.totals_by_customer() == {CUSTOMER: 12}
 
@@ -405,23 +454,31 @@ def test_v2_synchronous_meter_event_and_its_documented_duplicate_code(fake: Fake
 # Meters, summaries, adjustments, customers
 # ---------------------------------------------------------------------------------------------------------------------
 
-def test_meters_are_precreated_and_can_be_created_listed_and_retrieved(fake: FakeStripe,
-                                                                      client: stripe.StripeClient) -> None:
+
+def test_meters_are_precreated_and_can_be_created_listed_and_retrieved(
+    fake: FakeStripe, client: stripe.StripeClient
+) -> None:
     names = {m.event_name for m in client.v1.billing.meters.list().data}
     assert names == {"spendgate_usage", "token-billing-tokens"}
 
-    meter = client.v1.billing.meters.create({
-        "display_name": "LLM tokens", "event_name": "llm_tokens", "default_aggregation": {"formula": "sum"},
-        "customer_mapping": {"type": "by_id", "event_payload_key": "stripe_customer_id"},
-        "value_settings": {"event_payload_key": "value"}})
+    meter = client.v1.billing.meters.create(
+        {
+            "display_name": "LLM tokens",
+            "event_name": "llm_tokens",
+            "default_aggregation": {"formula": "sum"},
+            "customer_mapping": {"type": "by_id", "event_payload_key": "stripe_customer_id"},
+            "value_settings": {"event_payload_key": "value"},
+        }
+    )
     assert meter.object == "billing.meter" and meter.id.startswith("mtr_")
     assert (meter.status, meter.default_aggregation.formula, meter.event_time_window) == ("active", "sum", None)
     assert client.v1.billing.meters.retrieve(meter.id).event_name == "llm_tokens"
     assert "default_aggregation[formula]=sum" in fake.request_log()[-2]["body"]
 
     with pytest.raises(stripe.InvalidRequestError):  # one active meter per event name
-        client.v1.billing.meters.create({"display_name": "again", "event_name": "llm_tokens",
-                                         "default_aggregation": {"formula": "sum"}})
+        client.v1.billing.meters.create(
+            {"display_name": "again", "event_name": "llm_tokens", "default_aggregation": {"formula": "sum"}}
+        )
     send(client, "m-1", 3, event_name="llm_tokens")
     assert fake.totals_by_customer("llm_tokens") == {CUSTOMER: 3}
 
@@ -436,42 +493,56 @@ def test_event_summaries_sum_a_customers_events_in_the_range(fake: FakeStripe, c
     send(client, "e-4", 100, customer=OTHER, timestamp=day + 30)
 
     whole = client.v1.billing.meters.event_summaries.list(
-        meter_id, {"customer": CUSTOMER, "start_time": day - 86_400, "end_time": day + 86_400})
+        meter_id, {"customer": CUSTOMER, "start_time": day - 86_400, "end_time": day + 86_400}
+    )
     assert whole["object"] == "list"
     (summary,) = whole.data
     assert summary.object == "billing.meter_event_summary"
     assert (summary.aggregated_value, summary.meter) == (22, meter_id)
     assert (summary.start_time, summary.end_time) == (day - 86_400, day + 86_400)
 
-    by_day = client.v1.billing.meters.event_summaries.list(meter_id, {
-        "customer": CUSTOMER, "start_time": day - 86_400, "end_time": day + 86_400, "value_grouping_window": "day"})
+    by_day = client.v1.billing.meters.event_summaries.list(
+        meter_id,
+        {"customer": CUSTOMER, "start_time": day - 86_400, "end_time": day + 86_400, "value_grouping_window": "day"},
+    )
     assert [(s.start_time, s.aggregated_value) for s in by_day.data] == [(day, 12), (day - 86_400, 10)]
 
-    by_hour = client.v1.billing.meters.event_summaries.list(meter_id, {
-        "customer": CUSTOMER, "start_time": day, "end_time": day + 2 * 3600, "value_grouping_window": "hour"})
+    by_hour = client.v1.billing.meters.event_summaries.list(
+        meter_id, {"customer": CUSTOMER, "start_time": day, "end_time": day + 2 * 3600, "value_grouping_window": "hour"}
+    )
     assert [s.aggregated_value for s in by_hour.data] == [0, 12]
 
     with pytest.raises(stripe.InvalidRequestError):
-        client.v1.billing.meters.event_summaries.list(meter_id, {"customer": CUSTOMER, "start_time": day + 1,
-                                                                 "end_time": day + 3600})
+        client.v1.billing.meters.event_summaries.list(
+            meter_id, {"customer": CUSTOMER, "start_time": day + 1, "end_time": day + 3600}
+        )
     with pytest.raises(stripe.InvalidRequestError):
-        client.v1.billing.meters.event_summaries.list(meter_id, {"customer": CUSTOMER, "start_time": day + 60,
-                                                                 "end_time": day + 3600,
-                                                                 "value_grouping_window": "hour"})
+        client.v1.billing.meters.event_summaries.list(
+            meter_id,
+            {"customer": CUSTOMER, "start_time": day + 60, "end_time": day + 3600, "value_grouping_window": "hour"},
+        )
     with pytest.raises(stripe.InvalidRequestError) as info:
-        client.v1.billing.meters.event_summaries.list("mtr_nope", {"customer": CUSTOMER, "start_time": day,
-                                                                   "end_time": day + 60})
+        client.v1.billing.meters.event_summaries.list(
+            "mtr_nope", {"customer": CUSTOMER, "start_time": day, "end_time": day + 60}
+        )
     assert info.value.http_status == 404
 
 
-def test_the_token_billing_meter_groups_its_summaries_by_dimension(fake: FakeStripe,
-                                                                    client: stripe.StripeClient) -> None:
+def test_the_token_billing_meter_groups_its_summaries_by_dimension(
+    fake: FakeStripe, client: stripe.StripeClient
+) -> None:
     meter = client.v1.billing.meters.retrieve(fake.meter(TOKENS)["id"]).to_dict()
     assert meter["dimension_payload_keys"] == ["model", "token_type"]
     now = int(fake.now())
     start, end = now - now % 60 - 3600, now - now % 60 + 60
-    for n, (model, token_type, value) in enumerate([("gpt-6-sol", "input", 100), ("gpt-6-sol", "output", 7),
-                                                    ("gpt-6-sol", "input", 20), ("claude-sonnet-5", "input", 3)]):
+    for n, (model, token_type, value) in enumerate(
+        [
+            ("gpt-6-sol", "input", 100),
+            ("gpt-6-sol", "output", 7),
+            ("gpt-6-sol", "input", 20),
+            ("claude-sonnet-5", "input", 3),
+        ]
+    ):
         send(client, f"t-{n}", value, event_name=TOKENS, dimensions={"model": model, "token_type": token_type})
     send(client, "t-no-dims", 1000, event_name=TOKENS)  # accepted, then refused asynchronously
     (error,) = fake.errors()
@@ -482,7 +553,8 @@ def test_the_token_billing_meter_groups_its_summaries_by_dimension(fake: FakeStr
     (whole,) = client.v1.billing.meters.event_summaries.list(meter["id"], window).data
     assert whole.aggregated_value == 130 and "dimensions" not in whole.to_dict()
     grouped = client.v1.billing.meters.event_summaries.list(
-        meter["id"], {**window, "dimension_group_by_keys": ["model", "token_type"]}).data
+        meter["id"], {**window, "dimension_group_by_keys": ["model", "token_type"]}
+    ).data
     assert [(s.to_dict()["dimensions"], s.aggregated_value) for s in grouped] == [
         ({"model": "claude-sonnet-5", "token_type": "input"}, 3),
         ({"model": "gpt-6-sol", "token_type": "input"}, 120),
@@ -490,19 +562,27 @@ def test_the_token_billing_meter_groups_its_summaries_by_dimension(fake: FakeStr
     ]
     assert len({s.id for s in grouped}) == 3
     filtered = client.v1.billing.meters.event_summaries.list(
-        meter["id"], {**window, "dimension_filters": {"token_type": "input"}}).data
+        meter["id"], {**window, "dimension_filters": {"token_type": "input"}}
+    ).data
     assert [s.aggregated_value for s in filtered] == [123]
-    assert fake.totals_by_dimensions(TOKENS) == {(CUSTOMER, "gpt-6-sol", "input"): 120,
-                                                 (CUSTOMER, "gpt-6-sol", "output"): 7,
-                                                 (CUSTOMER, "claude-sonnet-5", "input"): 3}
+    assert fake.totals_by_dimensions(TOKENS) == {
+        (CUSTOMER, "gpt-6-sol", "input"): 120,
+        (CUSTOMER, "gpt-6-sol", "output"): 7,
+        (CUSTOMER, "claude-sonnet-5", "input"): 3,
+    }
     with pytest.raises(stripe.InvalidRequestError, match="not one of the meter's dimension_payload_keys"):
         client.v1.billing.meters.event_summaries.list(
-            fake.meter(METER)["id"], {**window, "dimension_group_by_keys": ["model"]})
+            fake.meter(METER)["id"], {**window, "dimension_group_by_keys": ["model"]}
+        )
 
 
 def test_a_meter_is_created_with_dimension_payload_keys(fake: FakeStripe, client: stripe.StripeClient) -> None:
-    params: Any = {"display_name": "tokens by tier", "event_name": "tiered", "default_aggregation": {"formula": "sum"},
-                   "dimension_payload_keys": ["tier"]}  # Any: the SDK's types lack the preview parameter
+    params: Any = {
+        "display_name": "tokens by tier",
+        "event_name": "tiered",
+        "default_aggregation": {"formula": "sum"},
+        "dimension_payload_keys": ["tier"],
+    }  # Any: the SDK's types lack the preview parameter
     meter = client.v1.billing.meters.create(params)
     assert meter.to_dict()["dimension_payload_keys"] == ["tier"]
     assert "dimension_payload_keys[0]=tier" in urllib.parse.unquote(fake.request_log()[-1]["body"])
@@ -515,8 +595,9 @@ def test_event_summary_pagination_follows_the_list_cursor(fake: FakeStripe, clie
     day = now - now % 86_400
     for h in range(12):
         send(client, f"p-{h}", h + 1, timestamp=day - 86_400 + h * 3600)
-    page = client.v1.billing.meters.event_summaries.list(meter_id, {
-        "customer": CUSTOMER, "start_time": day - 86_400, "end_time": day, "value_grouping_window": "hour"})
+    page = client.v1.billing.meters.event_summaries.list(
+        meter_id, {"customer": CUSTOMER, "start_time": day - 86_400, "end_time": day, "value_grouping_window": "hour"}
+    )
     assert len(page.data) == 10 and page.has_more
     total = sum(s.aggregated_value for s in page.auto_paging_iter())
     assert total == sum(range(1, 13))
@@ -527,17 +608,20 @@ def test_a_count_meter_counts_events(fake: FakeStripe, client: stripe.StripeClie
     for i in range(3):
         send(client, f"c-{i}", 50, event_name="requests")
     now = int(fake.now())
-    summary = client.v1.billing.meters.event_summaries.list(meter["id"], {
-        "customer": CUSTOMER, "start_time": now - now % 60 - 3600, "end_time": now - now % 60 + 60}).data[0]
+    summary = client.v1.billing.meters.event_summaries.list(
+        meter["id"], {"customer": CUSTOMER, "start_time": now - now % 60 - 3600, "end_time": now - now % 60 + 60}
+    ).data[0]
     assert summary.aggregated_value == 3
 
 
-def test_a_cancel_adjustment_removes_the_event_from_totals_and_summaries(fake: FakeStripe,
-                                                                        client: stripe.StripeClient) -> None:
+def test_a_cancel_adjustment_removes_the_event_from_totals_and_summaries(
+    fake: FakeStripe, client: stripe.StripeClient
+) -> None:
     send(client, "keep", 4)
     send(client, "oops", 6)
-    adj = client.v1.billing.meter_event_adjustments.create({"event_name": METER, "type": "cancel",
-                                                             "cancel": {"identifier": "oops"}})
+    adj = client.v1.billing.meter_event_adjustments.create(
+        {"event_name": METER, "type": "cancel", "cancel": {"identifier": "oops"}}
+    )
     assert adj.object == "billing.meter_event_adjustment"
     assert adj.cancel is not None
     assert (adj.type, adj.status, adj.cancel.identifier) == ("cancel", "pending", "oops")
@@ -545,8 +629,10 @@ def test_a_cancel_adjustment_removes_the_event_from_totals_and_summaries(fake: F
 
     assert fake.totals_by_customer() == {CUSTOMER: 4}
     now = int(fake.now())
-    summary = client.v1.billing.meters.event_summaries.list(fake.meter(METER)["id"], {
-        "customer": CUSTOMER, "start_time": now - now % 60 - 3600, "end_time": now - now % 60 + 60}).data[0]
+    summary = client.v1.billing.meters.event_summaries.list(
+        fake.meter(METER)["id"],
+        {"customer": CUSTOMER, "start_time": now - now % 60 - 3600, "end_time": now - now % 60 + 60},
+    ).data[0]
     assert summary.aggregated_value == 4
     assert [e["status"] for e in fake.events()] == ["accepted", "cancelled"]
     with pytest.raises(stripe.InvalidRequestError):  # cancelling does not free the identifier
@@ -556,18 +642,21 @@ def test_a_cancel_adjustment_removes_the_event_from_totals_and_summaries(fake: F
 def test_a_cancel_is_only_applied_within_24_hours(fake: FakeStripe, client: stripe.StripeClient) -> None:
     send(client, "late", 6)
     fake.advance_time(24 * 3600 + 1)
-    client.v1.billing.meter_event_adjustments.create({"event_name": METER, "type": "cancel",
-                                                      "cancel": {"identifier": "late"}})
-    client.v1.billing.meter_event_adjustments.create({"event_name": METER, "type": "cancel",
-                                                      "cancel": {"identifier": "never-sent"}})
+    client.v1.billing.meter_event_adjustments.create(
+        {"event_name": METER, "type": "cancel", "cancel": {"identifier": "late"}}
+    )
+    client.v1.billing.meter_event_adjustments.create(
+        {"event_name": METER, "type": "cancel", "cancel": {"identifier": "never-sent"}}
+    )
     assert [a["outcome"] for a in fake.adjustments()] == ["too_late", "not_found"]
     assert fake.totals_by_customer() == {CUSTOMER: 6}
 
 
 def test_v2_cancel_adjustment(fake: FakeStripe, client: stripe.StripeClient) -> None:
     session_client(fake, client).v2.billing.meter_event_stream.create({"events": [stream_event("v2c", 9)]})
-    adj = client.v2.billing.meter_event_adjustments.create({"event_name": METER, "type": "cancel",
-                                                             "cancel": {"identifier": "v2c"}})
+    adj = client.v2.billing.meter_event_adjustments.create(
+        {"event_name": METER, "type": "cancel", "cancel": {"identifier": "v2c"}}
+    )
     assert (adj.object, adj.status, adj.cancel.identifier) == ("v2.billing.meter_event_adjustment", "pending", "v2c")
     assert fake.totals_by_customer() == {}
 
@@ -586,6 +675,7 @@ def test_customers_create_and_retrieve(fake: FakeStripe, client: stripe.StripeCl
 # ---------------------------------------------------------------------------------------------------------------------
 # Fault injection
 # ---------------------------------------------------------------------------------------------------------------------
+
 
 def test_rate_limited_requests_raise_ratelimiterror_and_record_nothing(make_fake: MakeFake) -> None:
     fake = make_fake(seed=7, rate_429=1.0)
@@ -766,6 +856,7 @@ def test_invalid_fault_settings_are_refused(fake: FakeStripe) -> None:
 # Webhooks
 # ---------------------------------------------------------------------------------------------------------------------
 
+
 class Receiver:
     def __init__(self) -> None:
         received: list[tuple[bytes, dict[str, str]]] = []
@@ -804,8 +895,16 @@ def receiver() -> Iterator[Receiver]:
 SECRET = "whsec_test_secret"
 
 
-@pytest.mark.parametrize("event_type", ["customer.subscription.created", "customer.subscription.updated",
-                                        "customer.subscription.deleted", "invoice.paid", "invoice.payment_failed"])
+@pytest.mark.parametrize(
+    "event_type",
+    [
+        "customer.subscription.created",
+        "customer.subscription.updated",
+        "customer.subscription.deleted",
+        "invoice.paid",
+        "invoice.payment_failed",
+    ],
+)
 def test_webhooks_are_signed_like_stripe(fake: FakeStripe, receiver: Receiver, event_type: str) -> None:
     delivery = fake.send_webhook(receiver.url, event_type, None, SECRET, customer=CUSTOMER)
     assert delivery.status == 200
@@ -826,8 +925,14 @@ def test_webhooks_are_signed_like_stripe(fake: FakeStripe, receiver: Receiver, e
 
 def test_webhook_with_a_custom_object_and_an_old_timestamp(fake: FakeStripe, receiver: Receiver) -> None:
     sub = {"id": "sub_123", "object": "subscription", "customer": CUSTOMER, "status": "past_due"}
-    delivery = fake.send_webhook(receiver.url, "customer.subscription.updated", sub, SECRET,
-                                 previous_attributes={"status": "active"}, timestamp=int(time.time()) - 3600)
+    delivery = fake.send_webhook(
+        receiver.url,
+        "customer.subscription.updated",
+        sub,
+        SECRET,
+        previous_attributes={"status": "active"},
+        timestamp=int(time.time()) - 3600,
+    )
     event = stripe.Webhook.construct_event(delivery.payload, delivery.signature, SECRET, tolerance=None)  # type: ignore
     assert event.data.object.status == "past_due"
     assert event.data.previous_attributes.status == "active"
@@ -836,8 +941,9 @@ def test_webhook_with_a_custom_object_and_an_old_timestamp(fake: FakeStripe, rec
     assert build_event("invoice.paid", customer=OTHER)["data"]["object"]["status"] == "paid"
 
 
-def test_the_meter_error_report_thin_event_round_trips(fake: FakeStripe, client: stripe.StripeClient,
-                                                       receiver: Receiver) -> None:
+def test_the_meter_error_report_thin_event_round_trips(
+    fake: FakeStripe, client: stripe.StripeClient, receiver: Receiver
+) -> None:
     send(client, "bad-1", 3, customer="cus_nobody")
     client.v1.billing.meter_events.create({"event_name": METER, "identifier": "bad-2", "payload": {"value": "1"}})
     thin = fake.error_report_event()
@@ -851,8 +957,10 @@ def test_the_meter_error_report_thin_event_round_trips(fake: FakeStripe, client:
 
     event = notification.fetch_event()  # GET /v2/core/events/{id}
     assert event.data.reason.error_count == 2
-    assert sorted(t.code for t in event.data.reason.error_types) == ["meter_event_customer_not_found",
-                                                                     "meter_event_no_customer_defined"]
+    assert sorted(t.code for t in event.data.reason.error_types) == [
+        "meter_event_customer_not_found",
+        "meter_event_no_customer_defined",
+    ]
     assert notification.fetch_related_object().id == fake.meter(METER)["id"]  # GET /v1/billing/meters/{id}
 
     with pytest.raises(stripe.SignatureVerificationError):
@@ -864,6 +972,7 @@ def test_the_meter_error_report_thin_event_round_trips(fake: FakeStripe, client:
 # ---------------------------------------------------------------------------------------------------------------------
 # Inspection, concurrency, CLI
 # ---------------------------------------------------------------------------------------------------------------------
+
 
 def test_inspection_and_reset(fake: FakeStripe, client: stripe.StripeClient) -> None:
     send(client, "i-1", 1)
@@ -903,15 +1012,23 @@ def test_concurrent_senders_are_all_counted_exactly_once(fake: FakeStripe) -> No
 
 def test_form_parser_handles_bracket_notation() -> None:
     assert parse_form("a=1&payload[x]=2&payload[y]=3&expand[0]=p&expand[1]=q&c[d][e]=f") == {
-        "a": "1", "payload": {"x": "2", "y": "3"}, "expand": ["p", "q"], "c": {"d": {"e": "f"}}}
+        "a": "1",
+        "payload": {"x": "2", "y": "3"},
+        "expand": ["p", "q"],
+        "c": {"d": {"e": "f"}},
+    }
 
 
 def test_cli_serves_until_interrupted(tmp_path: Path) -> None:
     python_dir = Path(__file__).resolve().parents[3] / "python"
     stderr = (tmp_path / "fake_stripe.stderr").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "spendgate.testing.fake_stripe", "--customer", CUSTOMER],
-                            stdout=subprocess.PIPE, stderr=stderr, text=True,
-                            env={"PYTHONPATH": str(python_dir), "PATH": "/usr/bin:/bin"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spendgate.testing.fake_stripe", "--customer", CUSTOMER],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        env={"PYTHONPATH": str(python_dir), "PATH": "/usr/bin:/bin"},
+    )
     try:
         assert proc.stdout is not None
         api = proc.stdout.readline().split()[-1]
@@ -930,8 +1047,10 @@ def test_cli_serves_until_interrupted(tmp_path: Path) -> None:
 # What Stripe does that tests must be able to meet: deleted customers, inactive meters, eventual consistency, refusals
 # ---------------------------------------------------------------------------------------------------------------------
 
-def test_a_deleted_customer_is_retrieved_as_stripes_deleted_customer_object(fake: FakeStripe,
-                                                                              client: stripe.StripeClient) -> None:
+
+def test_a_deleted_customer_is_retrieved_as_stripes_deleted_customer_object(
+    fake: FakeStripe, client: stripe.StripeClient
+) -> None:
     deleted = client.v1.customers.delete(CUSTOMER)
     assert (deleted.id, deleted.object, deleted.deleted) == (CUSTOMER, "customer", True)
     again = client.v1.customers.retrieve(CUSTOMER)
@@ -951,8 +1070,13 @@ def test_a_deactivated_meter_refuses_events_until_reactivated(fake: FakeStripe, 
         send(client, "off-1")
     assert v1.value.http_status == 400 and "No active meter found" in str(v1.value.user_message)
     with pytest.raises(stripe.StripeError) as v2:
-        client.v2.billing.meter_events.create({"event_name": METER, "identifier": "off-2",  # type: ignore[arg-type]
-                                               "payload": {"stripe_customer_id": CUSTOMER, "value": "1"}})
+        client.v2.billing.meter_events.create(
+            {
+                "event_name": METER,
+                "identifier": "off-2",  # type: ignore[arg-type]
+                "payload": {"stripe_customer_id": CUSTOMER, "value": "1"},
+            }
+        )
     assert v2.value.code == "archived_meter"
     assert client.v1.billing.meters.reactivate(meter_id).status == "active"
     send(client, "on-1", 3)
@@ -969,14 +1093,20 @@ def test_summaries_and_cancellations_land_after_the_visibility_delay(make_fake: 
 
     def summed() -> float:
         listed = client.v1.billing.meters.event_summaries.list(
-            meter_id, {"customer": CUSTOMER, "start_time": day - 86_400, "end_time": day + 86_400})
+            meter_id, {"customer": CUSTOMER, "start_time": day - 86_400, "end_time": day + 86_400}
+        )
         return sum(s.aggregated_value for s in listed.data)
 
     assert summed() == 0, "accepted, not yet in the summaries"
     fake.advance_time(121)
     assert summed() == 10
-    client.v1.billing.meter_event_adjustments.create({"event_name": METER, "type": "cancel",  # type: ignore[arg-type]
-                                                     "cancel": {"identifier": "late-1"}})
+    client.v1.billing.meter_event_adjustments.create(
+        {
+            "event_name": METER,
+            "type": "cancel",  # type: ignore[arg-type]
+            "cancel": {"identifier": "late-1"},
+        }
+    )
     assert summed() == 10, "the cancellation is not visible yet"
     fake.advance_time(121)
     assert summed() == 0
@@ -984,9 +1114,13 @@ def test_summaries_and_cancellations_land_after_the_visibility_delay(make_fake: 
 
 def test_a_payload_value_over_100_characters_is_refused(client: stripe.StripeClient) -> None:
     with pytest.raises(stripe.InvalidRequestError) as refused:
-        client.v1.billing.meter_events.create({"event_name": METER, "identifier": "long-1",  # type: ignore[arg-type]
-                                               "payload": {"stripe_customer_id": CUSTOMER, "value": "1",
-                                                           "model": "m" * 101}})
+        client.v1.billing.meter_events.create(
+            {
+                "event_name": METER,
+                "identifier": "long-1",  # type: ignore[arg-type]
+                "payload": {"stripe_customer_id": CUSTOMER, "value": "1", "model": "m" * 101},
+            }
+        )
     assert refused.value.code == "parameter_invalid_string" and refused.value.param == "payload[model]"
 
 
@@ -994,8 +1128,10 @@ def test_a_payload_value_over_100_characters_is_refused(client: stripe.StripeCli
 # Invoices
 # ---------------------------------------------------------------------------------------------------------------------
 
-def test_the_invoice_list_is_newest_first_filtered_and_paged_like_stripe(fake: FakeStripe,
-                                                                         client: stripe.StripeClient) -> None:
+
+def test_the_invoice_list_is_newest_first_filtered_and_paged_like_stripe(
+    fake: FakeStripe, client: stripe.StripeClient
+) -> None:
     now = int(time.time())
     old = fake.add_invoice(CUSTOMER, 1_000, created=now - 60 * 86_400)["id"]
     void = fake.add_invoice(CUSTOMER, 5, status="void", created=now - 45 * 86_400)["id"]
@@ -1011,13 +1147,19 @@ def test_the_invoice_list_is_newest_first_filtered_and_paged_like_stripe(fake: F
     back = client.v1.invoices.list({"customer": CUSTOMER, "limit": 1, "ending_before": void})
     assert [i.id for i in back.data] == [last]
     assert [i.id for i in client.v1.invoices.list({"customer": CUSTOMER, "status": "paid"}).auto_paging_iter()] == [
-        last, old]
+        last,
+        old,
+    ]
     assert [i.id for i in client.v1.invoices.list().data] == [draft, other, last, void, old]
-    assert [i.id for i in client.v1.invoices.list({"created": {"gte": now - 31 * 86_400}}).data] == [draft, other,
-                                                                                                     last]
+    assert [i.id for i in client.v1.invoices.list({"created": {"gte": now - 31 * 86_400}}).data] == [draft, other, last]
     paid = client.v1.invoices.retrieve(last)
-    assert (paid.total, paid.amount_due, paid.currency, paid.customer, paid.object) == (2_000, 2_000, "usd", CUSTOMER,
-                                                                                      "invoice")
+    assert (paid.total, paid.amount_due, paid.currency, paid.customer, paid.object) == (
+        2_000,
+        2_000,
+        "usd",
+        CUSTOMER,
+        "invoice",
+    )
     for bad in ({"limit": 101}, {"status": "late"}, {"colour": "red"}):
         with pytest.raises(stripe.InvalidRequestError):
             client.v1.invoices.list(bad)  # type: ignore[arg-type]

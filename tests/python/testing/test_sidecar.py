@@ -80,8 +80,7 @@ def test_start_failure_raises_with_the_log_tail(sidecar_factory: SidecarFactory)
     assert not broken.running
 
 
-def test_log_is_next_to_the_data_dir_and_kept_across_restarts(sidecar_factory: SidecarFactory,
-                                                             tmp_path: Path) -> None:
+def test_log_is_next_to_the_data_dir_and_kept_across_restarts(sidecar_factory: SidecarFactory, tmp_path: Path) -> None:
     sidecar = sidecar_factory("logged")
     sidecar.restart()
     assert sidecar.log_path == tmp_path / "logged.log"

@@ -36,13 +36,18 @@ def engine(tmp_path: Path) -> Iterator[_core.Engine]:
     opened.close()
 
 
-def handlers_for(engine: _core.Engine, tmp_path: Path, *, action: str = "freeze",
-                 fetch: Any = None) -> WebhookHandlers:
+def handlers_for(engine: _core.Engine, tmp_path: Path, *, action: str = "freeze", fetch: Any = None) -> WebhookHandlers:
     async def wait(ticket: int) -> None:
         await asyncio.to_thread(engine.wait_durable, ticket)
 
-    return WebhookHandlers(engine, wait, plan_limits={"price_basic": 1_000}, payment_failed_action=action,
-                           legacy_state_path=tmp_path / "data" / STATE_FILE_NAME, fetch_event=fetch)
+    return WebhookHandlers(
+        engine,
+        wait,
+        plan_limits={"price_basic": 1_000},
+        payment_failed_action=action,
+        legacy_state_path=tmp_path / "data" / STATE_FILE_NAME,
+        fetch_event=fetch,
+    )
 
 
 def budget(engine: _core.Engine, customer: str, stripe_customer: str = "", limit: int = 100) -> None:
@@ -54,8 +59,11 @@ def test_a_payment_failure_for_an_invoice_already_paid_does_not_freeze(engine: _
     hooks = handlers_for(engine, tmp_path)
     # Stripe does not promise order: the paid event arrives before the failure it resolves.
     run(hooks.handle_event(build_event("invoice.paid", invoice_object("cus_order", invoice_id="in_1"))))
-    outcome = run(hooks.handle_event(build_event("invoice.payment_failed",
-                                                 invoice_object("cus_order", status="open", invoice_id="in_1"))))
+    outcome = run(
+        hooks.handle_event(
+            build_event("invoice.payment_failed", invoice_object("cus_order", status="open", invoice_id="in_1"))
+        )
+    )
     assert "already paid" in outcome.action
     assert not engine.balance("cus_order").frozen
 
@@ -64,8 +72,11 @@ def test_a_budget_frozen_by_two_failed_invoices_needs_both_paid(engine: _core.En
     budget(engine, "cus_two")
     hooks = handlers_for(engine, tmp_path)
     for invoice in ("in_1", "in_2"):
-        run(hooks.handle_event(build_event("invoice.payment_failed",
-                                           invoice_object("cus_two", status="open", invoice_id=invoice))))
+        run(
+            hooks.handle_event(
+                build_event("invoice.payment_failed", invoice_object("cus_two", status="open", invoice_id=invoice))
+            )
+        )
     outcome = run(hooks.handle_event(build_event("invoice.paid", invoice_object("cus_two", invoice_id="in_1"))))
     assert "stays frozen (in_2 unpaid)" in outcome.action and engine.balance("cus_two").frozen
     run(hooks.handle_event(build_event("invoice.paid", invoice_object("cus_two", invoice_id="in_2"))))
@@ -76,8 +87,11 @@ def test_several_budgets_for_one_customer(engine: _core.Engine, tmp_path: Path) 
     budget(engine, "proj-a", "cus_many")
     budget(engine, "proj-b", "cus_many")
     hooks = handlers_for(engine, tmp_path)
-    outcome = run(hooks.handle_event(build_event("customer.subscription.updated",
-                                                 subscription_object("cus_many", price_id="price_basic"))))
+    outcome = run(
+        hooks.handle_event(
+            build_event("customer.subscription.updated", subscription_object("cus_many", price_id="price_basic"))
+        )
+    )
     assert "several budgets bill cus_many" in outcome.action
     assert {engine.balance(b).limit for b in ("proj-a", "proj-b")} == {100}
     assert hooks.stats.counts["customer_ambiguous"] == 1
@@ -86,8 +100,9 @@ def test_several_budgets_for_one_customer(engine: _core.Engine, tmp_path: Path) 
     assert engine.balance("proj-a").frozen and engine.balance("proj-b").frozen
 
 
-def test_the_engine_unavailable_is_a_retry_and_the_event_is_not_remembered(engine: _core.Engine,
-                                                                           tmp_path: Path) -> None:
+def test_the_engine_unavailable_is_a_retry_and_the_event_is_not_remembered(
+    engine: _core.Engine, tmp_path: Path
+) -> None:
     budget(engine, "cus_down")
     hooks = handlers_for(engine, tmp_path)
     event = build_event("customer.subscription.deleted", customer="cus_down")
@@ -105,8 +120,10 @@ class _ClosedEngine:
 
     def __getattr__(self, name: str) -> Any:
         if name in ("set_budget", "set_frozen", "update_budget", "freeze"):
+
             def unavailable(*args: Any) -> Any:
                 raise _core.EngineError("unavailable", "the sidecar is shutting down")
+
             return unavailable
         return getattr(self._engine, name)
 
@@ -120,10 +137,13 @@ def test_the_meter_error_report_links_samples_to_dead_letters(engine: _core.Engi
 
     with FakeStripe(same_host=True) as fake:
         client = fake.client()
-        for identifier, payload in ((entry["identifier"], {"stripe_customer_id": "cus_1", "value": "10"}),
-                                    ("other-1", {"value": "3"})):
-            client.v1.billing.meter_events.create({"event_name": "spendgate_usage", "identifier": identifier,
-                                                   "payload": payload})
+        for identifier, payload in (
+            (entry["identifier"], {"stripe_customer_id": "cus_1", "value": "10"}),
+            ("other-1", {"value": "3"}),
+        ):
+            client.v1.billing.meter_events.create(
+                {"event_name": "spendgate_usage", "identifier": identifier, "payload": payload}
+            )
         thin = fake.error_report_event()
 
         def fetch(event_id: str) -> Mapping[str, Any]:
@@ -197,22 +217,32 @@ def test_webhooks_never_undo_an_operators_freeze(engine: _core.Engine, tmp_path:
     budget(engine, "cus_ops")
     engine.wait_durable(engine.set_frozen("cus_ops", True).ticket)  # Admin.FreezeBudget
     hooks = handlers_for(engine, tmp_path)
-    run(hooks.handle_event(build_event("invoice.payment_failed",
-                                       invoice_object("cus_ops", status="open", invoice_id="in_1"))))
+    run(
+        hooks.handle_event(
+            build_event("invoice.payment_failed", invoice_object("cus_ops", status="open", invoice_id="in_1"))
+        )
+    )
     run(hooks.handle_event(build_event("invoice.paid", invoice_object("cus_ops", invoice_id="in_1"))))
     assert engine.balance("cus_ops").frozen
     run(hooks.handle_event(build_event("customer.subscription.deleted", customer="cus_ops")))
-    run(hooks.handle_event(build_event("customer.subscription.created",
-                                       subscription_object("cus_ops", price_id="price_basic"))))
+    run(
+        hooks.handle_event(
+            build_event("customer.subscription.created", subscription_object("cus_ops", price_id="price_basic"))
+        )
+    )
     assert engine.balance("cus_ops").frozen
 
 
-def test_a_budget_named_like_the_customer_but_billing_another_is_left_alone(engine: _core.Engine,
-                                                                            tmp_path: Path) -> None:
+def test_a_budget_named_like_the_customer_but_billing_another_is_left_alone(
+    engine: _core.Engine, tmp_path: Path
+) -> None:
     budget(engine, "cus_named", "cus_elsewhere")
     hooks = handlers_for(engine, tmp_path)
-    outcome = run(hooks.handle_event(build_event("customer.subscription.created",
-                                                 subscription_object("cus_named", price_id="price_basic"))))
+    outcome = run(
+        hooks.handle_event(
+            build_event("customer.subscription.created", subscription_object("cus_named", price_id="price_basic"))
+        )
+    )
     assert "bills another Stripe customer" in outcome.action
     view = engine.balance("cus_named")
     assert (view.limit, view.stripe_customer_id) == (100, "cus_elsewhere")
@@ -234,8 +264,9 @@ def spend(engine: _core.Engine, customer: str, amount: int) -> None:
     engine.wait_durable(engine.commit(reserved.reservation_id, amount).ticket)
 
 
-def test_a_subscription_from_before_basil_has_its_period_on_the_subscription(engine: _core.Engine,
-                                                                            tmp_path: Path) -> None:
+def test_a_subscription_from_before_basil_has_its_period_on_the_subscription(
+    engine: _core.Engine, tmp_path: Path
+) -> None:
     now = int(time.time())
     sub = subscription_object("cus_old_api", price_id="price_basic")
     for item in sub["items"]["data"]:  # API versions before 2025-03-31.basil: the period is the subscription's
@@ -244,12 +275,16 @@ def test_a_subscription_from_before_basil_has_its_period_on_the_subscription(eng
     outcome = run(handlers_for(engine, tmp_path).handle_event(build_event("customer.subscription.created", sub)))
     assert "aligned with period" in outcome.action
     assert period_of(engine, "cus_old_api") == ((now - 5) * 1000, (now - 5 + 7 * DAY_S) * 1000)
-    assert engine.balance("cus_old_api").period == {"kind": "fixed", "anchor_ms": (now - 5) * 1000,
-                                                    "length_ms": 7 * DAY_S * 1000}
+    assert engine.balance("cus_old_api").period == {
+        "kind": "fixed",
+        "anchor_ms": (now - 5) * 1000,
+        "length_ms": 7 * DAY_S * 1000,
+    }
 
 
-def test_a_period_that_began_before_the_budgets_keeps_the_spend_and_takes_the_end(engine: _core.Engine,
-                                                                                tmp_path: Path) -> None:
+def test_a_period_that_began_before_the_budgets_keeps_the_spend_and_takes_the_end(
+    engine: _core.Engine, tmp_path: Path
+) -> None:
     budget(engine, "cus_month", limit=10_000)  # the calendar month, begun at its first day
     spend(engine, "cus_month", 70)
     month_start, _ = period_of(engine, "cus_month")
@@ -260,24 +295,38 @@ def test_a_period_that_began_before_the_budgets_keeps_the_spend_and_takes_the_en
     assert engine.balance("cus_month").spent == 70
 
 
-def test_invoice_paid_rolls_over_by_the_subscription_line_not_by_the_invoices_own_period(engine: _core.Engine,
-                                                                                       tmp_path: Path) -> None:
+def test_invoice_paid_rolls_over_by_the_subscription_line_not_by_the_invoices_own_period(
+    engine: _core.Engine, tmp_path: Path
+) -> None:
     now = int(time.time())
     hooks = handlers_for(engine, tmp_path)
-    run(hooks.handle_event(build_event("customer.subscription.created", subscription_object(
-        "cus_lines", subscription_id="sub_l", price_id="price_basic", period_start=now - 20 * DAY_S,
-        period_end=now + 10 * DAY_S))))
+    run(
+        hooks.handle_event(
+            build_event(
+                "customer.subscription.created",
+                subscription_object(
+                    "cus_lines",
+                    subscription_id="sub_l",
+                    price_id="price_basic",
+                    period_start=now - 20 * DAY_S,
+                    period_end=now + 10 * DAY_S,
+                ),
+            )
+        )
+    )
     spend(engine, "cus_lines", 40)
     aligned = period_of(engine, "cus_lines")
 
     # Not a subscription invoice, and one whose invoice-level period is later but whose subscription line is not.
     one_off = invoice_object("cus_lines", period_start=now - 60, period_end=now + DAY_S)
-    ahead = invoice_object("cus_lines", subscription_id="sub_l", period_start=now - 20 * DAY_S,
-                           period_end=now + 10 * DAY_S)
+    ahead = invoice_object(
+        "cus_lines", subscription_id="sub_l", period_start=now - 20 * DAY_S, period_end=now + 10 * DAY_S
+    )
     ahead.update(period_start=now - 60, period_end=now + 30 * DAY_S)
     # A metered price's line is billed in arrears: the period that just ended.
-    arrears = invoice_object("cus_lines", subscription_id="sub_l", period_start=now - 50 * DAY_S,
-                             period_end=now - 20 * DAY_S)
+    arrears = invoice_object(
+        "cus_lines", subscription_id="sub_l", period_start=now - 50 * DAY_S, period_end=now - 20 * DAY_S
+    )
     for invoice in (one_off, ahead, arrears):
         outcome = run(hooks.handle_event(build_event("invoice.paid", invoice)))
         assert "rolled" not in outcome.action, outcome.action
@@ -293,13 +342,28 @@ def test_invoice_paid_rolls_over_by_the_subscription_line_not_by_the_invoices_ow
 
 
 def test_a_period_that_has_ended_or_that_the_engine_cannot_take_leaves_the_period_and_sets_the_limit(
-        engine: _core.Engine, tmp_path: Path) -> None:
+    engine: _core.Engine, tmp_path: Path
+) -> None:
     now = int(time.time())
     hooks = handlers_for(engine, tmp_path)
-    run(hooks.handle_event(build_event("customer.subscription.created", subscription_object(
-        "cus_ended", price_id="price_basic", period_start=now - 40 * DAY_S, period_end=now - 10 * DAY_S))))
-    run(hooks.handle_event(build_event("customer.subscription.created", subscription_object(
-        "cus_zero", price_id="price_basic", period_start=now, period_end=now))))
+    run(
+        hooks.handle_event(
+            build_event(
+                "customer.subscription.created",
+                subscription_object(
+                    "cus_ended", price_id="price_basic", period_start=now - 40 * DAY_S, period_end=now - 10 * DAY_S
+                ),
+            )
+        )
+    )
+    run(
+        hooks.handle_event(
+            build_event(
+                "customer.subscription.created",
+                subscription_object("cus_zero", price_id="price_basic", period_start=now, period_end=now),
+            )
+        )
+    )
     for customer in ("cus_ended", "cus_zero"):
         view = engine.balance(customer)
         assert (view.limit, view.period["kind"]) == (1_000, "monthly"), customer  # created on the default period

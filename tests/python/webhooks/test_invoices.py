@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pytest
+
 from spendgate.testing import Sidecar
 from spendgate.testing.fake_stripe import DEFAULT_API_KEY, FakeStripe, WebhookDelivery
 from spendgate.v1 import spendgate_pb2 as pb
 from spendgate.webhooks.invoices import compare
-
 from tests.python.server._alerting import WEBHOOK_SECRET, Alerting, AlertReceiver, Watch
 from tests.python.settle._support import spendgate_cli
 from tests.python.webhooks.test_webhooks import SECRET, sidecar_env, webhook_url
@@ -36,15 +36,18 @@ def invoice(total: int, currency: str = "usd") -> dict[str, Any]:
     return {"id": "in_prev", "total": total, "currency": currency, "status": "paid"}
 
 
-@pytest.mark.parametrize(("draft", "previous", "spike", "increase"), [
-    (3_001, invoice(2_000), True, 50),  # 50.05 %: more than 50
-    (3_000, invoice(2_000), False, 50),  # exactly 50 %: not more
-    (1_000, invoice(2_000), False, -50),
-    (1, invoice(0), True, None),  # any draft above a previous 0
-    (0, invoice(0), False, None),
-    (9_999, invoice(1_000, "eur"), False, None),  # another currency: not comparable
-    (9_999, None, False, None),  # a first invoice
-])
+@pytest.mark.parametrize(
+    ("draft", "previous", "spike", "increase"),
+    [
+        (3_001, invoice(2_000), True, 50),  # 50.05 %: more than 50
+        (3_000, invoice(2_000), False, 50),  # exactly 50 %: not more
+        (1_000, invoice(2_000), False, -50),
+        (1, invoice(0), True, None),  # any draft above a previous 0
+        (0, invoice(0), False, None),
+        (9_999, invoice(1_000, "eur"), False, None),  # another currency: not comparable
+        (9_999, None, False, None),  # a first invoice
+    ],
+)
 def test_compare(draft: int, previous: dict[str, Any] | None, spike: bool, increase: int | None) -> None:
     verdict = compare(draft, "usd", previous, 50)
     assert (verdict.spike, verdict.increase_percent) == (spike, increase), verdict
@@ -98,8 +101,10 @@ class Guarded:
 
 def wait_for_markers(watch: Watch, markers: int) -> list[pb.Alert]:
     """The watch's alerts once it has the `markers`-th marker alert (every alert raised before it is in)."""
+
     def marked(alerts: list[pb.Alert]) -> bool:
         return sum(a.customer_id == MARKER for a in alerts) >= markers
+
     seen: list[pb.Alert] = []
     deadline = time.monotonic() + 30  # a guard against a hang, not a timing assertion
     while not marked(seen):
@@ -117,8 +122,9 @@ def guarded(sidecar_factory: SidecarFactory) -> Iterator[Callable[..., Guarded]]
     def start(*flags: str, name: str = "guard") -> Guarded:
         fake = FakeStripe(same_host=True)
         receiver = AlertReceiver().__enter__()
-        env = sidecar_env(STRIPE_API_KEY=DEFAULT_API_KEY, STRIPE_API_BASE=fake.url,
-                          SPENDGATE_ALERT_WEBHOOK_SECRET=WEBHOOK_SECRET)
+        env = sidecar_env(
+            STRIPE_API_KEY=DEFAULT_API_KEY, STRIPE_API_BASE=fake.url, SPENDGATE_ALERT_WEBHOOK_SECRET=WEBHOOK_SECRET
+        )
         args = ["--webhook-listen", "127.0.0.1:0", "--alert-webhook-url", receiver.url, *flags]
         sidecar = sidecar_factory(name, extra_args=args, env=env, http=True)
         conn = Alerting(sidecar.target)
@@ -144,8 +150,9 @@ def test_a_spike_raises_one_alert_on_watch_webhook_and_page_and_stripe_finalizes
     guarded: Callable[..., Guarded],
 ) -> None:
     g = guarded()
-    g.conn.admin.SetBudget(pb.SetBudgetRequest(customer_id="acct-spike", limit=1_000_000,
-                                               stripe_customer_id="cus_spike"), timeout=30)
+    g.conn.admin.SetBudget(
+        pb.SetBudgetRequest(customer_id="acct-spike", limit=1_000_000, stripe_customer_id="cus_spike"), timeout=30
+    )
     history(g.fake, "cus_spike", 1_000, 2_000)
     history(g.fake, "cus_calm", 2_000)
     spike = g.fake.create_draft_invoice("cus_spike", 3_100)["id"]
@@ -162,11 +169,20 @@ def test_a_spike_raises_one_alert_on_watch_webhook_and_page_and_stripe_finalizes
     assert len(spikes) == 1, spikes
     alert = spikes[0]
     assert alert.customer_id == "acct-spike"  # the budget billed to the Stripe customer
-    assert dict(alert.values) == {"draft_total": 3_100, "previous_total": 2_000, "increase_percent": 55,
-                                  "spike_percent": 50, "held": 0}
+    assert dict(alert.values) == {
+        "draft_total": 3_100,
+        "previous_total": 2_000,
+        "increase_percent": 55,
+        "spike_percent": 50,
+        "held": 0,
+    }
     assert spike in alert.message and "cus_spike" in alert.message
-    delivered = [r.alert for r in g.receiver.wait_for_received(
-        lambda got: any(r.alert["kind"] == "invoice_spike" for r in got), "the invoice_spike alert webhook")]
+    delivered = [
+        r.alert
+        for r in g.receiver.wait_for_received(
+            lambda got: any(r.alert["kind"] == "invoice_spike" for r in got), "the invoice_spike alert webhook"
+        )
+    ]
     assert [a["values"]["draft_total"] for a in delivered if a["kind"] == "invoice_spike"] == [3_100]
     page = g.page()
     assert spike in page and "alert only" in page and calm not in page
@@ -232,7 +248,8 @@ def test_a_first_invoice_is_never_a_spike_and_a_zero_previous_makes_any_bill_one
 
     spikes = g.spikes()
     assert [(a.customer_id, dict(a.values)) for a in spikes] == [
-        ("cus_free", {"draft_total": 500, "previous_total": 0, "spike_percent": 50, "held": 1})]
+        ("cus_free", {"draft_total": 500, "previous_total": 0, "spike_percent": 50, "held": 1})
+    ]
     assert "above the 0 of" in spikes[0].message
     assert g.fake.invoice(free)["auto_advance"] is False
     for other in (first, nil, void):

@@ -10,13 +10,14 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from spendgate.client import Client
+from spendgate.store_reader import StoreReader
 from spendgate.testing import Sidecar
 from spendgate.testing.fake_stripe import (
     DEFAULT_API_KEY,
@@ -27,9 +28,7 @@ from spendgate.testing.fake_stripe import (
     sign_payload,
     subscription_object,
 )
-from spendgate.store_reader import StoreReader
 from spendgate.v1 import spendgate_pb2 as pb
-
 from tests.python.settle._support import spendgate_cli
 
 if TYPE_CHECKING:
@@ -50,8 +49,14 @@ class WebhookSidecar:
     client: Client
     fake: FakeStripe
 
-    def send(self, event_type: str, data_object: dict[str, Any] | None = None, *, customer: str = "cus_fake",
-             secret: str = SECRET) -> WebhookDelivery:
+    def send(
+        self,
+        event_type: str,
+        data_object: dict[str, Any] | None = None,
+        *,
+        customer: str = "cus_fake",
+        secret: str = SECRET,
+    ) -> WebhookDelivery:
         return self.fake.send_webhook(self.url, event_type, data_object, secret, customer=customer)
 
     def replay(self, delivery: WebhookDelivery) -> WebhookDelivery:
@@ -132,8 +137,11 @@ def test_a_bad_or_missing_signature_is_400_and_changes_nothing(start: Callable[.
     payload = json.dumps(deleted)
 
     wrong_secret = hooks.fake.send_event(hooks.url, deleted, "whsec_not_ours")
-    tampered = post(hooks.url, payload.replace("cus_sig", "cus_other").encode(),
-                    {"Stripe-Signature": sign_payload(payload, SECRET), "Content-Type": "application/json"})
+    tampered = post(
+        hooks.url,
+        payload.replace("cus_sig", "cus_other").encode(),
+        {"Stripe-Signature": sign_payload(payload, SECRET), "Content-Type": "application/json"},
+    )
     missing = post(hooks.url, payload.encode(), {"Content-Type": "application/json"})
     too_old = hooks.fake.send_event(hooks.url, created, SECRET, timestamp=int(time.time()) - 3600)
     not_json = post(hooks.url, b"hello", {"Stripe-Signature": sign_payload("hello", SECRET)})
@@ -184,8 +192,10 @@ def test_a_subscription_sets_the_plan_limit_creating_the_budget_if_needed(start:
 def test_a_subscription_finds_the_budget_billed_to_that_customer(start: Callable[..., WebhookSidecar]) -> None:
     hooks = start()
     hooks.client.set_budget("acct-7", 10, stripe_customer_id="cus_billed")
-    assert hooks.send("customer.subscription.created",
-                      subscription_object("cus_billed", price_id="price_basic")).status == 200
+    assert (
+        hooks.send("customer.subscription.created", subscription_object("cus_billed", price_id="price_basic")).status
+        == 200
+    )
     assert hooks.balance("acct-7").limit == 1_000
     with pytest.raises(Exception, match="NOT_FOUND|not found"):
         hooks.balance("cus_billed")  # no second budget for the same Stripe customer
@@ -248,8 +258,9 @@ def test_payment_failed_freezes_and_paid_unfreezes_and_replays_change_nothing(
 def test_an_invoice_paid_does_not_unfreeze_a_deleted_subscription(start: Callable[..., WebhookSidecar]) -> None:
     hooks = start("--webhook-payment-failed-action", "freeze")
     hooks.client.set_budget("cus_gone", 1_000)
-    assert hooks.send("invoice.payment_failed",
-                      invoice_object("cus_gone", status="open", invoice_id="in_g")).status == 200
+    assert (
+        hooks.send("invoice.payment_failed", invoice_object("cus_gone", status="open", invoice_id="in_g")).status == 200
+    )
     assert hooks.send("customer.subscription.deleted", customer="cus_gone").status == 200
     assert hooks.send("invoice.paid", invoice_object("cus_gone", invoice_id="in_g")).status == 200
     assert hooks.balance("cus_gone").frozen
@@ -275,9 +286,16 @@ def test_subscription_periods_become_budget_periods_renewals_roll_them_and_old_e
     hooks = start()
     now = int(time.time())
     first = (now - 10 * DAY_S, now + 20 * DAY_S)
-    created = hooks.send("customer.subscription.created", subscription_object(
-        "cus_period", subscription_id="sub_period", price_id="price_basic", period_start=first[0],
-        period_end=first[1]))
+    created = hooks.send(
+        "customer.subscription.created",
+        subscription_object(
+            "cus_period",
+            subscription_id="sub_period",
+            price_id="price_basic",
+            period_start=first[0],
+            period_end=first[1],
+        ),
+    )
     assert created.status == 200, created.body
     record = stored_budget(hooks, "cus_period")
     assert record["period"] == {"kind": "fixed", "anchor_ms": first[0] * 1000, "length_ms": 30 * DAY_S * 1000}
@@ -286,8 +304,12 @@ def test_subscription_periods_become_budget_periods_renewals_roll_them_and_old_e
 
     # The new period's invoice is paid: its subscription line (billed in advance) is the new period; spend starts at 0.
     second = (now - 60, now - 60 + 30 * DAY_S)
-    paid = hooks.send("invoice.paid", invoice_object("cus_period", subscription_id="sub_period", amount_due=900,
-                                                      period_start=second[0], period_end=second[1]))
+    paid = hooks.send(
+        "invoice.paid",
+        invoice_object(
+            "cus_period", subscription_id="sub_period", amount_due=900, period_start=second[0], period_end=second[1]
+        ),
+    )
     assert paid.status == 200 and b"rolled over to period" in paid.body, paid.body
     record = stored_budget(hooks, "cus_period")
     assert (record["period_start_ms"], record["period_end_ms"]) == (second[0] * 1000, second[1] * 1000)
@@ -298,20 +320,34 @@ def test_subscription_periods_become_budget_periods_renewals_roll_them_and_old_e
     # invoice, and an older subscription.updated (the first period) delivered last.
     assert b"already processed" in hooks.replay(paid).body
     for period in (second, first):
-        delivery = hooks.send("customer.subscription.updated", subscription_object(
-            "cus_period", subscription_id="sub_period", price_id="price_basic", period_start=period[0],
-            period_end=period[1]))
+        delivery = hooks.send(
+            "customer.subscription.updated",
+            subscription_object(
+                "cus_period",
+                subscription_id="sub_period",
+                price_id="price_basic",
+                period_start=period[0],
+                period_end=period[1],
+            ),
+        )
         assert delivery.status == 200, delivery.body
-    stale_invoice = hooks.send("invoice.paid", invoice_object("cus_period", subscription_id="sub_period",
-                                                              period_start=first[0], period_end=first[1]))
+    stale_invoice = hooks.send(
+        "invoice.paid",
+        invoice_object("cus_period", subscription_id="sub_period", period_start=first[0], period_end=first[1]),
+    )
     assert stale_invoice.status == 200 and b"rolled" not in stale_invoice.body
     record = stored_budget(hooks, "cus_period")
     assert (record["period_start_ms"], record["period_end_ms"]) == (second[0] * 1000, second[1] * 1000)
     assert hooks.balance("cus_period").spent == 50
     assert "budget cus_period stays on its period" in hooks.log()
 
-    assert hooks.send("customer.subscription.deleted", subscription_object(
-        "cus_period", status="canceled", subscription_id="sub_period")).status == 200
+    assert (
+        hooks.send(
+            "customer.subscription.deleted",
+            subscription_object("cus_period", status="canceled", subscription_id="sub_period"),
+        ).status
+        == 200
+    )
     record = stored_budget(hooks, "cus_period")
     assert record["frozen"] and record["frozen_reason"] == "Stripe: subscription sub_period deleted"
     assert hooks.reserve_denied_frozen("cus_period")
@@ -326,8 +362,9 @@ def test_other_event_types_are_acknowledged_and_ignored(start: Callable[..., Web
     assert delivery.status == 200 and b"ignored" in delivery.body
 
 
-def test_a_meter_error_report_is_logged_with_its_samples(start: Callable[..., WebhookSidecar],
-                                                         fake: FakeStripe) -> None:
+def test_a_meter_error_report_is_logged_with_its_samples(
+    start: Callable[..., WebhookSidecar], fake: FakeStripe
+) -> None:
     env = sidecar_env(STRIPE_API_KEY=DEFAULT_API_KEY, STRIPE_API_BASE=fake.url)
     hooks = start(env=env)
     fake.client().v1.billing.meter_events.create({
@@ -344,8 +381,9 @@ def test_a_meter_error_report_is_logged_with_its_samples(start: Callable[..., We
     assert fake.send_event(hooks.url, thin, OTHER_SECRET).body.find(b"already processed") > 0
 
 
-def test_a_meter_error_report_without_a_stripe_key_is_still_logged(start: Callable[..., WebhookSidecar],
-                                                                   fake: FakeStripe) -> None:
+def test_a_meter_error_report_without_a_stripe_key_is_still_logged(
+    start: Callable[..., WebhookSidecar], fake: FakeStripe
+) -> None:
     hooks = start()
     fake.client().v1.billing.meter_events.create({
         "event_name": "spendgate_usage", "identifier": "x-1", "payload": {"value": "5"},
@@ -372,7 +410,8 @@ def test_webhooks_are_off_by_default(sidecar_factory: SidecarFactory) -> None:
 
 
 def test_the_webhook_state_is_in_every_backup_so_a_paid_invoice_unfreezes_after_a_restore(
-    start: Callable[..., WebhookSidecar], tmp_path: Path,
+    start: Callable[..., WebhookSidecar],
+    tmp_path: Path,
 ) -> None:
     hooks = start("--webhook-payment-failed-action", "freeze")
     hooks.client.set_budget("cus_dr", 1_000)
@@ -383,8 +422,9 @@ def test_the_webhook_state_is_in_every_backup_so_a_paid_invoice_unfreezes_after_
     assert backed_up.returncode == 0, backed_up.stderr
     assert not (hooks.sidecar.data_dir / "webhook-state.json").exists(), "the state lives in LMDB"
     hooks.sidecar.stop()
-    restored = spendgate_cli("restore", str(backup_dir), "--data-dir", str(hooks.sidecar.data_dir), "--force",
-                             env=sidecar_env())
+    restored = spendgate_cli(
+        "restore", str(backup_dir), "--data-dir", str(hooks.sidecar.data_dir), "--force", env=sidecar_env()
+    )
     assert restored.returncode == 0, restored.stderr
     hooks.sidecar.start()
     hooks.url = webhook_url(hooks.sidecar)
