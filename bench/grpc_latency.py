@@ -359,7 +359,7 @@ def run_scenario(
     window_s = elapsed_ns / 1e9 if scenario.mode == "race" else scenario.duration_s
 
     def cpu_pct(key: str) -> float | None:
-        pairs = [(a, b) for a, b in zip(cpu0[key], cpu1[key]) if a is not None and b is not None]
+        pairs = [(a, b) for a, b in zip(cpu0[key], cpu1[key], strict=True) if a is not None and b is not None]
         if not pairs or scenario.mode == "race":
             return None
         return round(100.0 * sum(b - a for a, b in pairs) / scenario.duration_s, 1)

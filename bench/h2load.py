@@ -67,7 +67,7 @@ def parse_summary(text: str) -> dict[str, Any]:
     m = _REQUESTS.search(text)
     if m:
         keys = ("total", "started", "done", "succeeded", "failed", "errored", "timeout")
-        out.update({f"requests_{k}": int(v) for k, v in zip(keys, m.groups())})
+        out.update({f"requests_{k}": int(v) for k, v in zip(keys, m.groups(), strict=True)})
     return out
 
 

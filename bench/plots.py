@@ -36,7 +36,7 @@ def latency_cdf(result: dict[str, Any], path: Path) -> None:
     concurrencies = sorted({r["concurrency"] for r in grpc_rows})
     shown = [c for c in (1, 64) if c in concurrencies] or concurrencies[:2]
     fig, axes = plt.subplots(1, len(shown), figsize=(6.2 * len(shown), 5.2), squeeze=False)
-    for ax, conc in zip(axes[0], shown):
+    for ax, conc in zip(axes[0], shown, strict=True):
         by = {r["kind"]: r for r in grpc_rows if r["concurrency"] == conc}
         if "ping" in by:
             _cdf(ax, by["ping"]["samples_us"], "Ping (empty RPC, the floor)", COLORS["ping"], ":")
@@ -76,17 +76,17 @@ def throughput_vs_concurrency(result: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12.4, 4.6), sharey=False)
     panels = (("reserve", "Reserve (ops/s)"), ("reserve_commit", "Reserve+Commit (pairs of RPCs per second)"))
     grpc_rows = result.get("grpc", [])
-    for ax, (kind, title) in zip(axes, panels):
+    for ax, (kind, title) in zip(axes, panels, strict=True):
         ping = sorted((r["concurrency"], r["ops_per_s"]) for r in grpc_rows if r["kind"] == "ping")
         if ping:
-            ax.plot(*zip(*ping), ":o", color=COLORS["ping"], label="Ping (empty RPC), same server")
+            ax.plot(*zip(*ping, strict=True), ":o", color=COLORS["ping"], label="Ping (empty RPC), same server")
         ours = sorted((r["concurrency"], r["ops_per_s"]) for r in grpc_rows if r["kind"] == kind)
         if ours:
-            ax.plot(*zip(*ours), "-o", color=COLORS["spendgate"], label="spendgate", linewidth=2)
+            ax.plot(*zip(*ours, strict=True), "-o", color=COLORS["spendgate"], label="spendgate", linewidth=2)
         for name, base in result.get("baselines", {}).items():
             pts = sorted((r["concurrency"], r["ops_per_s"]) for r in base.get("grpc", []) if r["kind"] == kind)
             if pts:
-                ax.plot(*zip(*pts), "-o", color=COLORS[name], label=NAMES[name])
+                ax.plot(*zip(*pts, strict=True), "-o", color=COLORS[name], label=NAMES[name])
         h2 = [r for r in result.get("h2load", []) if r.get("kind") in ("ping", kind) and not r.get("relaxed")]
         for r in h2:
             color = COLORS["ping"] if r["kind"] == "ping" else COLORS["spendgate"]

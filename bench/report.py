@@ -116,7 +116,8 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             out.append(
                 {
                     "target": f"≥ {TARGET_VS_POSTGRES:g}× the Postgres baseline's throughput, zero overspend",
-                    "measured": f"Reserve+Commit at c={c64}: {rc['ops_per_s']:,.0f} vs {pg_rc['ops_per_s']:,.0f} pairs/s "
+                    "measured": f"Reserve+Commit at c={c64}: {rc['ops_per_s']:,.0f} vs "
+                    f"{pg_rc['ops_per_s']:,.0f} pairs/s "
                     f"= {ratio:.2f}×; overspend {race['overspend_units'] if race else '?'} units",
                     "met": ratio >= TARGET_VS_POSTGRES and zero,
                     "how_far": _over("", ratio, TARGET_VS_POSTGRES, lower_is_better=False)
@@ -181,7 +182,8 @@ def render(result: dict[str, Any], plots: list[str] | None = None) -> str:
         "these CPUs",
         f"- disk: 4 KiB write + fsync p50 {_num(fsync.get('p50_us'), 0)} µs, p99 {_num(fsync.get('p99_us'), 0)} µs "
         "(in the temp dir the data dirs use)",
-        f"- run: {result.get('elapsed_s', '?')} s; gRPC rows: warm-up {p['warmup_s']} s + {p['duration_s']} s recorded, "
+        f"- run: {result.get('elapsed_s', '?')} s; gRPC rows: warm-up {p['warmup_s']} s + {p['duration_s']} s "
+        "recorded, "
         f"{p['procs']} load-generator process(es) (one HTTP/2 connection each); sidecar `spendgate serve "
         f"{result.get('server', {}).get('args', '')}` (durability fsync)",
         "",
@@ -359,7 +361,8 @@ def _grpc_sections(result: dict[str, Any]) -> list[str]:
         "the event loop, grpc's threads, the LMDB writer, and the kernel work they cause) / the load "
         f"generator / the rest of the machine (near 0 when quiet, give or take 20: per-process and whole-machine "
         f"CPU accounting differ; shown as 0 when below; ⚠ above "
-        f"{DISTURBED_PCT:.0f}%: another job shared the CPUs). srv CPU µs/op = the server's CPU time per op (per pair for Reserve+Commit).",
+        f"{DISTURBED_PCT:.0f}%: another job shared the CPUs). srv CPU µs/op = the server's CPU time per op (per pair "
+        "for Reserve+Commit).",
         "",
     ]
     ratio_rows = result.get("ratios", [])

@@ -68,7 +68,7 @@ async def _fill_and_drain(url: str, transport: str, concurrency: int, events: in
     with tempfile.TemporaryDirectory(prefix="spendgate-bench-settle-") as data_dir:
         engine = _core.Engine(data_dir, durability="relaxed", max_holds_per_budget=events + 1)
         budgets = [f"bench-{i}" for i in range(len(CUSTOMERS))]
-        for budget, customer in zip(budgets, CUSTOMERS):
+        for budget, customer in zip(budgets, CUSTOMERS, strict=True):
             engine.set_budget(budget, 1 << 50, customer)
         ticket = 0
         for i in range(events):
@@ -121,7 +121,7 @@ def render(rows: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
-# -- keeping up: the sidecar committing at its top rate while it settles ------------------------------------------------
+# -- keeping up: the sidecar committing at its top rate while it settles -----------------------------------------------
 
 # Reserve+Commit in flight at once (the concurrency at which bench section 1 finds the sidecar's top commit rate).
 KEEP_UP_CONCURRENCY: Final[int] = 64
@@ -398,7 +398,8 @@ def render_backlog(result: dict[str, Any] | None) -> list[str]:
         f"{result['commits']:,} commits in {result['fill_s']} s ({result['commits_per_s']:,.0f}/s, the top "
         f"Reserve+Commit rate of this run, settlement off) over {result['customers']} customers, then drained "
         "from a copy of that data dir by `spendgate serve` with a key, once per mode (time from the "
-        "first accepted event until GetSettlementStatus shows an empty outbox; a fresh fake Stripe each time). The outbox stays "
+        "first accepted event until GetSettlementStatus shows an empty outbox; a fresh fake Stripe each time). The "
+        "outbox stays "
         "bounded at the top commit rate only where the drain is faster than that rate.",
         "",
         "| mode | drained | seconds | entries/s | vs the commit rate | sidecar CPU s |",
@@ -442,7 +443,8 @@ def render_keeping_up(rows: list[dict[str, Any]]) -> list[str]:
         "depth sampled every second (GetSettlementStatus); lag = settled_ms - ts_ms of every ledger entry, by the "
         "second it was committed in.",
         "",
-        "| mode | commits/s | outbox peak | at load end | drained after | lag p50 | lag p99 | sidecar CPU | other CPU |",
+        "| mode | commits/s | outbox peak | at load end | drained after | lag p50 | lag p99 | sidecar CPU | other CPU "
+        "|",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:

@@ -158,15 +158,18 @@ def report(sizes: dict[str, float], latency: dict[str, float]) -> str:
     lines = [
         "## Storage: bytes per pair, and a customer bloating its labels (`python -m bench.storage`)",
         "",
-        f"Machine: {m.get('cpu_model')}, {m.get('nproc')} CPUs; commit {m.get('git_commit')}; {time.strftime('%Y-%m-%d')}.",
+        f"Machine: {m.get('cpu_model')}, {m.get('nproc')} CPUs; commit {m.get('git_commit')}; "
+        f"{time.strftime('%Y-%m-%d')}.",
         "",
         f"Bytes of LMDB pages holding data per Reserve+Commit pair ({PAIRS:,} pairs, one label, in process):",
         "",
         "| stage | bytes per pair |",
         "| --- | --- |",
-        f"| committed, not yet settled (hold kept for retries, ledger entry, outbox entry) | {sizes['before_settlement']:.0f} |",
+        "| committed, not yet settled (hold kept for retries, ledger entry, outbox entry) | "
+        f"{sizes['before_settlement']:.0f} |",
         f"| settled (outbox acknowledged, entry marked settled) | {sizes['after_settlement']:.0f} |",
-        f"| after retention (resolved holds pruned, entries of the closed period archived) | {sizes['after_retention']:.0f} |",
+        "| after retention (resolved holds pruned, entries of the closed period archived) | "
+        f"{sizes['after_retention']:.0f} |",
         f"| the archive file (gzip, outside LMDB) | {sizes['archive']:.0f} |",
         "",
         "With the defaults a pair keeps at most its settled bytes until retention ends (its hold goes after",

@@ -119,7 +119,8 @@ class BalanceView:
     breaker_multiplier: int | None
     """None: the server's breaker_multiplier."""
     credits: int
-    """Granted credits in `limit` this period (granted or carried in); min(credits, max(0, limit - spent)) are unused."""
+    """Granted credits in `limit` this period (granted or carried in); min(credits, max(0, limit - spent)) are
+    unused."""
     stop_at: int
     """The customer's own stop-at (0: none): Reserve admits at most up to it, in either mode; it never raises
     enforcement past `limit`."""
@@ -360,8 +361,8 @@ class Engine:
     ) -> SetBudgetOutcome:
         """Create a budget (limit required) or change what is given; None leaves a setting unchanged. mode: "hard" or
         "soft"; breaker_multiplier: -1 the server's, 0 off, 2..=1000; stop_at: the customer's own stop-at, 0 removes it
-        (it caps what Reserve admits, in either mode, and never raises it past limit). A period starting later than the current one
-        starts now (the old one is closed and kept)."""
+        (it caps what Reserve admits, in either mode, and never raises it past limit). A period starting later than the
+        current one starts now (the old one is closed and kept)."""
     def grant_credits(self, customer_id: str, amount: int, idempotency_key: str, reason: str = "") -> GrantOutcome:
         """Add `amount` credits to the budget's limit, once per idempotency key (keys are global); ALREADY_EXISTS for
         a key used with another customer or amount."""

@@ -729,7 +729,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
     def line(row: Sequence[str]) -> str:
         return "  ".join(
-            f"{cell:<{width}}" if i == 0 else f"{cell:>{width}}" for i, (cell, width) in enumerate(zip(row, widths))
+            f"{cell:<{width}}" if i == 0 else f"{cell:>{width}}"
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
         )
 
     return "\n".join([line(header), *(line(row) for row in cells)])
@@ -974,7 +975,7 @@ def format_budget_list(budgets: Sequence[Any]) -> str:
 
     def line(cells: Sequence[str]) -> str:
         first = f"{cells[0]:<{widths[0]}}"
-        rest = (f"{cell:>{width}}" for cell, width in zip(cells[1:], widths[1:]))
+        rest = (f"{cell:>{width}}" for cell, width in zip(cells[1:], widths[1:], strict=True))
         return "  ".join([first, *rest])
 
     return "\n".join([line(LIST_COLUMNS), *(line(row) for row in rows)] or [])

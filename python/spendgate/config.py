@@ -27,8 +27,8 @@ from spendgate.display import parse_display_unit
 
 ENV_PREFIX: Final[str] = "SPENDGATE_"
 CONFIG_ENV_VAR: Final[str] = "SPENDGATE_CONFIG"
-# SPENDGATE_* variables that are not settings but are read elsewhere. Any other SPENDGATE_* variable is an error, so that
-# a misspelt setting (SPENDGATE_DATADIR) fails loudly instead of being ignored. Add a name here when you read one.
+# SPENDGATE_* variables that are not settings but are read elsewhere. Any other SPENDGATE_* variable is an error, so
+# that a misspelt setting (SPENDGATE_DATADIR) fails loudly instead of being ignored. Add a name here when you read one.
 # SPENDGATE_TOKEN: the token the CLI's client commands send (spendgate.cli).
 TOKEN_ENV_VAR: Final[str] = "SPENDGATE_TOKEN"
 OTHER_ENV_VARS: Final[frozenset[str]] = frozenset({CONFIG_ENV_VAR, TOKEN_ENV_VAR})
@@ -159,7 +159,8 @@ class Settings:
     )
     max_clock_step_ms: int = _setting(
         1_000,
-        "A wall clock further than this from the monotonic clock has stepped: alerted (clock_step) and counted; periods "
+        "A wall clock further than this from the monotonic clock has stepped: alerted (clock_step) and counted; "
+        "periods "
         "and the breaker ignore the step until it has held for clock_step_confirm_ms. Holds never see the wall clock.",
         minimum=1,
     )

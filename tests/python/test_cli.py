@@ -95,7 +95,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
         stop(running.process)
 
 
-# -- help and bad settings ----------------------------------------------------------------------------------------------
+# -- help and bad settings ---------------------------------------------------------------------------------------------
 
 
 def test_help_lists_every_command() -> None:

@@ -222,7 +222,7 @@ def test_settings_table_has_a_row_per_setting() -> None:
         assert f"`{config.env_var(name)}`" in row
 
 
-# -- Stripe and webhook settings: Stripe's own variable names, a table setting, secrets ----------------------------------
+# -- Stripe and webhook settings: Stripe's own variable names, a table setting, secrets --------------------------------
 
 
 def test_stripe_settings_come_from_stripes_own_variable_names() -> None:

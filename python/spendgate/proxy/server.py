@@ -577,7 +577,8 @@ def _credential(headers: Mapping[str, str]) -> str:
 
 
 def _host_may_name_a_customer(host_header: str | None, allowed: frozenset[str]) -> bool:
-    """Loopback names, IP literals (DNS rebinding always comes with a name) and the listed names; no Host: no browser."""
+    """Loopback names, IP literals (DNS rebinding always comes with a name) and the listed names; no Host: no
+    browser."""
     if host_header is None:
         return True
     name = host_name(host_header)

@@ -180,7 +180,7 @@ def card(label: str, value: str, tone: str = "") -> str:
     return f'<div class="card"><div class="label">{esc(label)}</div><div{cls}>{esc(value)}</div></div>'
 
 
-# -- the pages ----------------------------------------------------------------------------------------------------------
+# -- the pages ---------------------------------------------------------------------------------------------------------
 
 
 BUDGET_HEADERS: Final[tuple[tuple[str, bool], ...]] = (

@@ -259,7 +259,8 @@ def _check_transport_exposure(settings: Settings, tokens: Tokens) -> None:
 def check_page_exposure(settings: Settings, tokens: Tokens) -> None:
     """The operator page shows every customer's spend and Stripe ids: on a non-loopback http_listen it needs client
     authentication of its own (tokens, or mTLS client certificates), also with allow_insecure_non_loopback, which
-    speaks for the transport (a mesh, a firewall), not for who may read the page. Raises ConfigError saying what to do."""
+    speaks for the transport (a mesh, a firewall), not for who may read the page. Raises ConfigError saying what to
+    do."""
     address = settings.http_listen
     if not address or not settings.http_operator_page or is_loopback(host_of(address)):
         return

@@ -1,4 +1,5 @@
-"""The customer's usage page: a whole document for one customer, opened by a signed link (spendgate.service.usage_links).
+"""The customer's usage page: a whole document for one customer, opened by a signed link
+(spendgate.service.usage_links).
 
     GET  /usage/{customer_id}?scope=&ceiling=&exp=&sig=           the dashboard (usage_view), numbers first
     POST /usage/{customer_id}/stop-at                             the stop-at form (a link with scope "limit")

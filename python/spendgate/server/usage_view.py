@@ -62,10 +62,12 @@ STYLE: Final[str] = """
 .dash table{border-collapse:collapse;width:100%}
 .dash th,.dash td{padding:5px 8px;border-bottom:1px solid #eef0f3;text-align:left}
 .dash td.num,.dash th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-.dash .legend{font-size:.8rem;color:#5b6475}.dash .swatch{display:inline-block;width:10px;height:10px;margin:0 4px 0 10px}
+.dash .legend{font-size:.8rem;color:#5b6475}
+.dash .swatch{display:inline-block;width:10px;height:10px;margin:0 4px 0 10px}
 .dash .s-cur{background:#3d6fd6}.dash .s-prev{background:#b7c6e8}.dash .s-quota{border-top:2px dashed #a15c00;height:0}
 .dash .cols{display:grid;grid-template-columns:repeat(auto-fit,minmax(300px,1fr));gap:14px}
-.dash .cols{margin:0 0 14px}.dash .cols section{margin:0}.dash svg.daily{width:100%}.dash .ok{color:#17753a}.dash .warn{color:#a15c00}.dash .bad{color:#b3261e}
+.dash .cols{margin:0 0 14px}.dash .cols section{margin:0}.dash svg.daily{width:100%}
+.dash .ok{color:#17753a}.dash .warn{color:#a15c00}.dash .bad{color:#b3261e}
 .dash form{margin-top:10px}.dash input[type=number]{padding:6px;width:140px;font-size:1rem}
 .dash button{padding:6px 12px;font-size:.95rem}.dash .note{font-size:.85rem;color:#5b6475}
 .dash .notice{padding:8px 12px;border-radius:6px;background:#eaf5ee;color:#17753a;margin:0 0 12px}
@@ -170,7 +172,7 @@ def _last_days(
     return tuple(series)
 
 
-# -- the sections -------------------------------------------------------------------------------------------------------
+# -- the sections ------------------------------------------------------------------------------------------------------
 
 
 def esc(value: object) -> str:
@@ -204,7 +206,8 @@ def big_number(board: Dashboard, unit: DisplayUnit) -> str:
     return (
         '<section class="used"><h2>Used this period</h2>'
         f'<div class="big" id="used">{esc(unit.format(board.used))}</div>'
-        f'<div class="of" id="of-included">of {esc(unit.format(against))} {what} · {esc(share_text(board.used, against))}'
+        f'<div class="of" id="of-included">of {esc(unit.format(against))} {what} · '
+        f"{esc(share_text(board.used, against))}"
         f'</div>{progress_bar(board.used, against)}<div class="sub">{period}{in_flight}</div></section>'
     )
 

@@ -185,7 +185,7 @@ def usage_path(customer_id: str) -> str:
     return USAGE_PATH_PREFIX + quote(customer_id, safe="")
 
 
-# -- the key ------------------------------------------------------------------------------------------------------------
+# -- the key -----------------------------------------------------------------------------------------------------------
 
 
 def secret_path(secret_file: str, data_dir: str) -> Path:

@@ -79,7 +79,10 @@ def describe(error: BaseException) -> str:
         return f"{type(error).__name__}: {error}"
     if is_timeout(error):
         cause = error.__cause__
-        return f"Stripe did not answer within the request timeout (settle_request_timeout_ms): {type(cause).__name__}: {cause}"
+        return (
+            "Stripe did not answer within the request timeout (settle_request_timeout_ms): "
+            f"{type(cause).__name__}: {cause}"
+        )
     parts = []
     if error.http_status is not None:
         parts.append(f"HTTP {error.http_status}")

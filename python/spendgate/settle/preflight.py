@@ -80,7 +80,8 @@ class Preflight:
         except Exception as error:
             if is_not_found(error):
                 return (
-                    f"Stripe has no customer {stripe_customer_id!r} (it answered: {getattr(error, 'user_message', error)})"
+                    f"Stripe has no customer {stripe_customer_id!r} (it answered: "
+                    f"{getattr(error, 'user_message', error)})"
                     ": fix the budget's stripe_customer_id or create the customer in this Stripe account, then requeue"
                 )
             if is_permission_denied(error):

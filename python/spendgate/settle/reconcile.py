@@ -211,6 +211,10 @@ def units_of(token_meter_on: bool) -> Callable[[Mapping[str, Any]], int | None]:
     return lambda entry: None if token_meter_on and ledger_tokens(entry) else int(entry["amount"])
 
 
+# The default measure: the committed amount, no token meter.
+_AMOUNT_UNITS: Final = units_of(False)
+
+
 def tokens_of(entry: Mapping[str, Any]) -> int | None:
     """The measure of the token meter: an entry's tokens, or None for one that settles on the units meter."""
     return ledger_tokens(entry) or None
@@ -225,7 +229,7 @@ def ledger_rows(
     store: StoreReader,
     period: Period | None,
     customers: Iterable[str] = (),
-    measure: Callable[[Mapping[str, Any]], int | None] = units_of(False),
+    measure: Callable[[Mapping[str, Any]], int | None] = _AMOUNT_UNITS,
     *,
     windows: Mapping[str, Period] | None = None,
     recent_after_ms: int | None = None,

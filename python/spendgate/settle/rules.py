@@ -18,8 +18,8 @@ DAY_MS: Final[int] = 24 * HOUR_MS
 STRIPE_MAX_EVENT_AGE_MS: Final[int] = 35 * DAY_MS
 STRIPE_MAX_FUTURE_SKEW_MS: Final[int] = 5 * 60_000
 # Flag an event an hour before Stripe's limit, so that none turns too old while it is in flight or waits for a retry.
-# This matters most on the v2 stream, which validates asynchronously: a too-old event would be answered 200, acknowledged
-# here, and then dropped by Stripe.
+# This matters most on the v2 stream, which validates asynchronously: a too-old event would be answered 200,
+# acknowledged here, and then dropped by Stripe.
 EVENT_AGE_MARGIN_MS: Final[int] = HOUR_MS
 MAX_EVENT_AGE_MS: Final[int] = STRIPE_MAX_EVENT_AGE_MS - EVENT_AGE_MARGIN_MS
 

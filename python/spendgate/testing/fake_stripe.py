@@ -81,8 +81,9 @@ DEFAULT_API_KEY: Final[str] = "sk_test_spendgate_fake"
 _API_KEY_RE: Final = re.compile(r"^(sk|rk)_test_[A-Za-z0-9_]+$")
 
 # "Must be within the past 35 calendar days or up to 5 minutes in the future" (the `timestamp` parameter of
-# https://docs.stripe.com/api/billing/meter-event/create; same text in stripe/params/billing/_meter_event_create_params.py
-# and stripe/v2/billing/_meter_event.py of the installed SDK). "Calendar days" is modelled as 35 * 86400 seconds.
+# https://docs.stripe.com/api/billing/meter-event/create; same text in
+# stripe/params/billing/_meter_event_create_params.py and stripe/v2/billing/_meter_event.py of the installed SDK).
+# "Calendar days" is modelled as 35 * 86400 seconds.
 MAX_EVENT_AGE_S: Final[int] = 35 * 86_400
 MAX_EVENT_SKEW_S: Final[int] = 5 * 60
 
@@ -192,7 +193,7 @@ try:  # the server itself needs only the standard library
     from stripe._api_version import _ApiVersion  # noqa: PLC2701
 
     _API_VERSION: str = _ApiVersion.CURRENT
-except Exception:  # pragma: no cover - stripe is a project dependency
+except (ImportError, AttributeError):  # pragma: no cover - stripe is a project dependency
     _API_VERSION = "2026-10-28.endive"
 
 _HOSTS: Final[tuple[str, str]] = ("api", "meter_events")
@@ -204,9 +205,9 @@ _HOSTS: Final[tuple[str, str]] = ("api", "meter_events")
 # used to filter meter events by dimension values. If specified, event summaries will be generated with only matching
 # meter events."; a summary's `dimensions` "Key-value pairs of dimension values for event summaries with grouping on
 # dimensions." An event missing a key fails the asynchronous validation with `missing_dimension_payload_keys` (a code of
-# the error report, stripe/events/_v1_billing_meter_error_report_triggered_event.py); its message text is not documented.
-# Stripe's token-billing meter: event name `token-billing-tokens`, dimension payload keys `model` and `token_type`
-# (vercel.com/docs/ai-gateway/ecosystem/stripe-billing, "Prerequisites").
+# the error report, stripe/events/_v1_billing_meter_error_report_triggered_event.py); its message text is not
+# documented. Stripe's token-billing meter: event name `token-billing-tokens`, dimension payload keys `model` and
+# `token_type` (vercel.com/docs/ai-gateway/ecosystem/stripe-billing, "Prerequisites").
 TOKEN_BILLING_METER: Final[Mapping[str, Any]] = {
     "event_name": "token-billing-tokens",
     "dimension_payload_keys": ("model", "token_type"),
@@ -1053,8 +1054,8 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
         same_host: serve the meter-events base address from the API port too.
         clock: the wall clock the fake's time is based on; advance_time() adds an offset to it.
         seed, rate_*, latency_seconds, fail_after_record_*, rate_limit_code, fault_paths: see set_faults().
-        visibility_delay_seconds: Stripe's event summaries and cancellations are eventually consistent: an accepted event
-            counts in the summaries, and a cancellation takes effect there, only this long after it was received
+        visibility_delay_seconds: Stripe's event summaries and cancellations are eventually consistent: an accepted
+            event counts in the summaries, and a cancellation takes effect there, only this long after it was received
             (0: at once, as most tests want). totals_by_customer() and events() always show everything received.
         start: start listening now (else call start()).
         """
@@ -1599,7 +1600,7 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
             return self._finish(entry, self._route(req, entry))
         except _ApiError as err:
             return self._finish(entry, err)
-        except Exception as exc:  # a bug in the fake: answer like Stripe would, keep the trace in the log
+        except Exception as exc:  # noqa: BLE001 - a bug in the fake: answer like Stripe would, keep the trace in the log
             entry["exception"] = repr(exc)
             return self._finish(entry, _ApiError(500, "api_error", f"fake_stripe internal error: {exc!r}"))
 
@@ -2713,9 +2714,10 @@ class FakeStripe(_FakeInvoices, _FakeMeterInjection):
         return adj
 
     def _v1_adjustment(self, req: _Request, m: re.Match[str], params: dict[str, Any]) -> _Handled:
-        # POST /v1/billing/meter_event_adjustments: event_name, type=cancel, cancel[identifier]; returns
-        # {object: billing.meter_event_adjustment, livemode, status: "pending", event_name, type, cancel}
-        # (https://docs.stripe.com/api/billing/meter-event-adjustment/create; stripe/billing/_meter_event_adjustment.py).
+        # POST /v1/billing/meter_event_adjustments: event_name, type=cancel, cancel[identifier]; returns {object:
+        # billing.meter_event_adjustment, livemode, status: "pending", event_name, type, cancel}
+        # (https://docs.stripe.com/api/billing/meter-event-adjustment/create;
+        # stripe/billing/_meter_event_adjustment.py).
         _check_unknown(params, ("event_name", "type", "cancel", "expand"))
         for name in ("event_name", "type"):
             if not params.get(name):
@@ -2862,8 +2864,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = [m if isinstance(m, str) else str(m["event_name"]) for m in meters]
     print("meters: " + ", ".join(f"{m['event_name']}={m['id']}" for m in (fake.meter(n) for n in names)), flush=True)
     print(
-        'use: stripe.StripeClient("sk_test_...", base_addresses={"api": "%s", "meter_events": "%s"})'
-        % (fake.url, fake.meter_events_url),
+        'use: stripe.StripeClient("sk_test_...", base_addresses='
+        f'{{"api": "{fake.url}", "meter_events": "{fake.meter_events_url}"}})',
         flush=True,
     )
     try:

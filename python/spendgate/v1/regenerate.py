@@ -46,7 +46,8 @@ def regenerate(out_root: Path = PYTHON_ROOT, proto_root: Path = PROTO_ROOT) -> l
     # Imported here: grpc_tools is a development dependency, not needed to run the sidecar.
     from grpc_tools import protoc
 
-    # grpc_tools ships the well-known types (google/protobuf/*.proto); include them so that the contract may import them.
+    # grpc_tools ships the well-known types (google/protobuf/*.proto); include them so that the contract may import
+    # them.
     well_known = importlib.resources.files("grpc_tools") / "_proto"
     out_root.mkdir(parents=True, exist_ok=True)
     args = [

@@ -1,14 +1,23 @@
 """What each Stripe event does to the budgets. The HTTP side (spendgate.webhooks.server) verifies the signature first;
 everything here runs only for an authentic event.
 
-| event | action |
-| --- | --- |
-| `customer.subscription.created` / `.updated` | limit = `webhook_plan_limits[price id or lookup_key of the first item]`, on the customer's budget (created, with customer_id = the Stripe customer id, if there is none); every budget billed to the customer gets the subscription's current period as its period (see Periods). An active or trialing subscription also unfreezes a budget that `.deleted` froze. |
-| `customer.subscription.deleted` | freeze the customer's budgets ("Stripe: subscription sub_... deleted"). |
-| `invoice.payment_failed` | `webhook_payment_failed_action`: `flag` (log and count) or `freeze` (remembering the invoice). |
-| `invoice.created` | the invoice-spike guard (spendgate.webhooks.invoices): compare the draft with the customer's previous invoice; past `invoice_spike_percent`, an `invoice_spike` alert, and with `invoice_spike_action = hold` the draft's auto_advance set to false (released by `spendgate invoices release`). |
-| `invoice.paid` | a subscription invoice whose subscription line starts a period later than a budget's current one rolls the budget over to it (see Periods); and unfreeze a budget that `invoice.payment_failed` froze, once every invoice that froze it is paid. |
-| `v1.billing.meter.error_report_triggered`, `v1.billing.meter.no_meter_found` (thin events) | log, count per error code, link the sample identifiers to dead letters and ledger reservations. |
+Each event, and what it does:
+
+- `customer.subscription.created` / `.updated`: limit = `webhook_plan_limits[price id or lookup_key of the first
+  item]`, on the customer's budget (created, with customer_id = the Stripe customer id, if there is none); every budget
+  billed to the customer gets the subscription's current period as its period (see Periods). An active or trialing
+  subscription also unfreezes a budget that `.deleted` froze.
+- `customer.subscription.deleted`: freeze the customer's budgets ("Stripe: subscription sub_... deleted").
+- `invoice.payment_failed`: `webhook_payment_failed_action`: `flag` (log and count) or `freeze` (remembering the
+  invoice).
+- `invoice.created`: the invoice-spike guard (spendgate.webhooks.invoices): compare the draft with the customer's
+  previous invoice; past `invoice_spike_percent`, an `invoice_spike` alert, and with `invoice_spike_action = hold` the
+  draft's auto_advance set to false (released by `spendgate invoices release`).
+- `invoice.paid`: a subscription invoice whose subscription line starts a period later than a budget's current one
+  rolls the budget over to it (see Periods); and unfreeze a budget that `invoice.payment_failed` froze, once every
+  invoice that froze it is paid.
+- `v1.billing.meter.error_report_triggered`, `v1.billing.meter.no_meter_found` (thin events): log, count per error
+  code, link the sample identifiers to dead letters and ledger reservations.
 
 Webhooks never unfreeze a budget they did not freeze: one already frozen (an operator's Admin.FreezeBudget) is left
 frozen, and a limit is never set on a budget named like the Stripe customer that bills another one.
@@ -32,11 +41,11 @@ on a budget already on a fixed period, it does not start before that period. An 
 budget back, and a replayed or repeated one changes nothing (the same period again only sets the same end).
 
 Idempotency. Every action is idempotent given the state below, and the ids of processed events are kept (the newest
-MAX_PROCESSED_EVENTS), so a replayed event (same id) changes nothing. That state (processed ids, the invoices that froze
-a budget, the subscriptions whose deletion froze one) is a document in the engine's LMDB, queued after the engine changes
-it records and durable before Stripe gets its 200: it survives a restart, it is in every backup, and a durable state
-that holds it holds those changes. A crash before it is durable makes Stripe resend the event, and the resend finds the
-change already made.
+MAX_PROCESSED_EVENTS), so a replayed event (same id) changes nothing. That state (processed ids, the invoices that
+froze a budget, the subscriptions whose deletion froze one) is a document in the engine's LMDB, queued after the engine
+changes it records and durable before Stripe gets its 200: it survives a restart, it is in every backup, and a durable
+state that holds it holds those changes. A crash before it is durable makes Stripe resend the event, and the resend
+finds the change already made.
 
 Budgets are found by their stripe_customer_id through Engine.list_budgets, which returns at most LIST_LIMIT budgets:
 past that, only a budget whose customer_id is the Stripe customer id is found, and no budget is created for a customer

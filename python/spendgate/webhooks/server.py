@@ -10,8 +10,8 @@ Answers (Stripe resends anything but a 2xx, for up to three days):
 Snapshot events (`object: "event"`) are verified and built by `stripe.Webhook.construct_event`. Thin event
 notifications (`object: "v2.core.event"`, such as the meter error reports, delivered by an event destination) carry the
 same signature scheme and are verified by `stripe.WebhookSignature.verify_header`, which the SDK's own
-`StripeClient.parse_event_notification` calls. Each endpoint or destination has its own signing secret: the setting takes
-several, comma-separated, and an event needs to verify under one of them.
+`StripeClient.parse_event_notification` calls. Each endpoint or destination has its own signing secret: the setting
+takes several, comma-separated, and an event needs to verify under one of them.
 """
 
 from __future__ import annotations

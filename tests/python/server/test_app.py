@@ -51,7 +51,7 @@ async def create_budget(channel: grpc.aio.Channel, customer_id: str, limit: int)
     return reply
 
 
-# -- the services -------------------------------------------------------------------------------------------------------
+# -- the services ------------------------------------------------------------------------------------------------------
 
 
 def test_reserve_commit_and_release_move_the_counters(tmp_path: Path) -> None:
@@ -205,7 +205,7 @@ def test_ping_answers(tmp_path: Path) -> None:
     with_sidecar(settings_for(tmp_path), body)
 
 
-# -- health, reflection, options ----------------------------------------------------------------------------------------
+# -- health, reflection, options ---------------------------------------------------------------------------------------
 
 
 def test_health_is_serving_for_the_server_and_both_services(tmp_path: Path) -> None:
@@ -278,7 +278,7 @@ def test_a_second_server_cannot_take_the_same_port(tmp_path: Path) -> None:
     with_sidecar(settings_for(tmp_path), body)
 
 
-# -- lifecycle ----------------------------------------------------------------------------------------------------------
+# -- lifecycle ---------------------------------------------------------------------------------------------------------
 
 
 def test_acknowledged_changes_survive_a_stop_and_a_restart_on_the_same_data_dir(tmp_path: Path) -> None:

@@ -59,7 +59,7 @@ def token_settings(tmp_path: Path) -> Settings:
     return settings_for(tmp_path, app_tokens=APP_TOKEN, admin_tokens=ADMIN_TOKEN)
 
 
-# -- tokens -------------------------------------------------------------------------------------------------------------
+# -- tokens ------------------------------------------------------------------------------------------------------------
 
 
 def test_an_app_token_may_call_budget_and_an_admin_token_may_call_admin_too(tmp_path: Path) -> None:
@@ -168,7 +168,7 @@ def test_no_tokens_configured_means_tokens_are_off() -> None:
     assert not Tokens().enabled and parse_tokens(" , \n", "x") == ()
 
 
-# -- TLS and mTLS -------------------------------------------------------------------------------------------------------
+# -- TLS and mTLS ------------------------------------------------------------------------------------------------------
 
 
 def tls_settings(tmp_path: Path, certs: Certs, *, mtls: bool = False) -> Settings:
@@ -222,7 +222,7 @@ def test_tls_needs_both_the_certificate_and_its_key() -> None:
         Settings(tls_client_ca_file="/etc/ca.pem")
 
 
-# -- safe by default ----------------------------------------------------------------------------------------------------
+# -- safe by default ---------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("listen", ["0.0.0.0:50051", "[::]:50051", "10.1.2.3:50051", "sidecar.example:50051"])

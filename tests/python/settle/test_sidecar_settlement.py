@@ -69,7 +69,7 @@ def test_a_bad_customer_goes_to_the_dead_letters_others_flow_and_a_requeue_after
     sidecar = sidecar_factory("dead-letters", env=sidecar_env(fake))
     create_budgets(sidecar.target, GOOD | {"initech": "cus_initech"})  # Stripe does not know cus_initech yet
     commit_each(sidecar.target, {"acme": [5], "initech": [40, 2], "globex": [7]})
-    status = wait_for_status(sidecar.target, lambda s: s.outbox_depth == 0 and s.dead_letters == 2, "dead letters")
+    wait_for_status(sidecar.target, lambda s: s.outbox_depth == 0 and s.dead_letters == 2, "dead letters")
     assert fake.totals_by_customer() == {"cus_acme": 5, "cus_globex": 7}  # the others were not held back
 
     env = no_stripe_env()
