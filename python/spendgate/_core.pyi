@@ -6,7 +6,9 @@ only once `durable_ticket() >= ticket`. Wait with `wait_durable` (blocking, rele
 `notify_fd()` (see spendgate.server.durability).
 """
 
-from typing import Final, TypedDict
+from typing import Final, TypedDict, final
+
+from typing_extensions import disjoint_base
 
 # Limits, in the units their names end with. Crossing one gives EngineError("invalid_argument" or
 # "resource_exhausted"), never a crash or a wrong number.
@@ -48,6 +50,7 @@ def renew_identity(data_dir: str, *, map_size_mb: int, now_ms: int) -> str:
     """Give a data dir no process serves (a restore's verified copy) a new instance id, returned as 16 hex digits:
     reservation ids from before are refused from then on, and its outbox entries are marked restored."""
 
+@disjoint_base
 class EngineError(Exception):
     """Every engine failure. `kind` picks the gRPC status; `message` says what was wrong and how to fix it.
 
@@ -59,6 +62,7 @@ class EngineError(Exception):
     message: str
     def __init__(self, kind: str, message: str) -> None: ...
 
+@final
 class ReserveOutcome:
     granted: bool
     reservation_id: str
@@ -76,6 +80,7 @@ class ReserveOutcome:
     ticket: int
     """Durability ticket; 0 when nothing needs waiting for (a denial)."""
 
+@final
 class CommitOutcome:
     charged: int
     remaining: int
@@ -87,6 +92,7 @@ class CommitOutcome:
     breaker_tripped: bool
     ticket: int
 
+@final
 class ReleaseOutcome:
     released: bool
     remaining: int
@@ -94,6 +100,7 @@ class ReleaseOutcome:
     replayed: bool
     ticket: int
 
+@final
 class BalanceView:
     customer_id: str
     limit: int
@@ -133,6 +140,7 @@ class PeriodSpec(TypedDict, total=False):
     anchor_ms: int
     length_ms: int
 
+@final
 class SetBudgetOutcome:
     balance: BalanceView
     created: bool
@@ -140,6 +148,7 @@ class SetBudgetOutcome:
     """The call closed the current period and started a new one."""
     ticket: int
 
+@final
 class GrantOutcome:
     customer_id: str
     amount: int
@@ -277,14 +286,15 @@ class OutboxStats(TypedDict):
     dead_letters: int
     max_entries: int
 
+@final
 class Engine:
     """One LMDB environment under `data_dir`, opened by one Engine per process.
 
     durability: "fsync" (default; survives power loss) or "relaxed" (no fsync; survives kill -9, not power loss).
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         data_dir: str,
         *,
         map_size_mb: int = 1024,
@@ -309,7 +319,7 @@ class Engine:
         breaker_min_units: int = 0,
         max_clock_step_ms: int = 1_000,
         clock_step_confirm_ms: int = 900_000,
-    ) -> None: ...
+    ) -> Engine: ...
     def reserve(
         self,
         customer_id: str,

@@ -757,8 +757,8 @@ def format_usage(usage: Any) -> str:
         rows = [(m.model, m.token_type, m.tokens, m.units) for m in usage.by_model]
         parts += ["", "by model", _table(("model", "token_type", "tokens", "units"), rows)]
     if usage.by_dimension:
-        rows = [(d.key, d.value, d.units) for d in usage.by_dimension]
-        parts += ["", "by dimension", _table(("dimension", "value", "units"), rows)]
+        dimension_rows = [(d.key, d.value, d.units) for d in usage.by_dimension]
+        parts += ["", "by dimension", _table(("dimension", "value", "units"), dimension_rows)]
     if usage.folded_dimension_keys:
         keys = ", ".join(usage.folded_dimension_keys)
         parts += ["", f"past the tracking bound, further values are summed as (other): {keys}"]

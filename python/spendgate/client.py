@@ -344,7 +344,7 @@ def _commit_request(
 
 
 # SetBudget's optional settings, as keyword arguments of set_budget.
-_MODES: Final[dict[str, int]] = {"hard": pb.ENFORCEMENT_MODE_HARD, "soft": pb.ENFORCEMENT_MODE_SOFT}
+_MODES: Final[dict[str, pb.EnforcementMode]] = {"hard": pb.ENFORCEMENT_MODE_HARD, "soft": pb.ENFORCEMENT_MODE_SOFT}
 
 
 def _set_budget_request(
@@ -365,8 +365,8 @@ def _set_budget_request(
         customer_id=customer_id,
         stripe_customer_id=stripe_customer_id or "",
         parent_id=parent_id or "",
-        mode=_MODES[mode] if mode else 0,
-    )  # type: ignore[arg-type]
+        mode=_MODES[mode] if mode else pb.ENFORCEMENT_MODE_UNSPECIFIED,
+    )
     for name, value in (
         ("limit", limit),
         ("included", included),

@@ -18,13 +18,23 @@ def test_the_readme_documents_every_setting_with_its_flag_and_env_var() -> None:
         assert config.env_var(name) in README, name
 
 
+TEST_COMMAND = "python3 -m pip install -e '.[test]' && bash bench/setup.sh && bash tests/run.sh"
+
+
 def test_ci_runs_the_readme_test_command_verbatim() -> None:
-    test_command = "cargo test && python3 -m pytest"
-    assert test_command in README
-    assert test_command in CI_RUN.splitlines()
+    assert TEST_COMMAND in README
+    assert TEST_COMMAND in CI_RUN.splitlines()
 
 
-def test_the_readme_install_command_is_the_one_ci_uses() -> None:
-    assert "python3 -m pip install -e '.[test]' && bash bench/setup.sh && python3 -m spendgate serve" in README
-    assert "python3 -m pip install --quiet -e '.[test]'" in CI_RUN
-    assert "bash bench/setup.sh" in CI_RUN.splitlines()
+def test_the_readme_start_command_installs_only_the_sidecar() -> None:
+    """The first command needs no test extra, no Debian package, no other service."""
+    assert "python3 -m pip install -e . && python3 -m spendgate serve" in README
+
+
+def test_the_test_script_runs_every_lint_gate_before_the_tests() -> None:
+    script = (ROOT / "tests" / "run.sh").read_text(encoding="utf-8").splitlines()
+    gates = ["cargo fmt --check", "ruff check python tests bench", "ruff format --check python tests bench", "mypy"]
+    gates += ["python3 -m mypy.stubtest spendgate._core --allowlist tests/stubtest-allowlist.txt"]
+    for gate in gates:
+        assert gate in script, gate
+    assert script.index(gates[-1]) < script.index("cargo test") < script.index("python3 -m pytest")

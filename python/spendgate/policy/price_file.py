@@ -246,7 +246,12 @@ def _model_price(layer: PriceLayer, name: str, table: dict[str, Any], what: str,
               for key in BOUND_KEYS if key in prices}  # fmt: skip
     rates = _parse_rates(layer, prices, what, line)
     if long_context is None:
-        return ModelPrice(name, rates, **bounds)
+        return ModelPrice(
+            name,
+            rates,
+            context_window_tokens=bounds.get("context_window_tokens"),
+            max_output_tokens=bounds.get("max_output_tokens"),
+        )
     long_line = layer.model_line(name, long_context=True) or line
     long_what = f"{what}, long_context"
     if not isinstance(long_context, dict):

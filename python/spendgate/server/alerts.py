@@ -59,7 +59,7 @@ log = logging.getLogger("spendgate.alerts")
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 # The one table from the engine's kind names to the contract's enum; both halves are checked to be complete.
-ALERT_KIND_BY_NAME: Final[Mapping[str, pb.AlertKind.ValueType]] = {
+ALERT_KIND_BY_NAME: Final[Mapping[str, pb.AlertKind]] = {
     "soft_limit_crossed": pb.ALERT_KIND_SOFT_LIMIT_CROSSED,
     "limit_reached": pb.ALERT_KIND_LIMIT_REACHED,
     "breaker_tripped": pb.ALERT_KIND_BREAKER_TRIPPED,

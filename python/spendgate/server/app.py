@@ -323,8 +323,7 @@ class Sidecar:
             interceptors=self._interceptors(),
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
-        budget = BudgetServicer(engine, waiter, Meter(self.prices))
-        budget.alerts = self._alerts
+        budget = BudgetServicer(engine, waiter, Meter(self.prices), self._alerts)
         pb_grpc.add_BudgetServicer_to_server(budget, server)
         admin = AdminServicer(engine, waiter, self._settlement, backup_dir=self.settings.backup_dir)
         admin.virtual_keys = self.virtual_keys

@@ -65,7 +65,7 @@ def metadata_value(details: grpc.HandlerCallDetails, key: str) -> str | None:
     return None
 
 
-class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpcio ships no type information
     def __init__(self, tokens: TokenSource) -> None:
         self._tokens = tokens  # read per call: a reload (SIGHUP) takes effect at once
 

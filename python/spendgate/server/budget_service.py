@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import TYPE_CHECKING, Any, Final, TypeAlias
+from typing import Any, Final, TypeAlias
 
 import grpc.aio
 
@@ -23,9 +23,6 @@ from spendgate.server.status import grpc_errors
 from spendgate.service.budgets import HOLD_STATE_WORDS, BudgetService, TokenEstimate, Usage, deny_message
 from spendgate.v1 import spendgate_pb2 as pb
 from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
-
-if TYPE_CHECKING:
-    from spendgate.server.alerts import AlertHub
 
 # The engine's enum numbers are the contract's: they pass through unconverted.
 assert _core.DENY_NONE == pb.DENY_REASON_UNSPECIFIED
@@ -61,7 +58,7 @@ def invalid(message: str) -> EngineError:
 
 class BudgetServicer(pb_grpc.BudgetServicer):
     def __init__(
-        self, engine: _core.Engine, waiter: DurabilityWaiter, meter: Meter, alerts: AlertHub | None = None
+        self, engine: _core.Engine, waiter: DurabilityWaiter, meter: Meter, alerts: AlertService | None = None
     ) -> None:
         self._engine = engine
         self._service = BudgetService(engine, waiter.wait, meter)
@@ -125,15 +122,13 @@ class BudgetServicer(pb_grpc.BudgetServicer):
     async def Ping(self, request: pb.PingRequest, context: Context) -> pb.PingResponse:
         return pb.PingResponse()
 
-    # Set by the app (spendgate.server.app) after construction; None in a server built without alerts.
-    alerts: AlertService | None = None
-
     @grpc_errors
     async def WatchAlerts(self, request: pb.WatchAlertsRequest, context: Context) -> None:
         """A server stream: durable alerts after request.after_seq, then live ones (spendgate.server.alerts)."""
-        if self.alerts is None:
+        if self._alerts is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server was built without alerts")
-        await self.alerts.watch(request, context)
+            return
+        await self._alerts.watch(request, context)
 
 
 def token_estimate(request: pb.ReserveRequest | pb.QuoteRequest) -> TokenEstimate | None:

@@ -48,7 +48,7 @@ def request_id_of(details: grpc.HandlerCallDetails) -> str:
     return f"{_ID_PREFIX}{next(_id_counter):016x}"  # 32 hex digits, as a uuid4 hex
 
 
-class ObservingInterceptor(grpc.aio.ServerInterceptor):
+class ObservingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpcio ships no type information
     """Wraps each unary method once (the wrapped handler is cached by the handler it wraps) and hands the call's
     request id to the wrapper through a context variable: per call, only the id and the metric update cost."""
 

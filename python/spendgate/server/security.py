@@ -21,6 +21,7 @@ import enum
 import hmac
 import ipaddress
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -299,11 +300,12 @@ def startup_problems(settings: Settings) -> list[str]:
         tokens = load_tokens(settings)
     except ConfigError as error:
         problems.append(str(error))
-    for check in (
+    checks: tuple[Callable[[], object], ...] = (
         lambda: server_credentials(settings),
         lambda: check_exposure(settings, tokens),
         lambda: check_usage_link_key(settings),
-    ):
+    )
+    for check in checks:
         try:
             check()
         except ConfigError as error:

@@ -222,7 +222,8 @@ def tokens_of(entry: Mapping[str, Any]) -> int | None:
 
 def is_commit(entry: Mapping[str, Any]) -> bool:
     """A committed usage, billed to Stripe; not a credit grant (kind "grant": never sent, never on a meter)."""
-    return entry.get("kind", LEDGER_KIND_COMMIT) == LEDGER_KIND_COMMIT
+    kind: str = entry.get("kind", LEDGER_KIND_COMMIT)
+    return kind == LEDGER_KIND_COMMIT
 
 
 def ledger_rows(

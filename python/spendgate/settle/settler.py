@@ -408,6 +408,7 @@ class Settler:
 
         checked, checked_dead, checked_failed = await self._run_preflight(ready)
         outcomes: dict[str, list[tuple[MeterEvent, Classified | None]]] = {}
+        failure: Classified | None
         for event, failure in [(e, Classified(Verdict.PERMANENT, r)) for e, r in checked_dead] + checked_failed:
             outcomes.setdefault(event.claim_id, []).append((event, failure))
         ready = [e for e in checked if e.claim_id not in outcomes]  # a claim goes out whole or not at all

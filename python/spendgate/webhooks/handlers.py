@@ -367,6 +367,7 @@ class WebhookHandlers:
                 )
                 actions.append(f"{verb} budget {budget_id} limit {limit}")
                 if spec is not None:
+                    assert period is not None  # spec comes from period
                     aligned.add(budget_id)
                     actions.append(self._period_action(event_id, outcome, period))
                 if outcome.created:
