@@ -153,8 +153,7 @@ def section(rows: list[dict[str, Any]], requests: int, durability: str) -> str:
             "",
             (
                 "Chat Completions against the fake upstream (its own process, answering at once), straight and "
-                "through the "
-                f"proxy; {requests} calls a row, durability {durability}, "
+                f"through the proxy; {requests} calls a row, durability {durability}, "
                 f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Latency in µs in the client (p50 / p99)."
             ),
             "",
@@ -164,10 +163,8 @@ def section(rows: list[dict[str, Any]], requests: int, durability: str) -> str:
             "",
             (
                 f"Target: under 1 ms added at p50, and no extra time to first byte beyond that: {status}. Through the "
-                "proxy "
-                "a call waits for two durable LMDB writes (its Reserve before it is forwarded, its Commit before the "
-                "reply "
-                "ends), which the direct call does not."
+                "proxy a call waits for two durable LMDB writes (its Reserve before it is forwarded, its Commit before "
+                "the reply ends), which the direct call does not."
             ),
             END,
         ]

@@ -183,8 +183,7 @@ def render(result: dict[str, Any], plots: list[str] | None = None) -> str:
         f"- disk: 4 KiB write + fsync p50 {_num(fsync.get('p50_us'), 0)} µs, p99 {_num(fsync.get('p99_us'), 0)} µs "
         "(in the temp dir the data dirs use)",
         f"- run: {result.get('elapsed_s', '?')} s; gRPC rows: warm-up {p['warmup_s']} s + {p['duration_s']} s "
-        "recorded, "
-        f"{p['procs']} load-generator process(es) (one HTTP/2 connection each); sidecar `spendgate serve "
+        f"recorded, {p['procs']} load-generator process(es) (one HTTP/2 connection each); sidecar `spendgate serve "
         f"{result.get('server', {}).get('args', '')}` (durability fsync)",
         "",
     ]

@@ -399,8 +399,7 @@ def render_backlog(result: dict[str, Any] | None) -> list[str]:
         f"Reserve+Commit rate of this run, settlement off) over {result['customers']} customers, then drained "
         "from a copy of that data dir by `spendgate serve` with a key, once per mode (time from the "
         "first accepted event until GetSettlementStatus shows an empty outbox; a fresh fake Stripe each time). The "
-        "outbox stays "
-        "bounded at the top commit rate only where the drain is faster than that rate.",
+        "outbox stays bounded at the top commit rate only where the drain is faster than that rate.",
         "",
         "| mode | drained | seconds | entries/s | vs the commit rate | sidecar CPU s |",
         "| --- | --- | ---: | ---: | ---: | ---: |",
@@ -443,8 +442,8 @@ def render_keeping_up(rows: list[dict[str, Any]]) -> list[str]:
         "depth sampled every second (GetSettlementStatus); lag = settled_ms - ts_ms of every ledger entry, by the "
         "second it was committed in.",
         "",
-        "| mode | commits/s | outbox peak | at load end | drained after | lag p50 | lag p99 | sidecar CPU | other CPU "
-        "|",
+        "| mode | commits/s | outbox peak | at load end | drained after | lag p50 | lag p99 | sidecar CPU "
+        "| other CPU |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:

@@ -160,8 +160,8 @@ class Settings:
     max_clock_step_ms: int = _setting(
         1_000,
         "A wall clock further than this from the monotonic clock has stepped: alerted (clock_step) and counted; "
-        "periods "
-        "and the breaker ignore the step until it has held for clock_step_confirm_ms. Holds never see the wall clock.",
+        "periods and the breaker ignore the step until it has held for clock_step_confirm_ms. Holds never see the "
+        "wall clock.",
         minimum=1,
     )
     clock_step_confirm_ms: int = _setting(

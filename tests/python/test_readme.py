@@ -33,7 +33,8 @@ def test_the_readme_start_command_installs_only_the_sidecar() -> None:
 
 def test_the_test_script_runs_every_lint_gate_before_the_tests() -> None:
     script = (ROOT / "tests" / "run.sh").read_text(encoding="utf-8").splitlines()
-    gates = ["cargo fmt --check", "ruff check python tests bench", "ruff format --check python tests bench", "mypy"]
+    gates = ["cargo fmt --check", "python3 -m ruff check python tests bench", "python3 -m mypy"]
+    gates += ["python3 -m ruff format --check python tests bench"]
     gates += ["python3 -m mypy.stubtest spendgate._core --allowlist tests/stubtest-allowlist.txt"]
     for gate in gates:
         assert gate in script, gate

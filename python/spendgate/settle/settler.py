@@ -592,9 +592,8 @@ class Settler:
             (
                 f"Stripe already has an event with identifier {events[0].identifier}, which this sidecar (instance "
                 f"{self._engine.instance_id}) was sending for the first time: another sidecar makes the same "
-                "identifiers "
-                "(a data dir copied instead of restored keeps its instance id). Run `spendgate reconcile`; requeue "
-                "only if it shows this usage missing"
+                "identifiers (a data dir copied instead of restored keeps its instance id). Run `spendgate reconcile`; "
+                "requeue only if it shows this usage missing"
             ),
         )
 

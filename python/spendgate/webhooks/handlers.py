@@ -357,7 +357,8 @@ class WebhookHandlers:
                 actions.append(f"budget {customer} bills another Stripe customer: limit unchanged")
             else:
                 budget_id = target.customer_id if target is not None else customer
-                spec = period.spec if period is not None and period.applies_to(target) else None
+                applied = period if period is not None and period.applies_to(target) else None
+                spec = applied.spec if applied is not None else None
                 outcome = await self._engine_call(
                     self._update, budget_id, limit, None if target is not None else customer, spec
                 )
@@ -366,10 +367,9 @@ class WebhookHandlers:
                     "webhook %s: %s budget %s limit %d (plan %s)", event_id, verb, budget_id, limit, " / ".join(keys)
                 )
                 actions.append(f"{verb} budget {budget_id} limit {limit}")
-                if spec is not None:
-                    assert period is not None  # spec comes from period
+                if applied is not None:
                     aligned.add(budget_id)
-                    actions.append(self._period_action(event_id, outcome, period))
+                    actions.append(self._period_action(event_id, outcome, applied))
                 if outcome.created:
                     budgets = [outcome.balance]
         if period is not None:
