@@ -29,7 +29,7 @@ LONGER_TODAY: dict[str, int] = {
     "bench/profiling.py::profile_server": 94,
     "bench/report.py::_baseline_sections": 74,
     "bench/report.py::_grpc_sections": 142,
-    "bench/report.py::render": 76,
+    "bench/report.py::render": 75,
     "bench/report.py::targets": 73,
     "bench/run.py::main": 76,
     "bench/run.py::run_baselines": 77,
